@@ -1,0 +1,76 @@
+"""Turning user-facing ``allowed_experts`` into allow-masks.
+
+``allowed_experts`` may be:
+  * None: every expert allowed;
+  * a sequence of expert names (str) and/or indices (int): the same set for every token;
+  * a bool tensor (E,): global; (B, E): one permission set per sequence of a (B, S, D) batch;
+    (T, E): one per token of the flattened input.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+
+AllowedExperts = Union[None, Sequence[Union[str, int]], torch.Tensor]
+
+__all__ = ["AllowedExperts", "resolve_allowed_experts"]
+
+
+def resolve_allowed_experts(
+    allowed_experts: AllowedExperts,
+    expert_names: Sequence[str],
+    lead_shape: Sequence[int],
+    device: torch.device,
+) -> Optional[torch.Tensor]:
+    """Return None, an (E,) or a (T, E) bool mask on ``device`` for an input of shape (*lead_shape, D).
+
+    Raises ``ValueError`` for an unknown name, an index out of range, or a mask of the wrong shape.
+    """
+    E = len(expert_names)
+    if allowed_experts is None:
+        return None
+    if isinstance(allowed_experts, torch.Tensor):
+        m = allowed_experts
+        if m.dtype != torch.bool:
+            raise TypeError(f"allowed_experts tensor must be bool, got {m.dtype}")
+        if m.shape[-1:] != (E,):
+            raise ValueError(
+                f"allowed_experts must have a last dimension of E={E}, got shape {tuple(m.shape)}"
+            )
+        m = m.to(device)
+        T = 1
+        for s in lead_shape:
+            T *= s
+        if m.ndim == 1:
+            return m
+        if m.ndim == 2 and len(lead_shape) >= 2 and m.shape[0] == lead_shape[0] and m.shape[0] != T:
+            per_seq = T // lead_shape[0]
+            return m[:, None, :].expand(lead_shape[0], per_seq, E).reshape(T, E)
+        if m.ndim == 2 and m.shape[0] == T:
+            return m
+        if m.ndim == len(lead_shape) + 1 and tuple(m.shape[:-1]) == tuple(lead_shape):
+            return m.reshape(T, E)
+        want = f"(E,)=({E},), (B, E)=({lead_shape[0]}, {E}) or (T, E)=({T}, {E})"
+        raise ValueError(f"allowed_experts must have shape {want}, got {tuple(m.shape)}")
+    if isinstance(allowed_experts, (str, int)):
+        allowed_experts = [allowed_experts]
+    m = torch.zeros(E, dtype=torch.bool)
+    for item in allowed_experts:
+        if isinstance(item, bool):
+            raise TypeError("allowed_experts entries must be expert names or indices, got a bool")
+        if isinstance(item, int):
+            if not 0 <= item < E:
+                raise ValueError(f"allowed_experts index {item} is out of range for E={E} experts")
+            m[item] = True
+        elif isinstance(item, str):
+            if item not in expert_names:
+                raise ValueError(
+                    f"unknown expert name {item!r} in allowed_experts; known: {list(expert_names)}"
+                )
+            m[list(expert_names).index(item)] = True
+        else:
+            raise TypeError(
+                f"allowed_experts entries must be str or int, got {type(item).__name__}"
+            )
+    return m.to(device)

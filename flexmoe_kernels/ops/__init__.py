@@ -1,0 +1,1 @@
+"""Functional ops. One op per file: routing, experts, the layer dispatch, backends."""

@@ -1,0 +1,1 @@
+"""flexmoe_training: data-local FlexOlmo training on DeepSpeed (installed from training/)."""
