@@ -1,0 +1,1 @@
+"""The end-to-end demo (``flexmoe demo``) and opt-out inference (``flexmoe generate``)."""
