@@ -1,0 +1,498 @@
+"""Demo corpora built from real text that is already on the machine (no downloads, no synthetic data).
+
+One *public* corpus and N *owner* ("closed") domains. Each source is a function that yields
+``(origin, text)`` pairs from files found on this machine; texts are cut into documents of about
+``doc_bytes`` bytes at line boundaries, normalised, deduplicated by SHA-256 (within and across
+domains: the first domain that claims a document keeps it), and split into train / held-out test
+by the hash of the document, so the split is deterministic and does not depend on file order.
+
+Sources (the preference orders below decide which are used; a source that is missing or too small
+on this machine is skipped and the next one is taken, and the manifest says what happened):
+
+========== ==================================================================================
+name        what
+========== ==================================================================================
+readmes     English prose: package descriptions (``*.dist-info/METADATA`` bodies) and
+            ``/usr/share/doc/*/README*``                                  (public by default)
+code        Python standard-library source (``sysconfig.get_paths()["stdlib"]``)
+man         manual pages (``/usr/share/man/man[1-8]``, roff markup stripped)
+licenses    licence / copyright texts (``*.dist-info/LICENSE*``, ``/usr/share/doc/*/copyright``,
+            ``/usr/share/common-licenses``)
+pydoc       Python's documentation topics (``pydoc_data.topics``)
+changelogs  Debian / upstream change logs (``/usr/share/doc/*/changelog*``)
+c_headers   C headers (``/usr/include``)
+========== ==================================================================================
+
+Layout of a built corpus (cached; rebuilt only when the key inputs change)::
+
+    CORPUS_DIR/manifest.json            sources used, doc counts / bytes per domain and split
+    CORPUS_DIR/<domain>/train.jsonl     {"id", "origin", "text"} one document a line
+    CORPUS_DIR/<domain>/test.jsonl      held-out documents (never given to training)
+"""
+from __future__ import annotations
+
+import glob
+import gzip
+import hashlib
+import json
+import os
+import random
+import re
+import site
+import sys
+import sysconfig
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+
+__all__ = [
+    "CorpusSpec",
+    "Document",
+    "SOURCES",
+    "PUBLIC_PREFERENCE",
+    "OWNER_PREFERENCE",
+    "build_corpora",
+    "load_manifest",
+    "read_documents",
+    "strip_roff",
+    "split_into_documents",
+    "normalise_text",
+]
+
+FORMAT_VERSION = 1
+
+
+# ----------------------------------------------------------------------------- text helpers
+def normalise_text(text: str) -> str:
+    """Normalise line endings, strip trailing spaces and runs of > 2 blank lines, drop NULs."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\x00", "")
+    text = "\n".join(line.rstrip() for line in text.split("\n"))
+    text = re.sub(r"\n{3,}", "\n\n", text)
+    return text.strip("\n")
+
+
+def _ascii_share(text: str) -> float:
+    if not text:
+        return 0.0
+    return sum(1 for c in text if ord(c) < 128) / len(text)
+
+
+def split_into_documents(text: str, doc_bytes: int, min_bytes: int) -> List[str]:
+    """Cut ``text`` into pieces of at most about ``doc_bytes`` UTF-8 bytes at line boundaries.
+
+    Pieces shorter than ``min_bytes`` are dropped (the tail of a file, tiny files). A single
+    line longer than ``doc_bytes`` is kept whole in its own piece.
+    """
+    if doc_bytes <= 0 or min_bytes < 0:
+        raise ValueError(f"doc_bytes must be > 0 and min_bytes >= 0, got {doc_bytes}, {min_bytes}")
+    docs: List[str] = []
+    cur: List[str] = []
+    size = 0
+    for line in text.split("\n"):
+        n = len(line.encode("utf-8")) + 1
+        if cur and size + n > doc_bytes:
+            docs.append("\n".join(cur))
+            cur, size = [], 0
+        cur.append(line)
+        size += n
+    if cur:
+        docs.append("\n".join(cur))
+    out = []
+    for d in docs:
+        d = d.strip("\n")
+        if len(d.encode("utf-8")) >= min_bytes:
+            out.append(d)
+    return out
+
+
+_ROFF_CHARS = {
+    "em": "--", "en": "-", "aq": "'", "dq": '"', "co": "(c)", "rg": "(R)", "bu": "*",
+    "lq": '"', "rq": '"', "oq": "'", "cq": "'", "hy": "-", "mi": "-", "pl": "+", "mu": "x",
+    "ga": "`", "ti": "~", "ha": "^", "rs": "\\", "sl": "/", "ba": "|", "or": "|", "fm": "'",
+    "de": " degrees", "tm": "(TM)", ">=": ">=", "<=": "<=", "->": "->", "<-": "<-",
+}
+_TEXT_MACROS = {"SH", "SS", "B", "I", "BR", "RB", "IR", "RI", "BI", "IB", "SM", "SB", "IP", "TP", "Nm", "Nd", "Sh"}
+
+
+def _roff_escapes(s: str) -> str:
+    s = re.sub(r"\\f(\(..|\[[^\]]*\]|.)", "", s)           # font changes
+    s = re.sub(r"\\s[+-]?\d", "", s)                        # size changes
+    s = re.sub(r"\\\*(\(..|\[[^\]]*\]|.)", "", s)          # strings (\*(C`)
+    s = re.sub(r"\\\((..)", lambda m: _ROFF_CHARS.get(m.group(1), ""), s)
+    s = re.sub(r"\\\[([^\]]*)\]", lambda m: _ROFF_CHARS.get(m.group(1), ""), s)
+    s = re.sub(r"\\[hvwlLoxkzbNHSXY]'[^']*'", "", s)       # motions etc.
+    s = re.sub(r"\\[nk](\(..|\[[^\]]*\]|.)", "", s)        # registers
+    s = s.replace("\\-", "-").replace("\\e", "\\").replace("\\ ", " ").replace("\\~", " ")
+    s = s.replace("\\&", "").replace("\\|", "").replace("\\^", "").replace("\\,", "").replace("\\/", "")
+    s = s.replace("\\c", "").replace("\\%", "").replace("\\:", "").replace("\\0", " ")
+    s = re.sub(r"\\(.)", r"\1", s)
+    return s
+
+
+def strip_roff(src: str) -> str:
+    """Turn a roff manual page into plain text (macros dropped, text kept, escapes resolved).
+
+    Handles the common ``man``/``mdoc`` macros well enough for language modelling; it is not
+    a renderer. Macro definitions (``.de`` .. ``..``) and conditionals are dropped.
+    """
+    out: List[str] = []
+    in_def = False
+    for raw in src.split("\n"):
+        line = raw.rstrip()
+        if in_def:
+            if line.startswith(".."):
+                in_def = False
+            continue
+        if line.startswith(".de ") or line.startswith(".de\t") or re.match(r"^\.\s*de\s", line):
+            in_def = True
+            continue
+        if line.startswith(".\\\"") or line.startswith("'\\\"") or line.startswith("\\\""):
+            continue
+        if line.startswith(".") or line.startswith("'"):
+            m = re.match(r"^[.']\s*([A-Za-z]{1,3})\b\s*(.*)$", line)
+            if not m:
+                continue
+            name, rest = m.group(1), m.group(2)
+            if name in ("SH", "SS", "Sh"):
+                out.append("")
+                out.append(_roff_escapes(rest.replace('"', "")).strip().upper() if name != "SS" else _roff_escapes(rest.replace('"', "")).strip())
+            elif name in ("PP", "LP", "P", "Pp", "sp", "br", "TP"):
+                out.append("")
+            elif name in _TEXT_MACROS and rest:
+                out.append(_roff_escapes(rest.replace('"', "")).strip())
+            continue
+        if "\\{" in line or "\\}" in line:
+            continue
+        out.append(_roff_escapes(line))
+    return normalise_text("\n".join(out))
+
+
+def _read_text(path: str, limit: int = 1 << 20) -> Optional[str]:
+    """Read a (possibly gzipped) text file as UTF-8; None if unreadable, binary or not UTF-8."""
+    try:
+        if path.endswith(".gz"):
+            with gzip.open(path, "rb") as f:
+                data = f.read(limit)
+        else:
+            with open(path, "rb") as f:
+                data = f.read(limit)
+    except (OSError, EOFError, gzip.BadGzipFile):
+        return None
+    if b"\x00" in data[:4096]:
+        return None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+# ----------------------------------------------------------------------------- sources
+def _site_dirs() -> List[str]:
+    dirs: List[str] = []
+    try:
+        dirs += list(site.getsitepackages())
+    except AttributeError:  # pragma: no cover - virtualenv quirk
+        pass
+    try:
+        dirs.append(site.getusersitepackages())
+    except AttributeError:  # pragma: no cover
+        pass
+    dirs += [p for p in sys.path if p.endswith(("site-packages", "dist-packages"))]
+    seen, out = set(), []
+    for d in dirs:
+        d = os.path.realpath(d)
+        if d not in seen and os.path.isdir(d):
+            seen.add(d)
+            out.append(d)
+    return out
+
+
+def _files(patterns: Iterable[str], recursive: bool = False) -> List[str]:
+    out = set()
+    for p in patterns:
+        out.update(f for f in glob.glob(p, recursive=recursive) if os.path.isfile(f))
+    return sorted(out)
+
+
+def _iter_files(paths: List[str], transform: Callable[[str, str], Optional[str]] = lambda p, t: t) -> Iterator[Tuple[str, str]]:
+    for p in paths:
+        t = _read_text(p)
+        if t is None:
+            continue
+        t = transform(p, t)
+        if t:
+            yield p, t
+
+
+def _metadata_body(path: str, text: str) -> Optional[str]:
+    # METADATA is an e-mail style header block, a blank line, then the long description.
+    parts = text.split("\n\n", 1)
+    if len(parts) < 2:
+        return None
+    body = parts[1]
+    return body if _ascii_share(body) > 0.97 else None
+
+
+def src_readmes() -> Tuple[List[str], Callable[[List[str]], Iterator[Tuple[str, str]]]]:
+    meta = _files([os.path.join(d, "*.dist-info", "METADATA") for d in _site_dirs()])
+    readmes = _files(["/usr/share/doc/*/README*"])
+
+    def it(paths):
+        for p, t in _iter_files(paths, lambda p, t: _metadata_body(p, t) if p.endswith("METADATA") else (t if _ascii_share(t) > 0.97 else None)):
+            yield p, t
+    return meta + readmes, it
+
+
+def src_code():
+    stdlib = sysconfig.get_paths()["stdlib"]
+    files = [f for f in _files([os.path.join(stdlib, "**", "*.py")], recursive=True)
+             if "site-packages" not in f and "dist-packages" not in f and os.path.getsize(f) < 400_000]
+    return files, lambda paths: _iter_files(paths)
+
+
+def src_man():
+    files = _files([f"/usr/share/man/man{i}/*" for i in range(1, 9)])
+
+    def tr(p, t):
+        if t.startswith(".so ") or len(t) < 200:
+            return None  # a redirect to another page
+        txt = strip_roff(t)
+        return txt if _ascii_share(txt) > 0.97 else None
+    return files, lambda paths: _iter_files(paths, tr)
+
+
+def src_licenses():
+    pats = []
+    for d in _site_dirs():
+        pats += [os.path.join(d, "*.dist-info", "LICEN[CS]E*"), os.path.join(d, "*.dist-info", "COPYING*"),
+                 os.path.join(d, "*.dist-info", "licenses", "**", "*")]
+    pats += ["/usr/share/doc/*/copyright", "/usr/share/common-licenses/*"]
+    files = _files(pats, recursive=True)
+    return files, lambda paths: _iter_files(paths, lambda p, t: t if _ascii_share(t) > 0.97 else None)
+
+
+def src_pydoc():
+    try:
+        from pydoc_data.topics import topics
+    except Exception:  # pragma: no cover - stripped Python builds
+        return [], lambda paths: iter(())
+    keys = sorted(topics)
+    return [f"pydoc_data.topics:{k}" for k in keys], lambda paths: ((p, topics[p.split(":", 1)[1]]) for p in paths)
+
+
+def src_changelogs():
+    files = _files(["/usr/share/doc/*/changelog*", "/usr/share/doc/*/NEWS*"])
+    return files, lambda paths: _iter_files(paths, lambda p, t: t if _ascii_share(t) > 0.97 else None)
+
+
+def src_c_headers():
+    files = [f for f in _files(["/usr/include/**/*.h"], recursive=True) if os.path.getsize(f) < 400_000]
+    return files, lambda paths: _iter_files(paths)
+
+
+@dataclass(frozen=True)
+class Source:
+    name: str
+    description: str
+    find: Callable  # () -> (list of origins, iterator factory over a list of origins)
+
+
+SOURCES: Dict[str, Source] = {
+    s.name: s
+    for s in [
+        Source("readmes", "English prose: package descriptions (dist-info METADATA) and /usr/share/doc READMEs", src_readmes),
+        Source("code", "Python standard-library source code", src_code),
+        Source("man", "manual pages (/usr/share/man, roff stripped)", src_man),
+        Source("licenses", "licence and copyright texts of installed packages", src_licenses),
+        Source("pydoc", "Python documentation topics (pydoc_data.topics)", src_pydoc),
+        Source("changelogs", "package change logs (/usr/share/doc/*/changelog*)", src_changelogs),
+        Source("c_headers", "C header files (/usr/include)", src_c_headers),
+    ]
+}
+PUBLIC_PREFERENCE = ["readmes", "pydoc", "changelogs"]
+OWNER_PREFERENCE = ["code", "man", "licenses", "pydoc", "changelogs", "c_headers"]
+
+
+# ----------------------------------------------------------------------------- building
+@dataclass
+class CorpusSpec:
+    """What to build. Bytes are UTF-8 bytes of document text (= tokens for a byte tokenizer)."""
+
+    num_owners: int = 3
+    owners: Optional[Sequence[str]] = None  # explicit owner sources (else OWNER_PREFERENCE)
+    public: Optional[str] = None            # explicit public source (else PUBLIC_PREFERENCE)
+    train_bytes: int = 1_000_000            # per domain, training split
+    test_bytes: int = 60_000                # per domain, held-out split
+    doc_bytes: int = 2048
+    min_doc_bytes: int = 320
+    test_fraction: float = 0.1
+    min_train_bytes: int = 0                # a source with less training text is skipped (default train_bytes // 4)
+    seed: int = 0
+
+    def key(self) -> str:
+        d = dict(self.__dict__, owners=list(self.owners) if self.owners else None, v=FORMAT_VERSION)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+
+@dataclass
+class Document:
+    id: str       # sha256 of the normalised text (first 16 hex digits)
+    origin: str   # file (or topic) it came from
+    text: str
+
+
+def _doc_hash(text: str) -> str:
+    return hashlib.sha256(" ".join(text.split()).encode("utf-8")).hexdigest()
+
+
+def _is_test(h: str, fraction: float) -> bool:
+    return int(h[:8], 16) / 0xFFFFFFFF < fraction
+
+
+def _collect(source: Source, spec: CorpusSpec, seen: set, log) -> Tuple[List[Document], List[Document], dict]:
+    """Read documents from ``source`` until both splits are full; updates ``seen`` (hashes)."""
+    t0 = time.time()
+    try:
+        origins, iterate = source.find()
+    except Exception as e:  # a broken source must not break the demo
+        return [], [], {"error": f"{type(e).__name__}: {e}", "files_found": 0}
+    origins = list(origins)
+    rng = random.Random(f"{spec.seed}:{source.name}")
+    rng.shuffle(origins)
+    train: List[Document] = []
+    test: List[Document] = []
+    nb = {"train": 0, "test": 0}
+    files_read = dup = 0
+    for origin, text in iterate(origins):
+        files_read += 1
+        for piece in split_into_documents(normalise_text(text), spec.doc_bytes, spec.min_doc_bytes):
+            h = _doc_hash(piece)
+            if h in seen:
+                dup += 1
+                continue
+            seen.add(h)
+            split = "test" if _is_test(h, spec.test_fraction) else "train"
+            cap = spec.test_bytes if split == "test" else spec.train_bytes
+            if nb[split] >= cap:
+                continue
+            (test if split == "test" else train).append(Document(h[:16], origin, piece))
+            nb[split] += len(piece.encode("utf-8"))
+        if nb["train"] >= spec.train_bytes and nb["test"] >= spec.test_bytes:
+            break
+    # order inside a split is by hash, so the split does not depend on the file system's order
+    train.sort(key=lambda d: d.id)
+    test.sort(key=lambda d: d.id)
+    info = {
+        "files_found": len(origins),
+        "files_read": files_read,
+        "duplicates_dropped": dup,
+        "seconds": round(time.time() - t0, 2),
+    }
+    return train, test, info
+
+
+def _write_jsonl(path: str, docs: List[Document]) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for d in docs:
+            f.write(json.dumps({"id": d.id, "origin": d.origin, "text": d.text}, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def read_documents(path: str) -> List[Document]:
+    """Read a ``train.jsonl`` / ``test.jsonl`` written by :func:`build_corpora`."""
+    with open(path, encoding="utf-8") as f:
+        return [Document(**json.loads(line)) for line in f if line.strip()]
+
+
+def load_manifest(corpus_dir: str) -> dict:
+    with open(os.path.join(corpus_dir, "manifest.json"), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def build_corpora(root: str, spec: CorpusSpec, log: Callable[[str], None] = print, force: bool = False) -> str:
+    """Build (or reuse) the demo corpora under ``root``; return the corpus directory.
+
+    The public domain is the first usable source of ``spec.public`` / ``PUBLIC_PREFERENCE``,
+    the owners the first ``spec.num_owners`` usable sources of ``spec.owners`` /
+    ``OWNER_PREFERENCE`` (never the public one). A source is usable when it yields at least
+    ``spec.min_train_bytes`` of training text and at least one held-out document. Raises
+    ``RuntimeError`` naming what was found when fewer than ``num_owners`` owners are usable.
+    """
+    if spec.num_owners < 1:
+        raise ValueError(f"num_owners must be >= 1, got {spec.num_owners}")
+    for name in ([spec.public] if spec.public else []) + list(spec.owners or []):
+        if name not in SOURCES:
+            raise ValueError(f"unknown corpus source {name!r}; known: {sorted(SOURCES)}")
+    out = os.path.join(root, f"corpora-{spec.key()}")
+    if not force and os.path.exists(os.path.join(out, "manifest.json")):
+        log(f"corpora: reusing {out}")
+        return out
+    min_train = spec.min_train_bytes or spec.train_bytes // 4
+    os.makedirs(out, exist_ok=True)
+    seen: set = set()
+    skipped: Dict[str, str] = {}
+    domains: Dict[str, dict] = {}
+
+    def try_source(name: str, role: str) -> bool:
+        local = set(seen)  # a skipped source must not claim documents
+        train, test, info = _collect(SOURCES[name], spec, local, log)
+        ntr = sum(len(d.text.encode()) for d in train)
+        if ntr < min_train or not test:
+            why = info.get("error") or (
+                f"only {ntr} training bytes / {len(test)} held-out docs from {info['files_found']} files "
+                f"(need >= {min_train} bytes and >= 1 doc)")
+            skipped[name] = why
+            log(f"corpora: skipping {name} as {role}: {why}")
+            return False
+        seen.update(local)
+        os.makedirs(os.path.join(out, name), exist_ok=True)
+        _write_jsonl(os.path.join(out, name, "train.jsonl"), train)
+        _write_jsonl(os.path.join(out, name, "test.jsonl"), test)
+        domains[name] = {
+            "role": role,
+            "source": SOURCES[name].description,
+            "train_docs": len(train),
+            "train_bytes": ntr,
+            "test_docs": len(test),
+            "test_bytes": sum(len(d.text.encode()) for d in test),
+            **info,
+        }
+        log(f"corpora: {role:6s} {name:10s} {len(train):5d} train docs ({ntr / 1e3:.0f} kB), "
+            f"{len(test):4d} held-out docs, from {info['files_read']}/{info['files_found']} files "
+            f"({info['duplicates_dropped']} duplicates dropped, {info['seconds']:.1f} s)")
+        return True
+
+    public = None
+    for name in [spec.public] if spec.public else PUBLIC_PREFERENCE:
+        if try_source(name, "public"):
+            public = name
+            break
+    if public is None:
+        raise RuntimeError(f"no public corpus could be built on this machine: {skipped}")
+    owners: List[str] = []
+    for name in (spec.owners or OWNER_PREFERENCE):
+        if len(owners) == spec.num_owners:
+            break
+        if name == public or name in owners:
+            continue
+        if try_source(name, "owner"):
+            owners.append(name)
+    if len(owners) < spec.num_owners:
+        raise RuntimeError(
+            f"only {len(owners)} owner domains ({owners}) could be built, {spec.num_owners} requested; skipped: {skipped}")
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "spec": dict(spec.__dict__, owners=list(spec.owners) if spec.owners else None),
+        "public": public,
+        "owners": owners,
+        "domains": domains,
+        "skipped": skipped,
+        "python": sys.version.split()[0],
+        "platform": sys.platform,
+    }
+    tmp = os.path.join(out, "manifest.json.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=1)
+    os.replace(tmp, os.path.join(out, "manifest.json"))
+    return out
