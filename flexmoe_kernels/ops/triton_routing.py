@@ -1,0 +1,438 @@
+"""Triton routing: fused masked softmax-top-k and the grouped-GEMM tile schedule.
+
+Legend: T tokens, E experts, K top-k, P = T*K routed (token, slot) pairs, ``block_m`` the
+row-tile of the grouped GEMMs, Q_max padded pair slots, NT tiles of ``block_m`` slots.
+
+:func:`triton_route` is the Triton twin of :func:`flexmoe_kernels.ops.routing.route` (same
+semantics, see ``shared/FLEXOLMO.md`` section 2): ``min(bias, 0)`` and the allow-mask are
+applied to the logits **before** the softmax (a disallowed expert gets logit -inf, exactly as
+if it were removed), the softmax is fp32, the top-k probabilities are the weights
+(renormalised iff ``norm_topk_prob``), and a disallowed expert is never selected. On top of
+the reference's grouped order it produces a **padded schedule** for the grouped GEMMs
+(vLLM's ``moe_align_block_size`` idea, in index space only):
+
+* each expert's group of pairs is padded up to a multiple of ``block_m`` in
+  ``padded_pairs_Q``; padding slots hold the sentinel ``P`` (= T*K, an invalid pair id);
+* ``tile_expert_E_tiles[i]`` is the expert that owns tile ``i`` (slots
+  ``i*block_m:(i+1)*block_m``), -1 for tiles past ``num_tiles``;
+* buffers have the worst-case sizes ``Q_max = roundup(T*K + E*(block_m-1), block_m)`` and
+  ``NT = Q_max // block_m`` (see :func:`schedule_sizes`), so a GEMM launched on ``NT`` tiles has
+  a static grid; programs whose tile has expert -1 exit. Experts with no pairs (zero tokens or
+  opted out) own no tiles, so their weights are never loaded.
+
+No host synchronisation happens in :func:`triton_route` or :func:`triton_route_backward`
+except the optional ``validate`` check (skipped while a CUDA graph is being captured). All
+outputs are written by kernels (nothing relies on zero-initialised memory), so a CUDA graph
+can capture the routing once and be replayed with new logits and a new (same-shape) mask.
+
+On CPU tensors the kernels run under Triton's interpreter (``TRITON_INTERPRET=1`` set before
+this module's kernels are first imported); that is the CPU test tier.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass
+from typing import NamedTuple, Optional
+
+import torch
+
+from .._validate import check_positive_int, check_tensor
+from .routing import check_allow_mask_rows, normalize_allow_mask
+
+__all__ = [
+    "TritonRoutingPlan",
+    "TileSchedule",
+    "is_available",
+    "schedule_sizes",
+    "triton_route",
+    "triton_route_backward",
+    "tile_schedule_reference",
+]
+
+_INT32_MAX = 2**31 - 1
+
+
+@dataclass
+class TritonRoutingPlan:
+    """Routing + grouped-GEMM schedule produced by :func:`triton_route` (all tensors on the
+    logits' device; P = T*K, Q_max / NT from :func:`schedule_sizes`).
+
+    Attributes:
+        topk_ids_TK: (T, K) int32 selected experts of each token, by decreasing weight; exact
+            ties (equal masked logits) are broken by the lower expert id.
+        topk_weights_TK: (T, K) float32 softmax probability of each selected expert
+            (renormalised over the K selected iff ``norm_topk_prob``). Not differentiable:
+            use :func:`triton_route_backward`.
+        probs_TE: (T, E) float32 softmax over the allowed experts, 0 where disallowed
+            (saved for the backward).
+        logits_TE: (T, E) float32 masked logits: ``logits + min(bias, 0)``, -inf where
+            disallowed (for the router z-loss).
+        counts_E: (E,) int32 pairs routed to each expert; sums to P; 0 for disallowed experts.
+        offsets_E1: (E+1,) int32 exclusive prefix sum of ``counts_E`` (unpadded).
+        sorted_pairs_P: (P,) int32 pair ids ``t*K + k`` grouped by expert, stable (within an
+            expert, increasing pair id): equal to the reference ``RoutingPlan.sorted_pairs_P``.
+        inv_sorted_pairs_P: (P,) int32 inverse permutation (``sorted[inv[p]] == p``).
+        padded_pairs_Q: (Q_max,) int32 expert-grouped pair ids, each expert's group starting at
+            ``padded_offsets_E1[e]`` and padded to a multiple of ``block_m``; padding slots and
+            slots past ``padded_offsets_E1[E]`` hold the sentinel ``P``.
+        padded_offsets_E1: (E+1,) int32 exclusive prefix sum of the padded counts
+            ``ceil(counts_E / block_m) * block_m``.
+        tile_expert_E_tiles: (NT,) int32 expert of each ``block_m`` tile of ``padded_pairs_Q``;
+            -1 for tiles ``>= num_tiles``.
+        num_tiles: (1,) int32 on the device: tiles in use, ``padded_offsets_E1[E] // block_m``.
+        block_m: the tile height the schedule was built for.
+    """
+
+    topk_ids_TK: torch.Tensor
+    topk_weights_TK: torch.Tensor
+    probs_TE: torch.Tensor
+    logits_TE: torch.Tensor
+    counts_E: torch.Tensor
+    offsets_E1: torch.Tensor
+    sorted_pairs_P: torch.Tensor
+    inv_sorted_pairs_P: torch.Tensor
+    padded_pairs_Q: torch.Tensor
+    padded_offsets_E1: torch.Tensor
+    tile_expert_E_tiles: torch.Tensor
+    num_tiles: torch.Tensor
+    block_m: int
+
+    @property
+    def num_tokens(self) -> int:
+        return self.topk_ids_TK.shape[0]
+
+    @property
+    def top_k(self) -> int:
+        return self.topk_ids_TK.shape[1]
+
+    @property
+    def num_experts(self) -> int:
+        return self.counts_E.shape[0]
+
+    @property
+    def num_pairs(self) -> int:
+        """P = T*K, also the sentinel value in ``padded_pairs_Q``."""
+        return self.topk_ids_TK.numel()
+
+    @property
+    def num_tiles_max(self) -> int:
+        """NT, the static tile count the GEMM grid is sized for."""
+        return self.tile_expert_E_tiles.shape[0]
+
+
+class TileSchedule(NamedTuple):
+    """The padded fields of :class:`TritonRoutingPlan` (see there), from
+    :func:`tile_schedule_reference`."""
+
+    padded_pairs_Q: torch.Tensor
+    padded_offsets_E1: torch.Tensor
+    tile_expert_E_tiles: torch.Tensor
+    num_tiles: torch.Tensor
+
+
+def schedule_sizes(num_tokens: int, top_k: int, num_experts: int, block_m: int) -> tuple[int, int]:
+    """Worst-case buffer sizes ``(Q_max, NT)`` of the padded schedule.
+
+    ``Q_max = roundup(T*K + E*(block_m - 1), block_m)`` and ``NT = Q_max // block_m``.
+    """
+    q = num_tokens * top_k + num_experts * (block_m - 1)
+    q_max = (q + block_m - 1) // block_m * block_m
+    return q_max, q_max // block_m
+
+
+def _triton_import_error() -> Optional[str]:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken install raising something else
+        return f"triton cannot be imported: {exc}"
+    return None
+
+
+def _kernels():
+    """The kernel module, imported on first use (so ``TRITON_INTERPRET`` is read then)."""
+    return importlib.import_module("flexmoe_kernels.ops.triton_routing_kernels")
+
+
+def _interpreting() -> bool:
+    """True when the kernels were created under ``TRITON_INTERPRET=1``."""
+    return type(_kernels()._topk_softmax_kernel).__name__ == "InterpretedFunction"
+
+
+def is_available(device: torch.device | str = "cuda") -> tuple[bool, str]:
+    """``(available, reason)``: can the Triton routing kernels run on ``device``?
+
+    Returns a tuple (like the backends' ``is_available``), so test ``is_available(d)[0]``.
+    CUDA devices need an importable Triton and a visible GPU; CPU tensors need Triton's
+    interpreter (``TRITON_INTERPRET=1`` in the environment before the kernels are imported).
+    """
+    device = torch.device(device)
+    err = _triton_import_error()
+    if err is not None:
+        return False, err
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return False, "CUDA is not available"
+        return True, "triton on CUDA"
+    if device.type == "cpu":
+        if _interpreting():
+            return True, "triton interpreter (TRITON_INTERPRET=1)"
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            return False, "TRITON_INTERPRET=1 was set after the Triton kernels were imported"
+        return False, "CPU tensors need the Triton interpreter: set TRITON_INTERPRET=1 before importing"
+    return False, f"device type {device.type!r} is not supported by the Triton kernels"
+
+
+def _check_device(device: torch.device) -> None:
+    ok, why = is_available(device)
+    if not ok:
+        raise RuntimeError(f"triton routing cannot run on {device}: {why}")
+
+
+def _alloc(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Allocate an output/scratch buffer. Every element is written by a kernel; tests replace
+    this hook with one that returns NaN/sentinel-poisoned buffers."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def _prev_pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n.bit_length() - 1)
+
+
+def _env_int(name: str) -> Optional[int]:
+    v = os.environ.get(name)
+    if v is None or v == "":
+        return None
+    try:
+        out = int(v)
+    except ValueError:
+        raise ValueError(f"environment variable {name} must be an int, got {v!r}") from None
+    if out <= 0 or out & (out - 1):
+        raise ValueError(f"environment variable {name} must be a positive power of two, got {out}")
+    return out
+
+
+def _routing_block_t(T: int, E: int, K: int) -> int:
+    """Tokens per routing program: (BLOCK_T, BLOCK_E) logits and the (BLOCK_T*K, BLOCK_E)
+    one-hot of the scatter kernel stay small. ``FLEXMOE_TRITON_ROUTING_BLOCK_T`` pins it."""
+    pinned = _env_int("FLEXMOE_TRITON_ROUTING_BLOCK_T")
+    if pinned is not None:
+        return pinned
+    block_e = _next_pow2(E)
+    bt = min(64, max(1, 4096 // block_e), _prev_pow2(max(1, 8192 // (block_e * K))))
+    return max(1, min(bt, _next_pow2(T)))
+
+
+def triton_route(
+    logits_TE: torch.Tensor,
+    top_k: int,
+    *,
+    allow_mask: Optional[torch.Tensor] = None,
+    expert_bias: Optional[torch.Tensor] = None,
+    norm_topk_prob: bool = False,
+    block_m: int = 64,
+    validate: bool = True,
+) -> TritonRoutingPlan:
+    """Masked softmax-top-k routing and the padded grouped-GEMM schedule, in Triton.
+
+    Args:
+        logits_TE: (T, E) router logits, float32/float16/bfloat16 (any strides); upcast to
+            float32 inside the kernel.
+        top_k: K, 1 <= K <= E.
+        allow_mask: None, (E,) bool (same for every token) or (T, E) bool (per token);
+            False = expert opted out: logit -inf before the softmax, never selected.
+        expert_bias: optional (E,) float; ``min(bias, 0)`` is added to the logits.
+        norm_topk_prob: renormalise the K selected weights to sum to 1.
+        block_m: tile height of the grouped GEMMs, a power of two in [1, 1024].
+        validate: check on the host that every mask row allows >= K experts (one host sync;
+            skipped while a CUDA graph is captured). With ``validate=False`` a row allowing
+            fewer than K experts gives unspecified (but in-range) ids for its missing slots.
+
+    Returns:
+        :class:`TritonRoutingPlan`. Three kernel launches, no host synchronisation (apart
+        from ``validate``). ``sorted_pairs_P`` is deterministic and equal to the reference's
+        stable sort; ``topk_weights_TK`` is not differentiable (see
+        :func:`triton_route_backward`).
+    """
+    check_tensor(logits_TE, "logits", ndim=2, floating=True)
+    T, E = logits_TE.shape
+    check_positive_int(top_k, "top_k")
+    if top_k > E:
+        raise ValueError(f"top_k={top_k} is larger than the number of experts E={E}")
+    check_positive_int(block_m, "block_m")
+    if block_m & (block_m - 1) or block_m > 1024:
+        raise ValueError(f"block_m must be a power of two in [1, 1024], got {block_m}")
+    device = logits_TE.device
+    if expert_bias is not None:
+        check_tensor(expert_bias, "expert_bias", shape=(E,), floating=True, device=device)
+    allow_mask = normalize_allow_mask(allow_mask, T, E, device)
+    K = top_k
+    P = T * K
+    q_max, n_tiles_max = schedule_sizes(T, K, E, block_m)
+    if q_max > _INT32_MAX:
+        raise ValueError(
+            f"T*K + E*(block_m-1) = {T}*{K} + {E}*{block_m - 1} does not fit int32 pair indices"
+        )
+    if validate:
+        check_allow_mask_rows(allow_mask, K, E)
+    _check_device(device)
+    kern = _kernels()
+
+    block_e = _next_pow2(E)
+    block_k = _next_pow2(K)
+    block_t = _routing_block_t(T, E, K)
+    nb = triton_cdiv(T, block_t)
+
+    i32, f32 = torch.int32, torch.float32
+    topk_ids_TK = _alloc((T, K), i32, device)
+    topk_weights_TK = _alloc((T, K), f32, device)
+    probs_TE = _alloc((T, E), f32, device)
+    zlogits_TE = _alloc((T, E), f32, device)
+    block_counts_NBE = _alloc((nb, E), i32, device)  # scratch
+    counts_E = _alloc((E,), i32, device)
+    offsets_E1 = _alloc((E + 1,), i32, device)
+    padded_offsets_E1 = _alloc((E + 1,), i32, device)
+    num_tiles = _alloc((1,), i32, device)
+    sorted_pairs_P = _alloc((P,), i32, device)
+    inv_sorted_pairs_P = _alloc((P,), i32, device)
+    padded_pairs_Q = _alloc((q_max,), i32, device)
+    tile_expert = _alloc((n_tiles_max,), i32, device)
+
+    if allow_mask is not None:
+        mask_u8 = allow_mask.view(torch.uint8)
+        if mask_u8.ndim == 1:
+            stride_mt, stride_me = 0, mask_u8.stride(0)
+        else:
+            stride_mt, stride_me = mask_u8.stride(0), mask_u8.stride(1)
+    else:
+        mask_u8, stride_mt, stride_me = logits_TE, 0, 0  # unused pointer
+    bias = expert_bias if expert_bias is not None else logits_TE  # unused pointer
+
+    if nb > 0:
+        kern._topk_softmax_kernel[(nb,)](
+            logits_TE, mask_u8, bias,
+            topk_ids_TK, topk_weights_TK, probs_TE, zlogits_TE, block_counts_NBE,
+            T, E,
+            logits_TE.stride(0), logits_TE.stride(1), stride_mt, stride_me,
+            K=K, HAS_MASK=allow_mask is not None, HAS_BIAS=expert_bias is not None,
+            NORM=bool(norm_topk_prob), BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=block_k,
+            num_warps=4,
+        )
+    block_nb = max(1, min(_next_pow2(max(nb, 1)), max(1, 4096 // block_e)))
+    kern._schedule_kernel[(1,)](
+        block_counts_NBE, counts_E, offsets_E1, padded_offsets_E1, num_tiles,
+        nb, E,
+        BLOCK_M=block_m, BLOCK_NB=block_nb, BLOCK_E=block_e,
+        num_warps=4,
+    )
+    tiles_per_prog = max(1, min(max(1, 2048 // block_m), max(1, 4096 // block_e), _next_pow2(n_tiles_max)))
+    n_pad_progs = triton_cdiv(n_tiles_max, tiles_per_prog)
+    kern._scatter_pad_kernel[(nb + n_pad_progs,)](
+        topk_ids_TK, block_counts_NBE, counts_E, offsets_E1, padded_offsets_E1,
+        sorted_pairs_P, inv_sorted_pairs_P, padded_pairs_Q, tile_expert,
+        P, E, nb, n_tiles_max, block_t * K,
+        BLOCK_P=_next_pow2(block_t * K), BLOCK_E=block_e, BLOCK_M=block_m,
+        TILES_PER_PROG=tiles_per_prog,
+        num_warps=4,
+    )
+    return TritonRoutingPlan(
+        topk_ids_TK=topk_ids_TK,
+        topk_weights_TK=topk_weights_TK,
+        probs_TE=probs_TE,
+        logits_TE=zlogits_TE,
+        counts_E=counts_E,
+        offsets_E1=offsets_E1,
+        sorted_pairs_P=sorted_pairs_P,
+        inv_sorted_pairs_P=inv_sorted_pairs_P,
+        padded_pairs_Q=padded_pairs_Q,
+        padded_offsets_E1=padded_offsets_E1,
+        tile_expert_E_tiles=tile_expert,
+        num_tiles=num_tiles,
+        block_m=block_m,
+    )
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+def triton_route_backward(
+    dweights_TK: torch.Tensor, plan: TritonRoutingPlan, norm_topk_prob: bool = False
+) -> torch.Tensor:
+    """Gradient of the routing weights w.r.t. the (masked) logits.
+
+    Args:
+        dweights_TK: (T, K) float (any float dtype, any strides): dL/d ``plan.topk_weights_TK``.
+        plan: the forward's :class:`TritonRoutingPlan` (uses ``topk_ids_TK`` and ``probs_TE``).
+        norm_topk_prob: must equal the forward's flag.
+
+    Returns:
+        dlogits_TE: (T, E) float32, the exact backward of softmax -> gather top-k (->
+        renormalise): ``dz_j = p_j * (h_j - sum_k h_k w_k)`` with ``h`` the weight gradient
+        scattered to the selected experts (chained through the renormalisation when
+        ``norm_topk_prob``). 0 at disallowed experts. The same tensor is the gradient w.r.t.
+        the raw logits and, summed over tokens where ``bias < 0``, w.r.t. ``expert_bias``.
+    """
+    if not isinstance(plan, TritonRoutingPlan):
+        raise TypeError(f"plan must be a TritonRoutingPlan, got {type(plan).__name__}")
+    T, K = plan.topk_ids_TK.shape
+    E = plan.probs_TE.shape[1]
+    device = plan.probs_TE.device
+    check_tensor(dweights_TK, "dweights", shape=(T, K), floating=True, device=device)
+    _check_device(device)
+    kern = _kernels()
+    dlogits_TE = _alloc((T, E), torch.float32, device)
+    block_e = _next_pow2(E)
+    block_t = max(1, min(64, max(1, 4096 // block_e), _next_pow2(T)))
+    nb = triton_cdiv(T, block_t)
+    if nb > 0:
+        kern._topk_softmax_bwd_kernel[(nb,)](
+            dweights_TK, plan.topk_ids_TK, plan.probs_TE, dlogits_TE,
+            T, E, dweights_TK.stride(0), dweights_TK.stride(1),
+            K=K, NORM=bool(norm_topk_prob), BLOCK_T=block_t, BLOCK_E=block_e,
+            num_warps=4,
+        )
+    return dlogits_TE
+
+
+def tile_schedule_reference(topk_ids_TK: torch.Tensor, num_experts: int, block_m: int) -> TileSchedule:
+    """Readable PyTorch reference of the padded schedule (host loops; for tests).
+
+    Args:
+        topk_ids_TK: (T, K) integer expert ids.
+        num_experts: E.
+        block_m: tile height (any positive int here).
+
+    Returns:
+        :class:`TileSchedule` of int32 tensors on ``topk_ids_TK``'s device, with the sizes and
+        contents documented on :class:`TritonRoutingPlan`.
+    """
+    check_tensor(topk_ids_TK, "topk_ids", ndim=2)
+    check_positive_int(num_experts, "num_experts")
+    check_positive_int(block_m, "block_m")
+    T, K = topk_ids_TK.shape
+    P = T * K
+    q_max, n_tiles_max = schedule_sizes(T, K, num_experts, block_m)
+    flat = topk_ids_TK.reshape(-1).long().cpu()
+    padded = torch.full((q_max,), P, dtype=torch.int32)
+    padded_offsets = torch.zeros(num_experts + 1, dtype=torch.int32)
+    tile_expert = torch.full((n_tiles_max,), -1, dtype=torch.int32)
+    pos = 0
+    for e in range(num_experts):
+        pairs = [p for p in range(P) if int(flat[p]) == e]  # increasing pair id: stable
+        padded_offsets[e] = pos
+        for i, p in enumerate(pairs):
+            padded[pos + i] = p
+        n_padded = -(-len(pairs) // block_m) * block_m
+        for tile in range(pos // block_m, (pos + n_padded) // block_m):
+            tile_expert[tile] = e
+        pos += n_padded
+    padded_offsets[num_experts] = pos
+    num_tiles = torch.tensor([pos // block_m], dtype=torch.int32)
+    dev = topk_ids_TK.device
+    return TileSchedule(padded.to(dev), padded_offsets.to(dev), tile_expert.to(dev), num_tiles.to(dev))

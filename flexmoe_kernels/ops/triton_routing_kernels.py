@@ -1,0 +1,269 @@
+"""Triton kernels for masked softmax-top-k routing and the grouped GEMM tile schedule.
+
+Legend: T tokens, E experts, K top-k, P = T*K routed (token, slot) pairs, NB token blocks of
+BLOCK_T tokens, Q padded pair slots (each expert's group padded to a multiple of BLOCK_M),
+NT tiles of BLOCK_M padded slots.
+
+Launch order (see :mod:`flexmoe_kernels.ops.triton_routing` for the launchers):
+
+1. :func:`_topk_softmax_kernel`, grid (NB,): bias + allow-mask -> fp32 softmax -> K passes of
+   argmax; writes ids / weights / probs / masked logits and a per-block expert histogram
+   (no atomics: every program owns one row of ``block_counts_NBE``).
+2. :func:`_schedule_kernel`, grid (1,): turns the per-block histograms into per-block
+   exclusive prefixes (in place), ``counts_E``, ``offsets_E1``, ``padded_offsets_E1`` and
+   ``num_tiles``.
+3. :func:`_scatter_pad_kernel`, grid (NB + ceil(NT / TILES_PER_PROG),): the first NB programs
+   scatter their pairs to the stable expert-grouped order (rank inside the block from a
+   one-hot cumsum, so the order is deterministic and equals a stable sort); the others write
+   the per-tile expert ids and the sentinel ``P`` into the padding slots.
+
+Backward: :func:`_topk_softmax_bwd_kernel`, grid (NB,).
+
+All index arithmetic that can exceed 2^31 (row offsets t*E) is done in int64; pair and slot
+indices are int32 (the launcher checks that Q_max < 2^31).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _topk_softmax_kernel(
+    logits_ptr,  # (T, E) fp32/fp16/bf16/fp64, strides (stride_lt, stride_le)
+    mask_ptr,  # (T, E) uint8 (bool viewed as bytes), strides (stride_mt, stride_me); stride_mt=0 for (E,)
+    bias_ptr,  # (E,) any float; min(b, 0) is added
+    ids_ptr,  # out (T, K) int32, contiguous
+    weights_ptr,  # out (T, K) float32, contiguous
+    probs_ptr,  # out (T, E) float32, contiguous
+    zout_ptr,  # out (T, E) float32 masked logits, contiguous
+    block_counts_ptr,  # out (NB, E) int32 expert histogram of each token block, contiguous
+    T,
+    E,
+    stride_lt,
+    stride_le,
+    stride_mt,
+    stride_me,
+    K: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    NORM: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs_t = pid * BLOCK_T + tl.arange(0, BLOCK_T)  # (BLOCK_T,)
+    offs_e = tl.arange(0, BLOCK_E)  # (BLOCK_E,)
+    offs_k = tl.arange(0, BLOCK_K)  # (BLOCK_K,)
+    t_ok = offs_t < T
+    e_ok = offs_e < E
+    ok = t_ok[:, None] & e_ok[None, :]  # (BLOCK_T, BLOCK_E)
+    t64 = offs_t.to(tl.int64)
+
+    z = tl.load(
+        logits_ptr + t64[:, None] * stride_lt + offs_e[None, :] * stride_le, mask=ok, other=0.0
+    ).to(tl.float32)
+    if HAS_BIAS:
+        b = tl.load(bias_ptr + offs_e, mask=e_ok, other=0.0).to(tl.float32)
+        z = z + tl.minimum(b, 0.0)[None, :]
+    allowed = ok
+    if HAS_MASK:
+        m = tl.load(
+            mask_ptr + t64[:, None] * stride_mt + offs_e[None, :] * stride_me, mask=ok, other=0
+        )
+        allowed = allowed & (m != 0)
+    z = tl.where(allowed, z, float("-inf"))
+    out_off = t64[:, None] * E + offs_e[None, :]
+    tl.store(zout_ptr + out_off, z, mask=ok)
+
+    # Softmax over the allowed experts in fp32 (disallowed: exp(-inf) = 0).
+    row_max = tl.max(z, axis=1)
+    row_max = tl.where(row_max == float("-inf"), 0.0, row_max)  # fully masked row: no NaN
+    num = tl.exp(z - row_max[:, None])
+    den = tl.sum(num, axis=1)
+    den = tl.where(den == 0.0, 1.0, den)
+    probs = num / den[:, None]
+    tl.store(probs_ptr + out_off, probs, mask=ok)
+
+    # K passes of argmax on the masked logits (softmax is monotone, so this is top-k of the
+    # probabilities without ties created by rounding/underflow). Exact ties: lower expert id.
+    cols = offs_e[None, :]  # (1, BLOCK_E)
+    avail = allowed  # allowed and not yet selected
+    unused = ok  # in range and not yet selected
+    ids_tile = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.int32)
+    w_tile = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
+    hist = tl.zeros((BLOCK_E,), dtype=tl.int32)
+    for k in range(K):
+        kmax = tl.max(tl.where(avail, z, float("-inf")), axis=1)
+        cand = avail & (z == kmax[:, None])
+        idx = tl.min(tl.where(cand, cols, BLOCK_E), axis=1)
+        # No candidate: NaN logits (take the lowest allowed expert) or a row allowing fewer than
+        # K experts with validate=False (unspecified: lowest unused expert, but in range).
+        fb_allowed = tl.min(tl.where(avail, cols, BLOCK_E), axis=1)
+        fb_any = tl.min(tl.where(unused, cols, BLOCK_E), axis=1)
+        idx = tl.where(idx == BLOCK_E, tl.where(fb_allowed == BLOCK_E, fb_any, fb_allowed), idx)
+        sel = cols == idx[:, None]  # (BLOCK_T, BLOCK_E)
+        w = tl.sum(tl.where(sel, probs, 0.0), axis=1)
+        avail = avail & (~sel)
+        unused = unused & (~sel)
+        ids_tile = tl.where(offs_k[None, :] == k, idx[:, None], ids_tile)
+        w_tile = tl.where(offs_k[None, :] == k, w[:, None], w_tile)
+        hist += tl.sum((sel & t_ok[:, None]).to(tl.int32), axis=0)
+    if NORM:
+        w_sum = tl.where(t_ok, tl.sum(w_tile, axis=1), 1.0)  # rows past T: avoid 0/0
+        w_tile = w_tile / w_sum[:, None]
+
+    tk_ok = t_ok[:, None] & (offs_k[None, :] < K)
+    tk_off = t64[:, None] * K + offs_k[None, :]
+    tl.store(ids_ptr + tk_off, ids_tile, mask=tk_ok)
+    tl.store(weights_ptr + tk_off, w_tile, mask=tk_ok)
+    tl.store(block_counts_ptr + pid.to(tl.int64) * E + offs_e, hist, mask=e_ok)
+
+
+@triton.jit
+def _schedule_kernel(
+    block_counts_ptr,  # in/out (NB, E) int32: per-block histogram in, per-block exclusive prefix out
+    counts_ptr,  # out (E,) int32
+    offsets_ptr,  # out (E+1,) int32 exclusive prefix sum of counts
+    padded_offsets_ptr,  # out (E+1,) int32 exclusive prefix sum of counts rounded up to BLOCK_M
+    num_tiles_ptr,  # out (1,) int32
+    NB,
+    E,
+    BLOCK_M: tl.constexpr,
+    BLOCK_NB: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+):
+    offs_e = tl.arange(0, BLOCK_E)
+    e_ok = offs_e < E
+    carry = tl.zeros((BLOCK_E,), dtype=tl.int32)
+    for start in range(0, NB, BLOCK_NB):
+        offs_b = start + tl.arange(0, BLOCK_NB)
+        msk = (offs_b < NB)[:, None] & e_ok[None, :]
+        ptrs = block_counts_ptr + offs_b.to(tl.int64)[:, None] * E + offs_e[None, :]
+        c = tl.load(ptrs, mask=msk, other=0)
+        incl = tl.cumsum(c, axis=0)
+        tl.store(ptrs, incl - c + carry[None, :], mask=msk)
+        carry += tl.sum(c, axis=0)
+    counts = carry
+    tl.store(counts_ptr + offs_e, counts, mask=e_ok)
+    incl_e = tl.cumsum(counts, axis=0)
+    tl.store(offsets_ptr + offs_e, incl_e - counts, mask=e_ok)
+    tl.store(offsets_ptr + E, tl.sum(counts, axis=0))
+    padded = (counts + (BLOCK_M - 1)) // BLOCK_M * BLOCK_M
+    pincl = tl.cumsum(padded, axis=0)
+    tl.store(padded_offsets_ptr + offs_e, pincl - padded, mask=e_ok)
+    total_padded = tl.sum(padded, axis=0)
+    tl.store(padded_offsets_ptr + E, total_padded)
+    tl.store(num_tiles_ptr, total_padded // BLOCK_M)
+
+
+@triton.jit
+def _scatter_pad_kernel(
+    ids_ptr,  # (P,) int32 expert of each pair (topk_ids_TK flattened)
+    block_prefix_ptr,  # (NB, E) int32 pairs of expert e in blocks before this one
+    counts_ptr,  # (E,) int32
+    offsets_ptr,  # (E+1,) int32
+    padded_offsets_ptr,  # (E+1,) int32
+    sorted_ptr,  # out (P,) int32 pair ids grouped by expert (stable)
+    inv_ptr,  # out (P,) int32 inverse permutation
+    padded_ptr,  # out (Q_max,) int32 padded grouped pair ids, sentinel P in padding
+    tile_expert_ptr,  # out (NT,) int32 expert of each BLOCK_M tile, -1 past the end
+    P,
+    E,
+    NB,
+    NT,
+    PAIRS_PER_BLOCK,  # BLOCK_T * K of the routing kernel
+    BLOCK_P: tl.constexpr,  # next power of two >= PAIRS_PER_BLOCK
+    BLOCK_E: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    TILES_PER_PROG: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs_e = tl.arange(0, BLOCK_E)
+    e_ok = offs_e < E
+    if pid < NB:
+        # Stable scatter of this block's pairs: rank among equal experts from a one-hot cumsum.
+        local_p = tl.arange(0, BLOCK_P)
+        offs_p = pid * PAIRS_PER_BLOCK + local_p
+        p_ok = (local_p < PAIRS_PER_BLOCK) & (offs_p < P)
+        e = tl.load(ids_ptr + offs_p, mask=p_ok, other=0)
+        onehot = (e[:, None] == offs_e[None, :]) & p_ok[:, None]  # (BLOCK_P, BLOCK_E)
+        running = tl.cumsum(onehot.to(tl.int32), axis=0)
+        rank = tl.sum(tl.where(onehot, running, 0), axis=1) - 1
+        local = tl.load(block_prefix_ptr + pid.to(tl.int64) * E + e, mask=p_ok, other=0) + rank
+        dst = tl.load(offsets_ptr + e, mask=p_ok, other=0) + local
+        pdst = tl.load(padded_offsets_ptr + e, mask=p_ok, other=0) + local
+        tl.store(sorted_ptr + dst, offs_p, mask=p_ok)
+        tl.store(inv_ptr + offs_p, dst, mask=p_ok)
+        tl.store(padded_ptr + pdst, offs_p, mask=p_ok)
+    else:
+        # Tile expert ids and sentinels for TILES_PER_PROG tiles.
+        tiles = (pid - NB) * TILES_PER_PROG + tl.arange(0, TILES_PER_PROG)
+        tile_ok = tiles < NT
+        pend = tl.load(padded_offsets_ptr + 1 + offs_e, mask=e_ok, other=0)  # inclusive ends
+        start = tiles * BLOCK_M
+        # expert of a tile = number of experts whose padded group ends at or before its start
+        ex = tl.sum(((pend[None, :] <= start[:, None]) & e_ok[None, :]).to(tl.int32), axis=1)
+        valid = ex < E
+        tl.store(tile_expert_ptr + tiles, tl.where(valid, ex, -1), mask=tile_ok)
+        base = tl.load(padded_offsets_ptr + ex, mask=valid & tile_ok, other=0)
+        cnt = tl.load(counts_ptr + ex, mask=valid & tile_ok, other=0)
+        q = start[:, None] + tl.arange(0, BLOCK_M)[None, :]  # (TILES_PER_PROG, BLOCK_M)
+        is_pad = (q - base[:, None]) >= cnt[:, None]
+        sentinel = tl.zeros((TILES_PER_PROG, BLOCK_M), dtype=tl.int32) + P
+        tl.store(padded_ptr + q, sentinel, mask=is_pad & tile_ok[:, None])
+
+
+@triton.jit
+def _topk_softmax_bwd_kernel(
+    dw_ptr,  # (T, K) any float, strides (stride_gt, stride_gk): dL/d topk_weights
+    ids_ptr,  # (T, K) int32 contiguous
+    probs_ptr,  # (T, E) float32 contiguous (0 where disallowed)
+    dz_ptr,  # out (T, E) float32 contiguous: dL/d logits
+    T,
+    E,
+    stride_gt,
+    stride_gk,
+    K: tl.constexpr,
+    NORM: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs_t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_e = tl.arange(0, BLOCK_E)
+    t_ok = offs_t < T
+    ok = t_ok[:, None] & (offs_e < E)[None, :]
+    t64 = offs_t.to(tl.int64)
+    cols = offs_e[None, :]
+    probs = tl.load(probs_ptr + t64[:, None] * E + cols, mask=ok, other=0.0)
+
+    # w_k = probs[t, id_k]; with NORM the weights are w_k / S, S = sum_k w_k, and
+    # dL/dw_k = (g_k - sum_m g_m w_m / S) / S.
+    S = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    gw = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    if NORM:
+        for k in range(K):
+            idk = tl.load(ids_ptr + t64 * K + k, mask=t_ok, other=-1)
+            gk = tl.load(dw_ptr + t64 * stride_gt + k * stride_gk, mask=t_ok, other=0.0).to(tl.float32)
+            wk = tl.sum(tl.where(cols == idk[:, None], probs, 0.0), axis=1)
+            S += wk
+            gw += gk * wk
+        S = tl.where(t_ok, S, 1.0)
+    # dz_j = p_j * (H_j - sum_k h_k w_k), H_j = h_k if j = id_k else 0.
+    H = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32)
+    s = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    for k in range(K):
+        idk = tl.load(ids_ptr + t64 * K + k, mask=t_ok, other=-1)
+        gk = tl.load(dw_ptr + t64 * stride_gt + k * stride_gk, mask=t_ok, other=0.0).to(tl.float32)
+        sel = cols == idk[:, None]
+        wk = tl.sum(tl.where(sel, probs, 0.0), axis=1)
+        if NORM:
+            hk = (gk - gw / S) / S
+        else:
+            hk = gk
+        H = tl.where(sel, H + hk[:, None], H)
+        s += hk * wk
+    dz = probs * (H - s[:, None])
+    tl.store(dz_ptr + t64[:, None] * E + cols, dz, mask=ok)
