@@ -1,0 +1,405 @@
+"""Triton routing kernels vs the PyTorch reference (``flexmoe_kernels.route``).
+
+CPU tier: the kernels run under Triton's interpreter on CPU tensors (small shapes). Where CUDA
+is present the same tests run compiled on the GPU, plus the ``gpu`` tier (bf16, large shapes,
+CUDA-graph capture and replay with a changed mask).
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():  # before any Triton kernel is created
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+
+pytest.importorskip("triton")
+
+import flexmoe_kernels as fk  # noqa: E402
+from conftest import poison_, tol  # noqa: E402
+from flexmoe_kernels.ops import triton_routing as tr  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture(autouse=True)
+def poisoned_outputs(monkeypatch):
+    """Every buffer the launchers allocate starts NaN / INT_MAX, so unwritten elements fail."""
+    allocated = []
+
+    def alloc(shape, dtype, device):
+        t = poison_(torch.empty(shape, dtype=dtype, device=device))
+        allocated.append(t)
+        return t
+
+    monkeypatch.setattr(tr, "_alloc", alloc)
+    return allocated
+
+
+def _randn_distinct(T, E, dtype=torch.float32, scale=1.0):
+    """(T, E) random logits in ``dtype`` with no exact ties inside a row (so top-k ids are
+    unambiguous for the reference's ``torch.topk``)."""
+    x = (torch.randn(T, E) * scale).to(dtype)
+    for _ in range(100):
+        dup = torch.tensor([len(set(r.tolist())) < E for r in x.float()])
+        if not dup.any():
+            return x.to(DEVICE)
+        x[dup] = (torch.randn(int(dup.sum()), E) * scale).to(dtype)
+    raise RuntimeError("could not draw tie-free logits")
+
+
+def _mask(kind, T, E, K):
+    """None, a global (E,) mask with E-K..E-1 experts off... or a per-token (T, E) mask; each
+    row allows >= K experts and at least one expert is off somewhere (unless K == E)."""
+    if kind is None:
+        return None
+    if kind == "global":
+        keep = torch.randperm(E)[: max(K, E - 2)]
+        m = torch.zeros(E, dtype=torch.bool)
+        m[keep] = True
+        return m.to(DEVICE)
+    m = torch.rand(T, E) < 0.6
+    for t in range(T):  # top up rows that allow fewer than K experts
+        off = (~m[t]).nonzero().flatten()
+        need = K - int(m[t].sum())
+        if need > 0:
+            m[t, off[torch.randperm(len(off))[:need]]] = True
+    return m.to(DEVICE)
+
+
+def _schedule_invariants(plan, K, E, block_m, allow=None):
+    """Invariants of the padded schedule, checked independently of the reference."""
+    T = plan.topk_ids_TK.shape[0]
+    P = T * K
+    q_max, nt_max = tr.schedule_sizes(T, K, E, block_m)
+    padded = plan.padded_pairs_Q.cpu().long()
+    poff = plan.padded_offsets_E1.cpu().long()
+    counts = plan.counts_E.cpu().long()
+    tiles = plan.tile_expert_E_tiles.cpu().long()
+    ids = plan.topk_ids_TK.cpu().long().flatten()
+    n_tiles = int(plan.num_tiles.cpu())
+    assert padded.shape == (q_max,) and tiles.shape == (nt_max,) and plan.num_tiles.shape == (1,)
+    assert q_max % block_m == 0
+    real = padded[padded != P]
+    # every real pair appears exactly once; everything else is the sentinel
+    assert torch.equal(torch.sort(real).values, torch.arange(P))
+    assert bool(((padded >= 0) & (padded <= P)).all())
+    assert int(poff[0]) == 0 and bool((poff % block_m == 0).all())
+    assert torch.equal(poff[1:] - poff[:-1], (counts + block_m - 1) // block_m * block_m)
+    assert n_tiles * block_m == int(poff[-1])
+    assert bool((tiles[n_tiles:] == -1).all()) and bool((padded[n_tiles * block_m:] == P).all())
+    for e in range(E):
+        grp = padded[poff[e]: poff[e + 1]]
+        c = int(counts[e])
+        # real pairs first (increasing pair id = stable), sentinels only in the padding
+        assert bool((grp[:c] != P).all()) and bool((grp[c:] == P).all())
+        assert bool((grp[:c][1:] > grp[:c][:-1]).all())
+        assert bool((ids[grp[:c]] == e).all())
+    for i in range(n_tiles):  # each tile holds one expert and is not empty
+        tile = padded[i * block_m: (i + 1) * block_m]
+        assert int(tile[0]) != P
+        assert bool((ids[tile[tile != P]] == tiles[i]).all())
+    if allow is not None and allow.ndim == 1:
+        off = (~allow).cpu()
+        assert bool((counts[off] == 0).all()) and not bool(torch.isin(tiles, off.nonzero().flatten()).any())
+
+
+def _check_plan(plan, logits, K, *, allow=None, bias=None, norm=False, block_m=64):
+    """Compare every field of ``plan`` with the reference route and schedule."""
+    T, E = logits.shape
+    ref = fk.route(logits, K, allow_mask=allow, expert_bias=bias, norm_topk_prob=norm)
+    i32 = torch.int32
+    assert plan.topk_ids_TK.dtype == i32 and plan.topk_weights_TK.dtype == torch.float32
+    assert plan.block_m == block_m
+    torch.testing.assert_close(plan.topk_ids_TK, ref.topk_ids_TK.to(i32), atol=0, rtol=0)
+    torch.testing.assert_close(plan.topk_weights_TK, ref.topk_weights_TK, **tol(torch.float32))
+    torch.testing.assert_close(plan.logits_TE, ref.logits_TE, atol=0, rtol=0)  # same fp32 add
+    probs_ref = torch.softmax(ref.logits_TE, -1)
+    torch.testing.assert_close(plan.probs_TE, probs_ref, **tol(torch.float32))
+    if allow is not None:
+        a = allow.expand(T, E) if allow.ndim == 1 else allow
+        assert bool((plan.probs_TE[~a] == 0).all()) and bool((plan.logits_TE[~a] == float("-inf")).all())
+        assert bool(a.gather(1, plan.topk_ids_TK.long()).all()), "a disallowed expert was selected"
+    for name in ("counts_E", "offsets_E1", "sorted_pairs_P", "inv_sorted_pairs_P"):
+        got = getattr(plan, name)
+        assert got.dtype == i32, name
+        torch.testing.assert_close(got, getattr(ref, name).to(i32), atol=0, rtol=0, msg=name)
+    sched = tr.tile_schedule_reference(ref.topk_ids_TK, E, block_m)
+    for name in tr.TileSchedule._fields:
+        torch.testing.assert_close(getattr(plan, name), getattr(sched, name), atol=0, rtol=0, msg=name)
+    _schedule_invariants(plan, K, E, block_m, allow)
+    return ref
+
+
+CASES = [
+    # T, E, K, block_m, mask, bias, norm
+    (1, 4, 2, 64, None, False, False),  # T=1, smaller than every tile
+    (37, 7, 5, 16, "global", False, False),  # K == number of allowed experts
+    (70, 9, 2, 4, "token", True, False),  # per-token mask + bias
+    (64, 8, 8, 16, None, False, True),  # K == E, renormalised (weights sum to 1 each)
+    (5, 3, 1, 1, None, True, False),  # K=1, block_m=1 (no padding)
+    (53, 9, 3, 8, "token", True, True),  # everything at once
+    (13, 1, 1, 4, None, False, False),  # E=1: a dense layer
+    (45, 6, 2, 64, "global", True, True),
+]
+
+
+@pytest.mark.parametrize("T,E,K,block_m,mask,bias,norm", CASES)
+def test_route_matches_reference(seed, T, E, K, block_m, mask, bias, norm):
+    logits = _randn_distinct(T, E, scale=2.0)
+    allow = _mask(mask, T, E, K)
+    b = torch.randn(E, device=DEVICE) if bias else None
+    plan = tr.triton_route(logits, K, allow_mask=allow, expert_bias=b, norm_topk_prob=norm, block_m=block_m)
+    _check_plan(plan, logits, K, allow=allow, bias=b, norm=norm, block_m=block_m)
+
+
+def test_fp16_logits_and_strided_input(seed):
+    T, E, K = 41, 7, 3
+    logits16 = _randn_distinct(E, T, torch.float16).t()  # (T, E) view, non-contiguous
+    assert not logits16.is_contiguous()
+    allow = _mask("token", T, E, K)
+    plan = tr.triton_route(logits16, K, allow_mask=allow, block_m=8)
+    _check_plan(plan, logits16, K, allow=allow, block_m=8)
+
+
+def test_zero_token_experts_and_all_to_one_expert(seed):
+    # Expert 2 dominates every token with K=1: all pairs go to one expert, the others own no tiles.
+    T, E, K, bm = 29, 5, 1, 8
+    logits = _randn_distinct(T, E)
+    logits[:, 2] += 50.0
+    plan = tr.triton_route(logits, K, block_m=bm)
+    _check_plan(plan, logits, K, block_m=bm)
+    assert plan.counts_E.tolist() == [0, 0, T, 0, 0]
+    assert int(plan.num_tiles) == -(-T // bm)
+    assert set(plan.tile_expert_E_tiles.tolist()) == {2, -1}
+
+
+def test_opted_out_experts_get_nothing_even_when_dominant(seed):
+    T, E, K = 31, 6, 2
+    logits = _randn_distinct(T, E)
+    logits[:, 1] += 30.0  # would win every token if it were allowed
+    logits[:, 4] += 30.0
+    allow = torch.tensor([True, False, True, True, False, True], device=DEVICE)
+    plan = tr.triton_route(logits, K, allow_mask=allow, block_m=4)
+    _check_plan(plan, logits, K, allow=allow, block_m=4)
+    # exact removal: equal to routing a model rebuilt without experts 1 and 4
+    kept = allow.nonzero().flatten()
+    alone = tr.triton_route(logits[:, kept].contiguous(), K, block_m=4)
+    torch.testing.assert_close(kept[alone.topk_ids_TK.long()].int(), plan.topk_ids_TK, atol=0, rtol=0)
+    torch.testing.assert_close(alone.topk_weights_TK, plan.topk_weights_TK, rtol=1e-6, atol=1e-7)
+
+
+def test_underflowed_allowed_probability_never_picks_masked_expert():
+    logits = torch.tensor([[0.0, -200.0, 50.0, -300.0], [1.0, 2.0, 3.0, -150.0]], device=DEVICE)
+    allow = torch.tensor([True, True, False, True], device=DEVICE)
+    plan = tr.triton_route(logits, 3, allow_mask=allow)
+    assert plan.topk_ids_TK.tolist() == [[0, 1, 3], [1, 0, 3]]  # by logit; probs underflow to 0
+    assert plan.probs_TE[:, 2].tolist() == [0.0, 0.0]
+
+
+def test_exact_ties_break_to_lower_expert_id(seed):
+    # Integer logits: many exact ties. Documented order: decreasing logit, then increasing id,
+    # i.e. a stable descending sort.
+    T, E, K = 47, 8, 4
+    logits = torch.randint(-2, 3, (T, E)).float().to(DEVICE)
+    allow = _mask("token", T, E, K)
+    plan = tr.triton_route(logits, K, allow_mask=allow, block_m=4)
+    z = logits.masked_fill(~allow, float("-inf"))
+    ids_ref = torch.sort(z, dim=-1, descending=True, stable=True).indices[:, :K]
+    torch.testing.assert_close(plan.topk_ids_TK, ids_ref.int(), atol=0, rtol=0)
+    probs = torch.softmax(z, -1)
+    torch.testing.assert_close(plan.topk_weights_TK, probs.gather(1, ids_ref), **tol(torch.float32))
+    flat = ids_ref.flatten()
+    sorted_ref = torch.sort(flat, stable=True).indices
+    torch.testing.assert_close(plan.sorted_pairs_P, sorted_ref.int(), atol=0, rtol=0)
+    torch.testing.assert_close(plan.counts_E, torch.bincount(flat, minlength=E).int(), atol=0, rtol=0)
+    sched = tr.tile_schedule_reference(ids_ref, E, 4)
+    torch.testing.assert_close(plan.padded_pairs_Q, sched.padded_pairs_Q, atol=0, rtol=0)
+    _schedule_invariants(plan, K, E, 4)
+
+
+def test_routing_is_deterministic(seed):
+    T, E, K = 67, 9, 4
+    logits = _randn_distinct(T, E)
+    allow = _mask("token", T, E, K)
+    a = tr.triton_route(logits, K, allow_mask=allow, block_m=8)
+    b = tr.triton_route(logits, K, allow_mask=allow, block_m=8)
+    for name in ("topk_ids_TK", "sorted_pairs_P", "inv_sorted_pairs_P", "padded_pairs_Q", "tile_expert_E_tiles"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+
+
+def test_every_output_is_kernel_written(poisoned_outputs):
+    """The poisoning fixture really covers every tensor of the plan (so unwritten elements
+    would show up as NaN / INT_MAX in the comparisons above)."""
+    logits = _randn_distinct(9, 5)
+    plan = tr.triton_route(logits, 2, block_m=4)
+    ptrs = {t.data_ptr() for t in poisoned_outputs}
+    for name in tr.TritonRoutingPlan.__dataclass_fields__:
+        v = getattr(plan, name)
+        if isinstance(v, torch.Tensor):
+            assert v.data_ptr() in ptrs, f"{name} was not allocated through the poisoned hook"
+            if v.is_floating_point():
+                assert not bool(v.isnan().any()), name
+            else:
+                assert not bool((v == torch.iinfo(v.dtype).max).any()), name
+    d = tr.triton_route_backward(torch.randn(9, 2, device=DEVICE), plan)
+    assert d.data_ptr() in {t.data_ptr() for t in poisoned_outputs}
+
+
+BWD_CASES = [
+    # T, E, K, mask, bias, norm, logits dtype
+    (37, 7, 3, None, False, False, torch.float32),
+    (37, 7, 3, "token", True, True, torch.float32),
+    (1, 5, 5, None, False, True, torch.float32),  # K == E, renormalised: gradient ~ 0
+    (23, 9, 1, "global", False, True, torch.float32),  # K=1 renormalised: gradient exactly 0
+    (50, 6, 2, "global", True, False, torch.float16),
+    (61, 8, 4, "token", False, True, torch.float16),
+]
+
+
+@pytest.mark.parametrize("T,E,K,mask,bias,norm,dtype", BWD_CASES)
+def test_backward_matches_autograd(seed, T, E, K, mask, bias, norm, dtype):
+    logits = _randn_distinct(T, E, dtype, scale=1.5)
+    allow = _mask(mask, T, E, K)
+    b = (torch.randn(E, device=DEVICE) - 0.3) if bias else None
+    plan = tr.triton_route(logits, K, allow_mask=allow, expert_bias=b, norm_topk_prob=norm)
+    g_TK = torch.randn(T, K, device=DEVICE)
+    dz = tr.triton_route_backward(g_TK, plan, norm_topk_prob=norm)
+
+    # reference: autograd through the PyTorch route (on the same fp32-upcast logits)
+    x = logits.float().requires_grad_(True)
+    bb = b.clone().requires_grad_(True) if bias else None
+    ref = fk.route(x, K, allow_mask=allow, expert_bias=bb, norm_topk_prob=norm)
+    assert torch.equal(ref.topk_ids_TK.int(), plan.topk_ids_TK)
+    inputs = (x, bb) if bias else (x,)
+    grads = torch.autograd.grad((ref.topk_weights_TK * g_TK).sum(), inputs)
+    assert dz.dtype == torch.float32 and dz.shape == (T, E)
+    torch.testing.assert_close(dz, grads[0], **tol(torch.float32))
+    if allow is not None:
+        a = allow.expand(T, E) if allow.ndim == 1 else allow
+        assert bool((dz[~a] == 0).all())
+    if bias:  # d bias = sum_t dz where bias < 0 (min(b, 0) passes the gradient only there)
+        torch.testing.assert_close((dz.sum(0) * (b < 0)), grads[1], **tol(torch.float32))
+    if not norm or K < E:
+        assert dz.abs().max() > 0  # the comparison is not vacuous
+
+
+def test_backward_strided_fp16_dweights(seed):
+    T, E, K = 19, 6, 3
+    logits = _randn_distinct(T, E)
+    plan = tr.triton_route(logits, K, norm_topk_prob=True)
+    g = torch.randn(K, T, device=DEVICE).half().t()  # non-contiguous fp16 (T, K)
+    dz = tr.triton_route_backward(g, plan, norm_topk_prob=True)
+    x = logits.clone().requires_grad_(True)
+    ref = fk.route(x, K, norm_topk_prob=True)
+    (gx,) = torch.autograd.grad((ref.topk_weights_TK * g.float()).sum(), x)
+    torch.testing.assert_close(dz, gx, **tol(torch.float32))
+
+
+def test_tile_schedule_reference_by_hand():
+    # T=3, K=2, E=3, block_m=2: ids [[2,0],[2,1],[0,2]] -> pairs per expert 0:{1,4} 1:{3} 2:{0,2,5}
+    ids = torch.tensor([[2, 0], [2, 1], [0, 2]])
+    s = tr.tile_schedule_reference(ids, 3, 2)
+    S = 6  # sentinel P
+    assert s.padded_pairs_Q.tolist() == [1, 4, 3, S, 0, 2, 5, S, S, S]  # Q_max = roundup(6 + 3, 2)
+    assert s.padded_offsets_E1.tolist() == [0, 2, 4, 8]
+    assert s.tile_expert_E_tiles.tolist() == [0, 1, 2, 2, -1]
+    assert s.num_tiles.tolist() == [4]
+    assert tr.schedule_sizes(3, 2, 3, 2) == (10, 5)
+
+
+def test_is_available():
+    ok, why = tr.is_available(DEVICE)
+    assert ok, why
+    ok, why = tr.is_available("meta")
+    assert not ok and "meta" in why
+
+
+def test_bad_inputs_raise_clear_errors():
+    logits = torch.randn(4, 3, device=DEVICE)
+    with pytest.raises(ValueError, match="top_k=4 is larger"):
+        tr.triton_route(logits, 4)
+    with pytest.raises(ValueError, match="top_k"):
+        tr.triton_route(logits, 0)
+    for bm in (3, 0, 2048, True):
+        with pytest.raises(ValueError, match="block_m"):
+            tr.triton_route(logits, 1, block_m=bm)
+    with pytest.raises(ValueError, match="allows 1 experts, fewer than top_k=2"):
+        tr.triton_route(logits, 2, allow_mask=torch.tensor([True, False, False], device=DEVICE))
+    with pytest.raises(ValueError, match="allow_mask must have shape"):
+        tr.triton_route(logits, 2, allow_mask=torch.ones(5, dtype=torch.bool, device=DEVICE))
+    with pytest.raises(TypeError, match="allow_mask must have dtype"):
+        tr.triton_route(logits, 2, allow_mask=torch.ones(3, device=DEVICE))
+    with pytest.raises(TypeError, match="logits must be a floating-point"):
+        tr.triton_route(logits.long(), 1)
+    with pytest.raises(ValueError, match="expert_bias must have shape"):
+        tr.triton_route(logits, 1, expert_bias=torch.zeros(4, device=DEVICE))
+    plan = tr.triton_route(logits, 2)
+    with pytest.raises(ValueError, match="dweights must have shape"):
+        tr.triton_route_backward(torch.randn(4, 3, device=DEVICE), plan)
+    with pytest.raises(TypeError, match="plan must be a TritonRoutingPlan"):
+        tr.triton_route_backward(torch.randn(4, 2, device=DEVICE), fk.route(logits, 2))
+
+
+# --------------------------------------------------------------------------- gpu tier
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T,E,K,block_m", [(4099, 128, 8, 64), (16384, 7, 5, 128), (33, 7, 5, 16)])
+def test_gpu_bf16_large(seed, T, E, K, block_m):
+    logits = _randn_distinct(T, E, torch.bfloat16, scale=3.0)
+    allow = _mask("token", T, E, K)
+    b = torch.randn(E, device=DEVICE)
+    plan = tr.triton_route(logits, K, allow_mask=allow, expert_bias=b, block_m=block_m)
+    ref = fk.route(logits, K, allow_mask=allow, expert_bias=b)
+    # bf16 logits -> fp32 inside both: ids must agree exactly wherever the fp32 masked logits
+    # of a row are distinct (bias can create ties; compare ids through the stable-sort rule)
+    z = ref.logits_TE
+    ids_ref = torch.sort(z, dim=-1, descending=True, stable=True).indices[:, :K]
+    torch.testing.assert_close(plan.topk_ids_TK, ids_ref.int(), atol=0, rtol=0)
+    torch.testing.assert_close(plan.topk_weights_TK, torch.softmax(z, -1).gather(1, ids_ref), **tol(torch.float32))
+    sched = tr.tile_schedule_reference(plan.topk_ids_TK, E, block_m)
+    for name in tr.TileSchedule._fields:
+        torch.testing.assert_close(getattr(plan, name), getattr(sched, name), atol=0, rtol=0, msg=name)
+    flat = ids_ref.flatten()
+    torch.testing.assert_close(plan.sorted_pairs_P, torch.sort(flat, stable=True).indices.int(), atol=0, rtol=0)
+    inv = torch.empty_like(plan.sorted_pairs_P)
+    inv[plan.sorted_pairs_P.long()] = torch.arange(T * K, device=DEVICE, dtype=torch.int32)
+    torch.testing.assert_close(plan.inv_sorted_pairs_P, inv, atol=0, rtol=0)
+    g = torch.randn(T, K, device=DEVICE, dtype=torch.bfloat16)
+    dz = tr.triton_route_backward(g, plan)
+    x = logits.float().requires_grad_(True)
+    r = fk.route(x, K, allow_mask=allow, expert_bias=b)
+    if torch.equal(r.topk_ids_TK, ids_ref):
+        (gx,) = torch.autograd.grad((r.topk_weights_TK * g.float()).sum(), x)
+        torch.testing.assert_close(dz, gx, **tol(torch.float32))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("validate", [False, True])
+def test_gpu_cuda_graph_replay_with_new_mask_and_logits(seed, validate):
+    T, E, K, bm = 300, 9, 3, 32
+    logits = _randn_distinct(T, E)
+    allow = _mask("token", T, E, K)
+    g = torch.randn(T, K, device=DEVICE)
+    tr.triton_route(logits, K, allow_mask=allow, block_m=bm)  # compile outside the capture
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        tr.triton_route_backward(g, tr.triton_route(logits, K, allow_mask=allow, block_m=bm))
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        plan = tr.triton_route(logits, K, allow_mask=allow, block_m=bm, validate=validate)
+        dz = tr.triton_route_backward(g, plan)
+    for _ in range(2):
+        logits.copy_(_randn_distinct(T, E))
+        allow.copy_(_mask("token", T, E, K))
+        g.copy_(torch.randn(T, K, device=DEVICE))
+        graph.replay()
+        torch.cuda.synchronize()
+        _check_plan(plan, logits, K, allow=allow, block_m=bm)
+        x = logits.clone().requires_grad_(True)
+        ref = fk.route(x, K, allow_mask=allow)
+        (gx,) = torch.autograd.grad((ref.topk_weights_TK * g).sum(), x)
+        torch.testing.assert_close(dz, gx, **tol(torch.float32))
