@@ -122,11 +122,11 @@ def _roff_escapes(s: str) -> str:
     s = re.sub(r"\\\[([^\]]*)\]", lambda m: _ROFF_CHARS.get(m.group(1), ""), s)
     s = re.sub(r"\\[hvwlLoxkzbNHSXY]'[^']*'", "", s)       # motions etc.
     s = re.sub(r"\\[nk](\(..|\[[^\]]*\]|.)", "", s)        # registers
-    s = s.replace("\\-", "-").replace("\\e", "\\").replace("\\ ", " ").replace("\\~", " ")
+    s = s.replace("\\-", "-").replace("\\e", "\x01").replace("\\ ", " ").replace("\\~", " ")
     s = s.replace("\\&", "").replace("\\|", "").replace("\\^", "").replace("\\,", "").replace("\\/", "")
     s = s.replace("\\c", "").replace("\\%", "").replace("\\:", "").replace("\\0", " ")
     s = re.sub(r"\\(.)", r"\1", s)
-    return s
+    return s.replace("\x01", "\\")
 
 
 def strip_roff(src: str) -> str:
