@@ -1,0 +1,77 @@
+"""Opt-out inference helpers shared by ``flexmoe generate`` and the demo.
+
+Legend: B batch, S sequence length, T = B*S tokens, E experts, K top-k, L layers.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+__all__ = ["resolve_allow_list", "expert_usage", "format_usage"]
+
+
+def resolve_allow_list(expert_names: Sequence[str], allow: Optional[Sequence[str]], deny: Optional[Sequence[str]],
+                       top_k: int) -> Optional[List[str]]:
+    """Names of the allowed experts from ``--allow`` / ``--deny`` lists (None = all allowed).
+
+    Raises ``ValueError`` naming the flag for unknown names, for both flags at once, and when
+    fewer than ``top_k`` experts would remain (lower the model's top-k with ``--top-k``).
+    """
+    names = list(expert_names)
+    if allow and deny:
+        raise ValueError("give --allow or --deny, not both")
+    for flag, lst in (("--allow", allow), ("--deny", deny)):
+        for n in lst or []:
+            if n not in names:
+                raise ValueError(f"{flag}: unknown expert {n!r}; this model's experts are {names}")
+    if allow:
+        chosen = [n for n in names if n in set(allow)]
+    elif deny:
+        chosen = [n for n in names if n not in set(deny)]
+    else:
+        return None
+    if len(chosen) < top_k:
+        raise ValueError(
+            f"only {len(chosen)} expert(s) allowed ({chosen}) but the model routes each token to top_k={top_k}; "
+            f"allow more experts or pass --top-k {max(1, len(chosen))}")
+    return chosen
+
+
+@torch.no_grad()
+def expert_usage(router_logits: Sequence[torch.Tensor], top_k: int, expert_names: Sequence[str]) -> Dict[str, dict]:
+    """How many (token, layer) routing slots each expert served, from the model's router logits.
+
+    Args:
+        router_logits: L tensors (T, E) float32 of masked logits (``-inf`` where opted out), as
+            returned by ``model(..., output_router_logits=True).router_logits``.
+        top_k: K.
+    Returns:
+        ``{name: {"slots": int, "share": float, "weight": float}}``: slots = number of
+        (token, layer) pairs whose top-k included the expert; share = slots / (T * L * K);
+        weight = the expert's summed routing probability / (T * L) (its average share of the
+        FFN output).
+    """
+    E = len(expert_names)
+    slots = torch.zeros(E, dtype=torch.long)
+    weight = torch.zeros(E, dtype=torch.float64)
+    total = 0
+    for lg in router_logits:
+        lg = lg.float().reshape(-1, E)
+        p = torch.softmax(lg, dim=-1)
+        w, ids = torch.topk(p, top_k, dim=-1)
+        slots += torch.bincount(ids.flatten().cpu(), minlength=E)
+        weight.index_add_(0, ids.flatten().cpu(), w.flatten().double().cpu())
+        total += lg.shape[0]
+    denom_slots = max(1, int(slots.sum()))
+    return {n: {"slots": int(slots[i]), "share": float(slots[i]) / denom_slots, "weight": float(weight[i]) / max(1, total)}
+            for i, n in enumerate(expert_names)}
+
+
+def format_usage(usage: Dict[str, dict], allowed: Optional[Sequence[str]], n_tokens: int, n_layers: int) -> str:
+    lines = [f"Experts that served this request ({n_tokens} tokens x {n_layers} layers):",
+             f"  {'expert':14s} {'allowed':8s} {'slots':>7s} {'share':>7s} {'avg weight':>10s}"]
+    for n, u in usage.items():
+        ok = allowed is None or n in allowed
+        lines.append(f"  {n:14s} {'yes' if ok else 'NO':8s} {u['slots']:7d} {100 * u['share']:6.1f}% {u['weight']:10.3f}")
+    return "\n".join(lines)

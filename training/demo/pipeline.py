@@ -1,0 +1,609 @@
+"""``flexmoe demo``: the whole FlexOlmo recipe on real text, end to end, in one command.
+
+Stages (each logged with its wall time; each training step runs as its own process through the
+``flexmoe`` training commands, and an owner's process is given only that owner's data directory):
+
+1. corpora       build (or reuse) the public corpus and N owner domains (:mod:`.corpora`)
+2. prepare-data  tokenise each domain's *training* documents into its own data directory
+3. train-public  the dense public model (its FFN becomes expert 0 = "public")
+4. init-router   each owner: router embedding from the owner's own documents   } one process
+5. train-expert  each owner: 2-expert model on the frozen public anchor         } per owner
+6. merge         public + every owner's expert -> one (N+1)-expert model
+7. baselines     BTM members: the public model continued densely on each owner's data (one
+                 process per owner), and a standard MoE trained jointly on all data; both get
+                 the FlexOlmo recipe's training FLOPs
+8. evaluate      held-out loss per domain: public, each owner's 2-expert model, merged, merged
+                 with each expert opted out, top-k = 1..N+1, BTM ensembles, joint MoE
+9. audit         training-data extraction: public, dense-on-owner, merged
+10. report       table (stdout), results.json, losses.png; claims judged from the numbers
+
+Everything is written under ``WORK_DIR/<size>-<hash of the settings>/``; stages whose outputs
+exist are reused (``--fresh`` re-runs all).
+
+Legend: N owners, E = N + 1 experts, K top-k, S sequence length, D hidden, F FFN width.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+__all__ = ["DemoSettings", "SIZES", "settings_for", "run_demo", "approx_train_flops"]
+
+
+# ----------------------------------------------------------------------------- settings
+@dataclass
+class DemoSettings:
+    """Everything that decides the demo's numbers (hashed into the run directory's name)."""
+
+    size: str = "default"
+    # corpora
+    num_owners: int = 3
+    owners: Optional[List[str]] = None
+    public: Optional[str] = None
+    train_bytes: int = 400_000
+    test_bytes: int = 40_000
+    doc_bytes: int = 2048
+    # model (FlexOlmoConfig fields; vocabulary from the tokenizer)
+    hidden_size: int = 128
+    intermediate_size: int = 256
+    num_hidden_layers: int = 3
+    num_attention_heads: int = 4
+    # training
+    seq_len: int = 128
+    batch_size: int = 16
+    lr: float = 3e-3
+    public_steps: int = 300
+    expert_steps: int = 150
+    top_k: int = 0                 # merged model's top-k; 0 = N (all but one expert)
+    dtype: str = "float32"
+    device: str = "auto"
+    moe_backend: str = "auto"
+    seed: int = 0
+    # evaluation / audit
+    eval_tokens: int = 16_384      # held-out tokens per domain
+    audit_docs: int = 16           # training documents audited per owner
+    audit_prefix: int = 32
+    audit_gen: int = 128
+    audit_threshold: float = 0.9
+    baselines: bool = True
+
+    def key(self) -> str:
+        d = dataclasses.asdict(self)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
+
+
+SIZES: Dict[str, dict] = {
+    # CI smoke test: about 3 minutes on a 2-core CPU; every stage runs, numbers are noisy.
+    "quick": dict(train_bytes=120_000, test_bytes=12_000, hidden_size=64, intermediate_size=128,
+                  num_hidden_layers=2, num_attention_heads=2, seq_len=64, batch_size=8, lr=5e-3,
+                  public_steps=60, expert_steps=40, eval_tokens=4096, audit_docs=6, audit_gen=32),
+    # The README's first command: about 15 minutes on a 2-core CPU.
+    "default": dict(),
+    # A GPU: a bigger model, more data and steps, bf16, fast MoE kernels (moe_backend auto).
+    "scale": dict(train_bytes=8_000_000, test_bytes=200_000, hidden_size=512, intermediate_size=1408,
+                  num_hidden_layers=8, num_attention_heads=8, seq_len=512, batch_size=32, lr=1e-3,
+                  public_steps=3000, expert_steps=1500, eval_tokens=131_072, audit_docs=64, audit_gen=256,
+                  dtype="bfloat16", device="cuda", num_owners=4),
+}
+
+
+def settings_for(size: str, **overrides) -> DemoSettings:
+    """The settings of a named size with ``overrides`` (None values ignored) applied."""
+    if size not in SIZES:
+        raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
+    kw = dict(SIZES[size], size=size)
+    kw.update({k: v for k, v in overrides.items() if v is not None})
+    names = {f.name for f in dataclasses.fields(DemoSettings)}
+    bad = set(kw) - names
+    if bad:
+        raise TypeError(f"unknown demo settings: {sorted(bad)}")
+    return DemoSettings(**kw)
+
+
+def active_params(cfg: dict, vocab_size: int, num_experts: int, top_k: int) -> int:
+    """Parameters touched per token (attention, K active experts, router, LM head); no embeddings."""
+    D, F, L = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+    H = cfg["num_attention_heads"]
+    hd = D // H
+    attn = D * H * hd * 2 + D * H * hd * 2  # q, o + k, v (no GQA in the demo)
+    return L * (attn + top_k * 3 * D * F + (num_experts * D if num_experts > 1 else 0)) + vocab_size * D
+
+
+def approx_train_flops(active: int, steps: int, tokens_per_step: int) -> float:
+    """6 * active parameters * tokens (forward + backward), the usual estimate."""
+    return 6.0 * active * steps * tokens_per_step
+
+
+# ----------------------------------------------------------------------------- helpers
+class _Log:
+    def __init__(self, path: str, quiet: bool = False):
+        self.path = path
+        self.quiet = quiet
+        self.t0 = time.time()
+        self.timings: Dict[str, float] = {}
+
+    def __call__(self, msg: str) -> None:
+        line = f"[demo {time.time() - self.t0:6.1f}s] {msg}"
+        if not self.quiet:
+            print(line, flush=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+
+
+class StageError(RuntimeError):
+    pass
+
+
+def _training_env() -> dict:
+    """Environment for child processes: they import flexmoe_training the way we were imported."""
+    env = dict(os.environ)
+    import flexmoe_training
+
+    pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(flexmoe_training.__file__)))
+    import flexmoe_kernels
+
+    kern_parent = os.path.dirname(os.path.dirname(os.path.abspath(flexmoe_kernels.__file__)))
+    extra = []
+    # flexmoe_training may be a symlink (development) -> keep the directory that holds the link
+    for p in sys.path:
+        if p and os.path.isdir(os.path.join(p, "flexmoe_training")):
+            extra.append(os.path.abspath(p))
+            break
+    extra += [kern_parent, pkg_parent]
+    old = env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(extra + ([old] if old else [])))
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def run_cli(args: Sequence[str], log_path: str, echo: bool, env: dict) -> None:
+    """Run ``python -m flexmoe_training.cli ARGS`` as its own process; output to ``log_path`` (and the terminal)."""
+    cmd = [sys.executable, "-m", "flexmoe_training.cli", *map(str, args)]
+    with open(log_path, "ab") as logf:
+        logf.write(("$ " + " ".join(cmd) + "\n").encode())
+        logf.flush()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+        assert proc.stdout is not None
+        while True:
+            chunk = proc.stdout.read1(4096) if hasattr(proc.stdout, "read1") else proc.stdout.read(4096)
+            if not chunk:
+                break
+            logf.write(chunk)
+            logf.flush()
+            if echo:
+                sys.stdout.buffer.write(chunk)
+                sys.stdout.flush()
+        rc = proc.wait()
+    if rc != 0:
+        tail = open(log_path, "rb").read()[-3000:].decode("utf-8", "replace")
+        raise StageError(f"`flexmoe {args[0]}` failed with exit status {rc}; log: {log_path}\n{tail}")
+
+
+def _cli_options(command: str) -> set:
+    """Option strings that ``flexmoe COMMAND`` accepts (read from the argument parser, no process)."""
+    from flexmoe_training import cli
+
+    parser = cli.build_parser()
+    for action in parser._subparsers._group_actions:  # noqa: SLF001 - argparse has no public API for this
+        sub = action.choices.get(command)
+        if sub is not None:
+            return set(sub._option_string_actions)  # noqa: SLF001
+    raise StageError(f"the training command `flexmoe {command}` does not exist (yet) in flexmoe_training")
+
+
+def _opt(options: set, **kw) -> List[str]:
+    """``--flag value`` pairs for the given keyword arguments that the command accepts."""
+    out: List[str] = []
+    for k, v in kw.items():
+        flag = "--" + k.replace("_", "-")
+        if v is None or flag not in options:
+            continue
+        if isinstance(v, bool):
+            if v:
+                out.append(flag)
+        else:
+            out += [flag, str(v)]
+    return out
+
+
+def _done(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "run.json"))
+
+
+# ----------------------------------------------------------------------------- the pipeline
+def run_demo(settings: DemoSettings, work_dir: str, *, fresh: bool = False, echo_children: bool = False,
+             quiet: bool = False) -> dict:
+    """Run the demo; returns the results dict (also written to ``RUN_DIR/results.json``)."""
+    from . import corpora as C
+    from . import report as R
+
+    run_dir = os.path.abspath(os.path.join(work_dir, f"{settings.size}-{settings.key()}"))
+    if fresh and os.path.isdir(run_dir):
+        shutil.rmtree(run_dir)
+    os.makedirs(os.path.join(run_dir, "logs"), exist_ok=True)
+    log = _Log(os.path.join(run_dir, "demo.log"), quiet=quiet)
+    env = _training_env()
+    timings: Dict[str, float] = {}
+    t_all = time.time()
+
+    def stage(name: str):
+        class _S:
+            def __enter__(self_):
+                self_.t = time.time()
+                log(f"== {name} ...")
+
+            def __exit__(self_, et, ev, tb):
+                dt = time.time() - self_.t
+                timings[name] = timings.get(name, 0.0) + dt
+                if et is None:
+                    log(f"   {name}: done in {dt:.1f} s")
+                return False
+        return _S()
+
+    log(f"run directory {run_dir}")
+    log("settings: " + json.dumps(dataclasses.asdict(settings)))
+
+    # 1. corpora ---------------------------------------------------------------------------
+    with stage("corpora"):
+        spec = C.CorpusSpec(num_owners=settings.num_owners, owners=settings.owners, public=settings.public,
+                            train_bytes=settings.train_bytes, test_bytes=settings.test_bytes,
+                            doc_bytes=settings.doc_bytes, seed=settings.seed)
+        corpus_dir = C.build_corpora(os.path.abspath(os.path.join(work_dir, "corpora")), spec, log=log)
+        manifest = C.load_manifest(corpus_dir)
+    public_dom, owners = manifest["public"], manifest["owners"]
+    domains = [public_dom] + owners
+
+    # 2. prepare-data: each domain's training documents into its own data directory -----------
+    data = {d: os.path.join(run_dir, "data", d) for d in domains + ["joint"]}
+    with stage("prepare-data"):
+        opts = _cli_options("prepare-data")
+        for d in domains + (["joint"] if settings.baselines else []):
+            if os.path.isfile(os.path.join(data[d], "meta.json")):
+                continue
+            text_dir = os.path.join(run_dir, "text", d)
+            srcs = domains if d == "joint" else [d]
+            _write_text_dir(text_dir, [os.path.join(corpus_dir, s, "train.jsonl") for s in srcs])
+            run_cli(["prepare-data", "--input", text_dir, "--out", data[d],
+                     *_opt(opts, seq_len=settings.seq_len, seed=settings.seed)],
+                    os.path.join(run_dir, "logs", f"prepare-{d}.log"), echo_children, env)
+            log(f"   prepared {d}")
+    tok = load_tokenizer(data[public_dom])
+    vocab = tok.vocab_size
+
+    model_cfg = {
+        "vocab_size": vocab, "hidden_size": settings.hidden_size, "intermediate_size": settings.intermediate_size,
+        "num_hidden_layers": settings.num_hidden_layers, "num_attention_heads": settings.num_attention_heads,
+        "max_position_embeddings": max(settings.seq_len, settings.audit_prefix + settings.audit_gen) * 2,
+        "num_experts": 1, "num_experts_per_tok": 1, "moe_backend": settings.moe_backend,
+        "expert_names": ["public"],
+        **tok.special_ids(),
+    }
+    cfg_path = os.path.join(run_dir, "model_config.json")
+    with open(cfg_path, "w") as f:
+        json.dump(model_cfg, f, indent=1)
+    N = len(owners)
+    E = N + 1
+    K = settings.top_k or N
+    K = max(1, min(K, E))
+    ck = lambda name: os.path.join(run_dir, "ckpt", name)  # noqa: E731
+    common = dict(seq_len=settings.seq_len, batch_size=settings.batch_size, lr=settings.lr, seed=settings.seed,
+                  dtype=settings.dtype, device=settings.device, moe_backend=settings.moe_backend)
+
+    # 3. public model ------------------------------------------------------------------------
+    with stage("train-public"):
+        if not _done(ck("public")):
+            opts = _cli_options("train-public")
+            run_cli(["train-public", "--data", data[public_dom], "--out", ck("public"), "--model-config", cfg_path,
+                     *_opt(opts, steps=settings.public_steps, **common)],
+                    os.path.join(run_dir, "logs", "train-public.log"), echo_children, env)
+
+    # 4./5. each owner alone: router init + expert on the frozen anchor ----------------------
+    routers = {d: os.path.join(run_dir, "routers", f"{d}.safetensors") for d in owners}
+    for d in owners:
+        with stage(f"owner {d}: init-router + train-expert"):
+            if not os.path.isfile(routers[d]):
+                os.makedirs(os.path.dirname(routers[d]), exist_ok=True)
+                opts = _cli_options("init-router")
+                run_cli(["init-router", "--public", ck("public"), "--data", data[d], "--out", routers[d],
+                         *_opt(opts, device=settings.device, seed=settings.seed)],
+                        os.path.join(run_dir, "logs", f"init-router-{d}.log"), echo_children, env)
+            if not _done(ck(f"expert-{d}")):
+                opts = _cli_options("train-expert")
+                run_cli(["train-expert", "--public", ck("public"), "--data", data[d], "--name", d,
+                         "--out", ck(f"expert-{d}"), "--router-init", routers[d],
+                         *_opt(opts, steps=settings.expert_steps, **common)],
+                        os.path.join(run_dir, "logs", f"train-expert-{d}.log"), echo_children, env)
+
+    # 6. merge --------------------------------------------------------------------------------
+    with stage("merge"):
+        if not _done(ck("merged")):
+            opts = _cli_options("merge")
+            owner_args: List[str] = []
+            for d in owners:
+                owner_args += ["--owner", ck(f"expert-{d}")]
+            run_cli(["merge", "--public", ck("public"), *owner_args, "--out", ck("merged"), *_opt(opts, top_k=K)],
+                    os.path.join(run_dir, "logs", "merge.log"), echo_children, env)
+
+    # 7. baselines of equal training FLOPs -----------------------------------------------------
+    tokens_per_step = settings.seq_len * settings.batch_size
+    a_dense = active_params(model_cfg, vocab, 1, 1)
+    a_two = active_params(model_cfg, vocab, 2, 2)
+    a_moe = active_params(model_cfg, vocab, E, K)
+    flex_flops = approx_train_flops(a_dense, settings.public_steps, tokens_per_step) + N * approx_train_flops(
+        a_two, settings.expert_steps, tokens_per_step)
+    dense_steps = max(1, round(settings.expert_steps * a_two / a_dense))
+    moe_steps = max(1, round(flex_flops / approx_train_flops(a_moe, 1, tokens_per_step)))
+    flops = {
+        "flexolmo": flex_flops,
+        "btm": approx_train_flops(a_dense, settings.public_steps + N * dense_steps, tokens_per_step),
+        "moe": approx_train_flops(a_moe, moe_steps, tokens_per_step),
+        "steps": {"public": settings.public_steps, "expert": settings.expert_steps, "dense": dense_steps, "moe": moe_steps},
+        "active_params": {"dense": a_dense, "two_expert": a_two, "moe": a_moe},
+    }
+    baseline_errors: Dict[str, str] = {}
+    if settings.baselines:
+        for d in owners:
+            with stage(f"baseline: dense model continued on {d}"):
+                try:
+                    if not _done(ck(f"dense-{d}")):
+                        opts = _cli_options("train-dense")
+                        init = _opt(opts, init=ck("public")) or _opt(opts, public=ck("public")) or \
+                            _opt(opts, init_from=ck("public")) or _opt(opts, resume=ck("public"))
+                        if not init:
+                            raise StageError("`flexmoe train-dense` has no option to start from the public model "
+                                             "(--init/--public/--init-from)")
+                        run_cli(["train-dense", "--data", data[d], "--out", ck(f"dense-{d}"), *init,
+                                 *_opt(opts, model_config=cfg_path, steps=dense_steps, **common)],
+                                os.path.join(run_dir, "logs", f"train-dense-{d}.log"), echo_children, env)
+                except StageError as e:
+                    baseline_errors[f"dense-{d}"] = str(e).splitlines()[0]
+                    log(f"   BASELINE FAILED: {e}")
+        with stage("baseline: standard MoE trained jointly on all data"):
+            try:
+                if not _done(ck("moe")):
+                    opts = _cli_options("train-moe")
+                    moe_cfg = dict(model_cfg, num_experts=E, num_experts_per_tok=K,
+                                   expert_names=["public"] + list(owners))
+                    moe_cfg_path = os.path.join(run_dir, "moe_config.json")
+                    with open(moe_cfg_path, "w") as f:
+                        json.dump(moe_cfg, f, indent=1)
+                    run_cli(["train-moe", "--data", data["joint"], "--out", ck("moe"),
+                             *_opt(opts, model_config=moe_cfg_path, num_experts=E, top_k=K, steps=moe_steps, **common)],
+                            os.path.join(run_dir, "logs", "train-moe.log"), echo_children, env)
+            except StageError as e:
+                baseline_errors["moe"] = str(e).splitlines()[0]
+                log(f"   BASELINE FAILED: {e}")
+
+    # every checkpoint records the tokenizer, so `flexmoe generate --model CKPT` decodes correctly
+    from .tokenizer import write_checkpoint_tokenizer
+
+    for name in os.listdir(os.path.join(run_dir, "ckpt")):
+        if os.path.isfile(os.path.join(ck(name), "config.json")):
+            write_checkpoint_tokenizer(ck(name), tok)
+
+    # 8. evaluation -------------------------------------------------------------------------
+    with stage("evaluate"):
+        results = evaluate_all(settings, run_dir, corpus_dir, manifest, tok, K, log)
+    results["flops"] = flops
+    results["baseline_errors"] = baseline_errors
+
+    # 9. extraction audit -----------------------------------------------------------------------
+    with stage("audit"):
+        results["audit"] = audit_all(settings, run_dir, corpus_dir, owners, tok, K, log)
+
+    # 10. report -------------------------------------------------------------------------------
+    results["timings_s"] = {k: round(v, 1) for k, v in timings.items()}
+    results["total_s"] = round(time.time() - t_all, 1)
+    results["run_dir"] = run_dir
+    claims = R.compute_claims(results)
+    json_path = os.path.join(run_dir, "results.json")
+    R.write_json(json_path, results, claims)
+    png = os.path.join(run_dir, "losses.png")
+    try:
+        R.plot_losses(results, png)
+    except Exception as e:  # the plot must never lose the numbers
+        log(f"plot failed: {type(e).__name__}: {e}")
+        png = None
+    text = R.format_report(results, claims)
+    with open(os.path.join(run_dir, "report.txt"), "w") as f:
+        f.write(text + "\n")
+    print("\n" + text)
+    print(f"\nStage timings: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
+    print(f"Total {results['total_s']:.0f} s. Results: {json_path}" + (f"  plot: {png}" if png else "")
+          + f"  report: {os.path.join(run_dir, 'report.txt')}")
+    deny = owners[0]
+    print(f"\nTry opt-out inference on the merged model:\n  flexmoe generate --model {ck('merged')} "
+          f"--deny {deny} \"def main(\"\n  flexmoe generate --model {ck('merged')} --allow public,{deny} \"def main(\"")
+    results["claims"] = claims
+    return results
+
+
+def _write_text_dir(text_dir: str, jsonl_paths: Sequence[str]) -> None:
+    """One ``.txt`` file per document (the input format of ``flexmoe prepare-data``)."""
+    from .corpora import read_documents
+
+    tmp = text_dir + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    for p in jsonl_paths:
+        dom = os.path.basename(os.path.dirname(p))
+        for doc in read_documents(p):
+            with open(os.path.join(tmp, f"{dom}-{doc.id}.txt"), "w", encoding="utf-8") as f:
+                f.write(doc.text)
+    shutil.rmtree(text_dir, ignore_errors=True)
+    os.replace(tmp, text_dir)
+
+
+# ----------------------------------------------------------------------------- tokenizer
+def load_tokenizer(data_dir: str):
+    """The tokenizer ``flexmoe prepare-data`` used for a data directory (from its meta.json)."""
+    from .tokenizer import tokenizer_from_meta
+
+    return tokenizer_from_meta(data_dir)
+
+
+# ----------------------------------------------------------------------------- evaluation
+def _load(path: str, settings: DemoSettings):
+    import torch
+    from flexmoe_kernels.models import FlexOlmoForCausalLM
+
+    device = settings.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[settings.dtype]
+    if device == "cpu":
+        dtype = torch.float32
+    m = FlexOlmoForCausalLM.from_pretrained(path, dtype=dtype, device=device)
+    m.eval()
+    return m
+
+
+def _test_windows(settings, corpus_dir, domains, tok):
+    from .corpora import read_documents
+    from .evaluate import make_windows
+
+    out = {}
+    for d in domains:
+        docs = read_documents(os.path.join(corpus_dir, d, "test.jsonl"))
+        out[d] = make_windows([tok.encode(x.text) for x in docs], settings.seq_len, settings.eval_tokens,
+                              tok.eos_token_id)
+    return out
+
+
+def evaluate_all(settings: DemoSettings, run_dir: str, corpus_dir: str, manifest: dict, tok, K: int, log) -> dict:
+    """Held-out loss per domain for every model / setting; returns the results dict for the report."""
+    import torch
+
+    from .evaluate import ensemble_logprobs, summarise, target_logprobs
+
+    public_dom, owners = manifest["public"], manifest["owners"]
+    domains = [public_dom] + owners
+    windows = _test_windows(settings, corpus_dir, domains, tok)
+    log("   held-out windows: " + ", ".join(f"{d} {w.shape[0]}x{w.shape[1]}" for d, w in windows.items()))
+    ck = lambda name: os.path.join(run_dir, "ckpt", name)  # noqa: E731
+    losses: Dict[str, Dict[str, dict]] = {}
+    configs: Dict[str, dict] = {}
+    lp_cache: Dict[str, Dict[str, torch.Tensor]] = {}
+
+    def run(name, model, kind, label, allowed=None, keep=False):
+        t = time.time()
+        row, lps = {}, {}
+        for d in domains:
+            lp = target_logprobs(model, windows[d], allowed_experts=allowed)
+            row[d] = summarise(lp)
+            if keep:
+                lps[d] = lp
+        losses[name] = row
+        configs[name] = {"kind": kind, "label": label, "allowed": allowed}
+        if keep:
+            lp_cache[name] = lps
+        log(f"   {label:34s} " + "  ".join(f"{d} {row[d]['loss']:.3f}" for d in domains) + f"  ({time.time() - t:.1f} s)")
+
+    public = _load(ck("public"), settings)
+    run("public", public, "public", "public model", keep=True)
+    del public
+    for d in owners:
+        m = _load(ck(f"expert-{d}"), settings)
+        run(f"owner:{d}", m, "owner", f"owner {d}: 2-expert model")
+        del m
+    merged = _load(ck("merged"), settings)
+    names = list(merged.expert_names)
+    merged.set_top_k(K)
+    run("merged", merged, "merged", f"merged, all {len(names)} experts (k={K})")
+    for d in owners:
+        if d not in names:
+            log(f"   merged model has no expert named {d!r} (experts {names}); opt-out of {d} skipped")
+            continue
+        allowed = [n for n in names if n != d]
+        k = min(K, len(allowed))
+        merged.set_top_k(k)
+        run(f"optout:{d}", merged, "optout", f"merged without {d} (k={k})", allowed=allowed)
+    for k in range(1, len(names) + 1):
+        merged.set_top_k(k)
+        run(f"topk:{k}", merged, "topk", f"merged, top-k={k}")
+    merged.set_top_k(K)
+    del merged
+    # baselines
+    dense_ok = all(os.path.isfile(os.path.join(ck(f"dense-{d}"), "run.json")) for d in owners)
+    if dense_ok:
+        for d in owners:
+            m = _load(ck(f"dense-{d}"), settings)
+            run(f"dense:{d}", m, "dense", f"dense continued on {d} (BTM member)", keep=True)
+            del m
+        for w in ("prior", "uniform"):
+            row = {}
+            for d in domains:
+                members = torch.stack([lp_cache["public"][d]] + [lp_cache[f"dense:{o}"][d] for o in owners])
+                row[d] = summarise(ensemble_logprobs(members, w))
+            losses[f"btm-{w}"] = row
+            label = f"BTM ensemble ({'prefix-likelihood' if w == 'prior' else 'uniform'} weights)"
+            configs[f"btm-{w}"] = {"kind": "btm", "label": label}
+            log(f"   {label:34s} " + "  ".join(f"{d} {row[d]['loss']:.3f}" for d in domains))
+    if os.path.isfile(os.path.join(ck("moe"), "run.json")):
+        m = _load(ck("moe"), settings)
+        run("moe", m, "moe", f"standard MoE, joint data (k={m.config.num_experts_per_tok})")
+        del m
+    return {
+        "public_domain": public_dom,
+        "owner_domains": owners,
+        "expert_names": names,
+        "top_k": K,
+        "losses": losses,
+        "configs": configs,
+        "corpora": {"dir": corpus_dir, "domains": manifest["domains"], "skipped": manifest.get("skipped", {})},
+        "settings": dataclasses.asdict(settings),
+        "eval_windows": {d: list(w.shape) for d, w in windows.items()},
+    }
+
+
+def audit_all(settings: DemoSettings, run_dir: str, corpus_dir: str, owners: Sequence[str], tok, K: int, log) -> List[dict]:
+    """Extraction audit of public, dense-on-owner and merged models on each owner's training documents."""
+    from .audit import audit_extraction, select_audit_documents
+    from .corpora import read_documents
+
+    ck = lambda name: os.path.join(run_dir, "ckpt", name)  # noqa: E731
+    docs = {}
+    for d in owners:
+        tr = read_documents(os.path.join(corpus_dir, d, "train.jsonl"))
+        toks = [tok.encode(x.text, bos=True) for x in tr]
+        idx = select_audit_documents(toks, [x.id for x in tr], settings.audit_docs, settings.audit_prefix,
+                                     settings.audit_gen, seed=settings.seed)
+        docs[d] = [toks[i] for i in idx]
+    out: List[dict] = []
+    targets = [("public", lambda d: ck("public")), ("dense", lambda d: ck(f"dense-{d}")), ("merged", lambda d: ck("merged"))]
+    for model_name, path_of in targets:
+        cache = {}
+        for d in owners:
+            path = path_of(d)
+            if not os.path.isfile(os.path.join(path, "run.json")):
+                log(f"   audit: {path} missing, {model_name} skipped for {d}")
+                continue
+            if path not in cache:
+                cache.clear()
+                m = _load(path, settings)
+                if model_name == "merged":
+                    m.set_top_k(K)
+                cache[path] = m
+            t = time.time()
+            r = audit_extraction(cache[path], docs[d], model_name=model_name, domain=d,
+                                 prefix_len=settings.audit_prefix, gen_len=settings.audit_gen,
+                                 threshold=settings.audit_threshold)
+            j = r.to_json()
+            if r.example:
+                j["example"] = {"similarity": r.example["similarity"],
+                                "prefix": tok.decode(r.example["prefix"]),
+                                "generated": tok.decode(r.example["generated"]),
+                                "truth": tok.decode(r.example["truth"])}
+            out.append(j)
+            log(f"   audit {model_name:7s} on {d:10s}: {r.n_extracted}/{r.n_docs} extracted, "
+                f"mean similarity {r.mean_similarity:.3f} ({time.time() - t:.1f} s)")
+    return out
