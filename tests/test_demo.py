@@ -384,3 +384,45 @@ def test_report_outputs(tmp_path):
     assert back["claims"][0]["verdict"] == "supported" and back["losses"]["merged"]["code"]["loss"] == 1.5
     png = report.plot_losses(res, str(tmp_path / "p.png"))
     assert os.path.getsize(png) > 5000
+
+
+# ============================================================================ opt-out inference helpers
+def test_resolve_allow_list():
+    from flexmoe_training.demo.inference import resolve_allow_list
+
+    names = ["public", "code", "man", "licenses"]
+    assert resolve_allow_list(names, None, None, 2) is None
+    assert resolve_allow_list(names, ["code", "public"], None, 2) == ["public", "code"]
+    assert resolve_allow_list(names, None, ["man"], 2) == ["public", "code", "licenses"]
+    with pytest.raises(ValueError, match="--allow: unknown expert 'news'"):
+        resolve_allow_list(names, ["news"], None, 1)
+    with pytest.raises(ValueError, match="--deny: unknown expert"):
+        resolve_allow_list(names, None, ["x"], 1)
+    with pytest.raises(ValueError, match="top_k=2"):
+        resolve_allow_list(names, ["code"], None, 2)
+    with pytest.raises(ValueError, match="not both"):
+        resolve_allow_list(names, ["code"], ["man"], 1)
+
+
+def test_expert_usage_against_reference():
+    from flexmoe_training.demo.inference import expert_usage
+
+    T, E, K, L = 37, 4, 2, 3
+    logits = [torch.randn(T, E) for _ in range(L)]
+    for lg in logits:
+        lg[:, 2] = float("-inf")  # expert 2 opted out
+    u = expert_usage(logits, K, ["a", "b", "c", "d"])
+    slots = torch.zeros(E)
+    wsum = torch.zeros(E, dtype=torch.float64)
+    for lg in logits:
+        p = torch.softmax(lg.double(), -1)
+        for t in range(T):
+            top = sorted(range(E), key=lambda e: -float(p[t, e]))[:K]
+            for e in top:
+                slots[e] += 1
+                wsum[e] += p[t, e]
+    assert [u[n]["slots"] for n in "abcd"] == slots.long().tolist()
+    assert u["c"]["slots"] == 0 and sum(u[n]["slots"] for n in "abcd") == T * K * L
+    for i, n in enumerate("abcd"):
+        assert math.isclose(u[n]["weight"], float(wsum[i]) / (T * L), rel_tol=1e-5, abs_tol=1e-9)
+        assert math.isclose(u[n]["share"], float(slots[i]) / (T * K * L))
