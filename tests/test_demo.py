@@ -426,3 +426,92 @@ def test_expert_usage_against_reference():
     for i, n in enumerate("abcd"):
         assert math.isclose(u[n]["weight"], float(wsum[i]) / (T * L), rel_tol=1e-5, abs_tol=1e-9)
         assert math.isclose(u[n]["share"], float(slots[i]) / (T * K * L))
+
+
+# ============================================================================ flexmoe generate
+def _tiny_model(tmp_path, names=("public", "code", "man", "licenses"), k=2):
+    from flexmoe_kernels.models import FlexOlmoConfig, FlexOlmoForCausalLM
+
+    cfg = FlexOlmoConfig(vocab_size=259, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=2, num_experts=len(names), num_experts_per_tok=k,
+                         expert_names=list(names), bos_token_id=256, eos_token_id=257, pad_token_id=258,
+                         moe_backend="torch")
+    m = FlexOlmoForCausalLM(cfg)
+    with torch.no_grad():  # make routing decisive so different opt-outs give different text
+        for layer in m.moe_layers():
+            layer.gate.weight.mul_(40.0)
+    d = tmp_path / "model"
+    m.save_pretrained(str(d))
+    return m, str(d)
+
+
+def _run_generate(argv, capsys):
+    from flexmoe_training import cli
+
+    rc = cli.main(["generate", *argv])
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err
+
+
+def _usage_rows(out):
+    rows = {}
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) == 5 and parts[1] in ("yes", "NO") and parts[3].endswith("%"):
+            rows[parts[0]] = (parts[1], int(parts[2]))
+    return rows
+
+
+def test_generate_command_opt_out(tmp_path, capsys):
+    from flexmoe_kernels.models import FlexOlmoForCausalLM
+
+    model, d = _tiny_model(tmp_path)
+    prompt = "def main(argv):"
+    n_new = 12
+    rc, out, err = _run_generate(["--model", d, "--deny", "code", "--max-new-tokens", str(n_new), prompt], capsys)
+    assert rc == 0, err
+    rows = _usage_rows(out)
+    assert set(rows) == {"public", "code", "man", "licenses"}
+    assert rows["code"] == ("NO", 0)
+    tokens = len(prompt.encode()) + 1 + n_new  # bos + prompt bytes + new tokens
+    assert sum(n for _, n in rows.values()) == tokens * 2 * 2  # T * layers * K
+    # the text printed equals an independent reference: the model with "code" physically removed
+    ref = FlexOlmoForCausalLM.from_pretrained(d)
+    ref.remove_expert("code")
+    ids = torch.tensor([[256] + list(prompt.encode())])
+    want = ref.generate(ids, max_new_tokens=n_new, eos_token_id=[])[0, ids.shape[1]:].tolist()
+    want_text = prompt + bytes(t for t in want if t < 256).decode("utf-8", errors="replace")
+    assert want_text in out
+    # --allow: only the listed experts serve tokens
+    rc, out, err = _run_generate(["--model", d, "--allow", "public,man", "--max-new-tokens", "5", "hi"], capsys)
+    assert rc == 0, err
+    rows = _usage_rows(out)
+    assert rows["code"] == ("NO", 0) and rows["licenses"] == ("NO", 0)
+    assert rows["public"][1] + rows["man"][1] == (3 + 5) * 2 * 2
+    # bad requests: errors name the flag
+    rc, out, err = _run_generate(["--model", d, "--allow", "nope", "hi"], capsys)
+    assert rc == 2 and "--allow: unknown expert 'nope'" in err
+    rc, out, err = _run_generate(["--model", d, "--allow", "man", "hi"], capsys)
+    assert rc == 2 and "top_k=2" in err
+    rc, out, err = _run_generate(["--model", d, "--allow", "man", "--top-k", "1", "--max-new-tokens", "3", "hi"], capsys)
+    assert rc == 0 and _usage_rows(out)["man"] == ("yes", (3 + 3) * 2)
+
+
+def test_generate_never_reads_opted_out_weights(tmp_path, capsys):
+    """NaN weights in a denied expert cannot reach the output (exact opt-out)."""
+    from flexmoe_kernels.models import FlexOlmoForCausalLM
+
+    model, d = _tiny_model(tmp_path)
+    m = FlexOlmoForCausalLM.from_pretrained(d)
+    with torch.no_grad():
+        for layer in m.moe_layers():
+            i = layer.expert_index("licenses")
+            layer.experts.gate_up_proj[i].fill_(float("nan"))
+            layer.experts.down_proj[i].fill_(float("nan"))
+    d2 = str(tmp_path / "poisoned")
+    m.save_pretrained(d2)
+    rc, out_p, err = _run_generate(["--model", d2, "--deny", "licenses", "--max-new-tokens", "8", "abc"], capsys)
+    assert rc == 0, err
+    rc, out_c, err = _run_generate(["--model", d, "--deny", "licenses", "--max-new-tokens", "8", "abc"], capsys)
+    assert rc == 0, err
+    assert out_p == out_c

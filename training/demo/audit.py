@@ -112,7 +112,7 @@ def audit_extraction(model, docs_tokens: Sequence[Sequence[int]], *, model_name:
         chunk = docs_tokens[s:s + batch_size]
         prompt_BP = torch.tensor([list(t[:prefix_len]) for t in chunk], dtype=torch.long, device=device)
         out_BT = model.generate(prompt_BP, max_new_tokens=gen_len, do_sample=False,
-                                allowed_experts=allowed_experts, eos_token_id=None, use_cache=True)
+                                allowed_experts=allowed_experts, eos_token_id=[], use_cache=True)
         gen_BN = out_BT[:, prefix_len:prefix_len + gen_len].tolist()
         for t, g in zip(chunk, gen_BN):
             truth = list(t[prefix_len:prefix_len + gen_len])
