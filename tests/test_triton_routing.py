@@ -144,8 +144,22 @@ CASES = [
 ]
 
 
+# Small launch blocks so that the multi-block paths run at test sizes: several token blocks,
+# several prefix-scan programs and loop steps, several sentinel programs.
+TINY_CONFIG = "block_t=4,block_nb=2,block_es=2,tiles_per_prog=2"
+
+
+@pytest.fixture(params=["default", "tiny"])
+def config(request, monkeypatch):
+    if request.param == "tiny":
+        monkeypatch.setenv("FLEXMOE_TRITON_ROUTING_CONFIG", TINY_CONFIG)
+    else:
+        monkeypatch.delenv("FLEXMOE_TRITON_ROUTING_CONFIG", raising=False)
+    return request.param
+
+
 @pytest.mark.parametrize("T,E,K,block_m,mask,bias,norm", CASES)
-def test_route_matches_reference(seed, T, E, K, block_m, mask, bias, norm):
+def test_route_matches_reference(seed, config, T, E, K, block_m, mask, bias, norm):
     logits = _randn_distinct(T, E, scale=2.0)
     allow = _mask(mask, T, E, K)
     b = torch.randn(E, device=DEVICE) if bias else None
@@ -197,7 +211,7 @@ def test_underflowed_allowed_probability_never_picks_masked_expert():
     assert plan.probs_TE[:, 2].tolist() == [0.0, 0.0]
 
 
-def test_exact_ties_break_to_lower_expert_id(seed):
+def test_exact_ties_break_to_lower_expert_id(seed, config):
     # Integer logits: many exact ties. Documented order: decreasing logit, then increasing id,
     # i.e. a stable descending sort.
     T, E, K = 47, 8, 4
@@ -258,7 +272,7 @@ BWD_CASES = [
 
 
 @pytest.mark.parametrize("T,E,K,mask,bias,norm,dtype", BWD_CASES)
-def test_backward_matches_autograd(seed, T, E, K, mask, bias, norm, dtype):
+def test_backward_matches_autograd(seed, config, T, E, K, mask, bias, norm, dtype):
     logits = _randn_distinct(T, E, dtype, scale=1.5)
     allow = _mask(mask, T, E, K)
     b = (torch.randn(E, device=DEVICE) - 0.3) if bias else None
@@ -306,6 +320,18 @@ def test_tile_schedule_reference_by_hand():
     assert s.tile_expert_E_tiles.tolist() == [0, 1, 2, 2, -1]
     assert s.num_tiles.tolist() == [4]
     assert tr.schedule_sizes(3, 2, 3, 2) == (10, 5)
+
+
+def test_routing_config_env(monkeypatch):
+    cfg = tr.routing_config(32768, 128, 8, 64)
+    assert cfg.block_t * 128 <= 2048 and cfg.block_t * 8 * 128 <= 8192
+    monkeypatch.setenv("FLEXMOE_TRITON_ROUTING_CONFIG", "block_t=16, num_warps=8")
+    cfg = tr.routing_config(100, 8, 2, 64)
+    assert (cfg.block_t, cfg.num_warps) == (16, 8)
+    for bad, msg in [("block_q=4", "unknown field"), ("block_t=x", "must be an int"), ("block_t=3", "power of two")]:
+        monkeypatch.setenv("FLEXMOE_TRITON_ROUTING_CONFIG", bad)
+        with pytest.raises(ValueError, match=msg):
+            tr.routing_config(100, 8, 2, 64)
 
 
 def test_is_available():

@@ -44,6 +44,8 @@ __all__ = [
     "TritonRoutingPlan",
     "TileSchedule",
     "is_available",
+    "RoutingConfig",
+    "routing_config",
     "schedule_sizes",
     "triton_route",
     "triton_route_backward",
@@ -200,32 +202,71 @@ def _next_pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
+def _cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
 def _prev_pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n.bit_length() - 1)
 
 
-def _env_int(name: str) -> Optional[int]:
-    v = os.environ.get(name)
-    if v is None or v == "":
-        return None
-    try:
-        out = int(v)
-    except ValueError:
-        raise ValueError(f"environment variable {name} must be an int, got {v!r}") from None
-    if out <= 0 or out & (out - 1):
-        raise ValueError(f"environment variable {name} must be a positive power of two, got {out}")
-    return out
+_CONFIG_ENV = "FLEXMOE_TRITON_ROUTING_CONFIG"
 
 
-def _routing_block_t(T: int, E: int, K: int) -> int:
-    """Tokens per routing program: (BLOCK_T, BLOCK_E) logits and the (BLOCK_T*K, BLOCK_E)
-    one-hot of the scatter kernel stay small. ``FLEXMOE_TRITON_ROUTING_BLOCK_T`` pins it."""
-    pinned = _env_int("FLEXMOE_TRITON_ROUTING_BLOCK_T")
-    if pinned is not None:
-        return pinned
+@dataclass(frozen=True)
+class RoutingConfig:
+    """Launch parameters of the routing kernels (all powers of two).
+
+    block_t: tokens per program of the routing, scatter and backward kernels.
+    block_nb: token blocks per loop step of the per-expert prefix scan.
+    block_es: experts per prefix-scan program (the scan runs on ceil(E / block_es) programs).
+    tiles_per_prog: ``block_m`` tiles per program of the tile-expert / sentinel pass.
+    num_warps: warps of every routing kernel.
+    """
+
+    block_t: int
+    block_nb: int
+    block_es: int
+    tiles_per_prog: int
+    num_warps: int = 4
+
+
+def routing_config(num_tokens: int, num_experts: int, top_k: int, block_m: int) -> RoutingConfig:
+    """The launch configuration for a problem size; :data:`FLEXMOE_TRITON_ROUTING_CONFIG`
+    (e.g. ``"block_t=16,block_nb=256"``; any subset of the fields) pins fields.
+
+    Heuristic: at most 2048 logits and 8192 one-hot entries (``block_t*K x E``) per program
+    (~16 / ~64 values per thread at 4 warps: no spills on sm_90), prefix scan over E/4
+    programs of 4096-entry steps, ~2048 padded slots per sentinel program.
+    """
+    T, E, K = num_tokens, num_experts, top_k
     block_e = _next_pow2(E)
-    bt = min(64, max(1, 4096 // block_e), _prev_pow2(max(1, 8192 // (block_e * K))))
-    return max(1, min(bt, _next_pow2(T)))
+    block_t = min(128, max(1, 2048 // block_e), _prev_pow2(max(1, 8192 // (block_e * K))))
+    block_t = max(1, min(block_t, _next_pow2(T)))
+    nb = _cdiv(T, block_t)
+    block_es = min(block_e, 4)
+    block_nb = max(1, min(_next_pow2(nb), 4096 // block_es))
+    _, n_tiles_max = schedule_sizes(T, K, E, block_m)
+    tiles_per_prog = max(1, min(2048 // block_m, 2048 // block_e, _next_pow2(n_tiles_max)))
+    fields = dict(block_t=block_t, block_nb=block_nb, block_es=block_es, tiles_per_prog=tiles_per_prog)
+    pinned = os.environ.get(_CONFIG_ENV, "").strip()
+    if pinned:
+        for item in pinned.split(","):
+            key, _, val = item.partition("=")
+            key = key.strip()
+            if key not in RoutingConfig.__dataclass_fields__:
+                raise ValueError(
+                    f"{_CONFIG_ENV}: unknown field {key!r}; expected any of "
+                    f"{sorted(RoutingConfig.__dataclass_fields__)} as 'name=int,...', got {pinned!r}"
+                )
+            try:
+                v = int(val)
+            except ValueError:
+                raise ValueError(f"{_CONFIG_ENV}: {key} must be an int, got {val!r}") from None
+            if v <= 0 or v & (v - 1):
+                raise ValueError(f"{_CONFIG_ENV}: {key} must be a positive power of two, got {v}")
+            fields[key] = v
+    return RoutingConfig(**fields)
 
 
 def triton_route(
@@ -285,8 +326,9 @@ def triton_route(
 
     block_e = _next_pow2(E)
     block_k = _next_pow2(K)
-    block_t = _routing_block_t(T, E, K)
-    nb = triton_cdiv(T, block_t)
+    cfg = routing_config(T, E, K, block_m)
+    block_t = cfg.block_t
+    nb = _cdiv(T, block_t)
 
     i32, f32 = torch.int32, torch.float32
     topk_ids_TK = _alloc((T, K), i32, device)
@@ -321,24 +363,24 @@ def triton_route(
             logits_TE.stride(0), logits_TE.stride(1), stride_mt, stride_me,
             K=K, HAS_MASK=allow_mask is not None, HAS_BIAS=expert_bias is not None,
             NORM=bool(norm_topk_prob), BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=block_k,
-            num_warps=4,
+            num_warps=cfg.num_warps,
         )
-    block_nb = max(1, min(_next_pow2(max(nb, 1)), max(1, 4096 // block_e)))
-    kern._schedule_kernel[(1,)](
-        block_counts_NBE, counts_E, offsets_E1, padded_offsets_E1, num_tiles,
-        nb, E,
-        BLOCK_M=block_m, BLOCK_NB=block_nb, BLOCK_E=block_e,
-        num_warps=4,
+    block_es, block_nb = cfg.block_es, cfg.block_nb
+    kern._block_prefix_kernel[(_cdiv(E, block_es),)](
+        block_counts_NBE, counts_E, nb, E,
+        BLOCK_NB=block_nb, BLOCK_ES=block_es,
+        num_warps=cfg.num_warps,
     )
-    tiles_per_prog = max(1, min(max(1, 2048 // block_m), max(1, 4096 // block_e), _next_pow2(n_tiles_max)))
-    n_pad_progs = triton_cdiv(n_tiles_max, tiles_per_prog)
+    tiles_per_prog = cfg.tiles_per_prog
+    n_pad_progs = _cdiv(n_tiles_max, tiles_per_prog)
     kern._scatter_pad_kernel[(nb + n_pad_progs,)](
-        topk_ids_TK, block_counts_NBE, counts_E, offsets_E1, padded_offsets_E1,
+        topk_ids_TK, block_counts_NBE, counts_E,
+        offsets_E1, padded_offsets_E1, num_tiles,
         sorted_pairs_P, inv_sorted_pairs_P, padded_pairs_Q, tile_expert,
         P, E, nb, n_tiles_max, block_t * K,
         BLOCK_P=_next_pow2(block_t * K), BLOCK_E=block_e, BLOCK_M=block_m,
         TILES_PER_PROG=tiles_per_prog,
-        num_warps=4,
+        num_warps=cfg.num_warps,
     )
     return TritonRoutingPlan(
         topk_ids_TK=topk_ids_TK,
@@ -355,10 +397,6 @@ def triton_route(
         num_tiles=num_tiles,
         block_m=block_m,
     )
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return (a + b - 1) // b
 
 
 def triton_route_backward(
@@ -388,14 +426,15 @@ def triton_route_backward(
     kern = _kernels()
     dlogits_TE = _alloc((T, E), torch.float32, device)
     block_e = _next_pow2(E)
-    block_t = max(1, min(64, max(1, 4096 // block_e), _next_pow2(T)))
-    nb = triton_cdiv(T, block_t)
+    cfg = routing_config(T, E, K, 1)
+    block_t = max(1, min(cfg.block_t, 2048 // block_e))
+    nb = _cdiv(T, block_t)
     if nb > 0:
         kern._topk_softmax_bwd_kernel[(nb,)](
             dweights_TK, plan.topk_ids_TK, plan.probs_TE, dlogits_TE,
             T, E, dweights_TK.stride(0), dweights_TK.stride(1),
             K=K, NORM=bool(norm_topk_prob), BLOCK_T=block_t, BLOCK_E=block_e,
-            num_warps=4,
+            num_warps=cfg.num_warps,
         )
     return dlogits_TE
 

@@ -9,13 +9,15 @@ Launch order (see :mod:`flexmoe_kernels.ops.triton_routing` for the launchers):
 1. :func:`_topk_softmax_kernel`, grid (NB,): bias + allow-mask -> fp32 softmax -> K passes of
    argmax; writes ids / weights / probs / masked logits and a per-block expert histogram
    (no atomics: every program owns one row of ``block_counts_NBE``).
-2. :func:`_schedule_kernel`, grid (1,): turns the per-block histograms into per-block
-   exclusive prefixes (in place), ``counts_E``, ``offsets_E1``, ``padded_offsets_E1`` and
-   ``num_tiles``.
-3. :func:`_scatter_pad_kernel`, grid (NB + ceil(NT / TILES_PER_PROG),): the first NB programs
-   scatter their pairs to the stable expert-grouped order (rank inside the block from a
-   one-hot cumsum, so the order is deterministic and equals a stable sort); the others write
-   the per-tile expert ids and the sentinel ``P`` into the padding slots.
+2. :func:`_block_prefix_kernel`, grid (ceil(E / BLOCK_ES),): each program scans the NB
+   histograms of a few experts in block order, turning them (in place) into per-block
+   exclusive prefixes, and writes ``counts_E``.
+3. :func:`_scatter_pad_kernel`, grid (NB + ceil(NT / TILES_PER_PROG),): every program derives
+   the expert offsets from ``counts_E`` (program 0 writes ``offsets_E1``,
+   ``padded_offsets_E1``, ``num_tiles``); the first NB programs scatter their pairs to the
+   stable expert-grouped order (rank inside the block from a one-hot cumsum, so the order is
+   deterministic and equals a stable sort); the others write the per-tile expert ids and the
+   sentinel ``P`` into the padding slots.
 
 Backward: :func:`_topk_softmax_bwd_kernel`, grid (NB,).
 
@@ -122,21 +124,18 @@ def _topk_softmax_kernel(
 
 
 @triton.jit
-def _schedule_kernel(
+def _block_prefix_kernel(
     block_counts_ptr,  # in/out (NB, E) int32: per-block histogram in, per-block exclusive prefix out
-    counts_ptr,  # out (E,) int32
-    offsets_ptr,  # out (E+1,) int32 exclusive prefix sum of counts
-    padded_offsets_ptr,  # out (E+1,) int32 exclusive prefix sum of counts rounded up to BLOCK_M
-    num_tiles_ptr,  # out (1,) int32
+    counts_ptr,  # out (E,) int32 total pairs per expert
     NB,
     E,
-    BLOCK_M: tl.constexpr,
     BLOCK_NB: tl.constexpr,
-    BLOCK_E: tl.constexpr,
+    BLOCK_ES: tl.constexpr,  # experts per program
 ):
-    offs_e = tl.arange(0, BLOCK_E)
+    # Program i owns experts [i*BLOCK_ES, (i+1)*BLOCK_ES) and scans the NB blocks in order.
+    offs_e = tl.program_id(0) * BLOCK_ES + tl.arange(0, BLOCK_ES)
     e_ok = offs_e < E
-    carry = tl.zeros((BLOCK_E,), dtype=tl.int32)
+    carry = tl.zeros((BLOCK_ES,), dtype=tl.int32)
     for start in range(0, NB, BLOCK_NB):
         offs_b = start + tl.arange(0, BLOCK_NB)
         msk = (offs_b < NB)[:, None] & e_ok[None, :]
@@ -145,26 +144,17 @@ def _schedule_kernel(
         incl = tl.cumsum(c, axis=0)
         tl.store(ptrs, incl - c + carry[None, :], mask=msk)
         carry += tl.sum(c, axis=0)
-    counts = carry
-    tl.store(counts_ptr + offs_e, counts, mask=e_ok)
-    incl_e = tl.cumsum(counts, axis=0)
-    tl.store(offsets_ptr + offs_e, incl_e - counts, mask=e_ok)
-    tl.store(offsets_ptr + E, tl.sum(counts, axis=0))
-    padded = (counts + (BLOCK_M - 1)) // BLOCK_M * BLOCK_M
-    pincl = tl.cumsum(padded, axis=0)
-    tl.store(padded_offsets_ptr + offs_e, pincl - padded, mask=e_ok)
-    total_padded = tl.sum(padded, axis=0)
-    tl.store(padded_offsets_ptr + E, total_padded)
-    tl.store(num_tiles_ptr, total_padded // BLOCK_M)
+    tl.store(counts_ptr + offs_e, carry, mask=e_ok)
 
 
 @triton.jit
 def _scatter_pad_kernel(
     ids_ptr,  # (P,) int32 expert of each pair (topk_ids_TK flattened)
-    block_prefix_ptr,  # (NB, E) int32 pairs of expert e in blocks before this one
+    block_prefix_ptr,  # (NB, E) int32 pairs of expert e in the token blocks before block b
     counts_ptr,  # (E,) int32
-    offsets_ptr,  # (E+1,) int32
-    padded_offsets_ptr,  # (E+1,) int32
+    offsets_ptr,  # out (E+1,) int32 exclusive prefix sum of counts
+    padded_offsets_ptr,  # out (E+1,) int32 exclusive prefix sum of counts rounded up to BLOCK_M
+    num_tiles_ptr,  # out (1,) int32
     sorted_ptr,  # out (P,) int32 pair ids grouped by expert (stable)
     inv_ptr,  # out (P,) int32 inverse permutation
     padded_ptr,  # out (Q_max,) int32 padded grouped pair ids, sentinel P in padding
@@ -182,6 +172,19 @@ def _scatter_pad_kernel(
     pid = tl.program_id(0)
     offs_e = tl.arange(0, BLOCK_E)
     e_ok = offs_e < E
+    # Every program derives the (tiny) expert offsets from counts_E itself.
+    counts = tl.load(counts_ptr + offs_e, mask=e_ok, other=0)
+    offsets = tl.cumsum(counts, axis=0) - counts  # (BLOCK_E,) exclusive
+    padded = (counts + (BLOCK_M - 1)) // BLOCK_M * BLOCK_M
+    pend = tl.cumsum(padded, axis=0)  # inclusive ends of the padded groups
+    pstart = pend - padded
+    if pid == 0:
+        tl.store(offsets_ptr + offs_e, offsets, mask=e_ok)
+        tl.store(offsets_ptr + E, tl.sum(counts, axis=0))
+        tl.store(padded_offsets_ptr + offs_e, pstart, mask=e_ok)
+        total_padded = tl.sum(padded, axis=0)
+        tl.store(padded_offsets_ptr + E, total_padded)
+        tl.store(num_tiles_ptr, total_padded // BLOCK_M)
     if pid < NB:
         # Stable scatter of this block's pairs: rank among equal experts from a one-hot cumsum.
         local_p = tl.arange(0, BLOCK_P)
@@ -192,8 +195,8 @@ def _scatter_pad_kernel(
         running = tl.cumsum(onehot.to(tl.int32), axis=0)
         rank = tl.sum(tl.where(onehot, running, 0), axis=1) - 1
         local = tl.load(block_prefix_ptr + pid.to(tl.int64) * E + e, mask=p_ok, other=0) + rank
-        dst = tl.load(offsets_ptr + e, mask=p_ok, other=0) + local
-        pdst = tl.load(padded_offsets_ptr + e, mask=p_ok, other=0) + local
+        dst = tl.sum(tl.where(onehot, offsets[None, :], 0), axis=1) + local
+        pdst = tl.sum(tl.where(onehot, pstart[None, :], 0), axis=1) + local
         tl.store(sorted_ptr + dst, offs_p, mask=p_ok)
         tl.store(inv_ptr + offs_p, dst, mask=p_ok)
         tl.store(padded_ptr + pdst, offs_p, mask=p_ok)
@@ -201,14 +204,15 @@ def _scatter_pad_kernel(
         # Tile expert ids and sentinels for TILES_PER_PROG tiles.
         tiles = (pid - NB) * TILES_PER_PROG + tl.arange(0, TILES_PER_PROG)
         tile_ok = tiles < NT
-        pend = tl.load(padded_offsets_ptr + 1 + offs_e, mask=e_ok, other=0)  # inclusive ends
         start = tiles * BLOCK_M
         # expert of a tile = number of experts whose padded group ends at or before its start
-        ex = tl.sum(((pend[None, :] <= start[:, None]) & e_ok[None, :]).to(tl.int32), axis=1)
+        ends_before = (pend[None, :] <= start[:, None]) & e_ok[None, :]  # (TILES, BLOCK_E)
+        ex = tl.sum(ends_before.to(tl.int32), axis=1)
         valid = ex < E
         tl.store(tile_expert_ptr + tiles, tl.where(valid, ex, -1), mask=tile_ok)
-        base = tl.load(padded_offsets_ptr + ex, mask=valid & tile_ok, other=0)
-        cnt = tl.load(counts_ptr + ex, mask=valid & tile_ok, other=0)
+        own = (offs_e[None, :] == ex[:, None]) & e_ok[None, :]  # (TILES, BLOCK_E); none past the end
+        base = tl.sum(tl.where(own, pstart[None, :], 0), axis=1)
+        cnt = tl.sum(tl.where(own, counts[None, :], 0), axis=1)
         q = start[:, None] + tl.arange(0, BLOCK_M)[None, :]  # (TILES_PER_PROG, BLOCK_M)
         is_pad = (q - base[:, None]) >= cnt[:, None]
         sentinel = tl.zeros((TILES_PER_PROG, BLOCK_M), dtype=tl.int32) + P
