@@ -1,0 +1,368 @@
+"""Hugging Face FlexOlmo checkpoints: atomic save, safetensors-only load, tensor hashing.
+
+A checkpoint directory holds ``config.json`` and either ``model.safetensors`` or shards
+``model-0000i-of-0000n.safetensors`` listed in ``model.safetensors.index.json``. Experts are
+read in the fused layout (``mlp.experts.gate_up_proj`` (E, 2F, D), ``mlp.experts.down_proj``
+(E, D, F)) or the older per-expert layout (``mlp.experts.{e}.{gate,up,down}_proj.weight``:
+(F, D), (F, D), (D, F)), which is also what ``transformers`` 5 writes. We always write fused.
+Weights are read with ``safetensors`` only: never ``torch.load`` / pickle.
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from typing import Iterable, Mapping, Optional, Union
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import FlexOlmoConfig
+
+__all__ = [
+    "save_pretrained",
+    "load_pretrained",
+    "load_state_dict",
+    "convert_state_dict",
+    "tensors_sha256",
+    "CheckpointError",
+    "SINGLE_FILE",
+    "INDEX_FILE",
+]
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+CONFIG_FILE = "config.json"
+# Files a save owns (replaced); anything else found in an existing target directory is carried over.
+_OWNED = re.compile(r"^(config\.json|generation_config\.json|model\.safetensors(\.index\.json)?|"
+                    r"model-\d+-of-\d+\.safetensors)$")
+_PER_EXPERT = re.compile(r"^(?P<prefix>.*\.mlp\.experts)\.(?P<e>\d+)\.(?P<which>gate|up|down)_proj\.weight$")
+# Keys some older checkpoints carry that hold no weights.
+_IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint whose tensors do not match the model (names the tensors)."""
+
+
+# ---------------------------------------------------------------------------- hashing
+def tensors_sha256(state_dict: Mapping[str, torch.Tensor], names: Optional[Iterable[str]] = None) -> str:
+    """Stable hex sha256 over named tensors (default: all), independent of device and dict order.
+
+    For each name in sorted order it hashes the name, dtype, shape and the raw little-endian
+    bytes of the contiguous tensor, so equal hashes mean bit-identical tensors. Raises
+    ``KeyError`` naming any requested name that is absent.
+    """
+    keys = sorted(state_dict) if names is None else sorted(set(names))
+    missing = [k for k in keys if k not in state_dict]
+    if missing:
+        raise KeyError(f"tensors_sha256: names not in state_dict: {missing[:10]}{' ...' if len(missing) > 10 else ''}")
+    h = hashlib.sha256()
+    for k in keys:
+        t = state_dict[k]
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"tensors_sha256: {k!r} is a {type(t).__name__}, not a tensor")
+        t = t.detach().to("cpu").contiguous()
+        header = f"{k}\0{str(t.dtype).replace('torch.', '')}\0{tuple(t.shape)}\0".encode()
+        h.update(len(header).to_bytes(8, "little"))
+        h.update(header)
+        raw = t.reshape(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
+        h.update(raw.numpy().tobytes())
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------- saving
+def _fsync_path(path: str, directory: bool = False) -> None:
+    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Atomically swap two paths with Linux renameat2(RENAME_EXCHANGE); False if unsupported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    AT_FDCWD, RENAME_EXCHANGE = -100, 2
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    rc = fn(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE)
+    if rc == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, f"renameat2({a!r}, {b!r}) failed: {os.strerror(err)}")
+
+
+def _state_dict_to_save(model) -> dict[str, torch.Tensor]:
+    sd = model.state_dict()
+    if model.config.tie_word_embeddings:
+        sd.pop("lm_head.weight", None)  # as Hugging Face: the tied head is not stored
+    return {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
+
+
+def _shards(sd: dict[str, torch.Tensor], max_shard_size: Optional[int]) -> list[dict[str, torch.Tensor]]:
+    if max_shard_size is None:
+        return [sd]
+    if isinstance(max_shard_size, bool) or not isinstance(max_shard_size, int) or max_shard_size <= 0:
+        raise ValueError(f"max_shard_size must be a positive int (bytes) or None, got {max_shard_size!r}")
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k, v in sd.items():
+        n = v.numel() * v.element_size()
+        if shards[-1] and size + n > max_shard_size:
+            shards.append({})
+            size = 0
+        shards[-1][k] = v
+        size += n
+    return shards
+
+
+def save_pretrained(model, directory: Union[str, os.PathLike], max_shard_size: Optional[int] = None) -> None:
+    """Write ``config.json`` + safetensors for ``model`` into ``directory`` atomically.
+
+    Everything is written into a fresh temporary directory next to the target and fsynced;
+    then the temporary directory is swapped in (atomic ``renameat2(RENAME_EXCHANGE)`` on Linux,
+    otherwise two renames) and the old contents are deleted. An exception or crash before the
+    swap leaves an existing checkpoint untouched. Files in an existing target that a save does
+    not own (e.g. ``run.json``) are carried over. Tied ``lm_head.weight`` is not stored.
+    ``max_shard_size`` (bytes) splits the weights into shards with an index, as Hugging Face does.
+    """
+    directory = os.path.abspath(os.fspath(directory))
+    parent, name = os.path.split(directory)
+    os.makedirs(parent, exist_ok=True)
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise NotADirectoryError(f"checkpoint path {directory!r} exists and is not a directory")
+    sd = _state_dict_to_save(model)
+    shards = _shards(sd, max_shard_size)
+    cfg = model.config.to_dict()
+    cfg["dtype"] = str(model.dtype).replace("torch.", "")
+
+    tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
+    try:
+        with open(os.path.join(tmp, CONFIG_FILE), "w", encoding="utf-8") as fh:
+            fh.write(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        meta = {"format": "pt"}
+        if len(shards) == 1:
+            path = os.path.join(tmp, SINGLE_FILE)
+            save_file(shards[0], path, metadata=meta)
+            _fsync_path(path)
+        else:
+            n = len(shards)
+            weight_map = {}
+            for i, shard in enumerate(shards):
+                fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+                path = os.path.join(tmp, fname)
+                save_file(shard, path, metadata=meta)
+                _fsync_path(path)
+                weight_map.update({k: fname for k in shard})
+            total = sum(v.numel() * v.element_size() for v in sd.values())
+            with open(os.path.join(tmp, INDEX_FILE), "w", encoding="utf-8") as fh:
+                json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))},
+                          fh, indent=2)
+                fh.flush()
+                os.fsync(fh.fileno())
+        if os.path.isdir(directory):
+            for entry in os.listdir(directory):
+                if _OWNED.match(entry):
+                    continue
+                src, dst = os.path.join(directory, entry), os.path.join(tmp, entry)
+                if os.path.isdir(src) and not os.path.islink(src):
+                    shutil.copytree(src, dst, symlinks=True, copy_function=_link_or_copy)
+                else:
+                    _link_or_copy(src, dst) if not os.path.islink(src) else os.symlink(os.readlink(src), dst)
+        _fsync_path(tmp, directory=True)
+        os.chmod(tmp, 0o755)
+        if not os.path.exists(directory):
+            os.rename(tmp, directory)
+            tmp = None
+        elif _exchange(tmp, directory):
+            pass  # tmp now holds the old checkpoint
+        else:
+            old = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent)
+            os.rmdir(old)
+            os.rename(directory, old)
+            os.rename(tmp, directory)
+            tmp = old
+        _fsync_path(parent, directory=True)
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------- loading
+def _tensor_files(directory: str) -> list[str]:
+    single = os.path.join(directory, SINGLE_FILE)
+    index = os.path.join(directory, INDEX_FILE)
+    if os.path.isfile(single):
+        return [single]
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as fh:
+            weight_map = json.load(fh).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{index} has no weight_map")
+        files = sorted(set(weight_map.values()))
+        for f in files:
+            if os.path.basename(f) != f or not os.path.isfile(os.path.join(directory, f)):
+                raise FileNotFoundError(f"shard {f!r} listed in {INDEX_FILE} is missing from {directory!r}")
+        return [os.path.join(directory, f) for f in files]
+    pickles = [f for f in os.listdir(directory) if f.endswith((".bin", ".pt", ".pth", ".ckpt"))]
+    hint = f" (found {pickles}: pickle checkpoints are refused, convert them to safetensors)" if pickles else ""
+    raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {directory!r}{hint}")
+
+
+def load_state_dict(directory: Union[str, os.PathLike]) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint directory (single file or shards), on CPU, as stored."""
+    sd: dict[str, torch.Tensor] = {}
+    for path in _tensor_files(os.fspath(directory)):
+        with safe_open(path, framework="pt", device="cpu") as f:
+            for k in f.keys():
+                if k in sd:
+                    raise CheckpointError(f"tensor {k!r} appears in more than one shard ({os.path.basename(path)})")
+                sd[k] = f.get_tensor(k)
+    return sd
+
+
+def convert_state_dict(sd: dict[str, torch.Tensor], num_experts: int) -> dict[str, torch.Tensor]:
+    """Fuse per-expert ``mlp.experts.{e}.{gate,up,down}_proj.weight`` into the stacked layout.
+
+    ``gate_up_proj[e] = cat(gate[e], up[e])`` (2F, D) and ``down_proj[e] = down[e]`` (D, F).
+    Raises :class:`CheckpointError` naming missing pieces or expert indices out of range.
+    """
+    out: dict[str, torch.Tensor] = {}
+    groups: dict[str, dict[tuple[str, int], torch.Tensor]] = {}
+    for k, v in sd.items():
+        if _IGNORED.match(k):
+            continue
+        m = _PER_EXPERT.match(k)
+        if m is None:
+            out[k] = v
+        else:
+            groups.setdefault(m["prefix"], {})[(m["which"], int(m["e"]))] = v
+    for prefix, parts in groups.items():
+        bad = sorted({e for (_, e) in parts if e >= num_experts})
+        if bad:
+            raise CheckpointError(f"{prefix}: expert indices {bad} out of range for num_experts={num_experts}")
+        missing = [f"{prefix}.{e}.{w}_proj.weight" for e in range(num_experts) for w in ("gate", "up", "down")
+                   if (w, e) not in parts]
+        if missing:
+            raise CheckpointError(f"checkpoint is missing per-expert tensors: {missing[:10]}"
+                                  f"{f' (+{len(missing) - 10} more)' if len(missing) > 10 else ''}")
+        for w in ("gate_up_proj", "down_proj"):
+            if f"{prefix}.{w}" in out:
+                raise CheckpointError(f"{prefix} has both the fused {w} and per-expert tensors")
+        try:
+            out[f"{prefix}.gate_up_proj"] = torch.stack(
+                [torch.cat([parts[("gate", e)], parts[("up", e)]], 0) for e in range(num_experts)]
+            )
+            out[f"{prefix}.down_proj"] = torch.stack([parts[("down", e)] for e in range(num_experts)])
+        except RuntimeError as exc:
+            shapes = {f"{w}[{e}]": tuple(t.shape) for (w, e), t in sorted(parts.items())}
+            raise CheckpointError(f"{prefix}: per-expert tensors have inconsistent shapes {shapes}") from exc
+    return out
+
+
+def _describe(names: list[str]) -> str:
+    return ", ".join(names[:12]) + (f" (+{len(names) - 12} more)" if len(names) > 12 else "")
+
+
+def _check_against(model, sd: dict[str, torch.Tensor]) -> None:
+    """Raise :class:`CheckpointError` naming missing, unexpected or mis-shaped tensors."""
+    want = model.state_dict()
+    tied = model.config.tie_word_embeddings
+    if tied and "lm_head.weight" in sd:
+        head, emb = sd.pop("lm_head.weight"), sd.get("model.embed_tokens.weight")
+        if emb is not None and (head.shape != emb.shape or not torch.equal(head, emb)):
+            raise CheckpointError(
+                "tie_word_embeddings is set but the checkpoint's lm_head.weight differs from "
+                "model.embed_tokens.weight"
+            )
+    missing = sorted(k for k in want if k not in sd and not (tied and k == "lm_head.weight"))
+    extra = sorted(k for k in sd if k not in want)
+    shapes = sorted(
+        f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(want[k].shape)}"
+        for k in sd if k in want and tuple(sd[k].shape) != tuple(want[k].shape)
+    )
+    problems = []
+    if missing:
+        problems.append(f"missing tensors: {_describe(missing)}")
+    if extra:
+        problems.append(f"unexpected tensors: {_describe(extra)}")
+    if shapes:
+        problems.append(f"tensors of the wrong shape: {_describe(shapes)}")
+    nonfloat = sorted(k for k, v in sd.items() if k in want and not v.is_floating_point())
+    if nonfloat:
+        problems.append(f"non-floating-point tensors: {_describe(nonfloat)}")
+    if problems:
+        raise CheckpointError("checkpoint does not match the config: " + "; ".join(problems))
+
+
+def load_pretrained(
+    directory: Union[str, os.PathLike],
+    dtype: Optional[torch.dtype] = None,
+    device: Union[None, str, torch.device] = None,
+    cls=None,
+    **config_overrides,
+):
+    """Build a model from a checkpoint directory (see :meth:`FlexOlmoForCausalLM.from_pretrained`).
+
+    ``dtype`` None keeps the stored dtype of the embedding matrix (all tensors are cast to one
+    dtype). Parameters are created on the meta device and assigned from the file, so nothing
+    is initialised twice.
+    """
+    if cls is None:
+        from .flex_olmo import FlexOlmoForCausalLM as cls  # noqa: N813
+    directory = os.fspath(directory)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"checkpoint directory {directory!r} does not exist")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
+    config = FlexOlmoConfig.from_pretrained(directory, **config_overrides)
+    sd = convert_state_dict(load_state_dict(directory), config.num_experts)
+    with torch.device("meta"):
+        model = cls(config)
+    _check_against(model, sd)
+    if dtype is None:
+        dtype = sd["model.embed_tokens.weight"].dtype
+    sd = {k: v.to(dtype) for k, v in sd.items()}
+    if config.tie_word_embeddings:
+        sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
+    model.load_state_dict(sd, strict=True, assign=True)
+    model.tie_weights()
+    # Non-persistent buffers were created on meta: rebuild them.
+    from ..modules import FlexMoE
+
+    for m in model.modules():
+        if isinstance(m, FlexMoE):
+            m.trainable_experts = torch.ones(m.num_experts, dtype=torch.bool)
+    leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if leftover:
+        raise RuntimeError(f"internal error: tensors left on the meta device after loading: {leftover}")
+    if device is not None:
+        model.to(device)
+    return model.eval()

@@ -1,0 +1,260 @@
+"""FlexMoE module: equals a readable per-token reference, exact masking, expert editing, errors.
+
+Legend: T tokens, D hidden, F expert width, E experts, K top-k, B batch, S sequence.
+"""
+import math
+
+import pytest
+import torch
+from conftest import tol
+
+import flexmoe_kernels as fk
+
+
+# ---------------------------------------------------------------------------- reference
+def ref_moe(moe, x, allow_TE=None):
+    """Readable FlexOlmo MoE in float64, one token at a time.
+
+    logits = x @ R.T (+ min(b, 0)); disallowed -> -inf; softmax over experts; top-k;
+    optional renormalisation; out = sum_k w_k * down(silu(gate x) * up x).
+    Only the chosen experts' weights are read (so NaN in opted-out experts cannot leak).
+    """
+    D = moe.hidden_size
+    Fw = moe.intermediate_size
+    x_TD = x.detach().reshape(-1, D).double()
+    R = moe.gate.weight.detach().double()
+    gu = moe.experts.gate_up_proj.detach()
+    dn = moe.experts.down_proj.detach()
+    out = torch.zeros_like(x_TD)
+    for t in range(x_TD.shape[0]):
+        allowed = [e for e in range(moe.num_experts) if allow_TE is None or bool(allow_TE[t, e])]
+        z = {e: float(x_TD[t] @ R[e]) for e in allowed}
+        if moe.gate.expert_bias is not None:
+            z = {e: v + min(float(moe.gate.expert_bias.detach()[e]), 0.0) for e, v in z.items()}
+        mx = max(z.values())
+        p = {e: math.exp(v - mx) for e, v in z.items()}
+        s = sum(p.values())
+        p = {e: v / s for e, v in p.items()}
+        chosen = sorted(p, key=lambda e: -p[e])[: moe.top_k]
+        w = {e: p[e] for e in chosen}
+        if moe.norm_topk_prob:
+            tot = sum(w.values())
+            w = {e: v / tot for e, v in w.items()}
+        for e in chosen:
+            g = gu[e, :Fw].double() @ x_TD[t]
+            u = gu[e, Fw:].double() @ x_TD[t]
+            out[t] += w[e] * (dn[e].double() @ (torch.nn.functional.silu(g) * u))
+    return out.reshape(x.shape).to(x.dtype)
+
+
+def make_moe(D=12, Fw=10, E=5, K=2, std=0.3, **kw):
+    m = fk.FlexMoE(D, Fw, E, K, backend="torch", init_std=std, **kw)
+    if m.gate.expert_bias is not None:
+        with torch.no_grad():
+            m.gate.expert_bias.normal_()  # some positive (clamped to 0), some negative
+    return m
+
+
+def random_allow(T, E, K, gen=None):
+    """(T, E) bool with at least K allowed experts per row."""
+    m = torch.rand(T, E, generator=gen) < 0.5
+    for t in range(T):
+        while int(m[t].sum()) < K:
+            m[t, torch.randint(E, (1,), generator=gen)] = True
+    return m
+
+
+# ---------------------------------------------------------------------------- forward vs reference
+@pytest.mark.parametrize("T,E,K,norm,bias", [(1, 5, 2, False, False), (5, 4, 3, True, False),
+                                             (37, 6, 2, False, True), (9, 3, 3, True, True)])
+def test_forward_matches_reference(seed, T, E, K, norm, bias):
+    m = make_moe(E=E, K=K, norm_topk_prob=norm, expert_bias=bias)
+    x = torch.randn(T, 12)
+    torch.testing.assert_close(m(x), ref_moe(m, x), **tol(torch.float32))
+
+
+def test_gradients_match_reference(seed):
+    m = make_moe(E=4, K=2, expert_bias=True)
+    x = torch.randn(2, 5, 12, requires_grad=True)
+    w = torch.randn(2, 5, 12)
+    (m(x) * w).sum().backward()
+    got = [x.grad, m.gate.weight.grad, m.experts.gate_up_proj.grad, m.experts.down_proj.grad]
+
+    # Differentiable float64 reference with the same routing (vectorised, dense over experts).
+    params = [x.detach().double().requires_grad_(), m.gate.weight.detach().double().requires_grad_(),
+              m.experts.gate_up_proj.detach().double().requires_grad_(),
+              m.experts.down_proj.detach().double().requires_grad_()]
+    xd, R, gu, dn = params
+    x_TD = xd.reshape(-1, 12)
+    z = x_TD @ R.T + m.gate.expert_bias.detach().double().clamp(max=0)
+    p = torch.softmax(z, -1)
+    top = torch.topk(p, 2, -1).indices
+    sel = torch.zeros_like(p).scatter(1, top, 1.0)
+    Fw = m.intermediate_size
+    h = torch.einsum("td,efd->tef", x_TD, gu)
+    y = torch.einsum("tef,edf->ted", torch.nn.functional.silu(h[..., :Fw]) * h[..., Fw:], dn)
+    out = (y * (p * sel)[..., None]).sum(1)
+    (out.reshape(2, 5, 12) * w.double()).sum().backward()
+    for g, r in zip(got, params):
+        torch.testing.assert_close(g, r.grad.float(), **tol(torch.float32))
+    assert m.gate.expert_bias.grad is not None and torch.isfinite(m.gate.expert_bias.grad).all()
+
+
+# ---------------------------------------------------------------------------- masking
+def test_global_mask_equals_removal(seed):
+    m = make_moe(E=5, K=2, expert_bias=True)
+    x = torch.randn(3, 7, 12)
+    y = m(x, allowed_experts=["expert_0", 2, "expert_4"])
+    small = make_moe(E=5, K=2, expert_bias=True)
+    small.load_state_dict(m.state_dict())
+    small.remove_expert("expert_3")
+    small.remove_expert(1)
+    assert small.expert_names == ["expert_0", "expert_2", "expert_4"]
+    torch.testing.assert_close(y, small(x), **tol(torch.float32))
+    # bool (E,) mask is the same thing
+    mask = torch.tensor([True, False, True, False, True])
+    torch.testing.assert_close(m(x, allowed_experts=mask), y, atol=0, rtol=0)
+
+
+def test_per_token_mask_matches_reference(seed):
+    m = make_moe(E=5, K=2)
+    T = 23
+    x = torch.randn(T, 12)
+    allow = random_allow(T, 5, 2)
+    torch.testing.assert_close(m(x, allowed_experts=allow), ref_moe(m, x, allow), **tol(torch.float32))
+
+
+def test_per_sequence_mask_equals_running_alone(seed):
+    m = make_moe(E=4, K=2)
+    B, S = 3, 6
+    x = torch.randn(B, S, 12)
+    allow_BE = torch.tensor([[True, True, False, False], [False, True, True, True], [True, False, True, True]])
+    y = m(x, allowed_experts=allow_BE)
+    for b in range(B):
+        alone = m(x[b : b + 1], allowed_experts=allow_BE[b])
+        torch.testing.assert_close(y[b : b + 1], alone, **tol(torch.float32))
+    # (T, E) form of the same mask gives bit-identical results
+    y2 = m(x, allowed_experts=fk.expand_sequence_mask(allow_BE, S))
+    torch.testing.assert_close(y, y2, atol=0, rtol=0)
+
+
+def test_nan_poisoned_opted_out_experts(seed):
+    m = make_moe(E=4, K=2, expert_bias=True)
+    x = torch.randn(11, 12)
+    allow = torch.tensor([True, True, False, True])
+    clean = m(x, allowed_experts=allow)
+    with torch.no_grad():
+        m.experts.gate_up_proj[2] = float("nan")
+        m.experts.down_proj[2] = float("nan")
+        m.gate.weight[2] = float("nan")
+        m.gate.expert_bias[2] = float("nan")
+    y, logits = m(x, allowed_experts=allow, return_router_logits=True)
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(y, clean, atol=0, rtol=0)
+    assert torch.isneginf(logits[:, 2]).all()
+    # ... and gradients stay finite when the opted-out expert's FFN is NaN. (A NaN *router row*
+    # still leaks NaN into dx through the dense x @ R.T backward: see the report of issue 2.)
+    with torch.no_grad():
+        m.gate.weight[2] = 0.0
+        m.gate.expert_bias[2] = 0.0
+    xg = x.clone().requires_grad_()
+    m(xg, allowed_experts=allow).sum().backward()
+    assert torch.isfinite(xg.grad).all()
+    assert torch.isfinite(m.experts.gate_up_proj.grad[[0, 1, 3]]).all()
+
+
+def test_zero_token_experts(seed):
+    # T=2 tokens, K=1, E=6: at least 4 experts get no token; the result still equals the reference.
+    m = make_moe(E=6, K=1)
+    x = torch.randn(2, 12)
+    torch.testing.assert_close(m(x), ref_moe(m, x), **tol(torch.float32))
+    # a mask that routes every token to experts {1, 4} only: the other 4 get zero tokens
+    allow = torch.zeros(6, dtype=torch.bool)
+    allow[[1, 4]] = True
+    m2 = make_moe(E=6, K=2)
+    x2 = torch.randn(13, 12)
+    torch.testing.assert_close(m2(x2, allowed_experts=allow), ref_moe(m2, x2, allow.expand(13, 6)),
+                               **tol(torch.float32))
+
+
+def test_one_expert_equals_dense_swiglu(seed):
+    m = make_moe(E=1, K=1)
+    x = torch.randn(2, 5, 12)
+    Fw = m.intermediate_size
+    gu, dn = m.experts.gate_up_proj[0], m.experts.down_proj[0]
+    dense = (torch.nn.functional.silu(x @ gu[:Fw].T) * (x @ gu[Fw:].T)) @ dn.T
+    torch.testing.assert_close(m(x), dense, **tol(torch.float32))
+
+
+# ---------------------------------------------------------------------------- editing experts
+def test_add_remove_rename(seed):
+    m = make_moe(E=3, K=2, expert_bias=True)
+    x = torch.randn(9, 12)
+    before = m(x)
+    i = m.add_expert("news", copy_from="expert_1", bias=-0.5)
+    assert i == 3 and m.num_experts == 3 + 1 and m.expert_names[-1] == "news"
+    torch.testing.assert_close(m.experts.gate_up_proj[3], m.experts.gate_up_proj[1], atol=0, rtol=0)
+    assert float(m.gate.expert_bias[3]) == -0.5
+    # opting the new expert out reproduces the old layer exactly (same E-1 terms)
+    torch.testing.assert_close(m(x, allowed_experts=[0, 1, 2]), before, **tol(torch.float32))
+    # explicit weights
+    gu = torch.randn(20, 12)
+    j = m.add_expert("code", gate_up=gu, down=torch.randn(12, 10), router_embedding=torch.randn(12))
+    torch.testing.assert_close(m.experts.gate_up_proj[j], gu, atol=0, rtol=0)
+    m.rename_expert("code", "math")
+    assert m.expert_names == ["expert_0", "expert_1", "expert_2", "news", "math"]
+    m.remove_expert("news")
+    m.remove_expert("math")
+    assert m.expert_names == ["expert_0", "expert_1", "expert_2"]
+    torch.testing.assert_close(m(x), before, **tol(torch.float32))
+    assert m.trainable_experts.shape == (3,)
+
+
+def test_editing_errors():
+    m = make_moe(E=3, K=2)
+    with pytest.raises(ValueError, match="already exists"):
+        m.add_expert("expert_1")
+    with pytest.raises(ValueError, match="unknown expert name 'nope'"):
+        m.remove_expert("nope")
+    with pytest.raises(ValueError, match="out of range"):
+        m.remove_expert(7)
+    with pytest.raises(ValueError, match="unique"):
+        m.rename_expert(0, "expert_2")
+    with pytest.raises(ValueError, match="gate_up must have shape"):
+        m.add_expert("x", gate_up=torch.randn(3, 3))
+    m.remove_expert(0)
+    with pytest.raises(ValueError, match="fewer than top_k=2"):
+        m.remove_expert(0)
+
+
+# ---------------------------------------------------------------------------- errors
+def test_errors_name_the_argument():
+    with pytest.raises(ValueError, match="top_k=4 is larger than num_experts=3"):
+        fk.FlexMoE(8, 8, 3, 4)
+    with pytest.raises(ValueError, match="hidden_size"):
+        fk.FlexMoE(0, 8, 3, 1)
+    with pytest.raises(ValueError, match="expert_names must have 3 entries"):
+        fk.FlexMoE(8, 8, 3, 1, expert_names=["a", "b"])
+    with pytest.raises(ValueError, match="backend must be one of"):
+        fk.FlexMoE(8, 8, 3, 1, backend="nope")
+    m = make_moe(D=8, Fw=8, E=3, K=2)
+    with pytest.raises(ValueError, match=r"x must have shape \(\.\.\., 8\)"):
+        m(torch.randn(4, 7))
+    with pytest.raises(TypeError, match="x has dtype torch.float64"):
+        m(torch.randn(4, 8, dtype=torch.float64))
+    with pytest.raises(TypeError, match="x must be a floating-point tensor"):
+        m(torch.ones(4, 8, dtype=torch.int64))
+    x = torch.randn(2, 3, 8)
+    with pytest.raises(ValueError, match="allowed_experts must have"):
+        m(x, allowed_experts=torch.ones(4, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="last dimension of E=3"):
+        m(x, allowed_experts=torch.ones(2, 5, dtype=torch.bool))
+    with pytest.raises(TypeError, match="allowed_experts tensor must be bool"):
+        m(x, allowed_experts=torch.ones(3))
+    with pytest.raises(ValueError, match="unknown expert name 'law'"):
+        m(x, allowed_experts=["law"])
+    with pytest.raises(ValueError, match="allows 1 experts, fewer than top_k=2"):
+        m(x, allowed_experts=["expert_0"])
+    per_seq = torch.tensor([[True, True, False], [True, False, False]])
+    with pytest.raises(ValueError, match="allows 1 experts"):
+        m(x, allowed_experts=per_seq)
