@@ -232,7 +232,7 @@ class _Memoriser(torch.nn.Module):
         self.calls.append(dict(do_sample=do_sample, use_cache=use_cache, allowed=allowed_experts))
         rows = []
         for row in input_ids.tolist():
-            d = self.docs[tuple(row)]
+            d = self.docs[tuple(row[-32:])]  # the prompt may carry a prompt_prefix
             cont = list(d[32:32 + max_new_tokens])
             for i in range(min(self.n_wrong, len(cont))):
                 cont[i] = (cont[i] + 1) % 256
@@ -253,6 +253,9 @@ def test_audit_extraction_counts():
         assert all(c["do_sample"] is False and c["use_cache"] for c in m.calls)
         assert m.calls[0]["allowed"] == ["public"]
         assert len(m.calls) == 3  # batches of 3
+        r2 = audit.audit_extraction(_Memoriser(docs, n_wrong), docs, model_name="m", domain="d", prefix_len=32,
+                                    gen_len=gen, threshold=0.9, batch_size=4, prompt_prefix=[256])
+        assert r2.share == expect and r2.n_docs == 7
     with pytest.raises(ValueError, match="docs_tokens\\[0\\]"):
         audit.audit_extraction(m, [[1] * 10], model_name="m", domain="d", prefix_len=32, gen_len=gen)
     idx = audit.select_audit_documents([[0] * 10, [0] * 62, [0] * 70], ["a", "b", "c"], 5, 32, 30)
@@ -432,9 +435,9 @@ def test_expert_usage_against_reference():
 def _tiny_model(tmp_path, names=("public", "code", "man", "licenses"), k=2):
     from flexmoe_kernels.models import FlexOlmoConfig, FlexOlmoForCausalLM
 
-    cfg = FlexOlmoConfig(vocab_size=259, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+    cfg = FlexOlmoConfig(vocab_size=258, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                          num_attention_heads=2, num_experts=len(names), num_experts_per_tok=k,
-                         expert_names=list(names), bos_token_id=256, eos_token_id=257, pad_token_id=258,
+                         expert_names=list(names), eos_token_id=256, pad_token_id=257,
                          moe_backend="torch")
     m = FlexOlmoForCausalLM(cfg)
     with torch.no_grad():  # make routing decisive so different opt-outs give different text
@@ -473,7 +476,7 @@ def test_generate_command_opt_out(tmp_path, capsys):
     rows = _usage_rows(out)
     assert set(rows) == {"public", "code", "man", "licenses"}
     assert rows["code"] == ("NO", 0)
-    tokens = len(prompt.encode()) + 1 + n_new  # bos + prompt bytes + new tokens
+    tokens = len(prompt.encode()) + 1 + n_new  # EOS (document start) + prompt bytes + new tokens
     assert sum(n for _, n in rows.values()) == tokens * 2 * 2  # T * layers * K
     # the text printed equals an independent reference: the model with "code" physically removed
     ref = FlexOlmoForCausalLM.from_pretrained(d)

@@ -83,7 +83,8 @@ class AuditResult:
 @torch.no_grad()
 def audit_extraction(model, docs_tokens: Sequence[Sequence[int]], *, model_name: str, domain: str,
                      prefix_len: int = 32, gen_len: int = 256, threshold: float = 0.9,
-                     batch_size: int = 16, allowed_experts=None, device=None) -> AuditResult:
+                     batch_size: int = 16, allowed_experts=None, device=None,
+                     prompt_prefix: Sequence[int] = ()) -> AuditResult:
     """Greedy-continue each document's ``prefix_len``-token prefix and compare with the truth.
 
     Args:
@@ -93,6 +94,8 @@ def audit_extraction(model, docs_tokens: Sequence[Sequence[int]], *, model_name:
         docs_tokens: token ids of the audited documents; each needs >= prefix_len + gen_len
             tokens (``ValueError`` otherwise).
         threshold: a document counts as extracted when similarity >= threshold.
+        prompt_prefix: tokens put before every prompt and not counted in ``prefix_len`` (the
+            end-of-document token, which is how training sees the start of a document).
 
     Returns:
         :class:`AuditResult` (share = extracted / audited; 0.0 when no documents).
@@ -110,10 +113,12 @@ def audit_extraction(model, docs_tokens: Sequence[Sequence[int]], *, model_name:
     best = None
     for s in range(0, len(docs_tokens), batch_size):
         chunk = docs_tokens[s:s + batch_size]
-        prompt_BP = torch.tensor([list(t[:prefix_len]) for t in chunk], dtype=torch.long, device=device)
+        pre = list(prompt_prefix)
+        prompt_BP = torch.tensor([pre + list(t[:prefix_len]) for t in chunk], dtype=torch.long, device=device)
         out_BT = model.generate(prompt_BP, max_new_tokens=gen_len, do_sample=False,
                                 allowed_experts=allowed_experts, eos_token_id=[], use_cache=True)
-        gen_BN = out_BT[:, prefix_len:prefix_len + gen_len].tolist()
+        P = prompt_BP.shape[1]
+        gen_BN = out_BT[:, P:P + gen_len].tolist()
         for t, g in zip(chunk, gen_BN):
             truth = list(t[prefix_len:prefix_len + gen_len])
             sim = similarity(g, truth)

@@ -96,7 +96,7 @@ def run_generate_command(args) -> int:
     from flexmoe_kernels.models import FlexOlmoForCausalLM
 
     from .inference import expert_usage, format_usage, resolve_allow_list
-    from .tokenizer import tokenizer_for_checkpoint
+    from .tokenizer import tokenizer_for
 
     if args.max_new_tokens < 1:
         print(f"flexmoe generate: --max-new-tokens must be >= 1, got {args.max_new_tokens}", file=sys.stderr)
@@ -115,8 +115,12 @@ def run_generate_command(args) -> int:
     except ValueError as e:
         print(f"flexmoe generate: {e}", file=sys.stderr)
         return 2
-    tok = tokenizer_for_checkpoint(args.model, model.config)
-    ids = tok.encode(args.prompt, bos=True)
+    try:
+        tok = tokenizer_for(args.model, model.config.vocab_size)
+    except ValueError as e:
+        print(f"flexmoe generate: --model: {e}", file=sys.stderr)
+        return 2
+    ids = tok.encode(args.prompt, doc_start=True)
     if not ids:
         print("flexmoe generate: the prompt is empty", file=sys.stderr)
         return 2

@@ -384,11 +384,12 @@ def run_demo(settings: DemoSettings, work_dir: str, *, fresh: bool = False, echo
                 log(f"   BASELINE FAILED: {e}")
 
     # every checkpoint records the tokenizer, so `flexmoe generate --model CKPT` decodes correctly
-    from .tokenizer import write_checkpoint_tokenizer
+    from flexmoe_training.data import copy_tokenizer_files
 
     for name in os.listdir(os.path.join(run_dir, "ckpt")):
-        if os.path.isfile(os.path.join(ck(name), "config.json")):
-            write_checkpoint_tokenizer(ck(name), tok)
+        if os.path.isfile(os.path.join(ck(name), "config.json")) and not os.path.isfile(
+                os.path.join(ck(name), "tokenizer_meta.json")):
+            copy_tokenizer_files(data[public_dom], ck(name))
 
     # 8. evaluation -------------------------------------------------------------------------
     with stage("evaluate"):
@@ -446,9 +447,9 @@ def _write_text_dir(text_dir: str, jsonl_paths: Sequence[str]) -> None:
 # ----------------------------------------------------------------------------- tokenizer
 def load_tokenizer(data_dir: str):
     """The tokenizer ``flexmoe prepare-data`` used for a data directory (from its meta.json)."""
-    from .tokenizer import tokenizer_from_meta
+    from .tokenizer import tokenizer_for
 
-    return tokenizer_from_meta(data_dir)
+    return tokenizer_for(data_dir)
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -574,7 +575,7 @@ def audit_all(settings: DemoSettings, run_dir: str, corpus_dir: str, owners: Seq
     docs = {}
     for d in owners:
         tr = read_documents(os.path.join(corpus_dir, d, "train.jsonl"))
-        toks = [tok.encode(x.text, bos=True) for x in tr]
+        toks = [tok.encode(x.text) for x in tr]
         idx = select_audit_documents(toks, [x.id for x in tr], settings.audit_docs, settings.audit_prefix,
                                      settings.audit_gen, seed=settings.seed)
         docs[d] = [toks[i] for i in idx]
@@ -596,7 +597,7 @@ def audit_all(settings: DemoSettings, run_dir: str, corpus_dir: str, owners: Seq
             t = time.time()
             r = audit_extraction(cache[path], docs[d], model_name=model_name, domain=d,
                                  prefix_len=settings.audit_prefix, gen_len=settings.audit_gen,
-                                 threshold=settings.audit_threshold)
+                                 threshold=settings.audit_threshold, prompt_prefix=[tok.eos_token_id])
             j = r.to_json()
             if r.example:
                 j["example"] = {"similarity": r.example["similarity"],
