@@ -1,0 +1,273 @@
+"""The "triton" backend of :func:`flexmoe_kernels.flexmoe_forward`: Triton routing + grouped
+SwiGLU GEMMs, forward and backward, registered with ``torch.library`` for ``torch.compile``.
+
+Legend: T tokens, D hidden, F expert FFN width, E experts, K top-k, P = T*K pairs,
+Q_max / NT the routing schedule's worst-case slot / tile counts.
+
+Data flow of one layer call:
+
+1. ``logits_TE = x_TD @ router_weight_ED.T`` in x's dtype (plain torch, so autograd gives
+   d router weight = dlogits^T @ x and the dX contribution dlogits @ R, exactly like the
+   reference);
+2. ``torch.ops.flexmoe_triton.moe_fwd``: :func:`triton_route` (bias ``min(b, 0)``, allow-mask
+   -inf before the fp32 softmax, top-k, padded tile schedule) -> up-projection with gathered x
+   rows and fused SwiGLU -> down-projection with the router weight and the top-k combine fused
+   (deterministic by default). Returns the output, the masked fp32 logits (z-loss) and the
+   routing plan tensors (all O(T*K), O(T*E) or O(Q_max)): nothing of width F is kept.
+3. ``torch.ops.flexmoe_triton.moe_bwd``: recomputes the SwiGLU intermediate, computes dX,
+   dW (gate_up, down; frozen experts none), d router weights -> :func:`triton_route_backward`
+   -> dlogits (+ the z-loss gradient of the returned logits) -> d bias (where ``bias <= 0``,
+   the subgradient torch's ``clamp(max=0)`` uses) and d logits.
+
+Both ops are functional custom ops with fake (meta) implementations, wrapped in one
+``torch.autograd.Function``; no host synchronisation except the optional ``validate`` mask
+check (skipped while a CUDA graph is captured). Extra keyword of this backend:
+``deterministic`` (default from ``FLEXMOE_TRITON_DETERMINISTIC``, "1" if unset).
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+from .._validate import check_positive_int, check_tensor
+from .experts import check_expert_weights
+from .routing import router_logits
+from .triton_configs import get_configs
+from .triton_routing import TritonRoutingPlan, schedule_sizes
+
+__all__ = ["is_available", "flexmoe_forward", "default_deterministic"]
+
+_NS = "flexmoe_triton"
+
+
+def is_available(device: torch.device | str) -> tuple[bool, str]:
+    """``(available, reason)``: Triton importable and a CUDA device, or CPU tensors with
+    Triton's interpreter active (``TRITON_INTERPRET=1`` before the kernels were imported)."""
+    try:
+        from .triton_routing import is_available as routing_available
+    except Exception as exc:  # noqa: BLE001 - report any import failure as unavailability
+        return False, f"cannot import the triton routing module: {exc}"
+    return routing_available(torch.device(device))
+
+
+def default_deterministic() -> bool:
+    """``FLEXMOE_TRITON_DETERMINISTIC`` ("1"/"0", default "1"): fixed-order top-k combine."""
+    v = os.environ.get("FLEXMOE_TRITON_DETERMINISTIC", "1").strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"environment variable FLEXMOE_TRITON_DETERMINISTIC must be 0 or 1, got {v!r}")
+
+
+# ------------------------------------------------------------------ the custom ops
+_PLAN_FIELDS = (
+    "topk_ids_TK", "topk_weights_TK", "probs_TE", "counts_E", "offsets_E1", "sorted_pairs_P",
+    "inv_sorted_pairs_P", "padded_pairs_Q", "padded_offsets_E1", "tile_expert_E_tiles", "num_tiles",
+)
+
+
+def _plan_from(tensors, logits_TE: torch.Tensor, block_m: int) -> TritonRoutingPlan:
+    kw = dict(zip(_PLAN_FIELDS, tensors))
+    return TritonRoutingPlan(logits_TE=logits_TE, block_m=block_m, **kw)
+
+
+@torch.library.custom_op(f"{_NS}::moe_fwd", mutates_args=())
+def _moe_fwd(
+    x_TD: torch.Tensor,
+    logits_TE: torch.Tensor,
+    gate_up_E2FD: torch.Tensor,
+    down_EDF: torch.Tensor,
+    expert_bias: Optional[torch.Tensor],
+    allow_mask: Optional[torch.Tensor],
+    top_k: int,
+    norm_topk_prob: bool,
+    validate: bool,
+    deterministic: bool,
+    block_m: int,
+) -> list[torch.Tensor]:
+    """[out_TD, zlogits_TE, *plan tensors in ``_PLAN_FIELDS`` order]."""
+    from .triton_grouped_gemm import grouped_swiglu_forward
+    from .triton_routing import triton_route
+
+    plan = triton_route(
+        logits_TE, top_k, allow_mask=allow_mask, expert_bias=expert_bias,
+        norm_topk_prob=norm_topk_prob, block_m=block_m, validate=validate,
+    )
+    out_TD = grouped_swiglu_forward(x_TD, plan, gate_up_E2FD, down_EDF, deterministic=deterministic)
+    return [out_TD, plan.logits_TE] + [getattr(plan, f) for f in _PLAN_FIELDS]
+
+
+@_moe_fwd.register_fake
+def _moe_fwd_fake(x_TD, logits_TE, gate_up_E2FD, down_EDF, expert_bias, allow_mask, top_k, norm_topk_prob,
+                  validate, deterministic, block_m):
+    T, E = logits_TE.shape
+    K, P = top_k, logits_TE.shape[0] * top_k
+    q_max, nt = schedule_sizes(T, K, E, block_m)
+    i32, f32 = torch.int32, torch.float32
+    new = x_TD.new_empty
+    return [
+        new((T, x_TD.shape[1])), new((T, E), dtype=f32),
+        new((T, K), dtype=i32), new((T, K), dtype=f32), new((T, E), dtype=f32), new((E,), dtype=i32),
+        new((E + 1,), dtype=i32), new((P,), dtype=i32), new((P,), dtype=i32), new((q_max,), dtype=i32),
+        new((E + 1,), dtype=i32), new((nt,), dtype=i32), new((1,), dtype=i32),
+    ]
+
+
+@torch.library.custom_op(f"{_NS}::moe_bwd", mutates_args=())
+def _moe_bwd(
+    dout_TD: torch.Tensor,
+    dz_TE: Optional[torch.Tensor],
+    x_TD: torch.Tensor,
+    gate_up_E2FD: torch.Tensor,
+    down_EDF: torch.Tensor,
+    expert_bias: Optional[torch.Tensor],
+    allow_mask: Optional[torch.Tensor],
+    trainable_experts: Optional[torch.Tensor],
+    plan_tensors: list[torch.Tensor],
+    logits_dtype: torch.dtype,
+    norm_topk_prob: bool,
+    deterministic: bool,
+    block_m: int,
+    needs: list[bool],
+) -> list[torch.Tensor]:
+    """[dx_TD, dlogits_TE, dgate_up_E2FD, ddown_EDF, dbias_E]; an entry whose ``needs`` flag
+    (same order) is False is an empty (0,) tensor."""
+    from .triton_grouped_gemm import grouped_swiglu_backward
+    from .triton_routing import triton_route_backward
+
+    need_dx, need_dlogits, need_dgu, need_ddown, need_dbias = needs
+    T, E = plan_tensors[2].shape  # probs_TE
+    plan = _plan_from(plan_tensors, plan_tensors[2], block_m)  # logits unused by the backward
+    need_route = need_dlogits or need_dbias
+    dx, dgu, ddown, dweights_TK = grouped_swiglu_backward(
+        dout_TD, x_TD, plan, gate_up_E2FD, down_EDF, trainable_experts=trainable_experts,
+        need_dx=need_dx, need_dgate_up=need_dgu, need_ddown=need_ddown, need_dweights=need_route,
+        deterministic=deterministic,
+    )
+    empty = x_TD.new_empty((0,))
+    dlogits = dbias = empty
+    if need_route:
+        dz = triton_route_backward(dweights_TK, plan, norm_topk_prob=norm_topk_prob)  # (T, E) f32
+        if dz_TE is not None:  # gradient of the returned masked logits (z-loss); 0 where masked
+            ext = dz_TE.float()
+            if allow_mask is not None:
+                ext = torch.where(allow_mask, ext, torch.zeros((), dtype=ext.dtype, device=ext.device))
+            dz = dz + ext
+        if need_dlogits:
+            dlogits = dz.to(logits_dtype)
+        if need_dbias:
+            b = expert_bias.float()
+            dbias = torch.where(b <= 0, dz.sum(dim=0), torch.zeros((), device=dz.device)).to(expert_bias.dtype)
+    return [
+        dx if dx is not None else empty,
+        dlogits,
+        dgu if dgu is not None else empty,
+        ddown if ddown is not None else empty,
+        dbias,
+    ]
+
+
+@_moe_bwd.register_fake
+def _moe_bwd_fake(dout_TD, dz_TE, x_TD, gate_up_E2FD, down_EDF, expert_bias, allow_mask, trainable_experts,
+                  plan_tensors, logits_dtype, norm_topk_prob, deterministic, block_m, needs):
+    need_dx, need_dlogits, need_dgu, need_ddown, need_dbias = needs
+    T, E = plan_tensors[2].shape
+    empty = x_TD.new_empty((0,))
+    return [
+        x_TD.new_empty(x_TD.shape) if need_dx else empty,
+        x_TD.new_empty((T, E), dtype=logits_dtype) if need_dlogits else empty,
+        gate_up_E2FD.new_empty(gate_up_E2FD.shape) if need_dgu else empty,
+        down_EDF.new_empty(down_EDF.shape) if need_ddown else empty,
+        expert_bias.new_empty(expert_bias.shape) if need_dbias else empty,
+    ]
+
+
+class _TritonMoEFunction(torch.autograd.Function):
+    """Autograd for the layer after the router matmul: inputs x, logits, gate_up, down, bias."""
+
+    @staticmethod
+    def forward(ctx, x_TD, logits_TE, gate_up_E2FD, down_EDF, expert_bias, allow_mask, trainable_experts,
+                top_k, norm_topk_prob, validate, deterministic, block_m):
+        res = torch.ops.flexmoe_triton.moe_fwd(
+            x_TD, logits_TE, gate_up_E2FD, down_EDF, expert_bias, allow_mask,
+            top_k, norm_topk_prob, validate, deterministic, block_m,
+        )
+        out_TD, z_TE, plan_tensors = res[0], res[1], list(res[2:])
+        ctx.save_for_backward(x_TD, gate_up_E2FD, down_EDF, expert_bias, allow_mask, trainable_experts, *plan_tensors)
+        ctx.cfg = (logits_TE.dtype, norm_topk_prob, deterministic, block_m)
+        ctx.set_materialize_grads(False)
+        return out_TD, z_TE
+
+    @staticmethod
+    def backward(ctx, dout_TD, dz_TE):
+        x_TD, gate_up, down, bias, allow_mask, trainable, *plan_tensors = ctx.saved_tensors
+        logits_dtype, norm, deterministic, block_m = ctx.cfg
+        nig = ctx.needs_input_grad
+        needs = [bool(nig[0]), bool(nig[1]), bool(nig[2]), bool(nig[3]), bool(nig[4])]
+        if not any(needs):
+            return (None,) * 12
+        if dout_TD is None:
+            dout_TD = torch.zeros_like(x_TD)
+        dx, dlogits, dgu, ddown, dbias = torch.ops.flexmoe_triton.moe_bwd(
+            dout_TD, dz_TE, x_TD, gate_up, down, bias, allow_mask, trainable, plan_tensors,
+            logits_dtype, norm, deterministic, block_m, needs,
+        )
+        grads = [g if n else None for g, n in zip((dx, dlogits, dgu, ddown, dbias), needs)]
+        return (*grads, None, None, None, None, None, None, None)
+
+
+# ------------------------------------------------------------------ the backend entry point
+def flexmoe_forward(
+    x_TD: torch.Tensor,
+    router_weight_ED: torch.Tensor,
+    gate_up_E2FD: torch.Tensor,
+    down_EDF: torch.Tensor,
+    top_k: int,
+    *,
+    allow_mask: Optional[torch.Tensor] = None,
+    expert_bias: Optional[torch.Tensor] = None,
+    norm_topk_prob: bool = False,
+    trainable_experts: Optional[torch.Tensor] = None,
+    validate: bool = True,
+    deterministic: Optional[bool] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """See :func:`flexmoe_kernels.ops.moe.flexmoe_forward` (the backend contract).
+
+    Args (beyond the contract):
+        deterministic: fixed-order top-k combine in forward and dX (bitwise reproducible);
+            False = fp32 atomics. Default: :func:`default_deterministic`.
+
+    Returns ``(out_TD, logits_TE)``: out in x's dtype, logits float32 masked (-inf where
+    disallowed), differentiable (z-loss gradients flow to the router weight, x and bias).
+    """
+    E, D, F = check_expert_weights(x_TD, gate_up_E2FD, down_EDF)
+    T = x_TD.shape[0]
+    check_positive_int(top_k, "top_k")
+    if top_k > E:
+        raise ValueError(f"top_k={top_k} is larger than the number of experts E={E}")
+    check_tensor(router_weight_ED, "router_weight", shape=(E, D), floating=True, device=x_TD.device)
+    if expert_bias is not None:
+        check_tensor(expert_bias, "expert_bias", shape=(E,), floating=True, device=x_TD.device)
+    if allow_mask is not None:
+        check_tensor(allow_mask, "allow_mask", dtypes=(torch.bool,))
+        if allow_mask.shape not in ((E,), (T, E)):
+            raise ValueError(f"allow_mask must have shape (E,)=({E},) or (T, E)=({T}, {E}), got {tuple(allow_mask.shape)}")
+        allow_mask = allow_mask.to(x_TD.device)
+    if trainable_experts is not None:
+        check_tensor(trainable_experts, "trainable_experts", shape=(E,), dtypes=(torch.bool,))
+        trainable_experts = trainable_experts.to(x_TD.device)
+    ok, why = is_available(x_TD.device)
+    if not ok:
+        raise RuntimeError(f"backend 'triton' is not available on {x_TD.device}: {why}")
+    if deterministic is None:
+        deterministic = default_deterministic()
+    block_m = get_configs(T, D, F, E, top_k, x_TD.dtype, x_TD.device).block_m
+    logits_TE = router_logits(x_TD, router_weight_ED)
+    out_TD, z_TE = _TritonMoEFunction.apply(
+        x_TD, logits_TE, gate_up_E2FD, down_EDF, expert_bias, allow_mask, trainable_experts,
+        int(top_k), bool(norm_topk_prob), bool(validate), bool(deterministic), int(block_m),
+    )
+    return out_TD, z_TE

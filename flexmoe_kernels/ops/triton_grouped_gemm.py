@@ -1,0 +1,394 @@
+"""Triton grouped expert GEMMs: SwiGLU up-projection, weighted down-projection + top-k combine,
+and their backward (dX, dW, d router weights), driven by a :class:`TritonRoutingPlan`.
+
+Legend: T tokens, D hidden, F expert FFN width, E experts, K top-k, P = T*K pairs
+(pair id ``p = t*K + k``), Q_max padded slots, NT tiles of ``block_m`` slots, NFB F-blocks.
+Weights use the Hugging Face layout: ``gate_up_E2FD`` (E, 2F, D) with gate rows [0, F) and up
+rows [F, 2F), ``down_EDF`` (E, D, F). Kernels live in :mod:`.triton_grouped_gemm_kernels`.
+
+Semantics (equal to :func:`flexmoe_kernels.grouped_swiglu`, the reference):
+``out[t] = sum_k w[t, k] * down_e @ (silu(gate_e @ x_t) * (up_e @ x_t))`` with ``e = ids[t, k]``.
+
+* Only the tiles of the plan's schedule do work; experts with no pairs (zero tokens or opted
+  out) own no tile, so their weights are never read (NaN there cannot reach any output).
+* Accumulation is fp32; ``tl.dot`` runs in the input dtype (fp16 / bf16 / fp32; fp32 uses
+  IEEE precision unless ``torch.backends.cuda.matmul.allow_tf32`` is set, like torch).
+* Top-k combine: ``deterministic=True`` (the default) writes each pair's weighted row
+  ``y_PD`` (input dtype) and sums the K rows of a token in the fixed order k = 0..K-1 (fp32),
+  so results are bitwise reproducible; ``deterministic=False`` atomically adds into an fp32
+  (T, D) buffer (one fewer launch and no (P, D) buffer; summation order varies run to run).
+  Why deterministic is the default: both variants move about the same bytes (deterministic:
+  P*D writes + reads of ``y_PD``; atomic: a zeroed fp32 (T, D) buffer, K*T*D read-modify-
+  writes in L2, a cast pass), estimated at 1-3% of the layer's forward at FlexOlmo sizes, so
+  reproducibility comes at no measurable cost in the model; ScatterMoE, vLLM and SonicMoE
+  make the same choice. This estimate is NOT measured yet (no GPU was available).
+* Backward recomputes ``gate``/``up`` from ``x`` (nothing of width F is saved by the forward):
+  one fused kernel computes gate, up and ``dh = dOut @ down_e`` over the same loop on D, then
+  ``dgate``/``dup``, ``w*h`` (for dW_down) and the router-weight gradient
+  ``dw[p] = <dOut_t, y_p> = <dOut_t @ down_e, h_p>`` (per F-block partials summed in a fixed
+  order). dX reuses the tile GEMM + combine; dW uses per-expert grouped GEMMs reducing over
+  each expert's slots. ``trainable_experts[e] == False`` (frozen): dW[e] is exact zeros, with
+  no tile loads or FLOPs for it; dX still flows through it. Zero-pair experts: dW exactly 0.
+
+No host synchronisation: grids are sized from the plan's static worst-case buffers.
+Every output/scratch buffer comes from :func:`_alloc` (tests poison it with NaN) except the
+atomic path's accumulator, which must start at zero.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import replace
+from typing import Optional
+
+import torch
+
+from .._validate import check_tensor
+from .experts import check_expert_weights
+from .triton_configs import GemmConfig, MoEConfigs, get_configs
+from .triton_routing import TritonRoutingPlan
+from .triton_routing import is_available as _routing_is_available
+
+__all__ = [
+    "is_available",
+    "configs_for",
+    "up_swiglu",
+    "down_combine",
+    "up_swiglu_backward",
+    "grouped_dw",
+    "grouped_swiglu_forward",
+    "grouped_swiglu_backward",
+]
+
+
+def is_available(device: torch.device | str = "cuda") -> tuple[bool, str]:
+    """``(available, reason)``: Triton on CUDA, or Triton's interpreter for CPU tensors."""
+    return _routing_is_available(device)
+
+
+def _kernels():
+    """The kernel module, imported on first use (``TRITON_INTERPRET`` is read then)."""
+    return importlib.import_module("flexmoe_kernels.ops.triton_grouped_gemm_kernels")
+
+
+def _interpreting() -> bool:
+    return type(_kernels()._up_swiglu_kernel).__name__ == "InterpretedFunction"
+
+
+def _alloc(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Allocate an output/scratch buffer that kernels fully write; tests replace this hook
+    with one returning NaN-poisoned buffers so unwritten elements fail."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _dot_prec(dtype: torch.dtype) -> str:
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"  # ignored by tl.dot for 16-bit inputs
+
+
+def _next_pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def _check_runnable(device: torch.device) -> None:
+    ok, why = is_available(device)
+    if not ok:
+        raise RuntimeError(f"triton grouped GEMMs cannot run on {device}: {why}")
+
+
+def _check_plan(plan: object, x_TD: torch.Tensor, num_experts: int) -> None:
+    if not isinstance(plan, TritonRoutingPlan):
+        raise TypeError(f"plan must be a TritonRoutingPlan (from triton_route), got {type(plan).__name__}")
+    if plan.num_tokens != x_TD.shape[0]:
+        raise ValueError(f"x has {x_TD.shape[0]} rows but the routing plan has T={plan.num_tokens}")
+    if plan.num_experts != num_experts:
+        raise ValueError(f"the weights have E={num_experts} experts but the routing plan has {plan.num_experts}")
+    if plan.block_m < 16:
+        raise ValueError(f"plan.block_m must be >= 16 for the grouped GEMMs (tl.dot), got {plan.block_m}")
+    if plan.padded_pairs_Q.device != x_TD.device:
+        raise ValueError(f"the routing plan is on {plan.padded_pairs_Q.device} but x is on {x_TD.device}")
+
+
+def configs_for(plan: TritonRoutingPlan, x_TD: torch.Tensor, F: int, configs: Optional[MoEConfigs] = None) -> MoEConfigs:
+    """The launch configs for this problem (see :func:`.triton_configs.get_configs`) with every
+    tile kind's BLOCK_M set to ``plan.block_m`` (the schedule fixes the tile height)."""
+    if configs is None:
+        T, D = x_TD.shape
+        configs = get_configs(T, D, F, plan.num_experts, plan.top_k, x_TD.dtype, x_TD.device)
+    if configs.block_m != plan.block_m:
+        bm = plan.block_m
+        configs = replace(
+            configs,
+            up=replace(configs.up, BLOCK_M=bm), down=replace(configs.down, BLOCK_M=bm),
+            bwd_up=replace(configs.bwd_up, BLOCK_M=bm), bwd_dx=replace(configs.bwd_dx, BLOCK_M=bm),
+        )
+    return configs
+
+
+def _launch_kw(cfg: GemmConfig, dtype: torch.dtype) -> dict:
+    return dict(
+        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
+        INTERPRET=_interpreting(), DOT_PREC=_dot_prec(dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+
+
+# ------------------------------------------------------------------ forward pieces
+def up_swiglu(x_TD: torch.Tensor, plan: TritonRoutingPlan, gate_up_E2FD: torch.Tensor, cfg: GemmConfig) -> torch.Tensor:
+    """h_QF = silu(x[token] @ Wg[e].T) * (x[token] @ Wu[e].T) for every slot of the used tiles.
+
+    Returns (Q_max, F) in x's dtype; rows of used tiles are written (padding rows are 0),
+    rows of unused tiles are not (nothing reads them).
+    """
+    T, D = x_TD.shape
+    F = gate_up_E2FD.shape[1] // 2
+    Q, NT = plan.padded_pairs_Q.shape[0], plan.num_tiles_max
+    h_QF = _alloc((Q, F), x_TD.dtype, x_TD.device)
+    grid = (NT * triton_cdiv(F, cfg.BLOCK_N),)
+    if grid[0] == 0:
+        return h_QF
+    dummy = x_TD
+    _kernels()._up_swiglu_kernel[grid](
+        x_TD, x_TD.stride(0), x_TD.stride(1),
+        gate_up_E2FD, *gate_up_E2FD.stride(),
+        dummy, 0, 0,
+        dummy, 0, 0, 0,
+        plan.topk_weights_TK,
+        plan.padded_pairs_Q, plan.tile_expert_E_tiles,
+        h_QF, h_QF.stride(0), h_QF.stride(1),
+        dummy, 0, 0,
+        dummy, 0, 0,
+        plan.num_pairs, F, D, NT,
+        TOP_K=plan.top_k, BWD=False, STORE_HW=False,
+        **_launch_kw(cfg, x_TD.dtype),
+    )
+    return h_QF
+
+
+def _tile_gemm_combine(
+    a_QK: torch.Tensor,
+    plan: TritonRoutingPlan,
+    b: torch.Tensor,
+    b_strides: tuple[int, int, int],
+    N: int,
+    out_dtype: torch.dtype,
+    *,
+    weighted: bool,
+    deterministic: bool,
+    cfg: GemmConfig,
+) -> torch.Tensor:
+    """out[t] = sum_k (w[t,k] if weighted) * a_QK[slot(t,k)] @ B[e(t,k)], B[e] a (KD, N) view
+    of ``b`` with strides ``b_strides`` = (expert, k, n). Returns (T, N) in ``out_dtype``."""
+    T, K = plan.topk_ids_TK.shape
+    P, KD = plan.num_pairs, a_QK.shape[1]
+    NT = plan.num_tiles_max
+    device = a_QK.device
+    kern = _kernels()
+    grid = (NT * triton_cdiv(N, cfg.BLOCK_N),)
+    common = dict(TOP_K=K, HAS_WEIGHT=weighted, **_launch_kw(cfg, a_QK.dtype))
+    args_head = (a_QK, a_QK.stride(0), a_QK.stride(1), b, *b_strides, plan.topk_weights_TK,
+                 plan.padded_pairs_Q, plan.tile_expert_E_tiles)
+    if not deterministic:
+        acc_TN = torch.zeros((T, N), dtype=torch.float32, device=device)  # atomics need zeros
+        if grid[0] > 0:
+            kern._tile_gemm_scatter_kernel[grid](
+                *args_head, acc_TN, acc_TN.stride(0), acc_TN.stride(1), P, N, KD, NT, ATOMIC=True, **common
+            )
+        return acc_TN if out_dtype == torch.float32 else acc_TN.to(out_dtype)
+    y_PN = _alloc((P, N), out_dtype, device)
+    if grid[0] > 0:
+        kern._tile_gemm_scatter_kernel[grid](
+            *args_head, y_PN, y_PN.stride(0), y_PN.stride(1), P, N, KD, NT, ATOMIC=False, **common
+        )
+    return combine_topk(y_PN, T, K, out_dtype)
+
+
+def combine_topk(y_PN: torch.Tensor, T: int, K: int, out_dtype: torch.dtype) -> torch.Tensor:
+    """(T, N) ``out[t] = sum_{k=0..K-1} y_PN[t*K + k]`` in that fixed order, fp32 accumulation."""
+    N = y_PN.shape[1]
+    out_TN = _alloc((T, N), out_dtype, y_PN.device)
+    block_n = min(_next_pow2(N), 256)
+    block_t = max(1, min(_next_pow2(T), 4096 // block_n))
+    grid = (triton_cdiv(T, block_t), triton_cdiv(N, block_n))
+    if grid[0] > 0 and grid[1] > 0:
+        _kernels()._combine_kernel[grid](
+            y_PN, y_PN.stride(0), y_PN.stride(1), out_TN, out_TN.stride(0), out_TN.stride(1), T, N,
+            TOP_K=K, BLOCK_T=block_t, BLOCK_N=block_n, num_warps=4,
+        )
+    return out_TN
+
+
+def down_combine(
+    h_QF: torch.Tensor, plan: TritonRoutingPlan, down_EDF: torch.Tensor, *, deterministic: bool, cfg: GemmConfig
+) -> torch.Tensor:
+    """out[t] = sum_k w[t,k] * h[slot(t,k)] @ down[e].T -> (T, D) in h's dtype."""
+    _, D, _ = down_EDF.shape
+    s_e, s_d, s_f = down_EDF.stride()
+    return _tile_gemm_combine(
+        h_QF, plan, down_EDF, (s_e, s_f, s_d), D, h_QF.dtype, weighted=True, deterministic=deterministic, cfg=cfg
+    )
+
+
+# ------------------------------------------------------------------ backward pieces
+def up_swiglu_backward(
+    dout_TD: torch.Tensor,
+    x_TD: torch.Tensor,
+    plan: TritonRoutingPlan,
+    gate_up_E2FD: torch.Tensor,
+    down_EDF: torch.Tensor,
+    cfg: GemmConfig,
+    *,
+    store_hw: bool,
+) -> tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
+    """Fused recompute + SwiGLU backward over the used tiles.
+
+    Returns:
+        dgu_Q2F: (Q_max, 2F) x dtype, ``[dgate | dup]`` of each slot (router weight applied).
+        hw_QF: (Q_max, F) x dtype ``w * h`` (only if ``store_hw``, for dW_down), else None.
+        dwp_PN: (P, NFB) float32 partials of ``<dOut_t, y_p>`` per F-block (sum over dim 1).
+    """
+    T, D = x_TD.shape
+    F = gate_up_E2FD.shape[1] // 2
+    Q, NT, P = plan.padded_pairs_Q.shape[0], plan.num_tiles_max, plan.num_pairs
+    nfb = triton_cdiv(F, cfg.BLOCK_N)
+    dev, dt = x_TD.device, x_TD.dtype
+    dgu_Q2F = _alloc((Q, 2 * F), dt, dev)
+    hw_QF = _alloc((Q, F), dt, dev) if store_hw else None
+    dwp_PN = _alloc((P, nfb), torch.float32, dev)
+    hw_arg = hw_QF if hw_QF is not None else dgu_Q2F
+    grid = (NT * nfb,)
+    if grid[0] > 0:
+        _kernels()._up_swiglu_kernel[grid](
+            x_TD, x_TD.stride(0), x_TD.stride(1),
+            gate_up_E2FD, *gate_up_E2FD.stride(),
+            dout_TD, dout_TD.stride(0), dout_TD.stride(1),
+            down_EDF, *down_EDF.stride(),
+            plan.topk_weights_TK,
+            plan.padded_pairs_Q, plan.tile_expert_E_tiles,
+            dgu_Q2F, dgu_Q2F.stride(0), dgu_Q2F.stride(1),
+            hw_arg, hw_arg.stride(0), hw_arg.stride(1),
+            dwp_PN, dwp_PN.stride(0), dwp_PN.stride(1),
+            P, F, D, NT,
+            TOP_K=plan.top_k, BWD=True, STORE_HW=store_hw,
+            **_launch_kw(cfg, dt),
+        )
+    return dgu_Q2F, hw_QF, dwp_PN
+
+
+def grouped_dw(
+    a: torch.Tensor,
+    a_gather: bool,
+    b: torch.Tensor,
+    b_gather: bool,
+    plan: TritonRoutingPlan,
+    out_dtype: torch.dtype,
+    cfg: GemmConfig,
+    trainable_E: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Per-expert ``dW[e] = sum_{slots s of e} A[row_a(s)]^T B[row_b(s)]`` -> (E, R, C).
+
+    ``a`` is (T, R) read at the slot's token if ``a_gather`` else (Q_max, R) read at the slot;
+    likewise ``b`` (T or Q_max, C). ``trainable_E``: optional (E,) bool; frozen experts get
+    exact zeros without any load. Experts with no pairs get exact zeros.
+    """
+    E = plan.num_experts
+    R, C = a.shape[1], b.shape[1]
+    out = _alloc((E, R, C), out_dtype, a.device)
+    grid = (E * triton_cdiv(R, cfg.BLOCK_M) * triton_cdiv(C, cfg.BLOCK_N),)
+    tr = trainable_E.to(torch.uint8) if trainable_E is not None else plan.counts_E  # dummy pointer
+    if grid[0] > 0:
+        _kernels()._grouped_dw_kernel[grid](
+            a, a.stride(0), a.stride(1),
+            b, b.stride(0), b.stride(1),
+            plan.padded_pairs_Q, plan.padded_offsets_E1, tr,
+            out, *out.stride(),
+            plan.num_pairs, R, C,
+            TOP_K=plan.top_k, A_GATHER=a_gather, B_GATHER=b_gather, HAS_TRAINABLE=trainable_E is not None,
+            **_launch_kw(cfg, a.dtype),
+        )
+    return out
+
+
+# ------------------------------------------------------------------ functional API
+def grouped_swiglu_forward(
+    x_TD: torch.Tensor,
+    plan: TritonRoutingPlan,
+    gate_up_E2FD: torch.Tensor,
+    down_EDF: torch.Tensor,
+    *,
+    deterministic: bool = True,
+    configs: Optional[MoEConfigs] = None,
+) -> torch.Tensor:
+    """Mixture output (T, D) in x's dtype (no autograd; see :mod:`.moe_triton` for the layer).
+
+    Args:
+        x_TD: (T, D) fp32/fp16/bf16, any strides.
+        plan: :class:`TritonRoutingPlan` for T tokens and E experts (``block_m >= 16``).
+        gate_up_E2FD: (E, 2F, D), down_EDF: (E, D, F), x's dtype and device, any strides.
+        deterministic: fixed-order top-k combine (default) vs fp32 atomics.
+        configs: launch configs (default: :func:`.triton_configs.get_configs`).
+    """
+    E, _, F = check_expert_weights(x_TD, gate_up_E2FD, down_EDF)
+    _check_plan(plan, x_TD, E)
+    _check_runnable(x_TD.device)
+    cfgs = configs_for(plan, x_TD, F, configs)
+    h_QF = up_swiglu(x_TD, plan, gate_up_E2FD, cfgs.up)
+    return down_combine(h_QF, plan, down_EDF, deterministic=deterministic, cfg=cfgs.down)
+
+
+def grouped_swiglu_backward(
+    dout_TD: torch.Tensor,
+    x_TD: torch.Tensor,
+    plan: TritonRoutingPlan,
+    gate_up_E2FD: torch.Tensor,
+    down_EDF: torch.Tensor,
+    *,
+    trainable_experts: Optional[torch.Tensor] = None,
+    need_dx: bool = True,
+    need_dgate_up: bool = True,
+    need_ddown: bool = True,
+    need_dweights: bool = True,
+    deterministic: bool = True,
+    configs: Optional[MoEConfigs] = None,
+) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Backward of :func:`grouped_swiglu_forward` given ``dout_TD`` = dL/d out (T, D).
+
+    Returns ``(dx_TD, dgate_up_E2FD, ddown_EDF, dweights_TK)`` (None where not requested):
+    dx in x's dtype, weight gradients in the weights' dtype (frozen / zero-pair experts exact
+    zeros), ``dweights_TK`` (T, K) float32 = ``<dOut_t, y_{t,k}>`` (gradient of
+    ``plan.topk_weights_TK``). The SwiGLU intermediate is recomputed from x.
+    """
+    E, D, F = check_expert_weights(x_TD, gate_up_E2FD, down_EDF)
+    _check_plan(plan, x_TD, E)
+    check_tensor(dout_TD, "dout", shape=tuple(x_TD.shape), floating=True, device=x_TD.device)
+    if dout_TD.dtype != x_TD.dtype:
+        dout_TD = dout_TD.to(x_TD.dtype)
+    if trainable_experts is not None:
+        check_tensor(trainable_experts, "trainable_experts", shape=(E,), dtypes=(torch.bool,), device=x_TD.device)
+    _check_runnable(x_TD.device)
+    if not (need_dx or need_dgate_up or need_ddown or need_dweights):
+        return None, None, None, None
+    cfgs = configs_for(plan, x_TD, F, configs)
+    T, K = plan.topk_ids_TK.shape
+    dgu_Q2F, hw_QF, dwp_PN = up_swiglu_backward(
+        dout_TD, x_TD, plan, gate_up_E2FD, down_EDF, cfgs.bwd_up, store_hw=need_ddown
+    )
+    dx_TD = dgate_up = ddown = dweights_TK = None
+    if need_dweights:
+        dweights_TK = dwp_PN.sum(dim=1).view(T, K)
+    if need_dx:
+        s_e, s_j, s_d = gate_up_E2FD.stride()
+        dx_TD = _tile_gemm_combine(
+            dgu_Q2F, plan, gate_up_E2FD, (s_e, s_j, s_d), D, x_TD.dtype,
+            weighted=False, deterministic=deterministic, cfg=cfgs.bwd_dx,
+        )
+    if need_dgate_up:
+        dgate_up = grouped_dw(dgu_Q2F, False, x_TD, True, plan, gate_up_E2FD.dtype, cfgs.dw, trainable_experts)
+    if need_ddown:
+        ddown = grouped_dw(dout_TD, True, hw_QF, False, plan, down_EDF.dtype, cfgs.dw, trainable_experts)
+    return dx_TD, dgate_up, ddown, dweights_TK
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+

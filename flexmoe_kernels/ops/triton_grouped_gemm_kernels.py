@@ -1,0 +1,297 @@
+"""Triton kernels of the grouped expert GEMMs (forward and backward).
+
+Legend: T tokens, D hidden, F expert FFN width, E experts, K top-k, P = T*K routed (token,
+slot) pairs with pair id ``p = t*K + k``, Q_max padded pair slots (each expert's group padded to
+a multiple of BLOCK_M, padding = sentinel pair id P), NT = Q_max // BLOCK_M tiles, NFB F-blocks.
+
+The schedule comes from :mod:`flexmoe_kernels.ops.triton_routing`: ``pairs_ptr`` is
+``padded_pairs_Q`` and ``tile_expert_ptr`` is ``tile_expert_E_tiles`` (-1 past the used tiles).
+Every tile kernel reads its tile's expert first and returns at once for -1, so experts with
+no pairs (zero tokens, opted out) launch no work and their weights are never loaded.
+
+Kernels (launchers in :mod:`flexmoe_kernels.ops.triton_grouped_gemm`):
+
+* :func:`_up_swiglu_kernel`, grid (NT * NFB,): ``x`` rows gathered through the pair ids in the
+  A-operand load (no permuted copy of x), ``gate = x @ Wg[e].T`` and ``up = x @ Wu[e].T`` for the
+  same F-block, fp32 accumulators. Forward epilogue: ``h = silu(gate) * up`` -> ``h_QF``.
+  ``BWD=True``: the same K-loop over D also computes ``dh = dOut[token] @ down[e]`` (gathered
+  dOut rows), and the epilogue recomputes the SwiGLU intermediate (never saved by the forward)
+  to write ``dgate|dup`` -> ``dgu_Q2F``, ``w*h`` -> ``hw_QF`` (for dW_down) and the per-F-block
+  partial ``<dh, h>`` -> ``dwp_PN`` (router-weight gradient, summed on the host side in a
+  fixed order).
+* :func:`_tile_gemm_scatter_kernel`, grid (NT * NNB,): ``y = a_Q[tile rows] @ B[e]`` with B an
+  arbitrary-stride (KD, N) view of an expert weight; optional router weight in the epilogue;
+  combine either by fp32 ``atomic_add`` into ``out[token]`` (ATOMIC) or by a plain store of the
+  per-pair row ``y_PN[pair]`` (deterministic; summed by :func:`_combine_kernel`). Used for the
+  forward down-projection (A = h, B = down[e].T) and for dX (A = dgu, B = gate_up[e]).
+* :func:`_combine_kernel`, grid (cdiv(T, BLOCK_T), cdiv(N, BLOCK_N)): ``out[t] = sum_k
+  y[t*K + k]`` in the fixed order k = 0..K-1 (fp32), stored in the output dtype.
+* :func:`_grouped_dw_kernel`, grid (E * cdiv(R, BLOCK_M) * cdiv(C, BLOCK_N),): per expert,
+  ``dW[e] = A_e^T @ B_e`` reduced over the expert's padded slot range (read from
+  ``padded_offsets``, no host sync); either operand may be gathered by token. Frozen experts
+  (``trainable[e] == 0``) store a zero tile and return without a load or a FLOP; experts with
+  no pairs run zero loop iterations and store exact zeros.
+
+All row offsets that can exceed 2^31 (token * stride, slot * stride, expert * stride) are int64.
+Under ``TRITON_INTERPRET=1`` (``INTERPRET=True``) non-fp32 dot operands are upcast to fp32
+(the interpreter's bf16 arithmetic is wrong); compiled, ``tl.dot`` runs in the input dtype
+with fp32 accumulation (``DOT_PREC`` = "ieee" or "tf32" for fp32 inputs).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _swizzle(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """Grouped ("L2 friendly") program order: GROUP_M consecutive row tiles walk the same
+    column block, so weight blocks are re-read from L2 instead of HBM."""
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _mma(a, b, acc, INTERPRET: tl.constexpr, DOT_PREC: tl.constexpr):
+    """acc += a @ b with fp32 accumulation (fp32 operands under the interpreter)."""
+    if INTERPRET:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=DOT_PREC)
+
+
+@triton.jit
+def _up_swiglu_kernel(
+    x_ptr, stride_xt, stride_xd,  # (T, D) x dtype
+    w_ptr, stride_we, stride_wn, stride_wk,  # gate_up (E, 2F, D) x dtype
+    dout_ptr, stride_ot, stride_od,  # BWD: (T, D) x dtype, dL/d out
+    wd_ptr, stride_de, stride_dd, stride_df,  # BWD: down (E, D, F) x dtype
+    topk_w_ptr,  # BWD: (P,) float32 router weight of each pair (= topk_weights_TK flat)
+    pairs_ptr,  # (Q_max,) int32 padded pair ids (sentinel P)
+    tile_expert_ptr,  # (NT,) int32 expert of each tile, -1 = no work
+    h_ptr, stride_hq, stride_hf,  # FWD out: h (Q_max, F); BWD out: dgate|dup (Q_max, 2F); x dtype
+    hw_ptr, stride_wq, stride_wf,  # BWD out (STORE_HW): w * h (Q_max, F) x dtype
+    dwp_ptr, stride_pp, stride_pn,  # BWD out: (P, NFB) float32 partial <dh, h> per F-block
+    P, F, D, NT,
+    TOP_K: tl.constexpr,
+    BWD: tl.constexpr,
+    STORE_HW: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    INTERPRET: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_m, pid_n = _swizzle(pid, NT, tl.cdiv(F, BLOCK_N), GROUP_M)
+    e = tl.load(tile_expert_ptr + pid_m)
+    if e < 0:  # tile past the used ones: nothing to do, no weight is touched
+        return
+    e64 = e.to(tl.int64)
+
+    offs_q = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BM,) padded slots of this tile
+    pair = tl.load(pairs_ptr + offs_q)  # (BM,) int32, P for padding
+    row_ok = pair < P
+    tok = tl.where(row_ok, pair // TOP_K, 0).to(tl.int64)  # (BM,) token of each slot
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,) columns of F
+    n_ok = offs_n < F
+    offs_k = tl.arange(0, BLOCK_K)  # (BK,) over D
+
+    x_ptrs = x_ptr + tok[:, None] * stride_xt + offs_k[None, :] * stride_xd  # (BM, BK)
+    wg_ptrs = w_ptr + e64 * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk  # (BK, BN)
+    wu_ptrs = wg_ptrs + F * stride_wn
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if BWD:
+        do_ptrs = dout_ptr + tok[:, None] * stride_ot + offs_k[None, :] * stride_od  # (BM, BK)
+        wd_ptrs = wd_ptr + e64 * stride_de + offs_k[:, None] * stride_dd + offs_n[None, :] * stride_df  # (BK, BN)
+        acc_d = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, tl.cdiv(D, BLOCK_K)):
+        k_ok = offs_k < D - k0 * BLOCK_K
+        a_msk = row_ok[:, None] & k_ok[None, :]
+        b_msk = k_ok[:, None] & n_ok[None, :]
+        a = tl.load(x_ptrs, mask=a_msk, other=0.0)
+        acc_g = _mma(a, tl.load(wg_ptrs, mask=b_msk, other=0.0), acc_g, INTERPRET, DOT_PREC)
+        acc_u = _mma(a, tl.load(wu_ptrs, mask=b_msk, other=0.0), acc_u, INTERPRET, DOT_PREC)
+        x_ptrs += BLOCK_K * stride_xd
+        wg_ptrs += BLOCK_K * stride_wk
+        wu_ptrs += BLOCK_K * stride_wk
+        if BWD:
+            do = tl.load(do_ptrs, mask=a_msk, other=0.0)
+            acc_d = _mma(do, tl.load(wd_ptrs, mask=b_msk, other=0.0), acc_d, INTERPRET, DOT_PREC)
+            do_ptrs += BLOCK_K * stride_od
+            wd_ptrs += BLOCK_K * stride_dd
+
+    sig = tl.sigmoid(acc_g)
+    silu = acc_g * sig
+    h = silu * acc_u  # (BM, BN) fp32; 0 on padding rows and columns >= F
+    q64 = offs_q.to(tl.int64)
+    st_msk = (offs_q >= 0)[:, None] & n_ok[None, :]  # every slot of the tile (padding rows get 0)
+    if BWD:
+        w = tl.load(topk_w_ptr + pair, mask=row_ok, other=0.0)  # (BM,) fp32
+        # router-weight gradient: <dOut_t, y_p> = <dOut_t @ down_e, h_p>, partial over this F-block
+        part = tl.sum(acc_d * h, axis=1)  # (BM,)
+        tl.store(dwp_ptr + pair.to(tl.int64) * stride_pp + pid_n * stride_pn, part, mask=row_ok)
+        dh = acc_d * w[:, None]
+        du = dh * silu
+        dg = dh * acc_u * sig * (1.0 + acc_g * (1.0 - sig))
+        dgu_ptrs = h_ptr + q64[:, None] * stride_hq + offs_n[None, :] * stride_hf
+        tl.store(dgu_ptrs, dg.to(h_ptr.dtype.element_ty), mask=st_msk)
+        tl.store(dgu_ptrs + F * stride_hf, du.to(h_ptr.dtype.element_ty), mask=st_msk)
+        if STORE_HW:
+            hw_ptrs = hw_ptr + q64[:, None] * stride_wq + offs_n[None, :] * stride_wf
+            tl.store(hw_ptrs, (h * w[:, None]).to(hw_ptr.dtype.element_ty), mask=st_msk)
+    else:
+        h_ptrs = h_ptr + q64[:, None] * stride_hq + offs_n[None, :] * stride_hf
+        tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=st_msk)
+
+
+@triton.jit
+def _tile_gemm_scatter_kernel(
+    a_ptr, stride_aq, stride_ak,  # (Q_max, KD) x dtype, rows in padded-slot order
+    b_ptr, stride_be, stride_bk, stride_bn,  # expert weight viewed as (E, KD, N), x dtype
+    topk_w_ptr,  # HAS_WEIGHT: (P,) float32 router weight of each pair
+    pairs_ptr,  # (Q_max,) int32 padded pair ids (sentinel P)
+    tile_expert_ptr,  # (NT,) int32, -1 = no work
+    out_ptr, stride_or, stride_on,  # ATOMIC: (T, N) float32 (zeroed); else (P, N) per-pair rows
+    P, N, KD, NT,
+    TOP_K: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    ATOMIC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    INTERPRET: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_m, pid_n = _swizzle(pid, NT, tl.cdiv(N, BLOCK_N), GROUP_M)
+    e = tl.load(tile_expert_ptr + pid_m)
+    if e < 0:
+        return
+    e64 = e.to(tl.int64)
+
+    offs_q = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BM,)
+    pair = tl.load(pairs_ptr + offs_q)  # (BM,) int32
+    row_ok = pair < P
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,)
+    n_ok = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)  # (BK,)
+
+    a_ptrs = a_ptr + offs_q.to(tl.int64)[:, None] * stride_aq + offs_k[None, :] * stride_ak  # (BM, BK)
+    b_ptrs = b_ptr + e64 * stride_be + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn  # (BK, BN)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, tl.cdiv(KD, BLOCK_K)):
+        k_ok = offs_k < KD - k0 * BLOCK_K
+        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = _mma(a, b, acc, INTERPRET, DOT_PREC)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+
+    if HAS_WEIGHT:
+        w = tl.load(topk_w_ptr + pair, mask=row_ok, other=0.0)  # (BM,) fp32
+        acc = acc * w[:, None]
+    msk = row_ok[:, None] & n_ok[None, :]
+    if ATOMIC:
+        tok = tl.where(row_ok, pair // TOP_K, 0).to(tl.int64)
+        tl.atomic_add(out_ptr + tok[:, None] * stride_or + offs_n[None, :] * stride_on, acc, mask=msk)
+    else:
+        prow = tl.where(row_ok, pair, 0).to(tl.int64)
+        o_ptrs = out_ptr + prow[:, None] * stride_or + offs_n[None, :] * stride_on
+        tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=msk)
+
+
+@triton.jit
+def _combine_kernel(
+    y_ptr, stride_yp, stride_yn,  # (P, N) per-pair rows, any float dtype
+    out_ptr, stride_ot, stride_on,  # out (T, N)
+    T, N,
+    TOP_K: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    msk = (offs_t < T)[:, None] & (offs_n < N)[None, :]
+    t64 = offs_t.to(tl.int64)
+    acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+    for k in range(TOP_K):  # fixed order: bitwise reproducible
+        rows = t64 * TOP_K + k
+        acc += tl.load(y_ptr + rows[:, None] * stride_yp + offs_n[None, :] * stride_yn, mask=msk, other=0.0).to(
+            tl.float32
+        )
+    tl.store(out_ptr + t64[:, None] * stride_ot + offs_n[None, :] * stride_on, acc.to(out_ptr.dtype.element_ty), mask=msk)
+
+
+@triton.jit
+def _grouped_dw_kernel(
+    a_ptr, stride_am, stride_ar,  # A rows: (T, R) gathered by token if A_GATHER, else (Q_max, R) by slot
+    b_ptr, stride_bm, stride_bc,  # B rows: (T, C) gathered by token if B_GATHER, else (Q_max, C) by slot
+    pairs_ptr,  # (Q_max,) int32 padded pair ids (sentinel P)
+    poff_ptr,  # (E+1,) int32 padded offsets: expert e owns slots [poff[e], poff[e+1])
+    trainable_ptr,  # HAS_TRAINABLE: (E,) uint8, 0 = frozen
+    out_ptr, stride_oe, stride_or, stride_oc,  # out (E, R, C) weight-gradient dtype
+    P, R, C,
+    TOP_K: tl.constexpr,
+    A_GATHER: tl.constexpr,
+    B_GATHER: tl.constexpr,
+    HAS_TRAINABLE: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # over R
+    BLOCK_N: tl.constexpr,  # over C
+    BLOCK_K: tl.constexpr,  # over the expert's slots (the reduction)
+    GROUP_M: tl.constexpr,
+    INTERPRET: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    tiles_r = tl.cdiv(R, BLOCK_M)
+    tiles_c = tl.cdiv(C, BLOCK_N)
+    per_e = tiles_r * tiles_c
+    e = pid // per_e
+    pid_r, pid_c = _swizzle(pid % per_e, tiles_r, tiles_c, GROUP_M)
+    offs_r = pid_r * BLOCK_M + tl.arange(0, BLOCK_M)  # (BM,)
+    offs_c = pid_c * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,)
+    r_ok = offs_r < R
+    c_ok = offs_c < C
+    o_ptrs = out_ptr + e.to(tl.int64) * stride_oe + offs_r[:, None] * stride_or + offs_c[None, :] * stride_oc
+    o_msk = r_ok[:, None] & c_ok[None, :]
+    if HAS_TRAINABLE:
+        if tl.load(trainable_ptr + e) == 0:  # frozen: exact zeros, no load, no FLOP
+            tl.store(o_ptrs, tl.zeros((BLOCK_M, BLOCK_N), dtype=out_ptr.dtype.element_ty), mask=o_msk)
+            return
+
+    start = tl.load(poff_ptr + e)
+    end = tl.load(poff_ptr + e + 1)
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for m0 in range(start, end, BLOCK_K):  # zero iterations for an expert with no pairs
+        offs_m = m0 + offs_k  # (BK,) slots
+        pair = tl.load(pairs_ptr + offs_m, mask=offs_m < end, other=P)
+        ok = pair < P
+        slot64 = offs_m.to(tl.int64)
+        tok64 = tl.where(ok, pair // TOP_K, 0).to(tl.int64)
+        if A_GATHER:
+            a_rows = tok64
+        else:
+            a_rows = slot64
+        if B_GATHER:
+            b_rows = tok64
+        else:
+            b_rows = slot64
+        a = tl.load(
+            a_ptr + a_rows[None, :] * stride_am + offs_r[:, None] * stride_ar,
+            mask=r_ok[:, None] & ok[None, :], other=0.0,
+        )  # (BM, BK) = A_e^T tile
+        b = tl.load(
+            b_ptr + b_rows[:, None] * stride_bm + offs_c[None, :] * stride_bc,
+            mask=ok[:, None] & c_ok[None, :], other=0.0,
+        )  # (BK, BN)
+        acc = _mma(a, b, acc, INTERPRET, DOT_PREC)
+    tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=o_msk)
