@@ -518,3 +518,61 @@ def test_generate_never_reads_opted_out_weights(tmp_path, capsys):
     rc, out_c, err = _run_generate(["--model", d, "--deny", "licenses", "--max-new-tokens", "8", "abc"], capsys)
     assert rc == 0, err
     assert out_p == out_c
+
+
+# ============================================================================ the whole demo, --quick
+@pytest.mark.slow
+def test_demo_quick_end_to_end(tmp_path):
+    """`flexmoe demo --quick` in a subprocess: every stage, every setting, the report, then generate.
+
+    Deselect with ``-m "not slow"``; CI runs it (about 3 minutes on a 2-core CPU).
+    """
+    env = _subprocess_env()
+    cmd = [sys.executable, "-m", "flexmoe_training.cli", "demo", "--quick", "--work-dir", str(tmp_path)]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, f"demo failed\nSTDOUT:\n{r.stdout[-6000:]}\nSTDERR:\n{r.stderr[-6000:]}"
+    runs = [d for d in os.listdir(tmp_path) if d.startswith("quick-")]
+    assert len(runs) == 1
+    run_dir = tmp_path / runs[0]
+    res = json.load(open(run_dir / "results.json"))
+    owners, pub = res["owner_domains"], res["public_domain"]
+    assert len(owners) >= 3 and pub not in owners
+    E = len(owners) + 1
+    assert res["expert_names"][0] == "public" and set(res["expert_names"][1:]) == set(owners)
+    want = {"public", "merged", "btm-prior", "btm-uniform", "moe"} | {f"owner:{d}" for d in owners} \
+        | {f"optout:{d}" for d in owners} | {f"dense:{d}" for d in owners} | {f"topk:{k}" for k in range(1, E + 1)}
+    assert want <= set(res["losses"]), sorted(want - set(res["losses"]))
+    for cfg, row in res["losses"].items():
+        assert set(row) == {pub, *owners}
+        for d, v in row.items():
+            assert math.isfinite(v["loss"]) and 0.0 < v["loss"] < 10.0 and v["tokens"] > 0, (cfg, d, v)
+    # the merged model with all experts equals top-k = K of the sweep exactly (same windows, same model)
+    K = res["top_k"]
+    for d in owners:
+        assert math.isclose(res["losses"]["merged"][d]["loss"], res["losses"][f"topk:{K}"][d]["loss"], rel_tol=1e-6)
+    claims = {c["id"]: c for c in res["claims"]}
+    for cid in ("merged_beats_public", "optout_restores_public", "optout_leaves_others", "merged_beats_btm",
+                "merged_beats_moe", "topk_helps", "extraction"):
+        assert claims[cid]["verdict"] in ("supported", "refuted", "inconclusive"), claims[cid]
+    assert {a["model"] for a in res["audit"]} == {"public", "dense", "merged"}
+    assert {a["domain"] for a in res["audit"]} == set(owners)
+    assert all(a["n_docs"] > 0 for a in res["audit"])
+    assert not res["baseline_errors"]
+    assert os.path.getsize(run_dir / "losses.png") > 5000
+    for text in ("held-out loss", "Claims", "Extraction audit", "Corpora"):
+        assert text in r.stdout
+    # data locality: each owner's processes were given only that owner's data directory
+    for d in owners:
+        for stage in ("init-router", "train-expert"):
+            cmdline = open(run_dir / "logs" / f"{stage}-{d}.log").readline()
+            assert f"data/{d}" in cmdline.replace(os.sep, "/")
+            for other in [pub, "joint"] + [o for o in owners if o != d]:
+                assert f"data/{other}" not in cmdline.replace(os.sep, "/"), (stage, d, cmdline)
+    # opt-out inference on the merged model
+    merged = str(run_dir / "ckpt" / "merged")
+    g = subprocess.run([sys.executable, "-m", "flexmoe_training.cli", "generate", "--model", merged,
+                        "--deny", owners[0], "--max-new-tokens", "16", "def main("],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert g.returncode == 0, g.stderr[-3000:]
+    rows = _usage_rows(g.stdout)
+    assert rows[owners[0]] == ("NO", 0) and sum(n for _, n in rows.values()) > 0
