@@ -1,0 +1,222 @@
+"""End-to-end training benchmark with DeepSpeed: tokens/s and MFU per training step.
+
+Legend: B sequences per micro-batch, S sequence length, D hidden, L layers, F expert width,
+E experts, K top-k, V vocabulary.
+
+Models (``flexmoe_kernels.models.FlexOlmoForCausalLM``, same backbone, random init):
+
+* ``dense``: ``num_experts=1``, top-1, FFN width K*F (equal active parameters to the MoEs).
+* ``moe``: standard MoE, ``E_std`` experts of width F, top-K, everything trainable.
+* ``moe2_full``: 2 experts, top-2, everything trainable.
+* ``flexolmo_coupled``: the same 2-expert model trained the FlexOlmo way: embeddings,
+  attention, norms, LM head and the public expert 0 frozen (``requires_grad=False`` for the
+  shared tensors, ``FlexMoE.set_trainable_experts([1])`` so no dW is computed for expert 0,
+  the public router row's gradient zeroed); trainable: expert 1's FFN, its router row, bias.
+
+Each model: ``deepspeed.initialize`` (single process: MASTER_ADDR/PORT, RANK=0, WORLD_SIZE=1;
+``gloo`` on CPU, ``nccl`` on CUDA), bf16 on GPU / fp32 on CPU, ZeRO stage 0, AdamW
+(betas 0.9/0.95, weight decay 0, as FlexOlmo), clip 1.0; ``warmup`` untimed steps, then the
+median of ``steps`` timed steps (fresh random token ids each step; loss = shifted CE).
+
+* ``tokens_per_s = B*S / median step time``.
+* ``mfu = tokens_per_s * flops_per_token / peak``, with the PaLM convention
+  ``flops_per_token = 6*N_active + 12*L*S*H*hd`` where ``N_active`` counts every matmul
+  weight a token passes through (attention projections, router, the K active experts, LM
+  head; not the embedding table) and the second term is attention scores/values (non-causal
+  count). It is the same "model FLOPs" for coupled and fully trainable training, so the MFU of
+  coupled training is a *useful-work* figure (the hardware skips the frozen dW GEMMs).
+  ``peak`` = dense bf16 peak of the GPU (table in harness.py, or ``--peak-tflops``); no MFU on CPU.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+import traceback
+from typing import Optional
+
+import torch
+
+from . import harness
+from .presets import E2E_PRESETS, E2EPreset
+
+_DS_READY = {"done": False}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_deepspeed(device: torch.device):
+    """Import DeepSpeed and initialise a single-process group (idempotent)."""
+    import deepspeed
+
+    if _DS_READY["done"]:
+        return deepspeed
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    try:
+        from deepspeed.utils import logger as ds_logger
+
+        ds_logger.setLevel(logging.WARNING)
+    except Exception:  # noqa: BLE001
+        pass
+    if device.type == "cpu" and os.environ["WORLD_SIZE"] == "1":
+        # With one process the CPU shared-memory all-reduce op is useless, and DeepSpeed would
+        # JIT-compile it (over a minute on a small machine) inside init_distributed.
+        try:
+            import deepspeed.ops as ds_ops
+
+            ds_ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        except Exception:  # noqa: BLE001
+            pass
+    deepspeed.init_distributed(dist_backend="gloo" if device.type == "cpu" else "nccl")
+    _DS_READY["done"] = True
+    return deepspeed
+
+
+def model_config(pre: E2EPreset, kind: str):
+    """The FlexOlmoConfig of one benchmark model (see module docstring)."""
+    from flexmoe_kernels.models import FlexOlmoConfig
+
+    if kind == "dense":
+        E, K, width = 1, 1, pre.K * pre.F
+    elif kind == "moe":
+        E, K, width = pre.E_std, pre.K, pre.F
+    elif kind in ("moe2_full", "flexolmo_coupled"):
+        E, K, width = 2, 2, pre.F
+    else:
+        raise ValueError(f"e2e model must be one of dense, moe, moe2_full, flexolmo_coupled; got {kind!r}")
+    head_dim = pre.D // pre.heads
+    return FlexOlmoConfig(
+        vocab_size=pre.vocab, hidden_size=pre.D, intermediate_size=width,
+        num_hidden_layers=pre.L, num_attention_heads=pre.heads, num_key_value_heads=pre.kv_heads,
+        head_dim=head_dim, max_position_embeddings=max(pre.seq, 128), num_experts=E,
+        num_experts_per_tok=K, norm_topk_prob=False, tie_word_embeddings=False,
+        expert_bias=kind == "flexolmo_coupled",
+    )
+
+
+def flops_per_token(pre: E2EPreset, cfg) -> float:
+    """Model FLOPs per trained token (fwd+bwd), PaLM convention (see module docstring)."""
+    D, L = pre.D, pre.L
+    hd = pre.D // pre.heads
+    attn = D * pre.heads * hd + 2 * D * pre.kv_heads * hd + pre.heads * hd * D
+    moe = cfg.num_experts * D + cfg.num_experts_per_tok * 3 * D * cfg.intermediate_size
+    n_active = L * (attn + moe) + pre.vocab * D
+    return 6.0 * n_active + 12.0 * L * pre.seq * pre.heads * hd
+
+
+def _freeze_for_coupled(model) -> None:
+    """FlexOlmo coupled expert training: only expert 1 (FFN, router row, bias) is trained."""
+    from flexmoe_kernels import FlexMoE
+
+    for prm in model.parameters():
+        prm.requires_grad_(False)
+    n = 0
+    for m in model.modules():
+        if isinstance(m, FlexMoE):
+            n += 1
+            m.set_trainable_experts([1])
+            keep = torch.zeros(m.num_experts, 1, dtype=torch.float32)
+            keep[1:] = 1.0
+            for prm in (m.gate.weight, m.experts.gate_up_proj, m.experts.down_proj):
+                prm.requires_grad_(True)
+            m.gate.weight.register_hook(lambda g, keep=keep: g * keep.to(g.device, g.dtype))
+            if m.gate.expert_bias is not None:
+                m.gate.expert_bias.requires_grad_(True)
+                m.gate.expert_bias.register_hook(lambda g, keep=keep: g * keep[:, 0].to(g.device, g.dtype))
+    if n == 0:
+        raise RuntimeError("flexolmo_coupled: the model has no FlexMoE layers to freeze")
+
+
+def run_e2e(presets, models, device, rec: harness.Recorder, peak: Optional[float],
+            show_progress: bool = True, steps: Optional[int] = None) -> None:
+    jobs = [(pn, m) for pn in presets for m in models]
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    for pn, kind in harness.progress(jobs, len(jobs), "e2e", show_progress):
+        pre = E2E_PRESETS[pn]
+        base = dict(bench="e2e", preset=pn, provider=kind, mode="train_step", T=pre.batch * pre.seq,
+                    D=pre.D, F=pre.F, dtype=str(dtype).replace("torch.", ""),
+                    layers=pre.L, seq=pre.seq, batch=pre.batch)
+        try:
+            from flexmoe_kernels.models import FlexOlmoForCausalLM  # noqa: F401
+        except Exception as exc:  # noqa: BLE001
+            rec.add(**base, status="skipped", note=f"flexmoe_kernels.models not available: {exc}")
+            continue
+        try:
+            import deepspeed  # noqa: F401
+        except Exception as exc:  # noqa: BLE001
+            rec.add(**base, status="skipped", note=f"deepspeed not importable: {exc}")
+            continue
+        engine = model = None
+        try:
+            row = _train(pre, kind, device, dtype, rec, peak, steps)
+            rec.add(**base, **row)
+        except Exception as exc:  # noqa: BLE001
+            rec.log(traceback.format_exc())
+            msg = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+            rec.add(**base, status="error", note=("out of memory: " if harness.is_oom(exc) else "") + msg)
+        finally:
+            del engine, model
+            harness.free_memory(device)
+
+
+def _train(pre: E2EPreset, kind: str, device, dtype, rec, peak, steps: Optional[int]) -> dict:
+    from flexmoe_kernels.models import FlexOlmoForCausalLM
+
+    deepspeed = init_deepspeed(device)
+    cfg = model_config(pre, kind)
+    model = FlexOlmoForCausalLM(cfg)
+    if kind == "flexolmo_coupled":
+        _freeze_for_coupled(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    n_total = sum(p.numel() for p in model.parameters())
+    n_train = sum(p.numel() for p in trainable)
+    model.to(device)
+    opt = torch.optim.AdamW(trainable, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0)
+    ds_cfg = {
+        "train_micro_batch_size_per_gpu": pre.batch,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": 1.0,
+        "zero_optimization": {"stage": 0},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if device.type == "cuda":
+        ds_cfg["bf16"] = {"enabled": True}
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds_cfg)
+    n_steps = steps if steps is not None else pre.steps
+    batches = [torch.randint(0, pre.vocab, (pre.batch, pre.seq), device=engine.device)
+               for _ in range(pre.warmup + n_steps)]
+    times, losses = [], []
+    for i, ids in enumerate(batches):
+        if i == pre.warmup and device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        harness.synchronize(device)
+        t0 = time.perf_counter()
+        loss = engine(ids, labels=ids).loss
+        engine.backward(loss)
+        engine.step()
+        harness.synchronize(device)
+        if i >= pre.warmup:
+            times.append((time.perf_counter() - t0) * 1e3)
+        losses.append(float(loss.detach()))
+    t = harness._quantiles(times)
+    tok = pre.batch * pre.seq
+    tps = tok / (t.ms * 1e-3)
+    fpt = flops_per_token(pre, cfg)
+    row = dict(ms=t.ms, ms_p20=t.ms_p20, ms_p80=t.ms_p80, n_calls=t.n, tokens_per_s=tps,
+               flops=fpt * tok, tflops=fpt * tok / (t.ms * 1e-3) / 1e12,
+               mfu=(tps * fpt / peak) if peak else None, E=cfg.num_experts, K=cfg.num_experts_per_tok,
+               params_total=n_total, params_trainable=n_train, loss_first=losses[0], loss_last=losses[-1],
+               peak_mem_mb=(torch.cuda.max_memory_allocated(device) / 2**20) if device.type == "cuda" else None,
+               note="CPU: fp32, numbers meaningless" if device.type != "cuda" else "bf16, ZeRO-0")
+    del engine, opt, batches
+    return row
