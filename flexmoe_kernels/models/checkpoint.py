@@ -244,7 +244,8 @@ def load_state_dict(directory: Union[str, os.PathLike]) -> dict[str, torch.Tenso
             for k in f.keys():
                 if k in sd:
                     raise CheckpointError(f"tensor {k!r} appears in more than one shard ({os.path.basename(path)})")
-                sd[k] = f.get_tensor(k)
+                # clone: own, aligned memory (not a view of the file buffer)
+                sd[k] = f.get_tensor(k).clone()
     return sd
 
 
