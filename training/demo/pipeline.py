@@ -295,15 +295,19 @@ def run_demo(settings: DemoSettings, work_dir: str, *, fresh: bool = False, echo
     K = settings.top_k or N
     K = max(1, min(K, E))
     ck = lambda name: os.path.join(run_dir, "ckpt", name)  # noqa: E731
-    common = dict(seq_len=settings.seq_len, batch_size=settings.batch_size, lr=settings.lr, seed=settings.seed,
-                  dtype=settings.dtype, device=settings.device, moe_backend=settings.moe_backend)
+    dtype_flag = {"float32": "fp32", "bfloat16": "bf16", "float16": "bf16"}.get(settings.dtype, "auto")
+    common = dict(seq_len=settings.seq_len, micro_batch_size=settings.batch_size, lr=settings.lr,
+                  seed=settings.seed, dtype=dtype_flag, device=settings.device, moe_backend=settings.moe_backend)
+
+    def warm(steps: int) -> int:
+        return max(1, steps // 10)
 
     # 3. public model ------------------------------------------------------------------------
     with stage("train-public"):
         if not _done(ck("public")):
             opts = _cli_options("train-public")
             run_cli(["train-public", "--data", data[public_dom], "--out", ck("public"), "--model-config", cfg_path,
-                     *_opt(opts, steps=settings.public_steps, **common)],
+                     *_opt(opts, steps=settings.public_steps, warmup_steps=warm(settings.public_steps), **common)],
                     os.path.join(run_dir, "logs", "train-public.log"), echo_children, env)
 
     # 4./5. each owner alone: router init + expert on the frozen anchor ----------------------
@@ -320,7 +324,7 @@ def run_demo(settings: DemoSettings, work_dir: str, *, fresh: bool = False, echo
                 opts = _cli_options("train-expert")
                 run_cli(["train-expert", "--public", ck("public"), "--data", data[d], "--name", d,
                          "--out", ck(f"expert-{d}"), "--router-init", routers[d],
-                         *_opt(opts, steps=settings.expert_steps, **common)],
+                         *_opt(opts, steps=settings.expert_steps, warmup_steps=warm(settings.expert_steps), **common)],
                         os.path.join(run_dir, "logs", f"train-expert-{d}.log"), echo_children, env)
 
     # 6. merge --------------------------------------------------------------------------------
@@ -362,7 +366,7 @@ def run_demo(settings: DemoSettings, work_dir: str, *, fresh: bool = False, echo
                             raise StageError("`flexmoe train-dense` has no option to start from the public model "
                                              "(--init/--public/--init-from)")
                         run_cli(["train-dense", "--data", data[d], "--out", ck(f"dense-{d}"), *init,
-                                 *_opt(opts, model_config=cfg_path, steps=dense_steps, **common)],
+                                 *_opt(opts, model_config=cfg_path, steps=dense_steps, warmup_steps=warm(dense_steps), **common)],
                                 os.path.join(run_dir, "logs", f"train-dense-{d}.log"), echo_children, env)
                 except StageError as e:
                     baseline_errors[f"dense-{d}"] = str(e).splitlines()[0]
@@ -377,7 +381,7 @@ def run_demo(settings: DemoSettings, work_dir: str, *, fresh: bool = False, echo
                     with open(moe_cfg_path, "w") as f:
                         json.dump(moe_cfg, f, indent=1)
                     run_cli(["train-moe", "--data", data["joint"], "--out", ck("moe"),
-                             *_opt(opts, model_config=moe_cfg_path, num_experts=E, top_k=K, steps=moe_steps, **common)],
+                             *_opt(opts, model_config=moe_cfg_path, num_experts=E, top_k=K, steps=moe_steps, warmup_steps=warm(moe_steps), **common)],
                             os.path.join(run_dir, "logs", "train-moe.log"), echo_children, env)
             except StageError as e:
                 baseline_errors["moe"] = str(e).splitlines()[0]
