@@ -10,8 +10,9 @@ Models (``flexmoe_kernels.models.FlexOlmoForCausalLM``, same backbone, random in
 * ``moe2_full``: 2 experts, top-2, everything trainable.
 * ``flexolmo_coupled``: the same 2-expert model trained the FlexOlmo way: embeddings,
   attention, norms, LM head and the public expert 0 frozen (``requires_grad=False`` for the
-  shared tensors, ``FlexMoE.set_trainable_experts([1])`` so no dW is computed for expert 0,
-  the public router row's gradient zeroed); trainable: expert 1's FFN, its router row, bias.
+  shared tensors, ``FlexMoE.set_trainable_experts([1])`` so no dW is computed for expert 0);
+  trainable: expert 1's FFN, its router row and bias. Done by the training recipe's own
+  ``freeze_for_expert_training`` (see :func:`freeze_for_coupled`).
 
 Each model: ``deepspeed.initialize`` (single process: MASTER_ADDR/PORT, RANK=0, WORLD_SIZE=1;
 ``gloo`` on CPU, ``nccl`` on CUDA), bf16 on GPU / fp32 on CPU, ZeRO stage 0, AdamW
@@ -29,8 +30,11 @@ median of ``steps`` timed steps (fresh random token ids each step; loss = shifte
 """
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import logging
 import os
+import sys
 import socket
 import time
 import traceback
@@ -113,8 +117,47 @@ def flops_per_token(pre: E2EPreset, cfg) -> float:
     return 6.0 * n_active + 12.0 * L * pre.seq * pre.heads * hd
 
 
-def _freeze_for_coupled(model) -> None:
-    """FlexOlmo coupled expert training: only expert 1 (FFN, router row, bias) is trained."""
+def _training_modeling():
+    """``flexmoe_training.modeling`` (the directory ``training/``), importable without pip install."""
+    try:
+        return importlib.import_module("flexmoe_training.modeling")
+    except ImportError:
+        pass
+    init = harness.REPO_ROOT / "training" / "__init__.py"
+    if not init.is_file():
+        raise ImportError(f"{init} not found")
+    spec = importlib.util.spec_from_file_location("flexmoe_training", init,
+                                                  submodule_search_locations=[str(init.parent)])
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["flexmoe_training"] = mod
+    try:
+        spec.loader.exec_module(mod)
+    except Exception:
+        del sys.modules["flexmoe_training"]
+        raise
+    return importlib.import_module("flexmoe_training.modeling")
+
+
+def freeze_for_coupled(model) -> str:
+    """Freeze ``model`` for FlexOlmo coupled expert training; returns how it was done.
+
+    Uses the training recipe's own ``flexmoe_training.modeling.freeze_for_expert_training``
+    (frozen leading rows via a parametrization + ``set_trainable_experts([1])``) so the
+    benchmark times what ``flexmoe train-expert`` runs; falls back to :func:`_freeze_fallback`
+    when that module cannot be imported.
+    """
+    try:
+        fn = _training_modeling().freeze_for_expert_training
+    except Exception as exc:  # noqa: BLE001
+        _freeze_fallback(model)
+        return f"benchmarks fallback freeze (flexmoe_training unavailable: {type(exc).__name__})"
+    fn(model)
+    return "flexmoe_training.modeling.freeze_for_expert_training"
+
+
+def _freeze_fallback(model) -> None:
+    """Only expert 1 (FFN, router row, bias) trains: shared tensors requires_grad False, no dW
+    for expert 0 (``set_trainable_experts([1])``), gradients of the public rows zeroed."""
     from flexmoe_kernels import FlexMoE
 
     for prm in model.parameters():
@@ -174,8 +217,9 @@ def _train(pre: E2EPreset, kind: str, device, dtype, rec, peak, steps: Optional[
     deepspeed = init_deepspeed(device)
     cfg = model_config(pre, kind)
     model = FlexOlmoForCausalLM(cfg)
+    how = "all parameters trainable"
     if kind == "flexolmo_coupled":
-        _freeze_for_coupled(model)
+        how = freeze_for_coupled(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_total = sum(p.numel() for p in model.parameters())
     n_train = sum(p.numel() for p in trainable)
@@ -217,6 +261,7 @@ def _train(pre: E2EPreset, kind: str, device, dtype, rec, peak, steps: Optional[
                mfu=(tps * fpt / peak) if peak else None, E=cfg.num_experts, K=cfg.num_experts_per_tok,
                params_total=n_total, params_trainable=n_train, loss_first=losses[0], loss_last=losses[-1],
                peak_mem_mb=(torch.cuda.max_memory_allocated(device) / 2**20) if device.type == "cuda" else None,
+               freeze=how,
                note="CPU: fp32, numbers meaningless" if device.type != "cuda" else "bf16, ZeRO-0")
     del engine, opt, batches
     return row
