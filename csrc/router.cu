@@ -40,8 +40,10 @@ inline RouterShape router_shape(int E) {
     s.VPL = (E <= 64) ? 2 : (E <= 128) ? 4 : 8;
   }
   const int groups = kRouterThreads / s.G;
-  // At least 64 rows per block keeps the NB x E histogram table small.
-  s.rows_per_block = groups * ((64 + groups - 1) / groups);
+  // 32 rows per block for E <= 32 (many blocks in flight at moderate T), 64 for larger E
+  // (keeps the NB x E histogram table that the last block scans small).
+  const int rows = s.VPL == 1 ? 32 : 64;
+  s.rows_per_block = groups * ((rows + groups - 1) / groups);
   return s;
 }
 
@@ -107,26 +109,40 @@ __global__ void __launch_bounds__(kRouterThreads) router_fwd_kernel(
   constexpr int kGroups = kRouterThreads / G;
   const std::int64_t row0 = static_cast<std::int64_t>(blockIdx.x) * rows_per_block;
 
-  // The trip count is uniform across the block so every lane reaches every shuffle.
-  for (int it = 0; it < rows_per_block; it += kGroups) {
-    const std::int64_t t = row0 + it + group;
+  // Loads one row's masked logits: z = logit + min(bias, 0), -inf where disallowed or j >= E;
+  // sel = 0 for allowed experts (replaced by the probability), -1 disallowed, -inf absent.
+  auto load_row = [&](std::int64_t t, float (&z)[VPL], float (&sel)[VPL]) {
     const bool row_ok = t < num_tokens;
-
-    float z[VPL];
-    float sel[VPL];
 #pragma unroll
     for (int v = 0; v < VPL; ++v) {
       const int j = v * G + lane;
       z[v] = -INFINITY;
-      sel[v] = -INFINITY;  // not an expert: never selected
+      sel[v] = -INFINITY;
       if (row_ok && j < E) {
         float x = to_float(logits_TE[t * E + j]);
         if (bias_E != nullptr) x += fminf(bias_E[j], 0.0f);
         const bool ok = allowed_at(mask, mask_mode, t, E, j);
         z[v] = ok ? x : -INFINITY;
-        sel[v] = ok ? 0.0f : -1.0f;  // disallowed experts rank below every allowed one
+        sel[v] = ok ? 0.0f : -1.0f;
       }
     }
+  };
+
+  float z_next[VPL], sel_next[VPL];
+  load_row(row0 + group, z_next, sel_next);
+  // The trip count is uniform across the block so every lane reaches every shuffle. The next
+  // row's loads are issued before this row's arithmetic (software prefetch).
+  for (int it = 0; it < rows_per_block; it += kGroups) {
+    const std::int64_t t = row0 + it + group;
+    const bool row_ok = t < num_tokens;
+    float z[VPL], sel[VPL];
+#pragma unroll
+    for (int v = 0; v < VPL; ++v) {
+      z[v] = z_next[v];
+      sel[v] = sel_next[v];
+    }
+    if (it + kGroups < rows_per_block) load_row(t + kGroups, z_next, sel_next);
+
     float m = -INFINITY;
 #pragma unroll
     for (int v = 0; v < VPL; ++v) m = fmaxf(m, z[v]);
