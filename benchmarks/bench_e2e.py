@@ -15,7 +15,7 @@ Models (``flexmoe_kernels.models.FlexOlmoForCausalLM``, same backbone, random in
   ``freeze_for_expert_training`` (see :func:`freeze_for_coupled`).
 
 Each model: ``deepspeed.initialize`` (single process: MASTER_ADDR/PORT, RANK=0, WORLD_SIZE=1;
-``gloo`` on CPU, ``nccl`` on CUDA), bf16 on GPU / fp32 on CPU, ZeRO stage 0, AdamW
+``gloo`` on CPU, ``nccl`` on CUDA), bf16 on GPU / fp32 on CPU, ZeRO stage 0 (``--zero-stage``), AdamW
 (betas 0.9/0.95, weight decay 0, as FlexOlmo), clip 1.0; ``warmup`` untimed steps, then the
 median of ``steps`` timed steps (fresh random token ids each step; loss = shifted CE).
 
@@ -180,7 +180,8 @@ def _freeze_fallback(model) -> None:
 
 
 def run_e2e(presets, models, device, rec: harness.Recorder, peak: Optional[float],
-            show_progress: bool = True, steps: Optional[int] = None) -> None:
+            show_progress: bool = True, steps: Optional[int] = None, zero_stage: int = 0) -> None:
+    """One ``train_step`` row per (preset, model); a failing model gives an error row."""
     jobs = [(pn, m) for pn in presets for m in models]
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     for pn, kind in harness.progress(jobs, len(jobs), "e2e", show_progress):
@@ -200,7 +201,7 @@ def run_e2e(presets, models, device, rec: harness.Recorder, peak: Optional[float
             continue
         engine = model = None
         try:
-            row = _train(pre, kind, device, dtype, rec, peak, steps)
+            row = _train(pre, kind, device, dtype, peak, steps, zero_stage)
             rec.add(**base, **row)
         except Exception as exc:  # noqa: BLE001
             rec.log(traceback.format_exc())
@@ -211,7 +212,7 @@ def run_e2e(presets, models, device, rec: harness.Recorder, peak: Optional[float
             harness.free_memory(device)
 
 
-def _train(pre: E2EPreset, kind: str, device, dtype, rec, peak, steps: Optional[int]) -> dict:
+def _train(pre: E2EPreset, kind: str, device, dtype, peak, steps: Optional[int], zero_stage: int) -> dict:
     from flexmoe_kernels.models import FlexOlmoForCausalLM
 
     deepspeed = init_deepspeed(device)
@@ -229,7 +230,8 @@ def _train(pre: E2EPreset, kind: str, device, dtype, rec, peak, steps: Optional[
         "train_micro_batch_size_per_gpu": pre.batch,
         "gradient_accumulation_steps": 1,
         "gradient_clipping": 1.0,
-        "zero_optimization": {"stage": 0},
+        "zero_optimization": {"stage": zero_stage},
+        "zero_allow_untested_optimizer": True,  # torch.optim.AdamW (weight decay 0) under ZeRO 1/2
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
@@ -262,6 +264,7 @@ def _train(pre: E2EPreset, kind: str, device, dtype, rec, peak, steps: Optional[
                params_total=n_total, params_trainable=n_train, loss_first=losses[0], loss_last=losses[-1],
                peak_mem_mb=(torch.cuda.max_memory_allocated(device) / 2**20) if device.type == "cuda" else None,
                freeze=how,
-               note="CPU: fp32, numbers meaningless" if device.type != "cuda" else "bf16, ZeRO-0")
+               zero_stage=zero_stage,
+               note="CPU: fp32, numbers meaningless" if device.type != "cuda" else f"bf16, ZeRO-{zero_stage}")
     del engine, opt, batches
     return row

@@ -7,8 +7,9 @@ Providers (each included only where it can run):
 * ``torch_route``: :func:`flexmoe_kernels.route` (the reference).
 * ``triton_route``: :func:`flexmoe_kernels.ops.triton_routing.triton_route` (fused kernels +
   padded tile schedule), when ``triton_routing.is_available(device)``.
-* ``cuda_route``: the CUDA router of :mod:`flexmoe_kernels.ops.cuda_ops` (``cuda_route``),
-  when ``backend_status("cuda")`` says the extension is available.
+* ``cuda_route``: the CUDA router of :mod:`flexmoe_kernels.ops.cuda_ops`
+  (``router_forward``: fused softmax-top-k, histogram, prefix sum, stable permutation), when
+  ``backend_status("cuda")`` and ``cuda_is_available()`` say the extension can run.
 * ``device_copy``: ``dst.copy_(src)`` of a buffer much larger than L2, measured in the same
   run: the bandwidth ceiling.
 
@@ -79,15 +80,27 @@ def _cuda_available(device):
         mod = importlib.import_module("flexmoe_kernels.ops.cuda_ops")
     except Exception as exc:  # noqa: BLE001
         return False, f"cannot import flexmoe_kernels.ops.cuda_ops: {exc}"
-    if not hasattr(mod, "cuda_route"):
-        return False, "flexmoe_kernels.ops.cuda_ops has no cuda_route()"
-    return True, "flexmoe_kernels.ops.cuda_ops.cuda_route"
+    name = _cuda_router_name(mod)
+    if name is None:
+        return False, "flexmoe_kernels.ops.cuda_ops has no router_forward()"
+    if hasattr(mod, "cuda_is_available") and not mod.cuda_is_available():
+        reason = mod.cuda_unavailable_reason() if hasattr(mod, "cuda_unavailable_reason") else ""
+        return False, f"CUDA extension unavailable: {reason}"
+    return True, f"flexmoe_kernels.ops.cuda_ops.{name}"
+
+
+def _cuda_router_name(mod) -> Optional[str]:
+    for name in ("router_forward", "cuda_route"):
+        if hasattr(mod, name):
+            return name
+    return None
 
 
 def _cuda_get():
-    from flexmoe_kernels.ops.cuda_ops import cuda_route
-
-    return lambda logits, k, mask: cuda_route(logits, k, allow_mask=mask, validate=False)
+    mod = importlib.import_module("flexmoe_kernels.ops.cuda_ops")
+    fn = getattr(mod, _cuda_router_name(mod))
+    # Fused softmax-top-k + histogram + prefix sum + stable permutation; no host sync.
+    return lambda logits, k, mask: fn(logits, k, allow_mask=mask)
 
 
 ROUTERS = {

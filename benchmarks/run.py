@@ -97,7 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, choices=list(DTYPES), help="layer/routing dtype (default bf16 "
                    "on CUDA, fp32 on CPU)")
     p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default cuda when available; smoke: cpu)")
-    p.add_argument("--out", default=None, help="output directory (default benchmarks/out/)")
+    p.add_argument("--out", default=None, help="output directory (default benchmarks/out/, gitignored)")
+    p.add_argument("--save-results", action="store_true",
+                   help="write into benchmarks/results/<device-slug>/ (the committed GPU results) instead of --out")
     p.add_argument("--warmup-ms", type=float, default=25.0, help="CUDA: do_bench warm-up time per measurement")
     p.add_argument("--rep-ms", type=float, default=100.0, help="CUDA: do_bench measuring time per measurement")
     p.add_argument("--cpu-reps", type=int, default=3, help="CPU: timed calls per measurement")
@@ -108,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"end-to-end model sizes: {', '.join(E2E_PRESETS)} (default e2e-small; smoke: e2e-smoke)")
     p.add_argument("--e2e-models", default="all", help=f"end-to-end models: {', '.join(E2E_MODELS)} or all")
     p.add_argument("--e2e-steps", type=int, default=None, help="timed training steps (default per preset)")
+    p.add_argument("--zero-stage", type=int, default=0, choices=[0, 1, 2],
+                   help="DeepSpeed ZeRO stage of the end-to-end benchmark")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="dense bf16 peak TFLOP/s for MFU (default: looked up from the GPU name)")
     p.add_argument("--targets", default=None, metavar="RESULTS_JSON",
@@ -188,7 +192,14 @@ def main(argv=None) -> int:
         print("e2e presets:", ", ".join(E2E_PRESETS), "  models:", ", ".join(E2E_MODELS))
         return 0
 
-    out_dir = Path(args.out) if args.out else harness.REPO_ROOT / "benchmarks" / "out"
+    if args.save_results and args.out:
+        parser.error("--save-results and --out are exclusive")
+    if args.save_results and device.type != "cuda":
+        parser.error("--save-results is for GPU runs (CPU numbers mean nothing); use --out")
+    if args.save_results:
+        out_dir = harness.REPO_ROOT / "benchmarks" / "results" / harness.device_slug(harness.device_name(device))
+    else:
+        out_dir = Path(args.out) if args.out else harness.REPO_ROOT / "benchmarks" / "out"
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = harness.run_metadata(device, ["-m", "benchmarks.run", *argv])
     meta["seed"] = int(torch.seed() % 2**31)  # fresh random data every run; recorded
@@ -213,7 +224,7 @@ def main(argv=None) -> int:
             from benchmarks.bench_e2e import run_e2e
 
             run_e2e(e2e_presets, e2e_models, device, rec, harness.peak_flops(device, args.peak_tflops), show,
-                    args.e2e_steps)
+                    args.e2e_steps, args.zero_stage)
     finally:
         paths = harness.write_results(out_dir, meta, rec.rows)
         rec.close()
