@@ -11,6 +11,15 @@ from conftest import tol
 import flexmoe_kernels as fk
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny shapes: one intra-op thread is faster and immune to CPU oversubscription."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 # ---------------------------------------------------------------------------- reference
 def ref_moe(moe, x, allow_TE=None):
     """Readable FlexOlmo MoE in float64, one token at a time.
@@ -194,7 +203,7 @@ def test_add_remove_rename(seed):
     i = m.add_expert("news", copy_from="expert_1", bias=-0.5)
     assert i == 3 and m.num_experts == 3 + 1 and m.expert_names[-1] == "news"
     torch.testing.assert_close(m.experts.gate_up_proj[3], m.experts.gate_up_proj[1], atol=0, rtol=0)
-    assert float(m.gate.expert_bias[3]) == -0.5
+    assert float(m.gate.expert_bias.detach()[3]) == -0.5
     # opting the new expert out reproduces the old layer exactly (same E-1 terms)
     torch.testing.assert_close(m(x, allowed_experts=[0, 1, 2]), before, **tol(torch.float32))
     # explicit weights

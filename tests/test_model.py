@@ -15,6 +15,15 @@ from flexmoe_kernels.models import FlexOlmoConfig, FlexOlmoForCausalLM, KVCache
 F32 = tol(torch.float32)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny shapes: one intra-op thread is faster and immune to CPU oversubscription."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def tiny_config(**kw):
     base = dict(vocab_size=61, hidden_size=32, intermediate_size=24, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
