@@ -10,6 +10,9 @@ K=E, fp32/fp16/bf16, determinism, and CUDA-graph capture + replay with a changed
 """
 from __future__ import annotations
 
+import ctypes
+import math
+
 import pytest
 import torch
 from conftest import poison_, tol
@@ -75,6 +78,164 @@ def test_autoselect_is_none_on_cpu():
 
     assert choose_backend(torch.device("cpu"), dict(T=8, D=16, F=8, E=4, K=2)) is None
     assert fk.resolve_backend("auto", "cpu") == "torch"
+
+
+# ----------------------------------------------- CPU emulation of _C: the Python glue
+# A pure-PyTorch stand-in for the compiled module (same raw-pointer API, semantics taken from
+# the reference) lets the CPU tier run the wrappers, the autograd Functions and the backend's
+# expert path (grouped_mm included) end to end. It does NOT test the CUDA code: the gpu tier does.
+
+_DT = {0: torch.float32, 1: torch.float16, 2: torch.bfloat16}
+
+
+def _at(ptr: int, shape, dtype) -> torch.Tensor:
+    """The CPU memory at ``ptr`` as a tensor (no copy)."""
+    n = math.prod(shape)
+    if n == 0 or ptr == 0:
+        return torch.empty(shape, dtype=dtype)
+    nbytes = n * torch.empty((), dtype=dtype).element_size()
+    return torch.frombuffer((ctypes.c_byte * nbytes).from_address(ptr), dtype=dtype, count=n).view(shape)
+
+
+class _EmulatedC:
+    MAX_EXPERTS = 256
+
+    @staticmethod
+    def router_workspace_bytes(T, E):
+        return 16 + 4 * E * ((T + 31) // 32)
+
+    @staticmethod
+    def router_forward(logits, dtype, T, E, K, bias, mask, mask_mode, renorm, ids, w, probs, z, counts,
+                       offsets, sorted_pairs, inv_pairs, workspace, workspace_bytes, stream):
+        lg = _at(logits, (T, E), _DT[dtype]).clone()
+        m = None if mask_mode == 0 else _at(mask, (E,) if mask_mode == 1 else (T, E), torch.bool).clone()
+        b = None if bias == 0 else _at(bias, (E,), torch.float32).clone()
+        plan = route(lg, K, allow_mask=m, expert_bias=b, norm_topk_prob=renorm, validate=False)
+        _at(ids, (T, K), torch.int32).copy_(plan.topk_ids_TK)
+        _at(w, (T, K), torch.float32).copy_(plan.topk_weights_TK.detach())
+        _at(probs, (T, E), torch.float32).copy_(torch.softmax(plan.logits_TE, -1))
+        if z:
+            _at(z, (T, E), torch.float32).copy_(plan.logits_TE)
+        _at(counts, (E,), torch.int32).copy_(plan.counts_E)
+        _at(offsets, (E + 1,), torch.int32).copy_(plan.offsets_E1)
+        _at(sorted_pairs, (T * K,), torch.int32).copy_(plan.sorted_pairs_P)
+        _at(inv_pairs, (T * K,), torch.int32).copy_(plan.inv_sorted_pairs_P)
+
+    @staticmethod
+    def router_backward(probs, ids, w, d_w, d_z, mask, mask_mode, T, E, K, renorm, dz_out, stream):
+        p = _at(probs, (T, E), torch.float32).clone()
+        allowed = p > 0 if mask_mode == 0 else _at(mask, (E,) if mask_mode == 1 else (T, E), torch.bool).expand(T, E)
+        # softmax is shift invariant: log(p) reproduces p; disallowed entries stay -inf
+        zz = torch.where(allowed, p.clamp_min(1e-30).log(), torch.full_like(p, float("-inf"))).requires_grad_()
+        with torch.enable_grad():  # autograd Functions run their backward without grad mode
+            pk = torch.softmax(zz, -1).gather(1, _at(ids, (T, K), torch.int32).long())
+            if renorm:
+                pk = pk / pk.sum(-1, keepdim=True)
+            loss = (pk * _at(d_w, (T, K), torch.float32)).sum() if d_w else (pk * 0).sum()
+            (g,) = torch.autograd.grad(loss, zz)
+        g = torch.zeros_like(p) if g is None else g
+        if d_z:
+            g = g + torch.where(allowed, _at(d_z, (T, E), torch.float32), torch.zeros_like(p))
+        _at(dz_out, (T, E), torch.float32).copy_(g)
+
+    @staticmethod
+    def gather_rows(src, elem_bytes, T, D, sorted_pairs, P, K, dst, stream):
+        dt = torch.int16 if elem_bytes == 2 else torch.int32
+        idx = _at(sorted_pairs, (P,), torch.int32).long() // K
+        _at(dst, (P, D), dt).copy_(_at(src, (T, D), dt)[idx])
+
+    @staticmethod
+    def combine_forward(y, dtype, T, D, K, w, inv, out, stream):
+        yy = _at(y, (T * K, D), _DT[dtype]).float()[_at(inv, (T * K,), torch.int32).long()].view(T, K, D)
+        ww = _at(w, (T, K), torch.float32) if w else torch.ones(T, K)
+        _at(out, (T, D), _DT[dtype]).copy_((ww[:, :, None] * yy).sum(1))
+
+    @staticmethod
+    def combine_backward(dout, dtype, T, D, K, y, w, inv, dy, dw, stream):
+        g = _at(dout, (T, D), _DT[dtype]).float()
+        rows = _at(inv, (T * K,), torch.int32).long()
+        ww = _at(w, (T, K), torch.float32) if w else torch.ones(T, K)
+        if dy:
+            out = _at(dy, (T * K, D), _DT[dtype])
+            out[rows] = (ww.reshape(-1, 1) * g.repeat_interleave(K, 0)).to(_DT[dtype])
+        if dw:
+            yy = _at(y, (T * K, D), _DT[dtype]).float()[rows].view(T, K, D)
+            _at(dw, (T, K), torch.float32).copy_((g[:, None, :] * yy).sum(-1))
+
+
+@pytest.fixture
+def emulated(monkeypatch):
+    monkeypatch.setattr(cuda_ops, "_DEVICE_TYPE", "cpu")
+    monkeypatch.setattr(cuda_ops, "_ext", _EmulatedC)
+    monkeypatch.setattr(cuda_ops, "cuda_unavailable_reason", lambda: "")
+    monkeypatch.setattr(moe_cuda, "_grouped_mm_ok", {})
+
+
+EMU_CASES = [
+    # (dtype, T, D, F, E, K, mask kind, renorm)
+    (torch.float32, 1, 12, 5, 4, 2, "none", False),
+    (torch.float32, 23, 10, 6, 5, 5, "none", True),  # K = E
+    (torch.float32, 31, 12, 7, 6, 2, "token", False),
+    (torch.float32, 40, 9, 4, 6, 2, "global", True),  # opted-out experts with NaN weights
+    (torch.bfloat16, 29, 16, 8, 6, 2, "global", False),  # grouped_mm path (D, F multiples of 8)
+    (torch.bfloat16, 17, 16, 8, 4, 3, "token", True),
+]
+
+
+@pytest.mark.parametrize("dtype,T,D,Fw,E,K,mask_kind,renorm", EMU_CASES)
+def test_emulated_backend_glue_matches_torch(emulated, seed, dtype, T, D, Fw, E, K, mask_kind, renorm):
+    mask = _mask(mask_kind, T, E, K, device="cpu")
+    nan_experts = [] if mask is None or mask.ndim == 2 else (~mask).nonzero().flatten().tolist()
+    params = _layer(E, D, Fw, dtype, nan_experts, device="cpu")
+    x = torch.randn(T, D, dtype=dtype).requires_grad_()
+    path = moe_cuda.grouped_gemm_path("cpu", dtype, D, Fw)
+    assert path == ("grouped_mm" if dtype == torch.bfloat16 else "per_expert")
+    torch.manual_seed(seed)
+    ref = _run("torch", x, params, K, allow_mask=mask, norm_topk_prob=renorm)
+    torch.manual_seed(seed)
+    got = _run("cuda", x, params, K, allow_mask=mask, norm_topk_prob=renorm)
+    _compare_runs(got, ref, dtype, E, nan_experts)
+
+
+def test_emulated_frozen_and_zero_token_experts(emulated, seed):
+    T, D, Fw, E, K = 25, 16, 8, 6, 2
+    for dtype in (torch.float32, torch.bfloat16):
+        params = _layer(E, D, Fw, dtype, device="cpu")
+        with torch.no_grad():  # expert 5 never wins
+            params[0][5] = 0
+            params[3][5] = -30.0
+        trainable = torch.tensor([True, False, True, True, True, True])
+        x = torch.randn(T, D, dtype=dtype).requires_grad_()
+        torch.manual_seed(seed)
+        ref = _run("torch", x, params, K, trainable_experts=trainable)
+        torch.manual_seed(seed)
+        got = _run("cuda", x, params, K, trainable_experts=trainable)
+        for i in (2, 3):
+            assert torch.all(got[2][i][1] == 0) and torch.all(got[2][i][5] == 0)
+        _compare_runs(got, ref, dtype, E, [])
+
+
+def test_emulated_wrapper_validation(emulated):
+    logits = torch.randn(6, 5)
+    with pytest.raises(ValueError, match="allow_mask must have shape"):
+        cuda_ops.router_forward(logits, 2, allow_mask=torch.ones(6, 4, dtype=torch.bool))
+    with pytest.raises(TypeError, match="allow_mask must have dtype"):
+        cuda_ops.router_forward(logits, 2, allow_mask=torch.ones(5))
+    with pytest.raises(ValueError, match="expert_bias must have shape"):
+        cuda_ops.router_forward(logits, 2, expert_bias=torch.zeros(4))
+    with pytest.raises(ValueError, match="logits must be contiguous"):
+        cuda_ops.router_forward(torch.randn(5, 6).t(), 2)
+    with pytest.raises(ValueError, match="top_k=6 is larger"):
+        cuda_ops.router_forward(logits, 6)
+    x = torch.randn(3, 8)
+    with pytest.raises(TypeError, match="sorted_pairs must have dtype"):
+        cuda_ops.gather_rows(x, torch.arange(6), 2)
+    with pytest.raises(ValueError, match="sorted_pairs must have shape"):
+        cuda_ops.gather_rows(x, torch.arange(5, dtype=torch.int32), 2)
+    with pytest.raises(ValueError, match="y must have T\\*K rows"):
+        cuda_ops.combine(torch.randn(7, 8), None, torch.arange(7, dtype=torch.int32), 2)
+    with pytest.raises(ValueError, match="weights must have shape"):
+        cuda_ops.combine(torch.randn(6, 8), torch.rand(2, 3), torch.arange(6, dtype=torch.int32), 2)
 
 
 # ============================================================================ GPU tier
@@ -309,12 +470,12 @@ def test_int64_row_offsets():
 # ------------------------------------------------------------------ the "cuda" backend
 
 
-def _layer(E, D, Fw, dtype, nan_experts=()):
-    g = dict(device="cuda", dtype=dtype)
-    router = (torch.randn(E, D, **g) * D**-0.5)
+def _layer(E, D, Fw, dtype, nan_experts=(), device="cuda"):
+    g = dict(device=device, dtype=dtype)
+    router = torch.randn(E, D, **g) * D**-0.5
     gate_up = torch.randn(E, 2 * Fw, D, **g) * D**-0.5
     down = torch.randn(E, D, Fw, **g) * Fw**-0.5
-    bias = torch.randn(E, device="cuda", dtype=dtype)
+    bias = torch.randn(E, **g)
     for e in nan_experts:  # opted-out experts: any read of them shows up as NaN
         gate_up[e] = float("nan")
         down[e] = float("nan")
@@ -341,6 +502,22 @@ def _run(backend, x, params, K, **kw):
     return out.detach(), logits.detach(), grads, g
 
 
+def _compare_runs(got, ref, dtype, E, nan_experts):
+    """got/ref: (out, logits, [dx, drouter, dgate_up, ddown, dbias], g) from :func:`_run`."""
+    out, logits, grads, _ = got
+    ref_out, ref_logits, ref_grads, _ = ref
+    assert out.dtype == dtype and logits.dtype == torch.float32
+    _scaled_close(out, ref_out, dtype, "out")
+    torch.testing.assert_close(logits, ref_logits, **tol(torch.float32))
+    names = ("dx", "drouter", "dgate_up", "ddown", "dbias")
+    for name, g, r in zip(names, grads, ref_grads):
+        if name in ("dgate_up", "ddown") and nan_experts:
+            assert torch.all(g[nan_experts] == 0), f"{name} of opted-out experts must be exactly 0"
+            keep = [e for e in range(E) if e not in nan_experts]
+            g, r = g[keep], r[keep]
+        _scaled_close(g, r, dtype, name)
+
+
 BACKEND_CASES = [
     # (T, D, F, E, K, mask kind)
     (1, 64, 32, 7, 2, "none"),
@@ -360,19 +537,10 @@ def test_backend_matches_torch(seed, dtype, T, D, Fw, E, K, mask_kind):
     params = _layer(E, D, Fw, dtype, nan_experts)
     x = torch.randn(T, D, device="cuda", dtype=dtype).requires_grad_()
     torch.manual_seed(seed)
-    ref_out, ref_logits, ref_grads, _ = _run("torch", x, params, K, allow_mask=mask, norm_topk_prob=K > 1)
+    ref = _run("torch", x, params, K, allow_mask=mask, norm_topk_prob=K > 1)
     torch.manual_seed(seed)
-    out, logits, grads, _ = _run("cuda", x, params, K, allow_mask=mask, norm_topk_prob=K > 1)
-    assert out.dtype == dtype and logits.dtype == torch.float32
-    _scaled_close(out, ref_out, dtype, "out")
-    torch.testing.assert_close(logits, ref_logits, **tol(torch.float32))
-    names = ("dx", "drouter", "dgate_up", "ddown", "dbias")
-    for name, g, r in zip(names, grads, ref_grads):
-        if name in ("dgate_up", "ddown") and nan_experts:
-            assert torch.all(g[nan_experts] == 0), f"{name} of opted-out experts must be exactly 0"
-            keep = [e for e in range(E) if e not in nan_experts]
-            g, r = g[keep], r[keep]
-        _scaled_close(g, r, dtype, name)
+    got = _run("cuda", x, params, K, allow_mask=mask, norm_topk_prob=K > 1)
+    _compare_runs(got, ref, dtype, E, nan_experts)
 
 
 @gpu

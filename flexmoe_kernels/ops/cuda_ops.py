@@ -48,6 +48,9 @@ _INT32_MAX = 2**31 - 1
 
 _ext = None
 _ext_error: Optional[str] = None
+# Device type the wrappers accept. Only the CPU tests change it, together with a pure-PyTorch
+# stand-in for ``_C``, to exercise the validation/autograd glue without a GPU.
+_DEVICE_TYPE = "cuda"
 
 
 def _load_extension():
@@ -99,7 +102,7 @@ def extension():
 def _check_cuda(t: object, name: str, *, dtypes, shape=None, ndim=None) -> torch.Tensor:
     """Type/shape/dtype checks (``check_tensor``), then CUDA device and contiguity."""
     check_tensor(t, name, ndim=ndim, shape=shape, dtypes=dtypes)
-    if t.device.type != "cuda":
+    if t.device.type != _DEVICE_TYPE:
         raise ValueError(f"{name} must be a CUDA tensor, got a tensor on {t.device}")
     if not t.is_contiguous():
         raise ValueError(f"{name} must be contiguous, got strides {tuple(t.stride())} for shape {tuple(t.shape)}")
@@ -113,6 +116,8 @@ def _check_same_device(ref: torch.Tensor, ref_name: str, **others: Optional[torc
 
 
 def _stream(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 0
     return torch.cuda.current_stream(device).cuda_stream
 
 

@@ -63,15 +63,18 @@ def _grouped_mm_usable(device: torch.device, dtype: torch.dtype, D: int, Fw: int
         return False
     if dtype != torch.bfloat16 or D % 8 or Fw % 8:
         return False
-    key = (device.index if device.index is not None else torch.cuda.current_device(), dtype)
+    is_cuda = device.type == "cuda"
+    index = device.index if device.index is not None or not is_cuda else torch.cuda.current_device()
+    key = (device.type, index, dtype)
     if key not in _grouped_mm_ok:
-        if torch.cuda.is_current_stream_capturing():
+        if is_cuda and torch.cuda.is_current_stream_capturing():
             return False  # cannot probe now; use the fallback (it raises under capture)
-        ok = torch.cuda.get_device_capability(device) >= (9, 0)
+        ok = torch.cuda.get_device_capability(device) >= (9, 0) if is_cuda else True
         if ok:
             try:  # tiny probe: 3 groups, the middle one empty
-                a = torch.randn(6, 16, device=device, dtype=dtype)
-                b = torch.randn(3, 8, 16, device=device, dtype=dtype)
+                gen = torch.Generator(device=device).manual_seed(0)  # leave the global RNG alone
+                a = torch.randn(6, 16, device=device, dtype=dtype, generator=gen)
+                b = torch.randn(3, 8, 16, device=device, dtype=dtype, generator=gen)
                 offs = torch.tensor([2, 2, 6], device=device, dtype=torch.int32)
                 got = _grouped_mm_fn(a, b.transpose(-2, -1), offs=offs).float()
                 ref = torch.cat([a[:2].float() @ b[0].float().T, a[2:].float() @ b[2].float().T])
@@ -159,7 +162,7 @@ def flexmoe_forward(
     check_positive_int(top_k, "top_k")
     if top_k > E:
         raise ValueError(f"top_k={top_k} is larger than the number of experts E={E}")
-    if x_TD.device.type != "cuda":
+    if x_TD.device.type != cuda_ops._DEVICE_TYPE:
         raise ValueError(f"the cuda backend needs CUDA tensors, x is on {x_TD.device}")
     if router_weight_ED.device != x_TD.device:
         raise ValueError(f"router_weight is on {router_weight_ED.device} but x is on {x_TD.device}")
