@@ -31,6 +31,7 @@ __all__ = [
     "normalize_allow_mask",
     "check_allow_mask_rows",
     "router_z_loss",
+    "mask_router_rows",
 ]
 
 
@@ -212,10 +213,33 @@ def route(
     )
 
 
+def mask_router_rows(router_weight_ED: torch.Tensor, allow_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """Zero the router rows of experts that no token allows (no host sync).
+
+    Their logits are replaced by -inf anyway, but without this a NaN in an opted-out expert's
+    router row would reach dX through the backward of ``x @ R.T`` (0 * NaN = NaN): opted-out
+    experts' tensors must never be read, router rows included. The gradient to the zeroed
+    rows is exactly 0.
+    """
+    if allow_mask is None:
+        return router_weight_ED
+    used_E = allow_mask if allow_mask.ndim == 1 else allow_mask.any(0)
+    return torch.where(used_E.to(router_weight_ED.device)[:, None], router_weight_ED, 0.0)
+
+
 def route_hidden(
     hidden_TD: torch.Tensor, router_weight_ED: torch.Tensor, top_k: int, **kwargs
 ) -> RoutingPlan:
-    """:func:`route` on ``hidden_TD @ router_weight_ED.T``; keyword arguments as in :func:`route`."""
+    """:func:`route` on ``hidden_TD @ router_weight_ED.T``; keyword arguments as in :func:`route`.
+
+    Router rows of experts that no token allows are never read (see :func:`mask_router_rows`).
+    """
+    allow = kwargs.get("allow_mask")
+    if allow is not None:
+        check_tensor(router_weight_ED, "router_weight", ndim=2, floating=True)
+        allow = normalize_allow_mask(allow, hidden_TD.shape[0], router_weight_ED.shape[0], hidden_TD.device)
+        kwargs["allow_mask"] = allow
+        router_weight_ED = mask_router_rows(router_weight_ED, allow)
     return route(router_logits(hidden_TD, router_weight_ED), top_k, **kwargs)
 
 
