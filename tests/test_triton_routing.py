@@ -294,8 +294,8 @@ def test_backward_matches_autograd(seed, config, T, E, K, mask, bias, norm, dtyp
         assert bool((dz[~a] == 0).all())
     if bias:  # d bias = sum_t dz where bias < 0 (min(b, 0) passes the gradient only there)
         torch.testing.assert_close((dz.sum(0) * (b < 0)), grads[1], **tol(torch.float32))
-    if not norm or K < E:
-        assert dz.abs().max() > 0  # the comparison is not vacuous
+    if not norm or 1 < K < E:  # renormalised K=1 or K=E: the exact gradient is 0
+        assert dz.abs().max() > 1e-3  # the comparison is not vacuous
 
 
 def test_backward_strided_fp16_dweights(seed):
@@ -324,7 +324,7 @@ def test_tile_schedule_reference_by_hand():
 
 def test_routing_config_env(monkeypatch):
     cfg = tr.routing_config(32768, 128, 8, 64)
-    assert cfg.block_t * 128 <= 2048 and cfg.block_t * 8 * 128 <= 8192
+    assert cfg.block_t * 128 <= 2048
     monkeypatch.setenv("FLEXMOE_TRITON_ROUTING_CONFIG", "block_t=16, num_warps=8")
     cfg = tr.routing_config(100, 8, 2, 64)
     assert (cfg.block_t, cfg.num_warps) == (16, 8)
@@ -455,13 +455,16 @@ class Mod:
 
 tr._kernels = lambda: Mod()
 tr._check_device = lambda device: None
+n = 0
 for T, E, K, dtype, bm in [(32768, 128, 8, torch.bfloat16, 64), (16384, 7, 5, torch.bfloat16, 128),
-                           (5, 3, 2, torch.float16, 16), (9, 4, 4, torch.float32, 1)]:
+                           (5, 3, 2, torch.float16, 16), (9, 4, 4, torch.float32, 1),
+                           (8, 128, 8, torch.bfloat16, 64)]:
     calls.clear()
     plan = tr.triton_route(torch.empty(T, E, dtype=dtype), K, allow_mask=torch.ones(T, E, dtype=torch.bool),
                            expert_bias=torch.empty(E), norm_topk_prob=True, block_m=bm, validate=False)
     tr.triton_route_backward(torch.empty(T, K, dtype=dtype), plan, norm_topk_prob=True)
-    assert len(calls) == 4, calls
+    fused = T <= tr.routing_config(T, E, K, bm).block_t
+    assert len(calls) == (2 if fused else 4), calls
     for fn, args, kw in calls:
         assert isinstance(fn, JITFunction), type(fn)
         sig = {n: ("*" + SIG[a.dtype]) if isinstance(a, torch.Tensor) else "i32" for n, a in zip(fn.arg_names, args)}
@@ -472,6 +475,8 @@ for T, E, K, dtype, bm in [(32768, 128, 8, torch.bfloat16, 64), (16384, 7, 5, to
         out = compiler.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": kw["num_warps"]})
         assert out.asm.get("cubin"), fn.__name__
         print("compiled", fn.__name__, T, E, K, bm, flush=True)
+        n += 1
+print("total", n)
 """
 
 
@@ -492,4 +497,4 @@ def test_kernels_compile_for_sm90():
     r = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, cwd=repo, capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
-    assert r.stdout.count("compiled") == 16, r.stdout
+    assert "total 14" in r.stdout, r.stdout

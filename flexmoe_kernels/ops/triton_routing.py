@@ -206,10 +206,6 @@ def _cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
 
 
-def _prev_pow2(n: int) -> int:
-    return 1 if n <= 1 else 1 << (n.bit_length() - 1)
-
-
 _CONFIG_ENV = "FLEXMOE_TRITON_ROUTING_CONFIG"
 
 
@@ -235,13 +231,13 @@ def routing_config(num_tokens: int, num_experts: int, top_k: int, block_m: int) 
     """The launch configuration for a problem size; :data:`FLEXMOE_TRITON_ROUTING_CONFIG`
     (e.g. ``"block_t=16,block_nb=256"``; any subset of the fields) pins fields.
 
-    Heuristic: at most 2048 logits and 8192 one-hot entries (``block_t*K x E``) per program
-    (~16 / ~64 values per thread at 4 warps: no spills on sm_90), prefix scan over E/4
-    programs of 4096-entry steps, ~2048 padded slots per sentinel program.
+    Heuristic: at most 2048 (token, expert) entries per program (~16 values per thread and
+    tensor at 4 warps), prefix scan over E/4 programs in 4096-entry steps, ~2048 padded slots
+    per sentinel program. When ``T <= block_t`` the whole routing is one launch.
     """
     T, E, K = num_tokens, num_experts, top_k
     block_e = _next_pow2(E)
-    block_t = min(128, max(1, 2048 // block_e), _prev_pow2(max(1, 8192 // (block_e * K))))
+    block_t = min(128, max(1, 2048 // block_e))
     block_t = max(1, min(block_t, _next_pow2(T)))
     nb = _cdiv(T, block_t)
     block_es = min(block_e, 4)
@@ -295,8 +291,9 @@ def triton_route(
             fewer than K experts gives unspecified (but in-range) ids for its missing slots.
 
     Returns:
-        :class:`TritonRoutingPlan`. Three kernel launches, no host synchronisation (apart
-        from ``validate``). ``sorted_pairs_P`` is deterministic and equal to the reference's
+        :class:`TritonRoutingPlan`. Three kernel launches (one when ``T`` fits one block of
+        :func:`routing_config`, e.g. decode), no host synchronisation (apart from
+        ``validate``). ``sorted_pairs_P`` is deterministic and equal to the reference's
         stable sort; ``topk_weights_TK`` is not differentiable (see
         :func:`triton_route_backward`).
     """
@@ -335,7 +332,7 @@ def triton_route(
     topk_weights_TK = _alloc((T, K), f32, device)
     probs_TE = _alloc((T, E), f32, device)
     zlogits_TE = _alloc((T, E), f32, device)
-    block_counts_NBE = _alloc((nb, E), i32, device)  # scratch
+    block_counts_NBE = _alloc((nb, E), i32, device)  # scratch (unused when nb == 1)
     counts_E = _alloc((E,), i32, device)
     offsets_E1 = _alloc((E + 1,), i32, device)
     padded_offsets_E1 = _alloc((E + 1,), i32, device)
@@ -355,33 +352,38 @@ def triton_route(
         mask_u8, stride_mt, stride_me = logits_TE, 0, 0  # unused pointer
     bias = expert_bias if expert_bias is not None else logits_TE  # unused pointer
 
+    fused = nb == 1  # one block holds every token: a single launch does everything
+    tiles_per_prog = cfg.tiles_per_prog
     if nb > 0:
         kern._topk_softmax_kernel[(nb,)](
             logits_TE, mask_u8, bias,
             topk_ids_TK, topk_weights_TK, probs_TE, zlogits_TE, block_counts_NBE,
-            T, E,
+            counts_E, offsets_E1, padded_offsets_E1, num_tiles,
+            sorted_pairs_P, inv_sorted_pairs_P, padded_pairs_Q, tile_expert,
+            T, E, n_tiles_max,
             logits_TE.stride(0), logits_TE.stride(1), stride_mt, stride_me,
             K=K, HAS_MASK=allow_mask is not None, HAS_BIAS=expert_bias is not None,
-            NORM=bool(norm_topk_prob), BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=block_k,
+            NORM=bool(norm_topk_prob), FUSED=fused,
+            BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=block_k,
+            BLOCK_M=block_m, TILES_PER_PROG=tiles_per_prog,
             num_warps=cfg.num_warps,
         )
-    block_es, block_nb = cfg.block_es, cfg.block_nb
-    kern._block_prefix_kernel[(_cdiv(E, block_es),)](
-        block_counts_NBE, counts_E, nb, E,
-        BLOCK_NB=block_nb, BLOCK_ES=block_es,
-        num_warps=cfg.num_warps,
-    )
-    tiles_per_prog = cfg.tiles_per_prog
-    n_pad_progs = _cdiv(n_tiles_max, tiles_per_prog)
-    kern._scatter_pad_kernel[(nb + n_pad_progs,)](
-        topk_ids_TK, block_counts_NBE, counts_E,
-        offsets_E1, padded_offsets_E1, num_tiles,
-        sorted_pairs_P, inv_sorted_pairs_P, padded_pairs_Q, tile_expert,
-        P, E, nb, n_tiles_max, block_t * K,
-        BLOCK_P=_next_pow2(block_t * K), BLOCK_E=block_e, BLOCK_M=block_m,
-        TILES_PER_PROG=tiles_per_prog,
-        num_warps=cfg.num_warps,
-    )
+    if not fused:
+        kern._block_prefix_kernel[(_cdiv(E, cfg.block_es),)](
+            block_counts_NBE, counts_E, nb, E,
+            BLOCK_NB=cfg.block_nb, BLOCK_ES=cfg.block_es,
+            num_warps=cfg.num_warps,
+        )
+        n_pad_progs = _cdiv(n_tiles_max, tiles_per_prog)
+        kern._scatter_pad_kernel[(nb + n_pad_progs,)](
+            topk_ids_TK, block_counts_NBE, counts_E,
+            offsets_E1, padded_offsets_E1, num_tiles,
+            sorted_pairs_P, inv_sorted_pairs_P, padded_pairs_Q, tile_expert,
+            T, E, nb, n_tiles_max,
+            K=K, BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=block_k, BLOCK_M=block_m,
+            TILES_PER_PROG=tiles_per_prog,
+            num_warps=cfg.num_warps,
+        )
     return TritonRoutingPlan(
         topk_ids_TK=topk_ids_TK,
         topk_weights_TK=topk_weights_TK,
