@@ -85,7 +85,7 @@ def init_deepspeed(device: torch.device):
     return deepspeed
 
 
-def model_config(pre: E2EPreset, kind: str):
+def model_config(pre: E2EPreset, kind: str, moe_backend: str = "auto"):
     """The FlexOlmoConfig of one benchmark model (see module docstring)."""
     from flexmoe_kernels.models import FlexOlmoConfig
 
@@ -103,7 +103,7 @@ def model_config(pre: E2EPreset, kind: str):
         num_hidden_layers=pre.L, num_attention_heads=pre.heads, num_key_value_heads=pre.kv_heads,
         head_dim=head_dim, max_position_embeddings=max(pre.seq, 128), num_experts=E,
         num_experts_per_tok=K, norm_topk_prob=False, tie_word_embeddings=False,
-        expert_bias=kind == "flexolmo_coupled",
+        expert_bias=kind == "flexolmo_coupled", moe_backend=moe_backend,
     )
 
 
@@ -180,7 +180,8 @@ def _freeze_fallback(model) -> None:
 
 
 def run_e2e(presets, models, device, rec: harness.Recorder, peak: Optional[float],
-            show_progress: bool = True, steps: Optional[int] = None, zero_stage: int = 0) -> None:
+            show_progress: bool = True, steps: Optional[int] = None, zero_stage: int = 0,
+            moe_backend: str = "auto") -> None:
     """One ``train_step`` row per (preset, model); a failing model gives an error row."""
     jobs = [(pn, m) for pn in presets for m in models]
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -201,7 +202,7 @@ def run_e2e(presets, models, device, rec: harness.Recorder, peak: Optional[float
             continue
         engine = model = None
         try:
-            row = _train(pre, kind, device, dtype, peak, steps, zero_stage)
+            row = _train(pre, kind, device, dtype, peak, steps, zero_stage, moe_backend)
             rec.add(**base, **row)
         except Exception as exc:  # noqa: BLE001
             rec.log(traceback.format_exc())
@@ -212,11 +213,12 @@ def run_e2e(presets, models, device, rec: harness.Recorder, peak: Optional[float
             harness.free_memory(device)
 
 
-def _train(pre: E2EPreset, kind: str, device, dtype, peak, steps: Optional[int], zero_stage: int) -> dict:
+def _train(pre: E2EPreset, kind: str, device, dtype, peak, steps: Optional[int], zero_stage: int,
+           moe_backend: str) -> dict:
     from flexmoe_kernels.models import FlexOlmoForCausalLM
 
     deepspeed = init_deepspeed(device)
-    cfg = model_config(pre, kind)
+    cfg = model_config(pre, kind, moe_backend)
     model = FlexOlmoForCausalLM(cfg)
     how = "all parameters trainable"
     if kind == "flexolmo_coupled":
@@ -264,7 +266,7 @@ def _train(pre: E2EPreset, kind: str, device, dtype, peak, steps: Optional[int],
                params_total=n_total, params_trainable=n_train, loss_first=losses[0], loss_last=losses[-1],
                peak_mem_mb=(torch.cuda.max_memory_allocated(device) / 2**20) if device.type == "cuda" else None,
                freeze=how,
-               zero_stage=zero_stage,
+               zero_stage=zero_stage, moe_backend=moe_backend,
                note="CPU: fp32, numbers meaningless" if device.type != "cuda" else f"bf16, ZeRO-{zero_stage}")
     del engine, opt, batches
     return row

@@ -213,6 +213,11 @@ def run_layer(jobs: list[LayerJob], device: torch.device, dtype: torch.dtype, re
             harness.free_memory(device)
 
 
+def _activation_bytes(p: LayerPreset, T: int, elt: int) -> int:
+    """Rough bytes a MoE layer saves for backward: gathered x, gate/up, activation (per pair)."""
+    return T * p.K * (p.D + 3 * p.F) * elt
+
+
 def _measure(job: LayerJob, p: LayerPreset, b, case: _Case, device, timing) -> dict:
     xs, masks, gs = case.xs, case.masks, case.gs
     params = [t for t in b.params if t.requires_grad]
@@ -229,6 +234,9 @@ def _measure(job: LayerJob, p: LayerPreset, b, case: _Case, device, timing) -> d
             b.fwd(xs[i], masks[i]).backward(gs[i])
 
         if job.mode == "memory":
+            if device.type != "cuda":
+                return dict(status="skipped", note="peak memory is measured on CUDA only")
+            fn()  # warm-up: compilation / autotuning buffers must not count
             for q in params + xs:
                 q.grad = None
             peak = harness.peak_memory_mb(fn, device)
@@ -240,7 +248,8 @@ def _measure(job: LayerJob, p: LayerPreset, b, case: _Case, device, timing) -> d
             return dict(peak_mem_mb=peak, note=note)
         t = harness.bench(fn, device, timing, grad_to_none=params + xs)
     elif job.mode == "bwd":
-        n = min(len(xs), 2)  # each retained graph holds the layer's activations
+        # Each retained graph holds the layer's activations: keep two only when they are small.
+        n = min(len(xs), 2 if _activation_bytes(p, len(xs[0]), xs[0].element_size()) < 4 * 2**30 else 1)
         outs = [b.fwd(xs[i], masks[i]) for i in range(n)]
         state = {"i": 0}
 

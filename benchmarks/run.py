@@ -110,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"end-to-end model sizes: {', '.join(E2E_PRESETS)} (default e2e-small; smoke: e2e-smoke)")
     p.add_argument("--e2e-models", default="all", help=f"end-to-end models: {', '.join(E2E_MODELS)} or all")
     p.add_argument("--e2e-steps", type=int, default=None, help="timed training steps (default per preset)")
+    p.add_argument("--e2e-backend", default="auto", choices=["auto", "torch", "triton", "cuda"],
+                   help="MoE backend of the end-to-end models (FlexOlmoConfig.moe_backend)")
     p.add_argument("--zero-stage", type=int, default=0, choices=[0, 1, 2],
                    help="DeepSpeed ZeRO stage of the end-to-end benchmark")
     p.add_argument("--peak-tflops", type=float, default=None,
@@ -202,6 +204,13 @@ def main(argv=None) -> int:
         out_dir = Path(args.out) if args.out else harness.REPO_ROOT / "benchmarks" / "out"
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = harness.run_metadata(device, ["-m", "benchmarks.run", *argv])
+    try:
+        import flexmoe_kernels
+
+        status = {n: flexmoe_kernels.backend_status(n, device) for n in ("torch", "triton", "cuda")}
+        meta["flexmoe_backends"] = {n: "available" if ok else why for n, (ok, why) in status.items()}
+    except Exception as exc:  # noqa: BLE001
+        meta["flexmoe_backends"] = f"flexmoe_kernels not importable: {exc}"
     meta["seed"] = int(torch.seed() % 2**31)  # fresh random data every run; recorded
     torch.manual_seed(meta["seed"])
     if meta["meaningless_cpu_numbers"]:
@@ -224,7 +233,7 @@ def main(argv=None) -> int:
             from benchmarks.bench_e2e import run_e2e
 
             run_e2e(e2e_presets, e2e_models, device, rec, harness.peak_flops(device, args.peak_tflops), show,
-                    args.e2e_steps, args.zero_stage)
+                    args.e2e_steps, args.zero_stage, args.e2e_backend)
     finally:
         paths = harness.write_results(out_dir, meta, rec.rows)
         rec.close()

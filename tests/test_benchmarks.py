@@ -66,11 +66,12 @@ def test_smoke_files_and_metadata(smoke_run):
         assert head == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000, png
     meta = data["meta"]
     for key in ("device", "torch", "triton", "deepspeed", "transformers", "cuda", "git_commit", "command",
-                "timestamp", "seed"):
+                "timestamp", "seed", "flexmoe_backends"):
         assert key in meta, key
     assert meta["meaningless_cpu_numbers"] is True
     assert "--smoke" in meta["command"]
     assert meta["torch"] == torch.__version__
+    assert meta["flexmoe_backends"]["torch"] == "available"
     # Every row carries the metadata (CSV rows are self-describing).
     rows = data["rows"]
     assert rows and all(r["device"] == meta["device"] and r["timestamp"] == meta["timestamp"] for r in rows)
@@ -247,11 +248,17 @@ def test_failing_provider_gives_error_row_not_crash(tmp_path, monkeypatch):
     assert "Traceback" in (tmp_path / "log.txt").read_text()
 
 
-def test_cli_rejects_bad_flags(capsys):
+def test_cli_list_and_bad_flags(capsys):
     from benchmarks.run import main
 
+    assert main(["--list"]) == 0
+    listing = capsys.readouterr().out
+    for name in [*PROVIDERS, "torch_route", "triton_route", "cuda_route", "flexolmo-7x7b", "fine-grained"]:
+        assert name in listing
+
     for argv, needle in ((["--presets", "nope"], "--presets"), (["--tokens", "0"], "--tokens"),
-                         (["--masks", "half"], "--masks"), (["--targets", "/nonexistent.json"], "--targets")):
+                         (["--masks", "half"], "--masks"), (["--targets", "/nonexistent.json"], "--targets"),
+                         (["--smoke", "--save-results"], "--save-results")):
         with pytest.raises(SystemExit) as exc:
             main(argv)
         assert exc.value.code == 2
