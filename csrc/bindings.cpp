@@ -32,6 +32,8 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("built_cuda_version", &flexmoe::built_cuda_version,
         "CUDART_VERSION of the toolkit the module was compiled with (no CUDA call).");
+  m.def("driver_cuda_version", &flexmoe::driver_cuda_version,
+        "CUDA version supported by the installed driver (0: no driver); creates no context.");
   m.def("router_workspace_bytes", &flexmoe::router_workspace_bytes, py::arg("num_tokens"),
         py::arg("num_experts"), "Scratch bytes router_forward needs for T tokens and E experts.");
   m.def("router_forward", &flexmoe::router_forward, nogil(), py::arg("logits"), py::arg("dtype"),

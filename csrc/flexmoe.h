@@ -77,4 +77,8 @@ void combine_backward(std::uintptr_t dout, int dtype, std::int64_t num_tokens,
 // The CUDA runtime version this module was built against (no CUDA call).
 int built_cuda_version();
 
+// The CUDA version the installed driver supports (cudaDriverGetVersion; creates no context),
+// 0 when no driver is installed. The static runtime needs driver >= the built major version.
+int driver_cuda_version();
+
 }  // namespace flexmoe

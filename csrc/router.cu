@@ -501,4 +501,10 @@ void router_backward(std::uintptr_t probs, std::uintptr_t topk_ids, std::uintptr
 
 int built_cuda_version() { return CUDART_VERSION; }
 
+int driver_cuda_version() {
+  int v = 0;
+  if (cudaDriverGetVersion(&v) != cudaSuccess) return 0;
+  return v;
+}
+
 }  // namespace flexmoe

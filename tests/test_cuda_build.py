@@ -26,6 +26,7 @@ EXPECTED = (
     "combine_forward",
     "combine_backward",
     "built_cuda_version",
+    "driver_cuda_version",
 )
 
 

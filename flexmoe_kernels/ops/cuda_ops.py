@@ -71,8 +71,9 @@ def _load_extension():
 def cuda_unavailable_reason() -> str:
     """Why the CUDA kernels cannot run here, or ``""`` when they can.
 
-    Checks, in order: the compiled extension imports; torch has CUDA; a CUDA device is present.
-    Makes no CUDA call through the extension.
+    Checks, in order: the compiled extension imports; torch has CUDA; a CUDA device is present;
+    the driver is new enough for the CUDA runtime the extension was built with (the only call
+    into the extension, ``cudaDriverGetVersion``, which creates no context).
     """
     if _load_extension() is None:
         return _ext_error or "the CUDA extension flexmoe_kernels._C is not importable"
@@ -80,6 +81,13 @@ def cuda_unavailable_reason() -> str:
         return f"this torch build ({torch.__version__}) has no CUDA support"
     if not torch.cuda.is_available():
         return "no CUDA device is available (torch.cuda.is_available() is False)"
+    built, driver = _ext.built_cuda_version(), _ext.driver_cuda_version()
+    if driver // 1000 < built // 1000:
+        return (
+            f"the NVIDIA driver supports CUDA {driver // 1000}.{driver % 1000 // 10} but flexmoe_kernels._C "
+            f"was built with CUDA {built // 1000}.{built % 1000 // 10} (static runtime); rebuild it with a "
+            "toolkit no newer than the driver or update the driver"
+        )
     return ""
 
 
