@@ -87,6 +87,14 @@ def _guard(fn):
     return run
 
 
+def _refuse_zero3(opts, command: str) -> None:
+    # Known limitation: with most of the model frozen, DeepSpeed 0.19's ZeRO-3 fails in the
+    # backward of the partly-frozen stacked expert tensors. Stages 0-2 are exact and tested.
+    if opts.zero_stage == 3:
+        raise ValueError(f"{command} supports --zero-stage 0, 1 or 2 (ZeRO-3 is for train-public / train-dense / "
+                         "train-moe); the frozen anchor needs no partitioning of its optimizer state")
+
+
 def _check_out_free(out: Path, overwrite: bool) -> None:
     if out.exists() and not overwrite:
         raise FileExistsError(f"--out {str(out)!r} already exists (pass --overwrite to replace it)")
@@ -186,6 +194,16 @@ def _fresh_model(cfg, seed: int):
     return FlexOlmoForCausalLM(cfg).float()
 
 
+def _freeze_single_router(model) -> dict:
+    """A dense model's router (one row: softmax = 1) has no effect on the output: freeze it."""
+    ref = {}
+    for n, p in model.named_parameters():
+        if n.endswith("mlp.gate.weight"):
+            p.requires_grad_(False)
+            ref[n] = p.detach().float().clone()
+    return ref
+
+
 @_guard
 def cmd_train_public(args) -> int:
     from .trainer import RunSpec, train
@@ -196,12 +214,7 @@ def cmd_train_public(args) -> int:
     cfg = _dense_config(args, datas, num_experts=1, num_experts_per_tok=1, expert_names=["public"],
                         expert_bias=False, extra={"role": "public", "tokenizer": datas[0].meta["tokenizer"]})
     model = _fresh_model(cfg, args.seed)
-    # A dense model's router (one row, softmax = 1) has no effect: keep it frozen.
-    ref = {}
-    for n, p in model.named_parameters():
-        if n.endswith("mlp.gate.weight"):
-            p.requires_grad_(False)
-            ref[n] = p.detach().float().clone()
+    ref = _freeze_single_router(model)
     spec = RunSpec(kind="public", out=Path(args.out), model=model, datas=datas, tokenizer_src=datas[0].path,
                    frozen_reference=ref, final_config=lambda: cfg,
                    flops_per_token=_flops_per_token(cfg, args.seq_len), run_info={"model_config": cfg.to_dict()})
@@ -240,6 +253,7 @@ def cmd_train_expert(args) -> int:
     opts = _opts(args)
     opts.weight_decay = 0.0  # FlexOlmo: no decay, so frozen tensors stay bit-identical
     opts.validate()
+    _refuse_zero3(opts, "train-expert")
     _check_out_free(Path(args.out), args.overwrite)
     datas = _open_datas([args.data])
     pub_cfg, pub_sd = load_checkpoint(args.public, "--public")
@@ -334,6 +348,7 @@ def cmd_tune_router(args) -> int:
     opts = _opts(args)
     opts.weight_decay = 0.0
     opts.validate()
+    _refuse_zero3(opts, "tune-router")
     _check_out_free(Path(args.out), args.overwrite)
     datas = _open_datas([args.data])
     cfg, sd = load_checkpoint(args.model, "--model")
@@ -409,11 +424,7 @@ def cmd_train_dense(args) -> int:
     opts = _opts(args)
     opts.validate()
     model = _fresh_model(cfg, args.seed)
-    ref = {}
-    for n, p in model.named_parameters():
-        if n.endswith("mlp.gate.weight"):
-            p.requires_grad_(False)
-            ref[n] = p.detach().float().clone()
+    ref = _freeze_single_router(model)
     spec = RunSpec(kind="dense", out=Path(args.out), model=model, datas=datas, tokenizer_src=datas[0].path,
                    frozen_reference=ref, final_config=lambda: cfg, flops_per_token=fpt,
                    run_info={"model_config": cfg.to_dict(), "budget": args.budget})
@@ -432,23 +443,18 @@ def cmd_train_moe(args) -> int:
     if not 1 <= args.top_k <= E:
         raise ValueError(f"--top-k must be in [1, --num-experts={E}], got {args.top_k}")
     names = [f"expert_{i}" for i in range(E)]
-    base = _dense_config(args, datas)
-    cfg = base.copy(num_experts=E, num_experts_per_tok=args.top_k, expert_names=names, expert_bias=False,
-                    extra={"role": "moe-baseline", "tokenizer": datas[0].meta["tokenizer"]})
-    fpt = _flops_per_token(cfg, args.seq_len)
-    _steps_for_budget(args, cfg, fpt, _world_size())
-    opts = _opts(args)
-    opts.validate()
     _check_out_free(Path(args.out), args.overwrite)
     if args.public:
-        # Upcycling: shared tensors from the public model, every expert a copy of its FFN.
+        # Upcycling: shared tensors from the public model, every expert a copy of its FFN, a fresh router.
         pub_cfg, pub_sd = load_checkpoint(args.public, "--public")
         _check_tokenizer(Path(args.public), datas[0], "--public")
+        if pub_cfg.max_position_embeddings < args.seq_len:
+            raise ValueError(f"--seq-len {args.seq_len} exceeds the model's max_position_embeddings "
+                             f"{pub_cfg.max_position_embeddings}")
         cfg = pub_cfg.copy(num_experts=E, num_experts_per_tok=args.top_k, expert_names=names, expert_bias=False,
-                           moe_backend=args.moe_backend, extra={"role": "moe-baseline", "upcycled_from": args.public})
-        fpt = _flops_per_token(cfg, args.seq_len)
-        _steps_for_budget(args, cfg, fpt, _world_size())
-        opts = _opts(args)
+                           moe_backend=args.moe_backend,
+                           extra={"role": "moe-baseline", "upcycled_from": str(Path(args.public).resolve()),
+                                  "tokenizer": datas[0].meta["tokenizer"]})
         g = torch.Generator().manual_seed(args.seed)
         sd = {}
         for k, v in pub_sd.items():
@@ -462,9 +468,17 @@ def cmd_train_moe(args) -> int:
                 sd[k] = v.float()
         model = model_from_state_dict(cfg, sd)
     else:
+        base = _dense_config(args, datas)
+        cfg = base.copy(num_experts=E, num_experts_per_tok=args.top_k, expert_names=names, expert_bias=False,
+                        extra={"role": "moe-baseline", "tokenizer": datas[0].meta["tokenizer"]})
         model = _fresh_model(cfg, args.seed)
+    fpt = _flops_per_token(cfg, args.seq_len)
+    _steps_for_budget(args, cfg, fpt, _world_size())
+    opts = _opts(args)
+    opts.validate()
+    ref = _freeze_single_router(model) if E == 1 else {}
     spec = RunSpec(kind="moe", out=Path(args.out), model=model, datas=datas, tokenizer_src=datas[0].path,
-                   frozen_reference={}, final_config=lambda: cfg, flops_per_token=fpt,
+                   frozen_reference=ref, final_config=lambda: cfg, flops_per_token=fpt,
                    run_info={"model_config": cfg.to_dict(), "budget": args.budget})
     return train(spec, opts)
 

@@ -245,9 +245,11 @@ def freeze_all_but(model: nn.Module, trainable: Iterable[str]) -> None:
 def freeze_for_expert_training(model: FlexOlmoForCausalLM) -> list[str]:
     """FlexOlmo's coupled training: only the owner's expert FFN, router row and bias train.
 
-    Frozen (requires_grad False): embeddings, attention incl. q/k norms, all norms, LM head, the
-    public expert's FFN rows, ``r_public`` and ``b_public`` (kept at 0). The public expert is
-    also marked untrainable in every :class:`FlexMoE` (no dW GEMMs). Returns the trainable names.
+    Frozen: embeddings, attention incl. q/k norms, all norms, LM head (requires_grad False), and
+    the public expert's rows of the stacked MoE tensors (its FFN, ``r_public``, ``b_public`` = 0):
+    those tensors are parametrized as ``cat(frozen head, trainable tail)``, so the public rows get
+    no gradient and no optimizer state. The public expert is also marked untrainable in every
+    :class:`FlexMoE` (no dW GEMMs for it). Returns the trainable parameter names.
     """
     for p in model.parameters():
         p.requires_grad_(False)

@@ -288,6 +288,18 @@ def _restore_optimizer(engine, named: Sequence[tuple[str, torch.Tensor]], fp32: 
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
     inner = _inner_optimizer(engine)
+    # Optimizer states are created lazily at the first step: create them (zeros) now so the
+    # saved moments can be written into them, and let DeepSpeed link its fragments to them.
+    for g in inner.param_groups:
+        for fp in g["params"]:
+            st = inner.state[fp]
+            if "exp_avg" not in st:
+                st["step"] = torch.tensor(float(adam_step))
+                st["exp_avg"] = torch.zeros_like(fp, memory_format=torch.preserve_format)
+                st["exp_avg_sq"] = torch.zeros_like(fp, memory_format=torch.preserve_format)
+    if hasattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state"):
+        engine.optimizer._hp_optimizer_states_linked = False
+        engine.optimizer._lazy_init_hp_params_optimizer_state()
     for name, p in named:
         zero = hasattr(p, "ds_id") or hasattr(p, "_hp_mapping")
         if zero:
