@@ -459,21 +459,20 @@ def tile_schedule_reference(topk_ids_TK: torch.Tensor, num_experts: int, block_m
     T, K = topk_ids_TK.shape
     P = T * K
     q_max, n_tiles_max = schedule_sizes(T, K, num_experts, block_m)
-    flat = topk_ids_TK.reshape(-1).long().cpu()
-    padded = torch.full((q_max,), P, dtype=torch.int32)
-    padded_offsets = torch.zeros(num_experts + 1, dtype=torch.int32)
-    tile_expert = torch.full((n_tiles_max,), -1, dtype=torch.int32)
-    pos = 0
+    flat = topk_ids_TK.reshape(-1).tolist()
+    padded, padded_offsets, tile_expert = [], [], []
     for e in range(num_experts):
-        pairs = [p for p in range(P) if int(flat[p]) == e]  # increasing pair id: stable
-        padded_offsets[e] = pos
-        for i, p in enumerate(pairs):
-            padded[pos + i] = p
+        pairs = [p for p in range(P) if flat[p] == e]  # increasing pair id: stable
         n_padded = -(-len(pairs) // block_m) * block_m
-        for tile in range(pos // block_m, (pos + n_padded) // block_m):
-            tile_expert[tile] = e
-        pos += n_padded
-    padded_offsets[num_experts] = pos
-    num_tiles = torch.tensor([pos // block_m], dtype=torch.int32)
+        padded_offsets.append(len(padded))
+        padded += pairs + [P] * (n_padded - len(pairs))  # sentinel P in the padding
+        tile_expert += [e] * (n_padded // block_m)
+    padded_offsets.append(len(padded))
+    num_tiles = len(tile_expert)
+    padded += [P] * (q_max - len(padded))
+    tile_expert += [-1] * (n_tiles_max - num_tiles)
     dev = topk_ids_TK.device
-    return TileSchedule(padded.to(dev), padded_offsets.to(dev), tile_expert.to(dev), num_tiles.to(dev))
+    padded, padded_offsets, tile_expert, num_tiles = (
+        torch.tensor(v, dtype=torch.int32, device=dev) for v in (padded, padded_offsets, tile_expert, [num_tiles])
+    )
+    return TileSchedule(padded, padded_offsets, tile_expert, num_tiles)
