@@ -139,7 +139,6 @@ def _moe_bwd(
     from .triton_routing import triton_route_backward
 
     need_dx, need_dlogits, need_dgu, need_ddown, need_dbias = needs
-    T, E = plan_tensors[2].shape  # probs_TE
     plan = _plan_from(plan_tensors, plan_tensors[2], block_m)  # logits unused by the backward
     need_route = need_dlogits or need_dbias
     dx, dgu, ddown, dweights_TK = grouped_swiglu_backward(
@@ -147,8 +146,10 @@ def _moe_bwd(
         need_dx=need_dx, need_dgate_up=need_dgu, need_ddown=need_ddown, need_dweights=need_route,
         deterministic=deterministic,
     )
-    empty = x_TD.new_empty((0,))
-    dlogits = dbias = empty
+    def empty():  # a fresh (0,) tensor per unused slot: custom-op outputs must not alias
+        return x_TD.new_empty((0,))
+
+    dlogits = dbias = None
     if need_route:
         dz = triton_route_backward(dweights_TK, plan, norm_topk_prob=norm_topk_prob)  # (T, E) f32
         if dz_TE is not None:  # gradient of the returned masked logits (z-loss); 0 where masked
@@ -161,13 +162,7 @@ def _moe_bwd(
         if need_dbias:
             b = expert_bias.float()
             dbias = torch.where(b <= 0, dz.sum(dim=0), torch.zeros((), device=dz.device)).to(expert_bias.dtype)
-    return [
-        dx if dx is not None else empty,
-        dlogits,
-        dgu if dgu is not None else empty,
-        ddown if ddown is not None else empty,
-        dbias,
-    ]
+    return [g if g is not None else empty() for g in (dx, dlogits, dgu, ddown, dbias)]
 
 
 @_moe_bwd.register_fake
@@ -175,13 +170,12 @@ def _moe_bwd_fake(dout_TD, dz_TE, x_TD, gate_up_E2FD, down_EDF, expert_bias, all
                   plan_tensors, logits_dtype, norm_topk_prob, deterministic, block_m, needs):
     need_dx, need_dlogits, need_dgu, need_ddown, need_dbias = needs
     T, E = plan_tensors[2].shape
-    empty = x_TD.new_empty((0,))
     return [
-        x_TD.new_empty(x_TD.shape) if need_dx else empty,
-        x_TD.new_empty((T, E), dtype=logits_dtype) if need_dlogits else empty,
-        gate_up_E2FD.new_empty(gate_up_E2FD.shape) if need_dgu else empty,
-        down_EDF.new_empty(down_EDF.shape) if need_ddown else empty,
-        expert_bias.new_empty(expert_bias.shape) if need_dbias else empty,
+        x_TD.new_empty(x_TD.shape) if need_dx else x_TD.new_empty((0,)),
+        x_TD.new_empty((T, E), dtype=logits_dtype) if need_dlogits else x_TD.new_empty((0,)),
+        gate_up_E2FD.new_empty(gate_up_E2FD.shape) if need_dgu else x_TD.new_empty((0,)),
+        down_EDF.new_empty(down_EDF.shape) if need_ddown else x_TD.new_empty((0,)),
+        expert_bias.new_empty(expert_bias.shape) if need_dbias else x_TD.new_empty((0,)),
     ]
 
 

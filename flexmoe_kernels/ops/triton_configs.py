@@ -134,7 +134,8 @@ def heuristic_configs(T: int, D: int, F: int, E: int, K: int, dtype: torch.dtype
     * rows per expert ``m = T*K/E`` picks the tile height: 16 for decode (m <= 16), 32/64 for
       small batches, 128 for training sizes (fewer padding rows vs. tensor-core efficiency);
     * BLOCK_N 128 (up / bwd_up hold 2-3 fp32 accumulators: 128 wide at most), 128-256 for down
-      and bwd_dx; BLOCK_K 64 (bf16/fp16: 128-byte rows), 32 for fp32;
+      and bwd_dx; BLOCK_K 64 (bf16/fp16: 128-byte rows); fp32 (IEEE, FMA units) uses small
+      tiles and 4 warps so that nothing spills;
     * num_stages 3-4 (Hopper shared memory), num_warps 4 for small tiles, 8 for 128-row tiles;
     * GROUP_M 8 (grouped order, L2 reuse of weight blocks), 1 for decode (one tile per expert).
 
@@ -145,30 +146,30 @@ def heuristic_configs(T: int, D: int, F: int, E: int, K: int, dtype: torch.dtype
         small = GemmConfig(16, 32, 32, GROUP_M=4, num_warps=4, num_stages=1)
         return MoEConfigs(small, small, small, small, GemmConfig(32, 32, 16, 4, 4, 1), source="heuristic:cpu")
     m = max(1, (T * K + E - 1) // E)  # average rows per expert
-    fp32 = dtype == torch.float32
-    bk = 32 if fp32 else 64
-    if m <= 16:
-        bm, warps, stages, group = 16, 4, 4, 1
-        bk = 64 if fp32 else 128
-        up = GemmConfig(bm, 64, bk, group, warps, stages)
-        down = GemmConfig(bm, 64, bk, group, warps, stages)
-        bwd_up = GemmConfig(bm, 64, bk, group, warps, stages)
-        bwd_dx = GemmConfig(bm, 64, bk, group, warps, stages)
+    if dtype == torch.float32:
+        # IEEE fp32 dots run on FMA units (no tensor cores): small tiles, or registers spill.
+        bm = 16 if m <= 16 else (32 if m <= 48 else 64)
+        up = GemmConfig(bm, 32, 32, 8, 8, 2)
+        down = GemmConfig(bm, 64, 32, 8, 8, 2)
+        bwd_up = GemmConfig(bm, 32, 32, 8, 8, 2)
+        bwd_dx = GemmConfig(bm, 64, 32, 8, 8, 2)
+        dw = GemmConfig(64, 64, 16, 8, 4, 3)
+        return MoEConfigs(up, down, bwd_up, bwd_dx, dw, source="heuristic")
+    if m <= 16:  # decode: one 16-row tile per expert, long K steps, no grouping needed
+        up = down = bwd_up = bwd_dx = GemmConfig(16, 64, 128, 1, 4, 4)
     elif m <= 256:
         bm = 32 if m <= 48 else 64
-        up = GemmConfig(bm, 128, bk, 8, 4, 4)
-        down = GemmConfig(bm, 128, bk, 8, 4, 4)
-        bwd_up = GemmConfig(bm, 64, bk, 8, 4, 4)
-        bwd_dx = GemmConfig(bm, 128, bk, 8, 4, 4)
-    else:
-        bm = 128
-        up = GemmConfig(bm, 128, bk, 8, 8, 3)
-        down = GemmConfig(bm, 128 if fp32 else 256, bk, 8, 8, 3)
-        bwd_up = GemmConfig(bm, 64, bk, 8, 8, 3)
-        bwd_dx = GemmConfig(bm, 128 if fp32 else 256, bk, 8, 8, 3)
+        up = GemmConfig(bm, 128, 64, 8, 4, 4)
+        down = GemmConfig(bm, 128, 64, 8, 4, 4)
+        bwd_up = GemmConfig(bm, 64, 64, 8, 4, 4)
+        bwd_dx = GemmConfig(bm, 128, 64, 8, 4, 4)
+    else:  # training sizes: 128-row tiles, wgmma with 2 warp groups
+        up = GemmConfig(128, 128, 64, 8, 8, 3)
+        down = GemmConfig(128, 256, 64, 8, 8, 3)
+        bwd_up = GemmConfig(128, 64, 64, 8, 8, 3)
+        bwd_dx = GemmConfig(128, 256, 64, 8, 8, 3)
     # dW: output tiles of the (2F, D) / (D, F) gradients, reduction over an expert's m rows.
-    dw_k = _clamp_pow2(m, 16, 64 if fp32 else 64)
-    dw = GemmConfig(128, 128, dw_k, 8, 8 if m > 256 else 4, 3 if m > 256 else 4)
+    dw = GemmConfig(128, 128, _clamp_pow2(m, 16, 64), 8, 8 if m > 256 else 4, 3 if m > 256 else 4)
     return MoEConfigs(up, down, bwd_up, bwd_dx, dw, source="heuristic")
 
 
