@@ -11,7 +11,8 @@ is not counted. Masked rows keep the same FLOPs (every token still uses K expert
 Bytes (``bytes`` / ``gbps``, forward rows only): the minimum HBM traffic of one forward,
 ``elt * (3*D*F*experts_hit + E*D + 2*T*D)`` for MoE providers (weights of the experts that
 received tokens, router, x read once, out written once); dense providers count their own
-weights. Meaningful for decode (memory-bound) shapes.
+weights. Meaningful for decode (memory-bound) shapes. MegaBlocks has its own router weights;
+its ``experts_hit`` is the expected ``min(E, T*K)``.
 """
 from __future__ import annotations
 
@@ -195,8 +196,12 @@ def run_layer(jobs: list[LayerJob], device: torch.device, dtype: torch.dtype, re
                 row["tflops"] = flops / (row["ms"] * 1e-3) / 1e12
             row["flops"] = flops
             if job.mode == "fwd":
-                is_moe = PROVIDERS[job.provider].kind == "ours" or job.provider in MOE_BASELINES
-                hit = _experts_hit(p, w.router_ED, case.xs[0], case.masks[0]) if is_moe else 0
+                if job.provider == "megablocks_dmoe":  # its own router weights: expected count
+                    hit = min(p.E, job.T * p.K)
+                elif PROVIDERS[job.provider].kind == "ours" or job.provider in MOE_BASELINES:
+                    hit = _experts_hit(p, w.router_ED, case.xs[0], case.masks[0])
+                else:
+                    hit = 0
                 nbytes = b.weight_bytes_read(hit) + elt * job.T * p.D + case.out_bytes
                 row["bytes"] = nbytes
                 row["gbps"] = nbytes / (row["ms"] * 1e-3) / 1e9
@@ -210,6 +215,9 @@ def run_layer(jobs: list[LayerJob], device: torch.device, dtype: torch.dtype, re
                 msg = "out of memory: " + msg
                 case = case_key = None
             rec.add(**base, status="error", note=msg)
+            for bb in built.values():  # a failed backward may leave weight gradients behind
+                for t in bb.params:
+                    t.grad = None
             harness.free_memory(device)
 
 

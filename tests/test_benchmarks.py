@@ -263,3 +263,66 @@ def test_cli_list_and_bad_flags(capsys):
             main(argv)
         assert exc.value.code == 2
         assert needle in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- baselines are right
+@pytest.mark.parametrize("T", [1, 37])
+def test_moe_baselines_match_reference(T, seed):
+    """The baselines we time must compute the same layer as ours (else the comparison is void)."""
+    from conftest import tol
+
+    from benchmarks.providers import LayerWeights
+
+    p = LAYER_PRESETS["smoke"]
+    dev, dt = torch.device("cpu"), torch.float32
+    w = LayerWeights.random(p, dev, dt)
+    x = torch.randn(T, p.D, dtype=dt)
+    ref = PROVIDERS["torch"].build(p, w, dev, dt)
+    with torch.no_grad():
+        want = ref.fwd(x, None)
+        for name in ("torch_grouped_mm", "hf_eager", "hf_grouped_mm"):
+            ok, why = PROVIDERS[name].available(dev)
+            if not ok:
+                continue
+            got = PROVIDERS[name].build(p, w, dev, dt).fwd(x, None)
+            torch.testing.assert_close(got, want, **tol(dt), msg=lambda m: f"{name}: {m}")
+        mixed = make_mask("token_mixed", T, p, dev)
+        if PROVIDERS["torch_grouped_mm"].available(dev)[0]:
+            got = PROVIDERS["torch_grouped_mm"].build(p, w, dev, dt).fwd(x, mixed)
+            torch.testing.assert_close(got, ref.fwd(x, mixed), **tol(dt))
+        # Opted-out experts hold NaN weights: a baseline that reads them fails here.
+        mask = make_mask("global:0.5", T, p, dev)
+        for t in (w.gate_up_E2FD, w.down_EDF):
+            t.data[~mask] = float("nan")
+        want = ref.fwd(x, mask)
+        assert torch.isfinite(want).all()
+        if PROVIDERS["torch_grouped_mm"].available(dev)[0]:
+            got = PROVIDERS["torch_grouped_mm"].build(p, w, dev, dt).fwd(x, mask)
+            torch.testing.assert_close(got, want, **tol(dt))
+
+
+@pytest.mark.gpu
+def test_gpu_quick_suite(tmp_path):
+    """On a GPU: a short real run (all benches) has no failures where a backend is available."""
+    out = tmp_path / "gpu"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--presets", "fine-grained", "--tokens", "64,4096",
+         "--modes", "fwd,fwd_bwd,memory", "--masks", "none,token_all", "--rep-ms", "20", "--warmup-ms", "5",
+         "--e2e-presets", "e2e-smoke", "--out", str(out), "--no-progress"],
+        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=1800,
+    )
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    data = json.loads((out / "results.json").read_text())
+    assert data["meta"]["meaningless_cpu_numbers"] is False
+    rows = data["rows"]
+    must = {"torch", "dense_swiglu", "cublas_gemm", "torch_route", "device_copy"}
+    for r in rows:
+        if r["provider"] in must:
+            assert r["status"] == "ok", r
+    mem = [r for r in rows if r.get("mode") == "memory" and r["status"] == "ok"]
+    assert mem and all(r["peak_mem_mb"] > 0 for r in mem)
+    copy = [r for r in rows if r["provider"] == "device_copy"][0]
+    assert copy["gbps"] > 100
+    for r in rows:
+        if r["bench"] == "e2e" and r["status"] == "ok" and r["mfu"] is not None:
+            assert 0 < r["mfu"] < 1
