@@ -125,15 +125,16 @@ class _EmulatedC:
     def router_backward(probs, ids, w, d_w, d_z, mask, mask_mode, T, E, K, renorm, dz_out, stream):
         p = _at(probs, (T, E), torch.float32).clone()
         allowed = p > 0 if mask_mode == 0 else _at(mask, (E,) if mask_mode == 1 else (T, E), torch.bool).expand(T, E)
-        # softmax is shift invariant: log(p) reproduces p; disallowed entries stay -inf
-        zz = torch.where(allowed, p.clamp_min(1e-30).log(), torch.full_like(p, float("-inf"))).requires_grad_()
-        with torch.enable_grad():  # autograd Functions run their backward without grad mode
-            pk = torch.softmax(zz, -1).gather(1, _at(ids, (T, K), torch.int32).long())
+        idx = _at(ids, (T, K), torch.int32).long()
+        dp = torch.zeros_like(p)
+        if d_w:  # closed form (custom ops run below autograd, so no torch.autograd here)
+            gw = _at(d_w, (T, K), torch.float32)
             if renorm:
-                pk = pk / pk.sum(-1, keepdim=True)
-            loss = (pk * _at(d_w, (T, K), torch.float32)).sum() if d_w else (pk * 0).sum()
-            (g,) = torch.autograd.grad(loss, zz)
-        g = torch.zeros_like(p) if g is None else g
+                pk = p.gather(1, idx)
+                S = pk.sum(-1, keepdim=True)
+                gw = (gw - (gw * pk / S).sum(-1, keepdim=True)) / S
+            dp.scatter_(1, idx, gw)
+        g = p * (dp - (p * dp).sum(-1, keepdim=True))
         if d_z:
             g = g + torch.where(allowed, _at(d_z, (T, E), torch.float32), torch.zeros_like(p))
         _at(dz_out, (T, E), torch.float32).copy_(g)
@@ -213,6 +214,27 @@ def test_emulated_frozen_and_zero_token_experts(emulated, seed):
         for i in (2, 3):
             assert torch.all(got[2][i][1] == 0) and torch.all(got[2][i][5] == 0)
         _compare_runs(got, ref, dtype, E, [])
+
+
+def test_emulated_custom_ops_fake_impls(emulated, seed):
+    """torch.library.opcheck: schemas and fake (meta) implementations match the real ops."""
+    T, E, K, D = 9, 6, 2, 16
+    logits = torch.randn(T, E)
+    mask = _mask("token", T, E, K, device="cpu")
+    ops = torch.ops.flexmoe_cuda
+    w, z, ids, counts, offsets, sp, inv, probs = ops.route(logits, torch.randn(E), mask, K, True)
+    checks = [
+        (ops.route, (logits, torch.randn(E), mask, K, True)),
+        (ops.route, (logits.bfloat16(), None, None, K, False)),
+        (ops.route_bwd, (probs, ids, w, torch.randn(T, K), torch.randn(T, E), mask, True)),
+        (ops.gather, (torch.randn(T, D), sp, K)),
+        (ops.combine, (torch.randn(T * K, D), w, inv, K)),
+        (ops.combine, (torch.randn(T * K, D), None, inv, K)),
+        (ops.combine_bwd, (torch.randn(T, D), torch.randn(T * K, D), w, inv, K, True, True)),
+        (ops.combine_bwd, (torch.randn(T, D), torch.randn(T * K, D), w, inv, K, False, True)),
+    ]
+    for op, args in checks:
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
 
 
 def test_emulated_wrapper_validation(emulated):
@@ -611,3 +633,24 @@ def test_module_backend_cuda_and_auto(seed):
     _scaled_close(y, y_ref, torch.bfloat16, "module out")
     assert fk.resolve_backend("auto", "cuda", dict(T=18, D=64, F=32, E=7, K=2, dtype=torch.bfloat16)) in (
         "torch", "triton", "cuda")
+
+
+@gpu
+def test_backend_traces_under_torch_compile(seed):
+    """The custom ops trace with fake tensors (aot_eager: no codegen, same numerics)."""
+    T, D, Fw, E, K = 24, 64, 32, 7, 2
+    dtype = torch.bfloat16
+    router, gate_up, down, bias = _layer(E, D, Fw, dtype)
+    x = torch.randn(T, D, device="cuda", dtype=dtype, requires_grad=True)
+    mask = _mask("token", T, E, K)
+
+    def layer(x):
+        return fk.flexmoe_forward(x, router, gate_up, down, K, allow_mask=mask, expert_bias=bias,
+                                  validate=False, backend="cuda")
+
+    eager_out, eager_logits = layer(x)
+    compiled_out, compiled_logits = torch.compile(layer, backend="aot_eager")(x)
+    torch.testing.assert_close(compiled_out, eager_out)
+    torch.testing.assert_close(compiled_logits, eager_logits)
+    (compiled_out.float().sum()).backward()
+    assert torch.isfinite(x.grad).all()

@@ -408,6 +408,107 @@ def combine_backward(
     return dy, dw
 
 
+# ----------------------------------------------------------------------------- custom ops
+# torch.library ops (namespace "flexmoe_cuda") so torch.compile traces through the kernels
+# with fake tensors instead of breaking the graph at the raw-pointer calls. The autograd
+# Functions below call these ops in their forward and backward.
+_NS = "flexmoe_cuda"
+
+
+@torch.library.custom_op(f"{_NS}::route", mutates_args=())
+def _route_op(
+    logits_TE: torch.Tensor,
+    expert_bias: Optional[torch.Tensor],
+    allow_mask: Optional[torch.Tensor],
+    top_k: int,
+    norm_topk_prob: bool,
+) -> list[torch.Tensor]:
+    """[weights_TK, z_TE, ids_TK, counts_E, offsets_E1, sorted_P, inv_P, probs_TE]."""
+    plan = router_forward(
+        logits_TE.contiguous(), top_k, allow_mask=allow_mask, expert_bias=expert_bias,
+        norm_topk_prob=norm_topk_prob, return_logits=True,
+    )
+    return [plan.topk_weights_TK, plan.logits_TE, plan.topk_ids_TK, plan.counts_E, plan.offsets_E1,
+            plan.sorted_pairs_P, plan.inv_sorted_pairs_P, plan.probs_TE]
+
+
+@_route_op.register_fake
+def _route_fake(logits_TE, expert_bias, allow_mask, top_k, norm_topk_prob):
+    T, E = logits_TE.shape
+    f32 = dict(dtype=torch.float32)
+    i32 = dict(dtype=torch.int32)
+    new = logits_TE.new_empty
+    return [new((T, top_k), **f32), new((T, E), **f32), new((T, top_k), **i32), new((E,), **i32),
+            new((E + 1,), **i32), new((T * top_k,), **i32), new((T * top_k,), **i32), new((T, E), **f32)]
+
+
+@torch.library.custom_op(f"{_NS}::route_bwd", mutates_args=())
+def _route_bwd_op(
+    probs_TE: torch.Tensor,
+    topk_ids_TK: torch.Tensor,
+    topk_weights_TK: torch.Tensor,
+    grad_weights_TK: Optional[torch.Tensor],
+    grad_logits_TE: Optional[torch.Tensor],
+    allow_mask: Optional[torch.Tensor],
+    norm_topk_prob: bool,
+) -> torch.Tensor:
+    return router_backward(probs_TE, topk_ids_TK, topk_weights_TK, grad_weights_TK, grad_logits_TE,
+                           allow_mask=allow_mask, norm_topk_prob=norm_topk_prob)
+
+
+@_route_bwd_op.register_fake
+def _route_bwd_fake(probs_TE, topk_ids_TK, topk_weights_TK, grad_weights_TK, grad_logits_TE, allow_mask,
+                    norm_topk_prob):
+    return torch.empty_like(probs_TE)
+
+
+@torch.library.custom_op(f"{_NS}::gather", mutates_args=())
+def _gather_op(x_TD: torch.Tensor, sorted_pairs_P: torch.Tensor, top_k: int) -> torch.Tensor:
+    return gather_rows(x_TD.contiguous(), sorted_pairs_P, top_k)
+
+
+@_gather_op.register_fake
+def _gather_fake(x_TD, sorted_pairs_P, top_k):
+    return x_TD.new_empty((x_TD.shape[0] * top_k, x_TD.shape[1]))
+
+
+@torch.library.custom_op(f"{_NS}::combine", mutates_args=())
+def _combine_op(
+    y_PD: torch.Tensor, weights_TK: Optional[torch.Tensor], inv_sorted_pairs_P: torch.Tensor, top_k: int
+) -> torch.Tensor:
+    return combine(y_PD.contiguous(), weights_TK, inv_sorted_pairs_P, top_k)
+
+
+@_combine_op.register_fake
+def _combine_fake(y_PD, weights_TK, inv_sorted_pairs_P, top_k):
+    return y_PD.new_empty((y_PD.shape[0] // top_k, y_PD.shape[1]))
+
+
+@torch.library.custom_op(f"{_NS}::combine_bwd", mutates_args=())
+def _combine_bwd_op(
+    grad_out_TD: torch.Tensor,
+    y_PD: torch.Tensor,
+    weights_TK: torch.Tensor,
+    inv_sorted_pairs_P: torch.Tensor,
+    top_k: int,
+    need_grad_y: bool,
+    need_grad_weights: bool,
+) -> list[torch.Tensor]:
+    """[grad_y_PD, grad_weights_TK]; an unrequested one is an empty (0,) tensor."""
+    dy, dw = combine_backward(grad_out_TD.contiguous(), y_PD, weights_TK, inv_sorted_pairs_P, top_k,
+                              need_grad_y=need_grad_y, need_grad_weights=need_grad_weights)
+    empty = grad_out_TD.new_empty((0,))
+    return [empty if dy is None else dy, empty.float() if dw is None else dw]
+
+
+@_combine_bwd_op.register_fake
+def _combine_bwd_fake(grad_out_TD, y_PD, weights_TK, inv_sorted_pairs_P, top_k, need_grad_y, need_grad_weights):
+    T, D = grad_out_TD.shape
+    dy = grad_out_TD.new_empty((T * top_k, D) if need_grad_y else (0,))
+    dw = grad_out_TD.new_empty((T, top_k) if need_grad_weights else (0,), dtype=torch.float32)
+    return [dy, dw]
+
+
 # ----------------------------------------------------------------------------- autograd
 
 
@@ -422,29 +523,26 @@ class CudaRouteFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits_TE, expert_bias, allow_mask, top_k, norm_topk_prob):
-        plan = router_forward(
-            logits_TE.contiguous(), top_k, allow_mask=allow_mask, expert_bias=expert_bias,
-            norm_topk_prob=norm_topk_prob, return_logits=True,
+        w, z, ids, counts, offsets, sorted_pairs, inv, probs = torch.ops.flexmoe_cuda.route(
+            logits_TE, expert_bias, allow_mask, top_k, bool(norm_topk_prob)
         )
-        ctx.save_for_backward(plan.probs_TE, plan.topk_ids_TK, plan.topk_weights_TK, allow_mask, expert_bias)
+        ctx.save_for_backward(probs, ids, w, allow_mask, expert_bias)
         ctx.norm_topk_prob = bool(norm_topk_prob)
         ctx.logits_dtype = logits_TE.dtype
-        ctx.mark_non_differentiable(
-            plan.topk_ids_TK, plan.counts_E, plan.offsets_E1, plan.sorted_pairs_P, plan.inv_sorted_pairs_P
-        )
-        return (
-            plan.topk_weights_TK, plan.logits_TE, plan.topk_ids_TK, plan.counts_E, plan.offsets_E1,
-            plan.sorted_pairs_P, plan.inv_sorted_pairs_P,
-        )
+        ctx.mark_non_differentiable(ids, counts, offsets, sorted_pairs, inv)
+        ctx.set_materialize_grads(False)
+        return w, z, ids, counts, offsets, sorted_pairs, inv
 
     @staticmethod
     def backward(ctx, g_w, g_z, *_unused):
         probs, ids, w, mask, bias = ctx.saved_tensors
-        dz = router_backward(
+        if g_w is None and g_z is None:
+            return None, None, None, None, None
+        dz = torch.ops.flexmoe_cuda.route_bwd(
             probs, ids, w,
             None if g_w is None else g_w.float().contiguous(),
             None if g_z is None else g_z.float().contiguous(),
-            allow_mask=mask, norm_topk_prob=ctx.norm_topk_prob,
+            mask, ctx.norm_topk_prob,
         )
         g_logits = dz.to(ctx.logits_dtype) if ctx.needs_input_grad[0] else None
         g_bias = None
@@ -463,12 +561,12 @@ class CudaGatherFunction(torch.autograd.Function):
     def forward(ctx, x_TD, sorted_pairs_P, inv_sorted_pairs_P, top_k):
         ctx.save_for_backward(inv_sorted_pairs_P)
         ctx.top_k = top_k
-        return gather_rows(x_TD.contiguous(), sorted_pairs_P, top_k)
+        return torch.ops.flexmoe_cuda.gather(x_TD, sorted_pairs_P, top_k)
 
     @staticmethod
     def backward(ctx, g_PD):
         (inv,) = ctx.saved_tensors
-        return combine(g_PD.contiguous(), None, inv, ctx.top_k), None, None, None
+        return torch.ops.flexmoe_cuda.combine(g_PD, None, inv, ctx.top_k), None, None, None
 
 
 class CudaCombineFunction(torch.autograd.Function):
@@ -480,13 +578,13 @@ class CudaCombineFunction(torch.autograd.Function):
         weights_TK = weights_TK.contiguous()
         ctx.save_for_backward(y_PD, weights_TK, inv_sorted_pairs_P)
         ctx.top_k = top_k
-        return combine(y_PD, weights_TK, inv_sorted_pairs_P, top_k)
+        return torch.ops.flexmoe_cuda.combine(y_PD, weights_TK, inv_sorted_pairs_P, top_k)
 
     @staticmethod
     def backward(ctx, g_TD):
         y, w, inv = ctx.saved_tensors
-        dy, dw = combine_backward(
-            g_TD.contiguous(), y, w, inv, ctx.top_k,
-            need_grad_y=ctx.needs_input_grad[0], need_grad_weights=ctx.needs_input_grad[1],
-        )
-        return dy, dw, None, None
+        need_dy, need_dw = bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1])
+        if not (need_dy or need_dw):
+            return None, None, None, None
+        dy, dw = torch.ops.flexmoe_cuda.combine_bwd(g_TD, y, w, inv, ctx.top_k, need_dy, need_dw)
+        return (dy if need_dy else None), (dw if need_dw else None), None, None
