@@ -78,7 +78,8 @@ class _BuildExtWithNvcc(_build_ext):
         archs = _os.environ.get("FLEXMOE_CUDA_ARCHS", "80;90a")
         obj_dir = _os.path.join(_os.path.abspath(self.build_temp), "flexmoe_cu")
         _os.makedirs(obj_dir, exist_ok=True)
-        deps = _glob.glob(_os.path.join(_ROOT, "csrc", "*"))
+        deps = [p for p in _glob.glob(_os.path.join(_ROOT, "csrc", "*"))
+                if p.endswith((".cu", ".cuh", ".h", ".cpp"))]
         newest = max(_os.path.getmtime(d) for d in deps)
         flags = [
             "-O3", "-std=c++17", "-lineinfo", "-DNDEBUG",
@@ -138,7 +139,8 @@ if _NVCC is not None:
             language="c++",
             extra_compile_args=["-std=c++17", "-O2", "-fvisibility=hidden"],
             libraries=["rt", "dl", "pthread"],
-            depends=sorted(_glob.glob(_os.path.join("csrc", "*"))),
+            depends=sorted(p for p in _glob.glob(_os.path.join("csrc", "*"))
+                           if p.endswith((".cu", ".cuh", ".h", ".cpp"))),
         )
         _ext._flexmoe_cuda = True
         _ext._flexmoe_nvcc = _NVCC

@@ -227,12 +227,12 @@ def router_forward(
         bias = expert_bias.detach().float().contiguous()
     dev = logits_TE.device
     if T == 0:
-        z = torch.empty(0, E, dtype=torch.float32, device=dev)
+        f32 = dict(dtype=torch.float32, device=dev)
         i32 = dict(dtype=torch.int32, device=dev)
         return CudaRoutingPlan(
-            torch.empty(0, top_k, **i32), torch.empty(0, top_k, dtype=torch.float32, device=dev),
-            z, z if return_logits else None, torch.zeros(E, **i32), torch.zeros(E + 1, **i32),
-            torch.empty(0, **i32), torch.empty(0, **i32),
+            torch.empty(0, top_k, **i32), torch.empty(0, top_k, **f32), torch.empty(0, E, **f32),
+            torch.empty(0, E, **f32) if return_logits else None, torch.zeros(E, **i32),
+            torch.zeros(E + 1, **i32), torch.empty(0, **i32), torch.empty(0, **i32),
         )
     C = extension()
     P = T * top_k
@@ -497,8 +497,11 @@ def _combine_bwd_op(
     """[grad_y_PD, grad_weights_TK]; an unrequested one is an empty (0,) tensor."""
     dy, dw = combine_backward(grad_out_TD.contiguous(), y_PD, weights_TK, inv_sorted_pairs_P, top_k,
                               need_grad_y=need_grad_y, need_grad_weights=need_grad_weights)
-    empty = grad_out_TD.new_empty((0,))
-    return [empty if dy is None else dy, empty.float() if dw is None else dw]
+    if dy is None:
+        dy = grad_out_TD.new_empty((0,))
+    if dw is None:
+        dw = grad_out_TD.new_empty((0,), dtype=torch.float32)
+    return [dy, dw]
 
 
 @_combine_bwd_op.register_fake
