@@ -7,8 +7,8 @@ Legend: T tokens, D hidden, F expert width, E experts, K top-k.
 of a few CUDA-event timed runs after a warm-up) and caches the fastest. The bucket rounds T
 up to a power of two; D, F, E, K and the dtype are exact. Returns None (static fallback
 order in ``resolve_backend``) on CPU, when no problem is given, while a CUDA graph is being
-captured, when measuring would need more than a quarter of the free device memory, or when
-``FLEXMOE_AUTOSELECT=0``. ``FLEXMOE_AUTO_BACKEND=<name>`` pins the choice for CUDA devices.
+captured or torch.compile is tracing (unless already cached), when measuring would need more
+than a quarter of the free device memory, or when ``FLEXMOE_AUTOSELECT=0``. ``FLEXMOE_AUTO_BACKEND=<name>`` pins the choice for CUDA devices.
 """
 from __future__ import annotations
 
@@ -74,14 +74,14 @@ def choose_backend(device: torch.device, problem: Optional[dict]) -> Optional[st
         return pinned
     if problem is None or os.environ.get("FLEXMOE_AUTOSELECT", "1") == "0":
         return None
-    if torch.cuda.is_current_stream_capturing():
-        return None
     try:
         key = bucket_key(device, problem)
     except (KeyError, TypeError, ValueError):
         return None
     if key in _CACHE:
         return _CACHE[key][0]
+    if torch.cuda.is_current_stream_capturing() or torch.compiler.is_compiling():
+        return None  # never measure inside a graph capture or a torch.compile trace
 
     from .moe import backend_status
 
