@@ -8,7 +8,8 @@ of a few CUDA-event timed runs after a warm-up) and caches the fastest. The buck
 up to a power of two; D, F, E, K and the dtype are exact. Returns None (static fallback
 order in ``resolve_backend``) on CPU, when no problem is given, while a CUDA graph is being
 captured or torch.compile is tracing (unless already cached), when measuring would need more
-than a quarter of the free device memory, or when ``FLEXMOE_AUTOSELECT=0``. ``FLEXMOE_AUTO_BACKEND=<name>`` pins the choice for CUDA devices.
+than a quarter of the free device memory, or when ``FLEXMOE_AUTOSELECT=0``.
+``FLEXMOE_AUTO_BACKEND=<name>`` pins the choice for CUDA devices.
 """
 from __future__ import annotations
 
