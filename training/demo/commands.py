@@ -44,7 +44,10 @@ def register(sub) -> None:
     p.add_argument("--audit-docs", type=int, default=None, help="training documents audited per owner")
     p.add_argument("--audit-gen", type=int, default=None, help="greedy tokens generated per audited document")
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--verbose", action="store_true", help="show the training processes' own output")
+    p.add_argument("--jobs", type=int, default=0,
+                   help="training processes at the same time (owners train independently); 0 = CPU cores, at most 4")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads per process; 0 = cores // jobs")
+    p.add_argument("--verbose", action="store_true", help="show the training processes' own output (with --jobs 1)")
     p.set_defaults(func=run_demo_command)
 
     g = sub.add_parser(
@@ -83,7 +86,8 @@ def run_demo_command(args) -> int:
         print(f"flexmoe demo: {e}", file=sys.stderr)
         return 2
     try:
-        run_demo(settings, args.work_dir, fresh=args.fresh, echo_children=args.verbose)
+        run_demo(settings, args.work_dir, fresh=args.fresh, echo_children=args.verbose, jobs=args.jobs,
+                 threads=args.threads)
     except StageError as e:
         print(f"\nflexmoe demo: a stage failed: {e}", file=sys.stderr)
         return 1

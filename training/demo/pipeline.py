@@ -36,7 +36,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
-__all__ = ["DemoSettings", "SIZES", "settings_for", "run_demo", "approx_train_flops"]
+__all__ = ["DemoSettings", "SIZES", "settings_for", "run_demo"]
 
 
 # ----------------------------------------------------------------------------- settings
@@ -107,20 +107,6 @@ def settings_for(size: str, **overrides) -> DemoSettings:
     if bad:
         raise TypeError(f"unknown demo settings: {sorted(bad)}")
     return DemoSettings(**kw)
-
-
-def active_params(cfg: dict, vocab_size: int, num_experts: int, top_k: int) -> int:
-    """Parameters touched per token (attention, K active experts, router, LM head); no embeddings."""
-    D, F, L = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
-    H = cfg["num_attention_heads"]
-    hd = D // H
-    attn = D * H * hd * 2 + D * H * hd * 2  # q, o + k, v (no GQA in the demo)
-    return L * (attn + top_k * 3 * D * F + (num_experts * D if num_experts > 1 else 0)) + vocab_size * D
-
-
-def approx_train_flops(active: int, steps: int, tokens_per_step: int) -> float:
-    """6 * active parameters * tokens (forward + backward), the usual estimate."""
-    return 6.0 * active * steps * tokens_per_step
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -215,14 +201,75 @@ def _opt(options: set, **kw) -> List[str]:
     return out
 
 
+def _parallel(tasks, jobs: int, log, timings: Dict[str, float]) -> Dict[str, str]:
+    """Run ``(name, fn)`` tasks, ``jobs`` at a time (threads that wait on child processes).
+
+    Returns ``{name: first line of the error}`` for the tasks that failed; the others finish.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    errors: Dict[str, str] = {}
+
+    def wrap(name, fn):
+        t = time.time()
+        log(f"   start {name}")
+        try:
+            fn()
+        except StageError as e:
+            errors[name] = str(e).splitlines()[0]
+            log(f"   FAILED {name}: {e}")
+            return
+        dt = time.time() - t
+        timings[name] = dt
+        log(f"   done  {name} in {dt:.1f} s")
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        for f in [pool.submit(wrap, n, fn) for n, fn in tasks]:
+            f.result()
+    return errors
+
+
 def _done(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, "run.json"))
+    return os.path.isfile(os.path.join(path, "run.json")) and os.path.isfile(os.path.join(path, "config.json"))
+
+
+def _read_run(path: str) -> dict:
+    try:
+        with open(os.path.join(path, "run.json")) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _data_summary(data_dir: str) -> str:
+    with open(os.path.join(data_dir, "meta.json")) as f:
+        m = json.load(f)
+    return f"{m.get('train_docs')} docs, {m.get('train_tokens')} tokens (+{m.get('val_tokens')} validation)"
+
+
+def _flops_summary(run_dir: str, owners: Sequence[str]) -> dict:
+    """Training FLOPs of each recipe, from the ``total_flops`` the training runs recorded."""
+    ck = lambda name: os.path.join(run_dir, "ckpt", name)  # noqa: E731
+    f = lambda name: float(_read_run(ck(name)).get("total_flops") or 0.0)  # noqa: E731
+    steps = lambda name: _read_run(ck(name)).get("steps")  # noqa: E731
+    return {
+        "flexolmo": f("public") + sum(f(f"expert-{d}") for d in owners),
+        "btm": f("public") + sum(f(f"dense-{d}") for d in owners),
+        "moe": f("moe"),
+        "runs": {name: {"total_flops": f(name), "steps": steps(name)}
+                 for name in ["public", "moe"] + [f"expert-{d}" for d in owners] + [f"dense-{d}" for d in owners]},
+    }
 
 
 # ----------------------------------------------------------------------------- the pipeline
 def run_demo(settings: DemoSettings, work_dir: str, *, fresh: bool = False, echo_children: bool = False,
-             quiet: bool = False) -> dict:
-    """Run the demo; returns the results dict (also written to ``RUN_DIR/results.json``)."""
+             quiet: bool = False, jobs: int = 0, threads: int = 0) -> dict:
+    """Run the demo; returns the results dict (also written to ``RUN_DIR/results.json``).
+
+    ``jobs``: training processes run at the same time where the recipe allows it (owners are
+    independent); 0 = the number of CPU cores (at most 4). ``threads``: CPU threads per
+    process; 0 = cores // jobs (at least 1). Neither changes what is computed.
+    """
     from . import corpora as C
     from . import report as R
 
@@ -231,7 +278,15 @@ def run_demo(settings: DemoSettings, work_dir: str, *, fresh: bool = False, echo
         shutil.rmtree(run_dir)
     os.makedirs(os.path.join(run_dir, "logs"), exist_ok=True)
     log = _Log(os.path.join(run_dir, "demo.log"), quiet=quiet)
+    cores = os.cpu_count() or 1
+    on_gpu = settings.device == "cuda"
+    jobs = jobs or (1 if on_gpu else max(1, min(4, cores)))
+    threads = threads or max(1, cores // jobs)
     env = _training_env()
+    env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
+    import torch
+
+    torch.set_num_threads(threads)
     timings: Dict[str, float] = {}
     t_all = time.time()
 
@@ -251,6 +306,7 @@ def run_demo(settings: DemoSettings, work_dir: str, *, fresh: bool = False, echo
 
     log(f"run directory {run_dir}")
     log("settings: " + json.dumps(dataclasses.asdict(settings)))
+    log(f"{jobs} training process(es) at a time, {threads} CPU thread(s) each")
 
     # 1. corpora ---------------------------------------------------------------------------
     with stage("corpora"):
@@ -263,29 +319,27 @@ def run_demo(settings: DemoSettings, work_dir: str, *, fresh: bool = False, echo
     domains = [public_dom] + owners
 
     # 2. prepare-data: each domain's training documents into its own data directory -----------
-    data = {d: os.path.join(run_dir, "data", d) for d in domains + ["joint"]}
+    data = {d: os.path.join(run_dir, "data", d) for d in domains}
     with stage("prepare-data"):
         opts = _cli_options("prepare-data")
-        for d in domains + (["joint"] if settings.baselines else []):
+        for d in domains:
             if os.path.isfile(os.path.join(data[d], "meta.json")):
                 continue
             text_dir = os.path.join(run_dir, "text", d)
-            srcs = domains if d == "joint" else [d]
-            _write_text_dir(text_dir, [os.path.join(corpus_dir, s, "train.jsonl") for s in srcs])
-            run_cli(["prepare-data", "--input", text_dir, "--out", data[d],
-                     *_opt(opts, seq_len=settings.seq_len, seed=settings.seed)],
+            _write_text_dir(text_dir, [os.path.join(corpus_dir, d, "train.jsonl")])
+            run_cli(["prepare-data", "--input", text_dir, "--out", data[d], *_opt(opts, overwrite=True, progress=None)]
+                    + (["--no-progress"] if "--no-progress" in opts else []),
                     os.path.join(run_dir, "logs", f"prepare-{d}.log"), echo_children, env)
-            log(f"   prepared {d}")
+            shutil.rmtree(text_dir, ignore_errors=True)
+            log(f"   prepared {d}: " + _data_summary(data[d]))
     tok = load_tokenizer(data[public_dom])
-    vocab = tok.vocab_size
 
+    # the model's architecture; vocabulary and special tokens come from the data directories
     model_cfg = {
-        "vocab_size": vocab, "hidden_size": settings.hidden_size, "intermediate_size": settings.intermediate_size,
+        "hidden_size": settings.hidden_size, "intermediate_size": settings.intermediate_size,
         "num_hidden_layers": settings.num_hidden_layers, "num_attention_heads": settings.num_attention_heads,
-        "max_position_embeddings": max(settings.seq_len, settings.audit_prefix + settings.audit_gen) * 2,
-        "num_experts": 1, "num_experts_per_tok": 1, "moe_backend": settings.moe_backend,
-        "expert_names": ["public"],
-        **tok.special_ids(),
+        "max_position_embeddings": max(settings.seq_len, 1 + settings.audit_prefix + settings.audit_gen) * 2,
+        "rope_theta": 500000.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "initializer_range": 0.02,
     }
     cfg_path = os.path.join(run_dir, "model_config.json")
     with open(cfg_path, "w") as f:
@@ -296,96 +350,93 @@ def run_demo(settings: DemoSettings, work_dir: str, *, fresh: bool = False, echo
     K = max(1, min(K, E))
     ck = lambda name: os.path.join(run_dir, "ckpt", name)  # noqa: E731
     dtype_flag = {"float32": "fp32", "bfloat16": "bf16", "float16": "bf16"}.get(settings.dtype, "auto")
-    common = dict(seq_len=settings.seq_len, micro_batch_size=settings.batch_size, lr=settings.lr,
-                  seed=settings.seed, dtype=dtype_flag, device=settings.device, moe_backend=settings.moe_backend)
 
-    def warm(steps: int) -> int:
-        return max(1, steps // 10)
+    def train_flags(opts: set, steps: Optional[int]) -> List[str]:
+        """The shared training flags; ``steps`` None when the command derives them (FLOPs matching)."""
+        warm = max(1, (steps or settings.expert_steps) // 10)
+        flags = _opt(opts, steps=steps, warmup_steps=warm, seq_len=settings.seq_len,
+                     micro_batch_size=settings.batch_size, lr=settings.lr, seed=settings.seed, dtype=dtype_flag,
+                     device=settings.device, moe_backend=settings.moe_backend,
+                     log_every=max(1, (steps or 100) // 5))
+        return flags + (["--no-progress"] if "--no-progress" in opts and not echo_children else [])
 
     # 3. public model ------------------------------------------------------------------------
     with stage("train-public"):
         if not _done(ck("public")):
             opts = _cli_options("train-public")
             run_cli(["train-public", "--data", data[public_dom], "--out", ck("public"), "--model-config", cfg_path,
-                     *_opt(opts, steps=settings.public_steps, warmup_steps=warm(settings.public_steps), **common)],
+                     "--overwrite", *train_flags(opts, settings.public_steps)],
                     os.path.join(run_dir, "logs", "train-public.log"), echo_children, env)
 
-    # 4./5. each owner alone: router init + expert on the frozen anchor ----------------------
+    # 4./5. each owner alone (owners in parallel, each its own processes and only its own data):
+    #       router init from the owner's documents, then its expert on the frozen public anchor
     routers = {d: os.path.join(run_dir, "routers", f"{d}.safetensors") for d in owners}
-    for d in owners:
-        with stage(f"owner {d}: init-router + train-expert"):
-            if not os.path.isfile(routers[d]):
-                os.makedirs(os.path.dirname(routers[d]), exist_ok=True)
-                opts = _cli_options("init-router")
-                run_cli(["init-router", "--public", ck("public"), "--data", data[d], "--out", routers[d],
-                         *_opt(opts, device=settings.device, seed=settings.seed)],
-                        os.path.join(run_dir, "logs", f"init-router-{d}.log"), echo_children, env)
-            if not _done(ck(f"expert-{d}")):
-                opts = _cli_options("train-expert")
-                run_cli(["train-expert", "--public", ck("public"), "--data", data[d], "--name", d,
-                         "--out", ck(f"expert-{d}"), "--router-init", routers[d],
-                         *_opt(opts, steps=settings.expert_steps, warmup_steps=warm(settings.expert_steps), **common)],
-                        os.path.join(run_dir, "logs", f"train-expert-{d}.log"), echo_children, env)
+    echo_par = echo_children and jobs == 1
 
-    # 6. merge --------------------------------------------------------------------------------
-    with stage("merge"):
+    def owner_task(d: str) -> None:
+        if not os.path.isfile(routers[d]):
+            os.makedirs(os.path.dirname(routers[d]), exist_ok=True)
+            opts = _cli_options("init-router")
+            run_cli(["init-router", "--public", ck("public"), "--data", data[d], "--out", routers[d],
+                     *_opt(opts, device=settings.device, overwrite=True)],
+                    os.path.join(run_dir, "logs", f"init-router-{d}.log"), echo_par, env)
+        if not _done(ck(f"expert-{d}")):
+            opts = _cli_options("train-expert")
+            run_cli(["train-expert", "--public", ck("public"), "--data", data[d], "--name", d,
+                     "--out", ck(f"expert-{d}"), "--router-init", routers[d], "--overwrite",
+                     *train_flags(opts, settings.expert_steps)],
+                    os.path.join(run_dir, "logs", f"train-expert-{d}.log"), echo_par, env)
+
+    with stage(f"owners: init-router + train-expert ({N} owners, {jobs} at a time)"):
+        errors = _parallel([(f"owner {d}", lambda d=d: owner_task(d)) for d in owners], jobs, log, timings)
+        if errors:
+            raise StageError("; ".join(f"{k}: {v}" for k, v in errors.items()))
+
+    # 6. merge, 7. baselines of equal training FLOPs (in parallel) ----------------------------
+    #    BTM member d: the public model continued (all weights trained, one "expert") on d's data
+    #    with the FLOPs of owner d's expert training; joint MoE: E experts, top-K, from scratch on
+    #    all domains' data with the FLOPs of the public run plus every owner's run.
+    def merge_task() -> None:
         if not _done(ck("merged")):
             opts = _cli_options("merge")
             owner_args: List[str] = []
             for d in owners:
                 owner_args += ["--owner", ck(f"expert-{d}")]
-            run_cli(["merge", "--public", ck("public"), *owner_args, "--out", ck("merged"), *_opt(opts, top_k=K)],
-                    os.path.join(run_dir, "logs", "merge.log"), echo_children, env)
+            run_cli(["merge", "--public", ck("public"), *owner_args, "--out", ck("merged"),
+                     *_opt(opts, top_k=K, overwrite=True)],
+                    os.path.join(run_dir, "logs", "merge.log"), echo_par, env)
 
-    # 7. baselines of equal training FLOPs -----------------------------------------------------
-    tokens_per_step = settings.seq_len * settings.batch_size
-    a_dense = active_params(model_cfg, vocab, 1, 1)
-    a_two = active_params(model_cfg, vocab, 2, 2)
-    a_moe = active_params(model_cfg, vocab, E, K)
-    flex_flops = approx_train_flops(a_dense, settings.public_steps, tokens_per_step) + N * approx_train_flops(
-        a_two, settings.expert_steps, tokens_per_step)
-    dense_steps = max(1, round(settings.expert_steps * a_two / a_dense))
-    moe_steps = max(1, round(flex_flops / approx_train_flops(a_moe, 1, tokens_per_step)))
-    flops = {
-        "flexolmo": flex_flops,
-        "btm": approx_train_flops(a_dense, settings.public_steps + N * dense_steps, tokens_per_step),
-        "moe": approx_train_flops(a_moe, moe_steps, tokens_per_step),
-        "steps": {"public": settings.public_steps, "expert": settings.expert_steps, "dense": dense_steps, "moe": moe_steps},
-        "active_params": {"dense": a_dense, "two_expert": a_two, "moe": a_moe},
-    }
-    baseline_errors: Dict[str, str] = {}
+    def dense_task(d: str) -> None:
+        if not _done(ck(f"dense-{d}")):
+            opts = _cli_options("train-moe")
+            run_cli(["train-moe", "--public", ck("public"), "--num-experts", 1, "--top-k", 1,
+                     "--data", data[d], "--out", ck(f"dense-{d}"), "--overwrite",
+                     "--match-flops-of", ck(f"expert-{d}"), *train_flags(opts, None)],
+                    os.path.join(run_dir, "logs", f"train-dense-{d}.log"), echo_par, env)
+
+    def moe_task() -> None:
+        if not _done(ck("moe")):
+            opts = _cli_options("train-moe")
+            all_data: List[str] = []
+            for d in domains:
+                all_data += ["--data", data[d]]
+            runs = [ck("public")] + [ck(f"expert-{d}") for d in owners]
+            run_cli(["train-moe", *all_data, "--out", ck("moe"), "--model-config", cfg_path,
+                     "--num-experts", E, "--top-k", K, "--overwrite", "--match-flops-of", *runs,
+                     *train_flags(opts, None)],
+                    os.path.join(run_dir, "logs", "train-moe.log"), echo_par, env)
+
+    tasks = [("merge", merge_task)]
     if settings.baselines:
-        for d in owners:
-            with stage(f"baseline: dense model continued on {d}"):
-                try:
-                    if not _done(ck(f"dense-{d}")):
-                        opts = _cli_options("train-dense")
-                        init = _opt(opts, init=ck("public")) or _opt(opts, public=ck("public")) or \
-                            _opt(opts, init_from=ck("public")) or _opt(opts, resume=ck("public"))
-                        if not init:
-                            raise StageError("`flexmoe train-dense` has no option to start from the public model "
-                                             "(--init/--public/--init-from)")
-                        run_cli(["train-dense", "--data", data[d], "--out", ck(f"dense-{d}"), *init,
-                                 *_opt(opts, model_config=cfg_path, steps=dense_steps, warmup_steps=warm(dense_steps), **common)],
-                                os.path.join(run_dir, "logs", f"train-dense-{d}.log"), echo_children, env)
-                except StageError as e:
-                    baseline_errors[f"dense-{d}"] = str(e).splitlines()[0]
-                    log(f"   BASELINE FAILED: {e}")
-        with stage("baseline: standard MoE trained jointly on all data"):
-            try:
-                if not _done(ck("moe")):
-                    opts = _cli_options("train-moe")
-                    moe_cfg = dict(model_cfg, num_experts=E, num_experts_per_tok=K,
-                                   expert_names=["public"] + list(owners))
-                    moe_cfg_path = os.path.join(run_dir, "moe_config.json")
-                    with open(moe_cfg_path, "w") as f:
-                        json.dump(moe_cfg, f, indent=1)
-                    run_cli(["train-moe", "--data", data["joint"], "--out", ck("moe"),
-                             *_opt(opts, model_config=moe_cfg_path, num_experts=E, top_k=K, steps=moe_steps, warmup_steps=warm(moe_steps), **common)],
-                            os.path.join(run_dir, "logs", "train-moe.log"), echo_children, env)
-            except StageError as e:
-                baseline_errors["moe"] = str(e).splitlines()[0]
-                log(f"   BASELINE FAILED: {e}")
+        # the longest task first so that the others fill the remaining workers
+        tasks = [("baseline: joint MoE", moe_task), *tasks,
+                 *[(f"baseline: public continued on {d} (BTM member)", lambda d=d: dense_task(d)) for d in owners]]
+    with stage(f"merge + baselines ({jobs} at a time)"):
+        errors = _parallel(tasks, jobs, log, timings)
+    if "merge" in errors:
+        raise StageError(f"merge: {errors['merge']}")
+    baseline_errors: Dict[str, str] = {k: v for k, v in errors.items() if k != "merge"}
+    flops = _flops_summary(run_dir, owners)
 
     # every checkpoint records the tokenizer, so `flexmoe generate --model CKPT` decodes correctly
     from flexmoe_training.data import copy_tokenizer_files
