@@ -186,11 +186,11 @@ def coupled_state_dict(public_cfg: FlexOlmoConfig, public_sd: Mapping[str, torch
         raise ModelSpecError(f"--name must be a non-empty name other than 'public', got {name!r}")
     L, D = public_cfg.num_hidden_layers, public_cfg.hidden_size
     if router_embedding_LD is not None:
+        shape = tuple(router_embedding_LD.shape)
+        if shape not in ((D,), (L, D)):
+            raise ModelSpecError(f"--router-init has shape {shape}, the public model needs ({D},) or ({L}, {D})")
         if router_embedding_LD.ndim == 1:
             router_embedding_LD = router_embedding_LD[None].expand(L, -1)
-        if tuple(router_embedding_LD.shape) != (L, D):
-            raise ModelSpecError(f"--router-init has shape {tuple(router_embedding_LD.shape)}, the public model needs "
-                                 f"({D},) or ({L}, {D})")
     else:
         g = torch.Generator().manual_seed(int(seed))
         router_embedding_LD = torch.randn(L, D, generator=g) * public_cfg.initializer_range

@@ -1,0 +1,237 @@
+"""The training recipe end to end on CPU (one process, gloo): train-public, init-router,
+train-expert, merge, tune-router, baselines, resume, and bad input. Tiny models (D 32, 2 layers)."""
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tol
+from test_training_common import import_training, losses, run_cli, tiny_model_config, write_corpus
+
+pytest.importorskip("deepspeed")
+import_training()
+
+from flexmoe_kernels.models import FlexOlmoForCausalLM, tensors_sha256  # noqa: E402
+from flexmoe_kernels.models.checkpoint import load_state_dict  # noqa: E402
+
+FAST = ["--seq-len", "32", "--micro-batch-size", "2", "--no-progress", "--eval-batches", "2", "--warmup-steps", "2"]
+
+
+@pytest.fixture(scope="module")
+def recipe(tmp_path_factory):
+    """public model, two owners (one with a domain-informed router), and their merge."""
+    import random as _r
+
+    seed = _r.randrange(2**31)
+    rng = random.Random(seed)
+    root = tmp_path_factory.mktemp("recipe")
+    words_a = ("alpha beta gamma delta epsilon zeta eta theta iota kappa").split()
+    words_b = ("red green blue cyan magenta yellow black white orange violet").split()
+    for name, vocab in (("pub", None), ("a", words_a), ("b", words_b)):
+        write_corpus(root / f"text_{name}", 20, rng, **({"vocab": tuple(vocab)} if vocab else {}))
+        assert run_cli(["prepare-data", "--input", root / f"text_{name}", "--out", root / f"data_{name}",
+                        "--no-progress"]) == 0
+    cfg = tiny_model_config(root / "model.json")
+    assert run_cli(["train-public", "--data", root / "data_pub", "--out", root / "public", "--model-config", cfg,
+                    "--steps", "6", "--seed", str(seed % 1000), *FAST]) == 0
+    assert run_cli(["init-router", "--public", root / "public", "--data", root / "data_a", "--out",
+                    root / "router_a.safetensors", "--embedder", "hidden", "--num-docs", "8"]) == 0
+    assert run_cli(["train-expert", "--public", root / "public", "--data", root / "data_a", "--name", "alpha",
+                    "--out", root / "owner_a", "--router-init", root / "router_a.safetensors", "--steps", "5",
+                    "--lr", "3e-3", *FAST]) == 0
+    assert run_cli(["train-expert", "--public", root / "public", "--data", root / "data_b", "--name", "colors",
+                    "--out", root / "owner_b", "--steps", "5", "--lr", "3e-3", "--zero-stage", "1", *FAST]) == 0
+    assert run_cli(["merge", "--public", root / "public", "--owner", root / "owner_a", "--owner", root / "owner_b",
+                    "--out", root / "merged"]) == 0
+    return root
+
+
+def _sd(d: Path) -> dict:
+    return load_state_dict(d)
+
+
+def test_public_checkpoint(recipe):
+    m = FlexOlmoForCausalLM.from_pretrained(recipe / "public")
+    assert m.config.num_experts == 1 and m.config.expert_names == ["public"] and m.config.hidden_size == 32
+    run = json.loads((recipe / "public" / "run.json").read_text())
+    assert run["status"] == "finished" and run["step"] == 6 and run["total_flops"] > 0
+    assert len(losses(recipe / "public")) == 6
+    assert (recipe / "public" / "tokenizer_meta.json").is_file()
+    assert not (recipe / "public.inprogress").exists()
+
+
+def test_expert_frozen_tensors_bit_identical(recipe):
+    pub, own = _sd(recipe / "public"), _sd(recipe / "owner_a")
+    cfg = json.loads((recipe / "owner_a" / "config.json").read_text())
+    assert cfg["expert_names"] == ["public", "alpha"] and cfg["num_experts_per_tok"] == 2
+    assert cfg["extra"]["anchor_sha256"] == tensors_sha256(pub) and cfg["extra"]["expert_name"] == "alpha"
+    changed = 0
+    for k, v in pub.items():
+        if ".mlp." not in k:
+            assert torch.equal(own[k], v), k
+        else:
+            assert torch.equal(own[k][:1], v[:1]), k  # public expert / r_public untouched
+            changed += int(not torch.equal(own[k][1:], v[:1]))
+    L = 2
+    assert changed == 3 * L  # owner FFN (gate_up, down) and r_owner moved in every layer
+    for i in range(L):
+        b = own[f"model.layers.{i}.mlp.gate.expert_bias"]
+        assert b[0] == 0
+    # the router init is the same vector in every layer (before training moved it) and was used
+    from safetensors.torch import load_file
+
+    r = load_file(str(recipe / "router_a.safetensors"))["router_embedding"]
+    assert r.shape == (32,) and torch.isfinite(r).all()
+    run = json.loads((recipe / "owner_a" / "run.json").read_text())
+    assert run["frozen_tensors_verified"] > 0 and run["params_trainable"] == 2 * (2 * 48 * 32 + 32 * 48 + 32 + 1)
+
+
+def test_merged_restricted_equals_owner(recipe):
+    merged = FlexOlmoForCausalLM.from_pretrained(recipe / "merged").eval()
+    assert merged.expert_names == ["public", "alpha", "colors"]
+    ids = torch.randint(0, 256, (3, 17))
+    for owner, name in (("owner_a", "alpha"), ("owner_b", "colors")):
+        ref = FlexOlmoForCausalLM.from_pretrained(recipe / owner).eval()
+        with torch.no_grad():
+            want = ref(ids).logits
+            got = merged(ids, allowed_experts=["public", name]).logits
+            other = merged(ids).logits
+        torch.testing.assert_close(got, want, **tol(torch.float32))
+        assert not torch.allclose(other, want, **tol(torch.float32))  # the restriction matters
+    run = json.loads((recipe / "merged" / "run.json").read_text())
+    assert run["expert_names"] == ["public", "alpha", "colors"]
+
+
+def test_merge_refuses_mismatched_anchor(recipe, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "owner_bad"
+    shutil.copytree(recipe / "owner_b", bad)
+    sd = load_file(str(bad / "model.safetensors"))
+    key = "model.layers.1.self_attn.k_norm.weight"
+    sd[key] = sd[key].clone()
+    sd[key][3] += 1e-3
+    save_file(sd, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    out = tmp_path / "merged_bad"
+    assert run_cli(["merge", "--public", recipe / "public", "--owner", recipe / "owner_a", "--owner", bad,
+                    "--out", out]) == 2
+    assert key in capsys.readouterr().err
+    assert not out.exists()
+    # An owner trained from another anchor (recorded hash differs) is refused too.
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["extra"]["anchor_sha256"] = "0" * 64
+    (bad / "config.json").write_text(json.dumps(cfg))
+    assert run_cli(["merge", "--public", recipe / "public", "--owner", bad, "--out", out]) == 2
+    assert "anchor" in capsys.readouterr().err and not out.exists()
+    # The public expert's own rows are frozen too.
+    shutil.copytree(recipe / "owner_b", tmp_path / "owner_bad2")
+    sd = load_file(str(tmp_path / "owner_bad2" / "model.safetensors"))
+    key = "model.layers.0.mlp.experts.down_proj"
+    sd[key] = sd[key].clone()
+    sd[key][0, 0, 0] += 1.0
+    save_file(sd, str(tmp_path / "owner_bad2" / "model.safetensors"), metadata={"format": "pt"})
+    assert run_cli(["merge", "--public", recipe / "public", "--owner", tmp_path / "owner_bad2", "--out", out]) == 2
+    assert key in capsys.readouterr().err and not out.exists()
+
+
+def test_tune_router_trains_only_routers(recipe, tmp_path):
+    out = tmp_path / "tuned"
+    assert run_cli(["tune-router", "--model", recipe / "merged", "--data", recipe / "data_pub", "--out", out,
+                    "--steps", "3", "--lr", "1e-2", *FAST]) == 0
+    a, b = _sd(recipe / "merged"), _sd(out)
+    moved = set()
+    for k in a:
+        if not torch.equal(a[k], b[k]):
+            moved.add(k.split(".mlp.")[-1] if ".mlp." in k else k)
+    assert moved == {"gate.weight", "gate.expert_bias"}
+    for i in range(2):
+        assert b[f"model.layers.{i}.mlp.gate.expert_bias"][0] == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["num_experts_per_tok"] == 2
+    assert json.loads((out / "run.json").read_text())["top_k_train"] == 3
+
+
+def test_baselines_budget(recipe, tmp_path):
+    dense = tmp_path / "dense"
+    assert run_cli(["train-dense", "--data", recipe / "data_a", "--data", recipe / "data_b", "--out", dense,
+                    "--match-active-of", recipe / "merged", "--tokens", "300", *FAST]) == 0
+    cfg = json.loads((dense / "config.json").read_text())
+    assert cfg["intermediate_size"] == 2 * 48 and cfg["num_experts"] == 1
+    assert json.loads((dense / "run.json").read_text())["step"] == 5  # ceil(300 / (2 * 32))
+    moe = tmp_path / "moe"
+    assert run_cli(["train-moe", "--data", recipe / "data_a", "--data", recipe / "data_b", "--out", moe,
+                    "--model-config", recipe / "model.json", "--match-flops-of", recipe / "owner_a",
+                    recipe / "owner_b", *FAST]) == 0
+    run = json.loads((moe / "run.json").read_text())
+    budget = sum(json.loads((recipe / o / "run.json").read_text())["total_flops"] for o in ("owner_a", "owner_b"))
+    assert run["total_flops"] >= budget and run["total_flops"] - run["flops_per_token"] * run["tokens_per_step"] < budget
+    cfg = json.loads((moe / "config.json").read_text())
+    assert cfg["num_experts"] == 3 and cfg["num_experts_per_tok"] == 2
+
+
+def test_resume_after_stop_matches(recipe, tmp_path):
+    args = ["train-expert", "--public", recipe / "public", "--data", recipe / "data_b", "--name", "colors",
+            "--steps", "6", "--grad-accum", "2", "--zero-stage", "2", *FAST]
+    assert run_cli(args + ["--out", tmp_path / "full"]) == 0
+    assert run_cli(args + ["--out", tmp_path / "part", "--max-steps-this-run", "3"]) == 0
+    assert not (tmp_path / "part").exists() and (tmp_path / "part.inprogress" / "state").is_dir()
+    assert json.loads((tmp_path / "part.inprogress" / "run.json").read_text())["status"] == "paused"
+    # resuming with changed hyper-parameters is refused
+    assert run_cli([a if a != "6" else "7" for a in args] + ["--out", tmp_path / "part"]) == 2
+    assert run_cli(args + ["--out", tmp_path / "part"]) == 0
+    a, b = losses(tmp_path / "full"), losses(tmp_path / "part")
+    assert len(a) == len(b) == 6
+    torch.testing.assert_close(torch.tensor(b), torch.tensor(a), atol=1e-6, rtol=1e-6)
+    sa, sb = _sd(tmp_path / "full"), _sd(tmp_path / "part")
+    for k in sa:
+        torch.testing.assert_close(sb[k], sa[k], atol=1e-6, rtol=1e-5)
+
+
+def test_bad_input_clear_error_no_output(recipe, tmp_path, capsys):
+    out = tmp_path / "o"
+    # missing data directory
+    assert run_cli(["train-expert", "--public", recipe / "public", "--data", tmp_path / "nodata", "--name", "x",
+                    "--out", out, *FAST]) == 2
+    assert "nodata" in capsys.readouterr().err
+    # corrupt checkpoint
+    broken = tmp_path / "broken"
+    shutil.copytree(recipe / "public", broken)
+    with open(broken / "model.safetensors", "r+b") as f:
+        f.truncate(200)
+    assert run_cli(["train-expert", "--public", broken, "--data", recipe / "data_a", "--name", "x",
+                    "--out", out, *FAST]) == 2
+    assert "--public" in capsys.readouterr().err
+    # mismatched shapes: a router embedding of the wrong width
+    from safetensors.torch import save_file
+
+    save_file({"router_embedding": torch.randn(31)}, str(tmp_path / "r.safetensors"))
+    assert run_cli(["train-expert", "--public", recipe / "public", "--data", recipe / "data_a", "--name", "x",
+                    "--out", out, "--router-init", tmp_path / "r.safetensors", *FAST]) == 2
+    assert "(31,)" in capsys.readouterr().err
+    # a dense checkpoint where an owner is expected
+    assert run_cli(["merge", "--public", recipe / "public", "--owner", recipe / "public", "--out", out]) == 2
+    assert "2-expert" in capsys.readouterr().err
+    # a merged model as the public anchor
+    assert run_cli(["train-expert", "--public", recipe / "merged", "--data", recipe / "data_a", "--name", "x",
+                    "--out", out, *FAST]) == 2
+    assert "dense" in capsys.readouterr().err
+    assert not out.exists() and not (tmp_path / "o.inprogress").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    # an existing output is not overwritten without --overwrite
+    assert run_cli(["merge", "--public", recipe / "public", "--owner", recipe / "owner_a", "--out",
+                    recipe / "merged"]) == 2
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_help_of_every_command(capsys):
+    for cmd in ("prepare-data", "train-public", "init-router", "train-expert", "merge", "tune-router",
+                "train-dense", "train-moe"):
+        with pytest.raises(SystemExit) as e:
+            run_cli([cmd, "--help"])
+        assert e.value.code == 0
+        assert "usage: flexmoe " + cmd in capsys.readouterr().out

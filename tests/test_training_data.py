@@ -1,0 +1,135 @@
+"""prepare-data, the shard format, tokenizers and deterministic sampling (no DeepSpeed)."""
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from test_training_common import import_training, run_cli, write_corpus
+
+import_training()
+from flexmoe_training.data import (  # noqa: E402
+    BatchSampler,
+    ByteTokenizer,
+    DataDir,
+    DataError,
+    eval_windows,
+    load_tokenizer,
+    prepare_data,
+    read_documents,
+)
+
+
+@pytest.fixture
+def corpus(tmp_path, seed):
+    rng = random.Random(seed)
+    d = write_corpus(tmp_path / "text", 23, rng)
+    (d / "sub").mkdir()
+    (d / "sub" / "more.jsonl").write_text("\n".join(json.dumps({"text": f"json doc {i} é ü 漢"}) for i in range(5)) + "\n")
+    (d / "ignored.bin").write_bytes(b"\x00\x01")
+    return d
+
+
+def test_prepare_data_round_trip(corpus, tmp_path):
+    meta = prepare_data(corpus, tmp_path / "data", val_fraction=0.2)
+    data = DataDir(tmp_path / "data")
+    assert meta["train_docs"] + meta["val_docs"] == 28
+    assert meta["val_docs"] >= 1 and meta["train_docs"] >= 1
+    assert data.dtype == np.uint16 and data.vocab_size == 258
+    tok = load_tokenizer(tmp_path / "data")
+    # Every document comes back exactly, in its split, separated by EOS.
+    texts = {p.read_text() for p in corpus.glob("*.txt")} | {f"json doc {i} é ü 漢" for i in range(5)}
+    got = [tok.decode(d.tolist()) for split in ("train", "val") for d in read_documents(data, split)]
+    assert sorted(got) == sorted(texts)
+    for split in ("train", "val"):
+        toks = data.tokens(split)
+        assert toks[-1] == data.eos_token_id
+        assert int((np.asarray(toks) == data.eos_token_id).sum()) == meta[f"{split}_docs"]
+
+
+def test_split_is_deterministic_by_content(corpus, tmp_path):
+    prepare_data(corpus, tmp_path / "a", val_fraction=0.3)
+    # Same documents under other names and order: the same held-out set.
+    other = tmp_path / "renamed"
+    other.mkdir()
+    for i, p in enumerate(sorted(corpus.rglob("*"), reverse=True)):
+        if p.is_file():
+            (other / f"z{i}{p.suffix}").write_bytes(p.read_bytes())
+    prepare_data(other, tmp_path / "b", val_fraction=0.3)
+    a, b = DataDir(tmp_path / "a"), DataDir(tmp_path / "b")
+    tok = ByteTokenizer()
+    va = sorted(tok.decode(d.tolist()) for d in read_documents(a, "val"))
+    vb = sorted(tok.decode(d.tolist()) for d in read_documents(b, "val"))
+    assert va == vb and len(va) >= 1
+
+
+def test_tokenizers_json(corpus, tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import models, pre_tokenizers
+
+    words = sorted({w for p in corpus.glob("*.txt") for w in p.read_text().replace(".", " ").split()})
+    vocab = {"[UNK]": 0, "</s>": 1, **{w: i + 2 for i, w in enumerate(words)}}
+    tk = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.add_special_tokens(["</s>"])
+    tk.save(str(tmp_path / "tok.json"))
+    assert run_cli(["prepare-data", "--input", corpus, "--out", tmp_path / "data", "--tokenizer", tmp_path / "tok.json",
+                    "--no-progress"]) == 0
+    data = DataDir(tmp_path / "data")
+    assert data.vocab_size == len(vocab) and data.eos_token_id == 1
+    assert (tmp_path / "data" / "tokenizer.json").is_file()
+    doc = read_documents(data, "train", 1)[0]
+    assert doc.max() < len(vocab) and (doc != 0).sum() > 0
+    assert load_tokenizer(tmp_path / "data").decode(doc[:3].tolist()).split()[0] in vocab
+
+
+def test_bad_inputs_leave_nothing(tmp_path, capsys):
+    assert run_cli(["prepare-data", "--input", tmp_path / "missing", "--out", tmp_path / "out"]) == 2
+    assert "missing" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert run_cli(["prepare-data", "--input", tmp_path / "empty", "--out", tmp_path / "out"]) == 2
+    assert "no documents" in capsys.readouterr().err
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "x.jsonl").write_text('{"text": "ok"}\nnot json\n')
+    assert run_cli(["prepare-data", "--input", tmp_path / "bad", "--out", tmp_path / "out"]) == 2
+    assert "x.jsonl:2" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_corrupt_data_dir(corpus, tmp_path):
+    prepare_data(corpus, tmp_path / "data")
+    with open(tmp_path / "data" / "train.bin", "r+b") as f:
+        f.truncate(101)
+    with pytest.raises(DataError, match="train.bin"):
+        DataDir(tmp_path / "data")
+    with pytest.raises(DataError, match="does not exist"):
+        DataDir(tmp_path / "nope")
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(DataError, match="meta.json"):
+        DataDir(tmp_path / "plain")
+
+
+def test_sampler_deterministic_and_rank_slices(corpus, tmp_path, seed):
+    prepare_data(corpus, tmp_path / "a")
+    data = DataDir(tmp_path / "a")
+    s1 = BatchSampler([data], seq_len=16, micro_batch_size=2, grad_accum=2, world_size=1, seed=seed)
+    s2 = BatchSampler([data], seq_len=16, micro_batch_size=2, grad_accum=1, world_size=2, seed=seed)
+    g = s1.global_batch(7)
+    assert g.shape == (4, 17) and g.dtype == torch.int64
+    assert torch.equal(g, s1.global_batch(7)) and not torch.equal(g, s1.global_batch(8))
+    toks = torch.from_numpy(np.asarray(data.tokens("train"), dtype=np.int64))
+    for row in g:  # every row is a real window of the shard
+        starts = [i for i in range(len(toks) - 16) if torch.equal(toks[i:i + 17], row)]
+        assert starts
+    # Micro-batch (micro m, rank r) of 2 ranks = micro-step (r) of 1 rank: same global batch.
+    single = torch.cat([s1.micro_batch(7, m, 0) for m in range(2)])
+    multi = torch.cat([s2.micro_batch(7, 0, r) for r in range(2)])
+    assert torch.equal(single, multi) and torch.equal(single, g)
+    w = eval_windows([data], 16, 3)
+    assert w.shape[1] == 17 and 1 <= w.shape[0] <= 3
+    with pytest.raises(DataError, match="seq_len"):
+        BatchSampler([data], seq_len=10**7, micro_batch_size=1, grad_accum=1, world_size=1, seed=0)
