@@ -133,7 +133,6 @@ def measure_copy(device: torch.device, rec: harness.Recorder, timing: harness.Ti
         rec.add(bench="routing", provider="device_copy", mode="copy", mask="none", T=None,
                 ms=t.ms, ms_p20=t.ms_p20, ms_p80=t.ms_p80, bytes=moved, gbps=gbps,
                 note=f"dst.copy_(src), {nbytes / 2**20:.0f} MiB buffer")
-        del src, dst
         return gbps
     except Exception as exc:  # noqa: BLE001
         rec.log(traceback.format_exc())

@@ -279,13 +279,12 @@ def is_oom(exc: BaseException) -> bool:
 class Recorder:
     """Collects rows, mirrors a one-line log of each to ``log.txt`` (the raw log)."""
 
-    def __init__(self, meta: dict, out_dir: Path, echo: Callable[[str], None] = print):
+    def __init__(self, meta: dict, out_dir: Path):
         self.meta = meta
         self.rows: list[dict] = []
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self._log = open(self.out_dir / "log.txt", "a", encoding="utf-8")
-        self.echo = echo
         self.log(f"# run {meta['timestamp']} on {meta['device']} commit {meta['git_commit']}")
         self.log(f"# command: {meta['command']}")
         self.log(f"# versions: torch {meta['torch']} triton {meta['triton']} deepspeed "

@@ -239,7 +239,7 @@ def test_failing_provider_gives_error_row_not_crash(tmp_path, monkeypatch):
     monkeypatch.setitem(PROVIDERS, "broken", Provider("broken", "broken", "baseline", False,
                                                       lambda d: (True, "test"), build))
     meta = harness.run_metadata(torch.device("cpu"), ["test"])
-    rec = harness.Recorder(meta, tmp_path, echo=lambda s: None)
+    rec = harness.Recorder(meta, tmp_path)
     jobs = [LayerJob("smoke", 3, "broken", "none", "fwd_bwd"), LayerJob("smoke", 3, "dense_swiglu", "none", "fwd")]
     run_layer(jobs, torch.device("cpu"), torch.float32, rec, harness.TimingConfig(cpu_reps=1), show_progress=False)
     rec.close()
