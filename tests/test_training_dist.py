@@ -1,0 +1,101 @@
+"""Training in separate processes: 2 ranks over gloo (torch.distributed.run) and resume after SIGKILL."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from test_training_common import (
+    import_training,
+    losses,
+    run_cli,
+    subprocess_env,
+    tiny_model_config,
+    write_corpus,
+)
+
+pytest.importorskip("deepspeed")
+import_training()
+
+FAST = ["--seq-len", "32", "--micro-batch-size", "2", "--no-progress", "--eval-batches", "1", "--warmup-steps", "2"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    seed = random.randrange(2**31)
+    rng = random.Random(seed)
+    root = tmp_path_factory.mktemp("dist")
+    write_corpus(root / "text", 16, rng)
+    assert run_cli(["prepare-data", "--input", root / "text", "--out", root / "data", "--no-progress"]) == 0
+    cfg = tiny_model_config(root / "model.json")
+    assert run_cli(["train-public", "--data", root / "data", "--out", root / "public", "--model-config", cfg,
+                    "--steps", "2", *FAST]) == 0
+    return root
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_ranks_gloo_equal_one_rank(setup, tmp_path):
+    """2 ranks x micro-batch 2 == 1 rank x 2 micro-steps of 2: same global batch, same losses."""
+    common = ["train-expert", "--public", setup / "public", "--data", setup / "data", "--name", "owner",
+              "--steps", "3", "--zero-stage", "2", *FAST]
+    launcher = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                "--master_port", str(_free_port())]
+    cmd = [sys.executable, *launcher, "-m", "flexmoe_training.cli", *map(str, common), "--out", str(tmp_path / "two")]
+    r = subprocess.run(cmd, env=subprocess_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    run = json.loads((tmp_path / "two" / "run.json").read_text())
+    assert run["world_size"] == 2 and run["status"] == "finished"
+    assert run_cli(common + ["--grad-accum", "2", "--out", tmp_path / "one"]) == 0
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert len(a) == len(b) == 3
+    torch.testing.assert_close(torch.tensor(b), torch.tensor(a), atol=1e-5, rtol=1e-5)
+
+
+def test_resume_after_sigkill(setup, tmp_path):
+    args = ["train-public", "--data", setup / "data", "--model-config", setup / "model.json", "--steps", "24",
+            "--seed", "3", *FAST]
+    out = tmp_path / "killed"
+    work = tmp_path / "killed.inprogress"
+    cmd = [sys.executable, "-m", "flexmoe_training.cli", *map(str, args), "--out", str(out), "--save-every", "1"]
+    proc = subprocess.Popen(cmd, env=subprocess_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    state = work / "state" / "trainer_state.json"
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if state.is_file():
+                try:
+                    if json.loads(state.read_text())["step"] >= 2:
+                        break
+                except (json.JSONDecodeError, OSError, KeyError):
+                    pass
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before it could be killed: " + proc.stderr.read()[-2000:]
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert not out.exists() and work.is_dir()
+    killed_at = json.loads(state.read_text())["step"]
+    assert 2 <= killed_at < 24
+    # resume: the same command again
+    assert run_cli(args + ["--out", out, "--save-every", "1"]) == 0
+    assert run_cli(args + ["--out", tmp_path / "straight"]) == 0
+    a, b = losses(tmp_path / "straight"), losses(out)
+    assert len(a) == len(b) == 24
+    torch.testing.assert_close(torch.tensor(b), torch.tensor(a), atol=1e-6, rtol=1e-6)
+    assert json.loads((out / "run.json").read_text())["resumed_from_step"] == killed_at
+    assert not work.exists()
