@@ -153,6 +153,9 @@ def main(argv=None) -> int:
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
 
+    if device.type == "cpu" and not args.smoke and not args.list and (args.presets is None or args.tokens is None):
+        parser.error("no CUDA device: use --smoke, or name --presets and --tokens explicitly to run real "
+                     "shapes on the CPU (slow, and CPU numbers mean nothing)")
     benches = _csv(parser, "--bench", args.bench, BENCHES)
     presets = _csv(parser, "--presets", args.presets or ("smoke" if args.smoke else ",".join(FULL_PRESETS)),
                    list(LAYER_PRESETS))
