@@ -28,6 +28,9 @@ the blocks before (step 2). The result is deterministic and equals a stable sort
 
 Backward: :func:`_topk_softmax_bwd_kernel`, grid (NB,).
 
+Loops over runtime trip counts are ``while`` loops: Triton 3.6's interpreter cannot turn a
+runtime scalar into a Python ``range`` bound with NumPy >= 2.4 (fixed in later Triton).
+
 All index arithmetic that can exceed 2^31 (row offsets t*E, t*K) is done in int64; pair and
 slot indices are int32 (the launcher checks that Q_max < 2^31).
 """
@@ -230,9 +233,11 @@ def _topk_softmax_kernel(
                        offsets_ptr, padded_offsets_ptr, num_tiles_ptr, BLOCK_M)
         _scatter_block(ids_tile, chosen, offs_t, t_ok, offs_e, offsets, pstart,
                        sorted_ptr, inv_ptr, padded_ptr, K, BLOCK_K)
-        for tile0 in range(0, NT, TILES_PER_PROG):
+        tile0 = 0
+        while tile0 < NT:  # not range(NT): see the module docstring
             _pad_tiles(tile0, NT, T * K, hist, pstart, pend, offs_e, e_ok,
                        padded_ptr, tile_expert_ptr, BLOCK_M, TILES_PER_PROG)
+            tile0 += TILES_PER_PROG
     else:
         tl.store(block_counts_ptr + pid.to(tl.int64) * E + offs_e, hist, mask=e_ok)
 
@@ -250,7 +255,8 @@ def _block_prefix_kernel(
     offs_e = tl.program_id(0) * BLOCK_ES + tl.arange(0, BLOCK_ES)
     e_ok = offs_e < E
     carry = tl.zeros((BLOCK_ES,), dtype=tl.int32)
-    for start in range(0, NB, BLOCK_NB):
+    start = 0
+    while start < NB:  # not range(NB): see the module docstring
         offs_b = start + tl.arange(0, BLOCK_NB)
         msk = (offs_b < NB)[:, None] & e_ok[None, :]
         ptrs = block_counts_ptr + offs_b.to(tl.int64)[:, None] * E + offs_e[None, :]
@@ -258,6 +264,7 @@ def _block_prefix_kernel(
         incl = tl.cumsum(c, axis=0)
         tl.store(ptrs, incl - c + carry[None, :], mask=msk)
         carry += tl.sum(c, axis=0)
+        start += BLOCK_NB
     tl.store(counts_ptr + offs_e, carry, mask=e_ok)
 
 
