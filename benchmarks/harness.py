@@ -329,7 +329,7 @@ def write_results(out_dir: Path, meta: dict, rows: list[dict]) -> dict[str, Path
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
         for r in rows:
-            w.writerow({k: r.get(k) for k in keys})
+            w.writerow({k: json.dumps(r[k]) if isinstance(r.get(k), (dict, list)) else r.get(k) for k in keys})
     return paths
 
 
