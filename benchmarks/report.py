@@ -414,6 +414,38 @@ def make_plots(meta: dict, rows: list[dict], out_dir: Path) -> list[Path]:
         fig.savefig(path, dpi=110)
         plt.close(fig)
         paths.append(path)
+    # Opt-out sweeps: masked / unmasked forward time of each of our backends.
+    masked = [r for r in _ok(rows, bench="layer", mode="fwd") if r["provider"] in OURS and r["mask"] != "none"]
+    m_presets = _order([r["preset"] for r in masked], [])
+    if m_presets:
+        fig, axes = plt.subplots(1, len(m_presets), figsize=(5.5 * len(m_presets), 4.2), squeeze=False)
+        for ax, preset in zip(axes[0], m_presets):
+            pr = [r for r in masked if r["preset"] == preset]
+            for prov in _order([r["provider"] for r in pr], PROVIDER_ORDER):
+                for m in _order([r["mask"] for r in pr], []):
+                    pts = []
+                    for r in pr:
+                        if r["provider"] == prov and r["mask"] == m:
+                            base = _ms(rows, bench="layer", mode="fwd", preset=preset, provider=prov, mask="none",
+                                       T=r["T"])
+                            if base:
+                                pts.append((r["T"], r["ms"] / base))
+                    if pts:
+                        pts.sort()
+                        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{prov} {m}")
+            ax.axhline(1.02, color="r", ls=":", label="target 1.02 (per-token)")
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("tokens T")
+            ax.set_ylabel("masked / unmasked fwd time")
+            ax.set_title(preset)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        fig.suptitle(f"opt-out masks on {dev}{warn}", color="red" if warn else "black")
+        fig.tight_layout()
+        path = out_dir / "masks.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
     rt = [r for r in _ok(rows, bench="routing", mask="none") if r["provider"] != "device_copy"]
     if rt:
         fig, ax = plt.subplots(figsize=(7, 4.5))

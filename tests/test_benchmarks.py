@@ -59,7 +59,7 @@ def _finite_pos(v) -> bool:
 
 def test_smoke_files_and_metadata(smoke_run):
     out, data, stdout = smoke_run
-    for name in ("results.json", "results.csv", "summary.md", "log.txt", "layer_smoke.png", "routing.png"):
+    for name in ("results.json", "results.csv", "summary.md", "log.txt", "layer_smoke.png", "masks.png", "routing.png"):
         assert (out / name).is_file(), f"missing {name}"
     for png in out.glob("*.png"):
         head = png.read_bytes()[:8]
