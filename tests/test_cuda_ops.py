@@ -73,6 +73,13 @@ def test_backend_rejects_cpu_tensors(seed):
         moe_cuda.flexmoe_forward(x, torch.randn(3, 8), torch.randn(3, 6, 8), torch.randn(3, 8, 3), 4)
 
 
+def test_extension_raises_with_reason_on_cpu():
+    if fk.cuda_is_available():
+        pytest.skip("CUDA is available here")
+    with pytest.raises(RuntimeError, match="CUDA kernels are unavailable: "):
+        cuda_ops.extension()
+
+
 def test_autoselect_is_none_on_cpu():
     from flexmoe_kernels.ops.autoselect import choose_backend
 
@@ -169,6 +176,7 @@ def emulated(monkeypatch):
     monkeypatch.setattr(cuda_ops, "_DEVICE_TYPE", "cpu")
     monkeypatch.setattr(cuda_ops, "_ext", _EmulatedC)
     monkeypatch.setattr(cuda_ops, "cuda_unavailable_reason", lambda: "")
+    monkeypatch.setattr(cuda_ops, "_ext_ready", False)  # restored afterwards
     monkeypatch.setattr(moe_cuda, "_grouped_mm_ok", {})
 
 

@@ -96,11 +96,19 @@ def cuda_is_available() -> bool:
     return cuda_unavailable_reason() == ""
 
 
+_ext_ready = False
+
+
 def extension():
-    """The loaded ``_C`` module; ``RuntimeError`` with the reason when it cannot be used."""
-    why = cuda_unavailable_reason()
-    if why:
-        raise RuntimeError(f"flexmoe_kernels CUDA kernels are unavailable: {why}")
+    """The loaded ``_C`` module; ``RuntimeError`` with the reason when it cannot be used.
+
+    The availability check runs until it first succeeds, then is cached (hot path)."""
+    global _ext_ready
+    if not _ext_ready:
+        why = cuda_unavailable_reason()
+        if why:
+            raise RuntimeError(f"flexmoe_kernels CUDA kernels are unavailable: {why}")
+        _ext_ready = True
     return _ext
 
 
