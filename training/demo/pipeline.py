@@ -320,18 +320,21 @@ def run_demo(settings: DemoSettings, work_dir: str, *, fresh: bool = False, echo
 
     # 2. prepare-data: each domain's training documents into its own data directory -----------
     data = {d: os.path.join(run_dir, "data", d) for d in domains}
-    with stage("prepare-data"):
+    def prepare_task(d: str) -> None:
+        text_dir = os.path.join(run_dir, "text", d)
+        _write_text_dir(text_dir, [os.path.join(corpus_dir, d, "train.jsonl")])
         opts = _cli_options("prepare-data")
-        for d in domains:
-            if os.path.isfile(os.path.join(data[d], "meta.json")):
-                continue
-            text_dir = os.path.join(run_dir, "text", d)
-            _write_text_dir(text_dir, [os.path.join(corpus_dir, d, "train.jsonl")])
-            run_cli(["prepare-data", "--input", text_dir, "--out", data[d], *_opt(opts, overwrite=True, progress=None)]
-                    + (["--no-progress"] if "--no-progress" in opts else []),
-                    os.path.join(run_dir, "logs", f"prepare-{d}.log"), echo_children, env)
-            shutil.rmtree(text_dir, ignore_errors=True)
-            log(f"   prepared {d}: " + _data_summary(data[d]))
+        run_cli(["prepare-data", "--input", text_dir, "--out", data[d], *_opt(opts, overwrite=True)]
+                + (["--no-progress"] if "--no-progress" in opts else []),
+                os.path.join(run_dir, "logs", f"prepare-{d}.log"), False, env)
+        shutil.rmtree(text_dir, ignore_errors=True)
+        log(f"   prepared {d}: " + _data_summary(data[d]))
+
+    with stage("prepare-data"):
+        todo = [d for d in domains if not os.path.isfile(os.path.join(data[d], "meta.json"))]
+        errors = _parallel([(f"prepare {d}", lambda d=d: prepare_task(d)) for d in todo], jobs, log, {})
+        if errors:
+            raise StageError("; ".join(f"{k}: {v}" for k, v in errors.items()))
     tok = load_tokenizer(data[public_dom])
 
     # the model's architecture; vocabulary and special tokens come from the data directories

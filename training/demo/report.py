@@ -231,6 +231,13 @@ def format_report(results: dict, claims: Optional[List[dict]] = None) -> str:
             out.append(f"  skipped {name}: {why}")
         out.append("")
     out.append(format_table(results))
+    fl = results.get("flops")
+    if fl and fl.get("flexolmo"):
+        out.append(f"Training FLOPs (from the runs' run.json): FlexOlmo {fl['flexolmo']:.3g} (public + owners), "
+                   f"BTM {fl.get('btm', 0):.3g} (public + continued dense), joint MoE {fl.get('moe', 0):.3g}")
+    errs = results.get("baseline_errors") or {}
+    for k, v in errs.items():
+        out.append(f"  baseline {k} FAILED: {v}")
     aud = format_audit(results)
     if aud:
         out += ["", aud]
