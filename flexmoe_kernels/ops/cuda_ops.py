@@ -18,6 +18,7 @@ the "cuda" backend (:mod:`flexmoe_kernels.ops.moe_cuda`).
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 from dataclasses import dataclass
 from typing import Optional
@@ -135,6 +136,12 @@ def _stream(device: torch.device) -> int:
     if device.type != "cuda":
         return 0
     return torch.cuda.current_stream(device).cuda_stream
+
+
+def _on(device: torch.device):
+    """Make ``device`` current while launching (the static CUDA runtime in ``_C`` follows the
+    context current on the thread, so tensors on another GPU than the current one work)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _ptr(t: Optional[torch.Tensor]) -> int:
@@ -256,12 +263,13 @@ def router_forward(
     inv = torch.empty(P, **i32)
     ws_bytes = C.router_workspace_bytes(T, E)
     ws = torch.empty(ws_bytes, dtype=torch.uint8, device=dev)
-    C.router_forward(
-        logits_TE.data_ptr(), _DTYPE_CODES[logits_TE.dtype], T, E, top_k, _ptr(bias), _ptr(mask),
-        _mask_mode(mask, T, E), bool(norm_topk_prob), ids.data_ptr(), w.data_ptr(),
-        probs.data_ptr(), _ptr(z), counts.data_ptr(), offsets.data_ptr(), sorted_pairs.data_ptr(),
-        inv.data_ptr(), ws.data_ptr(), ws_bytes, _stream(dev),
-    )
+    with _on(dev):
+        C.router_forward(
+            logits_TE.data_ptr(), _DTYPE_CODES[logits_TE.dtype], T, E, top_k, _ptr(bias), _ptr(mask),
+            _mask_mode(mask, T, E), bool(norm_topk_prob), ids.data_ptr(), w.data_ptr(),
+            probs.data_ptr(), _ptr(z), counts.data_ptr(), offsets.data_ptr(), sorted_pairs.data_ptr(),
+            inv.data_ptr(), ws.data_ptr(), ws_bytes, _stream(dev),
+        )
     return CudaRoutingPlan(ids, w, probs, z, counts, offsets, sorted_pairs, inv)
 
 
@@ -304,11 +312,12 @@ def router_backward(
     if T == 0:
         return dz
     C = extension()
-    C.router_backward(
-        probs_TE.data_ptr(), topk_ids_TK.data_ptr(), topk_weights_TK.data_ptr(),
-        _ptr(grad_weights_TK), _ptr(grad_logits_TE), _ptr(mask), _mask_mode(mask, T, E), T, E, K,
-        bool(norm_topk_prob), dz.data_ptr(), _stream(probs_TE.device),
-    )
+    with _on(probs_TE.device):
+        C.router_backward(
+            probs_TE.data_ptr(), topk_ids_TK.data_ptr(), topk_weights_TK.data_ptr(),
+            _ptr(grad_weights_TK), _ptr(grad_logits_TE), _ptr(mask), _mask_mode(mask, T, E), T, E, K,
+            bool(norm_topk_prob), dz.data_ptr(), _stream(probs_TE.device),
+        )
     return dz
 
 
@@ -334,10 +343,12 @@ def gather_rows(x_TD: torch.Tensor, sorted_pairs_P: torch.Tensor, top_k: int) ->
     out = torch.empty(P, D, dtype=x_TD.dtype, device=x_TD.device)
     if P == 0 or D == 0:
         return out
-    extension().gather_rows(
-        x_TD.data_ptr(), x_TD.element_size(), T, D, sorted_pairs_P.data_ptr(), P, top_k,
-        out.data_ptr(), _stream(x_TD.device),
-    )
+    C = extension()
+    with _on(x_TD.device):
+        C.gather_rows(
+            x_TD.data_ptr(), x_TD.element_size(), T, D, sorted_pairs_P.data_ptr(), P, top_k,
+            out.data_ptr(), _stream(x_TD.device),
+        )
     return out
 
 
@@ -365,10 +376,12 @@ def combine(
     out = torch.empty(T, D, dtype=y_PD.dtype, device=y_PD.device)
     if T == 0 or D == 0:
         return out.zero_()
-    extension().combine_forward(
-        y_PD.data_ptr(), _DTYPE_CODES[y_PD.dtype], T, D, top_k, _ptr(weights_TK),
-        inv_sorted_pairs_P.data_ptr(), out.data_ptr(), _stream(y_PD.device),
-    )
+    C = extension()
+    with _on(y_PD.device):
+        C.combine_forward(
+            y_PD.data_ptr(), _DTYPE_CODES[y_PD.dtype], T, D, top_k, _ptr(weights_TK),
+            inv_sorted_pairs_P.data_ptr(), out.data_ptr(), _stream(y_PD.device),
+        )
     return out
 
 
@@ -408,11 +421,13 @@ def combine_backward(
         return dy, dw
     if D == 0:
         return dy, (dw.zero_() if dw is not None else None)
-    extension().combine_backward(
-        grad_out_TD.data_ptr(), _DTYPE_CODES[grad_out_TD.dtype], T, D, top_k,
-        _ptr(y_PD if need_grad_weights else None), _ptr(weights_TK),
-        inv_sorted_pairs_P.data_ptr(), _ptr(dy), _ptr(dw), _stream(dev),
-    )
+    C = extension()
+    with _on(dev):
+        C.combine_backward(
+            grad_out_TD.data_ptr(), _DTYPE_CODES[grad_out_TD.dtype], T, D, top_k,
+            _ptr(y_PD if need_grad_weights else None), _ptr(weights_TK),
+            inv_sorted_pairs_P.data_ptr(), _ptr(dy), _ptr(dw), _stream(dev),
+        )
     return dy, dw
 
 
