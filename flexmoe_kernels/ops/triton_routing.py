@@ -178,7 +178,11 @@ def is_available(device: torch.device | str = "cuda") -> tuple[bool, str]:
             return False, "CUDA is not available"
         return True, "triton on CUDA"
     if device.type == "cpu":
-        if _interpreting():
+        try:
+            interpreting = _interpreting()
+        except Exception as exc:  # noqa: BLE001 - a kernel module that fails to import
+            return False, f"cannot import the Triton routing kernels: {exc}"
+        if interpreting:
             return True, "triton interpreter (TRITON_INTERPRET=1)"
         if os.environ.get("TRITON_INTERPRET") == "1":
             return False, "TRITON_INTERPRET=1 was set after the Triton kernels were imported"
@@ -187,6 +191,8 @@ def is_available(device: torch.device | str = "cuda") -> tuple[bool, str]:
 
 
 def _check_device(device: torch.device) -> None:
+    if device.type == "cuda":  # the tensors are there, so CUDA works; triton imports below
+        return
     ok, why = is_available(device)
     if not ok:
         raise RuntimeError(f"triton routing cannot run on {device}: {why}")
@@ -426,6 +432,7 @@ def triton_route_backward(
     check_tensor(dweights_TK, "dweights", shape=(T, K), floating=True, device=device)
     _check_device(device)
     kern = _kernels()
+    ids_TK, probs_TE = plan.topk_ids_TK.contiguous(), plan.probs_TE.contiguous()
     dlogits_TE = _alloc((T, E), torch.float32, device)
     block_e = _next_pow2(E)
     cfg = routing_config(T, E, K, 1)
@@ -433,7 +440,7 @@ def triton_route_backward(
     nb = _cdiv(T, block_t)
     if nb > 0:
         kern._topk_softmax_bwd_kernel[(nb,)](
-            dweights_TK, plan.topk_ids_TK, plan.probs_TE, dlogits_TE,
+            dweights_TK, ids_TK, probs_TE, dlogits_TE,
             T, E, dweights_TK.stride(0), dweights_TK.stride(1),
             K=K, NORM=bool(norm_topk_prob), BLOCK_T=block_t, BLOCK_E=block_e,
             num_warps=cfg.num_warps,
