@@ -101,9 +101,14 @@ def _check_out_free(out: Path, overwrite: bool) -> None:
 
 
 def _open_datas(paths):
-    from .data import DataDir, check_compatible
+    from .data import DataDir, DataError, check_compatible
 
-    datas = [DataDir(p) for p in paths]
+    datas = []
+    for p in paths:
+        try:
+            datas.append(DataDir(p))
+        except DataError as exc:
+            raise DataError(f"--data: {exc}") from exc
     check_compatible(datas)
     return datas
 
@@ -284,7 +289,7 @@ def cmd_train_expert(args) -> int:
                              "anchor_sha256": anchor, "router_init": args.router_init})
     rc = train(spec, opts)
     out = Path(args.out)
-    if rc == 0 and (out / "config.json").is_file():
+    if rc == 0 and (out / "config.json").is_file() and int(os.environ.get("RANK", "0")) == 0:
         # Independent check from the files: every frozen tensor equals the public model's.
         o_cfg, o_sd = load_checkpoint(out, "--out")
         try:
