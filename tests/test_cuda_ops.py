@@ -440,7 +440,8 @@ def test_gather_and_combine_match_reference(seed, dtype, T, D, K):
     ref_dy[inv.long()] = (w.reshape(-1, 1) * dout.float().repeat_interleave(K, 0)).to(dtype)
     torch.testing.assert_close(dy.float(), ref_dy.float(), **tol(dtype))
     ref_dw = (dout.float()[:, None, :] * y_pairs).sum(-1)
-    torch.testing.assert_close(dw, ref_dw, atol=tol(dtype)["atol"] * D**0.5, rtol=tol(dtype)["rtol"])
+    # same fp32 products on both sides; only the summation order differs
+    torch.testing.assert_close(dw, ref_dw, atol=1e-5 * D, rtol=1e-5)
 
 
 @gpu
