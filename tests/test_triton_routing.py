@@ -49,8 +49,8 @@ def _randn_distinct(T, E, dtype=torch.float32, scale=1.0):
 
 
 def _mask(kind, T, E, K):
-    """None, a global (E,) mask with E-K..E-1 experts off... or a per-token (T, E) mask; each
-    row allows >= K experts and at least one expert is off somewhere (unless K == E)."""
+    """None, a global (E,) mask with up to 2 experts off (never fewer than K allowed), or a
+    per-token (T, E) mask with ~40% off, topped up so each row allows >= K experts."""
     if kind is None:
         return None
     if kind == "global":
@@ -201,6 +201,14 @@ def test_opted_out_experts_get_nothing_even_when_dominant(seed):
     alone = tr.triton_route(logits[:, kept].contiguous(), K, block_m=4)
     torch.testing.assert_close(kept[alone.topk_ids_TK.long()].int(), plan.topk_ids_TK, atol=0, rtol=0)
     torch.testing.assert_close(alone.topk_weights_TK, plan.topk_weights_TK, rtol=1e-6, atol=1e-7)
+    # NaN logits of opted-out experts never reach anything (they are replaced by -inf first)
+    nan_logits = logits.clone()
+    nan_logits[:, ~allow] = float("nan")
+    again = tr.triton_route(nan_logits, K, allow_mask=allow, block_m=4)
+    for name in ("topk_ids_TK", "topk_weights_TK", "probs_TE", "logits_TE", "padded_pairs_Q"):
+        torch.testing.assert_close(getattr(again, name), getattr(plan, name), atol=0, rtol=0, msg=name)
+    dz = tr.triton_route_backward(torch.randn(T, K, device=DEVICE), again)
+    assert bool(dz.isfinite().all()) and bool((dz[:, ~allow] == 0).all())
 
 
 def test_underflowed_allowed_probability_never_picks_masked_expert():
