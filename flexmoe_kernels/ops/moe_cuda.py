@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from .._validate import check_positive_int, check_tensor
 from . import cuda_ops
 from .experts import check_expert_weights, swiglu_expert
-from .routing import check_allow_mask_rows, normalize_allow_mask, router_logits
+from .routing import check_allow_mask_rows, mask_router_rows, normalize_allow_mask, router_logits
 
 __all__ = ["is_available", "flexmoe_forward", "grouped_gemm_path"]
 
@@ -185,7 +185,8 @@ def flexmoe_forward(
             trainable_experts=trainable_experts, validate=False,
         )
 
-    logits_TE = router_logits(x_TD, router_weight_ED)
+    # Opted-out experts' router rows are never read (a NaN there must not reach dX).
+    logits_TE = router_logits(x_TD, mask_router_rows(router_weight_ED, mask))
     w_TK, z_TE, _ids, counts_E, offsets_E1, sorted_P, inv_P = cuda_ops.CudaRouteFunction.apply(
         logits_TE, expert_bias, mask, top_k, bool(norm_topk_prob)
     )
