@@ -122,11 +122,19 @@ def _run_ref64(p, dout, dz, *, trainable=None, norm=False):
     return out.detach(), z.detach(), {n: v.grad for n, v in leaves.items()}
 
 
-def _assert_within_2x_torch(ours, torch_low, ref64, what):
-    """The house rule for 16-bit dtypes: max|ours - ref64| <= 2 * max|torch - ref64| + 1e-5."""
+def _assert_within_2x_torch(ours, torch_low, ref64, what, *, ulp_slack=True):
+    """The house rule for 16-bit dtypes: max|ours - ref64| <= 2 * max|torch - ref64| + 1e-5.
+
+    At the CPU tier's tiny shapes (T=1, one product per element) the maximum error is a single
+    rounding event, so ``ulp_slack`` adds one ulp of the largest reference value (the result
+    is stored in that dtype: no kernel can promise better); a real bug is O(value), not O(ulp).
+    """
     err = (ours.double() - ref64).abs().max().item()
     err_torch = (torch_low.double() - ref64).abs().max().item()
-    assert err <= 2 * err_torch + 1e-5, f"{what}: error {err:.3g} vs torch's own {err_torch:.3g} (float64 reference)"
+    slack = torch.finfo(ours.dtype).eps * ref64.abs().max().item() if ulp_slack else 0.0
+    assert err <= 2 * err_torch + 1e-5 + slack, (
+        f"{what}: error {err:.3g} vs torch's own {err_torch:.3g} (float64 reference, slack {slack:.2g})"
+    )
 
 
 def _assert_close(got, ref, dtype, what):
@@ -271,7 +279,14 @@ def test_grouped_gemms_against_reference_plan(seed, dtype):
     )
     assert dx is None and dgu is None and ddn is None
     assert dw.dtype == torch.float32 and dw.shape == (T, K)
-    _assert_close(dw, dw_ref.float(), dtype, "dweights")
+    if dtype == torch.float32:
+        _assert_close(dw, dw_ref.float(), dtype, "dweights")
+    else:  # the reference rounds y to fp16 before the dot with dOut: compare both with float64
+        w64 = ref_plan.topk_weights_TK.detach().double().requires_grad_()
+        ref_plan.topk_weights_TK = w64
+        out64 = fk.grouped_swiglu(p["x"].double(), ref_plan, p["gate_up"].double(), p["down"].double())
+        (dw64,) = torch.autograd.grad(out64, w64, dout.double())
+        _assert_within_2x_torch(dw, dw_ref.float(), dw64, "dweights")
 
 
 def test_deterministic_mode_bitwise_reproducible(seed):
@@ -405,12 +420,12 @@ def test_custom_ops_opcheck(seed):
     T, D, F, E, K = 5, 24, 20, 3, 2
     p = _problem(T, D, F, E, K, torch.float32, mask="token", bias=True)
     logits = fk.router_logits(p["x"], p["router_weight"])
-    args = (p["x"], logits, p["gate_up"], p["down"], p["expert_bias"], p["allow_mask"], K, False, True, True, 16)
+    args = (p["x"], logits, p["gate_up"], p["down"], p["expert_bias"], p["allow_mask"], K, False, True, 1)
     torch.library.opcheck(torch.ops.flexmoe_triton.moe_fwd.default, args,
                           test_utils=("test_schema", "test_faketensor"))
     res = torch.ops.flexmoe_triton.moe_fwd(*args)
     bargs = (torch.randn(T, D, device=DEVICE), torch.randn(T, E, device=DEVICE), p["x"], p["gate_up"], p["down"],
-             p["expert_bias"], p["allow_mask"], None, list(res[2:]), torch.float32, False, True, 16,
+             p["expert_bias"], p["allow_mask"], None, list(res[2:]), torch.float32, False, 1,
              [True, True, True, True, True])
     torch.library.opcheck(torch.ops.flexmoe_triton.moe_bwd.default, bargs,
                           test_utils=("test_schema", "test_faketensor"))
@@ -609,9 +624,7 @@ def test_gpu_bf16_error_within_2x_torch(seed, T, D, F, E, K, mask):
             (f"d{n}", ours[2][n], torch_bf16[2][n], ref[2][n]) for n in ref[2]
         ]
         for name, a, b, r in pairs:
-            err = (a.double() - r).abs().max().item()
-            err_torch = (b.double() - r).abs().max().item()
-            assert err <= 2 * err_torch + 1e-5, (name, det, err, err_torch)
+            _assert_within_2x_torch(a, b, r, f"{name} (deterministic={det})", ulp_slack=False)
 
 
 @pytest.mark.gpu

@@ -69,6 +69,17 @@ _PLAN_FIELDS = (
 )
 
 
+def _block_m(x_TD: torch.Tensor, gate_up_E2FD: torch.Tensor, top_k: int) -> int:
+    """The schedule's tile height for this problem (from :func:`.triton_configs.get_configs`)."""
+    T, D = x_TD.shape
+    E, F2, _ = gate_up_E2FD.shape
+    return get_configs(T, D, F2 // 2, E, top_k, x_TD.dtype, x_TD.device).block_m
+
+
+def _det(flag: int) -> bool:
+    return default_deterministic() if flag < 0 else bool(flag)
+
+
 def _plan_from(tensors, logits_TE: torch.Tensor, block_m: int) -> TritonRoutingPlan:
     kw = dict(zip(_PLAN_FIELDS, tensors))
     return TritonRoutingPlan(logits_TE=logits_TE, block_m=block_m, **kw)
@@ -85,25 +96,30 @@ def _moe_fwd(
     top_k: int,
     norm_topk_prob: bool,
     validate: bool,
-    deterministic: bool,
-    block_m: int,
+    deterministic: int,
 ) -> list[torch.Tensor]:
-    """[out_TD, zlogits_TE, *plan tensors in ``_PLAN_FIELDS`` order]."""
+    """[out_TD, zlogits_TE, *plan tensors in ``_PLAN_FIELDS`` order]. ``deterministic``: 1, 0 or
+    -1 (= :func:`default_deterministic`); the schedule's block_m comes from the configs."""
     from .triton_grouped_gemm import grouped_swiglu_forward
     from .triton_routing import triton_route
 
+    ok, why = is_available(x_TD.device)
+    if not ok:
+        raise RuntimeError(f"backend 'triton' is not available on {x_TD.device}: {why}")
+    block_m = _block_m(x_TD, gate_up_E2FD, top_k)
     plan = triton_route(
         logits_TE, top_k, allow_mask=allow_mask, expert_bias=expert_bias,
         norm_topk_prob=norm_topk_prob, block_m=block_m, validate=validate,
     )
-    out_TD = grouped_swiglu_forward(x_TD, plan, gate_up_E2FD, down_EDF, deterministic=deterministic)
+    out_TD = grouped_swiglu_forward(x_TD, plan, gate_up_E2FD, down_EDF, deterministic=_det(deterministic))
     return [out_TD, plan.logits_TE] + [getattr(plan, f) for f in _PLAN_FIELDS]
 
 
 @_moe_fwd.register_fake
 def _moe_fwd_fake(x_TD, logits_TE, gate_up_E2FD, down_EDF, expert_bias, allow_mask, top_k, norm_topk_prob,
-                  validate, deterministic, block_m):
+                  validate, deterministic):
     T, E = logits_TE.shape
+    block_m = _block_m(x_TD, gate_up_E2FD, top_k)
     K, P = top_k, logits_TE.shape[0] * top_k
     q_max, nt = schedule_sizes(T, K, E, block_m)
     i32, f32 = torch.int32, torch.float32
@@ -129,8 +145,7 @@ def _moe_bwd(
     plan_tensors: list[torch.Tensor],
     logits_dtype: torch.dtype,
     norm_topk_prob: bool,
-    deterministic: bool,
-    block_m: int,
+    deterministic: int,
     needs: list[bool],
 ) -> list[torch.Tensor]:
     """[dx_TD, dlogits_TE, dgate_up_E2FD, ddown_EDF, dbias_E]; an entry whose ``needs`` flag
@@ -139,13 +154,15 @@ def _moe_bwd(
     from .triton_routing import triton_route_backward
 
     need_dx, need_dlogits, need_dgu, need_ddown, need_dbias = needs
+    block_m = plan_tensors[7].shape[0] // plan_tensors[9].shape[0]  # Q_max // NT
     plan = _plan_from(plan_tensors, plan_tensors[2], block_m)  # logits unused by the backward
     need_route = need_dlogits or need_dbias
     dx, dgu, ddown, dweights_TK = grouped_swiglu_backward(
         dout_TD, x_TD, plan, gate_up_E2FD, down_EDF, trainable_experts=trainable_experts,
         need_dx=need_dx, need_dgate_up=need_dgu, need_ddown=need_ddown, need_dweights=need_route,
-        deterministic=deterministic,
+        deterministic=_det(deterministic),
     )
+
     def empty():  # a fresh (0,) tensor per unused slot: custom-op outputs must not alias
         return x_TD.new_empty((0,))
 
@@ -167,7 +184,7 @@ def _moe_bwd(
 
 @_moe_bwd.register_fake
 def _moe_bwd_fake(dout_TD, dz_TE, x_TD, gate_up_E2FD, down_EDF, expert_bias, allow_mask, trainable_experts,
-                  plan_tensors, logits_dtype, norm_topk_prob, deterministic, block_m, needs):
+                  plan_tensors, logits_dtype, norm_topk_prob, deterministic, needs):
     need_dx, need_dlogits, need_dgu, need_ddown, need_dbias = needs
     T, E = plan_tensors[2].shape
     return [
@@ -184,33 +201,33 @@ class _TritonMoEFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_TD, logits_TE, gate_up_E2FD, down_EDF, expert_bias, allow_mask, trainable_experts,
-                top_k, norm_topk_prob, validate, deterministic, block_m):
+                top_k, norm_topk_prob, validate, deterministic):
         res = torch.ops.flexmoe_triton.moe_fwd(
             x_TD, logits_TE, gate_up_E2FD, down_EDF, expert_bias, allow_mask,
-            top_k, norm_topk_prob, validate, deterministic, block_m,
+            top_k, norm_topk_prob, validate, deterministic,
         )
         out_TD, z_TE, plan_tensors = res[0], res[1], list(res[2:])
         ctx.save_for_backward(x_TD, gate_up_E2FD, down_EDF, expert_bias, allow_mask, trainable_experts, *plan_tensors)
-        ctx.cfg = (logits_TE.dtype, norm_topk_prob, deterministic, block_m)
+        ctx.cfg = (logits_TE.dtype, norm_topk_prob, deterministic)
         ctx.set_materialize_grads(False)
         return out_TD, z_TE
 
     @staticmethod
     def backward(ctx, dout_TD, dz_TE):
         x_TD, gate_up, down, bias, allow_mask, trainable, *plan_tensors = ctx.saved_tensors
-        logits_dtype, norm, deterministic, block_m = ctx.cfg
+        logits_dtype, norm, deterministic = ctx.cfg
         nig = ctx.needs_input_grad
         needs = [bool(nig[0]), bool(nig[1]), bool(nig[2]), bool(nig[3]), bool(nig[4])]
         if not any(needs):
-            return (None,) * 12
+            return (None,) * 11
         if dout_TD is None:
             dout_TD = torch.zeros_like(x_TD)
         dx, dlogits, dgu, ddown, dbias = torch.ops.flexmoe_triton.moe_bwd(
             dout_TD, dz_TE, x_TD, gate_up, down, bias, allow_mask, trainable, plan_tensors,
-            logits_dtype, norm, deterministic, block_m, needs,
+            logits_dtype, norm, deterministic, needs,
         )
         grads = [g if n else None for g, n in zip((dx, dlogits, dgu, ddown, dbias), needs)]
-        return (*grads, None, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None)
 
 
 # ------------------------------------------------------------------ the backend entry point
@@ -237,7 +254,7 @@ def flexmoe_forward(
     Returns ``(out_TD, logits_TE)``: out in x's dtype, logits float32 masked (-inf where
     disallowed), differentiable (z-loss gradients flow to the router weight, x and bias).
     """
-    E, D, F = check_expert_weights(x_TD, gate_up_E2FD, down_EDF)
+    E, D, _ = check_expert_weights(x_TD, gate_up_E2FD, down_EDF)
     T = x_TD.shape[0]
     check_positive_int(top_k, "top_k")
     if top_k > E:
@@ -253,15 +270,14 @@ def flexmoe_forward(
     if trainable_experts is not None:
         check_tensor(trainable_experts, "trainable_experts", shape=(E,), dtypes=(torch.bool,))
         trainable_experts = trainable_experts.to(x_TD.device)
-    ok, why = is_available(x_TD.device)
-    if not ok:
-        raise RuntimeError(f"backend 'triton' is not available on {x_TD.device}: {why}")
-    if deterministic is None:
-        deterministic = default_deterministic()
-    block_m = get_configs(T, D, F, E, top_k, x_TD.dtype, x_TD.device).block_m
+    if not torch.compiler.is_compiling():  # inside the op as well; here for an early error
+        ok, why = is_available(x_TD.device)
+        if not ok:
+            raise RuntimeError(f"backend 'triton' is not available on {x_TD.device}: {why}")
+    det = -1 if deterministic is None else int(bool(deterministic))
     logits_TE = router_logits(x_TD, router_weight_ED)
     out_TD, z_TE = _TritonMoEFunction.apply(
         x_TD, logits_TE, gate_up_E2FD, down_EDF, expert_bias, allow_mask, trainable_experts,
-        int(top_k), bool(norm_topk_prob), bool(validate), bool(deterministic), int(block_m),
+        int(top_k), bool(norm_topk_prob), bool(validate), det,
     )
     return out_TD, z_TE
