@@ -148,7 +148,8 @@ def test_tune_router_trains_only_routers(recipe, tmp_path):
     for k in a:
         if not torch.equal(a[k], b[k]):
             moved.add(k.split(".mlp.")[-1] if ".mlp." in k else k)
-    assert moved == {"gate.weight", "gate.expert_bias"}
+    # only routers move (a bias that training left > 0 gets no gradient through min(b, 0))
+    assert "gate.weight" in moved and moved <= {"gate.weight", "gate.expert_bias"}
     for i in range(2):
         assert b[f"model.layers.{i}.mlp.gate.expert_bias"][0] == 0
     cfg = json.loads((out / "config.json").read_text())
