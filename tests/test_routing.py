@@ -141,3 +141,9 @@ def test_bad_inputs_raise_clear_errors():
 def test_z_loss(seed):
     z = torch.randn(5, 4)
     torch.testing.assert_close(fk.router_z_loss(z), (torch.logsumexp(z, -1) ** 2).mean())
+
+
+def test_exact_ties_go_to_lower_expert_id():
+    logits = torch.tensor([[1.0, 3.0, 3.0, 3.0, 0.0], [2.0, 2.0, 2.0, 2.0, 2.0]], dtype=torch.bfloat16)
+    plan = fk.route(logits, 3)
+    assert plan.topk_ids_TK.tolist() == [[1, 2, 3], [0, 1, 2]]

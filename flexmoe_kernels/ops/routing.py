@@ -40,7 +40,8 @@ class RoutingPlan:
     """Everything the grouped expert GEMMs need, produced by :func:`route`.
 
     Attributes:
-        topk_ids_TK: (T, K) int64 expert id of each (token, slot), ordered by decreasing weight.
+        topk_ids_TK: (T, K) int64 expert id of each (token, slot), ordered by decreasing weight;
+            exact ties go to the lower expert id.
         topk_weights_TK: (T, K) float32 routing weight of each (token, slot) (differentiable).
         counts_E: (E,) int64 number of (token, slot) pairs routed to each expert; sums to T*K.
         offsets_E1: (E+1,) int64 exclusive prefix sum of ``counts_E``; expert e owns sorted
@@ -188,7 +189,9 @@ def route(
     probs_TE = torch.softmax(z_TE, dim=-1)
     # Never select a disallowed expert, even if an allowed probability underflowed to 0.
     sel_TE = probs_TE if allow_mask is None else probs_TE.masked_fill(~allow_mask, -1.0)
-    _, topk_ids_TK = torch.topk(sel_TE.detach(), top_k, dim=-1)
+    # Stable descending sort: exact ties go to the lower expert id (as the Triton and CUDA
+    # routers do); torch.topk leaves the order of ties unspecified.
+    topk_ids_TK = torch.sort(sel_TE.detach(), dim=-1, descending=True, stable=True).indices[:, :top_k]
     topk_weights_TK = probs_TE.gather(1, topk_ids_TK)
     if norm_topk_prob:
         topk_weights_TK = topk_weights_TK / topk_weights_TK.sum(dim=-1, keepdim=True)
