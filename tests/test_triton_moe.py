@@ -667,3 +667,25 @@ def test_gpu_cuda_graph_replay_with_new_mask_and_inputs(seed):
         assert torch.equal(out_g, eager)  # deterministic: replay == eager bit for bit
         _assert_close(out_g, ref, torch.bfloat16, "graph replay")
         torch.testing.assert_close(z_g, zr)
+
+
+@pytest.mark.gpu
+def test_gpu_no_host_synchronisation_in_forward_and_backward(seed):
+    """With validate=False the layer's forward and backward never synchronise with the host."""
+    T, D, F, E, K = 300, 128, 192, 8, 2
+    p = _problem(T, D, F, E, K, torch.bfloat16, mask="token", bias=True)
+    leaves = [p[n].clone().requires_grad_() for n in GRAD_NAMES]
+    trainable = torch.ones(E, dtype=torch.bool, device=DEVICE)
+    trainable[0] = False
+    dout = torch.randn(T, D, device=DEVICE, dtype=torch.bfloat16)
+    for attempt in range(2):  # the first call compiles the kernels (may sync); the second must not
+        if attempt:
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            out, z = moe_triton.flexmoe_forward(*leaves[:4], K, allow_mask=p["allow_mask"], expert_bias=leaves[4],
+                                                trainable_experts=trainable, validate=False)
+            torch.autograd.backward([out, z], [dout, torch.zeros_like(z)])
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    assert all(bool(torch.isfinite(v.grad).all()) for v in leaves)

@@ -81,9 +81,10 @@ def _alloc(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
 
 
 def _dot_prec(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"  # ignored by tl.dot for 16-bit inputs
+    """tl.dot input precision: fp32 follows torch (IEEE unless ``allow_tf32``); 16-bit: default."""
+    if dtype != torch.float32:
+        return "default"
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
 def _next_pow2(n: int) -> int:

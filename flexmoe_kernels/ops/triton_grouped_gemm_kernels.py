@@ -35,7 +35,8 @@ Kernels (launchers in :mod:`flexmoe_kernels.ops.triton_grouped_gemm`):
 All row offsets that can exceed 2^31 (token * stride, slot * stride, expert * stride) are int64.
 Under ``TRITON_INTERPRET=1`` (``INTERPRET=True``) non-fp32 dot operands are upcast to fp32
 (the interpreter's bf16 arithmetic is wrong); compiled, ``tl.dot`` runs in the input dtype
-with fp32 accumulation (``DOT_PREC`` = "ieee" or "tf32" for fp32 inputs).
+with fp32 accumulation (``DOT_PREC`` = "ieee" or "tf32" for fp32 inputs, following
+``torch.backends.cuda.matmul.allow_tf32``).
 """
 from __future__ import annotations
 
@@ -58,10 +59,15 @@ def _swizzle(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 @triton.jit
 def _mma(a, b, acc, INTERPRET: tl.constexpr, DOT_PREC: tl.constexpr):
-    """acc += a @ b with fp32 accumulation (fp32 operands under the interpreter)."""
+    """acc += a @ b with fp32 accumulation (fp32 operands under the interpreter). ``DOT_PREC``
+    is "ieee" / "tf32" for fp32 operands, "default" for 16-bit ones (no precision argument)."""
     if INTERPRET:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    return tl.dot(a, b, acc, input_precision=DOT_PREC)
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    elif DOT_PREC == "default":
+        out = tl.dot(a, b, acc)
+    else:
+        out = tl.dot(a, b, acc, input_precision=DOT_PREC)
+    return out
 
 
 @triton.jit
