@@ -624,7 +624,9 @@ def test_gpu_bf16_error_within_2x_torch(seed, T, D, F, E, K, mask):
             (f"d{n}", ours[2][n], torch_bf16[2][n], ref[2][n]) for n in ref[2]
         ]
         for name, a, b, r in pairs:
-            _assert_within_2x_torch(a, b, r, f"{name} (deterministic={det})", ulp_slack=False)
+            # exact rule; with few rows per expert a dW element is a single product, so the
+            # one-ulp slack of the CPU tier applies there too
+            _assert_within_2x_torch(a, b, r, f"{name} (deterministic={det})", ulp_slack=T * K < 8 * E)
 
 
 @pytest.mark.gpu
