@@ -326,7 +326,7 @@ class CorpusSpec:
     doc_bytes: int = 2048
     min_doc_bytes: int = 320
     test_fraction: float = 0.1
-    min_train_bytes: int = 0                # a source with less training text is skipped (default train_bytes // 4)
+    min_train_bytes: int = 0                # a source with less training text is skipped (default min(train_bytes // 4, 200 kB))
     seed: int = 0
 
     def key(self) -> str:
@@ -428,7 +428,7 @@ def build_corpora(root: str, spec: CorpusSpec, log: Callable[[str], None] = prin
     if not force and os.path.exists(os.path.join(out, "manifest.json")):
         log(f"corpora: reusing {out}")
         return out
-    min_train = spec.min_train_bytes or spec.train_bytes // 4
+    min_train = spec.min_train_bytes or min(spec.train_bytes // 4, 200_000)
     os.makedirs(out, exist_ok=True)
     seen: set = set()
     skipped: Dict[str, str] = {}
