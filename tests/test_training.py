@@ -267,3 +267,15 @@ def test_init_router_minilm(recipe, tmp_path):
 
     with safe_open(str(out), framework="pt") as f:
         assert f.metadata()["embedder"] == "minilm" and f.get_tensor("router_embedding").shape == (384,)
+
+
+def test_zero3_public_and_refusal(recipe, tmp_path, capsys):
+    out = tmp_path / "z3"
+    assert run_cli(["train-public", "--data", recipe / "data_pub", "--out", out, "--model-config",
+                    recipe / "model.json", "--steps", "2", "--zero-stage", "3", *FAST]) == 0
+    run = json.loads((out / "run.json").read_text())
+    assert run["zero_stage"] == 3 and run["status"] == "finished"
+    FlexOlmoForCausalLM.from_pretrained(out)
+    assert run_cli(["train-expert", "--public", recipe / "public", "--data", recipe / "data_a", "--name", "x",
+                    "--out", tmp_path / "e3", "--zero-stage", "3", *FAST]) == 2
+    assert "--zero-stage" in capsys.readouterr().err and not (tmp_path / "e3").exists()

@@ -51,7 +51,9 @@ def _add_train_args(p: argparse.ArgumentParser, *, lr: float, steps: int = 100, 
                    help="stop after N steps of this invocation, save, exit 0; rerun the command to resume")
     g.add_argument("--log-every", type=int, default=10, help="print a log line every N steps with --no-progress")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bar (print log lines)")
-    g.add_argument("--overwrite", action="store_true", help="replace an existing output / discard a paused run")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output (a partial run is still resumed when its options match)")
+    g.add_argument("--restart", action="store_true", help="discard a partial run (OUT.inprogress) instead of resuming")
 
 
 def _opts(args):

@@ -81,6 +81,7 @@ class TrainOptions:
     dtype: str = "auto"
     progress: bool = True
     overwrite: bool = False
+    restart: bool = False
 
     @classmethod
     def from_args(cls, args) -> "TrainOptions":
@@ -455,13 +456,13 @@ def _load_state(work: Path, spec: RunSpec, opts: TrainOptions) -> Optional[dict]
         raise
     except Exception as exc:
         raise TrainingError(f"cannot resume: the saved state in {str(st_dir)!r} is unreadable ({exc}); "
-                            f"delete {str(work)!r} (or pass --overwrite) to start over") from exc
+                            f"pass --restart to start over") from exc
     if meta.get("kind") != spec.kind:
         raise TrainingError(f"{str(work)!r} holds a {meta.get('kind')!r} run, not {spec.kind!r}")
     if meta["options"] != opts.fingerprint():
         diff = {k: (meta["options"].get(k), v) for k, v in opts.fingerprint().items() if meta["options"].get(k) != v}
         raise TrainingError(f"cannot resume {str(work)!r}: options changed since it was started (saved, now): {diff}; "
-                            "use the same options, or --overwrite to start over")
+                            "use the same options, or --restart to start over")
     names = {n for n, _ in _named_trainable(spec.model)}
     if set(params) != names:
         raise TrainingError(f"cannot resume {str(work)!r}: its trainable tensors do not match this model's")
@@ -538,12 +539,29 @@ def train(spec: RunSpec, opts: TrainOptions, argv: Optional[Sequence[str]] = Non
 
     if out.exists() and not opts.overwrite:
         raise TrainingError(f"output {str(out)!r} already exists (pass --overwrite to replace it)")
-    if opts.overwrite and dist.is_main and work.exists():
+    # A partial run (OUT.inprogress) is resumed when its options match; --restart discards it,
+    # --overwrite discards it only when it cannot be resumed.
+    resume = None
+    if work.exists() and not opts.restart:
+        try:
+            resume = _load_state(work, spec, opts)
+        except TrainingError as exc:
+            if not opts.overwrite:
+                raise
+            if dist.is_main:
+                print(f"[{spec.kind}] discarding the partial run in {work}: {exc}", flush=True)
+            resume = None
+            opts_restart = True
+        else:
+            opts_restart = False
+    else:
+        opts_restart = work.exists()
+    _barrier()
+    if opts_restart and dist.is_main and work.exists():
         shutil.rmtree(work)
     _barrier()
-    resume = _load_state(work, spec, opts) if work.exists() else None
-    if resume is not None and resume["meta"]["world_size"] != dist.world_size and opts.zero_stage == 0:
-        pass  # full (gathered) state: any world size can resume
+    if resume is not None and dist.is_main:
+        print(f"[{spec.kind}] resuming from step {resume['meta']['step']} ({work})", flush=True)
     use_bf16 = dist.device.type == "cuda" and opts.dtype != "fp32" and torch.cuda.is_bf16_supported()
     if opts.dtype == "bf16" and dist.device.type != "cuda":
         raise TrainingError("--dtype bf16 is for CUDA; CPU training runs in fp32")
