@@ -91,6 +91,7 @@ class FlexMoE(nn.Module):
         self.expert_names = names
         # (E,) bool buffer: False = frozen expert (no dW work); not saved in state dicts.
         self.register_buffer("trainable_experts", torch.ones(num_experts, dtype=torch.bool), persistent=False)
+        self._all_trainable = True  # host-side mirror: forward never reads the buffer on the host
         self.reset_parameters(init_std)
 
     # ------------------------------------------------------------------ basics
@@ -143,6 +144,7 @@ class FlexMoE(nn.Module):
             mask = torch.zeros(self.num_experts, dtype=torch.bool)
             for item in trainable:
                 mask[self.expert_index(item)] = True
+        self._all_trainable = bool(mask.all())
         self.trainable_experts = mask.to(self.trainable_experts.device)
 
     # ------------------------------------------------------------------ forward
@@ -181,7 +183,7 @@ class FlexMoE(nn.Module):
         problem = dict(T=x_TD.shape[0], D=self.hidden_size, F=self.intermediate_size,
                        E=self.num_experts, K=self.top_k, dtype=x.dtype)
         backend = resolve_backend(self.backend, x.device, problem)
-        trainable = None if bool(self.trainable_experts.all()) else self.trainable_experts
+        trainable = None if self._all_trainable else self.trainable_experts
         out_TD, logits_TE = flexmoe_forward(
             x_TD,
             self.gate.weight,
@@ -263,6 +265,7 @@ class FlexMoE(nn.Module):
         self.experts.gate_up_proj = sel(self.experts.gate_up_proj)
         self.experts.down_proj = sel(self.experts.down_proj)
         self.trainable_experts = self.trainable_experts[keep].clone()
+        self._all_trainable = bool(self.trainable_experts.all())
         self.expert_names = [self.expert_names[j] for j in keep]
 
     def rename_expert(self, old: str | int, new: str) -> None:

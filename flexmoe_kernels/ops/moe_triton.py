@@ -33,7 +33,7 @@ import torch
 
 from .._validate import check_positive_int, check_tensor
 from .experts import check_expert_weights
-from .routing import router_logits
+from .routing import mask_router_rows, router_logits
 from .triton_configs import get_configs
 from .triton_routing import TritonRoutingPlan, schedule_sizes
 
@@ -275,7 +275,8 @@ def flexmoe_forward(
         if not ok:
             raise RuntimeError(f"backend 'triton' is not available on {x_TD.device}: {why}")
     det = -1 if deterministic is None else int(bool(deterministic))
-    logits_TE = router_logits(x_TD, router_weight_ED)
+    # Opted-out experts' router rows are never read (a NaN there must not reach dX).
+    logits_TE = router_logits(x_TD, mask_router_rows(router_weight_ED, allow_mask))
     out_TD, z_TE = _TritonMoEFunction.apply(
         x_TD, logits_TE, gate_up_E2FD, down_EDF, expert_bias, allow_mask, trainable_experts,
         int(top_k), bool(norm_topk_prob), bool(validate), det,
