@@ -175,9 +175,16 @@ def test_baselines_budget(recipe, tmp_path):
     assert cfg["num_experts"] == 3 and cfg["num_experts_per_tok"] == 2
 
 
-def test_resume_after_stop_matches(recipe, tmp_path):
+@pytest.mark.parametrize("zero", ["2", "3"])
+def test_resume_after_stop_matches(recipe, tmp_path, zero):
+    zargs = ["--zero-stage", zero]
+    if zero == "3":  # partition every parameter, however small
+        cfg = json.loads((Path(import_training().__file__).parent / "configs" / "zero3.json").read_text())
+        cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+        (tmp_path / "z3.json").write_text(json.dumps(cfg))
+        zargs += ["--deepspeed-config", tmp_path / "z3.json"]
     args = ["train-expert", "--public", recipe / "public", "--data", recipe / "data_b", "--name", "colors",
-            "--steps", "6", "--grad-accum", "2", "--zero-stage", "2", *FAST]
+            "--steps", "6", "--grad-accum", "2", *zargs, *FAST]
     assert run_cli(args + ["--out", tmp_path / "full"]) == 0
     assert run_cli(args + ["--out", tmp_path / "part", "--max-steps-this-run", "3"]) == 0
     assert not (tmp_path / "part").exists() and (tmp_path / "part.inprogress" / "state").is_dir()
@@ -269,13 +276,24 @@ def test_init_router_minilm(recipe, tmp_path):
         assert f.metadata()["embedder"] == "minilm" and f.get_tensor("router_embedding").shape == (384,)
 
 
-def test_zero3_public_and_refusal(recipe, tmp_path, capsys):
+def test_zero3_fully_partitioned(recipe, tmp_path):
+    """ZeRO-3 with every parameter partitioned: public training and coupled expert training."""
+    cfg = json.loads((Path(import_training().__file__).parent / "configs" / "zero3.json").read_text())
+    cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    (tmp_path / "z3.json").write_text(json.dumps(cfg))
+    z3 = ["--zero-stage", "3", "--deepspeed-config", tmp_path / "z3.json", "--steps", "2", *FAST]
     out = tmp_path / "z3"
     assert run_cli(["train-public", "--data", recipe / "data_pub", "--out", out, "--model-config",
-                    recipe / "model.json", "--steps", "2", "--zero-stage", "3", *FAST]) == 0
-    run = json.loads((out / "run.json").read_text())
-    assert run["zero_stage"] == 3 and run["status"] == "finished"
+                    recipe / "model.json", *z3]) == 0
+    assert json.loads((out / "run.json").read_text())["zero_stage"] == 3
     FlexOlmoForCausalLM.from_pretrained(out)
+    e3 = tmp_path / "e3"
     assert run_cli(["train-expert", "--public", recipe / "public", "--data", recipe / "data_a", "--name", "x",
-                    "--out", tmp_path / "e3", "--zero-stage", "3", *FAST]) == 2
-    assert "--zero-stage" in capsys.readouterr().err and not (tmp_path / "e3").exists()
+                    "--out", e3, "--lr", "3e-3", *z3]) == 0
+    pub, own = _sd(recipe / "public"), _sd(e3)
+    for k, v in pub.items():
+        if ".mlp." not in k:
+            assert torch.equal(own[k], v), k
+        else:
+            assert torch.equal(own[k][:1], v[:1]), k
+    assert not torch.equal(own["model.layers.0.mlp.experts.down_proj"][1], pub["model.layers.0.mlp.experts.down_proj"][0])

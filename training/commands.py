@@ -89,14 +89,6 @@ def _guard(fn):
     return run
 
 
-def _refuse_zero3(opts, command: str) -> None:
-    # Known limitation: with most of the model frozen, DeepSpeed 0.19's ZeRO-3 fails in the
-    # backward of the partly-frozen stacked expert tensors. Stages 0-2 are exact and tested.
-    if opts.zero_stage == 3:
-        raise ValueError(f"{command} supports --zero-stage 0, 1 or 2 (ZeRO-3 is for train-public / train-dense / "
-                         "train-moe); the frozen anchor needs no partitioning of its optimizer state")
-
-
 def _check_out_free(out: Path, overwrite: bool) -> None:
     if out.exists() and not overwrite:
         raise FileExistsError(f"--out {str(out)!r} already exists (pass --overwrite to replace it)")
@@ -260,7 +252,6 @@ def cmd_train_expert(args) -> int:
     opts = _opts(args)
     opts.weight_decay = 0.0  # FlexOlmo: no decay, so frozen tensors stay bit-identical
     opts.validate()
-    _refuse_zero3(opts, "train-expert")
     _check_out_free(Path(args.out), args.overwrite)
     datas = _open_datas([args.data])
     pub_cfg, pub_sd = load_checkpoint(args.public, "--public")
@@ -355,7 +346,6 @@ def cmd_tune_router(args) -> int:
     opts = _opts(args)
     opts.weight_decay = 0.0
     opts.validate()
-    _refuse_zero3(opts, "tune-router")
     _check_out_free(Path(args.out), args.overwrite)
     datas = _open_datas([args.data])
     cfg, sd = load_checkpoint(args.model, "--model")

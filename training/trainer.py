@@ -37,6 +37,7 @@ from typing import Callable, Mapping, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.nn.utils import parametrize
 
 from flexmoe_kernels import router_z_loss
 from flexmoe_kernels.modules import FlexMoE
@@ -291,13 +292,14 @@ def _restore_optimizer(engine, named: Sequence[tuple[str, torch.Tensor]], fp32: 
     inner = _inner_optimizer(engine)
     # Optimizer states are created lazily at the first step: create them (zeros) now so the
     # saved moments can be written into them, and let DeepSpeed link its fragments to them.
-    for g in inner.param_groups:
-        for fp in g["params"]:
-            st = inner.state[fp]
-            if "exp_avg" not in st:
-                st["step"] = torch.tensor(float(adam_step))
-                st["exp_avg"] = torch.zeros_like(fp, memory_format=torch.preserve_format)
-                st["exp_avg_sq"] = torch.zeros_like(fp, memory_format=torch.preserve_format)
+    flat = [fp for g in inner.param_groups for fp in g["params"]]
+    flat += list(getattr(engine.optimizer, "fp32_partitioned_groups_flat", []))  # ZeRO-3's master partitions
+    for fp in flat:
+        st = inner.state[fp]
+        if "exp_avg" not in st:
+            st["step"] = torch.tensor(float(adam_step))
+            st["exp_avg"] = torch.zeros_like(fp, memory_format=torch.preserve_format)
+            st["exp_avg_sq"] = torch.zeros_like(fp, memory_format=torch.preserve_format)
     if hasattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state"):
         engine.optimizer._hp_optimizer_states_linked = False
         engine.optimizer._lazy_init_hp_params_optimizer_state()
@@ -588,7 +590,10 @@ def train(spec: RunSpec, opts: TrainOptions, argv: Optional[Sequence[str]] = Non
                 for n, p in named:
                     p.copy_(resume["params"][n])
             torch.set_rng_state(resume["rng"])
-        if opts.zero_stage == 3:
+        if opts.zero_stage == 3 and not any(parametrize.is_parametrized(m) for m in model.modules()):
+            # FlexMoE reads its children's parameters without calling them: gather them all at
+            # the FlexMoE call. (A parametrized model is left alone: each parametrization module
+            # is called when its tensor is read, which gathers its parameters.)
             from deepspeed.utils import set_z3_leaf_modules
 
             set_z3_leaf_modules(model, [FlexMoE])
