@@ -299,7 +299,7 @@ class _BigramLM(torch.nn.Module):
         return type("Out", (), {"logits": self.emb(x)})()
 
 
-def test_windows_and_domain_loss():
+def test_windows_and_domain_loss(one_thread):
     docs = [[random.randrange(10) for _ in range(n)] for n in (5, 17, 3, 40)]
     w = evaluate.make_windows(docs, seq_len=8, max_tokens=10**6, eos_token_id=10)
     flat = sum((d + [10] for d in docs), [])
@@ -465,7 +465,7 @@ def _usage_rows(out):
     return rows
 
 
-def test_generate_command_opt_out(tmp_path, capsys):
+def test_generate_command_opt_out(tmp_path, capsys, one_thread):
     from flexmoe_kernels.models import FlexOlmoForCausalLM
 
     model, d = _tiny_model(tmp_path)
@@ -500,7 +500,7 @@ def test_generate_command_opt_out(tmp_path, capsys):
     assert rc == 0 and _usage_rows(out)["man"] == ("yes", (3 + 3) * 2)
 
 
-def test_generate_never_reads_opted_out_weights(tmp_path, capsys):
+def test_generate_never_reads_opted_out_weights(tmp_path, capsys, one_thread):
     """NaN weights in a denied expert cannot reach the output (exact opt-out)."""
     from flexmoe_kernels.models import FlexOlmoForCausalLM
 
