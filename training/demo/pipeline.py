@@ -85,7 +85,7 @@ SIZES: Dict[str, dict] = {
     # CI smoke test: about 3 minutes on a 2-core CPU; every stage runs, numbers are noisy.
     "quick": dict(train_bytes=120_000, test_bytes=12_000, hidden_size=64, intermediate_size=128,
                   num_hidden_layers=2, num_attention_heads=2, seq_len=64, batch_size=8, lr=5e-3,
-                  public_steps=60, expert_steps=40, eval_tokens=4096, audit_docs=6, audit_gen=32),
+                  public_steps=240, expert_steps=120, eval_tokens=4096, audit_docs=6, audit_gen=32),
     # The README's first command: about 15 minutes on a 2-core CPU.
     "default": dict(),
     # A GPU: a bigger model, more data and steps, bf16, fast MoE kernels (moe_backend auto).

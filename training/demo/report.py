@@ -84,8 +84,9 @@ def compute_claims(results: dict, thresholds: Optional[dict] = None) -> List[dic
         good = gain > 0 and lost >= th["optout_min_gain_lost"]
         ok2 &= good
         nums2[d] = {"public": p, "merged": m, "optout": o, "share_of_gain_lost": lost}
-        parts2.append(f"{d}: merged {m:.3f}, without {d} {o:.3f}, public {p:.3f} "
-                      f"({'n/a' if math.isnan(lost) else f'{100 * lost:.0f}%'} of the gain given back)")
+        parts2.append(f"{d}: merged {m:.3f}, without {d} {o:.3f}, public {p:.3f}"
+                      + (" (the merged model did not improve on it)" if math.isnan(lost)
+                         else f" ({100 * lost:.0f}% of the gain given back)"))
         own_change = o - m
         side = {}
         for other in [public_dom] + [x for x in owners if x != d]:
