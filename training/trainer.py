@@ -20,8 +20,6 @@ Legend: B micro-batch (sequences per rank), S sequence length, G global batch, V
 """
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import math
 import os
@@ -45,7 +43,7 @@ from flexmoe_kernels.modules import FlexMoE
 from .data import BatchSampler, DataDir, copy_tokenizer_files, eval_windows
 from .modeling import export_state_dict, model_from_state_dict
 
-__all__ = ["TrainOptions", "DistInfo", "init_distributed", "lr_at", "train", "TrainingError", "write_json_atomic"]
+__all__ = ["TrainOptions", "RunSpec", "DistInfo", "init_distributed", "lr_at", "train", "TrainingError", "write_json_atomic"]
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 STATE_FORMAT = "flexmoe-train-state-v1"
@@ -441,7 +439,6 @@ def _save_state(engine, spec: RunSpec, dist: DistInfo, work: Path, step: int, op
 
 
 def _load_state(work: Path, spec: RunSpec, opts: TrainOptions) -> Optional[dict]:
-    from safetensors import safe_open
     from safetensors.torch import load_file
 
     st_dir = work / "state"
