@@ -382,6 +382,10 @@ def test_report_outputs(tmp_path):
     for c in res["losses"]:
         assert c in text
     assert "[SUPPORTED]" in text and "Extraction audit" in text and "3/10" in text
+    assert "Training FLOPs" not in text
+    res["flops"] = {"flexolmo": 1.5e12, "btm": None, "moe": 1.49e12}
+    text = report.format_report(res, claims)
+    assert "FlexOlmo 1.5e+12" in text and "joint MoE 1.49e+12" in text and "BTM" not in text.split("Training FLOPs")[1].splitlines()[0]
     report.write_json(str(tmp_path / "r.json"), res, claims)
     back = json.load(open(tmp_path / "r.json"))
     assert back["claims"][0]["verdict"] == "supported" and back["losses"]["merged"]["code"]["loss"] == 1.5

@@ -252,10 +252,11 @@ def _flops_summary(run_dir: str, owners: Sequence[str]) -> dict:
     ck = lambda name: os.path.join(run_dir, "ckpt", name)  # noqa: E731
     f = lambda name: float(_read_run(ck(name)).get("total_flops") or 0.0)  # noqa: E731
     steps = lambda name: _read_run(ck(name)).get("steps")  # noqa: E731
+    have = lambda name: f(name) > 0  # noqa: E731
     return {
         "flexolmo": f("public") + sum(f(f"expert-{d}") for d in owners),
-        "btm": f("public") + sum(f(f"dense-{d}") for d in owners),
-        "moe": f("moe"),
+        "btm": (f("public") + sum(f(f"dense-{d}") for d in owners)) if all(have(f"dense-{d}") for d in owners) else None,
+        "moe": f("moe") if have("moe") else None,
         "runs": {name: {"total_flops": f(name), "steps": steps(name)}
                  for name in ["public", "moe"] + [f"expert-{d}" for d in owners] + [f"dense-{d}" for d in owners]},
     }

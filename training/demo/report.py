@@ -234,8 +234,12 @@ def format_report(results: dict, claims: Optional[List[dict]] = None) -> str:
     out.append(format_table(results))
     fl = results.get("flops")
     if fl and fl.get("flexolmo"):
-        out.append(f"Training FLOPs (from the runs' run.json): FlexOlmo {fl['flexolmo']:.3g} (public + owners), "
-                   f"BTM {fl.get('btm', 0):.3g} (public + continued dense), joint MoE {fl.get('moe', 0):.3g}")
+        parts = [f"FlexOlmo {fl['flexolmo']:.3g} (public + owners)"]
+        if fl.get("btm"):
+            parts.append(f"BTM {fl['btm']:.3g} (public + continued dense)")
+        if fl.get("moe"):
+            parts.append(f"joint MoE {fl['moe']:.3g}")
+        out.append("Training FLOPs (from the runs' run.json): " + ", ".join(parts))
     errs = results.get("baseline_errors") or {}
     for k, v in errs.items():
         out.append(f"  baseline {k} FAILED: {v}")
