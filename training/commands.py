@@ -116,6 +116,12 @@ def _tokenizer_meta(directory: Path) -> dict | None:
     return None
 
 
+def _tokenizer_src(ckpt: Path, data) -> Path:
+    """Where the output checkpoint's tokenizer description comes from: the input checkpoint's,
+    or (a checkpoint made elsewhere has none) the data directory's."""
+    return ckpt if (ckpt / "tokenizer_meta.json").is_file() else data.path
+
+
 def _check_tokenizer(ckpt: Path, data, what: str) -> None:
     have = _tokenizer_meta(ckpt)
     if have is not None and have != data.meta["tokenizer"]:
@@ -245,8 +251,9 @@ def _load_router_init(path: str):
 def cmd_train_expert(args) -> int:
     import torch
 
-    from .modeling import (anchor_sha256, check_owner_against_public, coupled_state_dict,
-                           freeze_for_expert_training, load_checkpoint, model_from_state_dict)
+    from .modeling import (ModelSpecError, anchor_sha256, check_owner_against_public, coupled_state_dict,
+                           freeze_for_expert_training, load_checkpoint, model_from_state_dict,
+                           trainable_param_to_hf)
     from .trainer import RunSpec, train
 
     opts = _opts(args)
@@ -273,9 +280,22 @@ def cmd_train_expert(args) -> int:
     save_dtype = pub_sd["model.embed_tokens.weight"].dtype
     model = model_from_state_dict(cfg, {k: v.float() for k, v in sd.items()})
     freeze_for_expert_training(model)
-    ref = {n: p.detach().float().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    # Reference values of the frozen tensors, taken from the public state dict itself (no extra
+    # copy of the model): the shared tensors and the public rows of the stacked MoE tensors.
+    ref = {}
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            continue
+        hf, _ = trainable_param_to_hf(n)
+        if hf in pub_sd:
+            ref[n] = pub_sd[hf][:1].float() if n.endswith(".0.head") else pub_sd[hf].float()
+        else:  # b_public: the dense public model has no bias; it is 0
+            ref[n] = p.detach().float().clone()
+        if ref[n].shape != p.shape or not torch.equal(ref[n], p.detach().float()):
+            raise ModelSpecError(f"internal error: the coupled model's {n!r} is not the public model's")
     trainable_mm = 3.0 * cfg.hidden_size * cfg.intermediate_size * cfg.num_hidden_layers  # the owner's expert
-    spec = RunSpec(kind="expert", out=Path(args.out), model=model, datas=datas, tokenizer_src=Path(args.public),
+    spec = RunSpec(kind="expert", out=Path(args.out), model=model, datas=datas,
+                   tokenizer_src=_tokenizer_src(Path(args.public), datas[0]),
                    frozen_reference=ref, final_config=lambda: cfg, save_dtype=save_dtype,
                    flops_per_token=_flops_per_token(cfg, args.seq_len, trainable_mm),
                    run_info={"public": str(Path(args.public).resolve()), "expert_name": args.name,
@@ -363,7 +383,8 @@ def cmd_tune_router(args) -> int:
     out_cfg = cfg.copy(num_experts_per_tok=save_k)
     out_cfg.extra["role"] = "router-tuned"
     out_cfg.extra["router_tuned_on"] = str(Path(args.data).resolve())
-    spec = RunSpec(kind="router", out=Path(args.out), model=model, datas=datas, tokenizer_src=Path(args.model),
+    spec = RunSpec(kind="router", out=Path(args.out), model=model, datas=datas,
+                   tokenizer_src=_tokenizer_src(Path(args.model), datas[0]),
                    frozen_reference=ref, final_config=lambda: out_cfg, save_dtype=save_dtype,
                    flops_per_token=_flops_per_token(train_cfg, args.seq_len, 0.0),
                    run_info={"model": str(Path(args.model).resolve()), "top_k_train": cfg.num_experts,

@@ -151,12 +151,14 @@ def load_tokenizer(directory: str | os.PathLike):
 
 def copy_tokenizer_files(src_dir: str | os.PathLike, dst_dir: str | os.PathLike) -> None:
     """Copy the tokenizer description of a data dir / checkpoint into ``dst_dir`` (tokenizer_meta.json
-    plus tokenizer.json when the tokenizer is a ``tokenizers`` file)."""
+    plus tokenizer.json when the tokenizer is a ``tokenizers`` file); nothing when ``src_dir`` has none."""
     src, dst = Path(src_dir), Path(dst_dir)
     if (src / "tokenizer_meta.json").is_file():
         meta = json.loads((src / "tokenizer_meta.json").read_text())
-    else:
+    elif (src / "meta.json").is_file():
         meta = json.loads((src / "meta.json").read_text())["tokenizer"]
+    else:
+        return  # e.g. a checkpoint made elsewhere: nothing to copy
     (dst / "tokenizer_meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     if meta.get("type") == "tokenizers":
         shutil.copyfile(src / meta.get("file", "tokenizer.json"), dst / meta.get("file", "tokenizer.json"))
