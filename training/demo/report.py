@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 __all__ = ["compute_claims", "format_table", "format_report", "write_json", "plot_losses", "DEFAULT_THRESHOLDS"]
 
