@@ -65,6 +65,25 @@ def test_public_checkpoint(recipe):
     assert not (recipe / "public.inprogress").exists()
 
 
+def test_public_router_row_is_public_domain_embedding(recipe):
+    """A dense model's router row gets no gradient: train-public sets it from the public data."""
+    from flexmoe_training.data import DataDir
+    from flexmoe_training.modeling import load_checkpoint
+    from flexmoe_training.router_init import domain_embedding
+
+    cfg, sd = load_checkpoint(recipe / "public")
+    vec, used, n = domain_embedding(cfg, sd, DataDir(recipe / "data_pub"), "hidden")
+    assert used == "hidden" and n > 0
+    run = json.loads((recipe / "public" / "run.json").read_text())
+    assert run["public_router_init"] == "hidden"
+    # the dense model's output does not depend on the row, so it is the embedding of this very model
+    init_norm = cfg.initializer_range * cfg.hidden_size**0.5
+    for i in range(cfg.num_hidden_layers):
+        row = sd[f"model.layers.{i}.mlp.gate.weight"][0].float()
+        torch.testing.assert_close(row / row.norm(), vec, **tol(torch.float32))
+        assert 0.5 * init_norm < float(row.norm()) < 2 * init_norm
+
+
 def test_expert_frozen_tensors_bit_identical(recipe):
     pub, own = _sd(recipe / "public"), _sd(recipe / "owner_a")
     cfg = json.loads((recipe / "owner_a" / "config.json").read_text())

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["init_router", "hidden_state_embedding", "minilm_available"]
+__all__ = ["init_router", "domain_embedding", "hidden_state_embedding", "minilm_available", "set_public_router_rows"]
 
 
 def _minilm_dir() -> Path:
@@ -102,11 +102,77 @@ def hidden_state_embedding(model, docs: list[torch.Tensor], batch_size: int = 16
     return torch.stack(embs).mean(0)
 
 
+def resolve_embedder(embedder: str, hidden_size: int) -> str:
+    """``auto`` -> ``minilm`` when D == 384 and it is installed, else ``hidden``; checks the choice."""
+    if embedder == "auto":
+        embedder = "minilm" if hidden_size == 384 and minilm_available()[0] else "hidden"
+    if embedder == "minilm":
+        if hidden_size != 384:
+            raise ValueError(f"--embedder minilm gives 384-wide vectors but the model has hidden_size {hidden_size}; "
+                             "use --embedder hidden")
+        ok, why = minilm_available()
+        if not ok:
+            raise RuntimeError(f"--embedder minilm: {why}")
+    elif embedder != "hidden":
+        raise ValueError(f"--embedder must be auto, hidden or minilm, got {embedder!r}")
+    return embedder
+
+
+def domain_embedding(cfg, sd: dict, data, embedder: str, *, num_docs: int = 1000, max_doc_tokens: int = 256,
+                     batch_size: int = 16, device: str = "auto") -> tuple[torch.Tensor, str, int]:
+    """Unit-norm (D,) float32 mean embedding of up to ``num_docs`` training documents of ``data``.
+
+    ``cfg``/``sd``: the public model (config and HF state dict) whose hidden states the
+    ``hidden`` embedder reads. Returns (vector, embedder used, documents read).
+    """
+    from .data import read_documents
+    from .modeling import model_from_state_dict
+
+    if num_docs <= 0 or max_doc_tokens <= 0:
+        raise ValueError("--num-docs and --max-doc-tokens must be positive")
+    embedder = resolve_embedder(embedder, cfg.hidden_size)
+    docs = read_documents(data, "train", num_docs)
+    if not docs:
+        raise ValueError(f"--data {str(data.path)!r} has no documents in train.bin")
+    dev = torch.device("cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    if embedder == "hidden":
+        model = model_from_state_dict(cfg, {k: v.float() for k, v in sd.items()}).to(dev).eval()
+        vec = hidden_state_embedding(model, [torch.from_numpy(d[:max_doc_tokens]) for d in docs], batch_size)
+    else:
+        tok = data.tokenizer()
+        texts = [tok.decode(d[:max_doc_tokens].tolist()) for d in docs]
+        e = _minilm_embed(texts, dev, batch_size)
+        vec = (e / e.norm(dim=-1, keepdim=True).clamp_min(1e-12)).mean(0)
+    return (vec / vec.norm().clamp_min(1e-12)).float().cpu(), embedder, len(docs)
+
+
+def set_public_router_rows(cfg, sd: dict, data, embedder: str = "auto", **kwargs) -> tuple[dict, dict]:
+    """Give a freshly trained dense public model a domain-informed router row.
+
+    A dense model's single router row gets no gradient (softmax over one expert is 1), so
+    after ``train-public`` it is still its random initialisation. FlexOlmo initialises every
+    expert's router embedding from its domain's documents, the public expert's included; the
+    row becomes ``r_public`` (frozen) in every owner's coupled model, so it is set once, here,
+    from the public data: the unit mean embedding scaled to the row's current norm (the scale
+    ``init-router`` then matches for owners). The dense model's outputs do not change.
+    Returns (new state dict, metadata).
+    """
+    vec, used, n = domain_embedding(cfg, sd, data, embedder, **kwargs)
+    out = dict(sd)
+    for i in range(cfg.num_hidden_layers):
+        key = f"model.layers.{i}.mlp.gate.weight"
+        row = sd[key]
+        if row.shape[0] != 1:
+            raise ValueError(f"{key} has {row.shape[0]} rows; only a dense public model gets its router row set")
+        out[key] = (vec * row[0].float().norm()).to(row.dtype)[None].contiguous()
+    return out, {"public_router_init": used, "public_router_docs": n}
+
+
 def init_router(args) -> Path:
     from safetensors.torch import save_file
 
-    from .data import DataDir, read_documents
-    from .modeling import anchor_sha256, load_checkpoint, model_from_state_dict
+    from .data import DataDir
+    from .modeling import anchor_sha256, load_checkpoint
 
     out = Path(args.out)
     if out.exists() and not args.overwrite:
@@ -116,35 +182,14 @@ def init_router(args) -> Path:
     data = DataDir(args.data)
     cfg, sd = load_checkpoint(args.public, "--public")
     D = cfg.hidden_size
-    embedder = args.embedder
-    if embedder == "auto":
-        embedder = "minilm" if D == 384 and minilm_available()[0] else "hidden"
-    if embedder == "minilm":
-        if D != 384:
-            raise ValueError(f"--embedder minilm gives 384-wide vectors but the model has hidden_size {D}; "
-                             "use --embedder hidden")
-        ok, why = minilm_available()
-        if not ok:
-            raise RuntimeError(f"--embedder minilm: {why}")
-    docs = read_documents(data, "train", args.num_docs)
-    if not docs:
-        raise ValueError(f"--data {args.data!r} has no documents in train.bin")
     t0 = time.perf_counter()
-    if embedder == "hidden":
-        dev = torch.device("cuda" if args.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
-        model = model_from_state_dict(cfg, {k: v.float() for k, v in sd.items()}).to(dev).eval()
-        vec = hidden_state_embedding(model, [torch.from_numpy(d[:args.max_doc_tokens]) for d in docs], args.batch_size)
-    else:
-        tok = data.tokenizer()
-        texts = [tok.decode(d[:args.max_doc_tokens].tolist()) for d in docs]
-        dev = torch.device("cuda" if args.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
-        e = _minilm_embed(texts, dev, args.batch_size)
-        vec = (e / e.norm(dim=-1, keepdim=True).clamp_min(1e-12)).mean(0)
-    vec = vec / vec.norm().clamp_min(1e-12)
+    vec, embedder, n_docs = domain_embedding(cfg, sd, data, args.embedder, num_docs=args.num_docs,
+                                             max_doc_tokens=args.max_doc_tokens, batch_size=args.batch_size,
+                                             device=args.device)
     rows = [sd[f"model.layers.{i}.mlp.gate.weight"][0].float() for i in range(cfg.num_hidden_layers)]
     scale = float(torch.stack([r.norm() for r in rows]).mean())
     vec = (vec * scale).float().contiguous()
-    meta = {"embedder": embedder, "num_docs": str(len(docs)), "max_doc_tokens": str(args.max_doc_tokens),
+    meta = {"embedder": embedder, "num_docs": str(n_docs), "max_doc_tokens": str(args.max_doc_tokens),
             "data": str(Path(args.data).resolve()), "public": str(Path(args.public).resolve()),
             "public_sha256": anchor_sha256(sd), "scale": repr(scale), "hidden_size": str(D)}
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -159,5 +204,5 @@ def init_router(args) -> Path:
            **meta, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     run_path = out.with_name(out.stem + ".run.json")
     run_path.write_text(json.dumps(run, indent=2) + "\n")
-    print(f"init-router: {embedder} embedding of {len(docs)} docs, norm {scale:.4f} -> {out}")
+    print(f"init-router: {embedder} embedding of {n_docs} docs, norm {scale:.4f} -> {out}")
     return out

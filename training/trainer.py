@@ -335,6 +335,9 @@ class RunSpec:
     run_info: dict = field(default_factory=dict)    # extra fields for run.json
     flops_per_token: float = 0.0
     save_dtype: torch.dtype = torch.float32         # dtype of the final checkpoint's tensors
+    # Optional last edit of the exported HF state dict before it is written (main rank only):
+    # sd -> (sd, extra run.json fields). train-public sets the public router row here.
+    finalize_state_dict: Optional[Callable[[dict], tuple[dict, dict]]] = None
 
 
 class _Stop:
@@ -719,6 +722,9 @@ def train(spec: RunSpec, opts: TrainOptions, argv: Optional[Sequence[str]] = Non
         values = _export_values(engine, spec, dist)
         if dist.is_main:
             hf = {k: v.to(spec.save_dtype) for k, v in export_state_dict(engine.module, values).items()}
+            if spec.finalize_state_dict is not None:
+                hf, finalize_info = spec.finalize_state_dict(hf)
+                run.update(finalize_info)
             final = work / "final"
             if final.exists():
                 shutil.rmtree(final)
