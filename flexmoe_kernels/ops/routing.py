@@ -35,8 +35,27 @@ __all__ = [
 ]
 
 
+class PlanSizes:
+    """Sizes read off a routing plan's tensors (shared by every backend's plan class)."""
+
+    topk_ids_TK: torch.Tensor
+    counts_E: torch.Tensor
+
+    @property
+    def num_tokens(self) -> int:
+        return self.topk_ids_TK.shape[0]
+
+    @property
+    def top_k(self) -> int:
+        return self.topk_ids_TK.shape[1]
+
+    @property
+    def num_experts(self) -> int:
+        return self.counts_E.shape[0]
+
+
 @dataclass
-class RoutingPlan:
+class RoutingPlan(PlanSizes):
     """Everything the grouped expert GEMMs need, produced by :func:`route`.
 
     Attributes:
@@ -60,18 +79,6 @@ class RoutingPlan:
     sorted_pairs_P: torch.Tensor
     inv_sorted_pairs_P: torch.Tensor
     logits_TE: torch.Tensor
-
-    @property
-    def num_tokens(self) -> int:
-        return self.topk_ids_TK.shape[0]
-
-    @property
-    def top_k(self) -> int:
-        return self.topk_ids_TK.shape[1]
-
-    @property
-    def num_experts(self) -> int:
-        return self.counts_E.shape[0]
 
     @property
     def sorted_token_ids_P(self) -> torch.Tensor:

@@ -38,7 +38,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from .._validate import check_positive_int, check_tensor
-from .routing import check_allow_mask_rows, normalize_allow_mask
+from .routing import PlanSizes, check_allow_mask_rows, normalize_allow_mask
 
 __all__ = [
     "TritonRoutingPlan",
@@ -56,7 +56,7 @@ _INT32_MAX = 2**31 - 1
 
 
 @dataclass
-class TritonRoutingPlan:
+class TritonRoutingPlan(PlanSizes):
     """Routing + grouped-GEMM schedule produced by :func:`triton_route` (all tensors on the
     logits' device; P = T*K, Q_max / NT from :func:`schedule_sizes`).
 
@@ -99,18 +99,6 @@ class TritonRoutingPlan:
     tile_expert_E_tiles: torch.Tensor
     num_tiles: torch.Tensor
     block_m: int
-
-    @property
-    def num_tokens(self) -> int:
-        return self.topk_ids_TK.shape[0]
-
-    @property
-    def top_k(self) -> int:
-        return self.topk_ids_TK.shape[1]
-
-    @property
-    def num_experts(self) -> int:
-        return self.counts_E.shape[0]
 
     @property
     def num_pairs(self) -> int:
