@@ -235,14 +235,16 @@ class _Memoriser(torch.nn.Module):
             d = self.docs[tuple(row[-32:])]  # the prompt may carry a prompt_prefix
             cont = list(d[32:32 + max_new_tokens])
             for i in range(min(self.n_wrong, len(cont))):
-                cont[i] = (cont[i] + 1) % 256
+                # a token that never occurs in the documents (they use 0..199): each wrong token
+                # costs exactly one edit, so the similarity is exactly 1 - n_wrong / gen
+                cont[i] = 200 + cont[i] % 56
             rows.append(row + cont)
         return torch.tensor(rows)
 
 
 def test_audit_extraction_counts():
     rng = random.Random()
-    docs = [[rng.randrange(256) for _ in range(rng.randrange(60, 90))] for _ in range(7)]
+    docs = [[rng.randrange(200) for _ in range(rng.randrange(60, 90))] for _ in range(7)]
     gen = 20
     for n_wrong, expect in [(0, 1.0), (2, 1.0), (3, 0.0), (20, 0.0)]:  # 2/20 wrong -> sim 0.9 (extracted)
         m = _Memoriser(docs, n_wrong)
