@@ -33,7 +33,7 @@ import torch
 
 from .._validate import check_positive_int, check_tensor
 from .experts import check_expert_weights
-from .routing import mask_router_rows, router_logits
+from .routing import mask_router_rows, normalize_allow_mask, router_logits
 from .triton_configs import get_configs
 from .triton_routing import TritonRoutingPlan, schedule_sizes
 
@@ -262,11 +262,7 @@ def flexmoe_forward(
     check_tensor(router_weight_ED, "router_weight", shape=(E, D), floating=True, device=x_TD.device)
     if expert_bias is not None:
         check_tensor(expert_bias, "expert_bias", shape=(E,), floating=True, device=x_TD.device)
-    if allow_mask is not None:
-        check_tensor(allow_mask, "allow_mask", dtypes=(torch.bool,))
-        if allow_mask.shape not in ((E,), (T, E)):
-            raise ValueError(f"allow_mask must have shape (E,)=({E},) or (T, E)=({T}, {E}), got {tuple(allow_mask.shape)}")
-        allow_mask = allow_mask.to(x_TD.device)
+    allow_mask = normalize_allow_mask(allow_mask, T, E, x_TD.device)
     if trainable_experts is not None:
         check_tensor(trainable_experts, "trainable_experts", shape=(E,), dtypes=(torch.bool,))
         trainable_experts = trainable_experts.to(x_TD.device)
