@@ -144,10 +144,11 @@ def _assert_close(got, ref, dtype, what):
 def _compare(p, dtype, *, trainable=None, norm=False, **kw):
     """Output, logits and every gradient of the triton backend against the torch backend.
 
-    float32: the tolerance table for everything. 16-bit: the table for the output and the
-    logits; every gradient (and the output) also against a float64 reference with the 2x rule,
-    because the torch path itself rounds its weight / router gradients through several fp16
-    steps (summed over tokens) and differs from an equally good kernel by more than the table.
+    float32: the tolerance table for everything. 16-bit: the table for the (float32) logits;
+    the output and every gradient against a float64 reference with the 2x rule, because the
+    torch path itself rounds its intermediates (the SwiGLU activations, and the weight / router
+    gradients summed over tokens) through fp16 and differs from an equally good kernel by more
+    than the table (seen: one output element in ~6 runs off by 1.8% relative).
     """
     T, D = p["x"].shape
     E = p["gate_up"].shape[0]
@@ -156,7 +157,8 @@ def _compare(p, dtype, *, trainable=None, norm=False, **kw):
     ref = _run(p, "torch", dout, dz, trainable=trainable, norm=norm)
     got = _run(p, "triton", dout, dz, trainable=trainable, norm=norm, **kw)
     assert got[0].dtype == dtype and got[1].dtype == torch.float32
-    _assert_close(got[0], ref[0], dtype, "out")
+    if dtype == torch.float32:
+        _assert_close(got[0], ref[0], dtype, "out")
     _assert_close(got[1], ref[1], torch.float32, "logits")
     r64 = _run_ref64(p, dout, dz, trainable=trainable, norm=norm) if dtype != torch.float32 else None
     for n, g in ref[2].items():
