@@ -160,7 +160,7 @@ setup(
     + ["flexmoe_training"]
     + ["flexmoe_training." + p for p in find_packages(where="training")],
     package_dir={"flexmoe_training": "training"},
-    package_data={"flexmoe_kernels": ["configs/*.json"], "flexmoe_training": ["configs/*.json"]},
+    package_data={"flexmoe_kernels": ["ops/triton/tables/*.json"], "flexmoe_training": ["configs/*.json"]},
     install_requires=[
         # torch is not pinned here on purpose: install the build for your machine first
         # (CPU: `pip install torch==2.13.0`), any torch >= 2.11 satisfies this.

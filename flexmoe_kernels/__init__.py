@@ -15,16 +15,9 @@ from __future__ import annotations
 import importlib
 
 from .modules import FlexMoE, resolve_allowed_experts
-from .ops.experts import grouped_swiglu, swiglu_expert
-from .ops.moe import available_backends, backend_status, flexmoe_forward, resolve_backend
-from .ops.routing import (
-    RoutingPlan,
-    expand_sequence_mask,
-    route,
-    route_hidden,
-    router_logits,
-    router_z_loss,
-)
+from .ops import RoutingPlan, available_backends, backend_status, flexmoe_forward, resolve_backend
+from .ops.reference.experts import grouped_swiglu, swiglu_expert
+from .ops.reference.routing import expand_sequence_mask, route, route_hidden, router_logits, router_z_loss
 
 __version__ = "0.1.0"
 
@@ -33,8 +26,8 @@ _LAZY = {
     "FlexOlmoConfig": "flexmoe_kernels.models.flex_olmo",
     "FlexOlmoForCausalLM": "flexmoe_kernels.models.flex_olmo",
     "FlexOlmoModel": "flexmoe_kernels.models.flex_olmo",
-    "cuda_is_available": "flexmoe_kernels.ops.cuda_ops",
-    "cuda_unavailable_reason": "flexmoe_kernels.ops.cuda_ops",
+    "cuda_is_available": "flexmoe_kernels.ops.cuda._ext",
+    "cuda_unavailable_reason": "flexmoe_kernels.ops.cuda._ext",
 }
 
 

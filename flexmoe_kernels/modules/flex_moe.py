@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from .._validate import check_positive_int, check_tensor
-from ..ops.moe import BACKENDS, flexmoe_forward, resolve_backend
+from ..ops.backends import BACKENDS, resolve_backend
+from ..ops.layer import flexmoe_forward
 from .allow import AllowedExperts, resolve_allowed_experts
 
 __all__ = ["FlexMoE", "MoERouter", "MoEExperts"]

@@ -3,8 +3,8 @@
 Legend: T tokens, E experts, K top-k, P = T*K routed (token, slot) pairs, ``block_m`` the
 row-tile of the grouped GEMMs, Q_max padded pair slots, NT tiles of ``block_m`` slots.
 
-:func:`triton_route` is the Triton twin of :func:`flexmoe_kernels.ops.routing.route` (same
-semantics, see ``shared/FLEXOLMO.md`` section 2): ``min(bias, 0)`` and the allow-mask are
+:func:`triton_route` is the Triton twin of :func:`flexmoe_kernels.route` (same
+semantics, see ``docs/SEMANTICS.md`` §2): ``min(bias, 0)`` and the allow-mask are
 applied to the logits **before** the softmax (a disallowed expert gets logit -inf, exactly as
 if it were removed), the softmax is fp32, the top-k probabilities are the weights
 (renormalised iff ``norm_topk_prob``), and a disallowed expert is never selected. On top of
@@ -26,178 +26,32 @@ outputs are written by kernels (nothing relies on zero-initialised memory), so a
 can capture the routing once and be replayed with new logits and a new (same-shape) mask.
 
 On CPU tensors the kernels run under Triton's interpreter (``TRITON_INTERPRET=1`` set before
-this module's kernels are first imported); that is the CPU test tier.
+this module's kernels are first imported); that is the CPU test tier. Kernels live in
+:mod:`.routing_kernels`; the plan type is :class:`~flexmoe_kernels.ops.plan.RoutingPlan` with
+its :class:`~flexmoe_kernels.ops.plan.TileSchedule`.
 """
 from __future__ import annotations
 
-import importlib
 import os
 from dataclasses import dataclass
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 
-from .._validate import check_positive_int, check_tensor
-from .routing import PlanSizes, check_allow_mask_rows, normalize_allow_mask
+from ..._validate import check_positive_int, check_tensor
+from ..args import check_allow_mask_rows, check_top_k, normalize_allow_mask
+from ..plan import RoutingPlan, TileSchedule, schedule_sizes
+from . import launch
 
 __all__ = [
-    "TritonRoutingPlan",
-    "TileSchedule",
-    "is_available",
     "RoutingConfig",
     "routing_config",
-    "schedule_sizes",
     "triton_route",
     "triton_route_backward",
     "tile_schedule_reference",
 ]
 
 _INT32_MAX = 2**31 - 1
-
-
-@dataclass
-class TritonRoutingPlan(PlanSizes):
-    """Routing + grouped-GEMM schedule produced by :func:`triton_route` (all tensors on the
-    logits' device; P = T*K, Q_max / NT from :func:`schedule_sizes`).
-
-    Attributes:
-        topk_ids_TK: (T, K) int32 selected experts of each token, by decreasing weight; exact
-            ties (equal masked logits) are broken by the lower expert id.
-        topk_weights_TK: (T, K) float32 softmax probability of each selected expert
-            (renormalised over the K selected iff ``norm_topk_prob``). Not differentiable:
-            use :func:`triton_route_backward`.
-        probs_TE: (T, E) float32 softmax over the allowed experts, 0 where disallowed
-            (saved for the backward).
-        logits_TE: (T, E) float32 masked logits: ``logits + min(bias, 0)``, -inf where
-            disallowed (for the router z-loss).
-        counts_E: (E,) int32 pairs routed to each expert; sums to P; 0 for disallowed experts.
-        offsets_E1: (E+1,) int32 exclusive prefix sum of ``counts_E`` (unpadded).
-        sorted_pairs_P: (P,) int32 pair ids ``t*K + k`` grouped by expert, stable (within an
-            expert, increasing pair id): equal to the reference ``RoutingPlan.sorted_pairs_P``.
-        inv_sorted_pairs_P: (P,) int32 inverse permutation (``sorted[inv[p]] == p``).
-        padded_pairs_Q: (Q_max,) int32 expert-grouped pair ids, each expert's group starting at
-            ``padded_offsets_E1[e]`` and padded to a multiple of ``block_m``; padding slots and
-            slots past ``padded_offsets_E1[E]`` hold the sentinel ``P``.
-        padded_offsets_E1: (E+1,) int32 exclusive prefix sum of the padded counts
-            ``ceil(counts_E / block_m) * block_m``.
-        tile_expert_E_tiles: (NT,) int32 expert of each ``block_m`` tile of ``padded_pairs_Q``;
-            -1 for tiles ``>= num_tiles``.
-        num_tiles: (1,) int32 on the device: tiles in use, ``padded_offsets_E1[E] // block_m``.
-        block_m: the tile height the schedule was built for.
-    """
-
-    topk_ids_TK: torch.Tensor
-    topk_weights_TK: torch.Tensor
-    probs_TE: torch.Tensor
-    logits_TE: torch.Tensor
-    counts_E: torch.Tensor
-    offsets_E1: torch.Tensor
-    sorted_pairs_P: torch.Tensor
-    inv_sorted_pairs_P: torch.Tensor
-    padded_pairs_Q: torch.Tensor
-    padded_offsets_E1: torch.Tensor
-    tile_expert_E_tiles: torch.Tensor
-    num_tiles: torch.Tensor
-    block_m: int
-
-    @property
-    def num_pairs(self) -> int:
-        """P = T*K, also the sentinel value in ``padded_pairs_Q``."""
-        return self.topk_ids_TK.numel()
-
-    @property
-    def num_tiles_max(self) -> int:
-        """NT, the static tile count the GEMM grid is sized for."""
-        return self.tile_expert_E_tiles.shape[0]
-
-
-class TileSchedule(NamedTuple):
-    """The padded fields of :class:`TritonRoutingPlan` (see there), from
-    :func:`tile_schedule_reference`."""
-
-    padded_pairs_Q: torch.Tensor
-    padded_offsets_E1: torch.Tensor
-    tile_expert_E_tiles: torch.Tensor
-    num_tiles: torch.Tensor
-
-
-def schedule_sizes(num_tokens: int, top_k: int, num_experts: int, block_m: int) -> tuple[int, int]:
-    """Worst-case buffer sizes ``(Q_max, NT)`` of the padded schedule.
-
-    ``Q_max = roundup(T*K + E*(block_m - 1), block_m)`` and ``NT = Q_max // block_m``.
-    """
-    q = num_tokens * top_k + num_experts * (block_m - 1)
-    q_max = (q + block_m - 1) // block_m * block_m
-    return q_max, q_max // block_m
-
-
-def _triton_import_error() -> Optional[str]:
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception as exc:  # ImportError, or a broken install raising something else
-        return f"triton cannot be imported: {exc}"
-    return None
-
-
-def _kernels():
-    """The kernel module, imported on first use (so ``TRITON_INTERPRET`` is read then)."""
-    return importlib.import_module("flexmoe_kernels.ops.triton_routing_kernels")
-
-
-def _interpreting() -> bool:
-    """True when the kernels were created under ``TRITON_INTERPRET=1``."""
-    return type(_kernels()._topk_softmax_kernel).__name__ == "InterpretedFunction"
-
-
-def is_available(device: torch.device | str = "cuda") -> tuple[bool, str]:
-    """``(available, reason)``: can the Triton routing kernels run on ``device``?
-
-    Returns a tuple (like the backends' ``is_available``), so test ``is_available(d)[0]``.
-    CUDA devices need an importable Triton and a visible GPU; CPU tensors need Triton's
-    interpreter (``TRITON_INTERPRET=1`` in the environment before the kernels are imported).
-    """
-    device = torch.device(device)
-    err = _triton_import_error()
-    if err is not None:
-        return False, err
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            return False, "CUDA is not available"
-        return True, "triton on CUDA"
-    if device.type == "cpu":
-        try:
-            interpreting = _interpreting()
-        except Exception as exc:  # noqa: BLE001 - a kernel module that fails to import
-            return False, f"cannot import the Triton routing kernels: {exc}"
-        if interpreting:
-            return True, "triton interpreter (TRITON_INTERPRET=1)"
-        if os.environ.get("TRITON_INTERPRET") == "1":
-            return False, "TRITON_INTERPRET=1 was set after the Triton kernels were imported"
-        return False, "CPU tensors need the Triton interpreter: set TRITON_INTERPRET=1 before importing"
-    return False, f"device type {device.type!r} is not supported by the Triton kernels"
-
-
-def _check_device(device: torch.device) -> None:
-    if device.type == "cuda":  # the tensors are there, so CUDA works; triton imports below
-        return
-    ok, why = is_available(device)
-    if not ok:
-        raise RuntimeError(f"triton routing cannot run on {device}: {why}")
-
-
-def _alloc(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Allocate an output/scratch buffer. Every element is written by a kernel; tests replace
-    this hook with one that returns NaN/sentinel-poisoned buffers."""
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
-def _next_pow2(n: int) -> int:
-    return 1 if n <= 1 else 1 << (n - 1).bit_length()
-
-
-def _cdiv(a: int, b: int) -> int:
-    return (a + b - 1) // b
 
 
 _CONFIG_ENV = "FLEXMOE_TRITON_ROUTING_CONFIG"
@@ -230,14 +84,14 @@ def routing_config(num_tokens: int, num_experts: int, top_k: int, block_m: int) 
     per sentinel program. When ``T <= block_t`` the whole routing is one launch.
     """
     T, E, K = num_tokens, num_experts, top_k
-    block_e = _next_pow2(E)
+    block_e = launch.next_pow2(E)
     block_t = min(128, max(1, 2048 // block_e))
-    block_t = max(1, min(block_t, _next_pow2(T)))
-    nb = _cdiv(T, block_t)
+    block_t = max(1, min(block_t, launch.next_pow2(T)))
+    nb = launch.cdiv(T, block_t)
     block_es = min(block_e, 4)
-    block_nb = max(1, min(_next_pow2(nb), 4096 // block_es))
+    block_nb = max(1, min(launch.next_pow2(nb), 4096 // block_es))
     _, n_tiles_max = schedule_sizes(T, K, E, block_m)
-    tiles_per_prog = max(1, min(2048 // block_m, 2048 // block_e, _next_pow2(n_tiles_max)))
+    tiles_per_prog = max(1, min(2048 // block_m, 2048 // block_e, launch.next_pow2(n_tiles_max)))
     fields = dict(block_t=block_t, block_nb=block_nb, block_es=block_es, tiles_per_prog=tiles_per_prog)
     pinned = os.environ.get(_CONFIG_ENV, "").strip()
     if pinned:
@@ -268,7 +122,7 @@ def triton_route(
     norm_topk_prob: bool = False,
     block_m: int = 64,
     validate: bool = True,
-) -> TritonRoutingPlan:
+) -> RoutingPlan:
     """Masked softmax-top-k routing and the padded grouped-GEMM schedule, in Triton.
 
     Args:
@@ -285,7 +139,8 @@ def triton_route(
             fewer than K experts gives unspecified (but in-range) ids for its missing slots.
 
     Returns:
-        :class:`TritonRoutingPlan`. Three kernel launches (one when ``T`` fits one block of
+        :class:`~flexmoe_kernels.ops.plan.RoutingPlan` with ``probs_TE`` and a
+        :class:`~flexmoe_kernels.ops.plan.TileSchedule`. Three kernel launches (one when ``T`` fits one block of
         :func:`routing_config`, e.g. decode), no host synchronisation (apart from
         ``validate``). ``sorted_pairs_P`` is deterministic and equal to the reference's
         stable sort; ``topk_weights_TK`` is not differentiable (see
@@ -293,9 +148,7 @@ def triton_route(
     """
     check_tensor(logits_TE, "logits", ndim=2, floating=True)
     T, E = logits_TE.shape
-    check_positive_int(top_k, "top_k")
-    if top_k > E:
-        raise ValueError(f"top_k={top_k} is larger than the number of experts E={E}")
+    check_top_k(top_k, E)
     check_positive_int(block_m, "block_m")
     if block_m & (block_m - 1) or block_m > 1024:
         raise ValueError(f"block_m must be a power of two in [1, 1024], got {block_m}")
@@ -312,29 +165,29 @@ def triton_route(
         )
     if validate:
         check_allow_mask_rows(allow_mask, K, E)
-    _check_device(device)
-    kern = _kernels()
+    launch.check_runnable(device, "triton routing")
+    kern = launch.kernels("routing_kernels")
 
-    block_e = _next_pow2(E)
-    block_k = _next_pow2(K)
+    block_e = launch.next_pow2(E)
+    block_k = launch.next_pow2(K)
     cfg = routing_config(T, E, K, block_m)
     block_t = cfg.block_t
-    nb = _cdiv(T, block_t)
+    nb = launch.cdiv(T, block_t)
 
     i32, f32 = torch.int32, torch.float32
-    topk_ids_TK = _alloc((T, K), i32, device)
-    topk_weights_TK = _alloc((T, K), f32, device)
-    probs_TE = _alloc((T, E), f32, device)
-    zlogits_TE = _alloc((T, E), f32, device)
-    block_counts_NBE = _alloc((nb, E), i32, device)  # scratch (unused when nb == 1)
-    counts_E = _alloc((E,), i32, device)
-    offsets_E1 = _alloc((E + 1,), i32, device)
-    padded_offsets_E1 = _alloc((E + 1,), i32, device)
-    num_tiles = _alloc((1,), i32, device)
-    sorted_pairs_P = _alloc((P,), i32, device)
-    inv_sorted_pairs_P = _alloc((P,), i32, device)
-    padded_pairs_Q = _alloc((q_max,), i32, device)
-    tile_expert = _alloc((n_tiles_max,), i32, device)
+    topk_ids_TK = launch.alloc((T, K), i32, device)
+    topk_weights_TK = launch.alloc((T, K), f32, device)
+    probs_TE = launch.alloc((T, E), f32, device)
+    zlogits_TE = launch.alloc((T, E), f32, device)
+    block_counts_NBE = launch.alloc((nb, E), i32, device)  # scratch (unused when nb == 1)
+    counts_E = launch.alloc((E,), i32, device)
+    offsets_E1 = launch.alloc((E + 1,), i32, device)
+    padded_offsets_E1 = launch.alloc((E + 1,), i32, device)
+    num_tiles = launch.alloc((1,), i32, device)
+    sorted_pairs_P = launch.alloc((P,), i32, device)
+    inv_sorted_pairs_P = launch.alloc((P,), i32, device)
+    padded_pairs_Q = launch.alloc((q_max,), i32, device)
+    tile_expert = launch.alloc((n_tiles_max,), i32, device)
 
     if allow_mask is not None:
         mask_u8 = allow_mask.view(torch.uint8)
@@ -363,12 +216,12 @@ def triton_route(
             num_warps=cfg.num_warps,
         )
     if not fused:
-        kern._block_prefix_kernel[(_cdiv(E, cfg.block_es),)](
+        kern._block_prefix_kernel[(launch.cdiv(E, cfg.block_es),)](
             block_counts_NBE, counts_E, nb, E,
             BLOCK_NB=cfg.block_nb, BLOCK_ES=cfg.block_es,
             num_warps=cfg.num_warps,
         )
-        n_pad_progs = _cdiv(n_tiles_max, tiles_per_prog)
+        n_pad_progs = launch.cdiv(n_tiles_max, tiles_per_prog)
         kern._scatter_pad_kernel[(nb + n_pad_progs,)](
             topk_ids_TK, block_counts_NBE, counts_E,
             offsets_E1, padded_offsets_E1, num_tiles,
@@ -378,31 +231,23 @@ def triton_route(
             TILES_PER_PROG=tiles_per_prog,
             num_warps=cfg.num_warps,
         )
-    return TritonRoutingPlan(
-        topk_ids_TK=topk_ids_TK,
-        topk_weights_TK=topk_weights_TK,
-        probs_TE=probs_TE,
-        logits_TE=zlogits_TE,
-        counts_E=counts_E,
-        offsets_E1=offsets_E1,
-        sorted_pairs_P=sorted_pairs_P,
-        inv_sorted_pairs_P=inv_sorted_pairs_P,
-        padded_pairs_Q=padded_pairs_Q,
-        padded_offsets_E1=padded_offsets_E1,
-        tile_expert_E_tiles=tile_expert,
-        num_tiles=num_tiles,
-        block_m=block_m,
+    schedule = TileSchedule(padded_pairs_Q=padded_pairs_Q, padded_offsets_E1=padded_offsets_E1,
+                            tile_expert_E_tiles=tile_expert, num_tiles=num_tiles, block_m=block_m)
+    return RoutingPlan(
+        topk_ids_TK=topk_ids_TK, topk_weights_TK=topk_weights_TK, counts_E=counts_E, offsets_E1=offsets_E1,
+        sorted_pairs_P=sorted_pairs_P, inv_sorted_pairs_P=inv_sorted_pairs_P, logits_TE=zlogits_TE,
+        probs_TE=probs_TE, schedule=schedule,
     )
 
 
 def triton_route_backward(
-    dweights_TK: torch.Tensor, plan: TritonRoutingPlan, norm_topk_prob: bool = False
+    dweights_TK: torch.Tensor, plan: RoutingPlan, norm_topk_prob: bool = False
 ) -> torch.Tensor:
     """Gradient of the routing weights w.r.t. the (masked) logits.
 
     Args:
         dweights_TK: (T, K) float (any float dtype, any strides): dL/d ``plan.topk_weights_TK``.
-        plan: the forward's :class:`TritonRoutingPlan` (uses ``topk_ids_TK`` and ``probs_TE``).
+        plan: the forward's plan from :func:`triton_route` (uses ``topk_ids_TK`` and ``probs_TE``).
         norm_topk_prob: must equal the forward's flag.
 
     Returns:
@@ -412,20 +257,20 @@ def triton_route_backward(
         ``norm_topk_prob``). 0 at disallowed experts. The same tensor is the gradient w.r.t.
         the raw logits and, summed over tokens where ``bias < 0``, w.r.t. ``expert_bias``.
     """
-    if not isinstance(plan, TritonRoutingPlan):
-        raise TypeError(f"plan must be a TritonRoutingPlan, got {type(plan).__name__}")
+    if not isinstance(plan, RoutingPlan) or plan.probs_TE is None:
+        raise TypeError(f"plan must be a RoutingPlan with probs_TE (from triton_route), got {plan!r:.80}")
     T, K = plan.topk_ids_TK.shape
     E = plan.probs_TE.shape[1]
     device = plan.probs_TE.device
     check_tensor(dweights_TK, "dweights", shape=(T, K), floating=True, device=device)
-    _check_device(device)
-    kern = _kernels()
+    launch.check_runnable(device, "triton routing")
+    kern = launch.kernels("routing_kernels")
     ids_TK, probs_TE = plan.topk_ids_TK.contiguous(), plan.probs_TE.contiguous()
-    dlogits_TE = _alloc((T, E), torch.float32, device)
-    block_e = _next_pow2(E)
+    dlogits_TE = launch.alloc((T, E), torch.float32, device)
+    block_e = launch.next_pow2(E)
     cfg = routing_config(T, E, K, 1)
     block_t = max(1, min(cfg.block_t, 2048 // block_e))
-    nb = _cdiv(T, block_t)
+    nb = launch.cdiv(T, block_t)
     if nb > 0:
         kern._topk_softmax_bwd_kernel[(nb,)](
             dweights_TK, ids_TK, probs_TE, dlogits_TE,
@@ -446,7 +291,7 @@ def tile_schedule_reference(topk_ids_TK: torch.Tensor, num_experts: int, block_m
 
     Returns:
         :class:`TileSchedule` of int32 tensors on ``topk_ids_TK``'s device, with the sizes and
-        contents documented on :class:`TritonRoutingPlan`.
+        contents documented on :class:`~flexmoe_kernels.ops.plan.TileSchedule`.
     """
     check_tensor(topk_ids_TK, "topk_ids", ndim=2)
     check_positive_int(num_experts, "num_experts")
@@ -470,4 +315,4 @@ def tile_schedule_reference(topk_ids_TK: torch.Tensor, num_experts: int, block_m
     padded, padded_offsets, tile_expert, num_tiles = (
         torch.tensor(v, dtype=torch.int32, device=dev) for v in (padded, padded_offsets, tile_expert, [num_tiles])
     )
-    return TileSchedule(padded, padded_offsets, tile_expert, num_tiles)
+    return TileSchedule(padded, padded_offsets, tile_expert, num_tiles, block_m)

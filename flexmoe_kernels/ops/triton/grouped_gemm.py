@@ -1,10 +1,11 @@
 """Triton grouped expert GEMMs: SwiGLU up-projection, weighted down-projection + top-k combine,
-and their backward (dX, dW, d router weights), driven by a :class:`TritonRoutingPlan`.
+and their backward (dX, dW, d router weights), driven by a :class:`~flexmoe_kernels.ops.plan.RoutingPlan` with a tile schedule
+(from :func:`.routing.triton_route`).
 
 Legend: T tokens, D hidden, F expert FFN width, E experts, K top-k, P = T*K pairs
 (pair id ``p = t*K + k``), Q_max padded slots, NT tiles of ``block_m`` slots, NFB F-blocks.
 Weights use the Hugging Face layout: ``gate_up_E2FD`` (E, 2F, D) with gate rows [0, F) and up
-rows [F, 2F), ``down_EDF`` (E, D, F). Kernels live in :mod:`.triton_grouped_gemm_kernels`.
+rows [F, 2F), ``down_EDF`` (E, D, F). Kernels live in :mod:`.grouped_gemm_kernels`.
 
 Semantics (equal to :func:`flexmoe_kernels.grouped_swiglu`, the reference):
 ``out[t] = sum_k w[t, k] * down_e @ (silu(gate_e @ x_t) * (up_e @ x_t))`` with ``e = ids[t, k]``.
@@ -31,28 +32,27 @@ Semantics (equal to :func:`flexmoe_kernels.grouped_swiglu`, the reference):
   no tile loads or FLOPs for it; dX still flows through it. Zero-pair experts: dW exactly 0.
 
 No host synchronisation: grids are sized from the plan's static worst-case buffers.
-Every output/scratch buffer comes from :func:`_alloc` (tests poison it with NaN) except the
+Every output/scratch buffer comes from :func:`.launch.alloc` (tests poison it with NaN) except the
 atomic path's accumulator, which must start at zero.
 """
 from __future__ import annotations
 
-import importlib
 from dataclasses import replace
 from typing import Optional
 
 import torch
 
-from .._validate import check_tensor
-from .experts import check_expert_weights
-from .triton_configs import GemmConfig, MoEConfigs, get_configs
-from .triton_routing import TritonRoutingPlan
-from .triton_routing import is_available as _routing_is_available
+from ..._validate import check_tensor
+from ..args import check_expert_weights
+from ..plan import RoutingPlan
+from . import launch
+from .configs import GemmConfig, MoEConfigs, get_configs
 
 __all__ = [
-    "is_available",
     "configs_for",
     "up_swiglu",
     "down_combine",
+    "combine_topk",
     "up_swiglu_backward",
     "grouped_dw",
     "grouped_swiglu_forward",
@@ -60,64 +60,34 @@ __all__ = [
 ]
 
 
-def is_available(device: torch.device | str = "cuda") -> tuple[bool, str]:
-    """``(available, reason)``: Triton on CUDA, or Triton's interpreter for CPU tensors."""
-    return _routing_is_available(device)
-
-
 def _kernels():
-    """The kernel module, imported on first use (``TRITON_INTERPRET`` is read then)."""
-    return importlib.import_module("flexmoe_kernels.ops.triton_grouped_gemm_kernels")
-
-
-def _interpreting() -> bool:
-    return type(_kernels()._up_swiglu_kernel).__name__ == "InterpretedFunction"
-
-
-def _alloc(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Allocate an output/scratch buffer that kernels fully write; tests replace this hook
-    with one returning NaN-poisoned buffers so unwritten elements fail."""
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
-def _dot_prec(dtype: torch.dtype) -> str:
-    """tl.dot input precision: fp32 follows torch (IEEE unless ``allow_tf32``); 16-bit: default."""
-    if dtype != torch.float32:
-        return "default"
-    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
-
-
-def _next_pow2(n: int) -> int:
-    return 1 if n <= 1 else 1 << (n - 1).bit_length()
-
-
-def _check_runnable(device: torch.device) -> None:
-    ok, why = is_available(device)
-    if not ok:
-        raise RuntimeError(f"triton grouped GEMMs cannot run on {device}: {why}")
+    return launch.kernels("grouped_gemm_kernels")
 
 
 def _check_plan(plan: object, x_TD: torch.Tensor, num_experts: int) -> None:
-    if not isinstance(plan, TritonRoutingPlan):
-        raise TypeError(f"plan must be a TritonRoutingPlan (from triton_route), got {type(plan).__name__}")
+    if not isinstance(plan, RoutingPlan) or plan.schedule is None:
+        raise TypeError(
+            f"plan must be a RoutingPlan with a tile schedule (from triton_route), got {type(plan).__name__}"
+            + ("" if not isinstance(plan, RoutingPlan) else " without a schedule")
+        )
     if plan.num_tokens != x_TD.shape[0]:
         raise ValueError(f"x has {x_TD.shape[0]} rows but the routing plan has T={plan.num_tokens}")
     if plan.num_experts != num_experts:
         raise ValueError(f"the weights have E={num_experts} experts but the routing plan has {plan.num_experts}")
-    if plan.block_m < 16:
-        raise ValueError(f"plan.block_m must be >= 16 for the grouped GEMMs (tl.dot), got {plan.block_m}")
-    if plan.padded_pairs_Q.device != x_TD.device:
-        raise ValueError(f"the routing plan is on {plan.padded_pairs_Q.device} but x is on {x_TD.device}")
+    if plan.schedule.block_m < 16:
+        raise ValueError(f"plan.schedule.block_m must be >= 16 for the grouped GEMMs (tl.dot), got {plan.schedule.block_m}")
+    if plan.schedule.padded_pairs_Q.device != x_TD.device:
+        raise ValueError(f"the routing plan is on {plan.schedule.padded_pairs_Q.device} but x is on {x_TD.device}")
 
 
-def configs_for(plan: TritonRoutingPlan, x_TD: torch.Tensor, F: int, configs: Optional[MoEConfigs] = None) -> MoEConfigs:
-    """The launch configs for this problem (see :func:`.triton_configs.get_configs`) with every
-    tile kind's BLOCK_M set to ``plan.block_m`` (the schedule fixes the tile height)."""
+def configs_for(plan: RoutingPlan, x_TD: torch.Tensor, F: int, configs: Optional[MoEConfigs] = None) -> MoEConfigs:
+    """The launch configs for this problem (see :func:`.configs.get_configs`) with every
+    tile kind's BLOCK_M set to ``plan.schedule.block_m`` (the schedule fixes the tile height)."""
     if configs is None:
         T, D = x_TD.shape
         configs = get_configs(T, D, F, plan.num_experts, plan.top_k, x_TD.dtype, x_TD.device)
-    if configs.block_m != plan.block_m:
-        bm = plan.block_m
+    if configs.block_m != plan.schedule.block_m:
+        bm = plan.schedule.block_m
         configs = replace(
             configs,
             up=replace(configs.up, BLOCK_M=bm), down=replace(configs.down, BLOCK_M=bm),
@@ -129,13 +99,13 @@ def configs_for(plan: TritonRoutingPlan, x_TD: torch.Tensor, F: int, configs: Op
 def _launch_kw(cfg: GemmConfig, dtype: torch.dtype) -> dict:
     return dict(
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
-        INTERPRET=_interpreting(), DOT_PREC=_dot_prec(dtype),
+        INTERPRET=launch.interpreting(), DOT_PREC=launch.dot_precision(dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
 
 # ------------------------------------------------------------------ forward pieces
-def up_swiglu(x_TD: torch.Tensor, plan: TritonRoutingPlan, gate_up_E2FD: torch.Tensor, cfg: GemmConfig) -> torch.Tensor:
+def up_swiglu(x_TD: torch.Tensor, plan: RoutingPlan, gate_up_E2FD: torch.Tensor, cfg: GemmConfig) -> torch.Tensor:
     """h_QF = silu(x[token] @ Wg[e].T) * (x[token] @ Wu[e].T) for every slot of the used tiles.
 
     Returns (Q_max, F) in x's dtype; rows of used tiles are written (padding rows are 0),
@@ -143,9 +113,9 @@ def up_swiglu(x_TD: torch.Tensor, plan: TritonRoutingPlan, gate_up_E2FD: torch.T
     """
     T, D = x_TD.shape
     F = gate_up_E2FD.shape[1] // 2
-    Q, NT = plan.padded_pairs_Q.shape[0], plan.num_tiles_max
-    h_QF = _alloc((Q, F), x_TD.dtype, x_TD.device)
-    grid = (NT * triton_cdiv(F, cfg.BLOCK_N),)
+    Q, NT = plan.schedule.padded_pairs_Q.shape[0], plan.schedule.num_tiles_max
+    h_QF = launch.alloc((Q, F), x_TD.dtype, x_TD.device)
+    grid = (NT * launch.cdiv(F, cfg.BLOCK_N),)
     if grid[0] == 0:
         return h_QF
     dummy = x_TD
@@ -155,7 +125,7 @@ def up_swiglu(x_TD: torch.Tensor, plan: TritonRoutingPlan, gate_up_E2FD: torch.T
         dummy, 0, 0,
         dummy, 0, 0, 0,
         plan.topk_weights_TK,
-        plan.padded_pairs_Q, plan.tile_expert_E_tiles,
+        plan.schedule.padded_pairs_Q, plan.schedule.tile_expert_E_tiles,
         h_QF, h_QF.stride(0), h_QF.stride(1),
         dummy, 0, 0,
         dummy, 0, 0,
@@ -168,7 +138,7 @@ def up_swiglu(x_TD: torch.Tensor, plan: TritonRoutingPlan, gate_up_E2FD: torch.T
 
 def _tile_gemm_combine(
     a_QK: torch.Tensor,
-    plan: TritonRoutingPlan,
+    plan: RoutingPlan,
     b: torch.Tensor,
     b_strides: tuple[int, int, int],
     N: int,
@@ -182,13 +152,13 @@ def _tile_gemm_combine(
     of ``b`` with strides ``b_strides`` = (expert, k, n). Returns (T, N) in ``out_dtype``."""
     T, K = plan.topk_ids_TK.shape
     P, KD = plan.num_pairs, a_QK.shape[1]
-    NT = plan.num_tiles_max
+    NT = plan.schedule.num_tiles_max
     device = a_QK.device
     kern = _kernels()
-    grid = (NT * triton_cdiv(N, cfg.BLOCK_N),)
+    grid = (NT * launch.cdiv(N, cfg.BLOCK_N),)
     common = dict(TOP_K=K, HAS_WEIGHT=weighted, **_launch_kw(cfg, a_QK.dtype))
     args_head = (a_QK, a_QK.stride(0), a_QK.stride(1), b, *b_strides, plan.topk_weights_TK,
-                 plan.padded_pairs_Q, plan.tile_expert_E_tiles)
+                 plan.schedule.padded_pairs_Q, plan.schedule.tile_expert_E_tiles)
     if not deterministic:
         acc_TN = torch.zeros((T, N), dtype=torch.float32, device=device)  # atomics need zeros
         if grid[0] > 0:
@@ -196,7 +166,7 @@ def _tile_gemm_combine(
                 *args_head, acc_TN, acc_TN.stride(0), acc_TN.stride(1), P, N, KD, NT, ATOMIC=True, **common
             )
         return acc_TN if out_dtype == torch.float32 else acc_TN.to(out_dtype)
-    y_PN = _alloc((P, N), out_dtype, device)
+    y_PN = launch.alloc((P, N), out_dtype, device)
     if grid[0] > 0:
         kern._tile_gemm_scatter_kernel[grid](
             *args_head, y_PN, y_PN.stride(0), y_PN.stride(1), P, N, KD, NT, ATOMIC=False, **common
@@ -207,10 +177,10 @@ def _tile_gemm_combine(
 def combine_topk(y_PN: torch.Tensor, T: int, K: int, out_dtype: torch.dtype) -> torch.Tensor:
     """(T, N) ``out[t] = sum_{k=0..K-1} y_PN[t*K + k]`` in that fixed order, fp32 accumulation."""
     N = y_PN.shape[1]
-    out_TN = _alloc((T, N), out_dtype, y_PN.device)
-    block_n = min(_next_pow2(N), 256)
-    block_t = max(1, min(_next_pow2(T), 4096 // block_n))
-    grid = (triton_cdiv(T, block_t), triton_cdiv(N, block_n))
+    out_TN = launch.alloc((T, N), out_dtype, y_PN.device)
+    block_n = min(launch.next_pow2(N), 256)
+    block_t = max(1, min(launch.next_pow2(T), 4096 // block_n))
+    grid = (launch.cdiv(T, block_t), launch.cdiv(N, block_n))
     if grid[0] > 0 and grid[1] > 0:
         _kernels()._combine_kernel[grid](
             y_PN, y_PN.stride(0), y_PN.stride(1), out_TN, out_TN.stride(0), out_TN.stride(1), T, N,
@@ -220,7 +190,7 @@ def combine_topk(y_PN: torch.Tensor, T: int, K: int, out_dtype: torch.dtype) -> 
 
 
 def down_combine(
-    h_QF: torch.Tensor, plan: TritonRoutingPlan, down_EDF: torch.Tensor, *, deterministic: bool, cfg: GemmConfig
+    h_QF: torch.Tensor, plan: RoutingPlan, down_EDF: torch.Tensor, *, deterministic: bool, cfg: GemmConfig
 ) -> torch.Tensor:
     """out[t] = sum_k w[t,k] * h[slot(t,k)] @ down[e].T -> (T, D) in h's dtype."""
     _, D, _ = down_EDF.shape
@@ -234,7 +204,7 @@ def down_combine(
 def up_swiglu_backward(
     dout_TD: torch.Tensor,
     x_TD: torch.Tensor,
-    plan: TritonRoutingPlan,
+    plan: RoutingPlan,
     gate_up_E2FD: torch.Tensor,
     down_EDF: torch.Tensor,
     cfg: GemmConfig,
@@ -250,12 +220,12 @@ def up_swiglu_backward(
     """
     T, D = x_TD.shape
     F = gate_up_E2FD.shape[1] // 2
-    Q, NT, P = plan.padded_pairs_Q.shape[0], plan.num_tiles_max, plan.num_pairs
-    nfb = triton_cdiv(F, cfg.BLOCK_N)
+    Q, NT, P = plan.schedule.padded_pairs_Q.shape[0], plan.schedule.num_tiles_max, plan.num_pairs
+    nfb = launch.cdiv(F, cfg.BLOCK_N)
     dev, dt = x_TD.device, x_TD.dtype
-    dgu_Q2F = _alloc((Q, 2 * F), dt, dev)
-    hw_QF = _alloc((Q, F), dt, dev) if store_hw else None
-    dwp_PN = _alloc((P, nfb), torch.float32, dev)
+    dgu_Q2F = launch.alloc((Q, 2 * F), dt, dev)
+    hw_QF = launch.alloc((Q, F), dt, dev) if store_hw else None
+    dwp_PN = launch.alloc((P, nfb), torch.float32, dev)
     hw_arg = hw_QF if hw_QF is not None else dgu_Q2F
     grid = (NT * nfb,)
     if grid[0] > 0:
@@ -265,7 +235,7 @@ def up_swiglu_backward(
             dout_TD, dout_TD.stride(0), dout_TD.stride(1),
             down_EDF, *down_EDF.stride(),
             plan.topk_weights_TK,
-            plan.padded_pairs_Q, plan.tile_expert_E_tiles,
+            plan.schedule.padded_pairs_Q, plan.schedule.tile_expert_E_tiles,
             dgu_Q2F, dgu_Q2F.stride(0), dgu_Q2F.stride(1),
             hw_arg, hw_arg.stride(0), hw_arg.stride(1),
             dwp_PN, dwp_PN.stride(0), dwp_PN.stride(1),
@@ -281,7 +251,7 @@ def grouped_dw(
     a_gather: bool,
     b: torch.Tensor,
     b_gather: bool,
-    plan: TritonRoutingPlan,
+    plan: RoutingPlan,
     out_dtype: torch.dtype,
     cfg: GemmConfig,
     trainable_E: Optional[torch.Tensor] = None,
@@ -294,14 +264,14 @@ def grouped_dw(
     """
     E = plan.num_experts
     R, C = a.shape[1], b.shape[1]
-    out = _alloc((E, R, C), out_dtype, a.device)
-    grid = (E * triton_cdiv(R, cfg.BLOCK_M) * triton_cdiv(C, cfg.BLOCK_N),)
+    out = launch.alloc((E, R, C), out_dtype, a.device)
+    grid = (E * launch.cdiv(R, cfg.BLOCK_M) * launch.cdiv(C, cfg.BLOCK_N),)
     tr = trainable_E.to(torch.uint8) if trainable_E is not None else plan.counts_E  # dummy pointer
     if grid[0] > 0:
         _kernels()._grouped_dw_kernel[grid](
             a, a.stride(0), a.stride(1),
             b, b.stride(0), b.stride(1),
-            plan.padded_pairs_Q, plan.padded_offsets_E1, tr,
+            plan.schedule.padded_pairs_Q, plan.schedule.padded_offsets_E1, tr,
             out, *out.stride(),
             plan.num_pairs, R, C,
             TOP_K=plan.top_k, A_GATHER=a_gather, B_GATHER=b_gather, HAS_TRAINABLE=trainable_E is not None,
@@ -313,25 +283,25 @@ def grouped_dw(
 # ------------------------------------------------------------------ functional API
 def grouped_swiglu_forward(
     x_TD: torch.Tensor,
-    plan: TritonRoutingPlan,
+    plan: RoutingPlan,
     gate_up_E2FD: torch.Tensor,
     down_EDF: torch.Tensor,
     *,
     deterministic: bool = True,
     configs: Optional[MoEConfigs] = None,
 ) -> torch.Tensor:
-    """Mixture output (T, D) in x's dtype (no autograd; see :mod:`.moe_triton` for the layer).
+    """Mixture output (T, D) in x's dtype (no autograd; see :mod:`.backend` for the layer).
 
     Args:
         x_TD: (T, D) fp32/fp16/bf16, any strides.
-        plan: :class:`TritonRoutingPlan` for T tokens and E experts (``block_m >= 16``).
+        plan: plan from :func:`.routing.triton_route` for T tokens and E experts (``block_m >= 16``).
         gate_up_E2FD: (E, 2F, D), down_EDF: (E, D, F), x's dtype and device, any strides.
         deterministic: fixed-order top-k combine (default) vs fp32 atomics.
-        configs: launch configs (default: :func:`.triton_configs.get_configs`).
+        configs: launch configs (default: :func:`.configs.get_configs`).
     """
     E, _, F = check_expert_weights(x_TD, gate_up_E2FD, down_EDF)
     _check_plan(plan, x_TD, E)
-    _check_runnable(x_TD.device)
+    launch.check_runnable(x_TD.device, "triton grouped GEMMs")
     cfgs = configs_for(plan, x_TD, F, configs)
     h_QF = up_swiglu(x_TD, plan, gate_up_E2FD, cfgs.up)
     return down_combine(h_QF, plan, down_EDF, deterministic=deterministic, cfg=cfgs.down)
@@ -340,7 +310,7 @@ def grouped_swiglu_forward(
 def grouped_swiglu_backward(
     dout_TD: torch.Tensor,
     x_TD: torch.Tensor,
-    plan: TritonRoutingPlan,
+    plan: RoutingPlan,
     gate_up_E2FD: torch.Tensor,
     down_EDF: torch.Tensor,
     *,
@@ -366,7 +336,7 @@ def grouped_swiglu_backward(
         dout_TD = dout_TD.to(x_TD.dtype)
     if trainable_experts is not None:
         check_tensor(trainable_experts, "trainable_experts", shape=(E,), dtypes=(torch.bool,), device=x_TD.device)
-    _check_runnable(x_TD.device)
+    launch.check_runnable(x_TD.device, "triton grouped GEMMs")
     if not (need_dx or need_dgate_up or need_ddown or need_dweights):
         return None, None, None, None
     cfgs = configs_for(plan, x_TD, F, configs)
@@ -388,8 +358,4 @@ def grouped_swiglu_backward(
     if need_ddown:
         ddown = grouped_dw(dout_TD, True, hw_QF, False, plan, down_EDF.dtype, cfgs.dw, trainable_experts)
     return dx_TD, dgate_up, ddown, dweights_TK
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 

@@ -1,6 +1,12 @@
 """The "triton" backend of :func:`flexmoe_kernels.flexmoe_forward`: Triton routing + grouped
 SwiGLU GEMMs, forward and backward, registered with ``torch.library`` for ``torch.compile``.
 
+Stages: routing (:mod:`.routing`: softmax-top-k, grouping and the tile schedule in 1-3
+launches); **permutation is fused** into the up-projection (x rows are gathered in the GEMM's
+A load, no permuted copy of x); grouped GEMMs (:mod:`.grouped_gemm`); **combine is fused**
+into the down-projection (router weight in the epilogue, then a fixed-order top-k sum, or
+fp32 atomics with ``deterministic=False``).
+
 Legend: T tokens, D hidden, F expert FFN width, E experts, K top-k, P = T*K pairs,
 Q_max / NT the routing schedule's worst-case slot / tile counts.
 
@@ -9,20 +15,21 @@ Data flow of one layer call:
 1. ``logits_TE = x_TD @ router_weight_ED.T`` in x's dtype (plain torch, so autograd gives
    d router weight = dlogits^T @ x and the dX contribution dlogits @ R, exactly like the
    reference);
-2. ``torch.ops.flexmoe_triton.moe_fwd``: :func:`triton_route` (bias ``min(b, 0)``, allow-mask
+2. ``torch.ops.flexmoe_triton.moe_fwd``: :func:`.routing.triton_route` (bias ``min(b, 0)``, allow-mask
    -inf before the fp32 softmax, top-k, padded tile schedule) -> up-projection with gathered x
    rows and fused SwiGLU -> down-projection with the router weight and the top-k combine fused
    (deterministic by default). Returns the output, the masked fp32 logits (z-loss) and the
    routing plan tensors (all O(T*K), O(T*E) or O(Q_max)): nothing of width F is kept.
 3. ``torch.ops.flexmoe_triton.moe_bwd``: recomputes the SwiGLU intermediate, computes dX,
-   dW (gate_up, down; frozen experts none), d router weights -> :func:`triton_route_backward`
+   dW (gate_up, down; frozen experts none), d router weights -> :func:`.routing.triton_route_backward`
    -> dlogits (+ the z-loss gradient of the returned logits) -> d bias (where ``bias <= 0``,
    the subgradient torch's ``clamp(max=0)`` uses) and d logits.
 
 Both ops are functional custom ops with fake (meta) implementations, wrapped in one
 ``torch.autograd.Function``; no host synchronisation except the optional ``validate`` mask
-check (skipped while a CUDA graph is captured). Extra keyword of this backend:
-``deterministic`` (default from ``FLEXMOE_TRITON_DETERMINISTIC``, "1" if unset).
+check (skipped while a CUDA graph is captured). Option of this backend (a
+:class:`~flexmoe_kernels.ops.args.LayerArgs` field): ``deterministic`` (None = from
+``FLEXMOE_TRITON_DETERMINISTIC``, "1" if unset).
 """
 from __future__ import annotations
 
@@ -31,13 +38,13 @@ from typing import Optional
 
 import torch
 
-from .._validate import check_positive_int, check_tensor
-from .experts import check_expert_weights
-from .routing import mask_router_rows, normalize_allow_mask, router_logits
-from .triton_configs import get_configs
-from .triton_routing import TritonRoutingPlan, schedule_sizes
+from ..args import LayerArgs
+from ..plan import RoutingPlan, TileSchedule, schedule_sizes
+from ..reference.routing import mask_router_rows, router_logits
+from . import launch
+from .configs import get_configs
 
-__all__ = ["is_available", "flexmoe_forward", "default_deterministic"]
+__all__ = ["is_available", "forward", "default_deterministic"]
 
 _NS = "flexmoe_triton"
 
@@ -45,11 +52,7 @@ _NS = "flexmoe_triton"
 def is_available(device: torch.device | str) -> tuple[bool, str]:
     """``(available, reason)``: Triton importable and a CUDA device, or CPU tensors with
     Triton's interpreter active (``TRITON_INTERPRET=1`` before the kernels were imported)."""
-    try:
-        from .triton_routing import is_available as routing_available
-    except Exception as exc:  # noqa: BLE001 - report any import failure as unavailability
-        return False, f"cannot import the triton routing module: {exc}"
-    return routing_available(torch.device(device))
+    return launch.is_available(torch.device(device))
 
 
 def default_deterministic() -> bool:
@@ -63,14 +66,16 @@ def default_deterministic() -> bool:
 
 
 # ------------------------------------------------------------------ the custom ops
+# The plan travels between the two custom ops as a flat tensor list in this order.
 _PLAN_FIELDS = (
     "topk_ids_TK", "topk_weights_TK", "probs_TE", "counts_E", "offsets_E1", "sorted_pairs_P",
-    "inv_sorted_pairs_P", "padded_pairs_Q", "padded_offsets_E1", "tile_expert_E_tiles", "num_tiles",
+    "inv_sorted_pairs_P",
 )
+_SCHEDULE_FIELDS = ("padded_pairs_Q", "padded_offsets_E1", "tile_expert_E_tiles", "num_tiles")
 
 
 def _block_m(x_TD: torch.Tensor, gate_up_E2FD: torch.Tensor, top_k: int) -> int:
-    """The schedule's tile height for this problem (from :func:`.triton_configs.get_configs`)."""
+    """The schedule's tile height for this problem (from :func:`.configs.get_configs`)."""
     T, D = x_TD.shape
     E, F2, _ = gate_up_E2FD.shape
     return get_configs(T, D, F2 // 2, E, top_k, x_TD.dtype, x_TD.device).block_m
@@ -80,9 +85,16 @@ def _det(flag: int) -> bool:
     return default_deterministic() if flag < 0 else bool(flag)
 
 
-def _plan_from(tensors, logits_TE: torch.Tensor, block_m: int) -> TritonRoutingPlan:
-    kw = dict(zip(_PLAN_FIELDS, tensors))
-    return TritonRoutingPlan(logits_TE=logits_TE, block_m=block_m, **kw)
+def _plan_tensors(plan: RoutingPlan) -> list[torch.Tensor]:
+    return [getattr(plan, f) for f in _PLAN_FIELDS] + [getattr(plan.schedule, f) for f in _SCHEDULE_FIELDS]
+
+
+def _plan_from(tensors, logits_TE: torch.Tensor) -> RoutingPlan:
+    n = len(_PLAN_FIELDS)
+    sched = dict(zip(_SCHEDULE_FIELDS, tensors[n:]))
+    block_m = sched["padded_pairs_Q"].shape[0] // sched["tile_expert_E_tiles"].shape[0]  # Q_max // NT
+    return RoutingPlan(logits_TE=logits_TE, schedule=TileSchedule(block_m=block_m, **sched),
+                       **dict(zip(_PLAN_FIELDS, tensors[:n])))
 
 
 @torch.library.custom_op(f"{_NS}::moe_fwd", mutates_args=())
@@ -100,8 +112,8 @@ def _moe_fwd(
 ) -> list[torch.Tensor]:
     """[out_TD, zlogits_TE, *plan tensors in ``_PLAN_FIELDS`` order]. ``deterministic``: 1, 0 or
     -1 (= :func:`default_deterministic`); the schedule's block_m comes from the configs."""
-    from .triton_grouped_gemm import grouped_swiglu_forward
-    from .triton_routing import triton_route
+    from .grouped_gemm import grouped_swiglu_forward
+    from .routing import triton_route
 
     ok, why = is_available(x_TD.device)
     if not ok:
@@ -112,7 +124,7 @@ def _moe_fwd(
         norm_topk_prob=norm_topk_prob, block_m=block_m, validate=validate,
     )
     out_TD = grouped_swiglu_forward(x_TD, plan, gate_up_E2FD, down_EDF, deterministic=_det(deterministic))
-    return [out_TD, plan.logits_TE] + [getattr(plan, f) for f in _PLAN_FIELDS]
+    return [out_TD, plan.logits_TE] + _plan_tensors(plan)
 
 
 @_moe_fwd.register_fake
@@ -150,12 +162,11 @@ def _moe_bwd(
 ) -> list[torch.Tensor]:
     """[dx_TD, dlogits_TE, dgate_up_E2FD, ddown_EDF, dbias_E]; an entry whose ``needs`` flag
     (same order) is False is an empty (0,) tensor."""
-    from .triton_grouped_gemm import grouped_swiglu_backward
-    from .triton_routing import triton_route_backward
+    from .grouped_gemm import grouped_swiglu_backward
+    from .routing import triton_route_backward
 
     need_dx, need_dlogits, need_dgu, need_ddown, need_dbias = needs
-    block_m = plan_tensors[7].shape[0] // plan_tensors[9].shape[0]  # Q_max // NT
-    plan = _plan_from(plan_tensors, plan_tensors[2], block_m)  # logits unused by the backward
+    plan = _plan_from(plan_tensors, plan_tensors[2])  # logits unused by the backward
     need_route = need_dlogits or need_dbias
     dx, dgu, ddown, dweights_TK = grouped_swiglu_backward(
         dout_TD, x_TD, plan, gate_up_E2FD, down_EDF, trainable_experts=trainable_experts,
@@ -231,50 +242,23 @@ class _TritonMoEFunction(torch.autograd.Function):
 
 
 # ------------------------------------------------------------------ the backend entry point
-def flexmoe_forward(
-    x_TD: torch.Tensor,
-    router_weight_ED: torch.Tensor,
-    gate_up_E2FD: torch.Tensor,
-    down_EDF: torch.Tensor,
-    top_k: int,
-    *,
-    allow_mask: Optional[torch.Tensor] = None,
-    expert_bias: Optional[torch.Tensor] = None,
-    norm_topk_prob: bool = False,
-    trainable_experts: Optional[torch.Tensor] = None,
-    validate: bool = True,
-    deterministic: Optional[bool] = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """See :func:`flexmoe_kernels.ops.moe.flexmoe_forward` (the backend contract).
+def forward(args: LayerArgs) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out_TD, logits_TE)`` for validated arguments (see :func:`flexmoe_kernels.flexmoe_forward`).
 
-    Args (beyond the contract):
-        deterministic: fixed-order top-k combine in forward and dX (bitwise reproducible);
-            False = fp32 atomics. Default: :func:`default_deterministic`.
-
-    Returns ``(out_TD, logits_TE)``: out in x's dtype, logits float32 masked (-inf where
-    disallowed), differentiable (z-loss gradients flow to the router weight, x and bias).
+    ``args.deterministic``: fixed-order top-k combine in forward and dX (bitwise
+    reproducible); False = fp32 atomics; None = :func:`default_deterministic`. The logits are
+    float32 masked (-inf where disallowed) and differentiable (z-loss gradients flow to the
+    router weight, x and bias).
     """
-    E, D, _ = check_expert_weights(x_TD, gate_up_E2FD, down_EDF)
-    T = x_TD.shape[0]
-    check_positive_int(top_k, "top_k")
-    if top_k > E:
-        raise ValueError(f"top_k={top_k} is larger than the number of experts E={E}")
-    check_tensor(router_weight_ED, "router_weight", shape=(E, D), floating=True, device=x_TD.device)
-    if expert_bias is not None:
-        check_tensor(expert_bias, "expert_bias", shape=(E,), floating=True, device=x_TD.device)
-    allow_mask = normalize_allow_mask(allow_mask, T, E, x_TD.device)
-    if trainable_experts is not None:
-        check_tensor(trainable_experts, "trainable_experts", shape=(E,), dtypes=(torch.bool,))
-        trainable_experts = trainable_experts.to(x_TD.device)
+    x_TD = args.x_TD
     if not torch.compiler.is_compiling():  # inside the op as well; here for an early error
         ok, why = is_available(x_TD.device)
         if not ok:
             raise RuntimeError(f"backend 'triton' is not available on {x_TD.device}: {why}")
-    det = -1 if deterministic is None else int(bool(deterministic))
+    det = -1 if args.deterministic is None else int(args.deterministic)
     # Opted-out experts' router rows are never read (a NaN there must not reach dX).
-    logits_TE = router_logits(x_TD, mask_router_rows(router_weight_ED, allow_mask))
-    out_TD, z_TE = _TritonMoEFunction.apply(
-        x_TD, logits_TE, gate_up_E2FD, down_EDF, expert_bias, allow_mask, trainable_experts,
-        int(top_k), bool(norm_topk_prob), bool(validate), det,
+    logits_TE = router_logits(x_TD, mask_router_rows(args.router_weight_ED, args.allow_mask))
+    return _TritonMoEFunction.apply(
+        x_TD, logits_TE, args.gate_up_E2FD, args.down_EDF, args.expert_bias, args.allow_mask,
+        args.trainable_experts, args.top_k, args.norm_topk_prob, args.validate_rows, det,
     )
-    return out_TD, z_TE

@@ -19,7 +19,7 @@ The four tile kinds share ``BLOCK_M``: it is the tile height of the routing sche
 
 Resolution order in :func:`get_configs` (cached per problem and environment):
 
-1. a JSON table in ``flexmoe_kernels/configs/`` for the device (by name), the exact shape key
+1. a JSON table in ``flexmoe_kernels/ops/triton/tables/`` for the device (by name), the exact shape key
    ``D=..,F=..,E=..,K=..,dtype=..`` and the nearest token count T (absolute distance; ties go
    to the smaller T);
 2. otherwise :func:`heuristic_configs` (rows per expert, dtype, device type);
@@ -220,8 +220,8 @@ def _apply_overrides(cfgs: MoEConfigs, over: dict[str, dict[str, int]]) -> MoECo
 
 # ------------------------------------------------------------------ JSON tables
 def config_dir() -> Path:
-    """Directory of the shipped JSON tables (``flexmoe_kernels/configs``)."""
-    return Path(__file__).resolve().parent.parent / "configs"
+    """Directory of the shipped JSON tables (``flexmoe_kernels/ops/triton/tables``)."""
+    return Path(__file__).resolve().parent / "tables"
 
 
 def shape_key(D: int, F: int, E: int, K: int, dtype: torch.dtype) -> str:

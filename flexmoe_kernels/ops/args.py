@@ -1,0 +1,192 @@
+"""The one validation of the layer's arguments, and the validated argument object.
+
+Legend: T tokens, D hidden, F expert FFN width, E experts, K top-k.
+
+:func:`validate_layer_args` checks every tensor argument of the layer (type, rank, shape,
+dtype, device; errors name the argument and the values seen) and returns a
+:class:`LayerArgs`. :func:`flexmoe_kernels.flexmoe_forward` calls it once; every backend's
+``forward(args)`` takes the result and never re-validates or re-declares the signature.
+The mask and expert-weight checks are also used on their own by the public stage
+functions (``route``, ``grouped_swiglu``) so each rule is written once.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .._validate import check_positive_int, check_tensor
+
+__all__ = [
+    "LayerArgs",
+    "validate_layer_args",
+    "normalize_allow_mask",
+    "check_allow_mask_rows",
+    "check_expert_weights",
+    "check_top_k",
+]
+
+
+def check_top_k(top_k: object, num_experts: int) -> int:
+    """``top_k`` as an int in [1, E]; ``ValueError`` naming both otherwise."""
+    check_positive_int(top_k, "top_k")
+    if top_k > num_experts:
+        raise ValueError(f"top_k={top_k} is larger than the number of experts E={num_experts}")
+    return top_k
+
+
+def normalize_allow_mask(
+    allow_mask: Optional[torch.Tensor], num_tokens: int, num_experts: int, device: torch.device
+) -> Optional[torch.Tensor]:
+    """Validate an allow-mask and return it as a contiguous bool tensor on ``device``.
+
+    Accepted: None (every expert allowed), (E,) bool (the same for every token) or (T, E)
+    bool (per token). False = opted out.
+    """
+    if allow_mask is None:
+        return None
+    check_tensor(allow_mask, "allow_mask", dtypes=(torch.bool,))
+    if allow_mask.shape not in ((num_experts,), (num_tokens, num_experts)):
+        raise ValueError(
+            f"allow_mask must have shape (E,)=({num_experts},) or (T, E)=({num_tokens}, {num_experts}), "
+            f"got {tuple(allow_mask.shape)}"
+        )
+    return allow_mask.to(device).contiguous()
+
+
+def check_allow_mask_rows(allow_mask: Optional[torch.Tensor], top_k: int, num_experts: int) -> None:
+    """Raise ``ValueError`` if ``top_k > E`` or any row of ``allow_mask`` allows fewer than
+    ``top_k`` experts (naming the row and the count).
+
+    Reads the mask on the host (one synchronisation); skipped while a CUDA graph is being
+    captured, where the caller is responsible for valid masks.
+    """
+    check_top_k(top_k, num_experts)
+    if allow_mask is None:
+        return
+    if allow_mask.is_cuda and torch.cuda.is_current_stream_capturing():
+        return
+    allowed = allow_mask.sum(-1)
+    fewest = int(allowed.min()) if allowed.numel() else top_k
+    if fewest < top_k:
+        if allow_mask.ndim == 1:
+            raise ValueError(f"allow_mask allows {fewest} experts, fewer than top_k={top_k}")
+        row = int((allowed < top_k).nonzero()[0, 0])
+        raise ValueError(f"allow_mask row {row} allows {fewest} experts, fewer than top_k={top_k}")
+
+
+def check_expert_weights(
+    x_TD: torch.Tensor, gate_up_E2FD: torch.Tensor, down_EDF: torch.Tensor, num_experts: Optional[int] = None
+) -> tuple[int, int, int]:
+    """Validate x (T, D) and the stacked weights gate_up (E, 2F, D), down (E, D, F) (same
+    dtype and device as x); return (E, D, F)."""
+    check_tensor(x_TD, "x", ndim=2, floating=True)
+    check_tensor(gate_up_E2FD, "gate_up", ndim=3, floating=True)
+    check_tensor(down_EDF, "down", ndim=3, floating=True)
+    E, F2, D = gate_up_E2FD.shape
+    if D != x_TD.shape[1]:
+        raise ValueError(f"gate_up must have shape (E, 2F, D={x_TD.shape[1]}), got {tuple(gate_up_E2FD.shape)}")
+    if F2 % 2:
+        raise ValueError(f"gate_up must have an even second dimension 2F, got {F2}")
+    Fw = F2 // 2
+    if tuple(down_EDF.shape) != (E, D, Fw):
+        raise ValueError(f"down must have shape (E, D, F)=({E}, {D}, {Fw}), got {tuple(down_EDF.shape)}")
+    if num_experts is not None and E != num_experts:
+        raise ValueError(f"gate_up has {E} experts but the routing plan has {num_experts}")
+    for name, t in (("gate_up", gate_up_E2FD), ("down", down_EDF)):
+        if t.device != x_TD.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x_TD.device}")
+        if t.dtype != x_TD.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but x has dtype {x_TD.dtype}; they must match")
+    return E, D, Fw
+
+
+@dataclass(frozen=True)
+class LayerArgs:
+    """The layer's arguments after :func:`validate_layer_args` (what every backend receives).
+
+    Attributes:
+        x_TD: (T, D) hidden states (floating).
+        router_weight_ED: (E, D) router embeddings, any float dtype, on x's device.
+        gate_up_E2FD: (E, 2F, D) and down_EDF: (E, D, F) stacked expert weights, x's dtype and
+            device.
+        top_k: K in [1, E].
+        allow_mask: None, (E,) or (T, E) contiguous bool on x's device; False = opted out.
+        expert_bias: None or (E,) float on x's device (``min(b, 0)`` is added to the logits).
+        norm_topk_prob: renormalise the K weights.
+        trainable_experts: None or (E,) bool on x's device; False = frozen (no dW work).
+        validate_rows: the mask rows still have to be checked (>= K allowed) when the op runs:
+            True only when validation was asked for while ``torch.compile`` traced (the eager
+            path checks them in :func:`validate_layer_args`, once).
+        deterministic: backend option: fixed-order top-k combine (None = the backend's
+            default; the torch and cuda backends are always deterministic).
+    """
+
+    x_TD: torch.Tensor
+    router_weight_ED: torch.Tensor
+    gate_up_E2FD: torch.Tensor
+    down_EDF: torch.Tensor
+    top_k: int
+    allow_mask: Optional[torch.Tensor] = None
+    expert_bias: Optional[torch.Tensor] = None
+    norm_topk_prob: bool = False
+    trainable_experts: Optional[torch.Tensor] = None
+    validate_rows: bool = False
+    deterministic: Optional[bool] = None
+
+    @property
+    def num_tokens(self) -> int:
+        """T."""
+        return self.x_TD.shape[0]
+
+    @property
+    def num_experts(self) -> int:
+        """E."""
+        return self.gate_up_E2FD.shape[0]
+
+    @property
+    def problem(self) -> dict:
+        """Shape description used by the measured "auto" backend choice."""
+        E, F2, D = self.gate_up_E2FD.shape
+        return dict(T=self.num_tokens, D=D, F=F2 // 2, E=E, K=self.top_k, dtype=self.x_TD.dtype)
+
+
+def validate_layer_args(
+    x_TD: torch.Tensor,
+    router_weight_ED: torch.Tensor,
+    gate_up_E2FD: torch.Tensor,
+    down_EDF: torch.Tensor,
+    top_k: int,
+    *,
+    allow_mask: Optional[torch.Tensor] = None,
+    expert_bias: Optional[torch.Tensor] = None,
+    norm_topk_prob: bool = False,
+    trainable_experts: Optional[torch.Tensor] = None,
+    validate: bool = True,
+    deterministic: Optional[bool] = None,
+) -> LayerArgs:
+    """Check every argument of :func:`flexmoe_kernels.flexmoe_forward` and return them as a
+    :class:`LayerArgs` (masks moved to x's device). ``validate=True`` also checks that every
+    mask row allows >= K experts (one host sync), or defers that check to the op's run time
+    while ``torch.compile`` traces."""
+    E, D, _ = check_expert_weights(x_TD, gate_up_E2FD, down_EDF)
+    device = x_TD.device
+    top_k = check_top_k(top_k, E)
+    check_tensor(router_weight_ED, "router_weight", shape=(E, D), floating=True, device=device)
+    if expert_bias is not None:
+        check_tensor(expert_bias, "expert_bias", shape=(E,), floating=True, device=device)
+    mask = normalize_allow_mask(allow_mask, x_TD.shape[0], E, device)
+    if trainable_experts is not None:
+        check_tensor(trainable_experts, "trainable_experts", shape=(E,), dtypes=(torch.bool,))
+        trainable_experts = trainable_experts.to(device)
+    if deterministic is not None and not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic must be None or a bool, got {deterministic!r}")
+    deferred = bool(validate) and torch.compiler.is_compiling()
+    if validate and not deferred:
+        check_allow_mask_rows(mask, top_k, E)
+    return LayerArgs(
+        x_TD=x_TD, router_weight_ED=router_weight_ED, gate_up_E2FD=gate_up_E2FD, down_EDF=down_EDF,
+        top_k=int(top_k), allow_mask=mask, expert_bias=expert_bias, norm_topk_prob=bool(norm_topk_prob),
+        trainable_experts=trainable_experts, validate_rows=deferred, deterministic=deterministic,
+    )
