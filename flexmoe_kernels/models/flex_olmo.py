@@ -25,7 +25,7 @@ from torch import nn
 from .._validate import check_positive_int
 from ..modules import FlexMoE
 from ..modules.allow import AllowedExperts, resolve_allowed_experts
-from ..ops.moe import BACKENDS
+from ..ops.backends import BACKENDS
 from .attention import FlexOlmoAttention, KVCache, RMSNorm, RotaryEmbedding
 from .config import FlexOlmoConfig
 

@@ -2,7 +2,7 @@
 
 Legend: T tokens, D hidden, F expert FFN width, E experts, K top-k.
 
-Five GEMM kinds (see :mod:`flexmoe_kernels.ops.triton_grouped_gemm_kernels`):
+Five GEMM kinds (see :mod:`flexmoe_kernels.ops.triton.grouped_gemm_kernels`):
 
 ========  ==========================================================  ===========================
 kind      what                                                        BLOCK_M / BLOCK_N / BLOCK_K
@@ -15,7 +15,7 @@ dw        per-expert A^T @ B over the expert's slots                  rows of dW
 ========  ==========================================================  ===========================
 
 The four tile kinds share ``BLOCK_M``: it is the tile height of the routing schedule
-(``block_m`` of :func:`flexmoe_kernels.ops.triton_routing.triton_route`).
+(``block_m`` of :func:`flexmoe_kernels.ops.triton.routing.triton_route`).
 
 Resolution order in :func:`get_configs` (cached per problem and environment):
 

@@ -4,12 +4,12 @@ Legend: T tokens, D hidden, F expert FFN width, E experts, K top-k, P = T*K rout
 slot) pairs with pair id ``p = t*K + k``, Q_max padded pair slots (each expert's group padded to
 a multiple of BLOCK_M, padding = sentinel pair id P), NT = Q_max // BLOCK_M tiles, NFB F-blocks.
 
-The schedule comes from :mod:`flexmoe_kernels.ops.triton_routing`: ``pairs_ptr`` is
+The schedule comes from :mod:`flexmoe_kernels.ops.triton.routing`: ``pairs_ptr`` is
 ``padded_pairs_Q`` and ``tile_expert_ptr`` is ``tile_expert_E_tiles`` (-1 past the used tiles).
 Every tile kernel reads its tile's expert first and returns at once for -1, so experts with
 no pairs (zero tokens, opted out) launch no work and their weights are never loaded.
 
-Kernels (launchers in :mod:`flexmoe_kernels.ops.triton_grouped_gemm`):
+Kernels (launchers in :mod:`flexmoe_kernels.ops.triton.grouped_gemm`):
 
 * :func:`_up_swiglu_kernel`, grid (NT * NFB,): ``x`` rows gathered through the pair ids in the
   A-operand load (no permuted copy of x), ``gate = x @ Wg[e].T`` and ``up = x @ Wu[e].T`` for the

@@ -4,7 +4,7 @@ Legend: T tokens, E experts, K top-k, P = T*K routed (token, slot) pairs, NB tok
 BLOCK_T tokens, Q padded pair slots (each expert's group padded to a multiple of BLOCK_M),
 NT tiles of BLOCK_M padded slots.
 
-Launch order (see :mod:`flexmoe_kernels.ops.triton_routing` for the launchers):
+Launch order (see :mod:`flexmoe_kernels.ops.triton.routing` for the launchers):
 
 1. :func:`_topk_softmax_kernel`, grid (NB,): bias + allow-mask -> fp32 softmax -> K passes of
    argmax; writes ids / weights / probs / masked logits and a per-block expert histogram
