@@ -157,8 +157,7 @@ def triton_route(
         check_tensor(expert_bias, "expert_bias", shape=(E,), floating=True, device=device)
     allow_mask = normalize_allow_mask(allow_mask, T, E, device)
     K = top_k
-    P = T * K
-    q_max, n_tiles_max = schedule_sizes(T, K, E, block_m)
+    q_max, _ = schedule_sizes(T, K, E, block_m)
     if q_max > _INT32_MAX:
         raise ValueError(
             f"T*K + E*(block_m-1) = {T}*{K} + {E}*{block_m - 1} does not fit int32 pair indices"
@@ -166,78 +165,83 @@ def triton_route(
     if validate:
         check_allow_mask_rows(allow_mask, K, E)
     launch.check_runnable(device, "triton routing")
-    kern = launch.kernels("routing_kernels")
+    plan = _alloc_plan(T, K, E, block_m, device)
+    _launch_routing(plan, logits_TE, allow_mask, expert_bias, bool(norm_topk_prob), routing_config(T, E, K, block_m))
+    return plan
 
-    block_e = launch.next_pow2(E)
-    block_k = launch.next_pow2(K)
-    cfg = routing_config(T, E, K, block_m)
-    block_t = cfg.block_t
-    nb = launch.cdiv(T, block_t)
 
+def _alloc_plan(T: int, K: int, E: int, block_m: int, device: torch.device) -> RoutingPlan:
+    """A plan of uninitialised buffers (every element is written by the routing kernels)."""
     i32, f32 = torch.int32, torch.float32
-    topk_ids_TK = launch.alloc((T, K), i32, device)
-    topk_weights_TK = launch.alloc((T, K), f32, device)
-    probs_TE = launch.alloc((T, E), f32, device)
-    zlogits_TE = launch.alloc((T, E), f32, device)
-    block_counts_NBE = launch.alloc((nb, E), i32, device)  # scratch (unused when nb == 1)
-    counts_E = launch.alloc((E,), i32, device)
-    offsets_E1 = launch.alloc((E + 1,), i32, device)
-    padded_offsets_E1 = launch.alloc((E + 1,), i32, device)
-    num_tiles = launch.alloc((1,), i32, device)
-    sorted_pairs_P = launch.alloc((P,), i32, device)
-    inv_sorted_pairs_P = launch.alloc((P,), i32, device)
-    padded_pairs_Q = launch.alloc((q_max,), i32, device)
-    tile_expert = launch.alloc((n_tiles_max,), i32, device)
+    q_max, n_tiles_max = schedule_sizes(T, K, E, block_m)
+    schedule = TileSchedule(
+        padded_pairs_Q=launch.alloc((q_max,), i32, device),
+        padded_offsets_E1=launch.alloc((E + 1,), i32, device),
+        tile_expert_E_tiles=launch.alloc((n_tiles_max,), i32, device),
+        num_tiles=launch.alloc((1,), i32, device),
+        block_m=block_m,
+    )
+    return RoutingPlan(
+        topk_ids_TK=launch.alloc((T, K), i32, device),
+        topk_weights_TK=launch.alloc((T, K), f32, device),
+        counts_E=launch.alloc((E,), i32, device),
+        offsets_E1=launch.alloc((E + 1,), i32, device),
+        sorted_pairs_P=launch.alloc((T * K,), i32, device),
+        inv_sorted_pairs_P=launch.alloc((T * K,), i32, device),
+        logits_TE=launch.alloc((T, E), f32, device),
+        probs_TE=launch.alloc((T, E), f32, device),
+        schedule=schedule,
+    )
 
+
+def _launch_routing(
+    plan: RoutingPlan,
+    logits_TE: torch.Tensor,
+    allow_mask: Optional[torch.Tensor],
+    expert_bias: Optional[torch.Tensor],
+    norm: bool,
+    cfg: RoutingConfig,
+) -> None:
+    """Fill ``plan``: the softmax-top-k kernel (which does everything when the tokens fit one
+    block), else + the per-expert prefix scan + the scatter / padding pass."""
+    kern = launch.kernels("routing_kernels")
+    T, K, E = plan.num_tokens, plan.top_k, plan.num_experts
+    sch = plan.schedule
+    block_e, block_k, block_t = launch.next_pow2(E), launch.next_pow2(K), cfg.block_t
+    nb = launch.cdiv(T, block_t)
+    n_tiles_max = sch.num_tiles_max
+    block_counts_NBE = launch.alloc((nb, E), torch.int32, logits_TE.device)  # scratch (unused when nb == 1)
     if allow_mask is not None:
         mask_u8 = allow_mask.view(torch.uint8)
-        if mask_u8.ndim == 1:
-            stride_mt, stride_me = 0, mask_u8.stride(0)
-        else:
-            stride_mt, stride_me = mask_u8.stride(0), mask_u8.stride(1)
+        stride_mt, stride_me = (0, mask_u8.stride(0)) if mask_u8.ndim == 1 else mask_u8.stride()
     else:
         mask_u8, stride_mt, stride_me = logits_TE, 0, 0  # unused pointer
     bias = expert_bias if expert_bias is not None else logits_TE  # unused pointer
-
     fused = nb == 1  # one block holds every token: a single launch does everything
-    tiles_per_prog = cfg.tiles_per_prog
+    outputs = (plan.sorted_pairs_P, plan.inv_sorted_pairs_P, sch.padded_pairs_Q, sch.tile_expert_E_tiles)
+    offsets = (plan.offsets_E1, sch.padded_offsets_E1, sch.num_tiles)
+    blocks = dict(BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=block_k, BLOCK_M=sch.block_m,
+                  TILES_PER_PROG=cfg.tiles_per_prog, num_warps=cfg.num_warps)
     if nb > 0:
         kern._topk_softmax_kernel[(nb,)](
             logits_TE, mask_u8, bias,
-            topk_ids_TK, topk_weights_TK, probs_TE, zlogits_TE, block_counts_NBE,
-            counts_E, offsets_E1, padded_offsets_E1, num_tiles,
-            sorted_pairs_P, inv_sorted_pairs_P, padded_pairs_Q, tile_expert,
+            plan.topk_ids_TK, plan.topk_weights_TK, plan.probs_TE, plan.logits_TE, block_counts_NBE,
+            plan.counts_E, *offsets, *outputs,
             T, E, n_tiles_max,
             logits_TE.stride(0), logits_TE.stride(1), stride_mt, stride_me,
             K=K, HAS_MASK=allow_mask is not None, HAS_BIAS=expert_bias is not None,
-            NORM=bool(norm_topk_prob), FUSED=fused,
-            BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=block_k,
-            BLOCK_M=block_m, TILES_PER_PROG=tiles_per_prog,
-            num_warps=cfg.num_warps,
+            NORM=norm, FUSED=fused, **blocks,
         )
     if not fused:
         kern._block_prefix_kernel[(launch.cdiv(E, cfg.block_es),)](
-            block_counts_NBE, counts_E, nb, E,
-            BLOCK_NB=cfg.block_nb, BLOCK_ES=cfg.block_es,
-            num_warps=cfg.num_warps,
+            block_counts_NBE, plan.counts_E, nb, E,
+            BLOCK_NB=cfg.block_nb, BLOCK_ES=cfg.block_es, num_warps=cfg.num_warps,
         )
-        n_pad_progs = launch.cdiv(n_tiles_max, tiles_per_prog)
+        n_pad_progs = launch.cdiv(n_tiles_max, cfg.tiles_per_prog)
         kern._scatter_pad_kernel[(nb + n_pad_progs,)](
-            topk_ids_TK, block_counts_NBE, counts_E,
-            offsets_E1, padded_offsets_E1, num_tiles,
-            sorted_pairs_P, inv_sorted_pairs_P, padded_pairs_Q, tile_expert,
-            T, E, nb, n_tiles_max,
-            K=K, BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=block_k, BLOCK_M=block_m,
-            TILES_PER_PROG=tiles_per_prog,
-            num_warps=cfg.num_warps,
+            plan.topk_ids_TK, block_counts_NBE, plan.counts_E, *offsets, *outputs,
+            T, E, nb, n_tiles_max, K=K, **blocks,
         )
-    schedule = TileSchedule(padded_pairs_Q=padded_pairs_Q, padded_offsets_E1=padded_offsets_E1,
-                            tile_expert_E_tiles=tile_expert, num_tiles=num_tiles, block_m=block_m)
-    return RoutingPlan(
-        topk_ids_TK=topk_ids_TK, topk_weights_TK=topk_weights_TK, counts_E=counts_E, offsets_E1=offsets_E1,
-        sorted_pairs_P=sorted_pairs_P, inv_sorted_pairs_P=inv_sorted_pairs_P, logits_TE=zlogits_TE,
-        probs_TE=probs_TE, schedule=schedule,
-    )
 
 
 def triton_route_backward(
