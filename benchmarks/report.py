@@ -382,16 +382,24 @@ def format_targets(meta: dict, rows: list[dict]) -> str:
 
 
 # ----------------------------------------------------------------------------- plots
-def make_plots(meta: dict, rows: list[dict], out_dir: Path) -> list[Path]:
-    """PNG plots (matplotlib, Agg) made from the rows; returns the written paths."""
-    import matplotlib
+def _log2_axes(ax, ylabel: str, title: Optional[str] = None) -> None:
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("tokens T")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    if title is not None:
+        ax.set_title(title)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    out_dir = Path(out_dir)
-    warn = "\nCPU SMOKE RUN: NUMBERS MEAN NOTHING" if meta.get("meaningless_cpu_numbers", True) else ""
-    dev = meta.get("device", "?")
+def _save(plt, fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _plot_layers(plt, rows: list[dict], out_dir: Path, title: str, warn: str) -> list[Path]:
+    """One figure per layer preset: TFLOP/s against T, forward and forward+backward."""
     paths = []
     lay = _ok(rows, bench="layer", mask="none")
     for preset in _order([r["preset"] for r in lay], []):
@@ -401,85 +409,89 @@ def make_plots(meta: dict, rows: list[dict], out_dir: Path) -> list[Path]:
             for prov in _order([r["provider"] for r in pr], PROVIDER_ORDER):
                 pts = sorted((r["T"], r["tflops"]) for r in pr if r["provider"] == prov)
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=prov)
-            ax.set_xscale("log", base=2)
-            ax.set_xlabel("tokens T")
-            ax.set_ylabel("TFLOP/s (active FLOPs)")
-            ax.set_title(mode)
-            ax.grid(alpha=0.3)
+            _log2_axes(ax, "TFLOP/s (active FLOPs)", mode)
             if pr:
                 ax.legend(fontsize=7)
-        fig.suptitle(f"MoE layer {preset} on {dev}{warn}", color="red" if warn else "black")
-        fig.tight_layout()
-        path = out_dir / f"layer_{preset}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
-    # Opt-out sweeps: masked / unmasked forward time of each of our backends.
+        fig.suptitle(f"MoE layer {preset} {title}", color="red" if warn else "black")
+        paths.append(_save(plt, fig, out_dir / f"layer_{preset}.png"))
+    return paths
+
+
+def _mask_ratio_points(rows: list[dict], pr: list[dict], preset: str, prov: str, mask: str) -> list:
+    pts = []
+    for r in pr:
+        if r["provider"] == prov and r["mask"] == mask:
+            base = _ms(rows, bench="layer", mode="fwd", preset=preset, provider=prov, mask="none", T=r["T"])
+            if base:
+                pts.append((r["T"], r["ms"] / base))
+    return sorted(pts)
+
+
+def _plot_masks(plt, rows: list[dict], out_dir: Path, title: str, warn: str) -> list[Path]:
+    """Opt-out sweeps: masked / unmasked forward time of each of our backends."""
     masked = [r for r in _ok(rows, bench="layer", mode="fwd") if r["provider"] in OURS and r["mask"] != "none"]
     m_presets = _order([r["preset"] for r in masked], [])
-    if m_presets:
-        fig, axes = plt.subplots(1, len(m_presets), figsize=(5.5 * len(m_presets), 4.2), squeeze=False)
-        for ax, preset in zip(axes[0], m_presets):
-            pr = [r for r in masked if r["preset"] == preset]
-            for prov in _order([r["provider"] for r in pr], PROVIDER_ORDER):
-                for m in _order([r["mask"] for r in pr], []):
-                    pts = []
-                    for r in pr:
-                        if r["provider"] == prov and r["mask"] == m:
-                            base = _ms(rows, bench="layer", mode="fwd", preset=preset, provider=prov, mask="none",
-                                       T=r["T"])
-                            if base:
-                                pts.append((r["T"], r["ms"] / base))
-                    if pts:
-                        pts.sort()
-                        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{prov} {m}")
-            ax.axhline(1.02, color="r", ls=":", label="target 1.02 (per-token)")
-            ax.set_xscale("log", base=2)
-            ax.set_xlabel("tokens T")
-            ax.set_ylabel("masked / unmasked fwd time")
-            ax.set_title(preset)
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
-        fig.suptitle(f"opt-out masks on {dev}{warn}", color="red" if warn else "black")
-        fig.tight_layout()
-        path = out_dir / "masks.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
-    rt = [r for r in _ok(rows, bench="routing", mask="none") if r["provider"] != "device_copy"]
-    if rt:
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for preset in _order([r["preset"] for r in rt], []):
-            for prov in _order([r["provider"] for r in rt], []):
-                pts = sorted((r["T"], r["gbps"]) for r in rt if r["preset"] == preset and r["provider"] == prov)
+    if not m_presets:
+        return []
+    fig, axes = plt.subplots(1, len(m_presets), figsize=(5.5 * len(m_presets), 4.2), squeeze=False)
+    for ax, preset in zip(axes[0], m_presets):
+        pr = [r for r in masked if r["preset"] == preset]
+        for prov in _order([r["provider"] for r in pr], PROVIDER_ORDER):
+            for m in _order([r["mask"] for r in pr], []):
+                pts = _mask_ratio_points(rows, pr, preset, prov, m)
                 if pts:
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{preset} {prov}")
-        cp = _one(rows, bench="routing", provider="device_copy")
-        if cp:
-            ax.axhline(cp["gbps"], color="k", ls="--", label="device copy")
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("tokens T")
-        ax.set_ylabel("GB/s (minimal traffic)")
-        ax.grid(alpha=0.3)
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{prov} {m}")
+        ax.axhline(1.02, color="r", ls=":", label="target 1.02 (per-token)")
+        _log2_axes(ax, "masked / unmasked fwd time", preset)
         ax.legend(fontsize=7)
-        ax.set_title(f"routing on {dev}{warn}", color="red" if warn else "black")
-        fig.tight_layout()
-        path = out_dir / "routing.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+    fig.suptitle(f"opt-out masks {title}", color="red" if warn else "black")
+    return [_save(plt, fig, out_dir / "masks.png")]
+
+
+def _plot_routing(plt, rows: list[dict], out_dir: Path, title: str, warn: str) -> list[Path]:
+    rt = [r for r in _ok(rows, bench="routing", mask="none") if r["provider"] != "device_copy"]
+    if not rt:
+        return []
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for preset in _order([r["preset"] for r in rt], []):
+        for prov in _order([r["provider"] for r in rt], []):
+            pts = sorted((r["T"], r["gbps"]) for r in rt if r["preset"] == preset and r["provider"] == prov)
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{preset} {prov}")
+    cp = _one(rows, bench="routing", provider="device_copy")
+    if cp:
+        ax.axhline(cp["gbps"], color="k", ls="--", label="device copy")
+    _log2_axes(ax, "GB/s (minimal traffic)")
+    ax.legend(fontsize=7)
+    ax.set_title(f"routing {title}", color="red" if warn else "black")
+    return [_save(plt, fig, out_dir / "routing.png")]
+
+
+def _plot_e2e(plt, rows: list[dict], out_dir: Path, title: str, warn: str) -> list[Path]:
     e2 = _ok(rows, bench="e2e")
-    if e2:
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        labels = [f"{r['preset']}\n{r['provider']}" for r in e2]
-        ax.bar(range(len(e2)), [r["tokens_per_s"] for r in e2])
-        ax.set_xticks(range(len(e2)))
-        ax.set_xticklabels(labels, fontsize=7)
-        ax.set_ylabel("tokens / s")
-        ax.set_title(f"training step throughput (DeepSpeed) on {dev}{warn}", color="red" if warn else "black")
-        fig.tight_layout()
-        path = out_dir / "e2e.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+    if not e2:
+        return []
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.bar(range(len(e2)), [r["tokens_per_s"] for r in e2])
+    ax.set_xticks(range(len(e2)))
+    ax.set_xticklabels([f"{r['preset']}\n{r['provider']}" for r in e2], fontsize=7)
+    ax.set_ylabel("tokens / s")
+    ax.set_title(f"training step throughput (DeepSpeed) {title}", color="red" if warn else "black")
+    return [_save(plt, fig, out_dir / "e2e.png")]
+
+
+def make_plots(meta: dict, rows: list[dict], out_dir: Path) -> list[Path]:
+    """PNG plots (matplotlib, Agg) made from the rows; returns the written paths: one per layer
+    preset (TFLOP/s vs T), the opt-out mask overhead, routing GB/s, e2e tokens/s."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    warn = "\nCPU SMOKE RUN: NUMBERS MEAN NOTHING" if meta.get("meaningless_cpu_numbers", True) else ""
+    title = f"on {meta.get('device', '?')}{warn}"
+    paths: list[Path] = []
+    for plot in (_plot_layers, _plot_masks, _plot_routing, _plot_e2e):
+        paths += plot(plt, rows, out_dir, title, warn)
     return paths

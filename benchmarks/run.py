@@ -125,23 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    args = parser.parse_args(argv)
-
-    if args.targets is not None:
-        try:
-            meta, rows = harness.load_results(Path(args.targets))
-        except ValueError as exc:
-            parser.error(f"--targets: {exc}")
-        print(report.format_targets(meta, rows))
-        return 0
-
-    from benchmarks.bench_layer import MODES, parse_mask
-    from benchmarks.bench_routing import ROUTERS, ROUTING_MASKS
-    from benchmarks.providers import PROVIDERS
-
+def _resolve_device(parser: argparse.ArgumentParser, args) -> torch.device:
     if args.device is None:
         args.device = "cpu" if args.smoke or not torch.cuda.is_available() else "cuda"
     try:
@@ -152,51 +136,60 @@ def main(argv=None) -> int:
         parser.error("--device cuda requested but CUDA is not available")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-
     if device.type == "cpu" and not args.smoke and not args.list and (args.presets is None or args.tokens is None):
         parser.error("no CUDA device: use --smoke, or name --presets and --tokens explicitly to run real "
                      "shapes on the CPU (slow, and CPU numbers mean nothing)")
-    benches = _csv(parser, "--bench", args.bench, BENCHES)
-    presets = _csv(parser, "--presets", args.presets or ("smoke" if args.smoke else ",".join(FULL_PRESETS)),
-                   list(LAYER_PRESETS))
-    providers = _csv(parser, "--providers", args.providers, list(PROVIDERS))
-    modes = _csv(parser, "--modes", args.modes, MODES)
-    tokens = _tokens(parser, args.tokens or ("smoke" if args.smoke else "full"))
-    masks = _csv(parser, "--masks", args.masks or ",".join(MASKS_SMOKE if args.smoke else MASKS_FULL))
-    for m in masks:
+    return device
+
+
+def _selection(parser: argparse.ArgumentParser, args, device: torch.device) -> argparse.Namespace:
+    """The parsed, checked lists of what to run (benches, presets, providers, ...) and the dtype."""
+    from benchmarks.bench_layer import MODES, parse_mask
+    from benchmarks.bench_routing import ROUTERS
+    from benchmarks.providers import PROVIDERS
+
+    sel = argparse.Namespace(
+        benches=_csv(parser, "--bench", args.bench, BENCHES),
+        presets=_csv(parser, "--presets", args.presets or ("smoke" if args.smoke else ",".join(FULL_PRESETS)),
+                     list(LAYER_PRESETS)),
+        providers=_csv(parser, "--providers", args.providers, list(PROVIDERS)),
+        modes=_csv(parser, "--modes", args.modes, MODES),
+        tokens=_tokens(parser, args.tokens or ("smoke" if args.smoke else "full")),
+        masks=_csv(parser, "--masks", args.masks or ",".join(MASKS_SMOKE if args.smoke else MASKS_FULL)),
+        routers=_csv(parser, "--routers", args.routers, list(ROUTERS)),
+        e2e_presets=_csv(parser, "--e2e-presets", args.e2e_presets or ("e2e-smoke" if args.smoke else "e2e-small"),
+                         list(E2E_PRESETS)),
+        e2e_models=_csv(parser, "--e2e-models", args.e2e_models, E2E_MODELS),
+        dtype=DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32),
+    )
+    for m in sel.masks:
         try:
             parse_mask(m)
         except ValueError as exc:
             parser.error(str(exc))
-    routers = _csv(parser, "--routers", args.routers, list(ROUTERS))
-    e2e_presets = _csv(parser, "--e2e-presets", args.e2e_presets or ("e2e-smoke" if args.smoke else "e2e-small"),
-                       list(E2E_PRESETS))
-    e2e_models = _csv(parser, "--e2e-models", args.e2e_models, E2E_MODELS)
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    if args.cpu_reps < 1:
-        parser.error(f"--cpu-reps must be >= 1, got {args.cpu_reps}")
-    if args.cpu_threads is not None and args.cpu_threads < 1:
-        parser.error(f"--cpu-threads must be >= 1, got {args.cpu_threads}")
-    if device.type == "cpu" and (args.cpu_threads or args.smoke):
-        torch.set_num_threads(args.cpu_threads or 1)
-    if args.e2e_steps is not None and args.e2e_steps < 1:
-        parser.error(f"--e2e-steps must be >= 1, got {args.e2e_steps}")
+    for flag, value in (("--cpu-reps", args.cpu_reps), ("--cpu-threads", args.cpu_threads),
+                        ("--e2e-steps", args.e2e_steps)):
+        if value is not None and value < 1:
+            parser.error(f"{flag} must be >= 1, got {value}")
+    return sel
 
-    if args.list:
-        print("layer presets:")
-        for pr in LAYER_PRESETS.values():
-            print(f"  {pr.name:15} D {pr.D:5} F {pr.F:6} E {pr.E:4} K {pr.K}  {pr.note}")
-        print(f"layer providers on {device}:")
-        for pv in PROVIDERS.values():
-            ok, why = pv.available(device)
-            print(f"  {pv.name:17} {'yes' if ok else 'no ':3}  {why}")
-        print(f"routers on {device}:")
-        for r in ROUTERS.values():
-            ok, why = r.available(device)
-            print(f"  {r.name:17} {'yes' if ok else 'no ':3}  {why}")
-        print("e2e presets:", ", ".join(E2E_PRESETS), "  models:", ", ".join(E2E_MODELS))
-        return 0
 
+def _print_list(device: torch.device) -> None:
+    from benchmarks.bench_routing import ROUTERS
+    from benchmarks.providers import PROVIDERS
+
+    print("layer presets:")
+    for pr in LAYER_PRESETS.values():
+        print(f"  {pr.name:15} D {pr.D:5} F {pr.F:6} E {pr.E:4} K {pr.K}  {pr.note}")
+    for title, table in ((f"layer providers on {device}:", PROVIDERS), (f"routers on {device}:", ROUTERS)):
+        print(title)
+        for item in table.values():
+            ok, why = item.available(device)
+            print(f"  {item.name:17} {'yes' if ok else 'no ':3}  {why}")
+    print("e2e presets:", ", ".join(E2E_PRESETS), "  models:", ", ".join(E2E_MODELS))
+
+
+def _output_dir(parser: argparse.ArgumentParser, args, device: torch.device) -> Path:
     if args.save_results and args.out:
         parser.error("--save-results and --out are exclusive")
     if args.save_results and device.type != "cuda":
@@ -206,6 +199,10 @@ def main(argv=None) -> int:
     else:
         out_dir = Path(args.out) if args.out else harness.REPO_ROOT / "benchmarks" / "out"
     out_dir.mkdir(parents=True, exist_ok=True)
+    return out_dir
+
+
+def _metadata(device: torch.device, argv: list) -> dict:
     meta = harness.run_metadata(device, ["-m", "benchmarks.run", *argv])
     try:
         import flexmoe_kernels
@@ -216,37 +213,65 @@ def main(argv=None) -> int:
         meta["flexmoe_backends"] = f"flexmoe_kernels not importable: {exc}"
     meta["seed"] = int(torch.seed() % 2**31)  # fresh random data every run; recorded
     torch.manual_seed(meta["seed"])
-    if meta["meaningless_cpu_numbers"]:
-        print("WARNING: " + harness.CPU_WARNING, file=sys.stderr)
-    rec = harness.Recorder(meta, out_dir)
+    return meta
+
+
+def _run_benches(args, sel: argparse.Namespace, device: torch.device, rec: "harness.Recorder") -> None:
     timing = harness.TimingConfig(warmup_ms=args.warmup_ms, rep_ms=args.rep_ms, cpu_reps=args.cpu_reps)
     l2 = int(args.l2_mb * 2**20)
     show = not args.no_progress
+    if "layer" in sel.benches:
+        from benchmarks.bench_layer import plan_jobs, run_layer
+
+        jobs = plan_jobs(sel.presets, sel.tokens, sel.providers, sel.masks, sel.modes)
+        run_layer(jobs, device, sel.dtype, rec, timing, show, l2)
+    if "routing" in sel.benches:
+        from benchmarks.bench_routing import ROUTING_MASKS, run_routing
+
+        r_masks = [m for m in sel.masks if m in ROUTING_MASKS] or ["none"]
+        run_routing(sel.presets, sel.tokens, sel.routers, r_masks, device, sel.dtype, rec, timing, show, l2)
+    if "e2e" in sel.benches:
+        from benchmarks.bench_e2e import run_e2e
+
+        run_e2e(sel.e2e_presets, sel.e2e_models, device, rec, harness.peak_flops(device, args.peak_tflops), show,
+                args.e2e_steps, args.zero_stage, args.e2e_backend)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.targets is not None:
+        try:
+            meta, rows = harness.load_results(Path(args.targets))
+        except ValueError as exc:
+            parser.error(f"--targets: {exc}")
+        print(report.format_targets(meta, rows))
+        return 0
+
+    device = _resolve_device(parser, args)
+    sel = _selection(parser, args, device)
+    if device.type == "cpu" and (args.cpu_threads or args.smoke):
+        torch.set_num_threads(args.cpu_threads or 1)
+    if args.list:
+        _print_list(device)
+        return 0
+
+    out_dir = _output_dir(parser, args, device)
+    meta = _metadata(device, argv)
+    if meta["meaningless_cpu_numbers"]:
+        print("WARNING: " + harness.CPU_WARNING, file=sys.stderr)
+    rec = harness.Recorder(meta, out_dir)
     try:
-        if "layer" in benches:
-            from benchmarks.bench_layer import plan_jobs, run_layer
-
-            run_layer(plan_jobs(presets, tokens, providers, masks, modes), device, dtype, rec, timing, show, l2)
-        if "routing" in benches:
-            from benchmarks.bench_routing import run_routing
-
-            r_masks = [m for m in masks if m in ROUTING_MASKS] or ["none"]
-            run_routing(presets, tokens, routers, r_masks, device, dtype, rec, timing, show, l2)
-        if "e2e" in benches:
-            from benchmarks.bench_e2e import run_e2e
-
-            run_e2e(e2e_presets, e2e_models, device, rec, harness.peak_flops(device, args.peak_tflops), show,
-                    args.e2e_steps, args.zero_stage, args.e2e_backend)
+        _run_benches(args, sel, device, rec)
     finally:
         paths = harness.write_results(out_dir, meta, rec.rows)
         rec.close()
     (out_dir / "summary.md").write_text(report.summarize(meta, rec.rows), encoding="utf-8")
     plots = [] if args.no_plots else report.make_plots(meta, rec.rows, out_dir)
-    n_ok = sum(r["status"] == "ok" for r in rec.rows)
-    n_err = sum(r["status"] == "error" for r in rec.rows)
-    n_skip = sum(r["status"] == "skipped" for r in rec.rows)
-    print(f"{len(rec.rows)} rows ({n_ok} ok, {n_err} errors, {n_skip} skipped) -> {paths['json']}, "
-          f"{paths['csv']}, {out_dir / 'summary.md'}, {len(plots)} plots, {out_dir / 'log.txt'}")
+    counts = {s: sum(r["status"] == s for r in rec.rows) for s in ("ok", "error", "skipped")}
+    print(f"{len(rec.rows)} rows ({counts['ok']} ok, {counts['error']} errors, {counts['skipped']} skipped) -> "
+          f"{paths['json']}, {paths['csv']}, {out_dir / 'summary.md'}, {len(plots)} plots, {out_dir / 'log.txt'}")
     print(report.format_targets(meta, rec.rows))
     if meta["meaningless_cpu_numbers"]:
         print("WARNING: " + harness.CPU_WARNING)
