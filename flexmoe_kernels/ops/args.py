@@ -152,24 +152,32 @@ class LayerArgs:
         return dict(T=self.num_tokens, D=D, F=F2 // 2, E=E, K=self.top_k, dtype=self.x_TD.dtype)
 
 
+_OPTIONS = ("allow_mask", "expert_bias", "norm_topk_prob", "trainable_experts", "validate", "deterministic")
+
+
 def validate_layer_args(
     x_TD: torch.Tensor,
     router_weight_ED: torch.Tensor,
     gate_up_E2FD: torch.Tensor,
     down_EDF: torch.Tensor,
     top_k: int,
-    *,
-    allow_mask: Optional[torch.Tensor] = None,
-    expert_bias: Optional[torch.Tensor] = None,
-    norm_topk_prob: bool = False,
-    trainable_experts: Optional[torch.Tensor] = None,
-    validate: bool = True,
-    deterministic: Optional[bool] = None,
+    **options,
 ) -> LayerArgs:
     """Check every argument of :func:`flexmoe_kernels.flexmoe_forward` and return them as a
-    :class:`LayerArgs` (masks moved to x's device). ``validate=True`` also checks that every
-    mask row allows >= K experts (one host sync), or defers that check to the op's run time
-    while ``torch.compile`` traces."""
+    :class:`LayerArgs` (masks moved to x's device).
+
+    ``options``: the keyword arguments of ``flexmoe_forward`` other than ``backend``
+    (``allow_mask``, ``expert_bias``, ``norm_topk_prob``, ``trainable_experts``, ``validate``
+    (default True), ``deterministic``), with its meanings. ``validate=True`` also checks that
+    every mask row allows >= K experts (one host sync), or defers that check to the op's run
+    time while ``torch.compile`` traces.
+    """
+    unknown = sorted(set(options) - set(_OPTIONS))
+    if unknown:
+        raise TypeError(f"unexpected keyword argument(s) {unknown}; the layer takes {list(_OPTIONS)}")
+    allow_mask, expert_bias = options.get("allow_mask"), options.get("expert_bias")
+    trainable_experts, deterministic = options.get("trainable_experts"), options.get("deterministic")
+    validate = options.get("validate", True)
     E, D, _ = check_expert_weights(x_TD, gate_up_E2FD, down_EDF)
     device = x_TD.device
     top_k = check_top_k(top_k, E)
@@ -180,13 +188,13 @@ def validate_layer_args(
     if trainable_experts is not None:
         check_tensor(trainable_experts, "trainable_experts", shape=(E,), dtypes=(torch.bool,))
         trainable_experts = trainable_experts.to(device)
-    if deterministic is not None and not isinstance(deterministic, bool):
-        raise TypeError(f"deterministic must be None or a bool, got {deterministic!r}")
+    deterministic = None if deterministic is None else bool(deterministic)
     deferred = bool(validate) and torch.compiler.is_compiling()
     if validate and not deferred:
         check_allow_mask_rows(mask, top_k, E)
     return LayerArgs(
         x_TD=x_TD, router_weight_ED=router_weight_ED, gate_up_E2FD=gate_up_E2FD, down_EDF=down_EDF,
-        top_k=int(top_k), allow_mask=mask, expert_bias=expert_bias, norm_topk_prob=bool(norm_topk_prob),
+        top_k=int(top_k), allow_mask=mask, expert_bias=expert_bias,
+        norm_topk_prob=bool(options.get("norm_topk_prob", False)),
         trainable_experts=trainable_experts, validate_rows=deferred, deterministic=deterministic,
     )
