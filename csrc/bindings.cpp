@@ -1,6 +1,7 @@
 // pybind11 module flexmoe_kernels._C: raw-pointer entry points of the CUDA kernels.
 //
-// Built by setup.py (CUDA EXTENSION section) from this file (g++) and the .cu files (nvcc),
+// Built by setup.py (CUDA EXTENSION section) from this file (g++) and the .cu files (nvcc:
+// routing.cu, permute.cu, combine.cu, one per pipeline stage),
 // linked against the static CUDA runtime. No PyTorch headers: pointers, sizes, dtype codes
 // and the stream are plain integers, so the module is independent of PyTorch's C++ ABI.
 // Importing it makes no CUDA call (safe on a machine without a GPU).
@@ -22,7 +23,7 @@ PYBIND11_MODULE(_C, m) {
   m.doc() =
       "flexmoe_kernels._C: CUDA kernels for masked routing, permutation and combine. "
       "Arguments are raw device pointers (int), sizes, dtype codes (0 float32, 1 float16, "
-      "2 bfloat16) and a cudaStream_t as int. Use flexmoe_kernels.ops.cuda_ops, which validates "
+      "2 bfloat16) and a cudaStream_t as int. Use flexmoe_kernels.ops.cuda, which validates "
       "tensors and allocates outputs.";
   m.attr("DTYPE_FLOAT32") = static_cast<int>(flexmoe::kFloat32);
   m.attr("DTYPE_FLOAT16") = static_cast<int>(flexmoe::kFloat16);

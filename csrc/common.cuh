@@ -1,4 +1,5 @@
-// Shared helpers for the flexmoe CUDA kernels: argument checks, launch checks, dtype glue.
+// Shared helpers for the flexmoe CUDA kernels: argument checks, launch checks, dtype glue,
+// the row kernels' block shape and size check.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -64,6 +65,20 @@ inline const char* dtype_name(int dtype) {
 inline void check_dtype(int dtype) {
   FLEXMOE_CHECK(dtype == kFloat32 || dtype == kFloat16 || dtype == kBFloat16,
                 "dtype code must be 0 (float32), 1 (float16) or 2 (bfloat16), got " << dtype);
+}
+
+// Warps per block of the row kernels (gather in permute.cu, combine in combine.cu): one warp
+// per row, blockDim (32, kWarpsPerBlock).
+constexpr int kWarpsPerBlock = 8;
+
+// Sizes of the row kernels: T, D >= 1, K in [1, 256], T*K pair ids and the grid fit in int32.
+inline void check_rows(std::int64_t T, std::int64_t D, int K) {
+  FLEXMOE_CHECK(T >= 1, "num_tokens (T) must be >= 1, got " << T);
+  FLEXMOE_CHECK(D >= 1, "hidden (D) must be >= 1, got " << D);
+  FLEXMOE_CHECK(K >= 1 && K <= kMaxExperts, "top_k (K) must be in [1, 256], got " << K);
+  FLEXMOE_CHECK(T * K <= kInt32Max, "T*K = " << T * K << " pairs exceed the int32 pair ids");
+  FLEXMOE_CHECK((T + kWarpsPerBlock - 1) / kWarpsPerBlock * K <= kInt32Max,
+                "num_tokens=" << T << " needs too many blocks");
 }
 
 __device__ __forceinline__ float to_float(float v) { return v; }

@@ -17,12 +17,14 @@
 
 namespace flexmoe {
 
-// dtype codes shared with flexmoe_kernels/ops/cuda_ops.py
+// dtype codes shared with flexmoe_kernels/ops/cuda/_ext.py
 enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 // allow-mask layouts
 enum MaskMode : int { kMaskNone = 0, kMaskExperts = 1, kMaskTokens = 2 };
 
 constexpr int kMaxExperts = 256;
+
+// ---- routing.cu: routing stage
 
 // Bytes of scratch memory router_forward needs (int32 block histograms + a counter).
 std::int64_t router_workspace_bytes(std::int64_t num_tokens, int num_experts);
@@ -55,10 +57,14 @@ void router_backward(std::uintptr_t probs, std::uintptr_t topk_ids, std::uintptr
                      int mask_mode, std::int64_t num_tokens, int num_experts, int top_k,
                      bool renorm, std::uintptr_t dz_out, std::uintptr_t stream);
 
+// ---- permute.cu: permutation stage
+
 // Gather: dst (P, D)[i] = src (T, D)[sorted_pairs[i] / K]; `elem_bytes` in {2, 4}.
 void gather_rows(std::uintptr_t src, int elem_bytes, std::int64_t num_tokens, std::int64_t hidden,
                  std::uintptr_t sorted_pairs, std::int64_t num_pairs, int top_k,
                  std::uintptr_t dst, std::uintptr_t stream);
+
+// ---- combine.cu: combine stage
 
 // Weighted top-k combine: out (T, D)[t] = sum_k w[t,k] * y (P, D)[inv_pairs[t*K+k]],
 // float32 accumulation in k order (deterministic). w (T, K) float32 or 0 (all ones: the
@@ -73,6 +79,8 @@ void combine_backward(std::uintptr_t dout, int dtype, std::int64_t num_tokens,
                       std::int64_t hidden, int top_k, std::uintptr_t y, std::uintptr_t w,
                       std::uintptr_t inv_pairs, std::uintptr_t dy, std::uintptr_t dw,
                       std::uintptr_t stream);
+
+// ---- routing.cu: version queries (kept with the router, the first launcher to load)
 
 // The CUDA runtime version this module was built against (no CUDA call).
 int built_cuda_version();

@@ -1,5 +1,5 @@
-// Fused masked softmax-top-k router, per-expert histogram, prefix sum and stable permutation;
-// and the router backward.
+// The routing stage: fused masked softmax-top-k router, per-expert histogram, prefix sum and
+// stable permutation; and the router backward. (Also the two version queries of the module.)
 //
 // Legend: T tokens, E experts (<= 256), K top-k, P = T*K pairs, NB router blocks,
 // G lanes per token row (a power of two <= 32), VPL logits per lane (E <= G * VPL).
@@ -498,6 +498,8 @@ void router_backward(std::uintptr_t probs, std::uintptr_t topk_ids, std::uintptr
   });
   FLEXMOE_LAUNCH_CHECK("router_bwd_kernel");
 }
+
+// ----------------------------------------------------------------- version queries
 
 int built_cuda_version() { return CUDART_VERSION; }
 
