@@ -18,8 +18,12 @@ import torch
 from conftest import poison_, tol
 
 import flexmoe_kernels as fk
-from flexmoe_kernels.ops import cuda_ops, moe_cuda
-from flexmoe_kernels.ops.routing import route, router_z_loss
+from flexmoe_kernels.ops.cuda import _ext as cuda_ext
+from flexmoe_kernels.ops.cuda import combine as cuda_combine
+from flexmoe_kernels.ops.cuda import experts as cuda_experts
+from flexmoe_kernels.ops.cuda import permute as cuda_permute
+from flexmoe_kernels.ops.cuda import routing as cuda_routing
+from flexmoe_kernels.ops.reference.routing import route, router_z_loss
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -30,30 +34,30 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 def test_cpu_tensors_rejected_with_argument_name():
     logits = torch.randn(5, 4)
     with pytest.raises(ValueError, match="logits must be a CUDA tensor"):
-        cuda_ops.router_forward(logits, 2)
+        cuda_routing.router_forward(logits, 2)
     with pytest.raises(ValueError, match="probs must be a CUDA tensor"):
-        cuda_ops.router_backward(logits, torch.zeros(5, 2, dtype=torch.int32), torch.rand(5, 2), None)
+        cuda_routing.router_backward(logits, torch.zeros(5, 2, dtype=torch.int32), torch.rand(5, 2), None)
     with pytest.raises(ValueError, match="x must be a CUDA tensor"):
-        cuda_ops.gather_rows(torch.randn(3, 8), torch.arange(6, dtype=torch.int32), 2)
+        cuda_permute.gather_rows(torch.randn(3, 8), torch.arange(6, dtype=torch.int32), 2)
     with pytest.raises(ValueError, match="y must be a CUDA tensor"):
-        cuda_ops.combine(torch.randn(6, 8), None, torch.arange(6, dtype=torch.int32), 2)
+        cuda_combine.combine(torch.randn(6, 8), None, torch.arange(6, dtype=torch.int32), 2)
     with pytest.raises(ValueError, match="grad_out must be a CUDA tensor"):
-        cuda_ops.combine_backward(torch.randn(3, 8), None, None, torch.arange(6, dtype=torch.int32), 2)
+        cuda_combine.combine_backward(torch.randn(3, 8), None, None, torch.arange(6, dtype=torch.int32), 2)
 
 
 def test_wrong_dtypes_and_ranks_rejected():
     with pytest.raises(TypeError, match="logits must have dtype"):
-        cuda_ops.router_forward(torch.randint(0, 3, (5, 4)), 2)
+        cuda_routing.router_forward(torch.randint(0, 3, (5, 4)), 2)
     with pytest.raises(ValueError, match="logits must have 2 dimensions"):
-        cuda_ops.router_forward(torch.randn(2, 5, 4), 2)
+        cuda_routing.router_forward(torch.randn(2, 5, 4), 2)
     with pytest.raises(TypeError, match="logits must be a torch.Tensor"):
-        cuda_ops.router_forward([[1.0, 2.0]], 1)
+        cuda_routing.router_forward([[1.0, 2.0]], 1)
     with pytest.raises(TypeError, match="probs must have dtype"):
-        cuda_ops.router_backward(torch.randn(5, 4, dtype=torch.float16), None, None, None)
+        cuda_routing.router_backward(torch.randn(5, 4, dtype=torch.float16), None, None, None)
     with pytest.raises(TypeError, match="x must have dtype"):
-        cuda_ops.gather_rows(torch.zeros(3, 8, dtype=torch.int64), torch.arange(6, dtype=torch.int32), 2)
+        cuda_permute.gather_rows(torch.zeros(3, 8, dtype=torch.int64), torch.arange(6, dtype=torch.int32), 2)
     with pytest.raises(TypeError, match="y must have dtype"):
-        cuda_ops.combine(torch.zeros(6, 8, dtype=torch.float64), None, torch.arange(6, dtype=torch.int32), 2)
+        cuda_combine.combine(torch.zeros(6, 8, dtype=torch.float64), None, torch.arange(6, dtype=torch.int32), 2)
 
 
 def test_backend_reports_why_unavailable_on_cpu():
@@ -65,23 +69,27 @@ def test_backend_reports_why_unavailable_on_cpu():
 
 def test_backend_rejects_cpu_tensors(seed):
     x = torch.randn(4, 8)
+
+    def run(router, K):
+        return fk.flexmoe_forward(x, router, torch.randn(3, 6, 8), torch.randn(3, 8, 3), K, backend="cuda")
+
     with pytest.raises(ValueError, match="x is on cpu"):
-        moe_cuda.flexmoe_forward(x, torch.randn(3, 8), torch.randn(3, 6, 8), torch.randn(3, 8, 3), 2)
+        run(torch.randn(3, 8), 2)
     with pytest.raises(ValueError, match="router_weight must have shape"):
-        moe_cuda.flexmoe_forward(x, torch.randn(4, 8), torch.randn(3, 6, 8), torch.randn(3, 8, 3), 2)
+        run(torch.randn(4, 8), 2)
     with pytest.raises(ValueError, match="top_k=4 is larger"):
-        moe_cuda.flexmoe_forward(x, torch.randn(3, 8), torch.randn(3, 6, 8), torch.randn(3, 8, 3), 4)
+        run(torch.randn(3, 8), 4)
 
 
 def test_extension_raises_with_reason_on_cpu():
     if fk.cuda_is_available():
         pytest.skip("CUDA is available here")
     with pytest.raises(RuntimeError, match="CUDA kernels are unavailable: "):
-        cuda_ops.extension()
+        cuda_ext.extension()
 
 
 def test_autoselect_is_none_on_cpu():
-    from flexmoe_kernels.ops.autoselect import choose_backend
+    from flexmoe_kernels.ops.backends import choose_backend
 
     assert choose_backend(torch.device("cpu"), dict(T=8, D=16, F=8, E=4, K=2)) is None
     assert fk.resolve_backend("auto", "cpu") == "torch"
@@ -173,11 +181,11 @@ class _EmulatedC:
 
 @pytest.fixture
 def emulated(monkeypatch):
-    monkeypatch.setattr(cuda_ops, "_DEVICE_TYPE", "cpu")
-    monkeypatch.setattr(cuda_ops, "_ext", _EmulatedC)
-    monkeypatch.setattr(cuda_ops, "cuda_unavailable_reason", lambda: "")
-    monkeypatch.setattr(cuda_ops, "_ext_ready", False)  # restored afterwards
-    monkeypatch.setattr(moe_cuda, "_grouped_mm_ok", {})
+    monkeypatch.setattr(cuda_ext, "_DEVICE_TYPE", "cpu")
+    monkeypatch.setattr(cuda_ext, "_C", _EmulatedC)
+    monkeypatch.setattr(cuda_ext, "cuda_unavailable_reason", lambda: "")
+    monkeypatch.setattr(cuda_ext, "_ext_ready", False)  # restored afterwards
+    monkeypatch.setattr(cuda_experts, "_grouped_mm_ok", {})
 
 
 EMU_CASES = [
@@ -197,7 +205,7 @@ def test_emulated_backend_glue_matches_torch(emulated, seed, dtype, T, D, Fw, E,
     nan_experts = [] if mask is None or mask.ndim == 2 else (~mask).nonzero().flatten().tolist()
     params = _layer(E, D, Fw, dtype, nan_experts, device="cpu")
     x = torch.randn(T, D, dtype=dtype).requires_grad_()
-    path = moe_cuda.grouped_gemm_path("cpu", dtype, D, Fw)
+    path = cuda_experts.grouped_gemm_path("cpu", dtype, D, Fw)
     assert path == ("grouped_mm" if dtype == torch.bfloat16 else "per_expert")
     torch.manual_seed(seed)
     ref = _run("torch", x, params, K, allow_mask=mask, norm_topk_prob=renorm)
@@ -248,24 +256,24 @@ def test_emulated_custom_ops_fake_impls(emulated, seed):
 def test_emulated_wrapper_validation(emulated):
     logits = torch.randn(6, 5)
     with pytest.raises(ValueError, match="allow_mask must have shape"):
-        cuda_ops.router_forward(logits, 2, allow_mask=torch.ones(6, 4, dtype=torch.bool))
+        cuda_routing.router_forward(logits, 2, allow_mask=torch.ones(6, 4, dtype=torch.bool))
     with pytest.raises(TypeError, match="allow_mask must have dtype"):
-        cuda_ops.router_forward(logits, 2, allow_mask=torch.ones(5))
+        cuda_routing.router_forward(logits, 2, allow_mask=torch.ones(5))
     with pytest.raises(ValueError, match="expert_bias must have shape"):
-        cuda_ops.router_forward(logits, 2, expert_bias=torch.zeros(4))
+        cuda_routing.router_forward(logits, 2, expert_bias=torch.zeros(4))
     with pytest.raises(ValueError, match="logits must be contiguous"):
-        cuda_ops.router_forward(torch.randn(5, 6).t(), 2)
+        cuda_routing.router_forward(torch.randn(5, 6).t(), 2)
     with pytest.raises(ValueError, match="top_k=6 is larger"):
-        cuda_ops.router_forward(logits, 6)
+        cuda_routing.router_forward(logits, 6)
     x = torch.randn(3, 8)
     with pytest.raises(TypeError, match="sorted_pairs must have dtype"):
-        cuda_ops.gather_rows(x, torch.arange(6), 2)
+        cuda_permute.gather_rows(x, torch.arange(6), 2)
     with pytest.raises(ValueError, match="sorted_pairs must have shape"):
-        cuda_ops.gather_rows(x, torch.arange(5, dtype=torch.int32), 2)
+        cuda_permute.gather_rows(x, torch.arange(5, dtype=torch.int32), 2)
     with pytest.raises(ValueError, match="y must have T\\*K rows"):
-        cuda_ops.combine(torch.randn(7, 8), None, torch.arange(7, dtype=torch.int32), 2)
+        cuda_combine.combine(torch.randn(7, 8), None, torch.arange(7, dtype=torch.int32), 2)
     with pytest.raises(ValueError, match="weights must have shape"):
-        cuda_ops.combine(torch.randn(6, 8), torch.rand(2, 3), torch.arange(6, dtype=torch.int32), 2)
+        cuda_combine.combine(torch.randn(6, 8), torch.rand(2, 3), torch.arange(6, dtype=torch.int32), 2)
 
 
 # ============================================================================ GPU tier
@@ -275,7 +283,7 @@ gpu = pytest.mark.gpu
 
 
 def _C():
-    return cuda_ops.extension()
+    return cuda_ext.extension()
 
 
 def _distinct_logits(T: int, E: int, dtype, device="cuda") -> torch.Tensor:
@@ -345,14 +353,14 @@ def test_router_forward_matches_reference(seed, dtype, T, E, K, mask_kind):
     renorm = (T + K) % 2 == 0
     got = _raw_route(logits, K, mask, bias, renorm)
     ref = route(logits, K, allow_mask=mask, expert_bias=bias, norm_topk_prob=renorm)
-    assert torch.equal(got["ids"].long(), ref.topk_ids_TK)
+    assert torch.equal(got["ids"], ref.topk_ids_TK)
     torch.testing.assert_close(got["w"], ref.topk_weights_TK, **tol(torch.float32))
     torch.testing.assert_close(got["z"], ref.logits_TE, **tol(torch.float32))
     torch.testing.assert_close(got["probs"], torch.softmax(ref.logits_TE, -1), **tol(torch.float32))
-    assert torch.equal(got["counts"].long(), ref.counts_E)
-    assert torch.equal(got["offsets"].long(), ref.offsets_E1)
-    assert torch.equal(got["sorted"].long(), ref.sorted_pairs_P)
-    assert torch.equal(got["inv"].long(), ref.inv_sorted_pairs_P)
+    assert torch.equal(got["counts"], ref.counts_E)
+    assert torch.equal(got["offsets"], ref.offsets_E1)
+    assert torch.equal(got["sorted"], ref.sorted_pairs_P)
+    assert torch.equal(got["inv"], ref.inv_sorted_pairs_P)
     if mask is not None:  # opted-out experts get no pairs and probability exactly 0
         m = mask if mask.ndim == 2 else mask.expand(T, E)
         assert torch.all(got["probs"][~m] == 0)
@@ -369,7 +377,7 @@ def test_router_random_logits_and_determinism(seed):
     for k in a:
         assert torch.equal(a[k], b[k]), k
     ref = route(logits, K)
-    assert torch.equal(a["sorted"].long(), ref.sorted_pairs_P)
+    assert torch.equal(a["sorted"], ref.sorted_pairs_P)
     assert int(a["counts"].sum()) == T * K
     assert torch.equal(a["sorted"][a["inv"].long()], torch.arange(T * K, device="cuda", dtype=torch.int32))
 
@@ -393,8 +401,8 @@ def test_router_backward_matches_autograd(seed, dtype, T, E, K, renorm):
     loss_of(ref.topk_weights_TK, ref.logits_TE).backward()
     ref_gl, ref_gb = logits.grad.clone(), bias.grad.clone()
     logits.grad = bias.grad = None
-    w, z, ids, *_ = cuda_ops.CudaRouteFunction.apply(logits, bias, mask, K, renorm)
-    assert torch.equal(ids.long(), ref.topk_ids_TK)
+    w, z, ids, *_ = cuda_routing.CudaRouteFunction.apply(logits, bias, mask, K, renorm)
+    assert torch.equal(ids, ref.topk_ids_TK)
     loss_of(w, z).backward()
     assert logits.grad.dtype == dtype
     torch.testing.assert_close(logits.grad.float(), ref_gl.float(), **tol(dtype))
@@ -450,11 +458,11 @@ def test_combine_is_deterministic(seed):
     y = torch.randn(T * K, D, device="cuda", dtype=torch.bfloat16)
     w = torch.rand(T, K, device="cuda")
     inv = torch.randperm(T * K, device="cuda").int()
-    a = cuda_ops.combine(y, w, inv, K)
-    b = cuda_ops.combine(y, w, inv, K)
+    a = cuda_combine.combine(y, w, inv, K)
+    b = cuda_combine.combine(y, w, inv, K)
     assert torch.equal(a, b)
-    da = cuda_ops.combine_backward(a, y, w, inv, K)
-    db = cuda_ops.combine_backward(a, y, w, inv, K)
+    da = cuda_combine.combine_backward(a, y, w, inv, K)
+    db = cuda_combine.combine_backward(a, y, w, inv, K)
     assert torch.equal(da[0], db[0]) and torch.equal(da[1], db[1])
 
 
@@ -462,22 +470,22 @@ def test_combine_is_deterministic(seed):
 def test_wrapper_validation_on_cuda():
     logits = torch.randn(6, 5, device="cuda")
     with pytest.raises(ValueError, match="allow_mask must have shape"):
-        cuda_ops.router_forward(logits, 2, allow_mask=torch.ones(6, 4, dtype=torch.bool, device="cuda"))
+        cuda_routing.router_forward(logits, 2, allow_mask=torch.ones(6, 4, dtype=torch.bool, device="cuda"))
     with pytest.raises(TypeError, match="allow_mask must have dtype"):
-        cuda_ops.router_forward(logits, 2, allow_mask=torch.ones(5, device="cuda"))
+        cuda_routing.router_forward(logits, 2, allow_mask=torch.ones(5, device="cuda"))
     with pytest.raises(ValueError, match="expert_bias must have shape"):
-        cuda_ops.router_forward(logits, 2, expert_bias=torch.zeros(4, device="cuda"))
+        cuda_routing.router_forward(logits, 2, expert_bias=torch.zeros(4, device="cuda"))
     with pytest.raises(ValueError, match="logits must be contiguous"):
-        cuda_ops.router_forward(torch.randn(5, 6, device="cuda").t(), 2)
+        cuda_routing.router_forward(torch.randn(5, 6, device="cuda").t(), 2)
     with pytest.raises(ValueError, match="logits must have 1 <= E <= 256"):
-        cuda_ops.router_forward(torch.randn(2, 300, device="cuda"), 2)
+        cuda_routing.router_forward(torch.randn(2, 300, device="cuda"), 2)
     x = torch.randn(3, 8, device="cuda")
     with pytest.raises(TypeError, match="sorted_pairs must have dtype"):
-        cuda_ops.gather_rows(x, torch.arange(6, device="cuda"), 2)
+        cuda_permute.gather_rows(x, torch.arange(6, device="cuda"), 2)
     with pytest.raises(ValueError, match="sorted_pairs must have shape"):
-        cuda_ops.gather_rows(x, torch.arange(5, device="cuda", dtype=torch.int32), 2)
+        cuda_permute.gather_rows(x, torch.arange(5, device="cuda", dtype=torch.int32), 2)
     with pytest.raises(ValueError, match="y must have T\\*K rows"):
-        cuda_ops.combine(torch.randn(7, 8, device="cuda"), None, torch.arange(7, device="cuda", dtype=torch.int32), 2)
+        cuda_combine.combine(torch.randn(7, 8, device="cuda"), None, torch.arange(7, device="cuda", dtype=torch.int32), 2)
 
 
 @gpu
@@ -490,10 +498,10 @@ def test_int64_row_offsets():
     sp = torch.arange(T * K, device="cuda", dtype=torch.int32).flip(0)  # last pair first
     inv = torch.empty_like(sp)
     inv[sp.long()] = torch.arange(T * K, device="cuda", dtype=torch.int32)
-    x_PD = cuda_ops.gather_rows(x, sp, K)
+    x_PD = cuda_permute.gather_rows(x, sp, K)
     assert torch.equal(x_PD[:K], x[-1:].expand(K, D))
     assert torch.equal(x_PD[-1], x[0])
-    out = cuda_ops.combine(x_PD, None, inv, K)
+    out = cuda_combine.combine(x_PD, None, inv, K)
     torch.testing.assert_close(out[-3:].float(), K * x[-3:].float(), **tol(torch.bfloat16))
     del x_PD, out
 
@@ -601,7 +609,7 @@ def test_backend_zero_token_and_frozen_experts(seed, dtype):
 def test_backend_cuda_graph_replay_with_changed_mask(seed):
     T, D, Fw, E, K = 40, 64, 32, 7, 2
     dtype = torch.bfloat16
-    if moe_cuda.grouped_gemm_path("cuda", dtype, D, Fw) != "grouped_mm":
+    if cuda_experts.grouped_gemm_path("cuda", dtype, D, Fw) != "grouped_mm":
         pytest.skip("graph capture needs the sync-free grouped_mm path (bf16, sm90+)")
     router, gate_up, down, bias = (p.detach() for p in _layer(E, D, Fw, dtype))
     x = torch.randn(T, D, device="cuda", dtype=dtype)
