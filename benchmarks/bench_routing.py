@@ -5,11 +5,12 @@ Legend: T tokens, E experts, K top-k, P = T*K routed pairs.
 Providers (each included only where it can run):
 
 * ``torch_route``: :func:`flexmoe_kernels.route` (the reference).
-* ``triton_route``: :func:`flexmoe_kernels.ops.triton_routing.triton_route` (fused kernels +
-  padded tile schedule), when ``triton_routing.is_available(device)``.
-* ``cuda_route``: the CUDA router of :mod:`flexmoe_kernels.ops.cuda_ops`
-  (``router_forward``: fused softmax-top-k, histogram, prefix sum, stable permutation), when
-  ``backend_status("cuda")`` and ``cuda_is_available()`` say the extension can run.
+* ``triton_route``: :func:`flexmoe_kernels.ops.triton.routing.triton_route` (fused kernels +
+  padded tile schedule), when :func:`flexmoe_kernels.ops.triton.launch.is_available` says
+  Triton can run on the device.
+* ``cuda_route``: :func:`flexmoe_kernels.ops.cuda.routing.router_forward` (fused softmax-top-k,
+  histogram, prefix sum, stable permutation), when ``backend_status("cuda")`` and
+  ``cuda_is_available()`` say the extension can run.
 * ``device_copy``: ``dst.copy_(src)`` of a buffer much larger than L2, measured in the same
   run: the bandwidth ceiling.
 
@@ -54,15 +55,16 @@ def _torch_get():
 
 def _triton_available(device):
     try:
-        mod = importlib.import_module("flexmoe_kernels.ops.triton_routing")
+        importlib.import_module("flexmoe_kernels.ops.triton.routing")
+        launch = importlib.import_module("flexmoe_kernels.ops.triton.launch")
     except Exception as exc:  # noqa: BLE001
-        return False, f"cannot import flexmoe_kernels.ops.triton_routing: {exc}"
-    res = mod.is_available(device)
-    return (bool(res[0]), str(res[1])) if isinstance(res, tuple) else (bool(res), "")
+        return False, f"cannot import flexmoe_kernels.ops.triton.routing: {exc}"
+    ok, why = launch.is_available(device)
+    return bool(ok), str(why)
 
 
 def _triton_get():
-    from flexmoe_kernels.ops.triton_routing import triton_route
+    from flexmoe_kernels.ops.triton.routing import triton_route
 
     return lambda logits, k, mask: triton_route(logits, k, allow_mask=mask, validate=False)
 
@@ -77,30 +79,20 @@ def _cuda_available(device):
     if not ok:
         return False, why
     try:
-        mod = importlib.import_module("flexmoe_kernels.ops.cuda_ops")
+        importlib.import_module("flexmoe_kernels.ops.cuda.routing")
+        ext = importlib.import_module("flexmoe_kernels.ops.cuda._ext")
     except Exception as exc:  # noqa: BLE001
-        return False, f"cannot import flexmoe_kernels.ops.cuda_ops: {exc}"
-    name = _cuda_router_name(mod)
-    if name is None:
-        return False, "flexmoe_kernels.ops.cuda_ops has no router_forward()"
-    if hasattr(mod, "cuda_is_available") and not mod.cuda_is_available():
-        reason = mod.cuda_unavailable_reason() if hasattr(mod, "cuda_unavailable_reason") else ""
-        return False, f"CUDA extension unavailable: {reason}"
-    return True, f"flexmoe_kernels.ops.cuda_ops.{name}"
-
-
-def _cuda_router_name(mod) -> Optional[str]:
-    for name in ("router_forward", "cuda_route"):
-        if hasattr(mod, name):
-            return name
-    return None
+        return False, f"cannot import flexmoe_kernels.ops.cuda.routing: {exc}"
+    if not ext.cuda_is_available():
+        return False, f"CUDA extension unavailable: {ext.cuda_unavailable_reason()}"
+    return True, "flexmoe_kernels.ops.cuda.routing.router_forward"
 
 
 def _cuda_get():
-    mod = importlib.import_module("flexmoe_kernels.ops.cuda_ops")
-    fn = getattr(mod, _cuda_router_name(mod))
+    from flexmoe_kernels.ops.cuda.routing import router_forward
+
     # Fused softmax-top-k + histogram + prefix sum + stable permutation; no host sync.
-    return lambda logits, k, mask: fn(logits, k, allow_mask=mask)
+    return lambda logits, k, mask: router_forward(logits, k, allow_mask=mask)
 
 
 ROUTERS = {
