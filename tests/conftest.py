@@ -1,28 +1,24 @@
-"""Shared test setup: the `gpu` tier, one tolerance table per dtype, poisoning helpers."""
+"""Shared test setup: Triton's interpreter on CPU-only machines, the `gpu` tier, fixtures.
+
+The helpers (tolerance table, poisoning, masks, the float64 reference, the pass rule) live
+in ``helpers.py`` (``from helpers import ...``); ``tol`` / ``poison_`` / ``TOLERANCES`` are
+re-exported here for the files that still import them from ``conftest``.
+"""
 from __future__ import annotations
 
-import pytest
+import os
+
 import torch
 
-# One table: (atol, rtol) per dtype for comparing a kernel with the PyTorch reference path.
-TOLERANCES = {
-    torch.float64: (1e-10, 1e-10),
-    torch.float32: (1e-5, 1e-5),
-    torch.float16: (2e-3, 2e-3),
-    torch.bfloat16: (2e-2, 2e-2),
-}
+# Once, before anything imports the Triton kernel modules (Triton reads TRITON_INTERPRET
+# when a kernel is created): on a machine without CUDA the "triton" backend then runs on CPU
+# tensors under the interpreter (the CPU tier of the Triton tests).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import pytest  # noqa: E402
 
-def tol(dtype: torch.dtype) -> dict:
-    atol, rtol = TOLERANCES[dtype]
-    return {"atol": atol, "rtol": rtol}
-
-
-def poison_(t: torch.Tensor) -> torch.Tensor:
-    """Fill a buffer with NaN (floats) or a huge sentinel (ints) so unwritten elements fail."""
-    if t.is_floating_point():
-        return t.fill_(float("nan"))
-    return t.fill_(torch.iinfo(t.dtype).max)
+from helpers import TOLERANCES, poison_, tol  # noqa: E402,F401  (re-exported)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -51,3 +47,24 @@ def seed():
     s = random.randrange(2**31)
     torch.manual_seed(s)
     return s
+
+
+@pytest.fixture
+def poisoned_outputs(monkeypatch):
+    """Every buffer the Triton launchers allocate (``flexmoe_kernels.ops.triton.launch.alloc``)
+    starts NaN / INT_MAX, so an element no kernel writes fails the comparisons. Returns the
+    list of the buffers allocated during the test. Also clears the Triton GEMM config pin and
+    the deterministic default so each test starts from the defaults."""
+    from flexmoe_kernels.ops.triton import launch
+
+    allocated = []
+
+    def alloc(shape, dtype, device):
+        t = poison_(torch.empty(shape, dtype=dtype, device=device))
+        allocated.append(t)
+        return t
+
+    monkeypatch.setattr(launch, "alloc", alloc)
+    monkeypatch.delenv("FLEXMOE_TRITON_CONFIG", raising=False)
+    monkeypatch.delenv("FLEXMOE_TRITON_DETERMINISTIC", raising=False)
+    return allocated

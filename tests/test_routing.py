@@ -1,42 +1,40 @@
-"""Routing reference: semantics and invariants."""
+"""The routing op: masked softmax-top-k -> RoutingPlan (+ tile schedule), forward and backward.
+
+* reference (``flexmoe_kernels.route``, ``ops/reference/routing.py``): semantics and invariants;
+* Triton (``ops/triton/routing.py``): every plan field against the reference, the padded tile
+  schedule (``plan.schedule``) against ``tile_schedule_reference`` and its invariants, the
+  routing backward against autograd through the reference, launch configs, errors.
+
+CPU tier: the Triton kernels run under the interpreter (switched on by conftest). Where CUDA
+is present the same tests run compiled, plus the ``gpu`` tier (bf16, large shapes, CUDA-graph
+capture and replay with a changed mask). The sm_90 compile tier is in test_compile_sm90.py.
+"""
 import pytest
 import torch
+from helpers import DEVICE, SCHEDULE_FIELDS, check_plan_invariants, make_mask, tol
 
 import flexmoe_kernels as fk
-from flexmoe_kernels.ops.routing import check_allow_mask_rows
+from flexmoe_kernels.ops.args import check_allow_mask_rows
+from flexmoe_kernels.ops.plan import RoutingPlan, TileSchedule, schedule_sizes
+from flexmoe_kernels.ops.triton import launch
+from flexmoe_kernels.ops.triton import routing as tr
+
+pytestmark = pytest.mark.usefixtures("poisoned_outputs")
+
+TRITON_OK, TRITON_WHY = launch.is_available(DEVICE)
+needs_triton = pytest.mark.skipif(not TRITON_OK, reason=f"triton backend unavailable: {TRITON_WHY}")
 
 
-def _check_plan_invariants(plan, T, K, E, allow=None):
-    assert plan.topk_ids_TK.shape == (T, K)
-    assert int(plan.counts_E.sum()) == T * K
-    assert torch.equal(plan.counts_E, torch.bincount(plan.topk_ids_TK.flatten(), minlength=E))
-    assert plan.offsets_E1[0] == 0 and torch.equal(plan.offsets_E1[1:], plan.counts_E.cumsum(0))
-    P = T * K
-    assert torch.equal(plan.sorted_pairs_P[plan.inv_sorted_pairs_P], torch.arange(P))
-    assert torch.equal(torch.sort(plan.sorted_pairs_P).values, torch.arange(P))
-    ids_sorted = plan.topk_ids_TK.flatten()[plan.sorted_pairs_P]
-    assert torch.all(ids_sorted[1:] >= ids_sorted[:-1])
-    for e in range(E):
-        s, t = plan.offsets_E1[e], plan.offsets_E1[e + 1]
-        assert torch.all(ids_sorted[s:t] == e)
-    # distinct experts per token
-    assert all(len(set(r.tolist())) == K for r in plan.topk_ids_TK)
-    if allow is not None:
-        a = allow.expand(T, E) if allow.ndim == 1 else allow
-        assert torch.all(a.gather(1, plan.topk_ids_TK))
-        if allow.ndim == 1:
-            assert torch.all(plan.counts_E[~allow] == 0)
-
-
+# =========================================================================== reference routing
 @pytest.mark.parametrize("T,E,K", [(1, 4, 2), (37, 7, 5), (64, 8, 8), (5, 3, 1)])
 def test_route_matches_softmax_then_topk(seed, T, E, K):
     logits = torch.randn(T, E)
     plan = fk.route(logits, K)
     probs = torch.softmax(logits, -1)
     ref_w, ref_ids = torch.topk(probs, K, -1)
-    assert torch.equal(plan.topk_ids_TK, ref_ids)
+    assert torch.equal(plan.topk_ids_TK.long(), ref_ids)
     torch.testing.assert_close(plan.topk_weights_TK, ref_w)
-    _check_plan_invariants(plan, T, K, E)
+    check_plan_invariants(plan, T, K, E)
 
 
 def test_norm_topk_prob(seed):
@@ -52,9 +50,9 @@ def test_mask_equals_physical_removal(seed):
     plan = fk.route(logits, K, allow_mask=allow)
     kept = allow.nonzero().flatten()
     ref = fk.route(logits[:, kept], K)
-    assert torch.equal(kept[ref.topk_ids_TK], plan.topk_ids_TK)
+    assert torch.equal(kept[ref.topk_ids_TK.long()], plan.topk_ids_TK.long())
     torch.testing.assert_close(plan.topk_weights_TK, ref.topk_weights_TK, rtol=1e-6, atol=1e-7)
-    _check_plan_invariants(plan, T, K, E, allow)
+    check_plan_invariants(plan, T, K, E, allow)
 
 
 def test_mask_before_softmax_not_after(seed):
@@ -78,7 +76,19 @@ def test_per_token_mask_and_sequence_expansion(seed):
         alone = fk.route(logits[rows], K, allow_mask=seq_mask[b])
         assert torch.equal(plan.topk_ids_TK[rows], alone.topk_ids_TK)
         torch.testing.assert_close(plan.topk_weights_TK[rows], alone.topk_weights_TK)
-    _check_plan_invariants(plan, B * S, K, E, tok_mask)
+    check_plan_invariants(plan, B * S, K, E, tok_mask)
+
+
+@pytest.mark.parametrize("kind", [None, "global", "token", "sequence"])
+def test_every_mask_kind_selects_allowed_experts_only(seed, kind):
+    T, E, K = 23, 6, 2
+    allow = make_mask(kind, T, E, K, device="cpu", opted_out=(4,))
+    logits = torch.randn(T, E)
+    logits[:, 4] += 30.0  # would win every token if it were allowed
+    plan = fk.route(logits, K, allow_mask=allow)
+    check_plan_invariants(plan, T, K, E, allow)
+    assert int(plan.counts_E[4]) == 0
+    assert torch.isneginf(plan.logits_TE[:, 4]).all()
 
 
 def test_expert_bias_is_clamped_nonpositive(seed):
@@ -147,3 +157,481 @@ def test_exact_ties_go_to_lower_expert_id():
     logits = torch.tensor([[1.0, 3.0, 3.0, 3.0, 0.0], [2.0, 2.0, 2.0, 2.0, 2.0]], dtype=torch.bfloat16)
     plan = fk.route(logits, 3)
     assert plan.topk_ids_TK.tolist() == [[1, 2, 3], [0, 1, 2]]
+
+
+# =========================================================================== tile schedule
+def test_tile_schedule_reference_by_hand():
+    # T=3, K=2, E=3, block_m=2: ids [[2,0],[2,1],[0,2]] -> pairs per expert 0:{1,4} 1:{3} 2:{0,2,5}
+    ids = torch.tensor([[2, 0], [2, 1], [0, 2]])
+    s = tr.tile_schedule_reference(ids, 3, 2)
+    assert isinstance(s, TileSchedule) and s.block_m == 2 and s.num_tiles_max == 5
+    S = 6  # sentinel P
+    assert s.padded_pairs_Q.tolist() == [1, 4, 3, S, 0, 2, 5, S, S, S]  # Q_max = roundup(6 + 3, 2)
+    assert s.padded_offsets_E1.tolist() == [0, 2, 4, 8]
+    assert s.tile_expert_E_tiles.tolist() == [0, 1, 2, 2, -1]
+    assert s.num_tiles.tolist() == [4]
+    assert schedule_sizes(3, 2, 3, 2) == (10, 5)
+
+
+@pytest.mark.parametrize("T,E,K,block_m", [(1, 1, 1, 1), (7, 3, 2, 4), (50, 9, 3, 16), (33, 5, 5, 64)])
+def test_schedule_sizes_fit_every_routing(seed, T, E, K, block_m):
+    """Q_max = roundup(T*K + E*(block_m-1), block_m) holds every padded grouping, including
+    the worst case where every expert has a partial tile."""
+    q_max, nt = schedule_sizes(T, K, E, block_m)
+    assert q_max % block_m == 0 and nt == q_max // block_m and q_max >= T * K
+    for _ in range(3):
+        plan = fk.route(torch.randn(T, E), K)
+        s = tr.tile_schedule_reference(plan.topk_ids_TK, E, block_m)
+        _schedule_invariants(plan, s, K, E, block_m)
+
+
+# =========================================================================== Triton routing
+def _randn_distinct(T, E, dtype=torch.float32, scale=1.0):
+    """(T, E) random logits in ``dtype`` with no exact ties inside a row (so top-k ids are
+    unambiguous for the reference's ``torch.topk``)."""
+    x = (torch.randn(T, E) * scale).to(dtype)
+    for _ in range(100):
+        dup = torch.tensor([len(set(r.tolist())) < E for r in x.float()], dtype=torch.bool)
+        if not dup.any():
+            return x.to(DEVICE)
+        x[dup] = (torch.randn(int(dup.sum()), E) * scale).to(dtype)
+    raise RuntimeError("could not draw tie-free logits")
+
+
+def _schedule_invariants(plan, sched, K, E, block_m, allow=None):
+    """Invariants of the padded schedule ``sched`` of ``plan``, checked independently of the
+    reference."""
+    T = plan.topk_ids_TK.shape[0]
+    P = T * K
+    q_max, nt_max = schedule_sizes(T, K, E, block_m)
+    padded = sched.padded_pairs_Q.cpu().long()
+    poff = sched.padded_offsets_E1.cpu().long()
+    counts = plan.counts_E.cpu().long()
+    tiles = sched.tile_expert_E_tiles.cpu().long()
+    ids = plan.topk_ids_TK.cpu().long().flatten()
+    n_tiles = int(sched.num_tiles.cpu())
+    for name in SCHEDULE_FIELDS:
+        assert getattr(sched, name).dtype == torch.int32, name
+    assert sched.block_m == block_m and sched.num_tiles_max == nt_max
+    assert padded.shape == (q_max,) and tiles.shape == (nt_max,) and sched.num_tiles.shape == (1,)
+    assert q_max % block_m == 0
+    real = padded[padded != P]
+    # every real pair appears exactly once; everything else is the sentinel
+    assert torch.equal(torch.sort(real).values, torch.arange(P))
+    assert bool(((padded >= 0) & (padded <= P)).all())
+    assert int(poff[0]) == 0 and bool((poff % block_m == 0).all())
+    assert torch.equal(poff[1:] - poff[:-1], (counts + block_m - 1) // block_m * block_m)
+    assert n_tiles * block_m == int(poff[-1])
+    assert bool((tiles[n_tiles:] == -1).all()) and bool((padded[n_tiles * block_m:] == P).all())
+    for e in range(E):
+        grp = padded[poff[e]: poff[e + 1]]
+        c = int(counts[e])
+        # real pairs first (increasing pair id = stable), sentinels only in the padding
+        assert bool((grp[:c] != P).all()) and bool((grp[c:] == P).all())
+        assert bool((grp[:c][1:] > grp[:c][:-1]).all())
+        assert bool((ids[grp[:c]] == e).all())
+    for i in range(n_tiles):  # each tile holds one expert and is not empty
+        tile = padded[i * block_m: (i + 1) * block_m]
+        assert int(tile[0]) != P
+        assert bool((ids[tile[tile != P]] == tiles[i]).all())
+    if allow is not None and allow.ndim == 1:
+        off = (~allow).cpu()
+        assert bool((counts[off] == 0).all()) and not bool(torch.isin(tiles, off.nonzero().flatten()).any())
+
+
+def _check_plan(plan, logits, K, *, allow=None, bias=None, norm=False, block_m=64):
+    """Compare every field of ``plan`` with the reference route and schedule."""
+    T, E = logits.shape
+    ref = fk.route(logits, K, allow_mask=allow, expert_bias=bias, norm_topk_prob=norm)
+    i32 = torch.int32
+    assert isinstance(plan, RoutingPlan) and isinstance(plan.schedule, TileSchedule)
+    assert plan.topk_ids_TK.dtype == i32 and plan.topk_weights_TK.dtype == torch.float32
+    assert plan.schedule.block_m == block_m
+    torch.testing.assert_close(plan.topk_ids_TK, ref.topk_ids_TK.to(i32), atol=0, rtol=0)
+    torch.testing.assert_close(plan.topk_weights_TK, ref.topk_weights_TK, **tol(torch.float32))
+    torch.testing.assert_close(plan.logits_TE, ref.logits_TE, atol=0, rtol=0)  # same fp32 add
+    probs_ref = torch.softmax(ref.logits_TE, -1)
+    torch.testing.assert_close(plan.probs_TE, probs_ref, **tol(torch.float32))
+    if allow is not None:
+        a = allow.expand(T, E) if allow.ndim == 1 else allow
+        assert bool((plan.probs_TE[~a] == 0).all()) and bool((plan.logits_TE[~a] == float("-inf")).all())
+        assert bool(a.gather(1, plan.topk_ids_TK.long()).all()), "a disallowed expert was selected"
+    for name in ("counts_E", "offsets_E1", "sorted_pairs_P", "inv_sorted_pairs_P"):
+        got = getattr(plan, name)
+        assert got.dtype == i32, name
+        torch.testing.assert_close(got, getattr(ref, name).to(i32), atol=0, rtol=0, msg=name)
+    sched = tr.tile_schedule_reference(ref.topk_ids_TK, E, block_m)
+    for name in SCHEDULE_FIELDS:
+        torch.testing.assert_close(getattr(plan.schedule, name), getattr(sched, name), atol=0, rtol=0, msg=name)
+    _schedule_invariants(plan, plan.schedule, K, E, block_m, allow)
+    check_plan_invariants(plan, T, K, E, allow)
+    return ref
+
+
+CASES = [
+    # T, E, K, block_m, mask, bias, norm
+    (1, 4, 2, 64, None, False, False),  # T=1, smaller than every tile
+    (37, 7, 5, 16, "global", False, False),  # K == number of allowed experts
+    (70, 9, 2, 4, "token", True, False),  # per-token mask + bias
+    (64, 8, 8, 16, None, False, True),  # K == E, renormalised (weights sum to 1 each)
+    (5, 3, 1, 1, None, True, False),  # K=1, block_m=1 (no padding)
+    (53, 9, 3, 8, "token", True, True),  # everything at once
+    (13, 1, 1, 4, None, False, False),  # E=1: a dense layer
+    (45, 6, 2, 64, "global", True, True),
+]
+
+
+# Small launch blocks so that the multi-block paths run at test sizes: several token blocks,
+# several prefix-scan programs and loop steps, several sentinel programs.
+TINY_CONFIG = "block_t=8,block_nb=2,block_es=2,tiles_per_prog=4"
+
+
+@pytest.fixture(params=["default", "tiny"])
+def config(request, monkeypatch):
+    if request.param == "tiny":
+        monkeypatch.setenv("FLEXMOE_TRITON_ROUTING_CONFIG", TINY_CONFIG)
+    else:
+        monkeypatch.delenv("FLEXMOE_TRITON_ROUTING_CONFIG", raising=False)
+    return request.param
+
+
+@needs_triton
+@pytest.mark.parametrize("T,E,K,block_m,mask,bias,norm", CASES)
+def test_triton_route_matches_reference(seed, config, T, E, K, block_m, mask, bias, norm):
+    logits = _randn_distinct(T, E, scale=2.0)
+    allow = make_mask(mask, T, E, K)
+    b = torch.randn(E, device=DEVICE) if bias else None
+    plan = tr.triton_route(logits, K, allow_mask=allow, expert_bias=b, norm_topk_prob=norm, block_m=block_m)
+    _check_plan(plan, logits, K, allow=allow, bias=b, norm=norm, block_m=block_m)
+
+
+@needs_triton
+def test_triton_route_sequence_mask(seed, config):
+    T, E, K = 30, 7, 2
+    logits = _randn_distinct(T, E)
+    allow = make_mask("sequence", T, E, K)
+    plan = tr.triton_route(logits, K, allow_mask=allow, block_m=4)
+    _check_plan(plan, logits, K, allow=allow, block_m=4)
+
+
+@needs_triton
+def test_triton_fp16_logits_and_strided_input(seed):
+    T, E, K = 41, 7, 3
+    logits16 = _randn_distinct(E, T, torch.float16).t()  # (T, E) view, non-contiguous
+    assert not logits16.is_contiguous()
+    allow = make_mask("token", T, E, K)
+    plan = tr.triton_route(logits16, K, allow_mask=allow, block_m=8)
+    _check_plan(plan, logits16, K, allow=allow, block_m=8)
+
+
+@needs_triton
+def test_triton_zero_token_experts_and_all_to_one_expert(seed):
+    # Expert 2 dominates every token with K=1: all pairs go to one expert, the others own no tiles.
+    T, E, K, bm = 29, 5, 1, 8
+    logits = _randn_distinct(T, E)
+    logits[:, 2] += 50.0
+    plan = tr.triton_route(logits, K, block_m=bm)
+    _check_plan(plan, logits, K, block_m=bm)
+    assert plan.counts_E.tolist() == [0, 0, T, 0, 0]
+    assert int(plan.schedule.num_tiles) == -(-T // bm)
+    assert set(plan.schedule.tile_expert_E_tiles.tolist()) == {2, -1}
+
+
+@needs_triton
+def test_triton_opted_out_experts_get_nothing_even_when_dominant(seed):
+    T, E, K = 31, 6, 2
+    logits = _randn_distinct(T, E)
+    logits[:, 1] += 30.0  # would win every token if it were allowed
+    logits[:, 4] += 30.0
+    allow = torch.tensor([True, False, True, True, False, True], device=DEVICE)
+    plan = tr.triton_route(logits, K, allow_mask=allow, block_m=4)
+    _check_plan(plan, logits, K, allow=allow, block_m=4)
+    # exact removal: equal to routing a model rebuilt without experts 1 and 4
+    kept = allow.nonzero().flatten()
+    alone = tr.triton_route(logits[:, kept].contiguous(), K, block_m=4)
+    torch.testing.assert_close(kept[alone.topk_ids_TK.long()].int(), plan.topk_ids_TK, atol=0, rtol=0)
+    torch.testing.assert_close(alone.topk_weights_TK, plan.topk_weights_TK, rtol=1e-6, atol=1e-7)
+    # NaN logits of opted-out experts never reach anything (they are replaced by -inf first)
+    nan_logits = logits.clone()
+    nan_logits[:, ~allow] = float("nan")
+    again = tr.triton_route(nan_logits, K, allow_mask=allow, block_m=4)
+    for name in ("topk_ids_TK", "topk_weights_TK", "probs_TE", "logits_TE"):
+        torch.testing.assert_close(getattr(again, name), getattr(plan, name), atol=0, rtol=0, msg=name)
+    torch.testing.assert_close(again.schedule.padded_pairs_Q, plan.schedule.padded_pairs_Q, atol=0, rtol=0)
+    dz = tr.triton_route_backward(torch.randn(T, K, device=DEVICE), again)
+    assert bool(dz.isfinite().all()) and bool((dz[:, ~allow] == 0).all())
+
+
+@needs_triton
+def test_triton_underflowed_allowed_probability_never_picks_masked_expert():
+    logits = torch.tensor([[0.0, -200.0, 50.0, -300.0], [1.0, 2.0, 3.0, -150.0]], device=DEVICE)
+    allow = torch.tensor([True, True, False, True], device=DEVICE)
+    plan = tr.triton_route(logits, 3, allow_mask=allow)
+    assert plan.topk_ids_TK.tolist() == [[0, 1, 3], [1, 0, 3]]  # by logit; probs underflow to 0
+    assert plan.probs_TE[:, 2].tolist() == [0.0, 0.0]
+
+
+@needs_triton
+def test_triton_exact_ties_break_to_lower_expert_id(seed, config):
+    # Integer logits: many exact ties. Documented order: decreasing logit, then increasing id,
+    # i.e. a stable descending sort.
+    T, E, K = 47, 8, 4
+    logits = torch.randint(-2, 3, (T, E)).float().to(DEVICE)
+    allow = make_mask("token", T, E, K)
+    plan = tr.triton_route(logits, K, allow_mask=allow, block_m=4)
+    z = logits.masked_fill(~allow, float("-inf"))
+    ids_ref = torch.sort(z, dim=-1, descending=True, stable=True).indices[:, :K]
+    torch.testing.assert_close(plan.topk_ids_TK, ids_ref.int(), atol=0, rtol=0)
+    probs = torch.softmax(z, -1)
+    torch.testing.assert_close(plan.topk_weights_TK, probs.gather(1, ids_ref), **tol(torch.float32))
+    flat = ids_ref.flatten()
+    sorted_ref = torch.sort(flat, stable=True).indices
+    torch.testing.assert_close(plan.sorted_pairs_P, sorted_ref.int(), atol=0, rtol=0)
+    torch.testing.assert_close(plan.counts_E, torch.bincount(flat, minlength=E).int(), atol=0, rtol=0)
+    sched = tr.tile_schedule_reference(ids_ref, E, 4)
+    torch.testing.assert_close(plan.schedule.padded_pairs_Q, sched.padded_pairs_Q, atol=0, rtol=0)
+    _schedule_invariants(plan, plan.schedule, K, E, 4)
+
+
+@needs_triton
+def test_triton_routing_is_deterministic(seed):
+    T, E, K = 67, 9, 4
+    logits = _randn_distinct(T, E)
+    allow = make_mask("token", T, E, K)
+    a = tr.triton_route(logits, K, allow_mask=allow, block_m=8)
+    b = tr.triton_route(logits, K, allow_mask=allow, block_m=8)
+    for name in ("topk_ids_TK", "sorted_pairs_P", "inv_sorted_pairs_P"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    for name in ("padded_pairs_Q", "tile_expert_E_tiles"):
+        assert torch.equal(getattr(a.schedule, name), getattr(b.schedule, name)), name
+
+
+@needs_triton
+def test_triton_every_output_is_kernel_written(poisoned_outputs):
+    """The poisoning fixture really covers every tensor of the plan and its schedule (so
+    unwritten elements would show up as NaN / INT_MAX in the comparisons above)."""
+    logits = _randn_distinct(9, 5)
+    plan = tr.triton_route(logits, 2, block_m=4)
+    ptrs = {t.data_ptr() for t in poisoned_outputs}
+    tensors = {n: getattr(plan, n) for n in RoutingPlan.__dataclass_fields__}
+    tensors.update({f"schedule.{n}": getattr(plan.schedule, n) for n in TileSchedule.__dataclass_fields__})
+    checked = 0
+    for name, v in tensors.items():
+        if isinstance(v, torch.Tensor):
+            checked += 1
+            assert v.data_ptr() in ptrs, f"{name} was not allocated through the poisoned hook"
+            if v.is_floating_point():
+                assert not bool(v.isnan().any()), name
+            else:
+                assert not bool((v == torch.iinfo(v.dtype).max).any()), name
+    assert checked == 12  # 8 plan tensors + 4 schedule tensors
+    d = tr.triton_route_backward(torch.randn(9, 2, device=DEVICE), plan)
+    assert d.data_ptr() in {t.data_ptr() for t in poisoned_outputs}
+
+
+BWD_CASES = [
+    # T, E, K, mask, bias, norm, logits dtype
+    (37, 7, 3, None, False, False, torch.float32),
+    (37, 7, 3, "token", True, True, torch.float32),
+    (1, 5, 5, None, False, True, torch.float32),  # K == E, renormalised: gradient ~ 0
+    (23, 9, 1, "global", False, True, torch.float32),  # K=1 renormalised: gradient exactly 0
+    (50, 6, 2, "global", True, False, torch.float16),
+    (61, 8, 4, "token", False, True, torch.float16),
+    (30, 7, 2, "sequence", True, False, torch.float32),
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("T,E,K,mask,bias,norm,dtype", BWD_CASES)
+def test_triton_backward_matches_autograd(seed, T, E, K, mask, bias, norm, dtype):
+    logits = _randn_distinct(T, E, dtype, scale=1.5)
+    allow = make_mask(mask, T, E, K)
+    b = (torch.randn(E, device=DEVICE) - 0.3) if bias else None
+    plan = tr.triton_route(logits, K, allow_mask=allow, expert_bias=b, norm_topk_prob=norm)
+    g_TK = torch.randn(T, K, device=DEVICE)
+    dz = tr.triton_route_backward(g_TK, plan, norm_topk_prob=norm)
+
+    # reference: autograd through the PyTorch route (on the same fp32-upcast logits)
+    x = logits.float().requires_grad_(True)
+    bb = b.clone().requires_grad_(True) if bias else None
+    ref = fk.route(x, K, allow_mask=allow, expert_bias=bb, norm_topk_prob=norm)
+    assert torch.equal(ref.topk_ids_TK.int(), plan.topk_ids_TK)
+    inputs = (x, bb) if bias else (x,)
+    grads = torch.autograd.grad((ref.topk_weights_TK * g_TK).sum(), inputs)
+    assert dz.dtype == torch.float32 and dz.shape == (T, E)
+    torch.testing.assert_close(dz, grads[0], **tol(torch.float32))
+    if allow is not None:
+        a = allow.expand(T, E) if allow.ndim == 1 else allow
+        assert bool((dz[~a] == 0).all())
+    if bias:  # d bias = sum_t dz where bias < 0 (min(b, 0) passes the gradient only there)
+        torch.testing.assert_close((dz.sum(0) * (b < 0)), grads[1], **tol(torch.float32))
+    if not norm or 1 < K < E:  # renormalised K=1 or K=E: the exact gradient is 0
+        assert dz.abs().max() > 1e-3  # the comparison is not vacuous
+
+
+@needs_triton
+def test_triton_backward_strided_fp16_dweights(seed, monkeypatch):
+    monkeypatch.setenv("FLEXMOE_TRITON_ROUTING_CONFIG", "block_t=4")  # several programs
+    T, E, K = 19, 6, 3
+    logits = _randn_distinct(T, E)
+    plan = tr.triton_route(logits, K, norm_topk_prob=True)
+    g = torch.randn(K, T, device=DEVICE).half().t()  # non-contiguous fp16 (T, K)
+    dz = tr.triton_route_backward(g, plan, norm_topk_prob=True)
+    x = logits.clone().requires_grad_(True)
+    ref = fk.route(x, K, norm_topk_prob=True)
+    (gx,) = torch.autograd.grad((ref.topk_weights_TK * g.float()).sum(), x)
+    torch.testing.assert_close(dz, gx, **tol(torch.float32))
+
+
+def test_triton_routing_config_env(monkeypatch):
+    cfg = tr.routing_config(32768, 128, 8, 64)
+    assert cfg.block_t * 128 <= 2048
+    monkeypatch.setenv("FLEXMOE_TRITON_ROUTING_CONFIG", "block_t=16, num_warps=8")
+    cfg = tr.routing_config(100, 8, 2, 64)
+    assert (cfg.block_t, cfg.num_warps) == (16, 8)
+    for bad, msg in [("block_q=4", "unknown field"), ("block_t=x", "must be an int"), ("block_t=3", "power of two")]:
+        monkeypatch.setenv("FLEXMOE_TRITON_ROUTING_CONFIG", bad)
+        with pytest.raises(ValueError, match=msg):
+            tr.routing_config(100, 8, 2, 64)
+
+
+@needs_triton
+def test_triton_is_available():
+    ok, why = launch.is_available(DEVICE)
+    assert ok, why
+    ok, why = launch.is_available("meta")
+    assert not ok and "meta" in why
+
+
+@needs_triton
+def test_triton_bad_inputs_raise_clear_errors():
+    logits = torch.randn(4, 3, device=DEVICE)
+    with pytest.raises(ValueError, match="top_k=4 is larger"):
+        tr.triton_route(logits, 4)
+    with pytest.raises(ValueError, match="top_k"):
+        tr.triton_route(logits, 0)
+    for bm in (3, 0, 2048, True):
+        with pytest.raises(ValueError, match="block_m"):
+            tr.triton_route(logits, 1, block_m=bm)
+    with pytest.raises(ValueError, match="allows 1 experts, fewer than top_k=2"):
+        tr.triton_route(logits, 2, allow_mask=torch.tensor([True, False, False], device=DEVICE))
+    with pytest.raises(ValueError, match="allow_mask must have shape"):
+        tr.triton_route(logits, 2, allow_mask=torch.ones(5, dtype=torch.bool, device=DEVICE))
+    with pytest.raises(TypeError, match="allow_mask must have dtype"):
+        tr.triton_route(logits, 2, allow_mask=torch.ones(3, device=DEVICE))
+    with pytest.raises(TypeError, match="logits must be a floating-point"):
+        tr.triton_route(logits.long(), 1)
+    with pytest.raises(ValueError, match="expert_bias must have shape"):
+        tr.triton_route(logits, 1, expert_bias=torch.zeros(4, device=DEVICE))
+    plan = tr.triton_route(logits, 2)
+    with pytest.raises(ValueError, match="dweights must have shape"):
+        tr.triton_route_backward(torch.randn(4, 3, device=DEVICE), plan)
+    with pytest.raises(TypeError, match="plan must be a RoutingPlan with probs_TE"):
+        tr.triton_route_backward(torch.randn(4, 2, device=DEVICE), fk.route(logits, 2))
+
+
+def _check_against_own_ids(plan, logits, K, allow, bias, block_m, g_TK):
+    """Check a plan whose logits may hold exact ties (bf16): ids against the documented rule
+    (stable descending sort of the fp32 masked logits), everything else against references
+    built from those ids, and the backward against autograd through softmax + gather."""
+    T, E = logits.shape
+    z = logits.float() + (bias.clamp(max=0) if bias is not None else 0)
+    if allow is not None:
+        z = z.masked_fill(~allow, float("-inf"))
+    torch.testing.assert_close(plan.logits_TE, z, atol=0, rtol=0)
+    ids_ref = torch.sort(z, dim=-1, descending=True, stable=True).indices[:, :K]
+    torch.testing.assert_close(plan.topk_ids_TK, ids_ref.int(), atol=0, rtol=0)
+    x = z.clone().requires_grad_(True)
+    probs = torch.softmax(x, -1)
+    w = probs.gather(1, ids_ref)
+    torch.testing.assert_close(plan.probs_TE, probs.detach(), **tol(torch.float32))
+    torch.testing.assert_close(plan.topk_weights_TK, w.detach(), **tol(torch.float32))
+    flat = ids_ref.flatten()
+    sorted_ref = torch.sort(flat, stable=True).indices
+    torch.testing.assert_close(plan.sorted_pairs_P, sorted_ref.int(), atol=0, rtol=0)
+    inv = torch.empty_like(sorted_ref)
+    inv[sorted_ref] = torch.arange(T * K, device=inv.device)
+    torch.testing.assert_close(plan.inv_sorted_pairs_P, inv.int(), atol=0, rtol=0)
+    counts = torch.bincount(flat, minlength=E)
+    torch.testing.assert_close(plan.counts_E, counts.int(), atol=0, rtol=0)
+    torch.testing.assert_close(plan.offsets_E1[1:], counts.cumsum(0).int(), atol=0, rtol=0)
+    sched = tr.tile_schedule_reference(ids_ref, E, block_m)
+    for name in SCHEDULE_FIELDS:
+        torch.testing.assert_close(getattr(plan.schedule, name), getattr(sched, name), atol=0, rtol=0, msg=name)
+    _schedule_invariants(plan, plan.schedule, K, E, block_m, allow)
+    dz = tr.triton_route_backward(g_TK, plan)
+    (gx,) = torch.autograd.grad((w * g_TK.float()).sum(), x)
+    torch.testing.assert_close(dz, gx, **tol(torch.float32))
+
+
+@needs_triton
+def test_triton_bf16_logits_with_ties(seed):
+    # bf16 logits tie often; the interpreter only loads and upcasts them (no bf16 arithmetic).
+    T, E, K = 45, 9, 3
+    logits = (torch.randn(T, E) * 0.5).bfloat16().to(DEVICE)
+    allow = make_mask("token", T, E, K)
+    b = torch.randn(E, device=DEVICE)
+    plan = tr.triton_route(logits, K, allow_mask=allow, expert_bias=b, block_m=8)
+    _check_against_own_ids(plan, logits, K, allow, b, 8, torch.randn(T, K, device=DEVICE))
+
+
+@needs_triton
+def test_triton_zero_tokens():
+    logits = torch.randn(0, 5, device=DEVICE)
+    plan = tr.triton_route(logits, 2, block_m=4)
+    assert plan.topk_ids_TK.shape == (0, 2) and plan.sorted_pairs_P.shape == (0,)
+    assert plan.counts_E.tolist() == [0] * 5 and plan.offsets_E1.tolist() == [0] * 6
+    s = plan.schedule
+    assert s.num_tiles.tolist() == [0] and set(s.tile_expert_E_tiles.tolist()) == {-1}
+    assert set(s.padded_pairs_Q.tolist()) == {0}  # sentinel P = 0
+    assert tr.triton_route_backward(torch.randn(0, 2, device=DEVICE), plan).shape == (0, 5)
+
+
+@needs_triton
+def test_triton_index_overflow_is_refused():
+    huge = torch.empty(1, 8, device=DEVICE).expand(2**28, 8)  # a view: no memory
+    with pytest.raises(ValueError, match="does not fit int32"):
+        tr.triton_route(huge, 8)
+
+
+# --------------------------------------------------------------------------- gpu tier
+@pytest.mark.gpu
+@pytest.mark.parametrize("T,E,K,block_m", [(4099, 128, 8, 64), (16384, 7, 5, 128), (33, 7, 5, 16), (5, 128, 8, 16)])
+def test_gpu_bf16_large(seed, T, E, K, block_m):
+    logits = (torch.randn(T, E, device=DEVICE) * 3).bfloat16()
+    allow = make_mask("token", T, E, K)
+    b = torch.randn(E, device=DEVICE)
+    plan = tr.triton_route(logits, K, allow_mask=allow, expert_bias=b, block_m=block_m)
+    g = torch.randn(T, K, device=DEVICE, dtype=torch.bfloat16)
+    _check_against_own_ids(plan, logits, K, allow, b, block_m, g)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("validate", [False, True])
+@pytest.mark.parametrize("T", [300, 7])  # three launches / the single fused launch
+def test_gpu_cuda_graph_replay_with_new_mask_and_logits(seed, validate, T):
+    E, K, bm = 9, 3, 32
+    logits = _randn_distinct(T, E)
+    allow = make_mask("token", T, E, K)
+    g = torch.randn(T, K, device=DEVICE)
+    tr.triton_route(logits, K, allow_mask=allow, block_m=bm)  # compile outside the capture
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        tr.triton_route_backward(g, tr.triton_route(logits, K, allow_mask=allow, block_m=bm))
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        plan = tr.triton_route(logits, K, allow_mask=allow, block_m=bm, validate=validate)
+        dz = tr.triton_route_backward(g, plan)
+    for _ in range(2):
+        logits.copy_(_randn_distinct(T, E))
+        allow.copy_(make_mask("token", T, E, K))
+        g.copy_(torch.randn(T, K, device=DEVICE))
+        graph.replay()
+        torch.cuda.synchronize()
+        _check_plan(plan, logits, K, allow=allow, block_m=bm)
+        x = logits.clone().requires_grad_(True)
+        ref = fk.route(x, K, allow_mask=allow)
+        (gx,) = torch.autograd.grad((ref.topk_weights_TK * g).sum(), x)
+        torch.testing.assert_close(dz, gx, **tol(torch.float32))
