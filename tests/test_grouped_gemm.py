@@ -1,0 +1,264 @@
+"""The experts op: grouped SwiGLU GEMMs, forward and backward.
+
+* reference (``ops/reference/experts.py``): ``grouped_swiglu`` against the readable per-token
+  float64 reference (helpers.reference_experts), ``experts_per_expert``, zero-token /
+  opted-out / frozen experts, errors;
+* Triton (``ops/triton/grouped_gemm.py``): the GEMMs alone on a Triton routing plan against
+  the reference, frozen-expert dW, plan errors;
+* Triton launch configs (``ops/triton/configs.py``, tables in ``ops/triton/tables/``).
+
+The sm_90 compile tier of the GEMM kernels is in test_compile_sm90.py; the whole layer
+(routing + GEMMs + autograd) in test_layer.py.
+"""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import DEVICE, assert_matches_reference, make_problem, reference_experts, tol
+
+import flexmoe_kernels as fk
+from flexmoe_kernels.ops.reference.experts import experts_per_expert
+from flexmoe_kernels.ops.triton import configs as tc
+from flexmoe_kernels.ops.triton import grouped_gemm as gg
+from flexmoe_kernels.ops.triton import launch
+from flexmoe_kernels.ops.triton import routing as tr
+
+pytestmark = pytest.mark.usefixtures("poisoned_outputs")
+
+TRITON_OK, TRITON_WHY = launch.is_available(DEVICE)
+needs_triton = pytest.mark.skipif(not TRITON_OK, reason=f"triton backend unavailable: {TRITON_WHY}")
+
+
+def make(T, D, Fw, E, dtype=torch.float32):
+    return (
+        torch.randn(T, D, dtype=dtype),
+        torch.randn(E, 2 * Fw, D, dtype=dtype) / D**0.5,
+        torch.randn(E, D, Fw, dtype=dtype) / Fw**0.5,
+    )
+
+
+# =========================================================================== reference experts
+@pytest.mark.parametrize("T,D,Fw,E,K", [(1, 8, 6, 3, 2), (23, 16, 12, 5, 2), (40, 12, 20, 7, 5), (9, 10, 14, 4, 4)])
+def test_grouped_swiglu_matches_loop(seed, T, D, Fw, E, K):
+    x, gu, dn = make(T, D, Fw, E)
+    plan = fk.route(torch.randn(T, E), K)
+    out = fk.grouped_swiglu(x, plan, gu, dn)
+    ref = reference_experts(x, plan.topk_ids_TK, plan.topk_weights_TK, gu, dn)
+    assert_matches_reference(out, ref, torch.float32, "grouped_swiglu")
+
+
+def test_zero_token_experts_and_nan_opted_out(seed):
+    T, D, Fw, E, K = 17, 8, 10, 6, 2
+    x, gu, dn = make(T, D, Fw, E)
+    allow = torch.tensor([True, True, False, True, False, False])
+    gu[2] = float("nan"); dn[4] = float("nan"); gu[5] = float("nan")
+    gu.requires_grad_(); dn.requires_grad_()
+    plan = fk.route(torch.randn(T, E), K, allow_mask=allow)
+    out = fk.grouped_swiglu(x, plan, gu, dn)
+    assert torch.isfinite(out).all()
+    out.sum().backward()
+    for e in (2, 4, 5):
+        assert torch.all(gu.grad[e] == 0) and torch.all(dn.grad[e] == 0)
+
+
+def test_one_expert_equals_dense_mlp(seed):
+    T, D, Fw = 11, 8, 12
+    x, gu, dn = make(T, D, Fw, 1)
+    plan = fk.route(torch.randn(T, 1), 1)
+    out = fk.grouped_swiglu(x, plan, gu, dn)
+    dense = F.linear(F.silu(F.linear(x, gu[0, :Fw])) * F.linear(x, gu[0, Fw:]), dn[0])
+    torch.testing.assert_close(out, dense, **tol(torch.float32))
+
+
+def test_frozen_experts_get_no_weight_gradient(seed):
+    T, D, Fw, E, K = 12, 8, 6, 3, 2
+    x, gu, dn = make(T, D, Fw, E)
+    x.requires_grad_(); gu.requires_grad_(); dn.requires_grad_()
+    plan = fk.route(torch.randn(T, E), K)
+    trainable = torch.tensor([False, True, True])
+    out = fk.grouped_swiglu(x, plan, gu, dn, trainable_experts=trainable)
+    out.square().sum().backward()
+    assert torch.all(gu.grad[0] == 0) and torch.all(dn.grad[0] == 0)
+    assert gu.grad[1:].abs().sum() > 0 and x.grad.abs().sum() > 0
+
+
+def test_experts_per_expert_rows_by_counts(seed):
+    """Each expert's rows (from counts) go through that expert only; zero-count experts are
+    skipped (NaN weights never read, dW exactly 0); frozen experts get no dW, dX flows."""
+    D, Fw, E = 9, 7, 5
+    counts = torch.tensor([3, 0, 4, 1, 0], dtype=torch.int32)
+    x = torch.randn(int(counts.sum()), D, requires_grad=True)
+    _, gu, dn = make(1, D, Fw, E)
+    gu[1] = float("nan"); dn[4] = float("nan")
+    gu.requires_grad_(); dn.requires_grad_()
+    trainable = torch.tensor([True, True, False, True, True])
+    y = experts_per_expert(x, gu, dn, counts, trainable)
+    assert y.shape == x.shape and bool(torch.isfinite(y).all())
+    start = 0
+    for e, n in enumerate(counts.tolist()):
+        rows = x.detach()[start:start + n]
+        want = F.linear(F.silu(F.linear(rows, gu.detach()[e, :Fw])) * F.linear(rows, gu.detach()[e, Fw:]),
+                        dn.detach()[e])
+        torch.testing.assert_close(y.detach()[start:start + n], want, **tol(torch.float32))
+        start += n
+    (y * torch.randn_like(y)).sum().backward()
+    for e in (1, 2, 4):  # zero rows (1, 4) or frozen (2)
+        assert torch.all(gu.grad[e] == 0) and torch.all(dn.grad[e] == 0), e
+    assert gu.grad[0].abs().sum() > 0 and x.grad[3:7].abs().sum() > 0  # expert 2's rows still get dX
+    empty = experts_per_expert(x[:0], gu, dn, torch.zeros(E, dtype=torch.int32))
+    assert empty.shape == (0, D)
+
+
+def test_shape_and_dtype_errors():
+    x, gu, dn = make(4, 8, 6, 3)
+    plan = fk.route(torch.randn(4, 3), 2)
+    with pytest.raises(ValueError, match="down must have shape"):
+        fk.grouped_swiglu(x, plan, gu, dn[:, :, :5])
+    with pytest.raises(ValueError, match="gate_up must have shape"):
+        fk.grouped_swiglu(x, plan, gu[:, :, :7], dn)
+    with pytest.raises(TypeError, match="gate_up has dtype"):
+        fk.grouped_swiglu(x, plan, gu.double(), dn)
+    with pytest.raises(ValueError, match="x has 5 rows"):
+        fk.grouped_swiglu(torch.randn(5, 8), plan, gu, dn)
+    with pytest.raises(ValueError, match="routing plan has 4"):
+        fk.grouped_swiglu(x, fk.route(torch.randn(4, 4), 2), torch.randn(3, 12, 8), dn)
+
+
+# =========================================================================== Triton grouped GEMMs
+@needs_triton
+def test_triton_frozen_experts_dw_kernel_stores_zeros_without_loads(seed):
+    """Kernel level: a frozen expert's dW slice is exact zeros even though its operands are NaN."""
+    T, D, F_, E, K = 21, 24, 20, 3, 2
+    p = make_problem(T, D, F_, E, K, torch.float32)
+    plan = tr.triton_route(fk.router_logits(p["x"], p["router_weight"]), K, block_m=16)
+    assert int(plan.counts_E[1]) > 0  # the frozen expert has tokens
+    gu, dn = p["gate_up"].clone(), p["down"].clone()
+    gu[1] = float("nan")
+    dn[1] = float("nan")
+    dout = torch.randn(T, D, device=DEVICE)
+    trainable = torch.tensor([True, False, True], device=DEVICE)
+    _, dgu, ddn, _ = gg.grouped_swiglu_backward(dout, p["x"], plan, gu, dn, trainable_experts=trainable,
+                                                need_dx=False, need_dweights=False)
+    assert bool((dgu[1] == 0).all()) and bool((ddn[1] == 0).all())
+    assert bool(torch.isfinite(dgu).all()) and bool(torch.isfinite(ddn).all())
+    assert bool((dgu[0] != 0).any()) and bool((ddn[2] != 0).any())
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_grouped_gemms_against_reference_plan(seed, dtype):
+    """Forward and dweights of the GEMMs alone, on a plan built by the Triton routing, against
+    the float64 reference driven by the same routing (ids / weights from the reference route);
+    16-bit: against torch's own error (the reference path run in that dtype)."""
+    T, D, F_, E, K = 29, 40, 36, 5, 2
+    p = make_problem(T, D, F_, E, K, dtype)
+    logits = fk.router_logits(p["x"], p["router_weight"])
+    plan = tr.triton_route(logits, K, block_m=16)
+    ref_plan = fk.route(logits, K)
+    w = ref_plan.topk_weights_TK.detach().requires_grad_()
+    ref_plan.topk_weights_TK = w
+    ref_low = fk.grouped_swiglu(p["x"], ref_plan, p["gate_up"], p["down"])  # torch in dtype
+    w64 = w.detach().double().requires_grad_()
+    ref64 = reference_experts(p["x"], ref_plan.topk_ids_TK, w64, p["gate_up"], p["down"])
+    for det in (True, False):
+        out = gg.grouped_swiglu_forward(p["x"], plan, p["gate_up"], p["down"], deterministic=det)
+        assert_matches_reference(out, ref64, dtype, f"out (deterministic={det})", ref_low)
+    dout = torch.randn(T, D, device=DEVICE).to(dtype)
+    (dw_low,) = torch.autograd.grad(ref_low, w, dout)
+    (dw64,) = torch.autograd.grad(ref64, w64, dout.double())
+    dx, dgu, ddn, dw = gg.grouped_swiglu_backward(
+        dout, p["x"], plan, p["gate_up"], p["down"], need_dx=False, need_dgate_up=False, need_ddown=False
+    )
+    assert dx is None and dgu is None and ddn is None
+    assert dw.dtype == torch.float32 and dw.shape == (T, K)
+    # the reference rounds y to dtype before the dot with dOut: the 16-bit rule, not the table
+    assert_matches_reference(dw, dw64, dtype, "dweights", dw_low.float())
+    assert float(ref64.detach().abs().max()) > 0.1
+
+
+@needs_triton
+def test_triton_gemm_plan_errors(seed):
+    p = make_problem(5, 24, 20, 3, 2, torch.float32)
+    plan = tr.triton_route(fk.router_logits(p["x"], p["router_weight"]), 2, block_m=16)
+    with pytest.raises(TypeError, match="plan must be a RoutingPlan with a tile schedule"):
+        gg.grouped_swiglu_forward(p["x"], fk.route(p["x"] @ p["router_weight"].T, 2), p["gate_up"], p["down"])
+    with pytest.raises(ValueError, match="x has 4 rows"):
+        gg.grouped_swiglu_forward(p["x"][:4], plan, p["gate_up"], p["down"])
+    small = tr.triton_route(fk.router_logits(p["x"], p["router_weight"]), 2, block_m=8)
+    with pytest.raises(ValueError, match="block_m must be >= 16"):
+        gg.grouped_swiglu_forward(p["x"], small, p["gate_up"], p["down"])
+    with pytest.raises(ValueError, match="routing plan has 3"):
+        gg.grouped_swiglu_forward(p["x"], plan, p["gate_up"][:2], p["down"][:2])
+    with pytest.raises(ValueError, match="dout must have shape"):
+        gg.grouped_swiglu_backward(p["x"][:, :5], p["x"], plan, p["gate_up"], p["down"])
+
+
+# =========================================================================== Triton configs
+def test_config_env_string_parsing():
+    got = tc.parse_config_string("BLOCK_M=64, BLOCK_N=128,BLOCK_K=64,GROUP_M=8,num_warps=8,num_stages=4,dw.BLOCK_N=32")
+    assert got == {"*": dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4),
+                   "dw": {"BLOCK_N": 32}}
+    for bad, msg in [("BLOCK_X=3", "unknown field"), ("foo.BLOCK_M=16", "unknown kind"), ("BLOCK_M", "cannot parse")]:
+        with pytest.raises(ValueError, match=msg):
+            tc.parse_config_string(bad)
+
+
+def test_config_env_pins_every_kind(monkeypatch):
+    monkeypatch.setenv(tc.ENV_VAR, "BLOCK_M=64,BLOCK_N=128,BLOCK_K=64,GROUP_M=8,num_warps=8,num_stages=4,dw.BLOCK_N=32")
+    c = tc.get_configs(100, 64, 64, 4, 2, torch.bfloat16, "cpu")
+    assert c.block_m == 64 and c.source.endswith(tc.ENV_VAR)
+    for kind in tc.KINDS:
+        g = getattr(c, kind)
+        assert (g.BLOCK_M, g.BLOCK_K, g.GROUP_M, g.num_warps, g.num_stages) == (64, 64, 8, 8, 4)
+        assert g.BLOCK_N == (32 if kind == "dw" else 128)
+    monkeypatch.setenv(tc.ENV_VAR, "BLOCK_N=24")
+    with pytest.raises(ValueError, match="BLOCK_N must be a power of two"):
+        tc.get_configs(100, 64, 64, 4, 2, torch.bfloat16, "cpu")
+    monkeypatch.setenv(tc.ENV_VAR, "up.BLOCK_M=32,down.BLOCK_M=64")
+    with pytest.raises(ValueError, match="share BLOCK_M"):
+        tc.get_configs(100, 64, 64, 4, 2, torch.bfloat16, "cpu")
+    monkeypatch.setenv(tc.ENV_VAR, "up.BLOCK_M=32")
+    assert tc.get_configs(100, 64, 64, 4, 2, torch.bfloat16, "cpu").down.BLOCK_M == 32
+
+
+def test_heuristics_cover_decode_and_training_sizes():
+    for T in (1, 7, 64, 512, 4096, 16384, 32768):
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            c = tc.heuristic_configs(T, 4096, 11008, 7, 5, dtype)
+            assert c.block_m in (16, 32, 64, 128)
+    assert tc.heuristic_configs(1, 4096, 11008, 7, 5, torch.bfloat16).block_m == 16
+    assert tc.heuristic_configs(16384, 4096, 11008, 7, 5, torch.bfloat16).block_m == 128
+
+
+def test_shipped_h100_table_is_labelled_and_valid():
+    assert tc.config_dir().parts[-3:] == ("ops", "triton", "tables")
+    table = tc.load_table("NVIDIA H100 80GB HBM3")
+    assert table is not None
+    assert table["status"] == "untuned: heuristic defaults, not measured"
+    assert tc.load_table("NVIDIA H100 PCIe") is table  # substring match
+    assert tc.load_table("Some Other GPU") is None
+    small_t = large_t = False
+    for key, by_t in table["shapes"].items():
+        for t_str, entry in by_t.items():
+            c = tc._from_entry(entry, key)  # every entry builds valid configs
+            small_t |= int(t_str) <= 64
+            large_t |= int(t_str) >= 8192
+            assert c.block_m in (16, 32, 64, 128)
+    assert small_t and large_t
+    with open(table["_path"]) as f:
+        assert json.load(f)["status"].startswith("untuned")
+
+
+def test_table_lookup_nearest_T(tmp_path):
+    e16 = {k: dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4) for k in tc.KINDS}
+    e128 = {k: dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3) for k in tc.KINDS}
+    key = tc.shape_key(64, 96, 4, 2, torch.bfloat16)
+    data = {"status": "test", "devices": ["Fake GPU"], "shapes": {key: {"8": e16, "4096": e128}}}
+    (tmp_path / "triton_moe_fake.json").write_text(json.dumps(data))
+    t = tc.load_table("Fake GPU", tmp_path)
+    assert tc.lookup_table(t, 1, 64, 96, 4, 2, torch.bfloat16).block_m == 16
+    assert tc.lookup_table(t, 2000, 64, 96, 4, 2, torch.bfloat16).block_m == 16
+    assert tc.lookup_table(t, 2100, 64, 96, 4, 2, torch.bfloat16).block_m == 128
+    assert tc.lookup_table(t, 99999, 64, 96, 4, 2, torch.bfloat16).block_m == 128
+    assert tc.lookup_table(t, 8, 64, 96, 4, 3, torch.bfloat16) is None  # other shape
