@@ -24,9 +24,11 @@ from flexmoe_kernels.utils.net import free_port
 
 from .options import TrainingError, TrainOptions
 
-__all__ = ["CONFIG_DIR", "DistInfo", "all_reduce_sum", "barrier", "ds_config", "init_distributed", "resolve_device"]
+__all__ = ["CONFIG_DIR", "DistInfo", "all_reduce_sum", "barrier", "child_env", "ds_config", "init_distributed", "resolve_device"]
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+# The launcher variables this process set itself (no launcher): child processes must not inherit them.
+_SET_HERE: dict = {}
 
 
 @dataclass
@@ -68,8 +70,9 @@ def init_distributed(device: str = "auto") -> DistInfo:
         os.environ["DS_ACCELERATOR"] = "cpu"
     launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     if not launched:
-        os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-                           "MASTER_PORT": str(free_port())})
+        _SET_HERE.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                          "MASTER_PORT": str(free_port())})
+        os.environ.update(_SET_HERE)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if dev.type == "cuda":
@@ -85,6 +88,12 @@ def init_distributed(device: str = "auto") -> DistInfo:
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, dist_init_required=False)
     return DistInfo(rank, world, local_rank, dev, backend, launched)
+
+
+def child_env(env: dict) -> dict:
+    """``env`` without the launcher variables :func:`init_distributed` set in this process (a child
+    process would otherwise take them for a launcher's and rendezvous on this process's port)."""
+    return {k: v for k, v in env.items() if not (k in _SET_HERE and _SET_HERE[k] == v)}
 
 
 def barrier() -> None:
