@@ -14,7 +14,8 @@ Models (``flexmoe_kernels.models.FlexOlmoForCausalLM``, same backbone, random in
   trainable: expert 1's FFN, its router row and bias. Done by the training recipe's own
   ``freeze_for_expert_training`` (see :func:`freeze_for_coupled`).
 
-Each model: ``deepspeed.initialize`` (single process: MASTER_ADDR/PORT, RANK=0, WORLD_SIZE=1;
+Each model: ``deepspeed.initialize`` after training's own process-group set-up
+(``flexmoe_training.distributed.init_distributed``: single process on a free local port;
 ``gloo`` on CPU, ``nccl`` on CUDA), bf16 on GPU / fp32 on CPU, ZeRO stage 0 (``--zero-stage``), AdamW
 (betas 0.9/0.95, weight decay 0, as FlexOlmo), clip 1.0; ``warmup`` untimed steps, then the
 median of ``steps`` timed steps (fresh random token ids each step; loss = shifted CE).
@@ -30,12 +31,7 @@ median of ``steps`` timed steps (fresh random token ids each step; loss = shifte
 """
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import logging
-import os
-import sys
-import socket
 import time
 import traceback
 from typing import Optional
@@ -45,43 +41,22 @@ import torch
 from . import harness
 from .presets import E2E_PRESETS, E2EPreset
 
-_DS_READY = {"done": False}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def init_deepspeed(device: torch.device):
-    """Import DeepSpeed and initialise a single-process group (idempotent)."""
-    import deepspeed
+    """Import DeepSpeed and initialise a single-process group (idempotent) with training's own
+    set-up (:func:`flexmoe_training.distributed.init_distributed`); DeepSpeed's log is quieted."""
+    from flexmoe_training.distributed import init_distributed
 
-    if _DS_READY["done"]:
-        return deepspeed
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("LOCAL_RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
     try:
         from deepspeed.utils import logger as ds_logger
 
         ds_logger.setLevel(logging.WARNING)
     except Exception:  # noqa: BLE001
         pass
-    if device.type == "cpu" and os.environ["WORLD_SIZE"] == "1":
-        # With one process the CPU shared-memory all-reduce op is useless, and DeepSpeed would
-        # JIT-compile it (over a minute on a small machine) inside init_distributed.
-        try:
-            import deepspeed.ops as ds_ops
+    init_distributed(device.type)
+    import deepspeed
 
-            ds_ops.__compatible_ops__["deepspeed_shm_comm"] = False
-        except Exception:  # noqa: BLE001
-            pass
-    deepspeed.init_distributed(dist_backend="gloo" if device.type == "cpu" else "nccl")
-    _DS_READY["done"] = True
     return deepspeed
 
 
@@ -109,74 +84,20 @@ def model_config(pre: E2EPreset, kind: str, moe_backend: str = "auto"):
 
 def flops_per_token(pre: E2EPreset, cfg) -> float:
     """Model FLOPs per trained token (fwd+bwd), PaLM convention (see module docstring)."""
-    D, L = pre.D, pre.L
-    hd = pre.D // pre.heads
-    attn = D * pre.heads * hd + 2 * D * pre.kv_heads * hd + pre.heads * hd * D
-    moe = cfg.num_experts * D + cfg.num_experts_per_tok * 3 * D * cfg.intermediate_size
-    n_active = L * (attn + moe) + pre.vocab * D
-    return 6.0 * n_active + 12.0 * L * pre.seq * pre.heads * hd
+    from flexmoe_training.flops import flops_per_token as fpt
 
-
-def _training_modeling():
-    """``flexmoe_training.modeling`` (the directory ``training/``), importable without pip install."""
-    try:
-        return importlib.import_module("flexmoe_training.modeling")
-    except ImportError:
-        pass
-    init = harness.REPO_ROOT / "training" / "__init__.py"
-    if not init.is_file():
-        raise ImportError(f"{init} not found")
-    spec = importlib.util.spec_from_file_location("flexmoe_training", init,
-                                                  submodule_search_locations=[str(init.parent)])
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["flexmoe_training"] = mod
-    try:
-        spec.loader.exec_module(mod)
-    except Exception:
-        del sys.modules["flexmoe_training"]
-        raise
-    return importlib.import_module("flexmoe_training.modeling")
+    return fpt(cfg, pre.seq, convention="palm")
 
 
 def freeze_for_coupled(model) -> str:
-    """Freeze ``model`` for FlexOlmo coupled expert training; returns how it was done.
+    """Freeze ``model`` for FlexOlmo coupled expert training with the training recipe's own
+    ``flexmoe_training.modeling.freeze_for_expert_training`` (frozen leading rows via a
+    parametrization + ``set_trainable_experts([1])``), so the benchmark times what
+    ``flexmoe train-expert`` runs; returns how it was done."""
+    from flexmoe_training.modeling import freeze_for_expert_training
 
-    Uses the training recipe's own ``flexmoe_training.modeling.freeze_for_expert_training``
-    (frozen leading rows via a parametrization + ``set_trainable_experts([1])``) so the
-    benchmark times what ``flexmoe train-expert`` runs; falls back to :func:`_freeze_fallback`
-    when that module cannot be imported.
-    """
-    try:
-        fn = _training_modeling().freeze_for_expert_training
-    except Exception as exc:  # noqa: BLE001
-        _freeze_fallback(model)
-        return f"benchmarks fallback freeze (flexmoe_training unavailable: {type(exc).__name__})"
-    fn(model)
+    freeze_for_expert_training(model)
     return "flexmoe_training.modeling.freeze_for_expert_training"
-
-
-def _freeze_fallback(model) -> None:
-    """Only expert 1 (FFN, router row, bias) trains: shared tensors requires_grad False, no dW
-    for expert 0 (``set_trainable_experts([1])``), gradients of the public rows zeroed."""
-    from flexmoe_kernels import FlexMoE
-
-    for prm in model.parameters():
-        prm.requires_grad_(False)
-    n = 0
-    for m in model.modules():
-        if isinstance(m, FlexMoE):
-            n += 1
-            m.set_trainable_experts([1])
-            keep = torch.zeros(m.num_experts, 1, dtype=torch.float32)
-            keep[1:] = 1.0
-            for prm in (m.gate.weight, m.experts.gate_up_proj, m.experts.down_proj):
-                prm.requires_grad_(True)
-            m.gate.weight.register_hook(lambda g, keep=keep: g * keep.to(g.device, g.dtype))
-            if m.gate.expert_bias is not None:
-                m.gate.expert_bias.requires_grad_(True)
-                m.gate.expert_bias.register_hook(lambda g, keep=keep: g * keep[:, 0].to(g.device, g.dtype))
-    if n == 0:
-        raise RuntimeError("flexolmo_coupled: the model has no FlexMoE layers to freeze")
 
 
 def run_e2e(presets, models, device, rec: harness.Recorder, peak: Optional[float],

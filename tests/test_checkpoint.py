@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from flexmoe_kernels.models import CheckpointError, FlexOlmoConfig, FlexOlmoForCausalLM, tensors_sha256
 from flexmoe_kernels.models import checkpoint as ckpt
+from flexmoe_kernels.utils import fs
 
 F32 = tol(torch.float32)
 
@@ -218,7 +219,7 @@ def test_overwrite_without_renameat2(tmp_path, seed, monkeypatch):
     # Where the atomic exchange is unavailable, the fallback (two renames) still replaces cleanly.
     d = tmp_path / "ck"
     make_model().save_pretrained(d)
-    monkeypatch.setattr(ckpt, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(fs, "_exchange", lambda a, b: False)
     new = make_model()
     new.save_pretrained(d)
     assert_same_weights(FlexOlmoForCausalLM.from_pretrained(d), new)

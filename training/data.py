@@ -34,6 +34,8 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 import torch
 
+from flexmoe_kernels.utils.fs import replace_directory
+
 __all__ = [
     "ByteTokenizer",
     "TokenizersTokenizer",
@@ -268,9 +270,7 @@ def prepare_data(
         if isinstance(tok, TokenizersTokenizer):
             shutil.copyfile(tok.path, tmp / "tokenizer.json")
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        replace_directory(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from flexmoe_kernels.utils.fs import write_bytes_atomic
+
 __all__ = ["init_router", "domain_embedding", "hidden_state_embedding", "minilm_available", "set_public_router_rows"]
 
 
@@ -169,7 +171,7 @@ def set_public_router_rows(cfg, sd: dict, data, embedder: str = "auto", **kwargs
 
 
 def init_router(args) -> Path:
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     from .data import DataDir
     from .modeling import anchor_sha256, load_checkpoint
@@ -193,13 +195,7 @@ def init_router(args) -> Path:
             "data": str(Path(args.data).resolve()), "public": str(Path(args.public).resolve()),
             "public_sha256": anchor_sha256(sd), "scale": repr(scale), "hidden_size": str(D)}
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        save_file({"router_embedding": vec}, str(tmp), metadata=meta)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    write_bytes_atomic(out, save({"router_embedding": vec}, metadata=meta))
     run = {"command": "init-router", "status": "finished", "out": str(out.resolve()), "elapsed_s": time.perf_counter() - t0,
            **meta, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     run_path = out.with_name(out.stem + ".run.json")

@@ -9,20 +9,18 @@ Weights are read with ``safetensors`` only: never ``torch.load`` / pickle.
 """
 from __future__ import annotations
 
-import ctypes
-import errno
 import hashlib
 import json
 import os
 import re
 import shutil
-import tempfile
 from typing import Iterable, Mapping, Optional, Union
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..utils.fs import atomic_directory
 from .config import FlexOlmoConfig
 
 __all__ = [
@@ -78,20 +76,6 @@ def tensors_sha256(state_dict: Mapping[str, torch.Tensor], names: Optional[Itera
 
 
 # ---------------------------------------------------------------------------- saving
-def _fsync_path(path: str, directory: bool = False) -> None:
-    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0)
-    try:
-        fd = os.open(path, flags)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _link_or_copy(src: str, dst: str) -> None:
     try:
         os.link(src, dst)
@@ -99,22 +83,18 @@ def _link_or_copy(src: str, dst: str) -> None:
         shutil.copy2(src, dst)
 
 
-def _exchange(a: str, b: str) -> bool:
-    """Atomically swap two paths with Linux renameat2(RENAME_EXCHANGE); False if unsupported."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        fn = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    AT_FDCWD, RENAME_EXCHANGE = -100, 2
-    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    rc = fn(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE)
-    if rc == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
-        return False
-    raise OSError(err, f"renameat2({a!r}, {b!r}) failed: {os.strerror(err)}")
+def _carry_over(directory: str, staging: str) -> None:
+    """Copy (hard-link where possible) the entries of ``directory`` a save does not own into ``staging``."""
+    for entry in os.listdir(directory):
+        if _OWNED.match(entry):
+            continue
+        src, dst = os.path.join(directory, entry), os.path.join(staging, entry)
+        if os.path.isdir(src) and not os.path.islink(src):
+            shutil.copytree(src, dst, symlinks=True, copy_function=_link_or_copy)
+        elif os.path.islink(src):
+            os.symlink(os.readlink(src), dst)
+        else:
+            _link_or_copy(src, dst)
 
 
 def _state_dict_to_save(model) -> dict[str, torch.Tensor]:
@@ -144,16 +124,14 @@ def _shards(sd: dict[str, torch.Tensor], max_shard_size: Optional[int]) -> list[
 def save_pretrained(model, directory: Union[str, os.PathLike], max_shard_size: Optional[int] = None) -> None:
     """Write ``config.json`` + safetensors for ``model`` into ``directory`` atomically.
 
-    Everything is written into a fresh temporary directory next to the target and fsynced;
-    then the temporary directory is swapped in (atomic ``renameat2(RENAME_EXCHANGE)`` on Linux,
-    otherwise two renames) and the old contents are deleted. An exception or crash before the
-    swap leaves an existing checkpoint untouched. Files in an existing target that a save does
+    Everything is written into a fresh temporary directory next to the target, fsynced and
+    swapped in by :func:`flexmoe_kernels.utils.fs.atomic_directory` (atomic
+    ``renameat2(RENAME_EXCHANGE)`` on Linux, otherwise two renames); the old contents are
+    deleted. An exception or crash before the swap leaves an existing checkpoint untouched. Files in an existing target that a save does
     not own (e.g. ``run.json``) are carried over. Tied ``lm_head.weight`` is not stored.
     ``max_shard_size`` (bytes) splits the weights into shards with an index, as Hugging Face does.
     """
     directory = os.path.abspath(os.fspath(directory))
-    parent, name = os.path.split(directory)
-    os.makedirs(parent, exist_ok=True)
     if os.path.exists(directory) and not os.path.isdir(directory):
         raise NotADirectoryError(f"checkpoint path {directory!r} exists and is not a directory")
     sd = _state_dict_to_save(model)
@@ -161,58 +139,25 @@ def save_pretrained(model, directory: Union[str, os.PathLike], max_shard_size: O
     cfg = model.config.to_dict()
     cfg["dtype"] = str(model.dtype).replace("torch.", "")
 
-    tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
-    try:
+    with atomic_directory(directory) as tmp:
         with open(os.path.join(tmp, CONFIG_FILE), "w", encoding="utf-8") as fh:
             fh.write(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
         meta = {"format": "pt"}
         if len(shards) == 1:
-            path = os.path.join(tmp, SINGLE_FILE)
-            save_file(shards[0], path, metadata=meta)
-            _fsync_path(path)
+            save_file(shards[0], os.path.join(tmp, SINGLE_FILE), metadata=meta)
         else:
             n = len(shards)
             weight_map = {}
             for i, shard in enumerate(shards):
                 fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-                path = os.path.join(tmp, fname)
-                save_file(shard, path, metadata=meta)
-                _fsync_path(path)
+                save_file(shard, os.path.join(tmp, fname), metadata=meta)
                 weight_map.update({k: fname for k in shard})
             total = sum(v.numel() * v.element_size() for v in sd.values())
             with open(os.path.join(tmp, INDEX_FILE), "w", encoding="utf-8") as fh:
                 json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))},
                           fh, indent=2)
-                fh.flush()
-                os.fsync(fh.fileno())
         if os.path.isdir(directory):
-            for entry in os.listdir(directory):
-                if _OWNED.match(entry):
-                    continue
-                src, dst = os.path.join(directory, entry), os.path.join(tmp, entry)
-                if os.path.isdir(src) and not os.path.islink(src):
-                    shutil.copytree(src, dst, symlinks=True, copy_function=_link_or_copy)
-                else:
-                    _link_or_copy(src, dst) if not os.path.islink(src) else os.symlink(os.readlink(src), dst)
-        _fsync_path(tmp, directory=True)
-        os.chmod(tmp, 0o755)
-        if not os.path.exists(directory):
-            os.rename(tmp, directory)
-            tmp = None
-        elif _exchange(tmp, directory):
-            pass  # tmp now holds the old checkpoint
-        else:
-            old = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent)
-            os.rmdir(old)
-            os.rename(directory, old)
-            os.rename(tmp, directory)
-            tmp = old
-        _fsync_path(parent, directory=True)
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+            _carry_over(directory, tmp)
 
 
 # ---------------------------------------------------------------------------- loading
@@ -325,19 +270,19 @@ def _check_against(model, sd: dict[str, torch.Tensor]) -> None:
 
 def load_pretrained(
     directory: Union[str, os.PathLike],
+    cls,
     dtype: Optional[torch.dtype] = None,
     device: Union[None, str, torch.device] = None,
-    cls=None,
     **config_overrides,
 ):
-    """Build a model from a checkpoint directory (see :meth:`FlexOlmoForCausalLM.from_pretrained`).
+    """Build a ``cls`` model (``cls(config)``, e.g. ``FlexOlmoForCausalLM``) from a checkpoint
+    directory (see :meth:`FlexOlmoForCausalLM.from_pretrained`).
 
-    ``dtype`` None keeps the stored dtype of the embedding matrix (all tensors are cast to one
-    dtype). Parameters are created on the meta device and assigned from the file, so nothing
-    is initialised twice.
+    ``cls`` is passed in so that this module does not import the model module (which imports
+    this one). ``dtype`` None keeps the stored dtype of the embedding matrix (all tensors are
+    cast to one dtype). Parameters are created on the meta device and assigned from the file,
+    so nothing is initialised twice.
     """
-    if cls is None:
-        from .flex_olmo import FlexOlmoForCausalLM as cls  # noqa: N813
     directory = os.fspath(directory)
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"checkpoint directory {directory!r} does not exist")

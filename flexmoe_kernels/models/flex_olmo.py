@@ -27,6 +27,8 @@ from ..modules import FlexMoE
 from ..modules.allow import AllowedExperts, resolve_allowed_experts
 from ..ops.backends import BACKENDS
 from .attention import FlexOlmoAttention, KVCache, RMSNorm, RotaryEmbedding
+from .checkpoint import load_pretrained as _load_pretrained
+from .checkpoint import save_pretrained as _save_pretrained
 from .config import FlexOlmoConfig
 
 __all__ = [
@@ -477,15 +479,11 @@ class FlexOlmoForCausalLM(nn.Module):
         """Load a Hugging Face FlexOlmo directory (config.json + safetensors, fused or per-expert
         layout, single file or sharded). ``dtype`` None keeps the checkpoint's dtype.
         ``config_overrides`` (e.g. ``moe_backend="triton"``) replace config fields."""
-        from .checkpoint import load_pretrained
-
-        return load_pretrained(directory, dtype=dtype, device=device, cls=cls, **config_overrides)
+        return _load_pretrained(directory, cls, dtype=dtype, device=device, **config_overrides)
 
     def save_pretrained(self, directory: Union[str, os.PathLike], max_shard_size: Optional[int] = None) -> None:
         """Atomically write config.json + model.safetensors (sharded above ``max_shard_size`` bytes)."""
-        from .checkpoint import save_pretrained
-
-        save_pretrained(self, directory, max_shard_size=max_shard_size)
+        _save_pretrained(self, directory, max_shard_size=max_shard_size)
 
 
 def causal_lm_loss(logits_BSV: torch.Tensor, labels_BS: torch.Tensor) -> torch.Tensor:

@@ -45,6 +45,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
+from flexmoe_kernels.utils.fs import write_text_atomic
+
 __all__ = [
     "CorpusSpec",
     "Document",
@@ -392,11 +394,8 @@ def _collect(source: Source, spec: CorpusSpec, seen: set, log) -> Tuple[List[Doc
 
 
 def _write_jsonl(path: str, docs: List[Document]) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for d in docs:
-            f.write(json.dumps({"id": d.id, "origin": d.origin, "text": d.text}, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(json.dumps({"id": d.id, "origin": d.origin, "text": d.text}, ensure_ascii=False)
+                                    + "\n" for d in docs))
 
 
 def read_documents(path: str) -> List[Document]:
@@ -491,8 +490,5 @@ def build_corpora(root: str, spec: CorpusSpec, log: Callable[[str], None] = prin
         "python": sys.version.split()[0],
         "platform": sys.platform,
     }
-    tmp = os.path.join(out, "manifest.json.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(manifest, f, indent=1)
-    os.replace(tmp, os.path.join(out, "manifest.json"))
+    write_text_atomic(os.path.join(out, "manifest.json"), json.dumps(manifest, indent=1))
     return out

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from typing import List, Optional
 
 __all__ = ["compute_claims", "format_table", "format_report", "write_json", "plot_losses", "DEFAULT_THRESHOLDS"]
@@ -256,10 +255,9 @@ def format_report(results: dict, claims: Optional[List[dict]] = None) -> str:
 
 def write_json(path: str, results: dict, claims: List[dict]) -> None:
     """Write ``results`` + ``claims`` atomically as JSON."""
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(dict(results, claims=claims), f, indent=1, default=float)
-    os.replace(tmp, path)
+    from flexmoe_kernels.utils.fs import write_text_atomic
+
+    write_text_atomic(path, json.dumps(dict(results, claims=claims), indent=1, default=float))
 
 
 def plot_losses(results: dict, path: str) -> str:

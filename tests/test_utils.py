@@ -1,0 +1,95 @@
+"""The shared helpers: atomic replace (flexmoe_kernels.utils.fs), free_port (utils.net) and the
+FLOPs-per-token formula (flexmoe_training.flops)."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+
+import pytest
+
+from flexmoe_kernels.utils import fs
+from flexmoe_kernels.utils.fs import atomic_directory, replace_directory, write_json_atomic, write_text_atomic
+from flexmoe_kernels.utils.net import free_port
+
+
+def _tree(d):
+    return {p: (d / p).read_text() for p in sorted(os.listdir(d))}
+
+
+@pytest.mark.parametrize("exchange", [True, False])
+def test_atomic_directory_replaces_and_failure_keeps_old(tmp_path, monkeypatch, exchange):
+    if not exchange:
+        monkeypatch.setattr(fs, "_exchange", lambda a, b: False)
+    target = tmp_path / "out"
+    with atomic_directory(target) as d:
+        (d / "a.txt").write_text("old")
+    assert _tree(target) == {"a.txt": "old"}
+    with pytest.raises(RuntimeError, match="midway"):
+        with atomic_directory(target) as d:
+            (d / "a.txt").write_text("new")
+            raise RuntimeError("midway")
+    assert _tree(target) == {"a.txt": "old"}
+    assert sorted(os.listdir(tmp_path)) == ["out"]  # no temporary directory left
+    with atomic_directory(target) as d:
+        (d / "b.txt").write_text("new")
+    assert _tree(target) == {"b.txt": "new"}
+    assert sorted(os.listdir(tmp_path)) == ["out"]
+
+
+def test_replace_directory_errors_name_the_path(tmp_path):
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "staging").mkdir()
+    with pytest.raises(NotADirectoryError, match="file"):
+        replace_directory(tmp_path / "staging", tmp_path / "file")
+    with pytest.raises(FileNotFoundError, match="missing"):
+        replace_directory(tmp_path / "missing", tmp_path / "new")
+    replace_directory(tmp_path / "staging", tmp_path / "new")
+    assert (tmp_path / "new").is_dir() and not (tmp_path / "staging").exists()
+
+
+def test_write_json_and_text_atomic(tmp_path, monkeypatch):
+    p = tmp_path / "run.json"
+    write_json_atomic(p, {"a": 1})
+    assert p.read_text() == json.dumps({"a": 1}, indent=2) + "\n"
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(fs.os, "replace", boom)
+    with pytest.raises(OSError, match="simulated"):
+        write_text_atomic(p, "new")
+    monkeypatch.undo()
+    assert json.loads(p.read_text()) == {"a": 1}
+    assert sorted(os.listdir(tmp_path)) == ["run.json"]
+
+
+def test_free_port_is_bindable():
+    port = free_port()
+    assert 0 < port < 65536
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))
+
+
+def test_flops_per_token_by_hand():
+    from flexmoe_kernels.models import FlexOlmoConfig
+    from flexmoe_training.flops import flops_per_token
+
+    L, D, F, V, H, kv, E, K, S = 2, 8, 16, 32, 2, 1, 3, 2, 5
+    hd = D // H
+    cfg = FlexOlmoConfig(vocab_size=V, hidden_size=D, intermediate_size=F, num_hidden_layers=L,
+                         num_attention_heads=H, num_key_value_heads=kv, head_dim=hd, num_experts=E,
+                         num_experts_per_tok=K, tie_word_embeddings=False, expert_bias=True)
+    A = 2 * L * S * H * hd
+    # recipe: N_mm = active parameters without the input embedding (norms and biases included)
+    per_layer = (D * H * hd * 2 + D * kv * hd * 2 + H * hd + kv * hd) + 2 * D + K * 3 * D * F + (E * D + E)
+    n_mm = L * per_layer + V * D + D
+    assert flops_per_token(cfg, S) == 6 * n_mm + 3 * A
+    assert flops_per_token(cfg, S, 100.0) == 4 * n_mm + 3 * A + 200
+    # palm: matmul weights only, 12*L*S*H*hd attention
+    n_act = L * (2 * D * H * hd + 2 * D * kv * hd + E * D + K * 3 * D * F) + V * D
+    assert flops_per_token(cfg, S, convention="palm") == 6 * n_act + 12 * L * S * H * hd
+    with pytest.raises(ValueError, match="convention"):
+        flops_per_token(cfg, S, convention="x")
+    with pytest.raises(ValueError, match="seq_len"):
+        flops_per_token(cfg, 0)

@@ -1,0 +1,177 @@
+"""What the ``flexmoe`` training subcommands share: the training flag groups, the error guard,
+and the checks of their inputs (data directories, tokenizers, free outputs).
+
+Every command validates its inputs before it writes anything, writes its output atomically
+(:mod:`flexmoe_kernels.utils.fs`) and leaves ``run.json`` in its output directory.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+__all__ = ["FORMATTER", "add_train_args", "check_out_free", "check_tokenizer", "csv_list", "dense_config", "fresh_model",
+           "freeze_single_router", "guard", "main_error", "open_datas", "options_from_args", "tokenizer_src"]
+
+FORMATTER = argparse.RawDescriptionHelpFormatter
+
+
+def add_train_args(p: argparse.ArgumentParser, *, lr: float, steps: int = 100, weight_decay: bool = True,
+                   warmup: int = 10) -> None:
+    """Add the "training", "engine" and "run control" flag groups (the fields of ``TrainOptions``)."""
+    g = p.add_argument_group("training")
+    g.add_argument("--steps", type=int, default=steps, help=f"optimizer steps (default {steps})")
+    g.add_argument("--seq-len", type=int, default=128, help="tokens per training sequence S (default 128)")
+    g.add_argument("--micro-batch-size", type=int, default=8, help="sequences per rank per micro-step (default 8)")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step (default 1)")
+    g.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default {lr})")
+    g.add_argument("--min-lr-ratio", type=float, default=0.1, help="final lr = lr * this (cosine; default 0.1)")
+    g.add_argument("--warmup-steps", type=int, default=warmup, help=f"linear warm-up steps (default {warmup})")
+    if weight_decay:
+        g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay on matrices (default 0.1)")
+    g.add_argument("--clip", type=float, default=1.0, help="gradient clipping norm (default 1.0)")
+    g.add_argument("--z-loss-weight", type=float, default=1e-3, help="router z-loss weight (default 1e-3)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the init and of the data sampling (default 0)")
+    g = p.add_argument_group("engine")
+    g.add_argument("--zero-stage", type=int, default=0, choices=[0, 1, 2, 3],
+                   help="DeepSpeed ZeRO stage; uses training/configs/zero<N>.json (default 0)")
+    g.add_argument("--deepspeed-config", default=None, help="a DeepSpeed JSON config instead of the shipped one")
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: cuda when present")
+    g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="auto: bf16 on CUDA, fp32 on CPU")
+    g.add_argument("--moe-backend", default="auto", help="FlexMoE backend: auto, torch, triton, cuda")
+    g = p.add_argument_group("run control")
+    g.add_argument("--eval-every", type=int, default=0, help="evaluate on val.bin every N steps (0: only at the end)")
+    g.add_argument("--eval-batches", type=int, default=8, help="held-out micro-batches per evaluation (default 8)")
+    g.add_argument("--save-every", type=int, default=0, help="save a resumable state every N steps (0: only on pause)")
+    g.add_argument("--max-steps-this-run", type=int, default=None,
+                   help="stop after N steps of this invocation, save, exit 0; rerun the command to resume")
+    g.add_argument("--log-every", type=int, default=10, help="print a log line every N steps with --no-progress")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bar (print log lines)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output (a partial run is still resumed when its options match)")
+    g.add_argument("--restart", action="store_true", help="discard a partial run (OUT.inprogress) instead of resuming")
+
+
+def csv_list(s: str):
+    """``"a, b,,c"`` -> ``["a", "b", "c"]`` (the type of comma-separated flags)."""
+    return [x.strip() for x in s.split(",") if x.strip()]
+
+
+def options_from_args(args):
+    """``TrainOptions`` from the parsed flags (weight decay 0 for commands without ``--weight-decay``)."""
+    from ..options import TrainOptions
+
+    if not hasattr(args, "weight_decay"):
+        args.weight_decay = 0.0
+    return TrainOptions.from_args(args)
+
+
+def main_error(exc: BaseException) -> int:
+    """Print ``flexmoe: error: <exc>`` on stderr; returns the exit status 2."""
+    print(f"flexmoe: error: {exc}", file=sys.stderr)
+    return 2
+
+
+def guard(fn):
+    """Turn the expected user errors into one clear line on stderr and exit status 2
+    (``FLEXMOE_DEBUG=1`` re-raises them with the traceback)."""
+
+    def run(args) -> int:
+        from ..data import DataError
+        from ..modeling import FrozenTensorMismatch, ModelSpecError
+        from ..options import TrainingError
+
+        try:
+            return fn(args)
+        except (DataError, ModelSpecError, FrozenTensorMismatch, TrainingError, FileExistsError,
+                FileNotFoundError, ValueError, TypeError) as exc:
+            if os.environ.get("FLEXMOE_DEBUG"):
+                raise
+            return main_error(exc)
+
+    run.__name__ = fn.__name__
+    run.__doc__ = fn.__doc__
+    return run
+
+
+def check_out_free(out: Path, overwrite: bool) -> None:
+    """``FileExistsError`` naming ``--out`` when it exists and ``--overwrite`` was not given."""
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"--out {str(out)!r} already exists (pass --overwrite to replace it)")
+
+
+def open_datas(paths):
+    """Open the ``--data`` directories (``DataError`` naming the flag) and check they share a tokenizer."""
+    from ..data import DataDir, DataError, check_compatible
+
+    datas = []
+    for p in paths:
+        try:
+            datas.append(DataDir(p))
+        except DataError as exc:
+            raise DataError(f"--data: {exc}") from exc
+    check_compatible(datas)
+    return datas
+
+
+def _tokenizer_meta(directory: Path) -> dict | None:
+    d = Path(directory)
+    if (d / "tokenizer_meta.json").is_file():
+        return json.loads((d / "tokenizer_meta.json").read_text())
+    if (d / "meta.json").is_file():
+        return json.loads((d / "meta.json").read_text()).get("tokenizer")
+    return None
+
+
+def tokenizer_src(ckpt: Path, data) -> Path:
+    """Where the output checkpoint's tokenizer description comes from: the input checkpoint's,
+    or (a checkpoint made elsewhere has none) the data directory's."""
+    return ckpt if (ckpt / "tokenizer_meta.json").is_file() else data.path
+
+
+def check_tokenizer(ckpt: Path, data, what: str) -> None:
+    """``ValueError`` when the checkpoint ``what`` (a flag name) records another tokenizer than ``data``."""
+    have = _tokenizer_meta(ckpt)
+    if have is not None and have != data.meta["tokenizer"]:
+        raise ValueError(f"--data {str(data.path)!r} was tokenised with {data.meta['tokenizer']}, but {what} "
+                         f"{str(ckpt)!r} uses {have}: prepare the data with the model's tokenizer")
+
+
+def dense_config(args, datas, **extra_overrides):
+    """The ``--model-config`` preset with the data's vocabulary and special tokens (and ``extra_overrides``);
+    ``ValueError`` when ``--seq-len`` exceeds its positions."""
+    from ..modeling import load_model_config
+
+    d0 = datas[0]
+    over = dict(vocab_size=d0.vocab_size, eos_token_id=d0.eos_token_id,
+                pad_token_id=d0.meta.get("pad_token_id"), moe_backend=args.moe_backend)
+    over.update(extra_overrides)
+    cfg = load_model_config(args.model_config, **over)
+    if cfg.max_position_embeddings < args.seq_len:
+        raise ValueError(f"--seq-len {args.seq_len} exceeds the model's max_position_embeddings "
+                         f"{cfg.max_position_embeddings}")
+    return cfg
+
+
+def fresh_model(cfg, seed: int):
+    """A randomly initialised fp32 ``FlexOlmoForCausalLM`` (torch seeded with ``seed``)."""
+    import torch
+
+    from flexmoe_kernels.models import FlexOlmoForCausalLM
+
+    torch.manual_seed(seed)
+    return FlexOlmoForCausalLM(cfg).float()
+
+
+def freeze_single_router(model) -> dict:
+    """A dense model's router (one row: softmax = 1) has no effect on the output: freeze it.
+    Returns the frozen reference values by parameter name."""
+    ref = {}
+    for n, p in model.named_parameters():
+        if n.endswith("mlp.gate.weight"):
+            p.requires_grad_(False)
+            ref[n] = p.detach().float().clone()
+    return ref

@@ -1,0 +1,55 @@
+"""``flexmoe train-dense``: baseline dense model of equal active parameters."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..flops import flops_per_token
+from .budget import BUDGET_HELP, add_budget_args, steps_for_budget, world_size
+from .common import (FORMATTER, add_train_args, dense_config, freeze_single_router, fresh_model, guard, open_datas,
+                     options_from_args)
+
+
+def register(sub) -> None:
+    """Add this subcommand and its flags to ``sub`` (an argparse subparsers object)."""
+    p = sub.add_parser("train-dense", formatter_class=FORMATTER, help="baseline: dense model of equal active parameters",
+                       description="A dense model with intermediate width K*F (K experts per token, F each "
+                                   "expert's width: from --match-active-of CKPT or --active-experts and "
+                                   "--model-config), trained on all --data jointly. " + BUDGET_HELP)
+    p.add_argument("--data", required=True, action="append")
+    p.add_argument("--out", required=True)
+    p.add_argument("--model-config", default="tiny")
+    p.add_argument("--active-experts", type=int, default=2, help="K (default 2)")
+    p.add_argument("--match-active-of", default=None, help="MoE checkpoint whose K and F to match")
+    add_budget_args(p)
+    add_train_args(p, lr=1e-3)
+    p.set_defaults(func=cmd_train_dense)
+
+
+@guard
+def cmd_train_dense(args) -> int:
+    from ..modeling import load_checkpoint
+    from ..trainer import RunSpec, train
+
+    datas = open_datas(args.data)
+    k = args.active_experts
+    base_f = None
+    if args.match_active_of:
+        mcfg = (load_checkpoint(args.match_active_of, "--match-active-of")[0]
+                if Path(args.match_active_of).is_dir() else None)
+        if mcfg is None:
+            raise FileNotFoundError(f"--match-active-of {args.match_active_of!r} is not a checkpoint directory")
+        k, base_f = mcfg.num_experts_per_tok, mcfg.intermediate_size
+    base = dense_config(args, datas)
+    f = (base_f or base.intermediate_size) * k
+    cfg = base.copy(intermediate_size=f, num_experts=1, num_experts_per_tok=1, expert_names=["dense"],
+                    extra={"role": "dense-baseline", "active_experts": k, "tokenizer": datas[0].meta["tokenizer"]})
+    fpt = flops_per_token(cfg, args.seq_len)
+    steps_for_budget(args, fpt, world_size())
+    opts = options_from_args(args)
+    opts.validate()
+    model = fresh_model(cfg, args.seed)
+    ref = freeze_single_router(model)
+    spec = RunSpec(kind="dense", out=Path(args.out), model=model, datas=datas, tokenizer_src=datas[0].path,
+                   frozen_reference=ref, final_config=lambda: cfg, flops_per_token=fpt,
+                   run_info={"model_config": cfg.to_dict(), "budget": args.budget})
+    return train(spec, opts)

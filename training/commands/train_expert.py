@@ -1,0 +1,115 @@
+"""``flexmoe train-expert``: coupled training of one data owner's expert on the frozen public anchor."""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from ..flops import flops_per_token
+from .common import (FORMATTER, add_train_args, check_out_free, check_tokenizer, guard, open_datas, options_from_args,
+                     tokenizer_src)
+
+
+def register(sub) -> None:
+    """Add this subcommand and its flags to ``sub`` (an argparse subparsers object)."""
+    p = sub.add_parser("train-expert", formatter_class=FORMATTER, help="coupled training of one data owner's expert",
+                       description="Build the 2-expert model [public, NAME] from the public checkpoint (both FFNs "
+                                   "start as the public FFN; router [r_public; r_owner]; top-2 of 2; expert bias) "
+                                   "and train it on the owner's data only. Frozen: embeddings, attention incl. q/k "
+                                   "norms, all norms, LM head, the public expert FFN, r_public, b_public. Trained: "
+                                   "the owner's FFN, r_owner, b_owner. Weight decay 0. At the end every frozen "
+                                   "tensor is checked bit-identical to the public model's.")
+    p.add_argument("--public", required=True, help="public checkpoint directory (the anchor)")
+    p.add_argument("--data", required=True, help="the owner's prepared data directory (the only data it sees)")
+    p.add_argument("--name", required=True, help="expert name (unique among owners)")
+    p.add_argument("--out", required=True, help="checkpoint directory to write")
+    p.add_argument("--router-init", default=None, help="safetensors from init-router (default: random r_owner)")
+    add_train_args(p, lr=1e-3, weight_decay=False)
+    p.set_defaults(func=cmd_train_expert)
+
+
+def _load_router_init(path: str):
+    import torch
+    from safetensors import safe_open
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"--router-init {str(p)!r} does not exist")
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            keys = list(f.keys())
+            key = "router_embedding_LD" if "router_embedding_LD" in keys else "router_embedding"
+            if key not in keys:
+                raise ValueError(f"--router-init {str(p)!r} has no 'router_embedding' tensor (has {keys})")
+            return f.get_tensor(key).float(), dict(f.metadata() or {})
+    except ValueError:
+        raise
+    except Exception as exc:
+        raise ValueError(f"--router-init {str(p)!r} is not a readable safetensors file ({exc})") from exc
+
+
+@guard
+def cmd_train_expert(args) -> int:
+    import torch
+
+    from ..modeling import (ModelSpecError, anchor_sha256, check_owner_against_public, coupled_state_dict,
+                           freeze_for_expert_training, load_checkpoint, model_from_state_dict,
+                           trainable_param_to_hf)
+    from ..trainer import RunSpec, train
+
+    opts = options_from_args(args)
+    opts.weight_decay = 0.0  # FlexOlmo: no decay, so frozen tensors stay bit-identical
+    opts.validate()
+    check_out_free(Path(args.out), args.overwrite)
+    datas = open_datas([args.data])
+    pub_cfg, pub_sd = load_checkpoint(args.public, "--public")
+    check_tokenizer(Path(args.public), datas[0], "--public")
+    if datas[0].vocab_size > pub_cfg.vocab_size:
+        raise ValueError(f"--data vocab {datas[0].vocab_size} is larger than the public model's {pub_cfg.vocab_size}")
+    router, rmeta = (None, {})
+    if args.router_init:
+        router, rmeta = _load_router_init(args.router_init)
+        h = anchor_sha256(pub_sd)
+        if rmeta.get("public_sha256") and rmeta["public_sha256"] != h:
+            raise ValueError(f"--router-init {args.router_init!r} was computed from another public model "
+                             f"({rmeta['public_sha256']} != {h})")
+    cfg, sd = coupled_state_dict(pub_cfg, pub_sd, args.name, router, seed=args.seed)
+    anchor = anchor_sha256(pub_sd)
+    cfg.extra.update({"anchor_sha256": anchor, "expert_name": args.name, "role": "owner",
+                      "router_init": rmeta.get("embedder", "random")})
+    cfg.moe_backend = args.moe_backend
+    save_dtype = pub_sd["model.embed_tokens.weight"].dtype
+    model = model_from_state_dict(cfg, {k: v.float() for k, v in sd.items()})
+    freeze_for_expert_training(model)
+    # Reference values of the frozen tensors, taken from the public state dict itself (no extra
+    # copy of the model): the shared tensors and the public rows of the stacked MoE tensors.
+    ref = {}
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            continue
+        hf, _ = trainable_param_to_hf(n)
+        if hf in pub_sd:
+            ref[n] = pub_sd[hf][:1].float() if n.endswith(".0.head") else pub_sd[hf].float()
+        else:  # b_public: the dense public model has no bias; it is 0
+            ref[n] = p.detach().float().clone()
+        if ref[n].shape != p.shape or not torch.equal(ref[n], p.detach().float()):
+            raise ModelSpecError(f"internal error: the coupled model's {n!r} is not the public model's")
+    trainable_mm = 3.0 * cfg.hidden_size * cfg.intermediate_size * cfg.num_hidden_layers  # the owner's expert
+    spec = RunSpec(kind="expert", out=Path(args.out), model=model, datas=datas,
+                   tokenizer_src=tokenizer_src(Path(args.public), datas[0]),
+                   frozen_reference=ref, final_config=lambda: cfg, save_dtype=save_dtype,
+                   flops_per_token=flops_per_token(cfg, args.seq_len, trainable_mm),
+                   run_info={"public": str(Path(args.public).resolve()), "expert_name": args.name,
+                             "anchor_sha256": anchor, "router_init": args.router_init})
+    rc = train(spec, opts)
+    out = Path(args.out)
+    if rc == 0 and (out / "config.json").is_file() and int(os.environ.get("RANK", "0")) == 0:
+        # Independent check from the files: every frozen tensor equals the public model's.
+        o_cfg, o_sd = load_checkpoint(out, "--out")
+        try:
+            check_owner_against_public(pub_cfg, pub_sd, o_cfg, o_sd, str(out))
+        except Exception:
+            shutil.rmtree(out, ignore_errors=True)
+            raise
+        print(f"train-expert: verified: all frozen tensors of {str(out)!r} are bit-identical to the public model's")
+    return rc

@@ -1,0 +1,77 @@
+"""``flexmoe train-moe``: baseline standard MoE trained jointly on all data (from scratch or upcycled)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..flops import flops_per_token
+from .budget import BUDGET_HELP, add_budget_args, steps_for_budget, world_size
+from .common import (FORMATTER, add_train_args, check_out_free, check_tokenizer, dense_config, freeze_single_router,
+                     fresh_model, guard, open_datas, options_from_args)
+
+
+def register(sub) -> None:
+    """Add this subcommand and its flags to ``sub`` (an argparse subparsers object)."""
+    p = sub.add_parser("train-moe", formatter_class=FORMATTER, help="baseline: standard MoE trained on all data",
+                       description="A standard MoE (everything trainable, no expert bias) trained jointly on "
+                                   "all --data, from scratch or upcycled from --public. " + BUDGET_HELP)
+    p.add_argument("--data", required=True, action="append")
+    p.add_argument("--out", required=True)
+    p.add_argument("--model-config", default="tiny")
+    p.add_argument("--public", default=None, help="upcycle from this dense checkpoint")
+    p.add_argument("--num-experts", type=int, default=None, help="E (default: 1 + number of --data)")
+    p.add_argument("--top-k", type=int, default=2)
+    add_budget_args(p)
+    add_train_args(p, lr=1e-3)
+    p.set_defaults(func=cmd_train_moe)
+
+
+@guard
+def cmd_train_moe(args) -> int:
+    import torch
+
+    from ..modeling import load_checkpoint, model_from_state_dict
+    from ..trainer import RunSpec, train
+
+    datas = open_datas(args.data)
+    E = args.num_experts or (1 + len(datas))
+    if not 1 <= args.top_k <= E:
+        raise ValueError(f"--top-k must be in [1, --num-experts={E}], got {args.top_k}")
+    names = [f"expert_{i}" for i in range(E)]
+    check_out_free(Path(args.out), args.overwrite)
+    if args.public:
+        # Upcycling: shared tensors from the public model, every expert a copy of its FFN, a fresh router.
+        pub_cfg, pub_sd = load_checkpoint(args.public, "--public")
+        check_tokenizer(Path(args.public), datas[0], "--public")
+        if pub_cfg.max_position_embeddings < args.seq_len:
+            raise ValueError(f"--seq-len {args.seq_len} exceeds the model's max_position_embeddings "
+                             f"{pub_cfg.max_position_embeddings}")
+        cfg = pub_cfg.copy(num_experts=E, num_experts_per_tok=args.top_k, expert_names=names, expert_bias=False,
+                           moe_backend=args.moe_backend,
+                           extra={"role": "moe-baseline", "upcycled_from": str(Path(args.public).resolve()),
+                                  "tokenizer": datas[0].meta["tokenizer"]})
+        g = torch.Generator().manual_seed(args.seed)
+        sd = {}
+        for k, v in pub_sd.items():
+            if k.endswith("mlp.gate.weight"):
+                sd[k] = torch.randn(E, v.shape[1], generator=g) * cfg.initializer_range
+            elif k.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj")):
+                sd[k] = v[:1].float().repeat(E, *([1] * (v.ndim - 1)))
+            elif k.endswith("mlp.gate.expert_bias"):
+                continue
+            else:
+                sd[k] = v.float()
+        model = model_from_state_dict(cfg, sd)
+    else:
+        base = dense_config(args, datas)
+        cfg = base.copy(num_experts=E, num_experts_per_tok=args.top_k, expert_names=names, expert_bias=False,
+                        extra={"role": "moe-baseline", "tokenizer": datas[0].meta["tokenizer"]})
+        model = fresh_model(cfg, args.seed)
+    fpt = flops_per_token(cfg, args.seq_len)
+    steps_for_budget(args, fpt, world_size())
+    opts = options_from_args(args)
+    opts.validate()
+    ref = freeze_single_router(model) if E == 1 else {}
+    spec = RunSpec(kind="moe", out=Path(args.out), model=model, datas=datas, tokenizer_src=datas[0].path,
+                   frozen_reference=ref, final_config=lambda: cfg, flops_per_token=fpt,
+                   run_info={"model_config": cfg.to_dict(), "budget": args.budget})
+    return train(spec, opts)

@@ -1,0 +1,48 @@
+"""``flexmoe train-public``: train the dense public model (expert 0 of every merged model)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..flops import flops_per_token
+from .common import (FORMATTER, add_train_args, dense_config, freeze_single_router, fresh_model, guard, open_datas,
+                     options_from_args)
+
+
+def register(sub) -> None:
+    """Add this subcommand and its flags to ``sub`` (an argparse subparsers object)."""
+    p = sub.add_parser("train-public", formatter_class=FORMATTER, help="train the dense public model",
+                       description="Train a dense FlexOlmo model (num_experts=1) on public data. Its FFN becomes "
+                                   "expert 0 ('public') of every coupled and merged model.")
+    p.add_argument("--data", required=True, action="append", help="prepared data directory (repeatable)")
+    p.add_argument("--out", required=True, help="checkpoint directory to write")
+    p.add_argument("--model-config", default="tiny", help="preset (tiny, small, olmo2-1b, olmo2-7b) or a JSON file")
+    p.add_argument("--router-embedder", default="auto", choices=["auto", "hidden", "minilm"],
+                   help="how the public expert's router row (r_public) is set from the first --data directory "
+                        "after training, as init-router does for owners (default auto)")
+    add_train_args(p, lr=1e-3)
+    p.set_defaults(func=cmd_train_public)
+
+
+@guard
+def cmd_train_public(args) -> int:
+    from ..trainer import RunSpec, train
+
+    opts = options_from_args(args)
+    opts.validate()
+    datas = open_datas(args.data)
+    cfg = dense_config(args, datas, num_experts=1, num_experts_per_tok=1, expert_names=["public"],
+                        expert_bias=False, extra={"role": "public", "tokenizer": datas[0].meta["tokenizer"]})
+    model = fresh_model(cfg, args.seed)
+    ref = freeze_single_router(model)
+    def set_router_row(sd: dict):
+        # The dense model's router row never gets a gradient: give it the public domain's
+        # embedding now, before any owner couples to this anchor (see set_public_router_rows).
+        from ..router_init import set_public_router_rows
+
+        return set_public_router_rows(cfg, sd, datas[0], args.router_embedder)
+
+    spec = RunSpec(kind="public", out=Path(args.out), model=model, datas=datas, tokenizer_src=datas[0].path,
+                   frozen_reference=ref, final_config=lambda: cfg,
+                   flops_per_token=flops_per_token(cfg, args.seq_len), run_info={"model_config": cfg.to_dict()},
+                   finalize_state_dict=set_router_row)
+    return train(spec, opts)

@@ -1,0 +1,258 @@
+"""The stages of ``flexmoe demo``, one function each, in the order :func:`pipeline.run_demo` calls them.
+
+Each takes the :class:`~flexmoe_training.demo.pipeline.DemoContext`; a stage whose outputs exist
+is skipped (``--fresh`` removes the run directory first). Training stages run the ``flexmoe``
+commands as child processes (:mod:`.runner`); an owner's process gets only that owner's data.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Dict, List, Optional, Sequence
+
+from flexmoe_kernels.utils.fs import atomic_directory, write_text_atomic
+
+from .runner import StageError, cli_options, done, opt, parallel, read_run, run_cli
+
+__all__ = ["audit", "evaluate", "flops_summary", "merge_and_baselines", "owners", "prepare", "report",
+           "train_public"]
+
+
+# ----------------------------------------------------------------------------- helpers
+def _write_text_dir(text_dir: str, jsonl_paths: Sequence[str]) -> None:
+    """One ``.txt`` file per document (the input format of ``flexmoe prepare-data``)."""
+    from .corpora import read_documents
+
+    with atomic_directory(text_dir, fsync=False) as tmp:  # scratch input, removed after prepare-data
+        for p in jsonl_paths:
+            dom = os.path.basename(os.path.dirname(p))
+            for doc in read_documents(p):
+                with open(os.path.join(tmp, f"{dom}-{doc.id}.txt"), "w", encoding="utf-8") as f:
+                    f.write(doc.text)
+
+
+def _data_summary(data_dir: str) -> str:
+    with open(os.path.join(data_dir, "meta.json")) as f:
+        m = json.load(f)
+    return f"{m.get('train_docs')} docs, {m.get('train_tokens')} tokens (+{m.get('val_tokens')} validation)"
+
+
+def flops_summary(run_dir: str, owners: Sequence[str]) -> dict:
+    """Training FLOPs of each recipe, from the ``total_flops`` the training runs recorded."""
+    ck = lambda name: os.path.join(run_dir, "ckpt", name)  # noqa: E731
+    f = lambda name: float(read_run(ck(name)).get("total_flops") or 0.0)  # noqa: E731
+    steps = lambda name: read_run(ck(name)).get("steps")  # noqa: E731
+    have = lambda name: f(name) > 0  # noqa: E731
+    return {
+        "flexolmo": f("public") + sum(f(f"expert-{d}") for d in owners),
+        "btm": (f("public") + sum(f(f"dense-{d}") for d in owners)) if all(have(f"dense-{d}") for d in owners) else None,
+        "moe": f("moe") if have("moe") else None,
+        "runs": {name: {"total_flops": f(name), "steps": steps(name)}
+                 for name in ["public", "moe"] + [f"expert-{d}" for d in owners] + [f"dense-{d}" for d in owners]},
+    }
+
+
+def _train_flags(ctx, opts: set, steps: Optional[int]) -> List[str]:
+    """The shared training flags; ``steps`` None when the command derives them (FLOPs matching)."""
+    s = ctx.settings
+    dtype_flag = {"float32": "fp32", "bfloat16": "bf16", "float16": "bf16"}.get(s.dtype, "auto")
+    warm = max(1, (steps or s.expert_steps) // 10)
+    flags = opt(opts, steps=steps, warmup_steps=warm, seq_len=s.seq_len, micro_batch_size=s.batch_size, lr=s.lr,
+                seed=s.seed, dtype=dtype_flag, device=s.device, moe_backend=s.moe_backend,
+                log_every=max(1, (steps or 100) // 5))
+    return flags + (["--no-progress"] if "--no-progress" in opts and not ctx.echo_children else [])
+
+
+def _raise_errors(errors: Dict[str, str]) -> None:
+    if errors:
+        raise StageError("; ".join(f"{k}: {v}" for k, v in errors.items()))
+
+
+# ----------------------------------------------------------------------------- 1.-2. corpora and data
+def _prepare_domain(ctx, d: str) -> None:
+    text_dir = os.path.join(ctx.run_dir, "text", d)
+    _write_text_dir(text_dir, [os.path.join(ctx.corpus_dir, d, "train.jsonl")])
+    opts = cli_options("prepare-data")
+    run_cli(["prepare-data", "--input", text_dir, "--out", ctx.data[d], *opt(opts, overwrite=True)]
+            + (["--no-progress"] if "--no-progress" in opts else []), ctx.logfile(f"prepare-{d}"), False, ctx.env)
+    shutil.rmtree(text_dir, ignore_errors=True)
+    ctx.log(f"   prepared {d}: " + _data_summary(ctx.data[d]))
+
+
+def _write_model_config(ctx) -> None:
+    """The model's architecture; vocabulary and special tokens come from the data directories."""
+    s = ctx.settings
+    model_cfg = {
+        "hidden_size": s.hidden_size, "intermediate_size": s.intermediate_size,
+        "num_hidden_layers": s.num_hidden_layers, "num_attention_heads": s.num_attention_heads,
+        "max_position_embeddings": max(s.seq_len, 1 + s.audit_prefix + s.audit_gen) * 2,
+        "rope_theta": 500000.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "initializer_range": 0.02,
+    }
+    ctx.cfg_path = os.path.join(ctx.run_dir, "model_config.json")
+    with open(ctx.cfg_path, "w") as f:
+        json.dump(model_cfg, f, indent=1)
+
+
+def prepare(ctx) -> None:
+    """Build (or reuse) the corpora; tokenise each domain's training documents into its own data directory."""
+    from . import corpora as C
+    from .pipeline import load_tokenizer
+
+    s = ctx.settings
+    with ctx.stage("corpora"):
+        spec = C.CorpusSpec(num_owners=s.num_owners, owners=s.owners, public=s.public, train_bytes=s.train_bytes,
+                            test_bytes=s.test_bytes, doc_bytes=s.doc_bytes, seed=s.seed)
+        ctx.corpus_dir = C.build_corpora(os.path.abspath(os.path.join(ctx.work_dir, "corpora")), spec, log=ctx.log)
+        ctx.manifest = C.load_manifest(ctx.corpus_dir)
+    ctx.public_dom, ctx.owners = ctx.manifest["public"], ctx.manifest["owners"]
+    ctx.data = {d: os.path.join(ctx.run_dir, "data", d) for d in ctx.domains}
+    with ctx.stage("prepare-data"):
+        todo = [d for d in ctx.domains if not os.path.isfile(os.path.join(ctx.data[d], "meta.json"))]
+        _raise_errors(parallel([(f"prepare {d}", lambda d=d: _prepare_domain(ctx, d)) for d in todo],
+                               ctx.jobs, ctx.log, {}))
+    ctx.tok = load_tokenizer(ctx.data[ctx.public_dom])
+    _write_model_config(ctx)
+
+
+# ----------------------------------------------------------------------------- 3.-5. training
+def train_public(ctx) -> None:
+    """The dense public model (its FFN becomes expert 0 = "public")."""
+    with ctx.stage("train-public"):
+        if not done(ctx.ck("public")):
+            opts = cli_options("train-public")
+            run_cli(["train-public", "--data", ctx.data[ctx.public_dom], "--out", ctx.ck("public"), "--model-config",
+                     ctx.cfg_path, "--overwrite", *_train_flags(ctx, opts, ctx.settings.public_steps)],
+                    ctx.logfile("train-public"), ctx.echo_children, ctx.env)
+
+
+def _owner_task(ctx, d: str) -> None:
+    router = os.path.join(ctx.run_dir, "routers", f"{d}.safetensors")
+    if not os.path.isfile(router):
+        os.makedirs(os.path.dirname(router), exist_ok=True)
+        opts = cli_options("init-router")
+        run_cli(["init-router", "--public", ctx.ck("public"), "--data", ctx.data[d], "--out", router,
+                 *opt(opts, device=ctx.settings.device, overwrite=True)],
+                ctx.logfile(f"init-router-{d}"), ctx.echo_par, ctx.env)
+    if not done(ctx.ck(f"expert-{d}")):
+        opts = cli_options("train-expert")
+        run_cli(["train-expert", "--public", ctx.ck("public"), "--data", ctx.data[d], "--name", d,
+                 "--out", ctx.ck(f"expert-{d}"), "--router-init", router, "--overwrite",
+                 *_train_flags(ctx, opts, ctx.settings.expert_steps)],
+                ctx.logfile(f"train-expert-{d}"), ctx.echo_par, ctx.env)
+
+
+def owners(ctx) -> None:
+    """Each owner alone (owners in parallel, each its own processes and only its own data): router
+    init from the owner's documents, then its expert on the frozen public anchor."""
+    with ctx.stage(f"owners: init-router + train-expert ({len(ctx.owners)} owners, {ctx.jobs} at a time)"):
+        _raise_errors(parallel([(f"owner {d}", lambda d=d: _owner_task(ctx, d)) for d in ctx.owners],
+                               ctx.jobs, ctx.log, ctx.timings))
+
+
+# ----------------------------------------------------------------------------- 6.-7. merge and baselines
+def _merge_task(ctx) -> None:
+    if not done(ctx.ck("merged")):
+        opts = cli_options("merge")
+        owner_args: List[str] = []
+        for d in ctx.owners:
+            owner_args += ["--owner", ctx.ck(f"expert-{d}")]
+        run_cli(["merge", "--public", ctx.ck("public"), *owner_args, "--out", ctx.ck("merged"),
+                 *opt(opts, top_k=ctx.K, overwrite=True)], ctx.logfile("merge"), ctx.echo_par, ctx.env)
+
+
+def _dense_task(ctx, d: str) -> None:
+    """BTM member d: the public model continued (all weights, one "expert") on d's data with the
+    FLOPs of owner d's expert training."""
+    if not done(ctx.ck(f"dense-{d}")):
+        opts = cli_options("train-moe")
+        run_cli(["train-moe", "--public", ctx.ck("public"), "--num-experts", 1, "--top-k", 1,
+                 "--data", ctx.data[d], "--out", ctx.ck(f"dense-{d}"), "--overwrite",
+                 "--match-flops-of", ctx.ck(f"expert-{d}"), *_train_flags(ctx, opts, None)],
+                ctx.logfile(f"train-dense-{d}"), ctx.echo_par, ctx.env)
+
+
+def _moe_task(ctx) -> None:
+    """Joint MoE: E experts, top-K, from scratch on all domains' data with the FLOPs of the public
+    run plus every owner's run."""
+    if not done(ctx.ck("moe")):
+        opts = cli_options("train-moe")
+        all_data: List[str] = []
+        for d in ctx.domains:
+            all_data += ["--data", ctx.data[d]]
+        runs = [ctx.ck("public")] + [ctx.ck(f"expert-{d}") for d in ctx.owners]
+        run_cli(["train-moe", *all_data, "--out", ctx.ck("moe"), "--model-config", ctx.cfg_path,
+                 "--num-experts", ctx.E, "--top-k", ctx.K, "--overwrite", "--match-flops-of", *runs,
+                 *_train_flags(ctx, opts, None)], ctx.logfile("train-moe"), ctx.echo_par, ctx.env)
+
+
+def merge_and_baselines(ctx) -> Dict[str, str]:
+    """Merge, and the baselines of equal training FLOPs, in parallel; returns the baselines' errors
+    (a failed merge raises StageError). Every checkpoint then records the tokenizer."""
+    from flexmoe_training.data import copy_tokenizer_files
+
+    tasks = [("merge", lambda: _merge_task(ctx))]
+    if ctx.settings.baselines:
+        # the longest task first so that the others fill the remaining workers
+        tasks = [("baseline: joint MoE", lambda: _moe_task(ctx)), *tasks,
+                 *[(f"baseline: public continued on {d} (BTM member)", lambda d=d: _dense_task(ctx, d))
+                   for d in ctx.owners]]
+    with ctx.stage(f"merge + baselines ({ctx.jobs} at a time)"):
+        errors = parallel(tasks, ctx.jobs, ctx.log, ctx.timings)
+    if "merge" in errors:
+        raise StageError(f"merge: {errors['merge']}")
+    # every checkpoint records the tokenizer, so `flexmoe generate --model CKPT` decodes correctly
+    for name in os.listdir(os.path.join(ctx.run_dir, "ckpt")):
+        if os.path.isfile(os.path.join(ctx.ck(name), "config.json")) and not os.path.isfile(
+                os.path.join(ctx.ck(name), "tokenizer_meta.json")):
+            copy_tokenizer_files(ctx.data[ctx.public_dom], ctx.ck(name))
+    return {k: v for k, v in errors.items() if k != "merge"}
+
+
+# ----------------------------------------------------------------------------- 8.-10. measure and report
+def evaluate(ctx) -> dict:
+    """Held-out loss per domain of every model and setting (:func:`measure.evaluate_all`)."""
+    from .measure import evaluate_all
+
+    with ctx.stage("evaluate"):
+        return evaluate_all(ctx.settings, ctx.run_dir, ctx.corpus_dir, ctx.manifest, ctx.tok, ctx.K, ctx.log)
+
+
+def audit(ctx) -> List[dict]:
+    """Training-data extraction audit (:func:`measure.audit_all`)."""
+    from .measure import audit_all
+
+    with ctx.stage("audit"):
+        return audit_all(ctx.settings, ctx.run_dir, ctx.corpus_dir, ctx.owners, ctx.tok, ctx.K, ctx.log)
+
+
+def report(ctx, results: dict) -> dict:
+    """Claims, results.json, losses.png and report.txt; prints the report. Returns ``results`` with the claims."""
+    import time
+
+    from . import report as R
+
+    results["timings_s"] = {k: round(v, 1) for k, v in ctx.timings.items()}
+    results["total_s"] = round(time.time() - ctx.t_all, 1)
+    results["run_dir"] = ctx.run_dir
+    claims = R.compute_claims(results)
+    json_path = os.path.join(ctx.run_dir, "results.json")
+    R.write_json(json_path, results, claims)
+    png = os.path.join(ctx.run_dir, "losses.png")
+    try:
+        R.plot_losses(results, png)
+    except Exception as e:  # the plot must never lose the numbers
+        ctx.log(f"plot failed: {type(e).__name__}: {e}")
+        png = None
+    text = R.format_report(results, claims)
+    report_path = os.path.join(ctx.run_dir, "report.txt")
+    write_text_atomic(report_path, text + "\n")
+    print("\n" + text)
+    print("\nStage timings: " + ", ".join(f"{k} {v:.0f}s" for k, v in ctx.timings.items()))
+    print(f"Total {results['total_s']:.0f} s. Results: {json_path}" + (f"  plot: {png}" if png else "")
+          + f"  report: {report_path}")
+    deny, merged = ctx.owners[0], ctx.ck("merged")
+    print(f"\nTry opt-out inference on the merged model:\n  flexmoe generate --model {merged} "
+          f"--deny {deny} \"def main(\"\n  flexmoe generate --model {merged} --allow public,{deny} \"def main(\"")
+    results["claims"] = claims
+    return results
