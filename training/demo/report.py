@@ -41,24 +41,27 @@ def _fmt(x: Optional[float], nd: int = 3) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{nd}f}"
 
 
-def compute_claims(results: dict, thresholds: Optional[dict] = None) -> List[dict]:
-    """The paper's claims, each judged "supported" / "refuted" / "not run" from ``results``.
+def _claim(cid: str, claim: str, verdict: str, text: str, numbers: dict) -> dict:
+    """One entry of :func:`compute_claims`' list (the keys every claim has, in this order)."""
+    return {"id": cid, "claim": claim, "verdict": verdict, "text": text, "numbers": numbers}
 
-    Returns a list of ``{"id", "claim", "verdict", "text", "numbers"}``; ``text`` states the
-    numbers behind the verdict. Nothing here is hard-coded: every verdict is a comparison of
-    losses (or extraction shares) measured in this run.
-    """
-    th = dict(DEFAULT_THRESHOLDS, **(thresholds or {}))
-    owners = list(results["owner_domains"])
-    public_dom = results["public_domain"]
-    claims: List[dict] = []
 
-    def add(cid, claim, verdict, text, numbers):
-        claims.append({"id": cid, "claim": claim, "verdict": verdict, "text": text, "numbers": numbers})
+def _verdict(missing: bool, numbers: dict, ok: bool) -> str:
+    """The verdict of an all-domains claim: "not run" when a setting is missing or nothing was
+    measured, else "supported" if ``ok`` holds, "refuted" if not."""
+    return "not run" if missing or not numbers else ("supported" if ok else "refuted")
 
-    # 1. merged beats public on every owner domain
+
+def _owner_avg(results: dict, config: str) -> Optional[float]:
+    """Mean loss of ``config`` over the owner domains; None unless every owner domain was measured."""
+    v = [_loss(results, config, d) for d in results["owner_domains"]]
+    return None if any(x is None for x in v) or not v else sum(v) / len(v)
+
+
+def _claim_merged_beats_public(results: dict) -> dict:
+    """Claim 1: the merged model has a lower loss than the public model on every owner domain."""
     nums, parts, ok, missing = {}, [], True, False
-    for d in owners:
+    for d in results["owner_domains"]:
         p, m = _loss(results, "public", d), _loss(results, "merged", d)
         if p is None or m is None:
             missing = True
@@ -66,102 +69,160 @@ def compute_claims(results: dict, thresholds: Optional[dict] = None) -> List[dic
         nums[d] = {"public": p, "merged": m, "relative_gain": (p - m) / p}
         ok &= m < p
         parts.append(f"{d}: {p:.3f} -> {m:.3f} ({100 * (p - m) / p:+.1f}%)")
-    add("merged_beats_public", "The merged model beats the public model on every owner domain.",
-        "not run" if missing or not nums else ("supported" if ok else "refuted"),
-        "held-out loss public -> merged: " + "; ".join(parts), nums)
+    return _claim("merged_beats_public", "The merged model beats the public model on every owner domain.",
+                  _verdict(missing, nums, ok), "held-out loss public -> merged: " + "; ".join(parts), nums)
 
-    # 2. opting an expert out brings its domain back near the public model ...
-    # 3. ... and leaves the other domains nearly unchanged
+
+def _optout_gain_lost(d: str, p: float, m: float, o: float, th: dict) -> tuple:
+    """Claim 2 for owner ``d`` from its domain's public / merged / opted-out losses.
+
+    Returns ``(numbers, text part, holds)``: the share of the merged model's gain over the
+    public model given back when d's expert is opted out (NaN when there was no gain) and
+    whether it reaches ``th["optout_min_gain_lost"]``.
+    """
+    gain = p - m
+    lost = (o - m) / gain if gain > 0 else float("nan")
+    good = gain > 0 and lost >= th["optout_min_gain_lost"]
+    part = (f"{d}: merged {m:.3f}, without {d} {o:.3f}, public {p:.3f}"
+            + (" (the merged model did not improve on it)" if math.isnan(lost)
+               else f" ({100 * lost:.0f}% of the gain given back)"))
+    return {"public": p, "merged": m, "optout": o, "share_of_gain_lost": lost}, part, good
+
+
+def _optout_side_effects(results: dict, d: str, own_change: float, th: dict) -> tuple:
+    """Claim 3 for owner ``d``: how much opting d's expert out moves the other domains.
+
+    ``own_change`` is the loss change on d's own domain. Returns ``(numbers, text part or
+    None, holds)``: the largest absolute change on another measured domain as a share of
+    ``own_change`` (inf when ``own_change <= 0`` or nothing else was measured) must be at most
+    ``th["optout_max_side_effect"]``.
+    """
+    owners = results["owner_domains"]
+    side = {}
+    for other in [results["public_domain"]] + [x for x in owners if x != d]:
+        mo, oo = _loss(results, "merged", other), _loss(results, f"optout:{d}", other)
+        if None in (mo, oo):
+            continue
+        side[other] = oo - mo
+    worst = max(side, key=lambda k: abs(side[k])) if side else None
+    ratio = abs(side[worst]) / own_change if worst is not None and own_change > 0 else float("inf")
+    part = None
+    if worst is not None:
+        part = (f"without {d}: {d} {own_change:+.3f}, largest other change {worst} {side[worst]:+.3f} "
+                f"({'inf' if math.isinf(ratio) else f'{100 * ratio:.0f}%'} of it)")
+    nums = {"own_domain_change": own_change, "other_domain_changes": side, "worst_ratio": ratio}
+    return nums, part, ratio <= th["optout_max_side_effect"]
+
+
+def _claims_optout(results: dict, th: dict) -> List[dict]:
+    """Claims 2 and 3: opting an owner's expert out restores the public model on its domain and
+    leaves the other domains nearly unchanged. Both are "not run" if any owner's setting is missing."""
     nums2, parts2, ok2, nums3, parts3, ok3, missing = {}, [], True, {}, [], True, False
-    for d in owners:
+    for d in results["owner_domains"]:
         p, m, o = _loss(results, "public", d), _loss(results, "merged", d), _loss(results, f"optout:{d}", d)
         if None in (p, m, o):
             missing = True
             continue
-        gain = p - m
-        lost = (o - m) / gain if gain > 0 else float("nan")
-        good = gain > 0 and lost >= th["optout_min_gain_lost"]
-        ok2 &= good
-        nums2[d] = {"public": p, "merged": m, "optout": o, "share_of_gain_lost": lost}
-        parts2.append(f"{d}: merged {m:.3f}, without {d} {o:.3f}, public {p:.3f}"
-                      + (" (the merged model did not improve on it)" if math.isnan(lost)
-                         else f" ({100 * lost:.0f}% of the gain given back)"))
-        own_change = o - m
-        side = {}
-        for other in [public_dom] + [x for x in owners if x != d]:
-            mo, oo = _loss(results, "merged", other), _loss(results, f"optout:{d}", other)
-            if None in (mo, oo):
-                continue
-            side[other] = oo - mo
-        worst = max(side, key=lambda k: abs(side[k])) if side else None
-        ratio = abs(side[worst]) / own_change if worst is not None and own_change > 0 else float("inf")
-        ok3 &= ratio <= th["optout_max_side_effect"]
-        nums3[d] = {"own_domain_change": own_change, "other_domain_changes": side, "worst_ratio": ratio}
-        if worst is not None:
-            parts3.append(f"without {d}: {d} {own_change:+.3f}, largest other change {worst} {side[worst]:+.3f} "
-                          f"({'inf' if math.isinf(ratio) else f'{100 * ratio:.0f}%'} of it)")
-    verdict2 = "not run" if missing or not nums2 else ("supported" if ok2 else "refuted")
-    add("optout_restores_public",
-        f"Opting an owner's expert out brings its domain back near the public model "
-        f"(>= {100 * th['optout_min_gain_lost']:.0f}% of the merged model's gain on it is given back).",
-        verdict2, "; ".join(parts2), nums2)
-    add("optout_leaves_others",
-        f"Opting an owner's expert out leaves the other domains nearly unchanged (each changes by "
-        f"<= {100 * th['optout_max_side_effect']:.0f}% of the change on the opted-out domain).",
-        "not run" if missing or not nums3 else ("supported" if ok3 else "refuted"), "; ".join(parts3), nums3)
+        nums2[d], part2, good2 = _optout_gain_lost(d, p, m, o, th)
+        parts2.append(part2)
+        ok2 &= good2
+        nums3[d], part3, good3 = _optout_side_effects(results, d, o - m, th)
+        if part3 is not None:
+            parts3.append(part3)
+        ok3 &= good3
+    return [
+        _claim("optout_restores_public",
+               f"Opting an owner's expert out brings its domain back near the public model "
+               f"(>= {100 * th['optout_min_gain_lost']:.0f}% of the merged model's gain on it is given back).",
+               _verdict(missing, nums2, ok2), "; ".join(parts2), nums2),
+        _claim("optout_leaves_others",
+               f"Opting an owner's expert out leaves the other domains nearly unchanged (each changes by "
+               f"<= {100 * th['optout_max_side_effect']:.0f}% of the change on the opted-out domain).",
+               _verdict(missing, nums3, ok3), "; ".join(parts3), nums3),
+    ]
 
-    # 4./5. baselines of equal training FLOPs, compared on the average over owner domains
-    def owner_avg(cfg):
-        v = [_loss(results, cfg, d) for d in owners]
-        return None if any(x is None for x in v) or not v else sum(v) / len(v)
 
-    m_avg = owner_avg("merged")
-    btm = [c for c in ("btm-prior", "btm-uniform") if owner_avg(c) is not None]
+def _claims_equal_flops(results: dict) -> List[dict]:
+    """Claims 4 and 5: the merged model beats the BTM output ensemble (the better of the
+    ``btm-prior`` / ``btm-uniform`` settings) and the joint MoE, both of equal training FLOPs,
+    on the mean owner-domain loss."""
+    m_avg = _owner_avg(results, "merged")
+    btm = [c for c in ("btm-prior", "btm-uniform") if _owner_avg(results, c) is not None]
     if m_avg is not None and btm:
-        best = min(btm, key=owner_avg)
-        b = owner_avg(best)
-        add("merged_beats_btm", "The merged model beats the BTM output ensemble (equal training FLOPs) on owner domains.",
-            "supported" if m_avg < b else "refuted",
-            f"mean owner-domain loss: merged {m_avg:.3f} vs best BTM ({best}) {b:.3f}",
-            {"merged": m_avg, best: b})
+        best = min(btm, key=lambda c: _owner_avg(results, c))
+        b = _owner_avg(results, best)
+        out = [_claim("merged_beats_btm",
+                      "The merged model beats the BTM output ensemble (equal training FLOPs) on owner domains.",
+                      "supported" if m_avg < b else "refuted",
+                      f"mean owner-domain loss: merged {m_avg:.3f} vs best BTM ({best}) {b:.3f}",
+                      {"merged": m_avg, best: b})]
     else:
-        add("merged_beats_btm", "The merged model beats the BTM output ensemble on owner domains.", "not run", "", {})
-    moe = owner_avg("moe")
+        out = [_claim("merged_beats_btm", "The merged model beats the BTM output ensemble on owner domains.",
+                      "not run", "", {})]
+    moe = _owner_avg(results, "moe")
     if m_avg is not None and moe is not None:
-        add("merged_beats_moe", "The merged model beats a standard MoE trained jointly on all data (equal training FLOPs).",
-            "supported" if m_avg < moe else "refuted",
-            f"mean owner-domain loss: merged {m_avg:.3f} vs joint MoE {moe:.3f}", {"merged": m_avg, "moe": moe})
+        out.append(_claim("merged_beats_moe",
+                          "The merged model beats a standard MoE trained jointly on all data (equal training FLOPs).",
+                          "supported" if m_avg < moe else "refuted",
+                          f"mean owner-domain loss: merged {m_avg:.3f} vs joint MoE {moe:.3f}",
+                          {"merged": m_avg, "moe": moe}))
     else:
-        add("merged_beats_moe", "The merged model beats a standard MoE trained jointly on all data.", "not run", "", {})
+        out.append(_claim("merged_beats_moe", "The merged model beats a standard MoE trained jointly on all data.",
+                          "not run", "", {}))
+    return out
 
-    # 6. more active experts help (k=1 vs the best k)
+
+def _claims_topk(results: dict) -> List[dict]:
+    """Claim 6 (only when at least two ``topk:<k>`` settings ran): the largest k has a lower mean
+    owner-domain loss than the smallest."""
     ks = sorted(int(c.split(":")[1]) for c in results.get("losses", {}) if c.startswith("topk:"))
-    if len(ks) >= 2:
-        avg = {k: owner_avg(f"topk:{k}") for k in ks}
-        add("topk_helps", "Quality rises with the number of active experts (top-k).",
-            "supported" if avg[ks[-1]] < avg[ks[0]] else "refuted",
-            "mean owner-domain loss by k: " + ", ".join(f"k={k}: {avg[k]:.3f}" for k in ks),
-            {str(k): avg[k] for k in ks})
+    if len(ks) < 2:
+        return []
+    avg = {k: _owner_avg(results, f"topk:{k}") for k in ks}
+    return [_claim("topk_helps", "Quality rises with the number of active experts (top-k).",
+                   "supported" if avg[ks[-1]] < avg[ks[0]] else "refuted",
+                   "mean owner-domain loss by k: " + ", ".join(f"k={k}: {avg[k]:.3f}" for k in ks),
+                   {str(k): avg[k] for k in ks})]
 
-    # 7. extraction: merged model leaks less than a dense model trained on the owner's data
-    audit = results.get("audit") or []
+
+def _claims_extraction(results: dict) -> List[dict]:
+    """Claim 7 (only when the audit covers the merged and a dense model): the merged model
+    reproduces a smaller share of the audited training documents than the dense model trained
+    on the owner's data ("inconclusive" when the shares are equal)."""
     by = {}
-    for a in audit:
+    for a in results.get("audit") or []:
         by.setdefault(a["model"], []).append(a)
-    if "merged" in by and "dense" in by:
-        def share(model):
-            rows = by[model]
-            n = sum(r["n_docs"] for r in rows)
-            return sum(r["n_extracted"] for r in rows) / n if n else 0.0
-        sm, sd = share("merged"), share("dense")
-        sp = share("public") if "public" in by else None
-        add("extraction", "The merged model reproduces fewer of an owner's training documents than a dense model "
-            "trained on that owner's data.",
-            "supported" if sm < sd else ("refuted" if sm > sd else "inconclusive"),
-            f"extracted share: public {_fmt(sp and 100 * sp, 1)}%, dense-on-owner {100 * sd:.1f}%, merged {100 * sm:.1f}%"
-            + (" (equal: no model reproduced its training data at this size)" if sm == sd else ""),
-            {"public": sp, "dense": sd, "merged": sm})
-    return claims
+    if "merged" not in by or "dense" not in by:
+        return []
+
+    def share(model):
+        rows = by[model]
+        n = sum(r["n_docs"] for r in rows)
+        return sum(r["n_extracted"] for r in rows) / n if n else 0.0
+
+    sm, sd = share("merged"), share("dense")
+    sp = share("public") if "public" in by else None
+    return [_claim("extraction", "The merged model reproduces fewer of an owner's training documents than a dense model "
+                   "trained on that owner's data.",
+                   "supported" if sm < sd else ("refuted" if sm > sd else "inconclusive"),
+                   f"extracted share: public {_fmt(sp and 100 * sp, 1)}%, dense-on-owner {100 * sd:.1f}%, "
+                   f"merged {100 * sm:.1f}%"
+                   + (" (equal: no model reproduced its training data at this size)" if sm == sd else ""),
+                   {"public": sp, "dense": sd, "merged": sm})]
+
+
+def compute_claims(results: dict, thresholds: Optional[dict] = None) -> List[dict]:
+    """The paper's claims, each judged "supported" / "refuted" / "not run" from ``results``.
+
+    Returns a list of ``{"id", "claim", "verdict", "text", "numbers"}``; ``text`` states the
+    numbers behind the verdict. Nothing here is hard-coded: every verdict is a comparison of
+    losses (or extraction shares) measured in this run. ``thresholds`` overrides entries of
+    :data:`DEFAULT_THRESHOLDS`. The ``topk_helps`` and ``extraction`` claims are present only
+    when their settings ran.
+    """
+    th = dict(DEFAULT_THRESHOLDS, **(thresholds or {}))
+    return ([_claim_merged_beats_public(results)] + _claims_optout(results, th) + _claims_equal_flops(results)
+            + _claims_topk(results) + _claims_extraction(results))
 
 
 def _config_order(results: dict) -> List[str]:
