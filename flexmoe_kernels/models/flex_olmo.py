@@ -174,6 +174,44 @@ def _check_input_ids(input_ids: object, vocab_size: int) -> None:
         raise ValueError(f"input_ids must be in [0, vocab_size={vocab_size}), got values in [{lo}, {hi}]")
 
 
+def _check_generate_args(input_ids, vocab_size, max_new_tokens, do_sample, temperature, top_k, top_p) -> None:
+    """Raise ValueError (TypeError for ids of the wrong type) unless :meth:`FlexOlmoForCausalLM.generate`'s
+    arguments are valid: ids as :func:`_check_input_ids`, ``max_new_tokens`` an int >= 0 and,
+    only when sampling, temperature > 0, top_k None or an int >= 1, top_p None or in (0, 1]."""
+    _check_input_ids(input_ids, vocab_size)
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    if do_sample:
+        if not (isinstance(temperature, (int, float)) and temperature > 0):
+            raise ValueError(f"temperature must be > 0, got {temperature!r}")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+            raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
+        if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+            raise ValueError(f"top_p must be None or in (0, 1], got {top_p!r}")
+
+
+def _generation_attention_mask(attention_mask, B: int, S: int, device) -> Optional[torch.Tensor]:
+    """The prompt mask of :meth:`FlexOlmoForCausalLM.generate` as a (B, S) long tensor on
+    ``device`` (None stays None); ValueError unless it is a tensor of shape (B, S)."""
+    if attention_mask is None:
+        return None
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != (B, S):
+        raise ValueError(
+            f"attention_mask must be a (B, S)=({B}, {S}) tensor, got "
+            f"{tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__}"
+        )
+    return attention_mask.to(device=device, dtype=torch.long)
+
+
+def _new_positions(mask_BL: Optional[torch.Tensor], n_new: int) -> Optional[torch.Tensor]:
+    """Position ids (B, n_new) of the last ``n_new`` tokens under a left-padding mask (B, L):
+    the count of real tokens before each one (0 for pads); None when there is no mask."""
+    if mask_BL is None:
+        return None
+    pos = (mask_BL.cumsum(-1) - 1).clamp(min=0)
+    return pos[:, -n_new:]
+
+
 class FlexOlmoForCausalLM(nn.Module):
     """FlexOlmo language model: :class:`FlexOlmoModel` + ``lm_head`` (tied to the embeddings if configured).
 
@@ -365,54 +403,18 @@ class FlexOlmoForCausalLM(nn.Module):
             generator: optional ``torch.Generator`` (on the model's device) for reproducible sampling.
             attention_mask: optional (B, S) prompt mask (1 = token, 0 = left padding).
         """
-        cfg = self.config
-        _check_input_ids(input_ids, cfg.vocab_size)
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-        if do_sample:
-            if not (isinstance(temperature, (int, float)) and temperature > 0):
-                raise ValueError(f"temperature must be > 0, got {temperature!r}")
-            if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-                raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
-            if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
-                raise ValueError(f"top_p must be None or in (0, 1], got {top_p!r}")
+        _check_generate_args(input_ids, self.config.vocab_size, max_new_tokens, do_sample, temperature, top_k, top_p)
         B, S = input_ids.shape
         device = input_ids.device
         allow = self._generation_allow_mask(allowed_experts, B, device)
-        eos = cfg.eos_token_ids if eos_token_id is None else (
-            [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-        )
-        pad = pad_token_id if pad_token_id is not None else (cfg.pad_token_id if cfg.pad_token_id is not None else (eos[0] if eos else 0))
-        eos_t = torch.tensor(eos, device=device, dtype=torch.long) if eos else None
-
-        if attention_mask is not None:
-            if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != (B, S):
-                raise ValueError(
-                    f"attention_mask must be a (B, S)=({B}, {S}) tensor, got "
-                    f"{tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__}"
-                )
-            attention_mask = attention_mask.to(device=device, dtype=torch.long)
-
-        def positions(mask_BL: Optional[torch.Tensor], n_new: int) -> Optional[torch.Tensor]:
-            if mask_BL is None:
-                return None
-            pos = (mask_BL.cumsum(-1) - 1).clamp(min=0)
-            return pos[:, -n_new:]
-
+        pad, eos_t = self._generation_eos_pad(eos_token_id, pad_token_id, device)
+        attention_mask = _generation_attention_mask(attention_mask, B, S, device)
         tokens = input_ids.to(torch.long)
         finished = torch.zeros(B, dtype=torch.bool, device=device)
         cache = None
         step_input = tokens
         for _ in range(max_new_tokens):
-            if use_cache:
-                out = self(step_input, allowed_experts=allow, attention_mask=attention_mask,
-                           past_key_values=cache, use_cache=True,
-                           position_ids=positions(attention_mask, step_input.shape[1]))
-                cache = out.past_key_values
-            else:
-                out = self(tokens, allowed_experts=allow, attention_mask=attention_mask,
-                           position_ids=positions(attention_mask, tokens.shape[1]))
-            logits_BV = out.logits[:, -1, :].float()
+            logits_BV, cache = self._decode_logits(tokens, step_input, allow, attention_mask, cache, use_cache)
             nxt = self._next_token(logits_BV, do_sample, temperature, top_k, top_p, generator)
             nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)
             tokens = torch.cat([tokens, nxt[:, None]], dim=1)
@@ -424,6 +426,43 @@ class FlexOlmoForCausalLM(nn.Module):
                     break
             step_input = nxt[:, None]
         return tokens
+
+    def _generation_eos_pad(
+        self, eos_token_id: Union[None, int, Sequence[int]], pad_token_id: Optional[int], device
+    ) -> tuple[int, Optional[torch.Tensor]]:
+        """Resolve :meth:`generate`'s stop and pad ids: returns ``(pad id, eos ids as a long
+        tensor on device or None when there are none)``.
+
+        ``eos_token_id`` None means ``config.eos_token_ids``; an int or a sequence is used as is
+        (an empty sequence disables stopping). The pad id is ``pad_token_id``, else
+        ``config.pad_token_id``, else the first eos id, else 0.
+        """
+        cfg = self.config
+        eos = cfg.eos_token_ids if eos_token_id is None else (
+            [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+        )
+        pad = pad_token_id if pad_token_id is not None else (cfg.pad_token_id if cfg.pad_token_id is not None else (eos[0] if eos else 0))
+        eos_t = torch.tensor(eos, device=device, dtype=torch.long) if eos else None
+        return pad, eos_t
+
+    def _decode_logits(self, tokens, step_input, allow, attention_mask, cache, use_cache):
+        """One decoding forward of :meth:`generate`: returns ``(last-position logits (B, V) fp32,
+        the updated cache)``.
+
+        With ``use_cache`` only ``step_input`` (the prompt on the first step, then the last new
+        token) goes through the model with ``cache`` (None on the first step); without it the
+        whole ``tokens`` sequence is run again and the cache stays None. ``attention_mask``
+        (B, L) covers ``tokens`` and sets the positions of left-padded rows.
+        """
+        if use_cache:
+            out = self(step_input, allowed_experts=allow, attention_mask=attention_mask,
+                       past_key_values=cache, use_cache=True,
+                       position_ids=_new_positions(attention_mask, step_input.shape[1]))
+            cache = out.past_key_values
+        else:
+            out = self(tokens, allowed_experts=allow, attention_mask=attention_mask,
+                       position_ids=_new_positions(attention_mask, tokens.shape[1]))
+        return out.logits[:, -1, :].float(), cache
 
     def _generation_allow_mask(self, allowed_experts: AllowedExperts, B: int, device) -> AllowedExperts:
         """Canonical per-sequence form for generation: None, (E,) or (B, E) bool."""
