@@ -409,6 +409,92 @@ def load_manifest(corpus_dir: str) -> dict:
         return json.load(f)
 
 
+def _check_corpus_spec(spec: CorpusSpec) -> None:
+    """ValueError unless ``spec.num_owners >= 1`` and every named source is in :data:`SOURCES`."""
+    if spec.num_owners < 1:
+        raise ValueError(f"num_owners must be >= 1, got {spec.num_owners}")
+    for name in ([spec.public] if spec.public else []) + list(spec.owners or []):
+        if name not in SOURCES:
+            raise ValueError(f"unknown corpus source {name!r}; known: {sorted(SOURCES)}")
+
+
+class _DomainWriter:
+    """Builds domains one source at a time into the corpus directory ``out``.
+
+    A source is kept when it yields at least ``min_train`` training bytes and one held-out
+    document: its ``train.jsonl`` / ``test.jsonl`` are written under ``out/<name>``, its
+    documents are claimed (``seen``, so no later source repeats them) and its manifest entry
+    goes into ``domains``. Otherwise the reason goes into ``skipped`` and nothing is claimed.
+    """
+
+    def __init__(self, spec: CorpusSpec, out: str, log: Callable[[str], None]):
+        self.spec, self.out, self.log = spec, out, log
+        self.min_train = spec.min_train_bytes or min(spec.train_bytes // 4, 200_000)
+        self.seen: set = set()
+        self.skipped: Dict[str, str] = {}
+        self.domains: Dict[str, dict] = {}
+
+    def try_source(self, name: str, role: str) -> bool:
+        """Collect source ``name`` for ``role`` ("public" / "owner"); True when it was kept."""
+        local = set(self.seen)  # a skipped source must not claim documents
+        train, test, info = _collect(SOURCES[name], self.spec, local, self.log)
+        ntr = sum(len(d.text.encode()) for d in train)
+        if ntr < self.min_train or not test:
+            why = info.get("error") or (
+                f"only {ntr} training bytes / {len(test)} held-out docs from {info['files_found']} files "
+                f"(need >= {self.min_train} bytes and >= 1 doc)")
+            self.skipped[name] = why
+            self.log(f"corpora: skipping {name} as {role}: {why}")
+            return False
+        self.seen.update(local)
+        self._write(name, role, train, test, ntr, info)
+        return True
+
+    def _write(self, name: str, role: str, train: List[Document], test: List[Document], ntr: int, info: dict) -> None:
+        """Write a kept source's splits, record its manifest entry and log a summary line."""
+        os.makedirs(os.path.join(self.out, name), exist_ok=True)
+        _write_jsonl(os.path.join(self.out, name, "train.jsonl"), train)
+        _write_jsonl(os.path.join(self.out, name, "test.jsonl"), test)
+        self.domains[name] = {
+            "role": role,
+            "source": SOURCES[name].description,
+            "train_docs": len(train),
+            "train_bytes": ntr,
+            "test_docs": len(test),
+            "test_bytes": sum(len(d.text.encode()) for d in test),
+            **info,
+        }
+        self.log(f"corpora: {role:6s} {name:10s} {len(train):5d} train docs ({ntr / 1e3:.0f} kB), "
+                 f"{len(test):4d} held-out docs, from {info['files_read']}/{info['files_found']} files "
+                 f"({info['duplicates_dropped']} duplicates dropped, {info['seconds']:.1f} s)")
+
+    def choose_public(self) -> str:
+        """The first usable source of ``spec.public`` (if set) or :data:`PUBLIC_PREFERENCE`;
+        RuntimeError when none is usable."""
+        for name in [self.spec.public] if self.spec.public else PUBLIC_PREFERENCE:
+            if self.try_source(name, "public"):
+                return name
+        raise RuntimeError(f"no public corpus could be built on this machine: {self.skipped}")
+
+    def choose_owners(self, public: str) -> List[str]:
+        """The first ``spec.num_owners`` usable sources of ``spec.owners`` / :data:`OWNER_PREFERENCE`
+        other than ``public``; RuntimeError when fewer are usable."""
+        spec = self.spec
+        owners: List[str] = []
+        for name in (spec.owners or OWNER_PREFERENCE):
+            if len(owners) == spec.num_owners:
+                break
+            if name == public or name in owners:
+                continue
+            if self.try_source(name, "owner"):
+                owners.append(name)
+        if len(owners) < spec.num_owners:
+            raise RuntimeError(
+                f"only {len(owners)} owner domains ({owners}) could be built, {spec.num_owners} requested; "
+                f"skipped: {self.skipped}")
+        return owners
+
+
 def build_corpora(root: str, spec: CorpusSpec, log: Callable[[str], None] = print, force: bool = False) -> str:
     """Build (or reuse) the demo corpora under ``root``; return the corpus directory.
 
@@ -418,75 +504,22 @@ def build_corpora(root: str, spec: CorpusSpec, log: Callable[[str], None] = prin
     ``spec.min_train_bytes`` of training text and at least one held-out document. Raises
     ``RuntimeError`` naming what was found when fewer than ``num_owners`` owners are usable.
     """
-    if spec.num_owners < 1:
-        raise ValueError(f"num_owners must be >= 1, got {spec.num_owners}")
-    for name in ([spec.public] if spec.public else []) + list(spec.owners or []):
-        if name not in SOURCES:
-            raise ValueError(f"unknown corpus source {name!r}; known: {sorted(SOURCES)}")
+    _check_corpus_spec(spec)
     out = os.path.join(root, f"corpora-{spec.key()}")
     if not force and os.path.exists(os.path.join(out, "manifest.json")):
         log(f"corpora: reusing {out}")
         return out
-    min_train = spec.min_train_bytes or min(spec.train_bytes // 4, 200_000)
     os.makedirs(out, exist_ok=True)
-    seen: set = set()
-    skipped: Dict[str, str] = {}
-    domains: Dict[str, dict] = {}
-
-    def try_source(name: str, role: str) -> bool:
-        local = set(seen)  # a skipped source must not claim documents
-        train, test, info = _collect(SOURCES[name], spec, local, log)
-        ntr = sum(len(d.text.encode()) for d in train)
-        if ntr < min_train or not test:
-            why = info.get("error") or (
-                f"only {ntr} training bytes / {len(test)} held-out docs from {info['files_found']} files "
-                f"(need >= {min_train} bytes and >= 1 doc)")
-            skipped[name] = why
-            log(f"corpora: skipping {name} as {role}: {why}")
-            return False
-        seen.update(local)
-        os.makedirs(os.path.join(out, name), exist_ok=True)
-        _write_jsonl(os.path.join(out, name, "train.jsonl"), train)
-        _write_jsonl(os.path.join(out, name, "test.jsonl"), test)
-        domains[name] = {
-            "role": role,
-            "source": SOURCES[name].description,
-            "train_docs": len(train),
-            "train_bytes": ntr,
-            "test_docs": len(test),
-            "test_bytes": sum(len(d.text.encode()) for d in test),
-            **info,
-        }
-        log(f"corpora: {role:6s} {name:10s} {len(train):5d} train docs ({ntr / 1e3:.0f} kB), "
-            f"{len(test):4d} held-out docs, from {info['files_read']}/{info['files_found']} files "
-            f"({info['duplicates_dropped']} duplicates dropped, {info['seconds']:.1f} s)")
-        return True
-
-    public = None
-    for name in [spec.public] if spec.public else PUBLIC_PREFERENCE:
-        if try_source(name, "public"):
-            public = name
-            break
-    if public is None:
-        raise RuntimeError(f"no public corpus could be built on this machine: {skipped}")
-    owners: List[str] = []
-    for name in (spec.owners or OWNER_PREFERENCE):
-        if len(owners) == spec.num_owners:
-            break
-        if name == public or name in owners:
-            continue
-        if try_source(name, "owner"):
-            owners.append(name)
-    if len(owners) < spec.num_owners:
-        raise RuntimeError(
-            f"only {len(owners)} owner domains ({owners}) could be built, {spec.num_owners} requested; skipped: {skipped}")
+    writer = _DomainWriter(spec, out, log)
+    public = writer.choose_public()
+    owners = writer.choose_owners(public)
     manifest = {
         "format_version": FORMAT_VERSION,
         "spec": dict(spec.__dict__, owners=list(spec.owners) if spec.owners else None),
         "public": public,
         "owners": owners,
-        "domains": domains,
-        "skipped": skipped,
+        "domains": writer.domains,
+        "skipped": writer.skipped,
         "python": sys.version.split()[0],
         "platform": sys.platform,
     }
