@@ -2,52 +2,33 @@
 
 Legend: T tokens, D hidden, F expert width, E experts, K top-k, B batch, S sequence.
 """
-import math
-
 import pytest
 import torch
-from conftest import tol
+from helpers import DEVICE, assert_matches_reference, backend_logits, make_mask, reference_layer, tol
 
 import flexmoe_kernels as fk
+from flexmoe_kernels.ops.triton import launch
 
+pytestmark = pytest.mark.usefixtures("one_thread", "poisoned_outputs")
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+TRITON_OK, TRITON_WHY = launch.is_available(DEVICE)
+F32 = torch.float32
 
 
 # ---------------------------------------------------------------------------- reference
 def ref_moe(moe, x, allow_TE=None):
-    """Readable FlexOlmo MoE in float64, one token at a time.
-
-    logits = x @ R.T (+ min(b, 0)); disallowed -> -inf; softmax over experts; top-k;
-    optional renormalisation; out = sum_k w_k * down(silu(gate x) * up x).
-    Only the chosen experts' weights are read (so NaN in opted-out experts cannot leak).
-    """
+    """The module's output by the readable float64 per-token reference (helpers.reference_layer)
+    on its parameters, routed by the module's fp32 logits; only the chosen experts' weights are read (so NaN in opted-out experts
+    cannot leak). Returns float64 in x's shape."""
     D = moe.hidden_size
-    Fw = moe.intermediate_size
-    x_TD = x.detach().reshape(-1, D).double()
-    R = moe.gate.weight.detach().double()
-    gu = moe.experts.gate_up_proj.detach()
-    dn = moe.experts.down_proj.detach()
-    out = torch.zeros_like(x_TD)
-    for t in range(x_TD.shape[0]):
-        allowed = [e for e in range(moe.num_experts) if allow_TE is None or bool(allow_TE[t, e])]
-        z = {e: float(x_TD[t] @ R[e]) for e in allowed}
-        if moe.gate.expert_bias is not None:
-            z = {e: v + min(float(moe.gate.expert_bias.detach()[e]), 0.0) for e, v in z.items()}
-        mx = max(z.values())
-        p = {e: math.exp(v - mx) for e, v in z.items()}
-        s = sum(p.values())
-        p = {e: v / s for e, v in p.items()}
-        chosen = sorted(p, key=lambda e: -p[e])[: moe.top_k]
-        w = {e: p[e] for e in chosen}
-        if moe.norm_topk_prob:
-            tot = sum(w.values())
-            w = {e: v / tot for e, v in w.items()}
-        for e in chosen:
-            g = gu[e, :Fw].double() @ x_TD[t]
-            u = gu[e, Fw:].double() @ x_TD[t]
-            out[t] += w[e] * (dn[e].double() @ (torch.nn.functional.silu(g) * u))
-    return out.reshape(x.shape).to(x.dtype)
+    bias = moe.gate.expert_bias.detach() if moe.gate.expert_bias is not None else None
+    x_TD, R = x.detach().reshape(-1, D), moe.gate.weight.detach()
+    out, _ = reference_layer(
+        x_TD, R, moe.experts.gate_up_proj.detach(), moe.experts.down_proj.detach(), moe.top_k,
+        allow_mask=allow_TE, expert_bias=bias, norm_topk_prob=moe.norm_topk_prob,
+        route_logits=backend_logits(dict(x=x_TD, router_weight=R, expert_bias=bias)),  # routed like the module
+    )
+    return out.reshape(x.shape)
 
 
 def make_moe(D=12, Fw=10, E=5, K=2, std=0.3, **kw):
@@ -58,22 +39,13 @@ def make_moe(D=12, Fw=10, E=5, K=2, std=0.3, **kw):
     return m
 
 
-def random_allow(T, E, K, gen=None):
-    """(T, E) bool with at least K allowed experts per row."""
-    m = torch.rand(T, E, generator=gen) < 0.5
-    for t in range(T):
-        while int(m[t].sum()) < K:
-            m[t, torch.randint(E, (1,), generator=gen)] = True
-    return m
-
-
 # ---------------------------------------------------------------------------- forward vs reference
 @pytest.mark.parametrize("T,E,K,norm,bias", [(1, 5, 2, False, False), (5, 4, 3, True, False),
                                              (37, 6, 2, False, True), (9, 3, 3, True, True)])
 def test_forward_matches_reference(seed, T, E, K, norm, bias):
     m = make_moe(E=E, K=K, norm_topk_prob=norm, expert_bias=bias)
     x = torch.randn(T, 12)
-    torch.testing.assert_close(m(x), ref_moe(m, x), **tol(torch.float32))
+    assert_matches_reference(m(x), ref_moe(m, x), F32, "out")
 
 
 def test_gradients_match_reference(seed):
@@ -81,26 +53,20 @@ def test_gradients_match_reference(seed):
     x = torch.randn(2, 5, 12, requires_grad=True)
     w = torch.randn(2, 5, 12)
     (m(x) * w).sum().backward()
-    got = [x.grad, m.gate.weight.grad, m.experts.gate_up_proj.grad, m.experts.down_proj.grad]
+    names = ("x", "router_weight", "gate_up", "down", "expert_bias")
+    got = [x.grad, m.gate.weight.grad, m.experts.gate_up_proj.grad, m.experts.down_proj.grad, m.gate.expert_bias.grad]
 
-    # Differentiable float64 reference with the same routing (vectorised, dense over experts).
-    params = [x.detach().double().requires_grad_(), m.gate.weight.detach().double().requires_grad_(),
-              m.experts.gate_up_proj.detach().double().requires_grad_(),
-              m.experts.down_proj.detach().double().requires_grad_()]
-    xd, R, gu, dn = params
-    x_TD = xd.reshape(-1, 12)
-    z = x_TD @ R.T + m.gate.expert_bias.detach().double().clamp(max=0)
-    p = torch.softmax(z, -1)
-    top = torch.topk(p, 2, -1).indices
-    sel = torch.zeros_like(p).scatter(1, top, 1.0)
-    Fw = m.intermediate_size
-    h = torch.einsum("td,efd->tef", x_TD, gu)
-    y = torch.einsum("tef,edf->ted", torch.nn.functional.silu(h[..., :Fw]) * h[..., Fw:], dn)
-    out = (y * (p * sel)[..., None]).sum(1)
+    # The float64 per-token reference, differentiable, routed by the module's fp32 logits.
+    params = [t.detach().double().requires_grad_() for t in (x, m.gate.weight, m.experts.gate_up_proj,
+                                                             m.experts.down_proj, m.gate.expert_bias)]
+    xd, R, gu, dn, b = params
+    logits = backend_logits(dict(x=x.detach().reshape(-1, 12), router_weight=m.gate.weight.detach(),
+                                 expert_bias=m.gate.expert_bias.detach()))
+    out, _ = reference_layer(xd.reshape(-1, 12), R, gu, dn, 2, expert_bias=b, route_logits=logits)
     (out.reshape(2, 5, 12) * w.double()).sum().backward()
-    for g, r in zip(got, params):
-        torch.testing.assert_close(g, r.grad.float(), **tol(torch.float32))
-    assert m.gate.expert_bias.grad is not None and torch.isfinite(m.gate.expert_bias.grad).all()
+    for n, g, r in zip(names, got, params):
+        assert g is not None and torch.isfinite(g).all(), n
+        assert_matches_reference(g, r.grad, F32, f"d{n}")
 
 
 # ---------------------------------------------------------------------------- masking
@@ -123,8 +89,8 @@ def test_per_token_mask_matches_reference(seed):
     m = make_moe(E=5, K=2)
     T = 23
     x = torch.randn(T, 12)
-    allow = random_allow(T, 5, 2)
-    torch.testing.assert_close(m(x, allowed_experts=allow), ref_moe(m, x, allow), **tol(torch.float32))
+    allow = make_mask("token", T, 5, 2, device="cpu")
+    assert_matches_reference(m(x, allowed_experts=allow), ref_moe(m, x, allow), F32, "out")
 
 
 def test_per_sequence_mask_equals_running_alone(seed):
@@ -169,14 +135,13 @@ def test_zero_token_experts(seed):
     # T=2 tokens, K=1, E=6: at least 4 experts get no token; the result still equals the reference.
     m = make_moe(E=6, K=1)
     x = torch.randn(2, 12)
-    torch.testing.assert_close(m(x), ref_moe(m, x), **tol(torch.float32))
+    assert_matches_reference(m(x), ref_moe(m, x), F32, "out")
     # a mask that routes every token to experts {1, 4} only: the other 4 get zero tokens
     allow = torch.zeros(6, dtype=torch.bool)
     allow[[1, 4]] = True
     m2 = make_moe(E=6, K=2)
     x2 = torch.randn(13, 12)
-    torch.testing.assert_close(m2(x2, allowed_experts=allow), ref_moe(m2, x2, allow.expand(13, 6)),
-                               **tol(torch.float32))
+    assert_matches_reference(m2(x2, allowed_experts=allow), ref_moe(m2, x2, allow.expand(13, 6)), F32, "out")
 
 
 def test_one_expert_equals_dense_swiglu(seed):
@@ -260,3 +225,25 @@ def test_errors_name_the_argument():
     per_seq = torch.tensor([[True, True, False], [True, False, False]])
     with pytest.raises(ValueError, match="allows 1 experts"):
         m(x, allowed_experts=per_seq)
+
+
+# ---------------------------------------------------------------------------- other backends
+@pytest.mark.skipif(not TRITON_OK, reason=f"triton backend unavailable: {TRITON_WHY}")
+def test_triton_backend_module_matches_torch(seed):
+    m = fk.FlexMoE(24, 20, 5, 2, backend="torch", expert_bias=True).to(DEVICE)
+    with torch.no_grad():
+        m.gate.weight.normal_(std=0.4)
+        m.gate.expert_bias.uniform_(-1, 0)
+    mt = fk.FlexMoE(24, 20, 5, 2, backend="triton", expert_bias=True).to(DEVICE)
+    mt.load_state_dict(m.state_dict())
+    m.set_trainable_experts([1, 3, 4])
+    mt.set_trainable_experts([1, 3, 4])
+    x = torch.randn(2, 7, 24, device=DEVICE)
+    allowed = torch.tensor([[True, True, False, True, True], [True, False, True, True, True]], device=DEVICE)
+    y_ref = m(x, allowed_experts=allowed)
+    y = mt(x, allowed_experts=allowed)
+    assert_matches_reference(y, y_ref.double(), F32, "module output")
+    y_ref.square().sum().backward()
+    y.square().sum().backward()
+    for (n, a), (_, b) in zip(m.named_parameters(), mt.named_parameters()):
+        assert_matches_reference(b.grad, a.grad.double(), F32, f"grad of {n}")
