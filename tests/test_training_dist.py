@@ -5,7 +5,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,6 +12,7 @@ import time
 import pytest
 import torch
 
+from flexmoe_kernels.utils.net import free_port
 from test_training_common import (
     import_training,
     losses,
@@ -41,18 +41,12 @@ def setup(tmp_path_factory):
     return root
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_ranks_gloo_equal_one_rank(setup, tmp_path):
     """2 ranks x micro-batch 2 == 1 rank x 2 micro-steps of 2: same global batch, same losses."""
     common = ["train-expert", "--public", setup / "public", "--data", setup / "data", "--name", "owner",
               "--steps", "3", "--zero-stage", "2", *FAST]
     launcher = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-                "--master_port", str(_free_port())]
+                "--master_port", str(free_port())]
     cmd = [sys.executable, *launcher, "-m", "flexmoe_training.cli", *map(str, common), "--out", str(tmp_path / "two")]
     r = subprocess.run(cmd, env=subprocess_env(tmp_path), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
