@@ -93,3 +93,27 @@ def test_resume_after_sigkill(setup, tmp_path):
     torch.testing.assert_close(torch.tensor(b), torch.tensor(a), atol=1e-6, rtol=1e-6)
     assert json.loads((out / "run.json").read_text())["resumed_from_step"] == killed_at
     assert not work.exists()
+
+
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def test_in_process_run_leaves_no_group_or_launcher_env(setup, tmp_path):
+    """A run in this interpreter tears its 1-process group down and takes its launcher variables
+    out of ``os.environ`` again, so a child started with this interpreter's environment as is
+    (not cleaned as by ``subprocess_env``) trains on a port of its own instead of failing with
+    "address already in use" on the in-process run's port."""
+    import torch.distributed as dist
+
+    before = {k: os.environ.get(k) for k in LAUNCHER_VARS}
+    args = ["train-public", "--data", setup / "data", "--model-config", setup / "model.json", "--steps", "1", *FAST]
+    assert run_cli(args + ["--out", tmp_path / "here"]) == 0
+    env = dict(os.environ, PYTHONPATH=subprocess_env(tmp_path)["PYTHONPATH"], DS_ACCELERATOR="cpu")
+    cmd = [sys.executable, "-m", "flexmoe_training.cli", *map(str, args), "--out", str(tmp_path / "child")]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((tmp_path / "child" / "run.json").read_text())["status"] == "finished"
+    assert not dist.is_initialized()
+    assert {k: os.environ.get(k) for k in LAUNCHER_VARS} == before
+    # a second in-process run after the tear-down sets the group up again
+    assert run_cli(args + ["--out", tmp_path / "again"]) == 0

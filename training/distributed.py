@@ -4,6 +4,8 @@
   launcher's environment (``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_ADDR``/``MASTER_PORT``:
   the ``deepspeed`` launcher, ``torchrun``) or, without a launcher, as a 1-process group on a
   free local port; then DeepSpeed's communication layer on top of it (no second init).
+  :func:`release_distributed` undoes the launcher-less set-up (group and environment) at the end
+  of a run, so a later run or child process of the same interpreter starts clean.
 * :func:`ds_config`: ``training/configs/zero{0,1,2,3}.json`` (or ``--deepspeed-config``) with the
   ``"auto"`` entries filled from the command line.
 * :func:`barrier` / :func:`all_reduce_sum`: no-ops in a 1-process group.
@@ -24,11 +26,14 @@ from flexmoe_kernels.utils.net import free_port
 
 from .options import TrainingError, TrainOptions
 
-__all__ = ["CONFIG_DIR", "DistInfo", "all_reduce_sum", "barrier", "child_env", "ds_config", "init_distributed", "resolve_device"]
+__all__ = ["CONFIG_DIR", "DistInfo", "all_reduce_sum", "barrier", "child_env", "ds_config", "init_distributed",
+           "release_distributed", "resolve_device"]
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 # The launcher variables this process set itself (no launcher): child processes must not inherit them.
 _SET_HERE: dict = {}
+# Whether init_distributed created the (1-process, launcher-less) process group itself.
+_GROUP_CREATED_HERE = [False]
 
 
 @dataclass
@@ -68,8 +73,8 @@ def init_distributed(device: str = "auto") -> DistInfo:
     dev = resolve_device(device)
     if dev.type == "cpu":
         os.environ["DS_ACCELERATOR"] = "cpu"
-    launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    if not launched:
+    launched = not _SET_HERE and "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    if not launched and not _SET_HERE:
         _SET_HERE.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
                           "MASTER_PORT": str(free_port())})
         os.environ.update(_SET_HERE)
@@ -81,6 +86,7 @@ def init_distributed(device: str = "auto") -> DistInfo:
     backend = "nccl" if dev.type == "cuda" else "gloo"
     if not dist.is_initialized():
         dist.init_process_group(backend=backend, rank=rank, world_size=world)
+        _GROUP_CREATED_HERE[0] = not launched
     import deepspeed  # noqa: F401  (after DS_ACCELERATOR is set)
     import deepspeed.ops
 
@@ -88,6 +94,28 @@ def init_distributed(device: str = "auto") -> DistInfo:
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, dist_init_required=False)
     return DistInfo(rank, world, local_rank, dev, backend, launched)
+
+
+def release_distributed() -> None:
+    """Undo what :func:`init_distributed` set up without a launcher: destroy the process group
+    it created (through DeepSpeed, which also drops its cached sub-groups) and remove from
+    ``os.environ`` the launcher variables it put there (those still holding its values).
+
+    Afterwards this process has no process group and no launcher variables of its own, so child
+    processes it starts and a later :func:`init_distributed` (a new group on a new port) behave as
+    in a fresh interpreter. A no-op under a launcher and when nothing was set up here.
+    """
+    if _GROUP_CREATED_HERE[0]:
+        import deepspeed.comm
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            deepspeed.comm.destroy_process_group()
+        _GROUP_CREATED_HERE[0] = False
+    for k, v in _SET_HERE.items():
+        if os.environ.get(k) == v:
+            del os.environ[k]
+    _SET_HERE.clear()
 
 
 def child_env(env: dict) -> dict:

@@ -42,7 +42,7 @@ from flexmoe_kernels.modules import FlexMoE
 from flexmoe_kernels.utils.fs import replace_directory, write_json_atomic
 
 from .data import BatchSampler, DataDir, copy_tokenizer_files, eval_windows
-from .distributed import DistInfo, all_reduce_sum, barrier, ds_config, init_distributed
+from .distributed import DistInfo, all_reduce_sum, barrier, ds_config, init_distributed, release_distributed
 from .modeling import count_params, export_state_dict, model_from_state_dict
 from .options import TrainingError, TrainOptions, lr_at
 from .resume import full_fp32, gather, named_trainable, open_work_dir, restore_optimizer, save_state
@@ -380,8 +380,17 @@ def train(spec: RunSpec, opts: TrainOptions, argv: Optional[Sequence[str]] = Non
 
     Raises TrainingError (or ValueError for invalid options) before anything is written when the
     run cannot start; a work directory this call created is removed again if the run fails
-    before it saved a resumable state.
+    before it saved a resumable state. A process group this call set up without a launcher is
+    torn down again on return or error (:func:`release_distributed`).
     """
+    try:
+        return _train(spec, opts, argv)
+    finally:
+        release_distributed()
+
+
+def _train(spec: RunSpec, opts: TrainOptions, argv: Optional[Sequence[str]]) -> int:
+    """:func:`train` within the process group (set up here by :func:`_setup`)."""
     r = _setup(spec, opts)
     created_work = False
     if r.dist.is_main and not r.work.exists():
