@@ -73,6 +73,8 @@ def assert_matches_reference(
       storage dtype) of the largest reference value; a real bug is O(value), not O(ulp).
     """
     assert got.shape == ref64.shape, f"{what}: shape {tuple(got.shape)} vs {tuple(ref64.shape)}"
+    ref64 = ref64.to(got.device)
+    torch_low = None if torch_low is None else torch_low.to(got.device)
     if got_dtype in (torch.float32, torch.float64):
         torch.testing.assert_close(got.double(), ref64.double(), **tol(got_dtype), msg=lambda m: f"{what}: {m}")
         return
@@ -282,14 +284,19 @@ def run_layer(p, backend, dout, dz, *, trainable=None, norm=False, **kw):
 
 def run_reference64(p, dout, dz, *, trainable=None, norm=False):
     """Float64 :func:`reference_layer` output, logits and every gradient, routed exactly like
-    the backends (their logits straight-through, see there)."""
-    leaves = {n: p[n].detach().double().requires_grad_() for n in GRAD_NAMES if p.get(n) is not None}
+    the backends (their logits straight-through, see there). Computed on the CPU (the
+    per-token loop is many tiny ops), returned on the CPU."""
+    leaves = {n: p[n].detach().cpu().double().requires_grad_() for n in GRAD_NAMES if p.get(n) is not None}
+
+    def cpu(t):
+        return None if t is None else t.cpu()
+
     out, z = reference_layer(
         leaves["x"], leaves["router_weight"], leaves["gate_up"], leaves["down"], p["top_k"],
-        allow_mask=p["allow_mask"], expert_bias=leaves.get("expert_bias"), norm_topk_prob=norm,
-        trainable_experts=trainable, route_logits=backend_logits(p),
+        allow_mask=cpu(p["allow_mask"]), expert_bias=leaves.get("expert_bias"), norm_topk_prob=norm,
+        trainable_experts=cpu(trainable), route_logits=backend_logits(p).cpu(),
     )
-    _loss(out, z, dout.double(), dz.double()).backward()
+    _loss(out, z, dout.cpu().double(), dz.cpu().double()).backward()
     grads = {n: (v.grad if v.grad is not None else torch.zeros_like(v)) for n, v in leaves.items()}
     return out.detach(), z.detach(), grads
 

@@ -18,8 +18,8 @@ F32 = torch.float32
 # ---------------------------------------------------------------------------- reference
 def ref_moe(moe, x, allow_TE=None):
     """The module's output by the readable float64 per-token reference (helpers.reference_layer)
-    on its parameters, routed by the module's fp32 logits; only the chosen experts' weights are read (so NaN in opted-out experts
-    cannot leak). Returns float64 in x's shape."""
+    on its parameters, routed by the module's fp32 logits; only the chosen experts' weights are
+    read (so NaN in opted-out experts cannot leak). Returns float64 in x's shape."""
     D = moe.hidden_size
     bias = moe.gate.expert_bias.detach() if moe.gate.expert_bias is not None else None
     x_TD, R = x.detach().reshape(-1, D), moe.gate.weight.detach()

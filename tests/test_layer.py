@@ -69,31 +69,35 @@ def _options(name, variant, monkeypatch):
     return {"deterministic": True}
 
 
-def check_against_reference(p, backend, *, trainable=None, norm=False, ulp_slack=True, **kw):
-    """Forward + backward of ``backend`` on problem ``p`` against the float64 reference with
-    the one pass rule per dtype (16-bit: against the "torch" backend's own error in that
-    dtype). Returns ``(ref64, got)``, each ``(out, logits, {name: grad})``."""
+def check_against_reference(p, runs, *, trainable=None, norm=False, ulp_slack=True):
+    """Forward + backward of each ``(backend, options)`` in ``runs`` on problem ``p`` against the
+    float64 reference (computed once) with the one pass rule per dtype (16-bit: against the
+    "torch" backend's own error in that dtype, which makes the rule vacuous for "torch"
+    itself: there only the other checks bite). Returns ``(ref64, [got, ...])``, each
+    ``(out, logits, {name: grad})``."""
     dtype = p["x"].dtype
     T, D = p["x"].shape
     E = p["gate_up"].shape[0]
     dout, dz = loss_grads(T, D, E, p["x"].device)
     ref = run_reference64(p, dout, dz, trainable=trainable, norm=norm)
-    got = run_layer(p, backend, dout, dz, trainable=trainable, norm=norm, **kw)
-    low = None
-    if dtype in LOW:
-        low = got if backend == "torch" else run_layer(p, "torch", dout, dz, trainable=trainable, norm=norm)
-    assert got[0].dtype == dtype and got[1].dtype == torch.float32
-    assert bool(torch.isfinite(got[0]).all()), "out not finite"
-    assert_matches_reference(got[0], ref[0], dtype, "out", low and low[0], ulp_slack=ulp_slack)
-    assert_matches_reference(got[1], ref[1], torch.float32, "logits")
-    assert set(got[2]) == set(ref[2])
-    for n, g in got[2].items():
-        assert g is not None, f"d{n} missing"
-        assert g.dtype == p[n].dtype, n
-        assert bool(torch.isfinite(g).all()), f"d{n} not finite"
-        assert_matches_reference(g, ref[2][n], dtype, f"d{n}", low and low[2][n], ulp_slack=ulp_slack)
     assert float(ref[0].abs().max()) > 0.1  # the comparison is not vacuous
-    return ref, got
+    low = run_layer(p, "torch", dout, dz, trainable=trainable, norm=norm) if dtype in LOW else None
+    results = []
+    for backend, kw in runs:
+        got = run_layer(p, backend, dout, dz, trainable=trainable, norm=norm, **kw)
+        what = f"{backend} {kw}"
+        assert got[0].dtype == dtype and got[1].dtype == torch.float32, what
+        assert bool(torch.isfinite(got[0]).all()), f"{what}: out not finite"
+        assert_matches_reference(got[0], ref[0], dtype, f"{what}: out", low and low[0], ulp_slack=ulp_slack)
+        assert_matches_reference(got[1], ref[1], torch.float32, f"{what}: logits")
+        assert set(got[2]) == set(ref[2])
+        for n, g in got[2].items():
+            assert g is not None, f"{what}: d{n} missing"
+            assert g.dtype == p[n].dtype, f"{what}: d{n} dtype"
+            assert bool(torch.isfinite(g).all()), f"{what}: d{n} not finite"
+            assert_matches_reference(g, ref[2][n], dtype, f"{what}: d{n}", low and low[2][n], ulp_slack=ulp_slack)
+        results.append(got)
+    return ref, results
 
 
 # =========================================================================== the contract
@@ -134,7 +138,7 @@ def test_backend_matches_reference(seed, monkeypatch, backend, T, D, F, E, K, dt
     if frozen:
         trainable = torch.ones(E, dtype=torch.bool, device=device)
         trainable[list(frozen)] = False
-    ref, got = check_against_reference(p, name, trainable=trainable, norm=norm, **kw)
+    _, (got,) = check_against_reference(p, [(name, kw)], trainable=trainable, norm=norm)
     # experts without pairs (opted out, or zero tokens) and frozen experts: dW exactly 0
     counts = fk.route(backend_logits(p), K, allow_mask=allow, norm_topk_prob=norm).counts_E.cpu()
     if zero_token is not None and (allow is None or allow.ndim == 1):  # a per-token mask may force it
@@ -315,8 +319,9 @@ def test_triton_saved_activations_do_not_grow_with_F(seed):
 @needs_triton
 def test_torch_compile_traces_the_layer(seed):
     """torch.compile traces the layer through the registered custom ops (fullgraph for the
-    backend's ``forward(validate_layer_args(...))``; the module too; the public op: below). On CPU the ``aot_eager`` backend (no C++ toolchain needed)
-    runs the traced graph with the real ops; on CUDA, inductor."""
+    backend's ``forward(validate_layer_args(...))``; the module too; the public op: below).
+    On CPU the ``aot_eager`` backend (no C++ toolchain needed) runs the traced graph with the
+    real ops; on CUDA, inductor."""
     backend = "aot_eager" if DEVICE.type == "cpu" else "inductor"
     p = make_problem(9, 24, 20, 3, 2, torch.float32, mask="token", bias=True)
 
@@ -387,20 +392,18 @@ def test_gpu_bf16_error_within_2x_torch(seed, T, D, F, E, K, mask):
     """bf16: max|ours - ref64| <= 2 * max|torch_bf16 - ref64| + 1e-5 for the output and every
     gradient, for every backend on the GPU."""
     p = make_problem(T, D, F, E, K, torch.bfloat16, mask=mask, bias=True)
-    for name in fk.available_backends(DEVICE):
-        for det in ((True, False) if name == "triton" else (None,)):
-            kw = {} if det is None else {"deterministic": det}
-            # exact rule; with few rows per expert a dW element is a single product, so the
-            # one-ulp slack of the CPU tier applies there too
-            check_against_reference(p, name, ulp_slack=T * K < 8 * E, **kw)
+    runs = [(name, {"deterministic": det} if name == "triton" else {})
+            for name in fk.available_backends(DEVICE) for det in ((True, False) if name == "triton" else (None,))]
+    # exact rule; with few rows per expert a dW element is a single product, so the one-ulp
+    # slack of the CPU tier applies there too
+    check_against_reference(p, runs, ulp_slack=T * K < 8 * E)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_gpu_larger_shapes_match_reference(seed, dtype):
     p = make_problem(1000, 256, 352, 8, 2, dtype, mask="token", bias=True)
-    for name in fk.available_backends(DEVICE):
-        check_against_reference(p, name)
+    check_against_reference(p, [(name, {}) for name in fk.available_backends(DEVICE)])
 
 
 @pytest.mark.gpu
