@@ -348,9 +348,6 @@ def test_torch_compile_traces_the_layer(seed):
 
 
 @needs_triton
-@pytest.mark.xfail(strict=True, raises=torch._dynamo.exc.Unsupported,
-                   reason="library bug: flexmoe_forward -> backends.backend_module calls importlib.import_module, "
-                          "which Dynamo does not trace (fullgraph=True fails for every backend)")
 def test_torch_compile_fullgraph_public_op(seed):
     """``torch.compile(fullgraph=True)`` through the public op, as for the backend's forward."""
     backend = "aot_eager" if DEVICE.type == "cpu" else "inductor"

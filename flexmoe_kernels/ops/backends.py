@@ -55,11 +55,21 @@ BACKENDS = {
 _STATIC_ORDER = ("triton", "cuda", "torch")
 
 
+_MODULES: dict = {}
+
+
 def backend_module(name: str):
-    """The module of backend ``name``; ``ValueError`` listing the names for an unknown one."""
-    if name not in BACKENDS:
-        raise ValueError(f"backend must be one of {sorted(BACKENDS) + ['auto']}, got {name!r}")
-    return importlib.import_module(BACKENDS[name])
+    """The module of backend ``name``; ``ValueError`` listing the names for an unknown one.
+
+    Modules are imported once and cached (they import neither Triton nor ``_C``); the cache is
+    filled when this module loads, so ``torch.compile`` traces a plain dict lookup here.
+    """
+    mod = _MODULES.get(name)
+    if mod is None:
+        if name not in BACKENDS:
+            raise ValueError(f"backend must be one of {sorted(BACKENDS) + ['auto']}, got {name!r}")
+        mod = _MODULES[name] = importlib.import_module(BACKENDS[name])
+    return mod
 
 
 def backend_status(name: str, device: torch.device | str = "cpu") -> tuple[bool, str]:
@@ -96,6 +106,13 @@ def resolve_backend(name: str, device: torch.device | str, problem: Optional[dic
     if choice is not None:
         return choice
     return next((c for c in _STATIC_ORDER if backend_status(c, device)[0]), "torch")
+
+
+for _name in BACKENDS:  # fill the cache now (an import error is reported by backend_status)
+    try:
+        backend_module(_name)
+    except ImportError:
+        pass
 
 
 # ----------------------------------------------------------------------------- measured "auto"
