@@ -135,15 +135,8 @@ class LayerArgs:
     validate_rows: bool = False
     deterministic: Optional[bool] = None
 
-    @property
-    def num_tokens(self) -> int:
-        """T."""
-        return self.x_TD.shape[0]
-
-    @property
-    def num_experts(self) -> int:
-        """E."""
-        return self.gate_up_E2FD.shape[0]
+    num_tokens = property(lambda self: self.x_TD.shape[0], doc="T.")
+    num_experts = property(lambda self: self.gate_up_E2FD.shape[0], doc="E.")
 
     @property
     def problem(self) -> dict:

@@ -54,15 +54,9 @@ def _empty_plan(T: int, E: int, top_k: int, dev: torch.device, return_logits: bo
     )
 
 
-def router_forward(
-    logits_TE: torch.Tensor,
-    top_k: int,
-    *,
-    allow_mask: Optional[torch.Tensor] = None,
-    expert_bias: Optional[torch.Tensor] = None,
-    norm_topk_prob: bool = False,
-    return_logits: bool = True,
-) -> RoutingPlan:
+def router_forward(logits_TE: torch.Tensor, top_k: int, *, allow_mask: Optional[torch.Tensor] = None,
+                   expert_bias: Optional[torch.Tensor] = None, norm_topk_prob: bool = False,
+                   return_logits: bool = True) -> RoutingPlan:
     """Fused masked softmax-top-k routing + histogram + prefix sum + stable permutation.
 
     Semantics: see the module docstring (``docs/SEMANTICS.md`` §2). No gradient (see
@@ -205,15 +199,9 @@ def _route_fake(logits_TE, expert_bias, allow_mask, top_k, norm_topk_prob):
 
 
 @torch.library.custom_op(f"{_NS}::route_bwd", mutates_args=())
-def _route_bwd_op(
-    probs_TE: torch.Tensor,
-    topk_ids_TK: torch.Tensor,
-    topk_weights_TK: torch.Tensor,
-    grad_weights_TK: Optional[torch.Tensor],
-    grad_logits_TE: Optional[torch.Tensor],
-    allow_mask: Optional[torch.Tensor],
-    norm_topk_prob: bool,
-) -> torch.Tensor:
+def _route_bwd_op(probs_TE: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor,
+                  grad_weights_TK: Optional[torch.Tensor], grad_logits_TE: Optional[torch.Tensor],
+                  allow_mask: Optional[torch.Tensor], norm_topk_prob: bool) -> torch.Tensor:
     return router_backward(probs_TE, topk_ids_TK, topk_weights_TK, grad_weights_TK, grad_logits_TE,
                            allow_mask=allow_mask, norm_topk_prob=norm_topk_prob)
 

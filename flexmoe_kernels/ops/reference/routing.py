@@ -95,15 +95,9 @@ def group_pairs(topk_ids_TK: torch.Tensor, num_experts: int):
     return counts_E.to(i32), offsets_E1.to(i32), sorted_pairs_P.to(i32), inv_sorted_pairs_P.to(i32)
 
 
-def route(
-    logits_TE: torch.Tensor,
-    top_k: int,
-    *,
-    allow_mask: Optional[torch.Tensor] = None,
-    expert_bias: Optional[torch.Tensor] = None,
-    norm_topk_prob: bool = False,
-    validate: bool = True,
-) -> RoutingPlan:
+def route(logits_TE: torch.Tensor, top_k: int, *, allow_mask: Optional[torch.Tensor] = None,
+          expert_bias: Optional[torch.Tensor] = None, norm_topk_prob: bool = False,
+          validate: bool = True) -> RoutingPlan:
     """Route T tokens to K of E experts.
 
     Args:
@@ -139,15 +133,9 @@ def route(
     if norm_topk_prob:
         topk_weights_TK = topk_weights_TK / topk_weights_TK.sum(dim=-1, keepdim=True)
     counts_E, offsets_E1, sorted_pairs_P, inv_sorted_pairs_P = group_pairs(ids_TK, E)
-    return RoutingPlan(
-        topk_ids_TK=ids_TK.to(torch.int32),
-        topk_weights_TK=topk_weights_TK,
-        counts_E=counts_E,
-        offsets_E1=offsets_E1,
-        sorted_pairs_P=sorted_pairs_P,
-        inv_sorted_pairs_P=inv_sorted_pairs_P,
-        logits_TE=z_TE,
-    )
+    return RoutingPlan(topk_ids_TK=ids_TK.to(torch.int32), topk_weights_TK=topk_weights_TK, counts_E=counts_E,
+                       offsets_E1=offsets_E1, sorted_pairs_P=sorted_pairs_P,
+                       inv_sorted_pairs_P=inv_sorted_pairs_P, logits_TE=z_TE)
 
 
 def route_hidden(

@@ -83,14 +83,8 @@ def _up_swiglu_kernel(
     hw_ptr, stride_wq, stride_wf,  # BWD out (STORE_HW): w * h (Q_max, F) x dtype
     dwp_ptr, stride_pp, stride_pn,  # BWD out: (P, NFB) float32 partial <dh, h> per F-block
     P, F, D, NT,
-    TOP_K: tl.constexpr,
-    BWD: tl.constexpr,
-    STORE_HW: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
-    INTERPRET: tl.constexpr,
+    TOP_K: tl.constexpr, BWD: tl.constexpr, STORE_HW: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, INTERPRET: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -166,14 +160,8 @@ def _tile_gemm_scatter_kernel(
     tile_expert_ptr,  # (NT,) int32, -1 = no work
     out_ptr, stride_or, stride_on,  # ATOMIC: (T, N) float32 (zeroed); else (P, N) per-pair rows
     P, N, KD, NT,
-    TOP_K: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr,
-    ATOMIC: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
-    INTERPRET: tl.constexpr,
+    TOP_K: tl.constexpr, HAS_WEIGHT: tl.constexpr, ATOMIC: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, INTERPRET: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -219,9 +207,7 @@ def _combine_kernel(
     y_ptr, stride_yp, stride_yn,  # (P, N) per-pair rows, any float dtype
     out_ptr, stride_ot, stride_on,  # out (T, N)
     T, N,
-    TOP_K: tl.constexpr,
-    BLOCK_T: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    TOP_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -245,16 +231,12 @@ def _grouped_dw_kernel(
     trainable_ptr,  # HAS_TRAINABLE: (E,) uint8, 0 = frozen
     out_ptr, stride_oe, stride_or, stride_oc,  # out (E, R, C) weight-gradient dtype
     P, R, C,
-    TOP_K: tl.constexpr,
-    A_GATHER: tl.constexpr,
-    B_GATHER: tl.constexpr,
+    TOP_K: tl.constexpr, A_GATHER: tl.constexpr, B_GATHER: tl.constexpr,
     HAS_TRAINABLE: tl.constexpr,
     BLOCK_M: tl.constexpr,  # over R
     BLOCK_N: tl.constexpr,  # over C
     BLOCK_K: tl.constexpr,  # over the expert's slots (the reduction)
-    GROUP_M: tl.constexpr,
-    INTERPRET: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    GROUP_M: tl.constexpr, INTERPRET: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     pid = tl.program_id(0)
     tiles_r = tl.cdiv(R, BLOCK_M)

@@ -113,16 +113,9 @@ def routing_config(num_tokens: int, num_experts: int, top_k: int, block_m: int) 
     return RoutingConfig(**fields)
 
 
-def triton_route(
-    logits_TE: torch.Tensor,
-    top_k: int,
-    *,
-    allow_mask: Optional[torch.Tensor] = None,
-    expert_bias: Optional[torch.Tensor] = None,
-    norm_topk_prob: bool = False,
-    block_m: int = 64,
-    validate: bool = True,
-) -> RoutingPlan:
+def triton_route(logits_TE: torch.Tensor, top_k: int, *, allow_mask: Optional[torch.Tensor] = None,
+                 expert_bias: Optional[torch.Tensor] = None, norm_topk_prob: bool = False,
+                 block_m: int = 64, validate: bool = True) -> RoutingPlan:
     """Masked softmax-top-k routing and the padded grouped-GEMM schedule, in Triton.
 
     Args:

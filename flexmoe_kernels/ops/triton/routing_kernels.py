@@ -77,8 +77,7 @@ def _scatter_block(
     sorted_ptr,  # out (P,) int32
     inv_ptr,  # out (P,) int32
     padded_ptr,  # out (Q_max,) int32
-    K: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    K: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # rank of token t among this block's tokens that selected expert e (stable: by token)
     rank = tl.cumsum(chosen, axis=0) - chosen  # (BLOCK_T, BLOCK_E)
@@ -102,8 +101,7 @@ def _pad_tiles(
     tile0, NT, P, counts, pstart, pend, offs_e, e_ok,
     padded_ptr,  # out (Q_max,) int32: sentinel P written into padding slots
     tile_expert_ptr,  # out (NT,) int32
-    BLOCK_M: tl.constexpr,
-    TILES: tl.constexpr,
+    BLOCK_M: tl.constexpr, TILES: tl.constexpr,
 ):
     """Tile expert ids and sentinels for tiles [tile0, tile0 + TILES)."""
     tiles = tile0 + tl.arange(0, TILES)
@@ -149,16 +147,9 @@ def _topk_softmax_kernel(
     stride_le,
     stride_mt,
     stride_me,
-    K: tl.constexpr,
-    HAS_MASK: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    NORM: tl.constexpr,
-    FUSED: tl.constexpr,
-    BLOCK_T: tl.constexpr,
-    BLOCK_E: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    TILES_PER_PROG: tl.constexpr,
+    K: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr,
+    FUSED: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, TILES_PER_PROG: tl.constexpr,
 ):
     pid = tl.program_id(0)
     offs_t = pid.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)  # (BLOCK_T,) int64
@@ -284,12 +275,8 @@ def _scatter_pad_kernel(
     E,
     NB,
     NT,
-    K: tl.constexpr,
-    BLOCK_T: tl.constexpr,
-    BLOCK_E: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    TILES_PER_PROG: tl.constexpr,
+    K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, TILES_PER_PROG: tl.constexpr,
 ):
     pid = tl.program_id(0)
     offs_e = tl.arange(0, BLOCK_E)
@@ -328,10 +315,7 @@ def _topk_softmax_bwd_kernel(
     E,
     stride_gt,
     stride_gk,
-    K: tl.constexpr,
-    NORM: tl.constexpr,
-    BLOCK_T: tl.constexpr,
-    BLOCK_E: tl.constexpr,
+    K: tl.constexpr, NORM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
     pid = tl.program_id(0)
     offs_t = pid.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
