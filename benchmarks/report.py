@@ -235,31 +235,29 @@ def _where(o, T) -> str:
     return s
 
 
-def _vs_gemm(preset, mode):
+def _layer_target(preset, mode, other, value, detail):
+    """A target reader comparing our best backend's layer row with provider ``other`` (None:
+    our row alone): returns ``(value(o, g), where + detail(o, g))`` or ``(None, why)``."""
     def f(rows):
-        o, g, T = _layer_pair(rows, preset, mode, "cublas_gemm")
+        o, g, T = _layer_pair(rows, preset, mode, other)
         if o is None:
-            return None, "needs our backend and cublas_gemm rows"
-        return o["tflops"] / g["tflops"], f"{_where(o, T)}: {o['tflops']:.4g} vs {g['tflops']:.4g} TFLOP/s"
+            return None, "needs our backend" + (f" and {other}" if other else "") + " rows"
+        return value(o, g), _where(o, T) + detail(o, g)
     return f
+
+
+def _vs_gemm(preset, mode):
+    return _layer_target(preset, mode, "cublas_gemm", lambda o, g: o["tflops"] / g["tflops"],
+                         lambda o, g: f": {o['tflops']:.4g} vs {g['tflops']:.4g} TFLOP/s")
 
 
 def _abs_tflops(preset, mode):
-    def f(rows):
-        o, _, T = _layer_pair(rows, preset, mode, None)
-        if o is None:
-            return None, "needs our backend rows"
-        return o["tflops"], _where(o, T)
-    return f
+    return _layer_target(preset, mode, None, lambda o, g: o["tflops"], lambda o, g: "")
 
 
 def _vs_gmm(preset, mode):
-    def f(rows):
-        o, g, T = _layer_pair(rows, preset, mode, "torch_grouped_mm")
-        if o is None:
-            return None, "needs our backend and torch_grouped_mm rows"
-        return g["ms"] / o["ms"], f"{_where(o, T)}: {o['ms']:.4g} ms vs grouped_mm {g['ms']:.4g} ms"
-    return f
+    return _layer_target(preset, mode, "torch_grouped_mm", lambda o, g: g["ms"] / o["ms"],
+                         lambda o, g: f": {o['ms']:.4g} ms vs grouped_mm {g['ms']:.4g} ms")
 
 
 def _mask_overhead(rows):

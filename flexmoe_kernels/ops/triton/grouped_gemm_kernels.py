@@ -58,6 +58,14 @@ def _swizzle(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def _tile(tile_expert_ptr, NT, N, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(row tile, column tile, its expert) of this program over NT row tiles x cdiv(N, BLOCK_N)
+    column tiles (grouped order); the expert is -1 for a row tile past the used ones."""
+    pid_m, pid_n = _swizzle(tl.program_id(0), NT, tl.cdiv(N, BLOCK_N), GROUP_M)
+    return pid_m, pid_n, tl.load(tile_expert_ptr + pid_m)
+
+
+@triton.jit
 def _mma(a, b, acc, INTERPRET: tl.constexpr, DOT_PREC: tl.constexpr):
     """acc += a @ b with fp32 accumulation (fp32 operands under the interpreter). ``DOT_PREC``
     is "ieee" / "tf32" for fp32 operands, "default" for 16-bit ones (no precision argument)."""
@@ -87,9 +95,7 @@ def _up_swiglu_kernel(
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, INTERPRET: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    pid_m, pid_n = _swizzle(pid, NT, tl.cdiv(F, BLOCK_N), GROUP_M)
-    e = tl.load(tile_expert_ptr + pid_m)
+    pid_m, pid_n, e = _tile(tile_expert_ptr, NT, F, BLOCK_N, GROUP_M)
     if e < 0:  # tile past the used ones: nothing to do, no weight is touched
         return
     e64 = e.to(tl.int64)
@@ -164,9 +170,7 @@ def _tile_gemm_scatter_kernel(
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, INTERPRET: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    pid_m, pid_n = _swizzle(pid, NT, tl.cdiv(N, BLOCK_N), GROUP_M)
-    e = tl.load(tile_expert_ptr + pid_m)
+    pid_m, pid_n, e = _tile(tile_expert_ptr, NT, N, BLOCK_N, GROUP_M)
     if e < 0:
         return
     e64 = e.to(tl.int64)
