@@ -3,7 +3,6 @@ train-expert, merge, tune-router, baselines, resume, and bad input. Tiny models 
 from __future__ import annotations
 
 import json
-import random
 import shutil
 from pathlib import Path
 
@@ -11,7 +10,9 @@ import pytest
 import torch
 
 from conftest import tol
-from test_training_common import import_training, losses, run_cli, tiny_model_config, write_corpus
+from test_training_common import (
+    fast_flags, import_training, losses, run_cli, seeded_rng, tiny_model_config, write_corpus,
+)
 
 pytest.importorskip("deepspeed")
 import_training()
@@ -19,16 +20,13 @@ import_training()
 from flexmoe_kernels.models import FlexOlmoForCausalLM, tensors_sha256  # noqa: E402
 from flexmoe_kernels.models.checkpoint import load_state_dict  # noqa: E402
 
-FAST = ["--seq-len", "32", "--micro-batch-size", "2", "--no-progress", "--eval-batches", "2", "--warmup-steps", "2"]
+FAST = fast_flags(eval_batches=2)
 
 
 @pytest.fixture(scope="module")
 def recipe(tmp_path_factory):
     """public model, two owners (one with a domain-informed router), and their merge."""
-    import random as _r
-
-    seed = _r.randrange(2**31)
-    rng = random.Random(seed)
+    seed, rng = seeded_rng()
     root = tmp_path_factory.mktemp("recipe")
     words_a = ("alpha beta gamma delta epsilon zeta eta theta iota kappa").split()
     words_b = ("red green blue cyan magenta yellow black white orange violet").split()

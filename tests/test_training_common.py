@@ -13,6 +13,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def fast_flags(eval_batches: int = 2) -> list:
+    """Training flags that keep a tiny CPU run to seconds."""
+    return ["--seq-len", "32", "--micro-batch-size", "2", "--no-progress", "--eval-batches", str(eval_batches),
+            "--warmup-steps", "2"]
+
+
+def seeded_rng() -> tuple[int, random.Random]:
+    """A fresh seed (printed by the caller's failure message) and its ``random.Random``."""
+    seed = random.randrange(2**31)
+    return seed, random.Random(seed)
+
+
 def import_training():
     """``flexmoe_training`` (installed, or aliased to ``training/`` of this checkout)."""
     try:

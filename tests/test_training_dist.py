@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -14,24 +13,18 @@ import torch
 
 from flexmoe_kernels.utils.net import free_port
 from test_training_common import (
-    import_training,
-    losses,
-    run_cli,
-    subprocess_env,
-    tiny_model_config,
-    write_corpus,
+    fast_flags, import_training, losses, run_cli, seeded_rng, subprocess_env, tiny_model_config, write_corpus,
 )
 
 pytest.importorskip("deepspeed")
 import_training()
 
-FAST = ["--seq-len", "32", "--micro-batch-size", "2", "--no-progress", "--eval-batches", "1", "--warmup-steps", "2"]
+FAST = fast_flags(eval_batches=1)
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    seed = random.randrange(2**31)
-    rng = random.Random(seed)
+    seed, rng = seeded_rng()
     root = tmp_path_factory.mktemp("dist")
     write_corpus(root / "text", 16, rng)
     assert run_cli(["prepare-data", "--input", root / "text", "--out", root / "data", "--no-progress"]) == 0
