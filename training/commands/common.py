@@ -12,10 +12,23 @@ import os
 import sys
 from pathlib import Path
 
-__all__ = ["FORMATTER", "add_train_args", "check_out_free", "check_tokenizer", "csv_list", "dense_config", "fresh_model",
+__all__ = ["FORMATTER", "add_command", "add_train_args", "require", "check_out_free", "check_tokenizer", "csv_list", "dense_config", "fresh_model",
            "freeze_single_router", "guard", "main_error", "open_datas", "options_from_args", "tokenizer_src"]
 
 FORMATTER = argparse.RawDescriptionHelpFormatter
+
+
+def add_command(sub, name: str, func, *, help: str, description: str) -> argparse.ArgumentParser:
+    """Add subcommand ``name`` (run by ``func(args) -> exit status``) to ``sub``, an argparse
+    subparsers object, and return its parser for the flags."""
+    p = sub.add_parser(name, formatter_class=FORMATTER, help=help, description=description)
+    p.set_defaults(func=func)
+    return p
+
+
+def require(p: argparse.ArgumentParser, flag: str, help: str | None = None, **kwargs) -> None:
+    """Add the required flag ``flag`` (e.g. ``--data``) to ``p``."""
+    p.add_argument(flag, required=True, help=help, **kwargs)
 
 
 def add_train_args(p: argparse.ArgumentParser, *, lr: float, steps: int = 100, weight_decay: bool = True,

@@ -7,21 +7,20 @@ from pathlib import Path
 from flexmoe_kernels.utils.fs import atomic_directory, write_json_atomic
 
 from ..runlog import utc_now
-from .common import FORMATTER, check_out_free, guard
+from .common import add_command, require, check_out_free, guard
 
 
 def register(sub) -> None:
     """Add this subcommand and its flags to ``sub`` (an argparse subparsers object)."""
-    p = sub.add_parser("merge", formatter_class=FORMATTER, help="merge public + owners into one FlexOlmo checkpoint",
+    p = add_command(sub, "merge", cmd_merge, help="merge public + owners into one FlexOlmo checkpoint",
                        description="Expert 0 and all shared tensors from --public; expert j from owner j (its FFN, "
                                    "router row and bias). Refuses, naming the tensor, when an owner's frozen "
                                    "tensors differ from the public model's or it recorded another anchor hash.")
-    p.add_argument("--public", required=True)
-    p.add_argument("--owner", required=True, action="append", help="owner checkpoint from train-expert (repeatable)")
-    p.add_argument("--out", required=True)
+    require(p, "--public")
+    require(p, "--owner", action="append", help="owner checkpoint from train-expert (repeatable)")
+    require(p, "--out")
     p.add_argument("--top-k", type=int, default=2, help="experts per token in the merged model (default 2)")
     p.add_argument("--overwrite", action="store_true")
-    p.set_defaults(func=cmd_merge)
 
 
 @guard

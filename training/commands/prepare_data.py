@@ -1,24 +1,23 @@
 """``flexmoe prepare-data``: tokenise a text directory into a data directory."""
 from __future__ import annotations
 
-from .common import FORMATTER, guard
+from .common import add_command, require, guard
 
 
 def register(sub) -> None:
     """Add this subcommand and its flags to ``sub`` (an argparse subparsers object)."""
-    p = sub.add_parser("prepare-data", formatter_class=FORMATTER, help="tokenise a text directory into a data directory",
+    p = add_command(sub, "prepare-data", cmd_prepare_data, help="tokenise a text directory into a data directory",
                        description="Tokenise every *.txt/*.md/*.text file (one document each) and every line of "
                                    "*.jsonl files (field \"text\") under --input into --out: train.bin, val.bin "
                                    "(memory-mapped token ids, documents separated by EOS) and meta.json. The "
                                    "held-out split is chosen by a hash of each document's text.")
-    p.add_argument("--input", required=True, help="directory of text documents")
-    p.add_argument("--out", required=True, help="data directory to create")
+    require(p, "--input", help="directory of text documents")
+    require(p, "--out", help="data directory to create")
     p.add_argument("--tokenizer", default=None, help="a `tokenizers` JSON file (default: byte-level, vocab 258)")
     p.add_argument("--eos-token", default=None, help="end-of-document token of --tokenizer (default: auto)")
     p.add_argument("--val-fraction", type=float, default=0.05, help="held-out fraction of documents (default 0.05)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--no-progress", dest="progress", action="store_false")
-    p.set_defaults(func=cmd_prepare_data)
 
 
 @guard

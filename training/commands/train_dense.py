@@ -5,24 +5,23 @@ from pathlib import Path
 
 from ..flops import flops_per_token
 from .budget import BUDGET_HELP, add_budget_args, steps_for_budget, world_size
-from .common import (FORMATTER, add_train_args, dense_config, freeze_single_router, fresh_model, guard, open_datas,
+from .common import (add_command, require, add_train_args, dense_config, freeze_single_router, fresh_model, guard, open_datas,
                      options_from_args)
 
 
 def register(sub) -> None:
     """Add this subcommand and its flags to ``sub`` (an argparse subparsers object)."""
-    p = sub.add_parser("train-dense", formatter_class=FORMATTER, help="baseline: dense model of equal active parameters",
+    p = add_command(sub, "train-dense", cmd_train_dense, help="baseline: dense model of equal active parameters",
                        description="A dense model with intermediate width K*F (K experts per token, F each "
                                    "expert's width: from --match-active-of CKPT or --active-experts and "
                                    "--model-config), trained on all --data jointly. " + BUDGET_HELP)
-    p.add_argument("--data", required=True, action="append")
-    p.add_argument("--out", required=True)
+    require(p, "--data", action="append")
+    require(p, "--out")
     p.add_argument("--model-config", default="tiny")
     p.add_argument("--active-experts", type=int, default=2, help="K (default 2)")
     p.add_argument("--match-active-of", default=None, help="MoE checkpoint whose K and F to match")
     add_budget_args(p)
     add_train_args(p, lr=1e-3)
-    p.set_defaults(func=cmd_train_dense)
 
 
 @guard

@@ -6,30 +6,28 @@ import shutil
 from pathlib import Path
 
 from ..flops import flops_per_token
-from .common import (FORMATTER, add_train_args, check_out_free, check_tokenizer, guard, open_datas, options_from_args,
+from .common import (add_command, require, add_train_args, check_out_free, check_tokenizer, guard, open_datas, options_from_args,
                      tokenizer_src)
 
 
 def register(sub) -> None:
     """Add this subcommand and its flags to ``sub`` (an argparse subparsers object)."""
-    p = sub.add_parser("train-expert", formatter_class=FORMATTER, help="coupled training of one data owner's expert",
+    p = add_command(sub, "train-expert", cmd_train_expert, help="coupled training of one data owner's expert",
                        description="Build the 2-expert model [public, NAME] from the public checkpoint (both FFNs "
                                    "start as the public FFN; router [r_public; r_owner]; top-2 of 2; expert bias) "
                                    "and train it on the owner's data only. Frozen: embeddings, attention incl. q/k "
                                    "norms, all norms, LM head, the public expert FFN, r_public, b_public. Trained: "
                                    "the owner's FFN, r_owner, b_owner. Weight decay 0. At the end every frozen "
                                    "tensor is checked bit-identical to the public model's.")
-    p.add_argument("--public", required=True, help="public checkpoint directory (the anchor)")
-    p.add_argument("--data", required=True, help="the owner's prepared data directory (the only data it sees)")
-    p.add_argument("--name", required=True, help="expert name (unique among owners)")
-    p.add_argument("--out", required=True, help="checkpoint directory to write")
+    require(p, "--public", help="public checkpoint directory (the anchor)")
+    require(p, "--data", help="the owner's prepared data directory (the only data it sees)")
+    require(p, "--name", help="expert name (unique among owners)")
+    require(p, "--out", help="checkpoint directory to write")
     p.add_argument("--router-init", default=None, help="safetensors from init-router (default: random r_owner)")
     add_train_args(p, lr=1e-3, weight_decay=False)
-    p.set_defaults(func=cmd_train_expert)
 
 
 def _load_router_init(path: str):
-    import torch
     from safetensors import safe_open
 
     p = Path(path)

@@ -5,24 +5,23 @@ from pathlib import Path
 
 from ..flops import flops_per_token
 from .budget import BUDGET_HELP, add_budget_args, steps_for_budget, world_size
-from .common import (FORMATTER, add_train_args, check_out_free, check_tokenizer, dense_config, freeze_single_router,
+from .common import (add_command, require, add_train_args, check_out_free, check_tokenizer, dense_config, freeze_single_router,
                      fresh_model, guard, open_datas, options_from_args)
 
 
 def register(sub) -> None:
     """Add this subcommand and its flags to ``sub`` (an argparse subparsers object)."""
-    p = sub.add_parser("train-moe", formatter_class=FORMATTER, help="baseline: standard MoE trained on all data",
+    p = add_command(sub, "train-moe", cmd_train_moe, help="baseline: standard MoE trained on all data",
                        description="A standard MoE (everything trainable, no expert bias) trained jointly on "
                                    "all --data, from scratch or upcycled from --public. " + BUDGET_HELP)
-    p.add_argument("--data", required=True, action="append")
-    p.add_argument("--out", required=True)
+    require(p, "--data", action="append")
+    require(p, "--out")
     p.add_argument("--model-config", default="tiny")
     p.add_argument("--public", default=None, help="upcycle from this dense checkpoint")
     p.add_argument("--num-experts", type=int, default=None, help="E (default: 1 + number of --data)")
     p.add_argument("--top-k", type=int, default=2)
     add_budget_args(p)
     add_train_args(p, lr=1e-3)
-    p.set_defaults(func=cmd_train_moe)
 
 
 @guard

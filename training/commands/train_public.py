@@ -4,23 +4,22 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..flops import flops_per_token
-from .common import (FORMATTER, add_train_args, dense_config, freeze_single_router, fresh_model, guard, open_datas,
+from .common import (add_command, require, add_train_args, dense_config, freeze_single_router, fresh_model, guard, open_datas,
                      options_from_args)
 
 
 def register(sub) -> None:
     """Add this subcommand and its flags to ``sub`` (an argparse subparsers object)."""
-    p = sub.add_parser("train-public", formatter_class=FORMATTER, help="train the dense public model",
+    p = add_command(sub, "train-public", cmd_train_public, help="train the dense public model",
                        description="Train a dense FlexOlmo model (num_experts=1) on public data. Its FFN becomes "
                                    "expert 0 ('public') of every coupled and merged model.")
-    p.add_argument("--data", required=True, action="append", help="prepared data directory (repeatable)")
-    p.add_argument("--out", required=True, help="checkpoint directory to write")
+    require(p, "--data", action="append", help="prepared data directory (repeatable)")
+    require(p, "--out", help="checkpoint directory to write")
     p.add_argument("--model-config", default="tiny", help="preset (tiny, small, olmo2-1b, olmo2-7b) or a JSON file")
     p.add_argument("--router-embedder", default="auto", choices=["auto", "hidden", "minilm"],
                    help="how the public expert's router row (r_public) is set from the first --data directory "
                         "after training, as init-router does for owners (default auto)")
     add_train_args(p, lr=1e-3)
-    p.set_defaults(func=cmd_train_public)
 
 
 @guard

@@ -4,22 +4,21 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..flops import flops_per_token
-from .common import (FORMATTER, add_train_args, check_out_free, check_tokenizer, guard, open_datas, options_from_args,
+from .common import (add_command, require, add_train_args, check_out_free, check_tokenizer, guard, open_datas, options_from_args,
                      tokenizer_src)
 
 
 def register(sub) -> None:
     """Add this subcommand and its flags to ``sub`` (an argparse subparsers object)."""
-    p = sub.add_parser("tune-router", formatter_class=FORMATTER, help="router-only tuning of a merged model",
+    p = add_command(sub, "tune-router", cmd_tune_router, help="router-only tuning of a merged model",
                        description="Train only the router rows and the non-public biases (top-k = all experts "
                                    "while tuning) on a proxy data directory; experts and shared tensors stay "
                                    "frozen. The saved config keeps the model's top-k (or --top-k).")
-    p.add_argument("--model", required=True, help="merged checkpoint directory")
-    p.add_argument("--data", required=True, help="proxy prepared data directory")
-    p.add_argument("--out", required=True)
+    require(p, "--model", help="merged checkpoint directory")
+    require(p, "--data", help="proxy prepared data directory")
+    require(p, "--out")
     p.add_argument("--top-k", type=int, default=None, help="top-k written to the output config (default: unchanged)")
     add_train_args(p, lr=2e-3, weight_decay=False, steps=50)
-    p.set_defaults(func=cmd_tune_router)
 
 
 @guard
