@@ -13,9 +13,9 @@ from .common import add_command, require, check_out_free, guard
 def register(sub) -> None:
     """Add this subcommand and its flags to ``sub`` (an argparse subparsers object)."""
     p = add_command(sub, "merge", cmd_merge, help="merge public + owners into one FlexOlmo checkpoint",
-                       description="Expert 0 and all shared tensors from --public; expert j from owner j (its FFN, "
-                                   "router row and bias). Refuses, naming the tensor, when an owner's frozen "
-                                   "tensors differ from the public model's or it recorded another anchor hash.")
+                    description="Expert 0 and all shared tensors from --public; expert j from owner j (its FFN, "
+                                "router row and bias). Refuses, naming the tensor, when an owner's frozen "
+                                "tensors differ from the public model's or it recorded another anchor hash.")
     require(p, "--public")
     require(p, "--owner", action="append", help="owner checkpoint from train-expert (repeatable)")
     require(p, "--out")

@@ -7,10 +7,10 @@ from .common import add_command, require, guard
 def register(sub) -> None:
     """Add this subcommand and its flags to ``sub`` (an argparse subparsers object)."""
     p = add_command(sub, "prepare-data", cmd_prepare_data, help="tokenise a text directory into a data directory",
-                       description="Tokenise every *.txt/*.md/*.text file (one document each) and every line of "
-                                   "*.jsonl files (field \"text\") under --input into --out: train.bin, val.bin "
-                                   "(memory-mapped token ids, documents separated by EOS) and meta.json. The "
-                                   "held-out split is chosen by a hash of each document's text.")
+                    description="Tokenise every *.txt/*.md/*.text file (one document each) and every line of "
+                                "*.jsonl files (field \"text\") under --input into --out: train.bin, val.bin "
+                                "(memory-mapped token ids, documents separated by EOS) and meta.json. The "
+                                "held-out split is chosen by a hash of each document's text.")
     require(p, "--input", help="directory of text documents")
     require(p, "--out", help="data directory to create")
     p.add_argument("--tokenizer", default=None, help="a `tokenizers` JSON file (default: byte-level, vocab 258)")

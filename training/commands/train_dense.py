@@ -12,9 +12,9 @@ from .common import (add_command, require, add_train_args, dense_config, freeze_
 def register(sub) -> None:
     """Add this subcommand and its flags to ``sub`` (an argparse subparsers object)."""
     p = add_command(sub, "train-dense", cmd_train_dense, help="baseline: dense model of equal active parameters",
-                       description="A dense model with intermediate width K*F (K experts per token, F each "
-                                   "expert's width: from --match-active-of CKPT or --active-experts and "
-                                   "--model-config), trained on all --data jointly. " + BUDGET_HELP)
+                    description="A dense model with intermediate width K*F (K experts per token, F each "
+                                "expert's width: from --match-active-of CKPT or --active-experts and "
+                                "--model-config), trained on all --data jointly. " + BUDGET_HELP)
     require(p, "--data", action="append")
     require(p, "--out")
     p.add_argument("--model-config", default="tiny")

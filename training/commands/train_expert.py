@@ -13,12 +13,12 @@ from .common import (add_command, require, add_train_args, check_out_free, check
 def register(sub) -> None:
     """Add this subcommand and its flags to ``sub`` (an argparse subparsers object)."""
     p = add_command(sub, "train-expert", cmd_train_expert, help="coupled training of one data owner's expert",
-                       description="Build the 2-expert model [public, NAME] from the public checkpoint (both FFNs "
-                                   "start as the public FFN; router [r_public; r_owner]; top-2 of 2; expert bias) "
-                                   "and train it on the owner's data only. Frozen: embeddings, attention incl. q/k "
-                                   "norms, all norms, LM head, the public expert FFN, r_public, b_public. Trained: "
-                                   "the owner's FFN, r_owner, b_owner. Weight decay 0. At the end every frozen "
-                                   "tensor is checked bit-identical to the public model's.")
+                    description="Build the 2-expert model [public, NAME] from the public checkpoint (both FFNs "
+                                "start as the public FFN; router [r_public; r_owner]; top-2 of 2; expert bias) "
+                                "and train it on the owner's data only. Frozen: embeddings, attention incl. q/k "
+                                "norms, all norms, LM head, the public expert FFN, r_public, b_public. Trained: "
+                                "the owner's FFN, r_owner, b_owner. Weight decay 0. At the end every frozen "
+                                "tensor is checked bit-identical to the public model's.")
     require(p, "--public", help="public checkpoint directory (the anchor)")
     require(p, "--data", help="the owner's prepared data directory (the only data it sees)")
     require(p, "--name", help="expert name (unique among owners)")

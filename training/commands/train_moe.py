@@ -12,8 +12,8 @@ from .common import (add_command, require, add_train_args, check_out_free, check
 def register(sub) -> None:
     """Add this subcommand and its flags to ``sub`` (an argparse subparsers object)."""
     p = add_command(sub, "train-moe", cmd_train_moe, help="baseline: standard MoE trained on all data",
-                       description="A standard MoE (everything trainable, no expert bias) trained jointly on "
-                                   "all --data, from scratch or upcycled from --public. " + BUDGET_HELP)
+                    description="A standard MoE (everything trainable, no expert bias) trained jointly on "
+                                "all --data, from scratch or upcycled from --public. " + BUDGET_HELP)
     require(p, "--data", action="append")
     require(p, "--out")
     p.add_argument("--model-config", default="tiny")

@@ -11,8 +11,8 @@ from .common import (add_command, require, add_train_args, dense_config, freeze_
 def register(sub) -> None:
     """Add this subcommand and its flags to ``sub`` (an argparse subparsers object)."""
     p = add_command(sub, "train-public", cmd_train_public, help="train the dense public model",
-                       description="Train a dense FlexOlmo model (num_experts=1) on public data. Its FFN becomes "
-                                   "expert 0 ('public') of every coupled and merged model.")
+                    description="Train a dense FlexOlmo model (num_experts=1) on public data. Its FFN becomes "
+                                "expert 0 ('public') of every coupled and merged model.")
     require(p, "--data", action="append", help="prepared data directory (repeatable)")
     require(p, "--out", help="checkpoint directory to write")
     p.add_argument("--model-config", default="tiny", help="preset (tiny, small, olmo2-1b, olmo2-7b) or a JSON file")

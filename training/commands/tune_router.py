@@ -11,9 +11,9 @@ from .common import (add_command, require, add_train_args, check_out_free, check
 def register(sub) -> None:
     """Add this subcommand and its flags to ``sub`` (an argparse subparsers object)."""
     p = add_command(sub, "tune-router", cmd_tune_router, help="router-only tuning of a merged model",
-                       description="Train only the router rows and the non-public biases (top-k = all experts "
-                                   "while tuning) on a proxy data directory; experts and shared tensors stay "
-                                   "frozen. The saved config keeps the model's top-k (or --top-k).")
+                    description="Train only the router rows and the non-public biases (top-k = all experts "
+                                "while tuning) on a proxy data directory; experts and shared tensors stay "
+                                "frozen. The saved config keeps the model's top-k (or --top-k).")
     require(p, "--model", help="merged checkpoint directory")
     require(p, "--data", help="proxy prepared data directory")
     require(p, "--out")
