@@ -269,11 +269,12 @@ def _loss(out, z, dout, dz):
     return (out.to(dout.dtype) * dout).sum() + (zf.to(dz.dtype) * dz).sum()
 
 
-def run_layer(p, backend, dout, dz, *, trainable=None, norm=False, **kw):
-    """Forward + backward of one backend via :func:`flexmoe_kernels.flexmoe_forward`;
+def run_layer(p, backend, dout, dz, *, trainable=None, norm=False, forward=None, **kw):
+    """Forward + backward of one backend via :func:`flexmoe_kernels.flexmoe_forward` (or
+    ``forward``, a function with its signature, e.g. its ``torch.compile``);
     returns ``(out, logits, {name: grad})``. ``kw``: e.g. ``deterministic``, ``validate``."""
     leaves = {n: p[n].detach().clone().requires_grad_() for n in GRAD_NAMES if p.get(n) is not None}
-    out, z = fk.flexmoe_forward(
+    out, z = (forward or fk.flexmoe_forward)(
         leaves["x"], leaves["router_weight"], leaves["gate_up"], leaves["down"], p["top_k"],
         allow_mask=p["allow_mask"], expert_bias=leaves.get("expert_bias"), norm_topk_prob=norm,
         trainable_experts=trainable, backend=backend, **kw,

@@ -5,15 +5,20 @@
   gradients to the rows and the weights;
 * Triton ``combine_topk`` (``ops/triton/grouped_gemm.py``, the deterministic top-k sum the
   down-projection GEMM ends with): rows in pair order, summed in the fixed order k = 0..K-1
-  in fp32 (bitwise reproducible).
+  in fp32 (bitwise reproducible);
+* CUDA (``ops/cuda/combine.py``): wrapper validation (CPU tier), the custom ops' fake
+  implementations over the emulated ``_C`` (cuda_emulation.py); ``gpu`` tier: the kernels
+  (weighted, unit weights, backward) on poisoned outputs, determinism, int64 row offsets.
 
 Legend: T tokens, D / N row width, E experts, K top-k, P = T*K pairs (pair id ``t*K + k``).
 """
 import pytest
 import torch
-from helpers import DEVICE, assert_matches_reference, make_mask
+from helpers import DEVICE, assert_matches_reference, make_mask, poison_, tol
 
 import flexmoe_kernels as fk
+from flexmoe_kernels.ops.cuda import _ext as cuda_ext
+from flexmoe_kernels.ops.cuda import combine as cuda_combine
 from flexmoe_kernels.ops.reference.combine import combine_rows
 from flexmoe_kernels.ops.triton import grouped_gemm as gg
 from flexmoe_kernels.ops.triton import launch
@@ -129,3 +134,113 @@ def test_triton_combine_topk_output_dtype_and_empty(seed):
     assert out.dtype == torch.float32
     assert torch.equal(out, y[0::2].float() + y[1::2].float())
     assert gg.combine_topk(torch.randn(0, 4, device=DEVICE), 0, 2, torch.float32).shape == (0, 4)
+
+
+# =========================================================================== CUDA combine
+# ops/cuda/combine.py: combine / combine_backward (the wrappers of _C.combine_forward /
+# combine_backward), the custom ops flexmoe_cuda::combine / combine_bwd, CudaCombineFunction.
+CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def test_cuda_combine_rejects_cpu_and_malformed_tensors():
+    with pytest.raises(ValueError, match="y must be a CUDA tensor"):
+        cuda_combine.combine(torch.randn(6, 8), None, torch.arange(6, dtype=torch.int32), 2)
+    with pytest.raises(ValueError, match="grad_out must be a CUDA tensor"):
+        cuda_combine.combine_backward(torch.randn(3, 8), None, None, torch.arange(6, dtype=torch.int32), 2)
+    with pytest.raises(TypeError, match="y must have dtype"):
+        cuda_combine.combine(torch.zeros(6, 8, dtype=torch.float64), None, torch.arange(6, dtype=torch.int32), 2)
+
+
+def test_cuda_combine_wrapper_validation(cuda_glue_device):
+    dev = cuda_glue_device
+    with pytest.raises(ValueError, match="y must have T\\*K rows"):
+        cuda_combine.combine(torch.randn(7, 8, device=dev), None, torch.arange(7, device=dev, dtype=torch.int32), 2)
+    with pytest.raises(ValueError, match="weights must have shape"):
+        cuda_combine.combine(torch.randn(6, 8, device=dev), torch.rand(2, 3, device=dev),
+                             torch.arange(6, device=dev, dtype=torch.int32), 2)
+
+
+def test_cuda_combine_custom_ops_opcheck(emulated_cuda, seed):
+    """torch.library.opcheck: schemas and fake (meta) implementations of flexmoe_cuda::combine /
+    combine_bwd (weighted, unit weights, dy only) match the real ops."""
+    T, E, K, D = 9, 6, 2, 16
+    plan = fk.route(torch.randn(T, E), K, allow_mask=make_mask("token", T, E, K, device="cpu"))
+    w, inv = plan.topk_weights_TK, plan.inv_sorted_pairs_P
+    ops = torch.ops.flexmoe_cuda
+    for op, args in [
+        (ops.combine, (torch.randn(T * K, D), w, inv, K)),
+        (ops.combine, (torch.randn(T * K, D), None, inv, K)),
+        (ops.combine_bwd, (torch.randn(T, D), torch.randn(T * K, D), w, inv, K, True, True)),
+        (ops.combine_bwd, (torch.randn(T, D), torch.randn(T * K, D), w, inv, K, False, True)),
+    ]:
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", CUDA_DTYPES)
+@pytest.mark.parametrize("T,D,K", [(1, 1, 1), (7, 5, 3), (65, 24, 2), (33, 128, 4), (9, 4096, 2)])
+def test_cuda_combine_matches_reference(seed, dtype, T, D, K):
+    """_C.combine_forward (weighted and unit weights) and _C.combine_backward on poisoned
+    outputs against the fp32 sums of the rows in pair order."""
+    C = cuda_ext.extension()
+    code = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}[dtype]
+    stream = torch.cuda.current_stream().cuda_stream
+    P = T * K
+    sorted_pairs = torch.randperm(P, device="cuda").int()
+    inv = torch.empty_like(sorted_pairs)
+    inv[sorted_pairs.long()] = torch.arange(P, device="cuda", dtype=torch.int32)
+
+    y = torch.randn(P, D, device="cuda", dtype=dtype)
+    w = torch.rand(T, K, device="cuda")
+    out = poison_(torch.empty(T, D, device="cuda", dtype=dtype))
+    C.combine_forward(y.data_ptr(), code, T, D, K, w.data_ptr(), inv.data_ptr(), out.data_ptr(), stream)
+    y_pairs = y.float()[inv.long()].view(T, K, D)
+    ref = (w[:, :, None] * y_pairs).sum(1)
+    torch.testing.assert_close(out.float(), ref.to(dtype).float(), **tol(dtype))
+
+    ones = poison_(torch.empty(T, D, device="cuda", dtype=dtype))
+    C.combine_forward(y.data_ptr(), code, T, D, K, 0, inv.data_ptr(), ones.data_ptr(), stream)
+    torch.testing.assert_close(ones.float(), y_pairs.sum(1).to(dtype).float(), **tol(dtype))
+
+    dout = torch.randn(T, D, device="cuda", dtype=dtype)
+    dy = poison_(torch.empty(P, D, device="cuda", dtype=dtype))
+    dw = poison_(torch.empty(T, K, device="cuda", dtype=torch.float32))
+    C.combine_backward(dout.data_ptr(), code, T, D, K, y.data_ptr(), w.data_ptr(), inv.data_ptr(),
+                       dy.data_ptr(), dw.data_ptr(), stream)
+    ref_dy = torch.empty_like(y)
+    ref_dy[inv.long()] = (w.reshape(-1, 1) * dout.float().repeat_interleave(K, 0)).to(dtype)
+    torch.testing.assert_close(dy.float(), ref_dy.float(), **tol(dtype))
+    ref_dw = (dout.float()[:, None, :] * y_pairs).sum(-1)
+    # same fp32 products on both sides; only the summation order differs
+    torch.testing.assert_close(dw, ref_dw, atol=1e-5 * D, rtol=1e-5)
+
+
+@pytest.mark.gpu
+def test_cuda_combine_is_deterministic(seed):
+    T, D, K = 513, 96, 4
+    y = torch.randn(T * K, D, device="cuda", dtype=torch.bfloat16)
+    w = torch.rand(T, K, device="cuda")
+    inv = torch.randperm(T * K, device="cuda").int()
+    a = cuda_combine.combine(y, w, inv, K)
+    b = cuda_combine.combine(y, w, inv, K)
+    assert torch.equal(a, b)
+    da = cuda_combine.combine_backward(a, y, w, inv, K)
+    db = cuda_combine.combine_backward(a, y, w, inv, K)
+    assert torch.equal(da[0], db[0]) and torch.equal(da[1], db[1])
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_cuda_combine_int64_row_offsets():
+    """T*K*D > 2^31: rows past 2^31 elements are read correctly (about 5 GB of memory)."""
+    T, K, D = 1 << 16, 8, 4160
+    assert T * K * D > 2**31
+    x = torch.randn(T, D, device="cuda", dtype=torch.bfloat16)
+    sp = torch.arange(T * K, device="cuda", dtype=torch.int32).flip(0)  # last pair first
+    inv = torch.empty_like(sp)
+    inv[sp.long()] = torch.arange(T * K, device="cuda", dtype=torch.int32)
+    y_PD = x[sp.long() // K]  # each token's K rows (torch's gather)
+    out = cuda_combine.combine(y_PD, None, inv, K)
+    torch.testing.assert_close(out[-3:].float(), K * x[-3:].float(), **tol(torch.bfloat16))
+    torch.testing.assert_close(out[:3].float(), K * x[:3].float(), **tol(torch.bfloat16))
+    del y_PD, out

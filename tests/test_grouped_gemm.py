@@ -5,7 +5,9 @@
   opted-out / frozen experts, errors;
 * Triton (``ops/triton/grouped_gemm.py``): the GEMMs alone on a Triton routing plan against
   the reference, frozen-expert dW, plan errors;
-* Triton launch configs (``ops/triton/configs.py``, tables in ``ops/triton/tables/``).
+* Triton launch configs (``ops/triton/configs.py``, tables in ``ops/triton/tables/``);
+* the "cuda" backend's expert stage (``ops/cuda/experts.py``): which GEMM path a problem takes
+  (torch's ``grouped_mm`` or the per-expert loop) and both paths against a float64 reference.
 
 The sm_90 compile tier of the GEMM kernels is in test_compile_sm90.py; the whole layer
 (routing + GEMMs + autograd) in test_layer.py.
@@ -18,6 +20,7 @@ import torch.nn.functional as F
 from helpers import DEVICE, assert_matches_reference, make_problem, reference_experts, tol
 
 import flexmoe_kernels as fk
+from flexmoe_kernels.ops.cuda import experts as cuda_experts
 from flexmoe_kernels.ops.reference.experts import experts_per_expert
 from flexmoe_kernels.ops.triton import configs as tc
 from flexmoe_kernels.ops.triton import grouped_gemm as gg
@@ -262,3 +265,86 @@ def test_table_lookup_nearest_T(tmp_path):
     assert tc.lookup_table(t, 2100, 64, 96, 4, 2, torch.bfloat16).block_m == 128
     assert tc.lookup_table(t, 99999, 64, 96, 4, 2, torch.bfloat16).block_m == 128
     assert tc.lookup_table(t, 8, 64, 96, 4, 3, torch.bfloat16) is None  # other shape
+
+
+# =========================================================================== CUDA expert stage
+# ops/cuda/experts.py: no GEMM kernel of ours: torch's grouped_mm when usable (bf16, D and F
+# multiples of 8, a probe passed once per device; compute capability >= 9.0 on CUDA; not
+# FLEXMOE_CUDA_GROUPED_MM=0), else the reference's per-expert loop. No _C involved, so the
+# stage runs on CPU tensors as it is.
+@pytest.mark.parametrize("dtype,D,Fw,env,path", [
+    (torch.bfloat16, 16, 8, None, "grouped_mm"),
+    (torch.bfloat16, 24, 20, None, "per_expert"),  # F not a multiple of 8
+    (torch.bfloat16, 20, 16, None, "per_expert"),  # D not a multiple of 8
+    (torch.bfloat16, 16, 8, "0", "per_expert"),  # disabled by FLEXMOE_CUDA_GROUPED_MM=0
+    (torch.float32, 16, 8, None, "per_expert"),
+    (torch.float16, 16, 8, None, "per_expert"),
+])
+def test_cuda_expert_path_choice_on_cpu(monkeypatch, dtype, D, Fw, env, path):
+    monkeypatch.setattr(cuda_experts, "_grouped_mm_ok", {})  # probe afresh
+    if env is None:
+        monkeypatch.delenv("FLEXMOE_CUDA_GROUPED_MM", raising=False)
+    else:
+        monkeypatch.setenv("FLEXMOE_CUDA_GROUPED_MM", env)
+    assert cuda_experts.grouped_gemm_path("cpu", dtype, D, Fw) == path
+
+
+def _rows_reference64(x_PD, gu, dn, counts, trainable):
+    """Float64 ``down_e @ (silu(gate_e @ x_i) * (up_e @ x_i))`` row by row (differentiable;
+    frozen experts detached; experts without rows never read)."""
+    Fw = dn.shape[2]
+    x64, gu64, dn64 = x_PD.double(), gu.double(), dn.double()
+    rows, e_of_row = [], [e for e, n in enumerate(counts.tolist()) for _ in range(n)]
+    for i, e in enumerate(e_of_row):
+        W1, W2 = gu64[e], dn64[e]
+        if not bool(trainable[e]):
+            W1, W2 = W1.detach(), W2.detach()
+        rows.append(W2 @ (F.silu(W1[:Fw] @ x64[i]) * (W1[Fw:] @ x64[i])))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("Fw", [16, 20])  # bf16: the grouped_mm path / the per-expert fallback
+def test_cuda_experts_forward_matches_reference(seed, monkeypatch, device, Fw):
+    """experts_forward on expert-grouped rows in bf16 against a float64 row-by-row reference
+    (the one pass rule, torch's own bf16 error = the per-expert loop in bf16), output and
+    every gradient; experts without rows hold NaN weights (never read, dW exactly 0), a frozen
+    expert with rows gets dW exactly 0."""
+    monkeypatch.setattr(cuda_experts, "_grouped_mm_ok", {})
+    monkeypatch.delenv("FLEXMOE_CUDA_GROUPED_MM", raising=False)
+    T, D, E, K, dtype = 29, 24, 6, 2, torch.bfloat16
+    p = make_problem(T, D, Fw, E, K, dtype, mask="global", opted_out=(2,), device=device)
+    plan = fk.route(fk.router_logits(p["x"], p["router_weight"]).float(), K, allow_mask=p["allow_mask"])
+    counts = plan.counts_E
+    empty = (counts == 0).nonzero().flatten().tolist()
+    assert 2 in empty
+    frozen = int(counts.argmax())
+    trainable = torch.ones(E, dtype=torch.bool, device=device)
+    trainable[frozen] = False
+    gu, dn = p["gate_up"].clone(), p["down"].clone()
+    gu[empty] = float("nan")
+    dn[empty] = float("nan")
+    x_PD = p["x"][plan.sorted_pairs_P.long() // K]
+    capable = device == "cpu" or torch.cuda.get_device_capability() >= (9, 0)
+    path = "grouped_mm" if Fw % 8 == 0 and capable else "per_expert"
+    assert cuda_experts.grouped_gemm_path(device, dtype, D, Fw) == path
+
+    def run(fn, *args):
+        leaves = [t.detach().clone().requires_grad_() for t in (x_PD, gu, dn)]
+        y = fn(*leaves, *args)
+        y.backward(dy.to(y.dtype))
+        return y.detach(), [t.grad for t in leaves]
+
+    dy = torch.randn(T * K, D, device=device)
+    got = run(cuda_experts.experts_forward, counts, plan.offsets_E1, trainable)
+    low = run(experts_per_expert, counts, trainable)  # torch's own bf16 result
+    ref = run(_rows_reference64, counts, trainable)
+    assert got[0].dtype == dtype
+    assert_matches_reference(got[0], ref[0], dtype, f"{path}: y", low[0])
+    for name, g, r, lo in zip(("dx", "dgate_up", "ddown"), got[1], ref[1], low[1]):
+        assert bool(torch.isfinite(g).all()), f"{path}: {name} not finite"
+        keep = [e for e in range(E) if e not in empty and e != frozen] if name != "dx" else slice(None)
+        assert_matches_reference(g[keep], r[keep].nan_to_num(), dtype, f"{path}: {name}", lo[keep])
+        if name != "dx":
+            for e in empty + [frozen]:
+                assert bool((g[e] == 0).all()), f"{path}: {name} of expert {e} must be exactly 0"

@@ -3,17 +3,23 @@ the float64 per-token reference, the backend registry / "auto" / availability, b
 options, torch.compile and opcheck of the Triton custom ops.
 
 The contract test runs every backend available at collection (``fk.available_backends("cpu")``,
-plus "cuda" devices on a GPU machine) on fresh random inputs with one pass rule per dtype
-(helpers.assert_matches_reference): output, logits and every gradient against the float64
-reference; masks of every kind, bias, norm_topk_prob, zero-token experts, NaN-poisoned
-opted-out experts (never read: outputs and every gradient finite), frozen experts (dW exactly
-0), T=1 and odd shapes.
+plus "cuda" devices on a GPU machine) and the "cuda" backend's glue over the emulated ``_C``
+on the CPU ("cpu-cuda-emulated", tests/cuda_emulation.py) on fresh random inputs with one pass
+rule per dtype (helpers.assert_matches_reference): output, logits and every gradient against
+the float64 reference; masks of every kind, bias, norm_topk_prob, zero-token experts,
+NaN-poisoned opted-out experts (never read: outputs and every gradient finite), frozen experts
+(dW exactly 0), T=1, K=E and odd shapes, fp32 / fp16 / bf16 (bf16 with D and F multiples of 8:
+the "cuda" backend's grouped_mm path, also on the CPU; F=20: its per-expert fallback).
 
-CPU tier: the Triton backend runs under the interpreter (conftest). The ``gpu`` tier adds bf16,
-larger shapes, CUDA-graph replay and a no-host-sync check.
+CPU tier: the Triton backend runs under the interpreter (conftest). The ``gpu`` tier adds
+larger shapes, CUDA-graph replay and a no-host-sync check. The "cuda" backend's availability
+and errors, its module / "auto" use and torch.compile are here too; its stages are in the op
+files (test_routing / test_permute / test_grouped_gemm / test_combine), the compiled extension
+in test_cuda_build.py.
 """
 import pytest
 import torch
+from cuda_emulation import emulate_cuda
 from helpers import (
     DEVICE,
     GRAD_NAMES,
@@ -21,6 +27,7 @@ from helpers import (
     backend_logits,
     loss_grads,
     make_problem,
+    poison_,
     reference_layer,
     run_layer,
     run_reference64,
@@ -28,7 +35,9 @@ from helpers import (
 
 import flexmoe_kernels as fk
 from flexmoe_kernels.ops.args import validate_layer_args
-from flexmoe_kernels.ops.backends import BACKENDS, backend_module
+from flexmoe_kernels.ops.backends import BACKENDS, backend_module, choose_backend
+from flexmoe_kernels.ops.cuda import _ext as cuda_ext
+from flexmoe_kernels.ops.cuda import experts as cuda_experts
 from flexmoe_kernels.ops.triton import backend as triton_backend
 from flexmoe_kernels.ops.triton import configs as tc
 from flexmoe_kernels.ops.triton import launch
@@ -44,7 +53,9 @@ LOW = (torch.float16, torch.bfloat16)
 
 def _backend_params():
     """(device, backend, variant) for every backend available here; the triton backend also
-    runs with small GEMM blocks and the atomic (non-deterministic) combine."""
+    runs with small GEMM blocks and the atomic (non-deterministic) combine; the cuda backend's
+    Python glue (routing / gather / experts / combine autograd Functions and custom ops) also
+    runs on the CPU over the emulated _C (variant "emulated", tests/cuda_emulation.py)."""
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     params = []
     for dev in devices:
@@ -52,15 +63,20 @@ def _backend_params():
             params.append(pytest.param((dev, name, None), id=f"{dev}-{name}"))
             if name == "triton":
                 params.append(pytest.param((dev, name, "small-atomic"), id=f"{dev}-{name}-small-atomic"))
+    params.append(pytest.param(("cpu", "cuda", "emulated"), id="cpu-cuda-emulated"))
     return params
 
 
 BACKEND_PARAMS = _backend_params()
-BACKEND_NAMES = sorted({p.values[0][1] for p in BACKEND_PARAMS})
+# backends that run here without emulation (for the tests that take a name only)
+BACKEND_NAMES = sorted({p.values[0][1] for p in BACKEND_PARAMS if p.values[0][2] != "emulated"})
 
 
 def _options(name, variant, monkeypatch):
     """Keyword arguments (and environment) of a backend variant."""
+    if variant == "emulated":
+        emulate_cuda(monkeypatch)
+        return {}
     if name != "triton":
         return {}
     if variant == "small-atomic":
@@ -114,6 +130,14 @@ CONTRACT_CASES = [
     pytest.param(29, 24, 20, 6, 2, torch.float32, "sequence", True, True, (0,), (3,), None, id="sequence-fp32"),
     pytest.param(37, 24, 20, 7, 2, torch.float32, None, True, False, (), (1, 4), 5, id="zero-token-nan-fp32"),
     pytest.param(13, 24, 20, 5, 2, torch.float16, "sequence", True, False, (1,), (2,), None, id="sequence-fp16"),
+    # bf16: D and F multiples of 8 take the "cuda" backend's grouped_mm path (its rows rounded
+    # differently from torch's per-expert matmuls: the reason bf16 is judged against torch's
+    # own error, see helpers.assert_matches_reference), F=20 its per-expert fallback
+    pytest.param(37, 40, 24, 7, 2, torch.bfloat16, "token", True, False, (3,), (5,), 6, id="token-bf16"),
+    pytest.param(50, 40, 24, 5, 2, torch.bfloat16, "global", True, True, (1,), (), None, id="global-nan-norm-bf16"),
+    pytest.param(29, 40, 24, 6, 2, torch.bfloat16, None, True, False, (1,), (), 5, id="zero-token-frozen-bf16"),
+    pytest.param(1, 40, 24, 3, 3, torch.bfloat16, None, False, True, (), (), None, id="T=1-K=E-norm-bf16"),
+    pytest.param(33, 24, 20, 4, 1, torch.bfloat16, "token", True, False, (), (), None, id="F=20-K=1-bf16"),
 ]
 
 
@@ -237,6 +261,7 @@ def test_torch_backend_always_available():
 
 
 def test_auto_on_cpu_is_torch():
+    assert choose_backend(torch.device("cpu"), dict(T=8, D=16, F=8, E=4, K=2)) is None  # no measuring
     assert fk.resolve_backend("auto", "cpu") == "torch"
 
 
@@ -255,8 +280,33 @@ def test_every_backend_reports_a_reason():
 
 @pytest.mark.skipif(fk.backend_status("cuda", "cpu")[0], reason="cuda backend runs on CPU here")
 def test_unavailable_backend_raises_with_reason():
+    ok, why = fk.backend_status("cuda", "cpu")
+    assert not ok and "CUDA device" in why
     with pytest.raises(RuntimeError, match="backend 'cuda' is not available on cpu"):
         fk.resolve_backend("cuda", "cpu")
+
+
+def test_cuda_backend_rejects_cpu_tensors(seed):
+    """An explicit backend="cuda" on CPU tensors: the layer's own checks first (errors name
+    the argument), then the backend's device check."""
+    x = torch.randn(4, 8)
+
+    def run(router, K):
+        return fk.flexmoe_forward(x, router, torch.randn(3, 6, 8), torch.randn(3, 8, 3), K, backend="cuda")
+
+    with pytest.raises(ValueError, match="x is on cpu"):
+        run(torch.randn(3, 8), 2)
+    with pytest.raises(ValueError, match="router_weight must have shape"):
+        run(torch.randn(4, 8), 2)
+    with pytest.raises(ValueError, match="top_k=4 is larger"):
+        run(torch.randn(3, 8), 4)
+
+
+def test_cuda_extension_raises_with_reason_without_gpu():
+    if fk.cuda_is_available():
+        pytest.skip("CUDA is available here")
+    with pytest.raises(RuntimeError, match="CUDA kernels are unavailable: "):
+        cuda_ext.extension()
 
 
 def test_flexmoe_forward_torch_matches_module(seed):
@@ -271,6 +321,40 @@ def test_flexmoe_forward_torch_matches_module(seed):
     y, lg = m(x, return_router_logits=True)
     torch.testing.assert_close(out.reshape(3, 4, 12), y)
     torch.testing.assert_close(logits, lg)
+
+
+@pytest.mark.parametrize("backend", [p for p in BACKEND_PARAMS if p.values[0][2] != "small-atomic"])
+def test_module_backend_matches_reference(seed, monkeypatch, backend):
+    """fk.FlexMoE(backend=name) (the module path: allowed_experts -> mask, resolve_backend)
+    against the float64 reference with the one pass rule; bf16 on a CUDA device, fp32 on the
+    CPU; the opted-out experts' weights are NaN (never read)."""
+    device, name, variant = backend
+    _options(name, variant, monkeypatch)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    D, F, E, K, allowed = 64, 32, 7, 2, [0, 2, 3, 5]
+    p = make_problem(18, D, F, E, K, dtype, bias=True, device=device)
+    mask = torch.zeros(E, dtype=torch.bool, device=device)
+    mask[allowed] = True
+    p["allow_mask"] = mask
+    m = fk.FlexMoE(D, F, E, K, backend=name, expert_bias=True).to(device=device, dtype=dtype)
+    with torch.no_grad():
+        for dst, src in ((m.gate.weight, "router_weight"), (m.experts.gate_up_proj, "gate_up"),
+                         (m.experts.down_proj, "down"), (m.gate.expert_bias, "expert_bias")):
+            dst.copy_(p[src])
+            dst[~mask] = float("nan")
+        y = m(p["x"].reshape(2, 9, D), allowed_experts=allowed)
+        args = (p["x"], p["router_weight"], p["gate_up"], p["down"], K)
+        kw = dict(allow_mask=mask, expert_bias=p["expert_bias"])
+        low = None if dtype == torch.float32 else fk.flexmoe_forward(*args, **kw, backend="torch")[0]
+        ref64, _ = reference_layer(*args, **kw, route_logits=backend_logits(p))
+    assert y.shape == (2, 9, D) and y.dtype == dtype
+    assert_matches_reference(y.reshape(-1, D), ref64, dtype, f"module {name} out", low)
+
+
+@pytest.mark.gpu
+def test_gpu_auto_resolves_to_an_available_backend():
+    got = fk.resolve_backend("auto", "cuda", dict(T=18, D=64, F=32, E=7, K=2, dtype=torch.bfloat16))
+    assert got in fk.available_backends("cuda")
 
 
 @needs_triton
@@ -381,6 +465,30 @@ def test_custom_ops_opcheck(seed):
                           test_utils=("test_schema", "test_faketensor"))
 
 
+def test_cuda_backend_traces_under_torch_compile(seed, cuda_glue_device):
+    """The flexmoe_cuda custom ops trace with fake tensors (aot_eager: no codegen, the same
+    ops): the compiled layer equals eager and its output, logits and every gradient pass the
+    one rule against the float64 reference. bf16 (the grouped_mm path); CPU tier: over the
+    emulated _C."""
+    device = cuda_glue_device
+    T, D, F, E, K = 24, 64, 32, 7, 2
+    dtype = torch.bfloat16
+    p = make_problem(T, D, F, E, K, dtype, mask="token", bias=True, device=device)
+    dout, dz = loss_grads(T, D, E, device)
+    ref = run_reference64(p, dout, dz)
+    low = run_layer(p, "torch", dout, dz)
+    eager = run_layer(p, "cuda", dout, dz, validate=False)  # also probes grouped_mm outside the trace
+    torch._dynamo.reset()
+    compiled = run_layer(p, "cuda", dout, dz, validate=False,
+                         forward=torch.compile(fk.flexmoe_forward, backend="aot_eager"))
+    torch.testing.assert_close(compiled[0], eager[0])
+    torch.testing.assert_close(compiled[1], eager[1])
+    assert_matches_reference(compiled[0], ref[0], dtype, "compiled out", low[0])
+    assert_matches_reference(compiled[1], ref[1], torch.float32, "compiled logits")
+    for n, g in compiled[2].items():
+        assert_matches_reference(g, ref[2][n], dtype, f"compiled d{n}", low[2][n])
+
+
 # =========================================================================== gpu tier
 @pytest.mark.gpu
 @pytest.mark.parametrize("T,D,F,E,K,mask", [(1024, 256, 512, 8, 2, "token"), (333, 512, 384, 7, 5, "global"),
@@ -404,21 +512,29 @@ def test_gpu_larger_shapes_match_reference(seed, dtype):
 
 
 @pytest.mark.gpu
-def test_gpu_cuda_graph_replay_with_new_mask_and_inputs(seed):
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_cuda_graph_replay_with_new_mask_and_inputs(seed, backend):
+    """Capture the forward once, replay it with new inputs and a new mask into a poisoned
+    output: equal to eager bit for bit (both backends are deterministic) and within the one
+    rule of the float64 reference."""
     T, D, F, E, K = 256, 128, 192, 8, 2
     dtype = torch.bfloat16
+    if not fk.backend_status(backend, DEVICE)[0]:
+        pytest.skip(fk.backend_status(backend, DEVICE)[1])
+    if backend == "cuda" and cuda_experts.grouped_gemm_path(DEVICE, dtype, D, F) != "grouped_mm":
+        pytest.skip("graph capture needs the cuda backend's sync-free grouped_mm path (bf16, sm90+)")
     p = make_problem(T, D, F, E, K, dtype, mask="token", bias=True)
     static = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in p.items()}
 
     def step():
         return fk.flexmoe_forward(static["x"], static["router_weight"], static["gate_up"], static["down"], K,
                                   allow_mask=static["allow_mask"], expert_bias=static["expert_bias"],
-                                  validate=False, backend="triton")
+                                  validate=False, backend=backend)
 
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
-        step()  # warm-up (Triton compilation happens outside the capture)
+        step()  # warm-up (Triton compilation / the grouped_mm probe happen outside the capture)
     torch.cuda.current_stream().wait_stream(s)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
@@ -427,12 +543,13 @@ def test_gpu_cuda_graph_replay_with_new_mask_and_inputs(seed):
         p2 = make_problem(T, D, F, E, K, dtype, mask="token", bias=True)
         for k in ("x", "router_weight", "gate_up", "down", "expert_bias", "allow_mask"):
             static[k].copy_(p2[k])
+        poison_(out_g)
         g.replay()
         torch.cuda.synchronize()
         args = (p2["x"], p2["router_weight"], p2["gate_up"], p2["down"], K)
         kw = dict(allow_mask=p2["allow_mask"], expert_bias=p2["expert_bias"])
         torch_low, zr = fk.flexmoe_forward(*args, **kw, backend="torch")
-        eager, _ = fk.flexmoe_forward(*args, **kw, backend="triton")
+        eager, _ = fk.flexmoe_forward(*args, **kw, backend=backend)
         assert torch.equal(out_g, eager)  # deterministic: replay == eager bit for bit
         with torch.no_grad():
             ref64, _ = reference_layer(*args, **kw, route_logits=backend_logits(p2))

@@ -5,13 +5,19 @@ The Triton backend fuses the permutation into the up-projection GEMM (it gathers
 through ``plan.schedule.padded_pairs_Q``); its grouping is checked here against the
 reference's, and its gathers through the layer tests.
 
+The "cuda" backend's gather (``ops/cuda/permute.py``): wrapper validation (CPU tier) and the
+custom op's fake implementation over the emulated ``_C`` (cuda_emulation.py); ``gpu`` tier:
+the kernel on poisoned outputs, int64 row offsets.
+
 Legend: T tokens, D hidden, E experts, K top-k, P = T*K pairs (pair id ``p = t*K + k``).
 """
 import pytest
 import torch
-from helpers import DEVICE, check_plan_invariants, make_mask
+from helpers import DEVICE, check_plan_invariants, make_mask, poison_
 
 import flexmoe_kernels as fk
+from flexmoe_kernels.ops.cuda import _ext as cuda_ext
+from flexmoe_kernels.ops.cuda import permute as cuda_permute
 from flexmoe_kernels.ops.reference.permute import permute_rows
 from flexmoe_kernels.ops.reference.routing import group_pairs
 from flexmoe_kernels.ops.triton import launch
@@ -102,3 +108,63 @@ def test_triton_plan_permutes_like_the_reference(seed, mask):
     s, P = plan.schedule, T * K
     padded = s.padded_pairs_Q.cpu()
     assert torch.equal(padded[padded != P], plan.sorted_pairs_P.cpu())
+
+
+# =========================================================================== CUDA gather
+# ops/cuda/permute.py: gather_rows (the wrapper of _C.gather_rows), the custom op
+# flexmoe_cuda::gather and CudaGatherFunction (whose backward is the unit-weight combine).
+CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def test_cuda_gather_rejects_cpu_and_malformed_tensors():
+    with pytest.raises(ValueError, match="x must be a CUDA tensor"):
+        cuda_permute.gather_rows(torch.randn(3, 8), torch.arange(6, dtype=torch.int32), 2)
+    with pytest.raises(TypeError, match="x must have dtype"):
+        cuda_permute.gather_rows(torch.zeros(3, 8, dtype=torch.int64), torch.arange(6, dtype=torch.int32), 2)
+
+
+def test_cuda_gather_wrapper_validation(cuda_glue_device):
+    x = torch.randn(3, 8, device=cuda_glue_device)
+    with pytest.raises(TypeError, match="sorted_pairs must have dtype"):
+        cuda_permute.gather_rows(x, torch.arange(6, device=cuda_glue_device), 2)
+    with pytest.raises(ValueError, match="sorted_pairs must have shape"):
+        cuda_permute.gather_rows(x, torch.arange(5, device=cuda_glue_device, dtype=torch.int32), 2)
+
+
+def test_cuda_gather_custom_op_opcheck(emulated_cuda, seed):
+    """torch.library.opcheck: schema and fake (meta) implementation of flexmoe_cuda::gather."""
+    T, E, K, D = 9, 6, 2, 16
+    plan, _ = _plan(T, E, K, "token")
+    torch.library.opcheck(torch.ops.flexmoe_cuda.gather, (torch.randn(T, D), plan.sorted_pairs_P, K),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", CUDA_DTYPES)
+@pytest.mark.parametrize("T,D,K", [(1, 1, 1), (7, 5, 3), (65, 24, 2), (33, 128, 4), (9, 4096, 2)])
+def test_cuda_gather_rows_matches_reference(seed, dtype, T, D, K):
+    """_C.gather_rows on a poisoned output: row i = x[sorted_pairs[i] // K], an exact copy
+    (odd widths: the unaligned path; wide rows: the 16-byte vector path)."""
+    C = cuda_ext.extension()
+    stream = torch.cuda.current_stream().cuda_stream
+    P = T * K
+    x = torch.randn(T, D, device="cuda", dtype=dtype)
+    sorted_pairs = torch.randperm(P, device="cuda").int()
+    x_PD = poison_(torch.empty(P, D, device="cuda", dtype=dtype))
+    C.gather_rows(x.data_ptr(), x.element_size(), T, D, sorted_pairs.data_ptr(), P, K, x_PD.data_ptr(), stream)
+    assert torch.equal(x_PD, x[sorted_pairs.long() // K])
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_cuda_gather_int64_row_offsets():
+    """T*K*D > 2^31: rows past 2^31 elements are addressed correctly (about 5 GB of memory)."""
+    T, K, D = 1 << 16, 8, 4160
+    assert T * K * D > 2**31
+    x = torch.randn(T, D, device="cuda", dtype=torch.bfloat16)
+    sp = torch.arange(T * K, device="cuda", dtype=torch.int32).flip(0)  # last pair first
+    x_PD = cuda_permute.gather_rows(x, sp, K)
+    assert torch.equal(x_PD[:K], x[-1:].expand(K, D))
+    assert torch.equal(x_PD[-1], x[0])
+    assert torch.equal(x_PD[-K * 3:], x[:3].repeat_interleave(K, 0).flip(0))
+    del x_PD

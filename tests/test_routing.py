@@ -3,7 +3,11 @@
 * reference (``flexmoe_kernels.route``, ``ops/reference/routing.py``): semantics and invariants;
 * Triton (``ops/triton/routing.py``): every plan field against the reference, the padded tile
   schedule (``plan.schedule``) against ``tile_schedule_reference`` and its invariants, the
-  routing backward against autograd through the reference, launch configs, errors.
+  routing backward against autograd through the reference, launch configs, errors;
+* CUDA (``ops/cuda/routing.py``): wrapper validation (CPU tier, before any CUDA call), the
+  custom ops' fake implementations and ``CudaRouteFunction``'s backward over the emulated
+  ``_C`` (cuda_emulation.py); ``gpu`` tier: the kernel's every output on poisoned buffers
+  against the reference, determinism, the backward against autograd.
 
 CPU tier: the Triton kernels run under the interpreter (switched on by conftest). Where CUDA
 is present the same tests run compiled, plus the ``gpu`` tier (bf16, large shapes, CUDA-graph
@@ -11,10 +15,12 @@ capture and replay with a changed mask). The sm_90 compile tier is in test_compi
 """
 import pytest
 import torch
-from helpers import DEVICE, SCHEDULE_FIELDS, check_plan_invariants, make_mask, tol
+from helpers import DEVICE, SCHEDULE_FIELDS, check_plan_invariants, make_mask, poison_, tol
 
 import flexmoe_kernels as fk
 from flexmoe_kernels.ops.args import check_allow_mask_rows
+from flexmoe_kernels.ops.cuda import _ext as cuda_ext
+from flexmoe_kernels.ops.cuda import routing as cuda_routing
 from flexmoe_kernels.ops.plan import RoutingPlan, TileSchedule, schedule_sizes
 from flexmoe_kernels.ops.triton import launch
 from flexmoe_kernels.ops.triton import routing as tr
@@ -635,3 +641,173 @@ def test_gpu_cuda_graph_replay_with_new_mask_and_logits(seed, validate, T):
         ref = fk.route(x, K, allow_mask=allow)
         (gx,) = torch.autograd.grad((ref.topk_weights_TK * g).sum(), x)
         torch.testing.assert_close(dz, gx, **tol(torch.float32))
+
+
+# =========================================================================== CUDA routing
+# ops/cuda/routing.py: the validating wrappers of _C.router_forward / router_backward, the
+# custom ops flexmoe_cuda::route / route_bwd and CudaRouteFunction. CPU tier: validation
+# (raised before any CUDA call) and, under the emulated _C (cuda_emulation.py), the glue;
+# gpu tier: the kernels on poisoned outputs against the reference.
+CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def test_cuda_router_rejects_cpu_and_malformed_tensors():
+    logits = torch.randn(5, 4)
+    with pytest.raises(ValueError, match="logits must be a CUDA tensor"):
+        cuda_routing.router_forward(logits, 2)
+    with pytest.raises(ValueError, match="probs must be a CUDA tensor"):
+        cuda_routing.router_backward(logits, torch.zeros(5, 2, dtype=torch.int32), torch.rand(5, 2), None)
+    with pytest.raises(TypeError, match="logits must have dtype"):
+        cuda_routing.router_forward(torch.randint(0, 3, (5, 4)), 2)
+    with pytest.raises(ValueError, match="logits must have 2 dimensions"):
+        cuda_routing.router_forward(torch.randn(2, 5, 4), 2)
+    with pytest.raises(TypeError, match="logits must be a torch.Tensor"):
+        cuda_routing.router_forward([[1.0, 2.0]], 1)
+    with pytest.raises(TypeError, match="probs must have dtype"):
+        cuda_routing.router_backward(torch.randn(5, 4, dtype=torch.float16), None, None, None)
+
+
+def test_cuda_router_wrapper_validation(cuda_glue_device):
+    dev = cuda_glue_device
+    logits = torch.randn(6, 5, device=dev)
+    with pytest.raises(ValueError, match="allow_mask must have shape"):
+        cuda_routing.router_forward(logits, 2, allow_mask=torch.ones(6, 4, dtype=torch.bool, device=dev))
+    with pytest.raises(TypeError, match="allow_mask must have dtype"):
+        cuda_routing.router_forward(logits, 2, allow_mask=torch.ones(5, device=dev))
+    with pytest.raises(ValueError, match="expert_bias must have shape"):
+        cuda_routing.router_forward(logits, 2, expert_bias=torch.zeros(4, device=dev))
+    with pytest.raises(ValueError, match="logits must be contiguous"):
+        cuda_routing.router_forward(torch.randn(5, 6, device=dev).t(), 2)
+    with pytest.raises(ValueError, match="top_k=6 is larger"):
+        cuda_routing.router_forward(logits, 6)
+    with pytest.raises(ValueError, match="logits must have 1 <= E <= 256"):
+        cuda_routing.router_forward(torch.randn(2, 300, device=dev), 2)
+
+
+def test_cuda_route_custom_ops_opcheck(emulated_cuda, seed):
+    """torch.library.opcheck: schemas and fake (meta) implementations of flexmoe_cuda::route /
+    route_bwd match the real ops (run through the emulated _C)."""
+    T, E, K = 9, 6, 2
+    logits = torch.randn(T, E)
+    mask = make_mask("token", T, E, K, device="cpu")
+    ops = torch.ops.flexmoe_cuda
+    w, z, ids, counts, offsets, sp, inv, probs = ops.route(logits, torch.randn(E), mask, K, True)
+    for op, args in [
+        (ops.route, (logits, torch.randn(E), mask, K, True)),
+        (ops.route, (logits.bfloat16(), None, None, K, False)),
+        (ops.route_bwd, (probs, ids, w, torch.randn(T, K), torch.randn(T, E), mask, True)),
+    ]:
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+
+
+def _distinct_logits(T: int, E: int, dtype, device="cuda") -> torch.Tensor:
+    """(T, E) logits with pairwise-distinct values per row, exactly representable in ``dtype``
+    (integers times a power of two), so top-k has no ties in any dtype."""
+    perm = torch.argsort(torch.rand(T, E, device=device), dim=1).float()
+    scale = 1.0 / 16 if E > 32 else 0.5
+    z = (perm - E / 2) * scale
+    return z.to(dtype)
+
+
+def _raw_route(logits, K, mask, bias, renorm):
+    """Call _C.router_forward directly on NaN/INT_MAX-poisoned outputs and a garbage workspace."""
+    C = cuda_ext.extension()
+    T, E = logits.shape
+    dev = logits.device
+    out = dict(
+        ids=poison_(torch.empty(T, K, dtype=torch.int32, device=dev)),
+        w=poison_(torch.empty(T, K, dtype=torch.float32, device=dev)),
+        probs=poison_(torch.empty(T, E, dtype=torch.float32, device=dev)),
+        z=poison_(torch.empty(T, E, dtype=torch.float32, device=dev)),
+        counts=poison_(torch.empty(E, dtype=torch.int32, device=dev)),
+        offsets=poison_(torch.empty(E + 1, dtype=torch.int32, device=dev)),
+        sorted=poison_(torch.empty(T * K, dtype=torch.int32, device=dev)),
+        inv=poison_(torch.empty(T * K, dtype=torch.int32, device=dev)),
+    )
+    nbytes = C.router_workspace_bytes(T, E)
+    ws = torch.full((nbytes,), 0xAB, dtype=torch.uint8, device=dev)
+    mode = 0 if mask is None else (1 if mask.ndim == 1 else 2)
+    bias32 = None if bias is None else bias.float().contiguous()
+    C.router_forward(
+        logits.data_ptr(), {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}[logits.dtype], T, E, K,
+        0 if bias32 is None else bias32.data_ptr(), 0 if mask is None else mask.data_ptr(), mode, renorm,
+        out["ids"].data_ptr(), out["w"].data_ptr(), out["probs"].data_ptr(), out["z"].data_ptr(),
+        out["counts"].data_ptr(), out["offsets"].data_ptr(), out["sorted"].data_ptr(), out["inv"].data_ptr(),
+        ws.data_ptr(), nbytes, torch.cuda.current_stream().cuda_stream,
+    )
+    return out
+
+
+CUDA_ROUTER_SHAPES = [(1, 4, 2), (5, 7, 3), (123, 8, 8), (77, 64, 6), (33, 256, 8), (300, 3, 1), (1000, 7, 2),
+                      (129, 40, 5), (2, 128, 128)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", CUDA_DTYPES)
+@pytest.mark.parametrize("T,E,K", CUDA_ROUTER_SHAPES)
+@pytest.mark.parametrize("mask_kind", [None, "global", "token"])
+def test_cuda_router_forward_matches_reference(seed, dtype, T, E, K, mask_kind):
+    logits = _distinct_logits(T, E, dtype)
+    mask = make_mask(mask_kind, T, E, K, device="cuda")
+    bias = torch.randn(E, device="cuda") if (T + E) % 2 else None
+    renorm = (T + K) % 2 == 0
+    got = _raw_route(logits, K, mask, bias, renorm)
+    ref = fk.route(logits, K, allow_mask=mask, expert_bias=bias, norm_topk_prob=renorm)
+    assert torch.equal(got["ids"], ref.topk_ids_TK)
+    torch.testing.assert_close(got["w"], ref.topk_weights_TK, **tol(torch.float32))
+    torch.testing.assert_close(got["z"], ref.logits_TE, **tol(torch.float32))
+    torch.testing.assert_close(got["probs"], torch.softmax(ref.logits_TE, -1), **tol(torch.float32))
+    assert torch.equal(got["counts"], ref.counts_E)
+    assert torch.equal(got["offsets"], ref.offsets_E1)
+    assert torch.equal(got["sorted"], ref.sorted_pairs_P)
+    assert torch.equal(got["inv"], ref.inv_sorted_pairs_P)
+    if mask is not None:  # opted-out experts get no pairs and probability exactly 0
+        m = mask if mask.ndim == 2 else mask.expand(T, E)
+        assert torch.all(got["probs"][~m] == 0)
+        if mask.ndim == 1:
+            assert torch.all(got["counts"][~mask] == 0)
+
+
+@pytest.mark.gpu
+def test_cuda_router_random_logits_and_determinism(seed):
+    T, E, K = 4099, 16, 4  # several router blocks, an odd last block
+    logits = torch.randn(T, E, device="cuda")
+    a = _raw_route(logits, K, None, None, False)
+    b = _raw_route(logits, K, None, None, False)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    ref = fk.route(logits, K)
+    assert torch.equal(a["sorted"], ref.sorted_pairs_P)
+    assert int(a["counts"].sum()) == T * K
+    assert torch.equal(a["sorted"][a["inv"].long()], torch.arange(T * K, device="cuda", dtype=torch.int32))
+
+
+@pytest.mark.parametrize("dtype", CUDA_DTYPES)
+@pytest.mark.parametrize("T,E,K", [(1, 4, 2), (37, 7, 3), (64, 8, 8), (50, 64, 6)])
+@pytest.mark.parametrize("renorm", [False, True])
+def test_cuda_router_backward_matches_autograd(seed, cuda_glue_device, dtype, T, E, K, renorm):
+    """CudaRouteFunction (route / route_bwd ops) against autograd through the reference route:
+    the logits gradient in the logits' dtype, the bias gradient where bias <= 0 (the clamp's
+    boundary included), exact zeros where disallowed. CPU tier: the glue over the emulated _C."""
+    dev = cuda_glue_device
+    mask = make_mask("token", T, E, K, device=dev)
+    logits = _distinct_logits(T, E, dtype, device=dev).requires_grad_()
+    bias = torch.randn(E, device=dev)
+    bias[0] = 0.0  # the clamp's boundary
+    bias.requires_grad_()
+    g_w = torch.randn(T, K, device=dev)
+
+    def loss_of(w, z):
+        return (w * g_w).sum() + 0.1 * fk.router_z_loss(z)
+
+    ref = fk.route(logits, K, allow_mask=mask, expert_bias=bias, norm_topk_prob=renorm)
+    loss_of(ref.topk_weights_TK, ref.logits_TE).backward()
+    ref_gl, ref_gb = logits.grad.clone(), bias.grad.clone()
+    logits.grad = bias.grad = None
+    w, z, ids, *_ = cuda_routing.CudaRouteFunction.apply(logits, bias, mask, K, renorm)
+    assert torch.equal(ids, ref.topk_ids_TK)
+    loss_of(w, z).backward()
+    assert logits.grad.dtype == dtype
+    torch.testing.assert_close(logits.grad.float(), ref_gl.float(), **tol(dtype))
+    torch.testing.assert_close(bias.grad, ref_gb, **tol(torch.float32))
+    assert torch.all(logits.grad[~mask] == 0)
