@@ -1,8 +1,7 @@
 """Shared test setup: Triton's interpreter on CPU-only machines, the `gpu` tier, fixtures.
 
 The helpers (tolerance table, poisoning, masks, the float64 reference, the pass rule) live
-in ``helpers.py`` (``from helpers import ...``); ``tol`` / ``poison_`` / ``TOLERANCES`` are
-re-exported here for the files that still import them from ``conftest``. The CPU emulation of
+in ``helpers.py`` (``from helpers import ...``). The CPU emulation of
 the CUDA extension is ``cuda_emulation.py``; its fixtures ``emulated_cuda`` and
 ``cuda_glue_device`` are registered here.
 """
@@ -21,7 +20,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from cuda_emulation import cuda_glue_device, emulated_cuda  # noqa: E402,F401  (fixtures)
-from helpers import TOLERANCES, poison_, tol  # noqa: E402,F401  (re-exported)
+from helpers import poison_  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):

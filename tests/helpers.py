@@ -168,16 +168,9 @@ def reference_experts(
 
 
 def reference_layer(
-    x_TD: torch.Tensor,
-    router_weight_ED: torch.Tensor,
-    gate_up_E2FD: torch.Tensor,
-    down_EDF: torch.Tensor,
-    top_k: int,
-    *,
-    allow_mask: Optional[torch.Tensor] = None,
-    expert_bias: Optional[torch.Tensor] = None,
-    norm_topk_prob: bool = False,
-    trainable_experts: Optional[torch.Tensor] = None,
+    x_TD: torch.Tensor, router_weight_ED: torch.Tensor, gate_up_E2FD: torch.Tensor, down_EDF: torch.Tensor,
+    top_k: int, *, allow_mask: Optional[torch.Tensor] = None, expert_bias: Optional[torch.Tensor] = None,
+    norm_topk_prob: bool = False, trainable_experts: Optional[torch.Tensor] = None,
     route_logits: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The readable FlexOlmo MoE layer, one token at a time, in float64 (differentiable):
@@ -341,3 +334,35 @@ def check_plan_invariants(plan, T: int, K: int, E: int, allow: Optional[torch.Te
         assert torch.all(a.gather(1, ids.long()))
         if allow.ndim == 1:
             assert torch.all(counts[~allow] == 0)
+
+
+# --------------------------------------------------------------------------- tiny models
+def tiny_flexolmo_config(**overrides):
+    """A tiny ``FlexOlmoConfig`` (D 32, 2 layers, E 4, K 2, torch backend, SDPA); ``overrides``
+    replace fields."""
+    from flexmoe_kernels.models import FlexOlmoConfig
+
+    base = dict(vocab_size=61, hidden_size=32, intermediate_size=24, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+                rope_theta=10000.0, initializer_range=0.2, moe_backend="torch", attn_implementation="sdpa")
+    base.update(overrides)
+    return FlexOlmoConfig(**base)
+
+
+def randomize_(model):
+    """Non-trivial norms and biases so every weight matters (RMSNorm weights in [0.5, 1.5],
+    expert biases ~ N(0, 1)); returns ``model``."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or "layernorm" in name:
+                p.uniform_(0.5, 1.5)
+            elif name.endswith("expert_bias"):
+                p.normal_(0.0, 1.0)
+    return model
+
+
+def tiny_flexolmo(**overrides):
+    """A randomised tiny ``FlexOlmoForCausalLM`` in eval mode (see :func:`tiny_flexolmo_config`)."""
+    from flexmoe_kernels.models import FlexOlmoForCausalLM
+
+    return randomize_(FlexOlmoForCausalLM(tiny_flexolmo_config(**overrides))).eval()

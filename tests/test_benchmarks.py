@@ -271,7 +271,7 @@ def test_cli_list_and_bad_flags(capsys):
 @pytest.mark.parametrize("T", [1, 37])
 def test_moe_baselines_match_reference(T, seed):
     """The baselines we time must compute the same layer as ours (else the comparison is void)."""
-    from conftest import tol
+    from helpers import tol
 
     from benchmarks.providers import LayerWeights
 

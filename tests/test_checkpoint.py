@@ -8,10 +8,10 @@ import os
 
 import pytest
 import torch
-from conftest import tol
+from helpers import tiny_flexolmo, tol
 from safetensors.torch import load_file, save_file
 
-from flexmoe_kernels.models import CheckpointError, FlexOlmoConfig, FlexOlmoForCausalLM, tensors_sha256
+from flexmoe_kernels.models import CheckpointError, FlexOlmoForCausalLM, tensors_sha256
 from flexmoe_kernels.models import checkpoint as ckpt
 from flexmoe_kernels.utils import fs
 
@@ -22,19 +22,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_model(**kw):
-    base = dict(vocab_size=53, hidden_size=16, intermediate_size=12, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, num_experts=3, num_experts_per_tok=2,
-                rope_theta=10000.0, initializer_range=0.3, moe_backend="torch", attn_implementation="sdpa",
+    """A randomised 3-expert model with expert names (the checkpoint tests' size)."""
+    base = dict(vocab_size=53, hidden_size=16, intermediate_size=12, num_experts=3, initializer_range=0.3,
                 expert_names=["public", "news", "code"])
     base.update(kw)
-    model = FlexOlmoForCausalLM(FlexOlmoConfig(**base)).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
-            elif name.endswith("expert_bias"):
-                p.normal_()
-    return model
+    return tiny_flexolmo(**base)
 
 
 def logits(model, ids):

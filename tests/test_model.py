@@ -8,9 +8,9 @@ import math
 
 import pytest
 import torch
-from conftest import tol
+from helpers import tiny_flexolmo, tiny_flexolmo_config, tol
 
-from flexmoe_kernels.models import FlexOlmoConfig, FlexOlmoForCausalLM, KVCache
+from flexmoe_kernels.models import FlexOlmoForCausalLM, KVCache
 
 F32 = tol(torch.float32)
 
@@ -18,27 +18,8 @@ F32 = tol(torch.float32)
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def tiny_config(**kw):
-    base = dict(vocab_size=61, hidden_size=32, intermediate_size=24, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
-                rope_theta=10000.0, initializer_range=0.2, moe_backend="torch", attn_implementation="sdpa")
-    base.update(kw)
-    return FlexOlmoConfig(**base)
-
-
-def randomize_(model):
-    """Non-trivial norms and biases so every weight matters (RMSNorm weights near 1)."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight") or "layernorm" in name:
-                p.uniform_(0.5, 1.5)
-            elif name.endswith("expert_bias"):
-                p.normal_(0.0, 1.0)
-    return model
-
-
-def make_model(**kw):
-    return randomize_(FlexOlmoForCausalLM(tiny_config(**kw))).eval()
+tiny_config = tiny_flexolmo_config
+make_model = tiny_flexolmo
 
 
 def hf_model_from(model, attn="eager"):

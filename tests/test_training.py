@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tol
+from helpers import tol
 from test_training_common import (
     fast_flags, import_training, losses, run_cli, seeded_rng, tiny_model_config, write_corpus,
 )
