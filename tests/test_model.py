@@ -46,7 +46,7 @@ def hf_model_from(model, attn="eager"):
 
 # ---------------------------------------------------------------------------- readable reference
 def reference_logits(model, ids, allow_E=None):
-    """Float64 FlexOlmo forward written out step by step from the spec (FLEXOLMO.md section 1)."""
+    """Float64 FlexOlmo forward written out step by step from the spec (docs/SEMANTICS.md §1)."""
     c = model.config
     sd = {k: v.detach().double() for k, v in model.state_dict().items()}
     B, S = ids.shape
