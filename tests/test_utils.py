@@ -93,3 +93,75 @@ def test_flops_per_token_by_hand():
         flops_per_token(cfg, S, convention="x")
     with pytest.raises(ValueError, match="seq_len"):
         flops_per_token(cfg, 0)
+
+
+# --------------------------------------------------------------------------- killed writers
+_KILLED_WRITER = r"""
+import os, signal, sys
+from flexmoe_kernels.utils.fs import atomic_directory, write_text_atomic
+target, kind = sys.argv[1], sys.argv[2]
+if kind == "dir":
+    with atomic_directory(target) as d:
+        (d / "weights.bin").write_bytes(os.urandom(1 << 16))
+        os.kill(os.getpid(), signal.SIGKILL)  # a kill mid-save: no cleanup code runs
+else:
+    import tempfile
+    from flexmoe_kernels.utils import fs
+    parent, name = os.path.split(os.path.abspath(target))
+    fd, tmp = tempfile.mkstemp(prefix=fs.temp_prefix(name), dir=parent)  # as write_bytes_atomic does
+    os.write(fd, b"partial")
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def _kill_mid_write(target, kind):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _KILLED_WRITER, str(target), kind], capture_output=True)
+    assert proc.returncode == -9, proc.stderr.decode()[-2000:]
+
+
+@pytest.mark.parametrize("kind", ["dir", "file"])
+def test_next_write_removes_a_killed_writers_temporary(tmp_path, kind):
+    """A save killed mid-way leaves its full-size temporary sibling; the next write to the same
+    target removes it (and only it)."""
+    target = tmp_path / ("ckpt" if kind == "dir" else "run.json")
+    if kind == "dir":
+        with atomic_directory(target) as d:
+            (d / "weights.bin").write_text("old")
+    else:
+        write_text_atomic(target, "old")
+    _kill_mid_write(target, kind)
+    leaked = [n for n in os.listdir(tmp_path) if n.startswith(f".{target.name}.tmp-")]
+    assert len(leaked) == 1, os.listdir(tmp_path)
+    # Not this target's, or not stale: must survive.
+    keep = [tmp_path / f".other.tmp-{fs._host()}-1-abc", tmp_path / f".{target.name}.tmp-otherhost-1-abc",
+            tmp_path / f".{target.name}.tmp-{fs._host()}-{os.getpid()}-live", tmp_path / f"{target.name}.tmp-x"]
+    for k in keep:
+        k.mkdir()
+    if kind == "dir":
+        with atomic_directory(target) as d:
+            (d / "weights.bin").write_text("new")
+        assert (target / "weights.bin").read_text() == "new"
+    else:
+        write_text_atomic(target, "new")
+        assert target.read_text() == "new"
+    assert sorted(os.listdir(tmp_path)) == sorted([target.name] + [k.name for k in keep])
+
+
+def test_remove_stale_temporaries_keeps_live_writers(tmp_path):
+    import subprocess
+    import sys
+
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        mine = tmp_path / f".t.tmp-{fs._host()}-{live.pid}-xyz"
+        mine.mkdir()
+        assert fs.remove_stale_temporaries(tmp_path / "t") == []
+        assert mine.is_dir()
+    finally:
+        live.kill()
+        live.wait()
+    assert fs.remove_stale_temporaries(tmp_path / "t") == [str(mine)]
+    assert not mine.exists()

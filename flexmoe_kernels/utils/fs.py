@@ -2,9 +2,16 @@
 
 Contract shared by every helper here: the target is either left exactly as it was (any
 exception, or a crash, before the final rename) or holds the complete new contents; temporary
-files and directories are siblings of the target named ``.<name>.tmp-*`` and are removed on
-failure. New contents are fsynced before they are renamed into place, and the parent
-directory is fsynced after, so the replacement survives a power loss.
+files and directories are siblings of the target named ``.<name>.tmp-<host>-<pid>-<random>``
+(``.old-`` for a replaced directory on its way out) and are removed on failure. New contents are
+fsynced before they are renamed into place, and the parent directory is fsynced after, so the
+replacement survives a power loss.
+
+A process killed mid-write cannot remove its temporary sibling; the next write to the same
+target (and :func:`flexmoe_kernels.models.checkpoint` loads) call
+:func:`remove_stale_temporaries`, which deletes the siblings of *that* target whose writer is
+gone: same host, process id no longer running. Other hosts' temporaries (a shared file
+system) and live writers' are left alone, and nothing but the target's own pattern is touched.
 """
 from __future__ import annotations
 
@@ -13,15 +20,63 @@ import ctypes
 import errno
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Iterator, Union
 
-__all__ = ["atomic_directory", "fsync_path", "fsync_tree", "replace_directory", "write_bytes_atomic", "write_json_atomic",
-           "write_text_atomic"]
+__all__ = ["atomic_directory", "fsync_path", "fsync_tree", "remove_stale_temporaries", "replace_directory",
+           "temp_prefix", "write_bytes_atomic", "write_json_atomic", "write_text_atomic"]
 
 PathLike = Union[str, os.PathLike]
+
+
+def _host() -> str:
+    """This host's name, reduced to characters safe in a file name."""
+    return re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname())[:64] or "host"
+
+
+def temp_prefix(name: str, kind: str = "tmp") -> str:
+    """Prefix of this process's temporary siblings of ``name``: ``.<name>.<kind>-<host>-<pid>-``."""
+    return f".{name}.{kind}-{_host()}-{os.getpid()}-"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temporaries(target: PathLike) -> list[str]:
+    """Delete the temporary siblings of ``target`` left by writers that died (see the module
+    docstring); returns the removed paths. Only names ``.<target name>.tmp-<host>-<pid>-*`` /
+    ``.old-`` of this host whose process is gone are removed."""
+    target = os.path.abspath(os.fspath(target))
+    parent, name = os.path.split(target)
+    pattern = re.compile(rf"^\.{re.escape(name)}\.(?:tmp|old)-{re.escape(_host())}-(\d+)-")
+    removed = []
+    try:
+        entries = os.listdir(parent)
+    except OSError:
+        return removed
+    for entry in entries:
+        m = pattern.match(entry)
+        if m is None or int(m.group(1)) == os.getpid() or _pid_alive(int(m.group(1))):
+            continue
+        path = os.path.join(parent, entry)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        removed.append(path)
+    return removed
 
 
 def fsync_path(path: PathLike, directory: bool = False) -> None:
@@ -92,7 +147,7 @@ def replace_directory(staging: PathLike, target: PathLike, *, fsync: bool = True
     elif _exchange(staging, target):
         old = staging  # staging now holds the previous contents
     else:
-        old = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent)
+        old = tempfile.mkdtemp(prefix=temp_prefix(name, "old"), dir=parent)
         os.rmdir(old)
         os.rename(target, old)
         os.rename(staging, target)
@@ -113,7 +168,8 @@ def atomic_directory(target: PathLike, *, mode: int = 0o755, fsync: bool = True)
     """
     target = Path(os.path.abspath(os.fspath(target)))
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    remove_stale_temporaries(target)
+    staging = Path(tempfile.mkdtemp(prefix=temp_prefix(target.name), dir=target.parent))
     try:
         os.chmod(staging, mode)
         yield staging
@@ -126,7 +182,8 @@ def write_bytes_atomic(path: PathLike, data: bytes, *, fsync: bool = True) -> No
     """Write ``data`` to ``path`` atomically (a temporary sibling, fsynced, renamed into place)."""
     path = os.path.abspath(os.fspath(path))
     parent, name = os.path.split(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.tmp-", dir=parent)
+    remove_stale_temporaries(path)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(name), dir=parent)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
