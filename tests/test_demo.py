@@ -526,6 +526,28 @@ def test_generate_never_reads_opted_out_weights(tmp_path, capsys, one_thread):
     assert out_p == out_c
 
 
+def test_generate_repeated_allow_deny_accumulate(tmp_path, capsys, one_thread):
+    """Issue 12 item 1: repeated --deny / --allow flags accumulate (and mix with the comma
+    form); a denied list that leaves fewer than top_k experts is an error naming the flag."""
+    _, d = _tiny_model(tmp_path)
+    rc, out, err = _run_generate(["--model", d, "--deny", "code", "--deny", "man", "--max-new-tokens", "3", "hi"],
+                                 capsys)
+    assert rc == 0, err
+    assert "allowed: ['public', 'licenses']" in out
+    rows = _usage_rows(out)
+    assert rows["code"] == ("NO", 0) and rows["man"] == ("NO", 0)
+    rc, out, err = _run_generate(["--model", d, "--allow", "public", "--allow", "man,licenses",
+                                  "--max-new-tokens", "3", "hi"], capsys)
+    assert rc == 0, err
+    assert "allowed: ['public', 'man', 'licenses']" in out and _usage_rows(out)["code"] == ("NO", 0)
+    # a third --deny leaves one expert for top-k 2: refused, never silently dropped
+    rc, out, err = _run_generate(["--model", d, "--deny", "code,man", "--deny", "public", "hi"], capsys)
+    assert rc == 2 and out == ""
+    assert "--deny" in err and "top_k=2" in err and len(err.strip().splitlines()) == 1
+    rc, out, err = _run_generate(["--model", d, "--deny", "code", "--deny", "nope", "hi"], capsys)
+    assert rc == 2 and "--deny: unknown expert 'nope'" in err
+
+
 # ============================================================================ the whole demo, --quick
 @pytest.mark.slow
 def test_demo_quick_end_to_end(tmp_path):

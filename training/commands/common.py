@@ -12,8 +12,8 @@ import os
 import sys
 from pathlib import Path
 
-__all__ = ["FORMATTER", "add_command", "add_train_args", "require", "check_out_free", "check_tokenizer", "csv_list", "dense_config", "fresh_model",
-           "freeze_single_router", "guard", "main_error", "open_datas", "options_from_args", "tokenizer_src"]
+__all__ = ["FORMATTER", "add_command", "add_name_list", "add_train_args", "require", "check_out_free", "check_tokenizer",
+           "csv_list", "dense_config", "fresh_model", "freeze_single_router", "guard", "main_error", "open_datas", "options_from_args", "tokenizer_src"]
 
 FORMATTER = argparse.RawDescriptionHelpFormatter
 
@@ -71,6 +71,15 @@ def add_train_args(p: argparse.ArgumentParser, *, lr: float, steps: int = 100, w
 def csv_list(s: str):
     """``"a, b,,c"`` -> ``["a", "b", "c"]`` (the type of comma-separated flags)."""
     return [x.strip() for x in s.split(",") if x.strip()]
+
+
+def add_name_list(p, flag: str, help: str, metavar: str = "NAME,...") -> argparse.Action:
+    """Add ``flag``, a list of names that may be repeated and mixed with the comma form:
+    ``--deny a,b --deny c`` gives ``["a", "b", "c"]`` (argparse's ``extend`` with
+    :func:`csv_list`; without it a repeated flag keeps only its last value). Default None
+    (flag absent). ``p`` is a parser, argument group or mutually exclusive group."""
+    return p.add_argument(flag, type=csv_list, action="extend", default=None, metavar=metavar,
+                          help=f"{help} (comma-separated; repeatable)")
 
 
 def options_from_args(args):

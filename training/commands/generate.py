@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .common import csv_list
+from .common import add_name_list
 
 
 def register(sub) -> None:
@@ -19,8 +19,8 @@ def register(sub) -> None:
     g.add_argument("prompt", help="the prompt text")
     g.add_argument("--model", required=True, help="checkpoint directory (config.json + model.safetensors)")
     who = g.add_mutually_exclusive_group()
-    who.add_argument("--allow", type=csv_list, default=None, metavar="NAME,...", help="only these experts may be used")
-    who.add_argument("--deny", type=csv_list, default=None, metavar="NAME,...", help="these experts are opted out")
+    add_name_list(who, "--allow", "only these experts may be used")
+    add_name_list(who, "--deny", "these experts are opted out")
     g.add_argument("--max-new-tokens", type=int, default=200)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--top-p", type=float, default=None)

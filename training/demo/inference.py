@@ -15,8 +15,10 @@ def resolve_allow_list(expert_names: Sequence[str], allow: Optional[Sequence[str
                        top_k: int) -> Optional[List[str]]:
     """Names of the allowed experts from ``--allow`` / ``--deny`` lists (None = all allowed).
 
-    Raises ``ValueError`` naming the flag for unknown names, for both flags at once, and when
-    fewer than ``top_k`` experts would remain (lower the model's top-k with ``--top-k``).
+    ``allow`` / ``deny`` are the accumulated names of every occurrence of the flag (repeats
+    are harmless). Raises ``ValueError`` naming the flag for unknown names, for both flags at
+    once, and when fewer than ``top_k`` experts would remain (lower the model's top-k with
+    ``--top-k``); no name is ever dropped silently.
     """
     names = list(expert_names)
     if allow and deny:
@@ -26,15 +28,15 @@ def resolve_allow_list(expert_names: Sequence[str], allow: Optional[Sequence[str
             if n not in names:
                 raise ValueError(f"{flag}: unknown expert {n!r}; this model's experts are {names}")
     if allow:
-        chosen = [n for n in names if n in set(allow)]
+        flag, chosen = "--allow", [n for n in names if n in set(allow)]
     elif deny:
-        chosen = [n for n in names if n not in set(deny)]
+        flag, chosen = "--deny", [n for n in names if n not in set(deny)]
     else:
         return None
     if len(chosen) < top_k:
         raise ValueError(
-            f"only {len(chosen)} expert(s) allowed ({chosen}) but the model routes each token to top_k={top_k}; "
-            f"allow more experts or pass --top-k {max(1, len(chosen))}")
+            f"{flag} {','.join(allow or deny)} leaves {len(chosen)} expert(s) ({chosen}) but the model routes each "
+            f"token to top_k={top_k}; allow more experts or pass --top-k {max(1, len(chosen))}")
     return chosen
 
 
