@@ -287,6 +287,43 @@ def test_pickles_are_refused(tmp_path, seed):
         FlexOlmoForCausalLM.from_pretrained(tmp_path / "nope")
 
 
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty", "shard"])
+def test_corrupt_safetensors_error_names_the_file(tmp_path, seed, damage):
+    """Issue 12 item 6a: a truncated or corrupt weights file gives a one-line CheckpointError
+    naming the file and why, not safetensors' bare header message."""
+    model = make_model()
+    model.save_pretrained(tmp_path, max_shard_size=4096 if damage == "shard" else None)
+    name = "model-00002-of-" if damage == "shard" else "model.safetensors"
+    path = next(tmp_path / f for f in sorted(os.listdir(tmp_path)) if f.startswith(name))
+    data = path.read_bytes()
+    path.write_bytes({"truncated": data[: len(data) // 2], "garbage": b"garbage" * 9, "empty": b"",
+                      "shard": data[: len(data) - 10]}[damage])
+    with pytest.raises(CheckpointError) as info:
+        FlexOlmoForCausalLM.from_pretrained(tmp_path)
+    msg = str(info.value)
+    assert str(path) in msg and "\n" not in msg
+    assert ("truncated" in msg or "corrupt" in msg) and "safetensors" in msg
+
+
+@pytest.mark.parametrize("which", ["config.json", "model.safetensors.index.json"])
+def test_invalid_json_names_file_line_and_column(tmp_path, seed, which):
+    """Issue 12 item 6b: invalid JSON in config.json (or the shard index) is a CheckpointError
+    naming the file, line and column (not a raw JSONDecodeError)."""
+    model = make_model()
+    model.save_pretrained(tmp_path, max_shard_size=4096)
+    (tmp_path / which).write_text('{\n  "vocab_size": 53,\n  "hidden_size": ,\n}\n')
+    with pytest.raises(CheckpointError) as info:
+        FlexOlmoForCausalLM.from_pretrained(tmp_path)
+    msg = str(info.value)
+    assert str(tmp_path / which) in msg and "line 3" in msg and "column 18" in msg and "\n" not in msg
+    (tmp_path / which).write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match="JSON object"):
+        FlexOlmoForCausalLM.from_pretrained(tmp_path)
+    (tmp_path / which).write_bytes(b"\xff\xfe{}")
+    with pytest.raises(CheckpointError, match="UTF-8"):
+        FlexOlmoForCausalLM.from_pretrained(tmp_path)
+
+
 # ---------------------------------------------------------------------------- hashing
 def test_tensors_sha256(seed):
     model = make_model()

@@ -548,6 +548,22 @@ def test_generate_repeated_allow_deny_accumulate(tmp_path, capsys, one_thread):
     assert rc == 2 and "--deny: unknown expert 'nope'" in err
 
 
+def test_generate_unreadable_model_is_one_line(tmp_path, capsys, one_thread):
+    """Issue 12 item 6a/6b through ``flexmoe generate``: a corrupt weights file or config.json is
+    a one-line error naming --model and the file, exit 2 (not a traceback)."""
+    _, d = _tiny_model(tmp_path)
+    weights = os.path.join(d, "model.safetensors")
+    with open(weights, "r+b") as f:
+        f.truncate(os.path.getsize(weights) // 2)
+    rc, out, err = _run_generate(["--model", d, "hi"], capsys)
+    assert rc == 2 and err.startswith("flexmoe generate: --model") and weights in err
+    assert len(err.strip().splitlines()) == 1
+    with open(os.path.join(d, "config.json"), "w") as f:
+        f.write("{,}")
+    rc, out, err = _run_generate(["--model", d, "hi"], capsys)
+    assert rc == 2 and os.path.join(d, "config.json") in err and "line 1, column 2" in err
+
+
 # ============================================================================ the whole demo, --quick
 @pytest.mark.slow
 def test_demo_quick_end_to_end(tmp_path):

@@ -17,11 +17,11 @@ import shutil
 from typing import Iterable, Mapping, Optional, Union
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..utils.fs import atomic_directory
-from .config import FlexOlmoConfig
+from .config import CheckpointError, FlexOlmoConfig, read_json_object
 
 __all__ = [
     "save_pretrained",
@@ -43,10 +43,6 @@ _OWNED = re.compile(r"^(config\.json|generation_config\.json|model\.safetensors(
 _PER_EXPERT = re.compile(r"^(?P<prefix>.*\.mlp\.experts)\.(?P<e>\d+)\.(?P<which>gate|up|down)_proj\.weight$")
 # Keys some older checkpoints carry that hold no weights.
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint whose tensors do not match the model (names the tensors)."""
 
 
 # ---------------------------------------------------------------------------- hashing
@@ -167,8 +163,7 @@ def _tensor_files(directory: str) -> list[str]:
     if os.path.isfile(single):
         return [single]
     if os.path.isfile(index):
-        with open(index, encoding="utf-8") as fh:
-            weight_map = json.load(fh).get("weight_map")
+        weight_map = read_json_object(index).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise CheckpointError(f"{index} has no weight_map")
         files = sorted(set(weight_map.values()))
@@ -181,16 +176,33 @@ def _tensor_files(directory: str) -> list[str]:
     raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {directory!r}{hint}")
 
 
-def load_state_dict(directory: Union[str, os.PathLike]) -> dict[str, torch.Tensor]:
-    """All tensors of a checkpoint directory (single file or shards), on CPU, as stored."""
-    sd: dict[str, torch.Tensor] = {}
-    for path in _tensor_files(os.fspath(directory)):
+def _read_safetensors(path: str, sd: dict[str, torch.Tensor]) -> None:
+    """Add the tensors of the safetensors file ``path`` to ``sd`` (cloned: own, aligned memory,
+    not a view of the file buffer). ``CheckpointError`` naming the file when it is truncated or
+    corrupt (safetensors checks that the header is valid and its offsets cover the file
+    exactly; the tensor bytes carry no checksum) or repeats a tensor of another shard."""
+    try:
         with safe_open(path, framework="pt", device="cpu") as f:
             for k in f.keys():
                 if k in sd:
                     raise CheckpointError(f"tensor {k!r} appears in more than one shard ({os.path.basename(path)})")
-                # clone: own, aligned memory (not a view of the file buffer)
                 sd[k] = f.get_tensor(k).clone()
+    except (SafetensorError, OSError) as exc:
+        why = str(exc).replace("\n", " ")
+        raise CheckpointError(f"{path}: not a readable safetensors file, truncated or corrupt "
+                              f"({os.path.getsize(path)} bytes; {why}); save or copy it again") from exc
+
+
+def load_state_dict(directory: Union[str, os.PathLike]) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint directory (single file or shards), on CPU, as stored.
+
+    Raises ``FileNotFoundError`` when there is no weights file (pickles are refused) and
+    :class:`CheckpointError` naming the file for invalid JSON in the shard index or a
+    truncated / corrupt safetensors file.
+    """
+    sd: dict[str, torch.Tensor] = {}
+    for path in _tensor_files(os.fspath(directory)):
+        _read_safetensors(path, sd)
     return sd
 
 

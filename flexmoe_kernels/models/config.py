@@ -15,9 +15,37 @@ from typing import Any, Optional, Union
 
 from .._validate import check_positive_int
 
-__all__ = ["FlexOlmoConfig", "ATTN_IMPLEMENTATIONS"]
+__all__ = ["FlexOlmoConfig", "ATTN_IMPLEMENTATIONS", "CheckpointError", "read_json_object"]
 
 ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "flash_attn")
+
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: a file that is not valid JSON / safetensors (names the
+    file and why) or tensors that do not match the model (names the tensors). Defined here so
+    that ``config.json`` errors can raise it; re-exported by :mod:`.checkpoint`."""
+
+
+def read_json_object(path: str | os.PathLike) -> dict:
+    """The JSON object (dict) stored in the file ``path``.
+
+    Raises :class:`CheckpointError` (one line, naming the file) when it is not UTF-8, not valid
+    JSON (with the line and column) or not a JSON object; ``OSError`` when it cannot be read.
+    """
+    path = os.fspath(path)
+    with open(path, "rb") as fh:
+        raw = fh.read()
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise CheckpointError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got a JSON {type(obj).__name__}")
+    return obj
+
 
 # Hugging Face fields we write for compatibility but whose only supported value is fixed.
 _FIXED_HF_FIELDS = {
@@ -214,8 +242,9 @@ class FlexOlmoConfig:
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike, **overrides: Any) -> "FlexOlmoConfig":
-        with open(path, encoding="utf-8") as fh:
-            return cls.from_dict(json.load(fh), **overrides)
+        """Read a config JSON file (:func:`read_json_object`: ``CheckpointError`` naming the file
+        for invalid JSON), then :meth:`from_dict`."""
+        return cls.from_dict(read_json_object(path), **overrides)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, **overrides: Any) -> "FlexOlmoConfig":

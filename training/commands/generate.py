@@ -45,7 +45,11 @@ def run_generate_command(args) -> int:
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = FlexOlmoForCausalLM.from_pretrained(args.model, device=device)
+    try:
+        model = FlexOlmoForCausalLM.from_pretrained(args.model, device=device)
+    except (ValueError, OSError) as e:  # CheckpointError (a ValueError) / missing files: name the file
+        print(f"flexmoe generate: --model: {e}", file=sys.stderr)
+        return 2
     model.eval()
     names = list(model.expert_names)
     if args.top_k is not None:
