@@ -425,6 +425,24 @@ def test_bad_inputs_raise_clear_errors():
         tiny_config(pad_token_id=100)
 
 
+@pytest.mark.parametrize("bad", [61, 1000, -1, -101])
+def test_labels_out_of_range_name_the_argument(bad):
+    """Issue 12 item 6c: a label outside [0, vocab_size) other than -100 is a ValueError naming
+    ``labels``, the range and the offending value (not a deep IndexError); -100 stays allowed."""
+    model = make_model()
+    ids = torch.randint(0, 61, (2, 5))
+    labels = ids.clone()
+    labels[0, 1] = -100
+    assert torch.isfinite(model(ids, labels=labels).loss)
+    labels[1, 3] = bad
+    with pytest.raises(ValueError) as info:
+        model(ids, labels=labels)
+    msg = str(info.value)
+    assert "labels" in msg and "vocab_size=61" in msg and str(bad) in msg and "-100" in msg and "\n" not in msg
+    with pytest.raises(ValueError, match=r"labels.*\(1, 3\)"):
+        model(ids, labels=labels.to(torch.int32))
+
+
 def test_flash_attn_requested_without_package_is_explained():
     from flexmoe_kernels.models.attention import flash_attn_status
 

@@ -339,7 +339,8 @@ class FlexOlmoForCausalLM(nn.Module):
                 (E,), (B, E) (per sequence) or (B*S, E) (per token). Opted-out experts are removed
                 exactly; every token must allow at least K experts (``ValueError`` otherwise).
             labels: optional (B, S) integer targets aligned with ``input_ids``; the loss is the
-                mean cross-entropy of logits[:, :-1] against labels[:, 1:], ignoring -100.
+                mean cross-entropy of logits[:, :-1] against labels[:, 1:], ignoring -100;
+                every other label must be in [0, V) (``ValueError`` naming ``labels``).
             attention_mask: optional (B, P + S) bool/int, 1 = token, 0 = padding (keys only;
                 covers the cached past too).
             past_key_values: a :class:`KVCache` from a previous call (its P positions come first).
@@ -525,8 +526,30 @@ class FlexOlmoForCausalLM(nn.Module):
         _save_pretrained(self, directory, max_shard_size=max_shard_size)
 
 
+def _check_label_values(labels_BS: torch.Tensor, vocab_size: int) -> None:
+    """``ValueError`` naming ``labels``, the offending values and their (b, s) positions unless
+    every label is -100 (ignored) or in [0, vocab_size). Checked on the labels' own device:
+    labels on the CPU cost no device sync; labels on CUDA cost one device-to-host sync (the
+    ``any()`` read back, as ``input_ids`` are checked), skipped while a CUDA graph is captured."""
+    if labels_BS.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return
+    bad_BS = (labels_BS != -100) & ((labels_BS < 0) | (labels_BS >= vocab_size))
+    if not bool(bad_BS.any()):
+        return
+    vals = labels_BS[bad_BS]
+    where = [tuple(p) for p in bad_BS.nonzero()[:5].tolist()]
+    raise ValueError(
+        f"labels must be -100 (ignored) or in [0, vocab_size={vocab_size}), got {vals.numel()} value(s) outside "
+        f"(in [{int(vals.min())}, {int(vals.max())}]): {vals[:5].tolist()} at (b, s) {where}"
+        f"{' ...' if vals.numel() > 5 else ''}")
+
+
 def causal_lm_loss(logits_BSV: torch.Tensor, labels_BS: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy in float32: logits[:, :-1] vs labels[:, 1:], -100 ignored."""
+    """Mean next-token cross-entropy in float32: logits[:, :-1] vs labels[:, 1:], -100 ignored.
+
+    ``labels_BS``: (B, S) integer tensor, every value -100 or in [0, V) (``TypeError`` /
+    ``ValueError`` naming ``labels`` otherwise; see :func:`_check_label_values` for its cost).
+    """
     if not isinstance(labels_BS, torch.Tensor):
         raise TypeError(f"labels must be a torch.Tensor, got {type(labels_BS).__name__}")
     if labels_BS.is_floating_point() or labels_BS.dtype == torch.bool:
@@ -534,6 +557,7 @@ def causal_lm_loss(logits_BSV: torch.Tensor, labels_BS: torch.Tensor) -> torch.T
     if labels_BS.shape != logits_BSV.shape[:2]:
         raise ValueError(f"labels must have shape (B, S)={tuple(logits_BSV.shape[:2])}, got {tuple(labels_BS.shape)}")
     V = logits_BSV.shape[-1]
+    _check_label_values(labels_BS, V)
     shift_logits = logits_BSV[:, :-1, :].reshape(-1, V).float()
     shift_labels = labels_BS[:, 1:].reshape(-1).to(device=logits_BSV.device, dtype=torch.long)
     return torch.nn.functional.cross_entropy(shift_logits, shift_labels, ignore_index=-100)
