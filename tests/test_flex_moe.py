@@ -85,6 +85,29 @@ def test_global_mask_equals_removal(seed):
     torch.testing.assert_close(m(x, allowed_experts=mask), y, atol=0, rtol=0)
 
 
+def test_integer_like_expert_indices_are_accepted(seed):
+    """Issue 12 item 6e: numpy integers and 0-dim integer tensors are expert indices like int
+    (same mask); bools of every kind and non-integer numbers are still refused."""
+    np = pytest.importorskip("numpy")
+    m = make_moe(E=5, K=2)
+    x = torch.randn(2, 3, 12)
+    y = m(x, allowed_experts=[0, 2, 4])
+    for kind in (np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint32, np.uint64, np.intp):
+        torch.testing.assert_close(m(x, allowed_experts=[kind(0), kind(2), kind(4)]), y, atol=0, rtol=0)
+    torch.testing.assert_close(m(x, allowed_experts=list(np.array([0, 2, 4]))), y, atol=0, rtol=0)
+    torch.testing.assert_close(m(x, allowed_experts=np.array([0, 2, 4])), y, atol=0, rtol=0)
+    torch.testing.assert_close(m(x, allowed_experts=[torch.tensor(0), torch.tensor(2, dtype=torch.int32), "expert_4"]),
+                               y, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="index 7 is out of range"):
+        m(x, allowed_experts=[np.int64(0), np.int64(7)])
+    for bad in (True, np.True_, torch.tensor(True)):
+        with pytest.raises(TypeError, match="got a bool"):
+            m(x, allowed_experts=[0, 1, bad])
+    for bad in (np.float32(1.0), 1.0, torch.tensor(1.0), torch.tensor([1, 2])):
+        with pytest.raises(TypeError, match="allowed_experts entries must be"):
+            m(x, allowed_experts=[0, bad])
+
+
 def test_per_token_mask_matches_reference(seed):
     m = make_moe(E=5, K=2)
     T = 23

@@ -2,12 +2,15 @@
 
 ``allowed_experts`` may be:
   * None: every expert allowed;
-  * a sequence of expert names (str) and/or indices (int): the same set for every token;
+  * a sequence of expert names (str) and/or indices: the same set for every token. An index
+    is any integer (Python ``int``, numpy integer scalar, 0-dim integer tensor); bools
+    (Python, numpy, bool tensors) and non-integer numbers are refused (``TypeError``);
   * a bool tensor (E,): global; (B, E): one permission set per sequence of a (B, S, D) batch;
     (T, E): one per token of the flattened input.
 """
 from __future__ import annotations
 
+import operator
 from typing import Optional, Sequence, Union
 
 import torch
@@ -53,24 +56,40 @@ def resolve_allowed_experts(
             return m.reshape(T, E)
         want = f"(E,)=({E},), (B, E)=({lead_shape[0]}, {E}) or (T, E)=({T}, {E})"
         raise ValueError(f"allowed_experts must have shape {want}, got {tuple(m.shape)}")
-    if isinstance(allowed_experts, (str, int)):
+    if isinstance(allowed_experts, str) or _expert_index(allowed_experts) is not None:
         allowed_experts = [allowed_experts]
     m = torch.zeros(E, dtype=torch.bool)
     for item in allowed_experts:
-        if isinstance(item, bool):
-            raise TypeError("allowed_experts entries must be expert names or indices, got a bool")
-        if isinstance(item, int):
-            if not 0 <= item < E:
-                raise ValueError(f"allowed_experts index {item} is out of range for E={E} experts")
-            m[item] = True
-        elif isinstance(item, str):
+        if isinstance(item, str):
             if item not in expert_names:
                 raise ValueError(
                     f"unknown expert name {item!r} in allowed_experts; known: {list(expert_names)}"
                 )
             m[list(expert_names).index(item)] = True
-        else:
+            continue
+        index = _expert_index(item)
+        if index is None:
             raise TypeError(
-                f"allowed_experts entries must be str or int, got {type(item).__name__}"
+                f"allowed_experts entries must be str or an integer index, got {type(item).__name__}"
             )
+        if not 0 <= index < E:
+            raise ValueError(f"allowed_experts index {index} is out of range for E={E} experts")
+        m[index] = True
     return m.to(device)
+
+
+def _expert_index(item: object) -> Optional[int]:
+    """``item`` as a Python int when it is an integer (``int``, numpy integer, 0-dim integer
+    tensor; anything with ``__index__``), None when it is not. ``TypeError`` for a bool of any
+    kind (Python, numpy, 0-dim bool tensor): True / False are never expert indices."""
+    if isinstance(item, torch.Tensor):
+        if item.dtype == torch.bool and item.ndim == 0:
+            raise TypeError("allowed_experts entries must be expert names or indices, got a bool")
+        if item.ndim != 0 or item.is_floating_point() or item.is_complex():
+            return None
+    if isinstance(item, bool) or type(item).__name__ in ("bool", "bool_"):
+        raise TypeError("allowed_experts entries must be expert names or indices, got a bool")
+    try:
+        return operator.index(item)
+    except TypeError:
+        return None
