@@ -100,6 +100,33 @@ def test_bad_inputs_leave_nothing(tmp_path, capsys):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
+def test_undecodable_bytes_counted_and_binary_skipped(tmp_path, capsys):
+    """Issue 12 item 6d: prepare-data counts the bytes it replaces with U+FFFD per file and warns
+    (naming the file and the count); binary files (NUL bytes) are skipped with a message."""
+    src = tmp_path / "text"
+    (src / "sub").mkdir(parents=True)
+    (src / "good.txt").write_text("plain UTF-8 text, é ü 漢\n", encoding="utf-8")
+    (src / "latin.txt").write_bytes("café naïve façade\n".encode("latin-1"))  # 3 undecodable bytes
+    (src / "sub" / "blob.txt").write_bytes(b"\x7fELF\x02\x01\x00\x00binary\xff\xfe")
+    (src / "mixed.jsonl").write_bytes(b'{"text": "ok"}\n{"text": "bad \xe9\xe8 bytes"}\n')  # 2
+    assert run_cli(["prepare-data", "--input", src, "--out", tmp_path / "data", "--val-fraction", "0"]) == 0
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    latin = [ln for ln in lines if "latin.txt" in ln]
+    assert len(latin) == 1 and "3 undecodable byte" in latin[0] and "U+FFFD" in latin[0]
+    mixed = [ln for ln in lines if "mixed.jsonl" in ln]
+    assert len(mixed) == 1 and "2 undecodable byte" in mixed[0]
+    blob = [ln for ln in lines if "blob.txt" in ln]
+    assert len(blob) == 1 and "binary" in blob[0] and "skip" in blob[0]
+    assert not any("good.txt" in ln for ln in lines)
+    meta = json.loads((tmp_path / "data" / "meta.json").read_text())
+    assert meta["train_docs"] == 4  # good, latin, two jsonl lines; not the binary file
+    assert meta["replaced_bytes"] == {"latin.txt": 3, "mixed.jsonl": 2}
+    assert meta["skipped_binary"] == ["sub/blob.txt"]
+    text = load_tokenizer(tmp_path / "data").decode(DataDir(tmp_path / "data").tokens("train").tolist())
+    assert "binary" not in text and "caf\ufffd na\ufffdve fa\ufffdade" in text
+
+
 def test_corrupt_data_dir(corpus, tmp_path):
     prepare_data(corpus, tmp_path / "data")
     with open(tmp_path / "data" / "train.bin", "r+b") as f:

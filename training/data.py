@@ -8,11 +8,15 @@ A prepared data directory holds::
     DATA_DIR/val.bin     the held-out documents (same format)
     DATA_DIR/meta.json   {"format": "flexmoe-tokens-v1", "dtype", "vocab_size", "eos_token_id",
                           "pad_token_id", "tokenizer": {...}, "train_tokens", "val_tokens",
-                          "train_docs", "val_docs", "val_fraction", "source"}
+                          "train_docs", "val_docs", "val_fraction", "source",
+                          "replaced_bytes": {file: n}, "skipped_binary": [file, ...]}
     DATA_DIR/tokenizer.json   (only with a ``tokenizers`` tokenizer)
 
 Documents are the ``*.txt`` / ``*.md`` / ``*.text`` files under the input directory (one
 document each) and the lines of ``*.jsonl`` files (field ``"text"``), read in sorted path order.
+Files are decoded as UTF-8; undecodable bytes (e.g. Latin-1 text) become U+FFFD, counted per
+file, warned about on stderr and recorded in ``meta.json`` (``replaced_bytes``); files holding
+a NUL byte are binary and skipped with a message (``skipped_binary``).
 A document goes to the held-out split when the first 8 bytes of the SHA-256 of its UTF-8 text,
 read as an integer, fall below ``val_fraction * 2**64``: the split depends only on the text.
 
@@ -23,9 +27,12 @@ saved position other than ``s`` itself, and the global batch is the same for any
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
+import re
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +49,7 @@ __all__ = [
     "load_tokenizer",
     "tokenizer_from_meta",
     "iter_documents",
+    "decode_counting",
     "prepare_data",
     "DataDir",
     "BatchSampler",
@@ -167,29 +175,65 @@ def copy_tokenizer_files(src_dir: str | os.PathLike, dst_dir: str | os.PathLike)
 
 
 # ---------------------------------------------------------------------------- preparing
-def iter_documents(input_dir: str | os.PathLike) -> Iterator[tuple[str, str]]:
-    """Yield ``(source, text)`` for every document under ``input_dir`` in a deterministic order."""
+_ESCAPED = re.compile("[\udc80-\udcff]")  # one per undecodable byte under errors="surrogateescape"
+
+
+def decode_counting(raw: bytes) -> tuple[str, int]:
+    """``(text, n)``: ``raw`` decoded as UTF-8 with ``errors="replace"`` (each maximal invalid
+    sequence becomes one U+FFFD) and ``n`` the number of undecodable bytes (0 for valid UTF-8)."""
+    try:
+        return raw.decode("utf-8"), 0
+    except UnicodeDecodeError:
+        n = len(_ESCAPED.findall(raw.decode("utf-8", errors="surrogateescape")))
+        return raw.decode("utf-8", errors="replace"), n
+
+
+def _notice(msg: str) -> None:
+    print(f"prepare-data: {msg}", file=sys.stderr, flush=True)
+
+
+def _jsonl_documents(rel: str, text: str) -> Iterator[tuple[str, str]]:
+    for i, line in enumerate(io.StringIO(text, newline=None)):  # the lines a text-mode open() gives
+        if not line.strip():
+            continue
+        try:
+            doc = json.loads(line)["text"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise DataError(f"{rel}:{i + 1}: expected a JSON object with a \"text\" field ({exc})") from exc
+        if isinstance(doc, str) and doc.strip():
+            yield f"{rel}:{i + 1}", doc
+
+
+def iter_documents(input_dir: str | os.PathLike, report: Optional[dict] = None) -> Iterator[tuple[str, str]]:
+    """Yield ``(source, text)`` for every document under ``input_dir`` in a deterministic order.
+
+    A file with a NUL byte is binary: skipped, with a message on stderr. Undecodable bytes
+    become U+FFFD; a file that had any gets one warning on stderr naming it and the count.
+    ``report`` (optional dict) receives ``"replaced_bytes"`` ({file: count}) and
+    ``"skipped_binary"`` ([file, ...]), files relative to ``input_dir``.
+    """
     root = Path(input_dir)
     if not root.is_dir():
         raise DataError(f"input directory {str(root)!r} does not exist or is not a directory")
+    report = {} if report is None else report
+    replaced, binary = report.setdefault("replaced_bytes", {}), report.setdefault("skipped_binary", [])
     files = sorted(p for p in root.rglob("*") if p.is_file() and (p.suffix in TEXT_SUFFIXES or p.suffix == ".jsonl"))
     for path in files:
-        rel = str(path.relative_to(root))
+        rel = path.relative_to(root).as_posix()
+        raw = path.read_bytes()
+        if b"\0" in raw:
+            binary.append(rel)
+            _notice(f"skipping {rel}: a binary file (it contains NUL bytes), not text")
+            continue
+        text, n_bad = decode_counting(raw)
+        if n_bad:
+            replaced[rel] = n_bad
+            _notice(f"warning: {rel}: {n_bad} undecodable byte(s) replaced with U+FFFD (not UTF-8; "
+                    f"convert it, e.g. iconv -f latin1 -t utf-8)")
         if path.suffix == ".jsonl":
-            with open(path, encoding="utf-8", errors="replace") as f:
-                for i, line in enumerate(f):
-                    if not line.strip():
-                        continue
-                    try:
-                        text = json.loads(line)["text"]
-                    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                        raise DataError(f"{rel}:{i + 1}: expected a JSON object with a \"text\" field ({exc})") from exc
-                    if isinstance(text, str) and text.strip():
-                        yield f"{rel}:{i + 1}", text
-        else:
-            text = path.read_text(encoding="utf-8", errors="replace")
-            if text.strip():
-                yield rel, text
+            yield from _jsonl_documents(rel, text)
+        elif text.strip():
+            yield rel, text
 
 
 def _is_val(text: str, val_fraction: float) -> tuple[bool, int]:
@@ -210,7 +254,8 @@ def prepare_data(
 
     ``tokenizer`` defaults to :class:`ByteTokenizer`. The output directory appears atomically
     (written to a temporary sibling, then renamed); on any error nothing is left behind.
-    Returns the meta dict. When the hash split leaves the held-out set empty although
+    Returns the meta dict. Binary files and undecodable bytes: see :func:`iter_documents`
+    (messages on stderr; recorded in meta). When the hash split leaves the held-out set empty although
     ``val_fraction > 0`` and there are at least 2 documents, the document with the smallest
     hash is held out (still a function of the texts only).
     """
@@ -220,9 +265,11 @@ def prepare_data(
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise FileExistsError(f"output directory {str(out)!r} already exists (pass --overwrite to replace it)")
-    docs = list(iter_documents(input_dir))
+    report: dict = {}
+    docs = list(iter_documents(input_dir, report))
     if not docs:
-        raise DataError(f"input directory {str(input_dir)!r} has no documents (*.txt, *.md, *.text, *.jsonl)")
+        skipped = f" ({len(report['skipped_binary'])} binary file(s) skipped)" if report["skipped_binary"] else ""
+        raise DataError(f"input directory {str(input_dir)!r} has no documents (*.txt, *.md, *.text, *.jsonl){skipped}")
     split = [_is_val(text, val_fraction) for _, text in docs]
     if val_fraction > 0 and len(docs) >= 2 and not any(v for v, _ in split):
         j = min(range(len(docs)), key=lambda i: split[i][1])
@@ -266,6 +313,8 @@ def prepare_data(
             "val_docs": counts["val"][1],
             "val_fraction": float(val_fraction),
             "source": str(Path(input_dir).resolve()),
+            "replaced_bytes": report["replaced_bytes"],
+            "skipped_binary": report["skipped_binary"],
         }
         if isinstance(tok, TokenizersTokenizer):
             shutil.copyfile(tok.path, tmp / "tokenizer.json")
