@@ -22,6 +22,9 @@ namespace {
 constexpr int kRouterThreads = 256;
 constexpr int kPermuteThreads = 256;
 constexpr int kPermuteWarps = kPermuteThreads / 32;
+// Selection key of an allowed expert whose probability is NaN: below every probability (>= 0),
+// above disallowed experts (-1), so such rows still pick allowed, in-range experts.
+constexpr float kNanProb = -0.5f;
 
 struct RouterShape {
   int G;               // lanes per row
@@ -120,7 +123,8 @@ __global__ void __launch_bounds__(kRouterThreads) router_fwd_kernel(
       sel[v] = -INFINITY;
       if (row_ok && j < E) {
         float x = to_float(logits_TE[t * E + j]);
-        if (bias_E != nullptr) x += fminf(bias_E[j], 0.0f);
+        // min(b, 0) keeping a NaN bias NaN (fminf would drop it): NaN must not vanish.
+        if (bias_E != nullptr) x += bias_E[j] > 0.0f ? 0.0f : bias_E[j];
         const bool ok = allowed_at(mask, mask_mode, t, E, j);
         z[v] = ok ? x : -INFINITY;
         sel[v] = ok ? 0.0f : -1.0f;
@@ -156,12 +160,12 @@ __global__ void __launch_bounds__(kRouterThreads) router_fwd_kernel(
       s += ex[v];
     }
     s = group_sum<G>(s);
-    const float inv_s = s > 0.0f ? 1.0f / s : 0.0f;
+    const float inv_s = (s > 0.0f || isnan(s)) ? 1.0f / s : 0.0f;  // NaN logits: NaN probabilities
 #pragma unroll
     for (int v = 0; v < VPL; ++v) {
       const int j = v * G + lane;
       const float p = ex[v] * inv_s;
-      if (sel[v] == 0.0f) sel[v] = p;
+      if (sel[v] == 0.0f) sel[v] = isnan(p) ? kNanProb : p;  // NaN: ranked after every number
       if (row_ok && j < E) {
         probs_TE[t * E + j] = p;
         if (z_TE != nullptr) z_TE[t * E + j] = z[v];
@@ -181,7 +185,9 @@ __global__ void __launch_bounds__(kRouterThreads) router_fwd_kernel(
         }
       }
       group_argmax<G>(best, bi);
-      const float w = fmaxf(best, 0.0f);  // a disallowed pick (invalid row) weighs 0
+      // a disallowed pick (invalid row) weighs 0; an allowed expert whose probability is NaN
+      // (NaN logits or bias) keeps its NaN weight, so the NaN reaches the output
+      const float w = best == kNanProb ? __int_as_float(0x7fc00000) : fmaxf(best, 0.0f);
       wsum += w;
 #pragma unroll
       for (int v = 0; v < VPL; ++v)

@@ -578,3 +578,68 @@ def test_gpu_no_host_synchronisation_in_forward_and_backward(seed):
             torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
     assert all(bool(torch.isfinite(v.grad).all()) for v in leaves)
+
+
+# --------------------------------------------------------------------------- issue 12, items 3-4
+# Every tensor argument is checked (device, dtype, shape) by the one validation, whatever the
+# backend; and a NaN expert bias has one meaning everywhere: it propagates (never read as 0).
+_BAD_ARGS = [
+    ("router_weight", "meta", ValueError, "router_weight must be on device"),
+    ("gate_up", "meta", ValueError, "gate_up is on meta"),
+    ("down", "meta", ValueError, "down is on meta"),
+    ("expert_bias", "meta", ValueError, "expert_bias must be on device"),
+    ("router_weight", torch.int32, TypeError, "router_weight must be a floating-point tensor"),
+    ("expert_bias", torch.int64, TypeError, "expert_bias must be a floating-point tensor"),
+    ("allow_mask", torch.float32, TypeError, "allow_mask must have dtype in \\(bool\\)"),
+    ("trainable_experts", torch.int64, TypeError, "trainable_experts must have dtype in \\(bool\\)"),
+    ("x", (5, 24, 1), ValueError, "x must have 2 dimensions"),
+    ("expert_bias", (4,), ValueError, "expert_bias must have shape \\(3\\), got \\(4,\\)"),
+    ("trainable_experts", (2,), ValueError, "trainable_experts must have shape \\(3\\), got \\(2,\\)"),
+]
+
+
+@pytest.mark.parametrize("backend_param", BACKEND_PARAMS)
+@pytest.mark.parametrize("arg,bad,exc,match", _BAD_ARGS, ids=[f"{a}-{b}" for a, b, *_ in _BAD_ARGS])
+def test_every_tensor_argument_is_validated(seed, monkeypatch, backend_param, arg, bad, exc, match):
+    """A wrong device, dtype or shape of any tensor argument raises before any backend runs,
+    naming the argument (the torch backend once computed a result from a router on ``meta``)."""
+    _dev, name, variant = backend_param
+    kw = _options(name, variant, monkeypatch)
+    p = make_problem(5, 24, 20, 3, 2, torch.float32, bias=True)
+    args = dict(x=p["x"], router_weight=p["router_weight"], gate_up=p["gate_up"], down=p["down"],
+                expert_bias=p["expert_bias"], allow_mask=torch.ones(3, dtype=torch.bool, device=DEVICE),
+                trainable_experts=torch.ones(3, dtype=torch.bool, device=DEVICE))
+    good = args[arg]
+    if isinstance(bad, str):
+        args[arg] = torch.empty(good.shape, dtype=good.dtype, device=bad)
+    elif isinstance(bad, torch.dtype):
+        args[arg] = good.to(bad)
+    else:
+        args[arg] = torch.ones(bad, dtype=good.dtype, device=good.device)
+    with pytest.raises(exc, match=match):
+        fk.flexmoe_forward(args["x"], args["router_weight"], args["gate_up"], args["down"], 2,
+                           expert_bias=args["expert_bias"], allow_mask=args["allow_mask"],
+                           trainable_experts=args["trainable_experts"], backend=name, **kw)
+
+
+@pytest.mark.parametrize("backend_param", BACKEND_PARAMS)
+def test_nan_expert_bias_propagates_on_every_backend(seed, monkeypatch, backend_param):
+    """A NaN bias of an allowed expert makes the output of every token that allows it NaN (as
+    NaN in any weight would); tokens that opted out of that expert never read it and equal the
+    run with a finite bias. Before: the triton backend read the NaN as 0 (finite output)."""
+    _dev, name, variant = backend_param
+    kw = _options(name, variant, monkeypatch)
+    T, E, K = 7, 4, 2
+    p = make_problem(T, 24, 20, E, K, torch.float32, bias=True)
+    mask = torch.ones(T, E, dtype=torch.bool, device=DEVICE)
+    mask[::2, 1] = False  # even tokens opted out of expert 1
+    nan_bias = p["expert_bias"].clone()
+    nan_bias[1] = float("nan")
+    args = (p["x"], p["router_weight"], p["gate_up"], p["down"], K)
+    out, z = fk.flexmoe_forward(*args, allow_mask=mask, expert_bias=nan_bias, backend=name, **kw)
+    ref, _ = fk.flexmoe_forward(*args, allow_mask=mask, expert_bias=p["expert_bias"], backend="torch")
+    allows = mask[:, 1].cpu()
+    assert torch.isnan(out.cpu()[allows]).all(), "a NaN bias vanished for tokens allowing its expert"
+    assert torch.isnan(z.cpu()[allows, 1]).all()
+    assert_matches_reference(out[~allows.to(out.device)], ref[~allows.to(ref.device)].double(), torch.float32,
+                             "tokens that opted out of the NaN-bias expert")

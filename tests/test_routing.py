@@ -811,3 +811,50 @@ def test_cuda_router_backward_matches_autograd(seed, cuda_glue_device, dtype, T,
     torch.testing.assert_close(logits.grad.float(), ref_gl.float(), **tol(dtype))
     torch.testing.assert_close(bias.grad, ref_gb, **tol(torch.float32))
     assert torch.all(logits.grad[~mask] == 0)
+
+
+# --------------------------------------------------------------------------- NaN bias (issue 12 item 3)
+def _nan_bias_case(T=9, E=6, K=2, device=DEVICE):
+    logits = _randn_distinct(T, E).to(device)
+    mask = torch.ones(T, E, dtype=torch.bool, device=device)
+    mask[::3, 2] = False  # every third token opted out of expert 2
+    bias = -torch.rand(E, device=device)
+    bias[2] = float("nan")
+    return logits, mask, bias
+
+
+def _check_nan_bias_plan(ids, w, mask, E):
+    """Ids always in range and allowed; tokens allowing the NaN-bias expert get NaN weights,
+    the others finite ones."""
+    ids, w, mask = ids.long().cpu(), w.cpu(), mask.cpu()
+    assert bool(((ids >= 0) & (ids < E)).all()), ids
+    assert bool(mask.gather(1, ids).all())
+    allows = mask[:, 2]
+    assert torch.isnan(w[allows]).all() and torch.isfinite(w[~allows]).all()
+
+
+def test_nan_bias_reference_router():
+    logits, mask, bias = _nan_bias_case(device="cpu")
+    plan = fk.route(logits, 2, allow_mask=mask, expert_bias=bias)
+    _check_nan_bias_plan(plan.topk_ids_TK, plan.topk_weights_TK, mask, 6)
+
+
+@needs_triton
+def test_nan_bias_triton_router_propagates():
+    """Before: the kernel's tl.minimum(b, 0) read the NaN as 0 (finite weights)."""
+    logits, mask, bias = _nan_bias_case()
+    plan = tr.triton_route(logits, 2, allow_mask=mask, expert_bias=bias, block_m=4)
+    _check_nan_bias_plan(plan.topk_ids_TK, plan.topk_weights_TK, mask, 6)
+    ref = fk.route(logits, 2, allow_mask=mask, expert_bias=bias)
+    keep = ~mask[:, 2]
+    assert torch.equal(plan.topk_ids_TK[keep], ref.topk_ids_TK[keep])
+
+
+@pytest.mark.gpu
+def test_nan_bias_cuda_router_propagates():
+    """csrc/routing.cu: fminf(b, 0) read the NaN as 0, and NaN probabilities could leave no
+    candidate (an out-of-range id); now NaN propagates and ids stay allowed and in range."""
+    logits, mask, bias = _nan_bias_case(device="cuda")
+    got = _raw_route(logits, 2, mask, bias, False)
+    _check_nan_bias_plan(got["ids"], got["w"], mask, 6)
+    assert int(got["counts"].sum()) == 9 * 2

@@ -125,7 +125,7 @@ def _pad_tiles(
 def _topk_softmax_kernel(
     logits_ptr,  # (T, E) fp32/fp16/bf16/fp64, strides (stride_lt, stride_le)
     mask_ptr,  # (T, E) uint8 (bool viewed as bytes), strides (stride_mt, stride_me); stride_mt=0 for (E,)
-    bias_ptr,  # (E,) any float; min(b, 0) is added
+    bias_ptr,  # (E,) any float; min(b, 0) is added (NaN stays NaN)
     ids_ptr,  # out (T, K) int32, contiguous
     weights_ptr,  # out (T, K) float32, contiguous
     probs_ptr,  # out (T, E) float32, contiguous
@@ -164,7 +164,8 @@ def _topk_softmax_kernel(
     ).to(tl.float32)
     if HAS_BIAS:
         b = tl.load(bias_ptr + offs_e, mask=e_ok, other=0.0).to(tl.float32)
-        z = z + tl.minimum(b, 0.0)[None, :]
+        # min(b, 0) that keeps a NaN bias NaN (tl.minimum may return the other operand)
+        z = z + tl.where(b > 0.0, 0.0, b)[None, :]
     allowed = ok
     if HAS_MASK:
         m = tl.load(
