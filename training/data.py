@@ -241,6 +241,29 @@ def _is_val(text: str, val_fraction: float) -> tuple[bool, int]:
     return h < val_fraction * 2.0**64, h
 
 
+def _write_token_files(tmp: Path, docs: list, is_val: list, tok, dtype, progress: bool) -> dict:
+    """Write ``tmp/train.bin`` and ``tmp/val.bin``: each document's ids + EOS as ``dtype``
+    (``docs[i]`` goes to val when ``is_val[i]``). Returns ``{"train": [tokens, docs], "val": [...]}``;
+    ``DataError`` when the tokenizer produces an id outside [0, vocab_size)."""
+    counts = {"train": [0, 0], "val": [0, 0]}
+    with open(tmp / "train.bin", "wb") as train, open(tmp / "val.bin", "wb") as val:
+        files = {"train": train, "val": val}
+        it = zip(docs, is_val)
+        if progress:
+            from tqdm import tqdm
+
+            it = tqdm(it, total=len(docs), desc="tokenising", unit="doc")
+        for (_, text), v in it:
+            part = "val" if v else "train"
+            arr = np.asarray(tok.encode(text) + [tok.eos_token_id], dtype=np.int64)
+            if arr.size and (arr.min() < 0 or arr.max() >= tok.vocab_size):
+                raise DataError(f"tokenizer produced ids outside [0, {tok.vocab_size})")
+            files[part].write(arr.astype(dtype).tobytes())
+            counts[part][0] += int(arr.size)
+            counts[part][1] += 1
+    return counts
+
+
 def prepare_data(
     input_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -280,26 +303,7 @@ def prepare_data(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        counts = {"train": [0, 0], "val": [0, 0]}
-        files = {"train": open(tmp / "train.bin", "wb"), "val": open(tmp / "val.bin", "wb")}
-        try:
-            it = zip(docs, split)
-            if progress:
-                from tqdm import tqdm
-
-                it = tqdm(it, total=len(docs), desc="tokenising", unit="doc")
-            for (_, text), (is_val, _) in it:
-                part = "val" if is_val else "train"
-                ids = tok.encode(text) + [tok.eos_token_id]
-                arr = np.asarray(ids, dtype=np.int64)
-                if arr.size and (arr.min() < 0 or arr.max() >= tok.vocab_size):
-                    raise DataError(f"tokenizer produced ids outside [0, {tok.vocab_size})")
-                files[part].write(arr.astype(dtype).tobytes())
-                counts[part][0] += int(arr.size)
-                counts[part][1] += 1
-        finally:
-            for f in files.values():
-                f.close()
+        counts = _write_token_files(tmp, docs, [v for v, _ in split], tok, dtype, progress)
         meta = {
             "format": FORMAT,
             "dtype": np.dtype(dtype).name,
