@@ -12,8 +12,9 @@ import os
 import sys
 from pathlib import Path
 
-__all__ = ["FORMATTER", "add_command", "add_name_list", "add_train_args", "require", "check_out_free", "check_tokenizer",
-           "csv_list", "dense_config", "fresh_model", "freeze_single_router", "guard", "main_error", "open_datas", "options_from_args", "tokenizer_src"]
+__all__ = ["FORMATTER", "add_command", "add_name_list", "add_train_args", "require", "check_out_free",
+           "check_tokenizer", "csv_list", "dense_config", "fresh_model", "freeze_single_router", "guard",
+           "main_error", "open_datas", "options_from_args", "tokenizer_src"]
 
 FORMATTER = argparse.RawDescriptionHelpFormatter
 
