@@ -347,3 +347,40 @@ def test_tensors_sha256(seed):
         {"a": torch.ones(3, dtype=torch.bfloat16)})
     with pytest.raises(KeyError, match="model.nope"):
         tensors_sha256(sd, ["model.nope"])
+
+
+_KILLED_SAVE = r"""
+import os, signal, sys
+import torch
+from flexmoe_kernels.models import FlexOlmoConfig, FlexOlmoForCausalLM
+from flexmoe_kernels.models import checkpoint as ckpt
+cfg = FlexOlmoConfig(vocab_size=53, hidden_size=16, intermediate_size=12, num_hidden_layers=1,
+                     num_attention_heads=4, num_key_value_heads=2, num_experts=3, num_experts_per_tok=2)
+real = ckpt.save_file
+def dying(tensors, path, *a, **k):
+    real(tensors, path, *a, **k)          # the full-size weights are written...
+    os.kill(os.getpid(), signal.SIGKILL)  # ...then the process dies before the swap
+ckpt.save_file = dying
+FlexOlmoForCausalLM(cfg).save_pretrained(sys.argv[1])
+"""
+
+
+@pytest.mark.parametrize("then", ["save", "load"])
+def test_killed_save_leaves_no_temporary_after_next_save_or_load(tmp_path, then):
+    """issue 12 item 5: a save killed mid-way leaked a full-size ``.NAME.tmp-*`` folder that
+    nothing removed; the next save to the same target, or a load of it, removes it."""
+    import subprocess
+    import sys
+
+    target = tmp_path / "ckpt"
+    model = make_model()
+    model.save_pretrained(target)
+    proc = subprocess.run([sys.executable, "-c", _KILLED_SAVE, str(target)], capture_output=True)
+    assert proc.returncode == -9, proc.stderr.decode()[-2000:]
+    leaked = [n for n in os.listdir(tmp_path) if n.startswith(".ckpt.tmp-")]
+    assert len(leaked) == 1 and (tmp_path / leaked[0] / "model.safetensors").is_file()
+    if then == "save":
+        model.save_pretrained(target)
+    else:
+        FlexOlmoForCausalLM.from_pretrained(target)
+    assert os.listdir(tmp_path) == ["ckpt"]

@@ -33,7 +33,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
@@ -41,7 +40,7 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 import torch
 
-from flexmoe_kernels.utils.fs import replace_directory
+from flexmoe_kernels.utils.fs import atomic_directory
 
 __all__ = [
     "ByteTokenizer",
@@ -300,9 +299,7 @@ def prepare_data(
     if all(v for v, _ in split):
         raise DataError(f"all {len(docs)} documents of {str(input_dir)!r} fell into the held-out split")
     dtype = np.uint16 if tok.vocab_size <= 65536 else np.uint32
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         counts = _write_token_files(tmp, docs, [v for v, _ in split], tok, dtype, progress)
         meta = {
             "format": FORMAT,
@@ -323,10 +320,6 @@ def prepare_data(
         if isinstance(tok, TokenizersTokenizer):
             shutil.copyfile(tok.path, tmp / "tokenizer.json")
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-        replace_directory(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return meta
 
 

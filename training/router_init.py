@@ -129,7 +129,7 @@ def resolve_embedder(embedder: str, hidden_size: int) -> str:
                              "use --embedder hidden")
         ok, why = minilm_available()
         if not ok:
-            raise RuntimeError(f"--embedder minilm: {why}")
+            raise ValueError(f"--embedder minilm: {why}")
     elif embedder != "hidden":
         raise ValueError(f"--embedder must be auto, hidden or minilm, got {embedder!r}")
     return embedder

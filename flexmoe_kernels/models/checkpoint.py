@@ -20,7 +20,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ..utils.fs import atomic_directory
+from ..utils.fs import atomic_directory, remove_stale_temporaries
 from .config import CheckpointError, FlexOlmoConfig, read_json_object
 
 __all__ = [
@@ -293,11 +293,13 @@ def load_pretrained(
     ``cls`` is passed in so that this module does not import the model module (which imports
     this one). ``dtype`` None keeps the stored dtype of the embedding matrix (all tensors are
     cast to one dtype). Parameters are created on the meta device and assigned from the file,
-    so nothing is initialised twice.
+    so nothing is initialised twice. Temporary directories that a killed save of this
+    checkpoint left beside it are removed (:func:`flexmoe_kernels.utils.fs.remove_stale_temporaries`).
     """
     directory = os.fspath(directory)
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"checkpoint directory {directory!r} does not exist")
+    remove_stale_temporaries(directory)  # a save of this checkpoint killed mid-way (utils.fs)
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
     config = FlexOlmoConfig.from_pretrained(directory, **config_overrides)
