@@ -98,3 +98,71 @@ def losses(run_dir: Path) -> list[float]:
         if "loss" in rec:
             out.append(rec["loss"])
     return out
+
+
+def torchrun_cmd(nproc: int = 2) -> list:
+    """``python -m torch.distributed.run`` with ``nproc`` local ranks on a free port (gloo on CPU)."""
+    from flexmoe_kernels.utils.net import free_port
+
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
+            "127.0.0.1", "--master_port", str(free_port())]
+
+
+def run_torchrun(args: list, tmp: Path, nproc: int = 2, timeout: float = 300):
+    """``flexmoe ARGS`` in ``nproc`` processes under torchrun (``CompletedProcess``, text output)."""
+    cmd = torchrun_cmd(nproc) + ["-m", "flexmoe_training.cli"] + [str(a) for a in args]
+    return subprocess.run(cmd, env=subprocess_env(tmp), capture_output=True, text=True, timeout=timeout)
+
+
+_SERIAL_DRIVER = """import json, sys
+import torch.distributed as dist
+dist.init_process_group("gloo")  # the caller's group: every run below joins it, none tears it down
+from flexmoe_training.cli import main
+for argv in json.loads(sys.argv[1]):
+    rc = main(argv)
+    if rc != 0:
+        sys.exit(f"flexmoe {argv} exited {rc}")
+dist.destroy_process_group()
+"""
+
+
+def run_torchrun_serial(commands: list, tmp: Path, nproc: int = 2, timeout: float = 400):
+    """Several ``flexmoe`` commands one after the other in one torchrun launch of ``nproc`` processes
+    (one process start-up for all: cheaper than a launch each)."""
+    script = tmp / "serial_driver.py"
+    script.write_text(_SERIAL_DRIVER)
+    cmd = torchrun_cmd(nproc) + [str(script), json.dumps([[str(a) for a in c] for c in commands])]
+    return subprocess.run(cmd, env=subprocess_env(tmp), capture_output=True, text=True, timeout=timeout)
+
+
+def data_and_model_config(root: Path, n_docs: int) -> Path:
+    """``root/data`` (``prepare-data`` of ``n_docs`` random documents) and ``root/model.json``
+    (:func:`tiny_model_config`); returns ``root``."""
+    _, rng = seeded_rng()
+    write_corpus(root / "text", n_docs, rng)
+    assert run_cli(["prepare-data", "--input", root / "text", "--out", root / "data", "--no-progress"]) == 0
+    tiny_model_config(root / "model.json")
+    return root
+
+
+def pause_args(root: Path, zero: int, eval_batches: int = 1) -> list:
+    """train-public of :func:`data_and_model_config`'s ``root`` for 4 steps at ZeRO stage ``zero``
+    (two param groups: weight decay on matrices only)."""
+    return ["train-public", "--data", root / "data", "--model-config", root / "model.json", "--steps", "4",
+            "--zero-stage", str(zero), *fast_flags(eval_batches=eval_batches)]
+
+
+def assert_same_run(a: Path, b: Path, n_steps: int) -> None:
+    """Run ``b``'s losses and final weights equal run ``a``'s (the resume tests' tolerance: losses
+    1e-6, weights atol 1e-6 / rtol 1e-5); both have ``n_steps`` steps."""
+    import torch
+
+    from flexmoe_kernels.models.checkpoint import load_state_dict
+
+    la, lb = losses(a), losses(b)
+    assert len(la) == len(lb) == n_steps
+    torch.testing.assert_close(torch.tensor(lb), torch.tensor(la), atol=1e-6, rtol=1e-6)
+    sa, sb = load_state_dict(a), load_state_dict(b)
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        torch.testing.assert_close(sb[k], sa[k], atol=1e-6, rtol=1e-5)

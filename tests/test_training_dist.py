@@ -1,4 +1,5 @@
-"""Training in separate processes: 2 ranks over gloo (torch.distributed.run) and resume after SIGKILL."""
+"""Training in separate processes: 2 ranks over gloo (torch.distributed.run), pause and exact resume with 2
+ranks for every ZeRO stage, and resume after SIGKILL."""
 from __future__ import annotations
 
 import json
@@ -11,9 +12,9 @@ import time
 import pytest
 import torch
 
-from flexmoe_kernels.utils.net import free_port
 from test_training_common import (
-    fast_flags, import_training, losses, run_cli, seeded_rng, subprocess_env, tiny_model_config, write_corpus,
+    assert_same_run, data_and_model_config, fast_flags, import_training, losses, pause_args, run_cli, run_torchrun,
+    run_torchrun_serial, subprocess_env,
 )
 
 pytest.importorskip("deepspeed")
@@ -24,13 +25,9 @@ FAST = fast_flags(eval_batches=1)
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    seed, rng = seeded_rng()
-    root = tmp_path_factory.mktemp("dist")
-    write_corpus(root / "text", 16, rng)
-    assert run_cli(["prepare-data", "--input", root / "text", "--out", root / "data", "--no-progress"]) == 0
-    cfg = tiny_model_config(root / "model.json")
-    assert run_cli(["train-public", "--data", root / "data", "--out", root / "public", "--model-config", cfg,
-                    "--steps", "2", *FAST]) == 0
+    root = data_and_model_config(tmp_path_factory.mktemp("dist"), 16)
+    assert run_cli(["train-public", "--data", root / "data", "--out", root / "public", "--model-config",
+                    root / "model.json", "--steps", "2", *FAST]) == 0
     return root
 
 
@@ -38,10 +35,7 @@ def test_two_ranks_gloo_equal_one_rank(setup, tmp_path):
     """2 ranks x micro-batch 2 == 1 rank x 2 micro-steps of 2: same global batch, same losses."""
     common = ["train-expert", "--public", setup / "public", "--data", setup / "data", "--name", "owner",
               "--steps", "3", "--zero-stage", "2", *FAST]
-    launcher = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-                "--master_port", str(free_port())]
-    cmd = [sys.executable, *launcher, "-m", "flexmoe_training.cli", *map(str, common), "--out", str(tmp_path / "two")]
-    r = subprocess.run(cmd, env=subprocess_env(tmp_path), capture_output=True, text=True, timeout=300)
+    r = run_torchrun(common + ["--out", tmp_path / "two"], tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     run = json.loads((tmp_path / "two" / "run.json").read_text())
     assert run["world_size"] == 2 and run["status"] == "finished"
@@ -49,6 +43,37 @@ def test_two_ranks_gloo_equal_one_rank(setup, tmp_path):
     a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert len(a) == len(b) == 3
     torch.testing.assert_close(torch.tensor(b), torch.tensor(a), atol=1e-5, rtol=1e-5)
+
+
+ZERO_STAGES = (0, 1, 2, 3)
+
+
+@pytest.fixture(scope="module")
+def straight_two_ranks(setup, tmp_path_factory):
+    """The uninterrupted 2-rank run of every ZeRO stage (one torchrun launch for all): zero -> out dir."""
+    root = tmp_path_factory.mktemp("straight2")
+    outs = {z: root / f"zero{z}" for z in ZERO_STAGES}
+    r = run_torchrun_serial([pause_args(setup, z) + ["--out", outs[z]] for z in ZERO_STAGES], root)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return outs
+
+
+@pytest.mark.parametrize("zero", ZERO_STAGES)
+def test_pause_then_resume_exact_two_ranks(setup, straight_two_ranks, tmp_path, zero):
+    """2 ranks pause (both exit 0) and resume in a new launch to exactly the uninterrupted 2-rank run."""
+    args = pause_args(setup, zero) + ["--out", tmp_path / "part"]
+    work = tmp_path / "part.inprogress"
+    r = run_torchrun(args + ["--max-steps-this-run", "2"], tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert json.loads((work / "run.json").read_text())["status"] == "paused"
+    saved = json.loads((work / "state" / "trainer_state.json").read_text())
+    assert saved["step"] == 2 and saved["world_size"] == 2 and saved["zero_stage"] == zero
+    r = run_torchrun(args, tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "resuming from step 2" in r.stdout and not work.exists()
+    full, part = straight_two_ranks[zero], tmp_path / "part"
+    assert json.loads((part / "run.json").read_text())["world_size"] == 2
+    assert_same_run(full, part, 4)
 
 
 def test_resume_after_sigkill(setup, tmp_path):

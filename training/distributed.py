@@ -4,8 +4,10 @@
   launcher's environment (``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_ADDR``/``MASTER_PORT``:
   the ``deepspeed`` launcher, ``torchrun``) or, without a launcher, as a 1-process group on a
   free local port; then DeepSpeed's communication layer on top of it (no second init).
-  :func:`release_distributed` undoes the launcher-less set-up (group and environment) at the end
-  of a run, so a later run or child process of the same interpreter starts clean.
+  :func:`release_distributed` undoes that at the end of a run: it destroys the process group
+  :func:`init_distributed` created (on every rank, after a barrier, so no rank exits while
+  another still uses the group) and the launcher variables it set, so a later run or child
+  process of the same interpreter starts clean.
 * :func:`ds_config`: ``training/configs/zero{0,1,2,3}.json`` (or ``--deepspeed-config``) with the
   ``"auto"`` entries filled from the command line.
 * :func:`barrier` / :func:`all_reduce_sum`: no-ops in a 1-process group.
@@ -32,7 +34,7 @@ __all__ = ["CONFIG_DIR", "DistInfo", "all_reduce_sum", "barrier", "child_env", "
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 # The launcher variables this process set itself (no launcher): child processes must not inherit them.
 _SET_HERE: dict = {}
-# Whether init_distributed created the (1-process, launcher-less) process group itself.
+# Whether init_distributed created the process group itself (launcher or not).
 _GROUP_CREATED_HERE = [False]
 
 
@@ -86,7 +88,7 @@ def init_distributed(device: str = "auto") -> DistInfo:
     backend = "nccl" if dev.type == "cuda" else "gloo"
     if not dist.is_initialized():
         dist.init_process_group(backend=backend, rank=rank, world_size=world)
-        _GROUP_CREATED_HERE[0] = not launched
+        _GROUP_CREATED_HERE[0] = True
     import deepspeed  # noqa: F401  (after DS_ACCELERATOR is set)
     import deepspeed.ops
 
@@ -96,20 +98,25 @@ def init_distributed(device: str = "auto") -> DistInfo:
     return DistInfo(rank, world, local_rank, dev, backend, launched)
 
 
-def release_distributed() -> None:
-    """Undo what :func:`init_distributed` set up without a launcher: destroy the process group
-    it created (through DeepSpeed, which also drops its cached sub-groups) and remove from
-    ``os.environ`` the launcher variables it put there (those still holding its values).
+def release_distributed(sync: bool = True) -> None:
+    """Undo what :func:`init_distributed` set up: destroy the process group it created (through
+    DeepSpeed, which also drops its cached sub-groups) and remove from ``os.environ`` the
+    launcher variables it put there (those still holding its values).
 
-    Afterwards this process has no process group and no launcher variables of its own, so child
-    processes it starts and a later :func:`init_distributed` (a new group on a new port) behave as
-    in a fresh interpreter. A no-op under a launcher and when nothing was set up here.
+    ``sync``: wait at a barrier first (every rank must then call it), so that no rank tears the
+    group down, or exits, while another is still in a collective; pass False on an error path,
+    where the other ranks may never get there. Afterwards the process has no process group of
+    its own (one made by the caller before :func:`init_distributed` is left alone), so its exit,
+    child processes it starts and a later :func:`init_distributed` behave as in a fresh
+    interpreter. A no-op when nothing was set up here.
     """
     if _GROUP_CREATED_HERE[0]:
         import deepspeed.comm
         import torch.distributed as dist
 
         if dist.is_initialized():
+            if sync:
+                barrier()
             deepspeed.comm.destroy_process_group()
         _GROUP_CREATED_HERE[0] = False
     for k, v in _SET_HERE.items():

@@ -9,6 +9,11 @@ The state directory (replaced atomically by :func:`save_state`) holds
 
 Frozen tensors are not saved: they are rebuilt from the command's inputs. :func:`load_state`
 refuses (TrainingError) a state of another kind, other options or other trainable tensors.
+
+Every rank takes part in :func:`save_state` (the full values are gathered collectively for ZeRO
+1-3, so the file holds the same tensors whatever the stage and the world size); only the main
+rank writes, and every rank learns whether that write succeeded (the call raises on all of them,
+never on one only). A failed save leaves the previous ``state/`` as it was.
 """
 from __future__ import annotations
 
@@ -21,7 +26,7 @@ import torch
 
 from flexmoe_kernels.utils.fs import atomic_directory, write_json_atomic
 
-from .distributed import DistInfo, barrier
+from .distributed import DistInfo, all_reduce_sum, barrier
 from .options import TrainingError, TrainOptions
 
 __all__ = ["STATE_FORMAT", "full_fp32", "gather", "load_state", "named_trainable", "open_work_dir",
@@ -59,6 +64,22 @@ def gather(p: torch.Tensor) -> torch.Tensor:
     return p.detach()
 
 
+def _link_state_fragments(engine) -> None:
+    """Point every parameter's DeepSpeed fragment at its current optimizer state (ZeRO-1/2, bf16).
+
+    DeepSpeed links the fragments once, right after the first param group's first step; with
+    more than one param group (weight decay on matrices, none on the rest) the later groups
+    have no Adam state yet at that moment, so their fragments hold no moments and
+    ``safe_get/set_full_optimizer_state`` fail with "exp_avg not found in optimizer state
+    fragment". Linking again once every group has state fixes that. A no-op without fragments
+    (ZeRO-0 in fp32, ZeRO-3, which reads its flat partitions directly).
+    """
+    opt = engine.optimizer
+    if hasattr(opt, "_lazy_init_hp_params_optimizer_state"):
+        opt._hp_optimizer_states_linked = False
+        opt._lazy_init_hp_params_optimizer_state()
+
+
 def _full_state(engine, p: torch.Tensor, key: str) -> Optional[torch.Tensor]:
     from deepspeed.utils import safe_get_full_optimizer_state
 
@@ -89,9 +110,7 @@ def _create_optimizer_states(engine, adam_step: float) -> None:
             st["step"] = torch.tensor(float(adam_step))
             st["exp_avg"] = torch.zeros_like(fp, memory_format=torch.preserve_format)
             st["exp_avg_sq"] = torch.zeros_like(fp, memory_format=torch.preserve_format)
-    if hasattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state"):
-        engine.optimizer._hp_optimizer_states_linked = False
-        engine.optimizer._lazy_init_hp_params_optimizer_state()
+    _link_state_fragments(engine)
 
 
 def restore_optimizer(engine, named: Sequence[tuple[str, torch.Tensor]], fp32: Mapping[str, torch.Tensor],
@@ -119,28 +138,54 @@ def restore_optimizer(engine, named: Sequence[tuple[str, torch.Tensor]], fp32: M
 
 
 # ---------------------------------------------------------------------------- state directory
-def save_state(engine, kind: str, dist: DistInfo, work: Path, step: int, opts: TrainOptions) -> None:
-    """Replace ``work/state`` atomically (main rank writes; every rank must call: gathers are collective)."""
-    from safetensors.torch import save_file
-
-    values = {n: full_fp32(p) for n, p in named_trainable(engine.module)}
+def _gather_state(engine) -> tuple[dict, dict, float]:
+    """Full fp32 values, Adam moments and the Adam step of the trainable parameters (collective)."""
+    _link_state_fragments(engine)
+    named = named_trainable(engine.module)
+    values = {n: full_fp32(p) for n, p in named}
     moments: dict[str, torch.Tensor] = {}
-    for n, p in named_trainable(engine.module):
+    for n, p in named:
         for key in ("exp_avg", "exp_avg_sq"):
             v = _full_state(engine, p, key)
-            moments[f"{key}.{n}"] = v if v is not None else torch.zeros(p.shape if not hasattr(p, "ds_shape") else p.ds_shape)
-    adam_step = _adam_step(engine)
+            moments[f"{key}.{n}"] = v if v is not None else torch.zeros(getattr(p, "ds_shape", p.shape))
+    return values, moments, _adam_step(engine)
+
+
+def _write_state(st_dir: Path, values: Mapping[str, torch.Tensor], moments: Mapping[str, torch.Tensor],
+                 meta: dict) -> None:
+    """Replace ``st_dir`` atomically with the safetensors files and ``trainer_state.json``."""
+    from safetensors.torch import save_file
+
+    with atomic_directory(st_dir) as tmp:
+        save_file({n: v.contiguous() for n, v in values.items()}, str(tmp / "trainable.safetensors"),
+                  metadata={"format": STATE_FORMAT})
+        save_file({k: v.contiguous() for k, v in moments.items()}, str(tmp / "optimizer.safetensors"),
+                  metadata={"format": STATE_FORMAT})
+        save_file({"torch_rng": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
+        write_json_atomic(tmp / "trainer_state.json", meta)
+
+
+def save_state(engine, kind: str, dist: DistInfo, work: Path, step: int, opts: TrainOptions) -> None:
+    """Replace ``work/state`` atomically with the state after ``step`` optimizer steps.
+
+    Every rank must call it (the gathers are collective); the main rank writes. Raises
+    TrainingError on every rank when the write failed; ``work/state`` then still holds the
+    previous state (or nothing, if there was none).
+    """
+    values, moments, adam_step = _gather_state(engine)
+    error: Optional[BaseException] = None
     if dist.is_main:
-        with atomic_directory(work / "state") as tmp:
-            save_file({n: v.contiguous() for n, v in values.items()}, str(tmp / "trainable.safetensors"),
-                      metadata={"format": STATE_FORMAT})
-            save_file({k: v.contiguous() for k, v in moments.items()}, str(tmp / "optimizer.safetensors"),
-                      metadata={"format": STATE_FORMAT})
-            save_file({"torch_rng": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
-            write_json_atomic(tmp / "trainer_state.json", {
-                "format": STATE_FORMAT, "step": step, "adam_step": adam_step, "options": opts.fingerprint(),
-                "kind": kind, "world_size": dist.world_size, "zero_stage": opts.zero_stage})
-    barrier()
+        meta = {"format": STATE_FORMAT, "step": step, "adam_step": adam_step, "options": opts.fingerprint(),
+                "kind": kind, "world_size": dist.world_size, "zero_stage": opts.zero_stage}
+        try:
+            _write_state(work / "state", values, moments, meta)
+        except Exception as exc:
+            error = exc
+    failed, = all_reduce_sum([float(error is not None)], dist.device)
+    if failed:
+        why = f": {type(error).__name__}: {error}" if error is not None else " on the main rank"
+        raise TrainingError(f"saving the resumable state of step {step} in {str(work / 'state')!r} failed{why}; "
+                            "the previous state (if any) is kept") from error
 
 
 def _read_state(st_dir: Path) -> dict:

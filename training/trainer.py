@@ -379,14 +379,20 @@ def train(spec: RunSpec, opts: TrainOptions, argv: Optional[Sequence[str]] = Non
     """Run (or resume) a training job; returns 0 when finished or paused (see ``run.json`` status).
 
     Raises TrainingError (or ValueError for invalid options) before anything is written when the
-    run cannot start; a work directory this call created is removed again if the run fails
-    before it saved a resumable state. A process group this call set up without a launcher is
-    torn down again on return or error (:func:`release_distributed`).
+    run cannot start. A work directory this call created is removed again if the run fails
+    before its first optimizer step; a later failure (a save included) keeps it, with the last
+    resumable state that was saved, and marks ``run.json`` ``failed``. The process group
+    :func:`init_distributed` created is torn down on every rank before returning
+    (:func:`release_distributed`; after a barrier when the run succeeded), so no rank leaves
+    while another still uses it.
     """
+    ok = False
     try:
-        return _train(spec, opts, argv)
+        rc = _train(spec, opts, argv)
+        ok = True
+        return rc
     finally:
-        release_distributed()
+        release_distributed(sync=ok)
 
 
 def _train(spec: RunSpec, opts: TrainOptions, argv: Optional[Sequence[str]]) -> int:
@@ -407,7 +413,21 @@ def _train(spec: RunSpec, opts: TrainOptions, argv: Optional[Sequence[str]]) -> 
         else:
             _finish(r)
         return 0
-    except BaseException:
-        if r.dist.is_main and created_work and not r.state_saved:
-            shutil.rmtree(r.work, ignore_errors=True)
+    except BaseException as exc:
+        _on_failure(r, created_work, exc)
         raise
+
+
+def _on_failure(r: _Run, created_work: bool, exc: BaseException) -> None:
+    """After an error (main rank): remove a work directory this call created when nothing was
+    trained or saved yet; otherwise keep it (its ``state/`` is the last good one) and record the
+    error in ``run.json`` (status ``failed``)."""
+    if not r.dist.is_main or not r.work.exists():
+        return
+    if created_work and not r.state_saved and r.step == r.start_step:
+        shutil.rmtree(r.work, ignore_errors=True)
+        return
+    try:
+        r.log.update(status="failed", step=r.step, error=f"{type(exc).__name__}: {exc}", end_time=utc_now())
+    except Exception as log_exc:  # the error being raised matters more than the log
+        print(f"[{r.spec.kind}] could not record the failure in run.json: {log_exc}", file=sys.stderr, flush=True)
