@@ -8,8 +8,32 @@ import sys
 from .common import csv_list
 
 
+def _size_defaults(name: str) -> str:
+    """``"(default: X; --quick Y, --scale Z)"`` for a setting, read from the demo's sizes (never restated here)."""
+    from ..demo.pipeline import SIZES, DemoSettings
+
+    base = getattr(DemoSettings(), name)
+    other = [f"--{size} {SIZES[size][name]}" for size in ("quick", "scale")
+             if name in SIZES[size] and SIZES[size][name] != base]
+    return f"(default: {base}" + (f"; {', '.join(other)})" if other else ")")
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Each flag's default once: its help states it, or argparse adds it when it is a real value
+    (never ``None``, never a second time)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        no_value = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if "default" in text or no_value or not action.option_strings:
+            return text
+        return text + " (default: %(default)s)"
+
+
 def register(sub) -> None:
     """Add this subcommand and its flags to ``sub`` (an argparse subparsers object)."""
+    from ..demo.pipeline import estimate
+
     p = sub.add_parser(
         "demo",
         help="end-to-end FlexOlmo run on real text on this machine: data-local training, merge, opt-out, report",
@@ -18,11 +42,13 @@ def register(sub) -> None:
             "public model, each owner's expert in its own process on only its own data, merges them, then "
             "evaluates per-domain held-out loss (opt-out, top-k, BTM and joint-MoE baselines of equal training "
             "FLOPs), audits training-data extraction and prints a report with the claims this run supports. "
-            "Sizes: default ~15 min on a 2-core CPU, --quick ~3 min, --scale for a GPU."),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+            f"Wall time on an idle 2-core CPU: {estimate('default')} (--quick: {estimate('quick')}); --scale is for "
+            "a GPU."),
+        formatter_class=_HelpFormatter,
     )
     size = p.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="tiny model and data (CI smoke test, ~3 min on CPU)")
+    size.add_argument("--quick", action="store_true",
+                      help=f"tiny model and data: the CI smoke test, {estimate('quick')} on an idle 2-core CPU")
     size.add_argument("--scale", action="store_true",
                       help="GPU size: bigger model, more data and steps, bf16, fast MoE kernels (moe_backend auto)")
     p.add_argument("--work-dir", default=os.path.join("runs", "demo"),
@@ -31,20 +57,30 @@ def register(sub) -> None:
     p.add_argument("--owners", type=csv_list, default=None, metavar="A,B,C",
                    help="owner domains (default: the first N available of code,man,licenses,pydoc,changelogs,c_headers)")
     p.add_argument("--public", default=None, help="public corpus source (default: readmes, else pydoc, changelogs)")
-    p.add_argument("--num-owners", type=int, default=None, help="number of owner domains (default 3; 4 with --scale)")
-    p.add_argument("--public-steps", type=int, default=None, help="training steps of the public model")
-    p.add_argument("--expert-steps", type=int, default=None, help="training steps of each owner's expert")
-    p.add_argument("--top-k", type=int, default=None, help="active experts of the merged model (default N)")
-    p.add_argument("--device", default=None, help="auto, cpu or cuda")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--moe-backend", default=None, help="FlexMoE backend: auto, torch, triton, cuda")
+    p.add_argument("--num-owners", type=int, default=None, metavar="N",
+                   help="number of owner domains " + _size_defaults("num_owners"))
+    p.add_argument("--public-steps", type=int, default=None, metavar="STEPS",
+                   help="training steps of the public model " + _size_defaults("public_steps"))
+    p.add_argument("--expert-steps", type=int, default=None, metavar="STEPS",
+                   help="training steps of each owner's expert " + _size_defaults("expert_steps"))
+    p.add_argument("--top-k", type=int, default=None, metavar="K",
+                   help="active experts of the merged model (default: N, the number of owners)")
+    p.add_argument("--device", default=None, help="auto, cpu or cuda " + _size_defaults("device"))
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="training and evaluation dtype " + _size_defaults("dtype"))
+    p.add_argument("--moe-backend", default=None,
+                   help="FlexMoE backend: auto, torch, triton, cuda " + _size_defaults("moe_backend"))
     p.add_argument("--no-baselines", action="store_true", help="skip the BTM and joint-MoE baselines")
-    p.add_argument("--audit-docs", type=int, default=None, help="training documents audited per owner")
-    p.add_argument("--audit-gen", type=int, default=None, help="greedy tokens generated per audited document")
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--audit-docs", type=int, default=None, metavar="N",
+                   help="training documents audited per owner " + _size_defaults("audit_docs"))
+    p.add_argument("--audit-gen", type=int, default=None, metavar="TOKENS",
+                   help="greedy tokens generated per audited document " + _size_defaults("audit_gen"))
+    p.add_argument("--seed", type=int, default=None, help="seed of the corpora split and the training " +
+                   _size_defaults("seed"))
     p.add_argument("--jobs", type=int, default=0,
-                   help="training processes at the same time (owners train independently); 0 = CPU cores, at most 4")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads per process; 0 = cores // jobs")
+                   help="training processes at the same time (owners train independently) (default: 0 = the number of "
+                        "CPU cores, at most 4)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads per process (default: 0 = cores // jobs)")
     p.add_argument("--verbose", action="store_true", help="show the training processes' own output (with --jobs 1)")
     p.set_defaults(func=run_demo_command)
 

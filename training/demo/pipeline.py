@@ -30,6 +30,8 @@ import hashlib
 import json
 import os
 import shutil
+import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
@@ -37,7 +39,8 @@ from typing import Dict, List, Optional
 from .measure import audit_all, evaluate_all  # noqa: F401  (re-exported)
 from .runner import StageError
 
-__all__ = ["DemoContext", "DemoSettings", "SIZES", "StageError", "settings_for", "run_demo"]
+__all__ = ["DemoContext", "DemoSettings", "MINUTES_ON_2_CORE_CPU", "SIZES", "StageError", "estimate", "settings_for",
+           "run_demo"]
 
 
 # ----------------------------------------------------------------------------- settings
@@ -83,11 +86,11 @@ class DemoSettings:
 
 
 SIZES: Dict[str, dict] = {
-    # CI smoke test: about 3 minutes on a 2-core CPU; every stage runs, numbers are noisy.
+    # CI smoke test: every stage runs, numbers are noisy.
     "quick": dict(train_bytes=120_000, test_bytes=12_000, hidden_size=64, intermediate_size=128,
                   num_hidden_layers=2, num_attention_heads=2, seq_len=64, batch_size=8, lr=5e-3,
                   public_steps=240, expert_steps=120, eval_tokens=4096, audit_docs=6, audit_gen=32),
-    # The README's first command: about 15 minutes on a 2-core CPU.
+    # The README's first command.
     "default": dict(),
     # A GPU: a bigger model, more data and steps, bf16, fast MoE kernels (moe_backend auto).
     "scale": dict(train_bytes=8_000_000, test_bytes=200_000, hidden_size=512, intermediate_size=1408,
@@ -95,6 +98,17 @@ SIZES: Dict[str, dict] = {
                   public_steps=3000, expert_steps=1500, eval_tokens=131_072, audit_docs=64, audit_gen=256,
                   dtype="bfloat16", device="cuda", num_owners=4),
 }
+
+
+# Wall time in minutes of `flexmoe demo` (and --quick) from a fresh work directory on an idle 2-core CPU,
+# measured (docs/DEMO.md, "How long it takes"). The one estimate README.md, docs/DEMO.md and
+# `flexmoe demo --help` state, through estimate(); tests/test_docs.py checks that they agree.
+MINUTES_ON_2_CORE_CPU: Dict[str, int] = {"quick": 2, "default": 4}
+
+
+def estimate(size: str) -> str:
+    """The stated wall time of a size on an idle 2-core CPU, e.g. ``"about 4 minutes"``."""
+    return f"about {MINUTES_ON_2_CORE_CPU[size]} minutes"
 
 
 def settings_for(size: str, **overrides) -> DemoSettings:
@@ -112,6 +126,14 @@ def settings_for(size: str, **overrides) -> DemoSettings:
 
 # ----------------------------------------------------------------------------- context
 class _Log:
+    """The demo's log: each line, with the time since the start, to stdout and to ``path``.
+
+    Stages run in threads side by side (:func:`runner.parallel`); one lock for every log makes
+    each line one write under it, so lines never interleave (``print`` writes the text and the
+    newline separately)."""
+
+    _lock = threading.Lock()
+
     def __init__(self, path: str, quiet: bool = False):
         self.path = path
         self.quiet = quiet
@@ -119,11 +141,13 @@ class _Log:
         self.timings: Dict[str, float] = {}
 
     def __call__(self, msg: str) -> None:
-        line = f"[demo {time.time() - self.t0:6.1f}s] {msg}"
-        if not self.quiet:
-            print(line, flush=True)
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(line + "\n")
+        line = f"[demo {time.time() - self.t0:6.1f}s] {msg}\n"
+        with self._lock:
+            if not self.quiet:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(line)
 
 
 @dataclass

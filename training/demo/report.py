@@ -20,7 +20,8 @@ import json
 import math
 from typing import List, Optional
 
-__all__ = ["compute_claims", "format_table", "format_report", "write_json", "plot_losses", "DEFAULT_THRESHOLDS"]
+__all__ = ["compute_claims", "format_table", "format_report", "format_hints", "generate_hints", "write_json",
+           "plot_losses", "DEFAULT_THRESHOLDS"]
 
 DEFAULT_THRESHOLDS = {
     # opting expert d out must give back at least this share of d's gain over the public model
@@ -312,6 +313,30 @@ def format_report(results: dict, claims: Optional[List[dict]] = None) -> str:
         if c["text"]:
             out.append(f"              {c['text']}")
     return "\n".join(out)
+
+
+def generate_hints(merged: str, expert_names: List[str], top_k: int, prompt: str = "def main(") -> List[List[str]]:
+    """The ``flexmoe generate`` commands the demo suggests on its merged model, as argument lists.
+
+    One opts the first owner out (``--deny``), one allows only the public expert and that owner
+    (``--allow``). A command whose allowed experts are fewer than the model's ``top_k`` passes
+    ``--top-k`` (generate refuses more active experts than allowed ones), so each runs as printed.
+    """
+    owner = expert_names[1]
+    hints = []
+    for flag, n_allowed in (("--deny", len(expert_names) - 1), ("--allow", 2)):
+        names = owner if flag == "--deny" else f"{expert_names[0]},{owner}"
+        k = ["--top-k", str(n_allowed)] if n_allowed < top_k else []
+        hints.append(["flexmoe", "generate", "--model", merged, flag, names, *k, prompt])
+    return hints
+
+
+def format_hints(merged: str, expert_names: List[str], top_k: int) -> str:
+    """What the demo prints last: :func:`generate_hints` as shell command lines (quoted with shlex)."""
+    import shlex
+
+    return "Try opt-out inference on the merged model:\n" + "\n".join(
+        "  " + shlex.join(h) for h in generate_hints(merged, expert_names, top_k))
 
 
 def write_json(path: str, results: dict, claims: List[dict]) -> None:

@@ -251,8 +251,6 @@ def report(ctx, results: dict) -> dict:
     print("\nStage timings: " + ", ".join(f"{k} {v:.0f}s" for k, v in ctx.timings.items()))
     print(f"Total {results['total_s']:.0f} s. Results: {json_path}" + (f"  plot: {png}" if png else "")
           + f"  report: {report_path}")
-    deny, merged = ctx.owners[0], ctx.ck("merged")
-    print(f"\nTry opt-out inference on the merged model:\n  flexmoe generate --model {merged} "
-          f"--deny {deny} \"def main(\"\n  flexmoe generate --model {merged} --allow public,{deny} \"def main(\"")
+    print("\n" + R.format_hints(ctx.ck("merged"), results.get("expert_names") or ["public", *ctx.owners], ctx.K))
     results["claims"] = claims
     return results
