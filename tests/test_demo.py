@@ -569,7 +569,7 @@ def test_generate_unreadable_model_is_one_line(tmp_path, capsys, one_thread):
 def test_demo_quick_end_to_end(tmp_path):
     """`flexmoe demo --quick` in a subprocess: every stage, every setting, the report, then generate.
 
-    Deselect with ``-m "not slow"``; CI runs it (about 3 minutes on a 2-core CPU).
+    Deselect with ``-m "not slow"``; CI runs it (see estimate("quick") in training/demo/pipeline.py).
     """
     env = _subprocess_env()
     cmd = [sys.executable, "-m", "flexmoe_training.cli", "demo", "--quick", "--work-dir", str(tmp_path)]

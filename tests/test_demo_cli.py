@@ -59,6 +59,27 @@ def test_demo_help_states_each_default_once(capsys):
     assert estimate("default") in re.sub(r"\s+", " ", text)
 
 
+def test_generate_help_states_each_default_once(capsys):
+    """`flexmoe generate --help`: no "(default: None)", no flag with two defaults."""
+    from flexmoe_training import cli
+
+    with pytest.raises(SystemExit):
+        cli.main(["generate", "--help"])
+    entries = _option_entries(capsys.readouterr().out)
+    assert {"--model", "--top-k", "--allow", "--deny"} <= set(entries)
+    for flag, entry in entries.items():
+        assert "None" not in entry, (flag, entry)
+        assert entry.count("default") <= 1, (flag, entry)
+
+
+def test_demo_owners_repeat_and_mix_with_commas():
+    """issue 12 item 1: every expert-list flag accumulates (``--owners`` kept only its last)."""
+    from flexmoe_training.cli import build_parser
+
+    args = build_parser().parse_args(["demo", "--owners", "code,man", "--owners", "licenses"])
+    assert args.owners == ["code", "man", "licenses"]
+
+
 class _Terminal:
     """A stdout whose writes let other threads run, as a write to a real terminal or pipe does
     (it releases the GIL); the text written, in order."""

@@ -12,11 +12,23 @@ import os
 import sys
 from pathlib import Path
 
-__all__ = ["FORMATTER", "add_command", "add_name_list", "add_train_args", "require", "check_out_free",
+__all__ = ["FORMATTER", "DefaultsOnceFormatter", "add_command", "add_name_list", "add_train_args", "require", "check_out_free",
            "check_tokenizer", "csv_list", "dense_config", "fresh_model", "freeze_single_router", "guard",
            "main_error", "open_datas", "options_from_args", "tokenizer_src"]
 
 FORMATTER = argparse.RawDescriptionHelpFormatter
+
+
+class DefaultsOnceFormatter(argparse.HelpFormatter):
+    """Each flag's default once: its help states it, or argparse adds it when it is a real value
+    (never ``None``, never a second time)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        no_value = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if "default" in text or no_value or not action.option_strings:
+            return text
+        return text + " (default: %(default)s)"
 
 
 def add_command(sub, name: str, func, *, help: str, description: str) -> argparse.ArgumentParser:

@@ -1,11 +1,10 @@
 """``flexmoe demo``: the whole FlexOlmo recipe on real text on this machine (:mod:`flexmoe_training.demo`)."""
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
-from .common import csv_list
+from .common import DefaultsOnceFormatter, add_name_list
 
 
 def _size_defaults(name: str) -> str:
@@ -16,18 +15,6 @@ def _size_defaults(name: str) -> str:
     other = [f"--{size} {SIZES[size][name]}" for size in ("quick", "scale")
              if name in SIZES[size] and SIZES[size][name] != base]
     return f"(default: {base}" + (f"; {', '.join(other)})" if other else ")")
-
-
-class _HelpFormatter(argparse.HelpFormatter):
-    """Each flag's default once: its help states it, or argparse adds it when it is a real value
-    (never ``None``, never a second time)."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        no_value = action.default is None or action.default is False or action.default == argparse.SUPPRESS
-        if "default" in text or no_value or not action.option_strings:
-            return text
-        return text + " (default: %(default)s)"
 
 
 def register(sub) -> None:
@@ -44,7 +31,7 @@ def register(sub) -> None:
             "FLOPs), audits training-data extraction and prints a report with the claims this run supports. "
             f"Wall time on an idle 2-core CPU: {estimate('default')} (--quick: {estimate('quick')}); --scale is for "
             "a GPU."),
-        formatter_class=_HelpFormatter,
+        formatter_class=DefaultsOnceFormatter,
     )
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true",
@@ -54,8 +41,8 @@ def register(sub) -> None:
     p.add_argument("--work-dir", default=os.path.join("runs", "demo"),
                    help="where corpora, data, checkpoints and the report go (reused between runs)")
     p.add_argument("--fresh", action="store_true", help="re-run every stage instead of reusing finished ones")
-    p.add_argument("--owners", type=csv_list, default=None, metavar="A,B,C",
-                   help="owner domains (default: the first N available of code,man,licenses,pydoc,changelogs,c_headers)")
+    add_name_list(p, "--owners", "owner domains (default: the first N available of code,man,licenses,pydoc,"
+                  "changelogs,c_headers)", metavar="A,B,C")
     p.add_argument("--public", default=None, help="public corpus source (default: readmes, else pydoc, changelogs)")
     p.add_argument("--num-owners", type=int, default=None, metavar="N",
                    help="number of owner domains " + _size_defaults("num_owners"))

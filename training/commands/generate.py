@@ -1,10 +1,9 @@
 """``flexmoe generate``: generation with a chosen set of experts, reporting which experts served it."""
 from __future__ import annotations
 
-import argparse
 import sys
 
-from .common import add_name_list
+from .common import DefaultsOnceFormatter, add_name_list
 
 
 def register(sub) -> None:
@@ -14,19 +13,19 @@ def register(sub) -> None:
         help="generate text with a chosen set of experts and show which experts served the request",
         description=("Greedy (or sampled) generation from a FlexOlmo checkpoint with experts opted in (--allow) "
                      "or out (--deny); prints the text and how many routing slots each expert served."),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsOnceFormatter,
     )
     g.add_argument("prompt", help="the prompt text")
     g.add_argument("--model", required=True, help="checkpoint directory (config.json + model.safetensors)")
     who = g.add_mutually_exclusive_group()
     add_name_list(who, "--allow", "only these experts may be used")
     add_name_list(who, "--deny", "these experts are opted out")
-    g.add_argument("--max-new-tokens", type=int, default=200)
+    g.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold (with --temperature > 0)")
     g.add_argument("--top-k", type=int, default=None, help="active experts per token (default: the model's)")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--device", default="auto")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed")
+    g.add_argument("--device", default="auto", help="auto, cpu or cuda")
     g.add_argument("--stop-at-eos", action="store_true", help="stop at the end-of-document token")
     g.set_defaults(func=run_generate_command)
 
