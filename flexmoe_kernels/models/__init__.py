@@ -3,6 +3,7 @@ from .attention import KVCache
 from .checkpoint import CheckpointError, tensors_sha256
 from .config import FlexOlmoConfig
 from .flex_olmo import CausalLMOutput, FlexOlmoForCausalLM, FlexOlmoModel
+from .hub import RELEASED_EXPERT_NAMES, resolve_checkpoint
 
 __all__ = [
     "CausalLMOutput",
@@ -11,5 +12,7 @@ __all__ = [
     "FlexOlmoForCausalLM",
     "FlexOlmoModel",
     "KVCache",
+    "RELEASED_EXPERT_NAMES",
+    "resolve_checkpoint",
     "tensors_sha256",
 ]

@@ -30,6 +30,7 @@ from .attention import FlexOlmoAttention, KVCache, RMSNorm, RotaryEmbedding
 from .checkpoint import load_pretrained as _load_pretrained
 from .checkpoint import save_pretrained as _save_pretrained
 from .config import FlexOlmoConfig
+from .hub import checkpoint_expert_names, resolve_checkpoint
 
 __all__ = [
     "FlexOlmoConfig",
@@ -511,14 +512,31 @@ class FlexOlmoForCausalLM(nn.Module):
     @classmethod
     def from_pretrained(
         cls,
-        directory: Union[str, os.PathLike],
+        name_or_path: Union[str, os.PathLike],
         dtype: Optional[torch.dtype] = None,
         device: Union[None, str, torch.device] = None,
+        *,
+        revision: Optional[str] = None,
+        cache_dir: Union[None, str, os.PathLike] = None,
+        local_files_only: bool = False,
+        token: Union[None, bool, str] = None,
         **config_overrides,
     ) -> "FlexOlmoForCausalLM":
-        """Load a Hugging Face FlexOlmo directory (config.json + safetensors, fused or per-expert
-        layout, single file or sharded). ``dtype`` None keeps the checkpoint's dtype.
-        ``config_overrides`` (e.g. ``moe_backend="triton"``) replace config fields."""
+        """Load a Hugging Face FlexOlmo checkpoint (config.json + safetensors, fused or per-expert
+        layout, single file or sharded) from a directory or a Hub id such as
+        ``"allenai/FlexOlmo-7x7B-1T"`` (:func:`flexmoe_kernels.models.hub.resolve_checkpoint`:
+        needs ``huggingface_hub``; ``revision``, ``cache_dir``, ``local_files_only`` and ``token``
+        are passed to it; only JSON, safetensors and tokenizer files are fetched).
+        ``dtype`` None keeps the checkpoint's dtype. ``config_overrides`` (e.g.
+        ``moe_backend="triton"``) replace config fields. A config without ``expert_names`` gets
+        the names of Ai2's released checkpoints when it is one of them
+        (:data:`flexmoe_kernels.models.hub.RELEASED_EXPERT_NAMES`)."""
+        directory = resolve_checkpoint(name_or_path, revision=revision, cache_dir=cache_dir,
+                                       local_files_only=local_files_only, token=token, argument="name_or_path")
+        if "expert_names" not in config_overrides:
+            names = checkpoint_expert_names(name_or_path, directory)
+            if names is not None:
+                config_overrides["expert_names"] = names
         return _load_pretrained(directory, cls, dtype=dtype, device=device, **config_overrides)
 
     def save_pretrained(self, directory: Union[str, os.PathLike], max_shard_size: Optional[int] = None) -> None:

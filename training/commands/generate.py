@@ -16,7 +16,13 @@ def register(sub) -> None:
         formatter_class=DefaultsOnceFormatter,
     )
     g.add_argument("prompt", help="the prompt text")
-    g.add_argument("--model", required=True, help="checkpoint directory (config.json + model.safetensors)")
+    g.add_argument("--model", required=True,
+                   help="checkpoint directory (config.json + model.safetensors) or a Hugging Face Hub id such as "
+                        "allenai/FlexOlmo-7x7B-1T (needs huggingface_hub; only JSON, safetensors and tokenizer "
+                        "files are downloaded)")
+    g.add_argument("--revision", help="with a Hub id: the branch, tag or commit (default: main)")
+    g.add_argument("--local-files-only", action="store_true",
+                   help="with a Hub id: use the local Hugging Face cache only, never the network")
     who = g.add_mutually_exclusive_group()
     add_name_list(who, "--allow", "only these experts may be used")
     add_name_list(who, "--deny", "these experts are opted out")
@@ -30,13 +36,27 @@ def register(sub) -> None:
     g.set_defaults(func=run_generate_command)
 
 
+def _load(args, device):
+    """The model and tokenizer of ``--model`` (a directory or a Hub id): ``(model, tokenizer)``.
+    Raises ``ValueError`` / ``OSError`` naming the file or the id."""
+    from flexmoe_kernels.models import FlexOlmoForCausalLM
+    from flexmoe_kernels.models.hub import checkpoint_expert_names, resolve_checkpoint
+
+    from ..demo.tokenizer import tokenizer_for
+
+    local = resolve_checkpoint(args.model, revision=args.revision, local_files_only=args.local_files_only,
+                               argument="--model")
+    names = checkpoint_expert_names(args.model, local)  # Ai2's released checkpoints name no experts
+    model = FlexOlmoForCausalLM.from_pretrained(local, device=device, **({"expert_names": names} if names else {}))
+    model.eval()
+    return model, tokenizer_for(local, model.config.vocab_size, model.config)
+
+
 def run_generate_command(args) -> int:
+    """Run ``flexmoe generate``: prints the text and the experts that served it; returns the exit status."""
     import torch
 
-    from flexmoe_kernels.models import FlexOlmoForCausalLM
-
     from ..demo.inference import expert_usage, format_usage, resolve_allow_list
-    from ..demo.tokenizer import tokenizer_for
 
     if args.max_new_tokens < 1:
         print(f"flexmoe generate: --max-new-tokens must be >= 1, got {args.max_new_tokens}", file=sys.stderr)
@@ -45,11 +65,11 @@ def run_generate_command(args) -> int:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        model = FlexOlmoForCausalLM.from_pretrained(args.model, device=device)
+        model, tok = _load(args, device)
     except (ValueError, OSError) as e:  # CheckpointError (a ValueError) / missing files: name the file
-        print(f"flexmoe generate: --model: {e}", file=sys.stderr)
+        msg = str(e) if str(e).startswith("--model") else f"--model: {e}"
+        print(f"flexmoe generate: {msg}", file=sys.stderr)
         return 2
-    model.eval()
     names = list(model.expert_names)
     if args.top_k is not None:
         model.set_top_k(args.top_k)
@@ -58,11 +78,6 @@ def run_generate_command(args) -> int:
         allowed = resolve_allow_list(names, args.allow, args.deny, k)
     except ValueError as e:
         print(f"flexmoe generate: {e}", file=sys.stderr)
-        return 2
-    try:
-        tok = tokenizer_for(args.model, model.config.vocab_size)
-    except ValueError as e:
-        print(f"flexmoe generate: --model: {e}", file=sys.stderr)
         return 2
     ids = tok.encode(args.prompt, doc_start=True)
     if not ids:
@@ -73,7 +88,7 @@ def run_generate_command(args) -> int:
     with torch.no_grad():
         out = model.generate(x, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
                              temperature=args.temperature if args.temperature > 0 else 1.0, top_p=args.top_p,
-                             allowed_experts=allowed, eos_token_id=tok.eos_token_id if args.stop_at_eos else [],
+                             allowed_experts=allowed, eos_token_id=(tok.eos_token_ids or None) if args.stop_at_eos else [],
                              use_cache=True, generator=gen)
         full = out[0].tolist()
         # Routing is causal, so one pass over prompt + continuation gives exactly the routing of generation.
@@ -81,7 +96,7 @@ def run_generate_command(args) -> int:
     new = full[len(ids):]
     print(f"experts: {names} (top-k {k}); allowed: {allowed if allowed is not None else 'all'}")
     print("-" * 72)
-    print(args.prompt + tok.decode(new))
+    print(args.prompt + tok.continuation(ids, new))
     print("-" * 72)
     usage = expert_usage(fwd.router_logits, k, names)
     print(format_usage(usage, allowed, len(full), len(fwd.router_logits)))
