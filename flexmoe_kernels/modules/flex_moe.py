@@ -23,6 +23,15 @@ from .allow import AllowedExperts, resolve_allowed_experts
 __all__ = ["FlexMoE", "MoERouter", "MoEExperts"]
 
 
+@torch.compiler.assume_constant_result
+def _resolve(backend: str, device: torch.device, dtype: torch.dtype, T: Optional[int], D: int, F: int, E: int,
+             K: int) -> str:
+    """:func:`resolve_backend` for :meth:`FlexMoE.resolved_backend`; run, never traced, by
+    torch.compile (its result is a constant of the graph). ``T`` None: no measured choice."""
+    problem = None if T is None else dict(T=T, D=D, F=F, E=E, K=K, dtype=dtype)
+    return resolve_backend(backend, device, problem)
+
+
 class MoERouter(nn.Module):
     """Router embeddings (E, D) and the optional per-expert bias (E,)."""
 
@@ -93,6 +102,8 @@ class FlexMoE(nn.Module):
         # (E,) bool buffer: False = frozen expert (no dW work); not saved in state dicts.
         self.register_buffer("trainable_experts", torch.ones(num_experts, dtype=torch.bool), persistent=False)
         self._all_trainable = True  # host-side mirror: forward never reads the buffer on the host
+        # (self.backend, device, dtype, T bucket or None) -> concrete backend (resolved_backend)
+        self._resolved_backends: dict = {}
         self.reset_parameters(init_std)
 
     # ------------------------------------------------------------------ basics
@@ -153,6 +164,30 @@ class FlexMoE(nn.Module):
         """The (E,) or (T, E) bool mask for ``allowed_experts`` (see :mod:`.allow`)."""
         return resolve_allowed_experts(allowed_experts, self.expert_names, lead_shape, device)
 
+    def resolved_backend(self, x_TD: torch.Tensor) -> str:
+        """The concrete backend :meth:`forward` runs for the (T, D) input ``x_TD``.
+
+        Resolved (:func:`~flexmoe_kernels.ops.backends.resolve_backend`: availability, and for
+        ``"auto"`` the per-device choice) once per (``self.backend``, device, dtype) and, for
+        ``"auto"`` on CUDA (a measured choice), per T bucket (T rounded up to a power of two);
+        cached on the module, so a forward does no lookup and setting ``self.backend`` takes
+        effect at the next call. While ``torch.compile`` traces, a cached choice is a constant
+        of the graph and a missing one is resolved once at trace time, outside the traced
+        region (nothing is measured then, see :mod:`~flexmoe_kernels.ops.backends`); with a
+        dynamic T, "auto" on CUDA takes the static order.
+        """
+        device, T = x_TD.device, x_TD.shape[0]
+        measured = self.backend == "auto" and device.type == "cuda" and not isinstance(T, torch.SymInt)
+        bucket = 1 << (max(1, T) - 1).bit_length() if measured else None
+        key = (self.backend, device, x_TD.dtype, bucket)
+        name = self._resolved_backends.get(key)
+        if name is None:
+            name = _resolve(self.backend, device, x_TD.dtype, T if measured else None, self.hidden_size,
+                            self.intermediate_size, self.num_experts, self.top_k)
+            if not torch.compiler.is_compiling():  # a traced store would only force a recompile
+                self._resolved_backends[key] = name
+        return name
+
     def forward(
         self,
         x: torch.Tensor,
@@ -181,9 +216,7 @@ class FlexMoE(nn.Module):
         lead = tuple(x.shape[:-1])
         x_TD = x.reshape(-1, self.hidden_size)
         mask = self.allow_mask(allowed_experts, lead, x.device)
-        problem = dict(T=x_TD.shape[0], D=self.hidden_size, F=self.intermediate_size,
-                       E=self.num_experts, K=self.top_k, dtype=x.dtype)
-        backend = resolve_backend(self.backend, x.device, problem)
+        backend = self.resolved_backend(x_TD)
         trainable = None if self._all_trainable else self.trainable_experts
         out_TD, logits_TE = flexmoe_forward(
             x_TD,

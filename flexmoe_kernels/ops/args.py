@@ -55,16 +55,30 @@ def normalize_allow_mask(
     return allow_mask.to(device).contiguous()
 
 
-def check_allow_mask_rows(allow_mask: Optional[torch.Tensor], top_k: int, num_experts: int) -> None:
+def check_allow_mask_rows(
+    allow_mask: Optional[torch.Tensor], top_k: int, num_experts: int
+) -> Optional[torch.Tensor]:
     """Raise ``ValueError`` if ``top_k > E`` or any row of ``allow_mask`` allows fewer than
-    ``top_k`` experts (naming the row and the count).
+    ``top_k`` experts (naming the row and the count); return the mask to route with.
 
     Reads the mask on the host (one synchronisation); skipped while a CUDA graph is being
-    captured, where the caller is responsible for valid masks.
+    captured, where the caller is responsible for valid masks. While ``torch.compile`` traces,
+    the read cannot happen at trace time: the check becomes the custom op
+    ``flexmoe::checked_allow_mask``, which runs it when the compiled graph runs and returns a
+    checked copy of the mask. Callers must route with the returned mask: an unused result is
+    removed by the compiler, and the check with it.
     """
     check_top_k(top_k, num_experts)
     if allow_mask is None:
-        return
+        return None
+    if torch.compiler.is_compiling():
+        return _checked_allow_mask(allow_mask, top_k)
+    _check_rows(allow_mask, top_k)
+    return allow_mask
+
+
+def _check_rows(allow_mask: torch.Tensor, top_k: int) -> None:
+    """The host read of :func:`check_allow_mask_rows` (nothing while a CUDA graph is captured)."""
     if allow_mask.is_cuda and torch.cuda.is_current_stream_capturing():
         return
     allowed = allow_mask.sum(-1)
@@ -74,6 +88,18 @@ def check_allow_mask_rows(allow_mask: Optional[torch.Tensor], top_k: int, num_ex
             raise ValueError(f"allow_mask allows {fewest} experts, fewer than top_k={top_k}")
         row = int((allowed < top_k).nonzero()[0, 0])
         raise ValueError(f"allow_mask row {row} allows {fewest} experts, fewer than top_k={top_k}")
+
+
+@torch.library.custom_op("flexmoe::checked_allow_mask", mutates_args=())
+def _checked_allow_mask(allow_mask: torch.Tensor, top_k: int) -> torch.Tensor:
+    """:func:`check_allow_mask_rows` run when a compiled graph runs: a copy of the mask."""
+    _check_rows(allow_mask, top_k)
+    return allow_mask.clone()
+
+
+@_checked_allow_mask.register_fake
+def _checked_allow_mask_fake(allow_mask, top_k):
+    return torch.empty_like(allow_mask)
 
 
 def check_expert_weights(
@@ -118,7 +144,8 @@ class LayerArgs:
         trainable_experts: None or (E,) bool on x's device; False = frozen (no dW work).
         validate_rows: the mask rows still have to be checked (>= K allowed) when the op runs:
             True only when validation was asked for while ``torch.compile`` traced (the eager
-            path checks them in :func:`validate_layer_args`, once).
+            path checks them in :func:`validate_layer_args`, once). A backend does it inside
+            its own op, or routes with the mask :func:`check_allow_mask_rows` returns.
         deterministic: backend option: fixed-order top-k combine (None = the backend's
             default; the torch and cuda backends are always deterministic).
     """

@@ -81,6 +81,16 @@ def masked_logits(
     return z
 
 
+def _count_per_expert(flat_ids_P: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """(E,) int64 pairs per expert. ``bincount``'s output shape depends on the data, which
+    torch.compile cannot trace (a graph break): there the same integer counts come from a
+    ``scatter_add`` into E zeros (static shape)."""
+    if not torch.compiler.is_compiling():
+        return torch.bincount(flat_ids_P, minlength=num_experts)
+    zeros_E = torch.zeros(num_experts, dtype=torch.int64, device=flat_ids_P.device)
+    return zeros_E.scatter_add(0, flat_ids_P, torch.ones_like(flat_ids_P))
+
+
 def group_pairs(topk_ids_TK: torch.Tensor, num_experts: int):
     """Group the P = T*K pairs by expert (stable): ``(counts_E, offsets_E1, sorted_pairs_P,
     inv_sorted_pairs_P)``, all int32 (see :class:`~flexmoe_kernels.ops.plan.RoutingPlan`)."""
@@ -88,7 +98,7 @@ def group_pairs(topk_ids_TK: torch.Tensor, num_experts: int):
     sorted_pairs_P = torch.sort(flat_ids_P, stable=True).indices
     inv_sorted_pairs_P = torch.empty_like(sorted_pairs_P)
     inv_sorted_pairs_P[sorted_pairs_P] = torch.arange(sorted_pairs_P.numel(), device=sorted_pairs_P.device)
-    counts_E = torch.bincount(flat_ids_P, minlength=num_experts)
+    counts_E = _count_per_expert(flat_ids_P, num_experts)
     offsets_E1 = torch.zeros(num_experts + 1, dtype=torch.int64, device=topk_ids_TK.device)
     offsets_E1[1:] = torch.cumsum(counts_E, 0)
     i32 = torch.int32
@@ -107,7 +117,9 @@ def route(logits_TE: torch.Tensor, top_k: int, *, allow_mask: Optional[torch.Ten
             :func:`expand_sequence_mask` for a per-sequence (B, E) mask). False = opted out.
         expert_bias: optional (E,) float; ``min(bias, 0)`` is added to the logits.
         norm_topk_prob: renormalise the K selected weights to sum to 1 (off by default).
-        validate: check that every row allows at least K experts (one host sync).
+        validate: check that every row allows at least K experts (one host sync; under
+            torch.compile when the compiled graph runs, see
+            :func:`~flexmoe_kernels.ops.args.check_allow_mask_rows`).
 
     Returns:
         :class:`~flexmoe_kernels.ops.plan.RoutingPlan` (int32 ids). Weights are float32 and
@@ -119,8 +131,8 @@ def route(logits_TE: torch.Tensor, top_k: int, *, allow_mask: Optional[torch.Ten
     if expert_bias is not None:
         check_tensor(expert_bias, "expert_bias", shape=(E,), floating=True)
     allow_mask = normalize_allow_mask(allow_mask, T, E, logits_TE.device)
-    if validate:
-        check_allow_mask_rows(allow_mask, top_k, E)
+    if validate:  # under torch.compile: the checked copy, the check runs with the graph
+        allow_mask = check_allow_mask_rows(allow_mask, top_k, E)
 
     z_TE = masked_logits(logits_TE, allow_mask, expert_bias)
     probs_TE = torch.softmax(z_TE, dim=-1)
