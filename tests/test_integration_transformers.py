@@ -310,3 +310,14 @@ def test_gradient_checkpointing_recomputes_with_the_same_mask():
         grads.append([p.grad for p in model.parameters()])
     for a, b in zip(*grads):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
+
+
+def test_example_script_runs(monkeypatch, capsys):
+    import runpy
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "examples" / "transformers_opt_out.py"
+    monkeypatch.setattr("sys.argv", [str(script), "--model-type", "mixtral"])
+    runpy.run_path(str(script), run_name="__main__")
+    printed = capsys.readouterr().out
+    assert "opt out 'news' vs model rebuilt without it" in printed and "router logit tensors" in printed

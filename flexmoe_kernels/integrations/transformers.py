@@ -89,7 +89,7 @@ def _block_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     out_TD, logits_TE = flexmoe_forward(
         x_TD, gate.weight, gate_up, down, gate.top_k, allow_mask=allow,
         norm_topk_prob=bool(gate.norm_topk_prob) if norm == "config" else norm,
-        validate=allow is None, backend=self._flexmoe_backend,
+        validate=allow is None or torch.compiler.is_compiling(), backend=self._flexmoe_backend,
     )
     gate(x_TD, (logits_TE.to(x_TD.dtype), None, None))  # transformers records router logits here
     return out_TD.reshape(B, S, D)
