@@ -168,7 +168,8 @@ def released_expert_names(hub_id: Optional[str], config: Mapping) -> Optional[li
     return None
 
 
-def checkpoint_expert_names(name_or_path: Union[str, os.PathLike], directory: Union[str, os.PathLike]) -> Optional[list[str]]:
+def checkpoint_expert_names(name_or_path: Union[str, os.PathLike],
+                            directory: Union[str, os.PathLike]) -> Optional[list[str]]:
     """:func:`released_expert_names` for a resolved checkpoint: ``name_or_path`` is what the
     user passed (a Hub id or a path), ``directory`` what :func:`resolve_checkpoint` returned.
     Reads ``directory/config.json`` (None when it is absent: the loader reports that)."""

@@ -85,10 +85,11 @@ def run_generate_command(args) -> int:
         return 2
     x = torch.tensor([ids], dtype=torch.long, device=device)
     gen = torch.Generator(device=device).manual_seed(args.seed)
+    stop = (tok.eos_token_ids or None) if args.stop_at_eos else []  # None: the config's EOS
     with torch.no_grad():
         out = model.generate(x, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
                              temperature=args.temperature if args.temperature > 0 else 1.0, top_p=args.top_p,
-                             allowed_experts=allowed, eos_token_id=(tok.eos_token_ids or None) if args.stop_at_eos else [],
+                             allowed_experts=allowed, eos_token_id=stop,
                              use_cache=True, generator=gen)
         full = out[0].tolist()
         # Routing is causal, so one pass over prompt + continuation gives exactly the routing of generation.

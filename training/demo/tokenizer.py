@@ -154,5 +154,5 @@ def tokenizer_for(directory: str, vocab_size: Optional[int] = None, config=None)
     bt = D.ByteTokenizer()
     if vocab_size is not None and vocab_size >= bt.vocab_size:
         return DemoTokenizer(bt)
-    raise ValueError(f"{directory!r} records no tokenizer (no tokenizer_meta.json or tokenizer.json) and its vocabulary "
-                     f"({vocab_size}) does not fit the byte tokenizer ({bt.vocab_size} ids)")
+    raise ValueError(f"{directory!r} records no tokenizer (no tokenizer_meta.json or tokenizer.json) and its "
+                     f"vocabulary ({vocab_size}) does not fit the byte tokenizer ({bt.vocab_size} ids)")
