@@ -142,10 +142,11 @@ class LayerArgs:
         expert_bias: None or (E,) float on x's device (``min(b, 0)`` is added to the logits).
         norm_topk_prob: renormalise the K weights.
         trainable_experts: None or (E,) bool on x's device; False = frozen (no dW work).
-        validate_rows: the mask rows still have to be checked (>= K allowed) when the op runs:
-            True only when validation was asked for while ``torch.compile`` traced (the eager
-            path checks them in :func:`validate_layer_args`, once). A backend does it inside
-            its own op, or routes with the mask :func:`check_allow_mask_rows` returns.
+        validate_rows: the mask rows still have to be checked (>= K allowed) when the op runs
+            (a backend checks them then). Never set by :func:`validate_layer_args`, which checks
+            them itself, once: eagerly, or while ``torch.compile`` traces through the op
+            ``flexmoe::checked_allow_mask`` (see :func:`check_allow_mask_rows`), whose checked
+            copy is ``allow_mask``, so the check runs when the compiled graph runs.
         deterministic: backend option: fixed-order top-k combine (None = the backend's
             default; the torch and cuda backends are always deterministic).
     """
@@ -189,8 +190,9 @@ def validate_layer_args(
     ``options``: the keyword arguments of ``flexmoe_forward`` other than ``backend``
     (``allow_mask``, ``expert_bias``, ``norm_topk_prob``, ``trainable_experts``, ``validate``
     (default True), ``deterministic``), with its meanings. ``validate=True`` also checks that
-    every mask row allows >= K experts (one host sync), or defers that check to the op's run
-    time while ``torch.compile`` traces.
+    every mask row allows >= K experts (one host sync), or defers that check to the compiled
+    graph's run time while ``torch.compile`` traces (the returned ``allow_mask`` is then the
+    output of the checking op ``flexmoe::checked_allow_mask``, so no backend can lose it).
     """
     unknown = sorted(set(options) - set(_OPTIONS))
     if unknown:
@@ -209,12 +211,11 @@ def validate_layer_args(
         check_tensor(trainable_experts, "trainable_experts", shape=(E,), dtypes=(torch.bool,))
         trainable_experts = trainable_experts.to(device)
     deterministic = None if deterministic is None else bool(deterministic)
-    deferred = bool(validate) and torch.compiler.is_compiling()
-    if validate and not deferred:
-        check_allow_mask_rows(mask, top_k, E)
+    if validate:  # under torch.compile: the checked copy, checked when the graph runs
+        mask = check_allow_mask_rows(mask, top_k, E)
     return LayerArgs(
         x_TD=x_TD, router_weight_ED=router_weight_ED, gate_up_E2FD=gate_up_E2FD, down_EDF=down_EDF,
         top_k=int(top_k), allow_mask=mask, expert_bias=expert_bias,
         norm_topk_prob=bool(options.get("norm_topk_prob", False)),
-        trainable_experts=trainable_experts, validate_rows=deferred, deterministic=deterministic,
+        trainable_experts=trainable_experts, deterministic=deterministic,
     )
