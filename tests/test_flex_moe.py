@@ -4,7 +4,8 @@ Legend: T tokens, D hidden, F expert width, E experts, K top-k, B batch, S seque
 """
 import pytest
 import torch
-from helpers import DEVICE, assert_matches_reference, backend_logits, make_mask, reference_layer, tol
+from helpers import (DEVICE, assert_matches_reference, backend_logits, make_mask, make_problem, reference_layer,
+                     tol)
 
 import flexmoe_kernels as fk
 from flexmoe_kernels.ops.triton import launch
@@ -270,3 +271,175 @@ def test_triton_backend_module_matches_torch(seed):
     y.square().sum().backward()
     for (n, a), (_, b) in zip(m.named_parameters(), mt.named_parameters()):
         assert_matches_reference(b.grad, a.grad.double(), F32, f"grad of {n}")
+
+
+# ---------------------------------------------------------------------------- torch.compile (issue 14 item 4)
+# fullgraph=True on the module: each backend on its device (CPU tier: torch; triton under the
+# interpreter; cuda over the emulated _C), no / global / per-sequence mask, forward and backward
+# equal eager, exactly one graph; the backend resolved once.
+COMPILE_MASKS = {
+    "none": None,
+    "global": [True, False, True, True, True],
+    "per_sequence": [[True, True, False, True, True], [False, True, True, True, False]],
+}
+COMPILE_BACKENDS = [
+    "torch",
+    pytest.param("triton", marks=pytest.mark.skipif(not TRITON_OK, reason=f"triton unavailable: {TRITON_WHY}")),
+    "cuda",
+]
+
+
+class CountingBackend:
+    """A torch.compile backend that records every graph it is given and runs it with
+    ``inner`` (aot_eager: the traced ops run as they are; inductor: generated code)."""
+
+    def __init__(self, inner: str = "aot_eager"):
+        self.inner, self.graphs = torch._dynamo.lookup_backend(inner), []
+
+    def __call__(self, gm, example_inputs):
+        self.graphs.append(gm)
+        return self.inner(gm, example_inputs)
+
+
+def compile_problem(backend, request, dtype=F32, device=DEVICE):
+    """(module, x, device) for ``backend`` on its device: the cuda backend on the CPU tier runs
+    over the emulated _C (fixture ``emulated_cuda``)."""
+    if backend == "cuda" and device.type == "cpu":
+        request.getfixturevalue("emulated_cuda")
+    m = fk.FlexMoE(16, 16, 5, 2, backend=backend, expert_bias=True, init_std=0.3).to(device=device, dtype=dtype)
+    with torch.no_grad():
+        m.gate.expert_bias.uniform_(-1, 0)
+    return m, torch.randn(2, 3, 16, device=device, dtype=dtype)
+
+
+def run_and_grads(f, m, x, allowed):
+    """Forward (output and router logits), a backward through both, and every gradient."""
+    x = x.detach().requires_grad_()
+    for p in m.parameters():
+        p.grad = None
+    y, z = f(x, allowed, return_router_logits=True)
+    (y.float().square().sum() + z.clamp(min=-1e4).sum()).backward()
+    return [y.detach(), z.detach(), x.grad] + [p.grad for p in m.parameters()]
+
+
+@pytest.mark.parametrize("mask", list(COMPILE_MASKS))
+@pytest.mark.parametrize("backend", COMPILE_BACKENDS)
+def test_compile_fullgraph_equals_eager_one_graph(seed, request, backend, mask):
+    m, x = compile_problem(backend, request)
+    allowed = None if COMPILE_MASKS[mask] is None else torch.tensor(COMPILE_MASKS[mask], device=DEVICE)
+    eager = run_and_grads(m, m, x, allowed)
+    counting = CountingBackend()
+    torch._dynamo.reset()
+    compiled = torch.compile(m, backend=counting, fullgraph=True)
+    for _ in range(2):  # the second call reuses the graph
+        got = run_and_grads(compiled, m, x, allowed)
+        for i, (a, b) in enumerate(zip(got, eager)):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, msg=lambda s, i=i: f"output/grad #{i}: {s}")
+    assert len(counting.graphs) == 1, f"{len(counting.graphs)} graphs (graph breaks or recompiles)"
+
+
+def test_compile_fullgraph_names_per_token_and_frozen(seed):
+    """Expert names (constant-folded), a per-token mask and frozen experts compile too."""
+    m, x = compile_problem("torch", None)
+    m.set_trainable_experts([0, 2, 4])
+    per_token = torch.rand(2, 3, 5, device=DEVICE) < 0.6
+    per_token[..., 1:3] = True
+    torch._dynamo.reset()
+    compiled = torch.compile(m, backend="aot_eager", fullgraph=True)
+    for allowed in (["expert_0", 2, "expert_3"], per_token):
+        eager = run_and_grads(m, m, x, allowed)
+        got = run_and_grads(compiled, m, x, allowed)
+        for a, b in zip(got, eager):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        for p in (m.experts.gate_up_proj, m.experts.down_proj):
+            assert not p.grad[[1, 3]].any(), "frozen experts got a weight gradient"
+
+
+@pytest.mark.parametrize("backend", COMPILE_BACKENDS)
+def test_compile_checks_mask_rows_when_the_graph_runs(seed, request, backend):
+    """The mask-row check (a host read) is deferred to the compiled graph's run time."""
+    m, x = compile_problem(backend, request)
+    torch._dynamo.reset()
+    compiled = torch.compile(m, backend="aot_eager", fullgraph=True)
+    compiled(x, torch.tensor(COMPILE_MASKS["per_sequence"], device=DEVICE))
+    bad = torch.tensor([[True, True, False, True, True], [False, True, False, False, False]], device=DEVICE)
+    with pytest.raises(ValueError, match="allow_mask row 3 allows 1 experts, fewer than top_k=2"):
+        compiled(x, bad)
+    with pytest.raises(ValueError, match="allow_mask allows 1 experts, fewer than top_k=2"):
+        compiled(x, torch.tensor([False, False, True, False, False], device=DEVICE))
+
+
+def test_backend_resolved_once_and_backend_change_takes_effect(seed, monkeypatch):
+    from flexmoe_kernels.modules import flex_moe
+
+    calls = []
+
+    def counting_resolve(name, device, problem=None):
+        calls.append(name)
+        return fk.resolve_backend(name, device, problem)
+
+    monkeypatch.setattr(flex_moe, "resolve_backend", counting_resolve)
+    m, x = compile_problem("auto", None)
+    for _ in range(3):
+        m(x)
+    assert calls == ["auto"], "an eager module resolved its backend more than once"
+    assert m.resolved_backend(x.reshape(-1, 16)) in fk.available_backends(DEVICE)
+    if DEVICE.type == "cpu":
+        assert m.resolved_backend(x.reshape(-1, 16)) == "torch"  # "auto" picks per device
+    counting = CountingBackend()
+    torch._dynamo.reset()
+    compiled = torch.compile(m, backend=counting, fullgraph=True)
+    for _ in range(3):
+        compiled(x)
+    assert calls == ["auto"], "the compiled module resolved the backend again although it was cached"
+    fresh, _ = compile_problem("torch", None)
+    compiled_fresh = torch.compile(fresh, backend=counting, fullgraph=True)
+    for _ in range(3):
+        compiled_fresh(x)
+    assert calls == ["auto", "torch"], "not resolved exactly once (at trace time) by a fresh compiled module"
+    if TRITON_OK:  # setting .backend takes effect at the next call: a recompile, resolved once
+        fresh.backend = "triton"
+        got = [compiled_fresh(x) for _ in range(2)]
+        assert calls == ["auto", "torch", "triton"]
+        graph = counting.graphs[-1].print_readable(print_output=False)
+        assert "flexmoe_triton" in graph, "the recompiled graph does not run triton"
+        torch.testing.assert_close(got[1], fresh(x), rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mask", list(COMPILE_MASKS))
+@pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
+def test_gpu_compile_inductor_fullgraph(seed, request, backend, mask):
+    """The gpu tier: inductor (generated code around the backends' ops), one graph, forward
+    and backward equal eager up to fp32 rounding."""
+    device = torch.device("cuda")
+    m, x = compile_problem(backend, request, device=device)
+    allowed = None if COMPILE_MASKS[mask] is None else torch.tensor(COMPILE_MASKS[mask], device=device)
+    eager = run_and_grads(m, m, x, allowed)
+    counting = CountingBackend("inductor")
+    torch._dynamo.reset()
+    got = run_and_grads(torch.compile(m, backend=counting, fullgraph=True), m, x, allowed)
+    for i, (a, b) in enumerate(zip(got, eager)):
+        torch.testing.assert_close(a, b, msg=lambda s, i=i: f"output/grad #{i}: {s}")
+    assert len(counting.graphs) == 1
+
+
+def test_reference_custom_ops_opcheck(seed):
+    """The torch backend's ops for torch.compile (flexmoe_reference::experts / experts_bwd, the
+    deferred mask check flexmoe::checked_allow_mask): schemas, fake kernels, autograd; the
+    experts op equals the eager loop exactly (frozen experts too)."""
+    from flexmoe_kernels.ops.args import _checked_allow_mask
+    from flexmoe_kernels.ops.reference.experts import _experts_bwd_op, _experts_op, experts_per_expert
+
+    T, D, F, E, K = 6, 8, 6, 4, 2
+    p = make_problem(T, D, F, E, K, F32, mask="token", opted_out=(2,))
+    plan = fk.route_hidden(p["x"], p["router_weight"], K, allow_mask=p["allow_mask"])
+    x_PD = p["x"].index_select(0, plan.sorted_token_ids_P.long())
+    gu, dn = p["gate_up"].clone().requires_grad_(), p["down"].clone().requires_grad_()
+    for trainable in (None, torch.tensor([True, False, True, True], device=DEVICE)):
+        args = (x_PD.clone().requires_grad_(), gu, dn, plan.counts_E, trainable)
+        torch.library.opcheck(_experts_op, args)
+        torch.testing.assert_close(_experts_op(*args), experts_per_expert(*args), rtol=0, atol=0)
+        bargs = (torch.randn_like(x_PD), x_PD, p["gate_up"], p["down"], plan.counts_E, trainable, True)
+        torch.library.opcheck(_experts_bwd_op, bargs, test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(_checked_allow_mask, (p["allow_mask"], K))
