@@ -3,7 +3,9 @@
 routing (:mod:`.routing`) -> permutation (:mod:`.permute`) -> per-expert SwiGLU
 (:mod:`.experts`) -> weighted combine (:mod:`.combine`); autograd comes from torch.
 One host synchronisation per call (the expert loop reads ``counts_E``), plus the optional
-mask-row validation.
+mask-row validation. Under ``torch.compile`` (fullgraph) the loop runs as the custom op
+``flexmoe_reference::experts`` and the mask check as ``flexmoe::checked_allow_mask`` (both
+eagerly, when the compiled graph runs), so the same math traces with no graph break.
 """
 from __future__ import annotations
 

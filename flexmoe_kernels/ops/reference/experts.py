@@ -55,6 +55,7 @@ def experts_per_expert(
     ``counts_E`` (E,) gives each expert's number of rows (read on the host: one sync; cannot
     be captured in a CUDA graph). Experts with no rows are skipped (weights never read, dW
     exactly 0); experts with ``trainable_E[e] == False`` are detached (no dW, dX flows).
+    Under ``torch.compile``: the custom op ``flexmoe_reference::experts`` (module docstring).
     """
     if torch.compiler.is_compiling():  # the same loop as one opaque op: no graph break
         return _experts_op(x_PD, gate_up_E2FD, down_EDF, counts_E, trainable_E)
