@@ -17,7 +17,14 @@ import importlib
 from .modules import FlexMoE, resolve_allowed_experts
 from .ops import RoutingPlan, available_backends, backend_status, flexmoe_forward, resolve_backend
 from .ops.reference.experts import grouped_swiglu, swiglu_expert
-from .ops.reference.routing import expand_sequence_mask, route, route_hidden, router_logits, router_z_loss
+from .ops.reference.routing import (
+    expand_sequence_mask,
+    plan_from_topk,
+    route,
+    route_hidden,
+    router_logits,
+    router_z_loss,
+)
 
 __version__ = "0.1.0"
 
@@ -43,6 +50,7 @@ __all__ = [
     "available_backends",
     "backend_status",
     "expand_sequence_mask",
+    "plan_from_topk",
     "flexmoe_forward",
     "grouped_swiglu",
     "resolve_allowed_experts",

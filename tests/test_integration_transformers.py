@@ -283,7 +283,7 @@ def test_plan_from_topk_matches_our_router_and_carries_weight_gradients():
     logits = torch.randn(7, E, generator=g)
     routed = fk.route(logits, K)
     weights = routed.topk_weights_TK.detach().clone().requires_grad_(True)
-    plan = fk_experts.plan_from_topk(routed.topk_ids_TK.long(), weights, E)
+    plan = fk.plan_from_topk(routed.topk_ids_TK.long(), weights, E)
     for f in ("topk_ids_TK", "counts_E", "offsets_E1", "sorted_pairs_P", "inv_sorted_pairs_P"):
         assert torch.equal(getattr(plan, f), getattr(routed, f)), f
     out = fk.grouped_swiglu(x, plan, gate_up, down)
@@ -291,9 +291,9 @@ def test_plan_from_topk_matches_our_router_and_carries_weight_gradients():
     out.sum().backward()
     assert weights.grad is not None and bool((weights.grad != 0).any())
     with pytest.raises(ValueError, match="topk_ids"):
-        fk_experts.plan_from_topk(torch.full((2, K), E), torch.ones(2, K), E)
+        fk.plan_from_topk(torch.full((2, K), E), torch.ones(2, K), E)
     with pytest.raises(ValueError, match="topk_weights"):
-        fk_experts.plan_from_topk(torch.zeros(2, K, dtype=torch.long), torch.ones(3, K), E)
+        fk.plan_from_topk(torch.zeros(2, K, dtype=torch.long), torch.ones(3, K), E)
 
 
 def test_gradient_checkpointing_recomputes_with_the_same_mask():
@@ -321,3 +321,25 @@ def test_example_script_runs(monkeypatch, capsys):
     runpy.run_path(str(script), run_name="__main__")
     printed = capsys.readouterr().out
     assert "opt out 'news' vs model rebuilt without it" in printed and "router logit tensors" in printed
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_patched_model_compiles_without_breaks_our_layer_adds(family):
+    """issue 14 item 4: a patched model traces in as many graphs, with as many breaks, as the
+    unpatched one (none here), with and without an opt-out, and equals eager."""
+    model = make_model(family)
+    ids = _ids()
+
+    def explain(m, **kw):
+        torch._dynamo.reset()
+        ex = torch._dynamo.explain(m)(ids, **kw)
+        return ex.graph_count, ex.graph_break_count
+
+    before = explain(model)
+    apply_flexmoe(model, backend="torch")
+    assert explain(model) == before
+    assert explain(model, allowed_experts=[0, 1, 3]) == before
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(ids).logits, model(ids).logits)

@@ -14,53 +14,10 @@ from __future__ import annotations
 
 import torch
 
-from .._validate import check_positive_int, check_tensor
-from ..ops.plan import RoutingPlan
 from ..ops.reference.experts import grouped_swiglu
-from ..ops.reference.routing import group_pairs
+from ..ops.reference.routing import plan_from_topk
 
 __all__ = ["plan_from_topk", "expert_weights", "flexmoe_experts_forward", "register_experts_implementation"]
-
-_INT_DTYPES = (torch.int16, torch.int32, torch.int64, torch.uint8, torch.int8)
-
-
-def plan_from_topk(
-    topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor, num_experts: int, *, validate: bool = True
-) -> RoutingPlan:
-    """A :class:`~flexmoe_kernels.ops.plan.RoutingPlan` from experts chosen elsewhere.
-
-    Args:
-        topk_ids_TK: (T, K) integer expert id of each (token, slot).
-        topk_weights_TK: (T, K) float weight of each (token, slot), any float dtype; kept
-            differentiable (the plan holds it as float32, so gradients reach the caller's
-            weights through :func:`flexmoe_kernels.grouped_swiglu`'s combine).
-        num_experts: E; ids must lie in [0, E).
-        validate: check the id range (one host sync); off, an out-of-range id is undefined.
-
-    Returns:
-        The plan with the caller's ids and weights (slot order kept), pairs grouped by expert
-        exactly as our router groups them (stable). ``logits_TE`` is (T, E) float32, ``-inf``
-        except ``log(weight)`` at the chosen experts (detached): the only logits consistent
-        with the given choice, not a router's.
-    """
-    check_tensor(topk_ids_TK, "topk_ids", ndim=2, dtypes=_INT_DTYPES)
-    check_tensor(topk_weights_TK, "topk_weights", shape=tuple(topk_ids_TK.shape), floating=True,
-                 device=topk_ids_TK.device)
-    check_positive_int(num_experts, "num_experts")
-    if validate and topk_ids_TK.numel():
-        lo, hi = int(topk_ids_TK.min()), int(topk_ids_TK.max())
-        if lo < 0 or hi >= num_experts:
-            raise ValueError(f"topk_ids must lie in [0, num_experts={num_experts}), got values in [{lo}, {hi}]")
-    ids_TK = topk_ids_TK.long()
-    counts_E, offsets_E1, sorted_pairs_P, inv_sorted_pairs_P = group_pairs(ids_TK, num_experts)
-    logits_TE = torch.full((ids_TK.shape[0], num_experts), float("-inf"), device=ids_TK.device)
-    logits_TE.scatter_(1, ids_TK, topk_weights_TK.detach().float().log())
-    return RoutingPlan(
-        topk_ids_TK=ids_TK.to(torch.int32), topk_weights_TK=topk_weights_TK.float(), counts_E=counts_E,
-        offsets_E1=offsets_E1, sorted_pairs_P=sorted_pairs_P, inv_sorted_pairs_P=inv_sorted_pairs_P,
-        logits_TE=logits_TE,
-    )
-
 
 def expert_weights(experts: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """``(gate_up_E2FD, down_EDF)`` of a transformers ``*Experts`` module, as the module's own

@@ -39,6 +39,7 @@ _grouped_mm_fn = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm",
 _grouped_mm_ok: dict = {}
 
 
+@torch.compiler.assume_constant_result  # a one-time probe: a constant of a compiled graph
 def _grouped_mm_usable(device: torch.device, dtype: torch.dtype, D: int, Fw: int) -> bool:
     """Whether the fused grouped GEMM can run this problem (probed once per device/dtype)."""
     if os.environ.get("FLEXMOE_CUDA_GROUPED_MM", "1") == "0" or _grouped_mm_fn is None:

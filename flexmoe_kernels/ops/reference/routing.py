@@ -32,7 +32,10 @@ __all__ = [
     "mask_router_rows",
     "masked_logits",
     "group_pairs",
+    "plan_from_topk",
 ]
+
+_INT_DTYPES = (torch.int16, torch.int32, torch.int64, torch.uint8, torch.int8)
 
 
 def router_logits(hidden_TD: torch.Tensor, router_weight_ED: torch.Tensor) -> torch.Tensor:
@@ -169,3 +172,41 @@ def route_hidden(
 def router_z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
     """Router z-loss: mean over tokens of logsumexp(allowed logits)^2 (ST-MoE), float32 scalar."""
     return torch.logsumexp(logits_TE.float(), dim=-1).square().mean()
+
+
+def plan_from_topk(
+    topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor, num_experts: int, *, validate: bool = True
+) -> RoutingPlan:
+    """A :class:`~flexmoe_kernels.ops.plan.RoutingPlan` from experts chosen elsewhere.
+
+    Args:
+        topk_ids_TK: (T, K) integer expert id of each (token, slot).
+        topk_weights_TK: (T, K) float weight of each (token, slot), any float dtype; kept
+            differentiable (the plan holds it as float32, so gradients reach the caller's
+            weights through :func:`flexmoe_kernels.grouped_swiglu`'s combine).
+        num_experts: E; ids must lie in [0, E).
+        validate: check the id range (one host sync); off, an out-of-range id is undefined.
+
+    Returns:
+        The plan with the caller's ids and weights (slot order kept), pairs grouped by expert
+        exactly as our router groups them (stable). ``logits_TE`` is (T, E) float32, ``-inf``
+        except ``log(weight)`` at the chosen experts (detached): the only logits consistent
+        with the given choice, not a router's.
+    """
+    check_tensor(topk_ids_TK, "topk_ids", ndim=2, dtypes=_INT_DTYPES)
+    check_tensor(topk_weights_TK, "topk_weights", shape=tuple(topk_ids_TK.shape), floating=True,
+                 device=topk_ids_TK.device)
+    check_positive_int(num_experts, "num_experts")
+    if validate and topk_ids_TK.numel():
+        lo, hi = int(topk_ids_TK.min()), int(topk_ids_TK.max())
+        if lo < 0 or hi >= num_experts:
+            raise ValueError(f"topk_ids must lie in [0, num_experts={num_experts}), got values in [{lo}, {hi}]")
+    ids_TK = topk_ids_TK.long()
+    counts_E, offsets_E1, sorted_pairs_P, inv_sorted_pairs_P = group_pairs(ids_TK, num_experts)
+    logits_TE = torch.full((ids_TK.shape[0], num_experts), float("-inf"), device=ids_TK.device)
+    logits_TE.scatter_(1, ids_TK, topk_weights_TK.detach().float().log())
+    return RoutingPlan(
+        topk_ids_TK=ids_TK.to(torch.int32), topk_weights_TK=topk_weights_TK.float(), counts_E=counts_E,
+        offsets_E1=offsets_E1, sorted_pairs_P=sorted_pairs_P, inv_sorted_pairs_P=inv_sorted_pairs_P,
+        logits_TE=logits_TE,
+    )
