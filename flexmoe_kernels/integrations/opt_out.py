@@ -9,8 +9,11 @@ One state per patched model, shared by its patched MoE blocks. Three things set 
 * :func:`flexmoe_kernels.integrations.transformers.allowed_experts` (a ``with`` block).
 
 Each block asks :meth:`OptOutState.mask_for` for the (E,) or (T, E) allow-mask of its input
-shape (B, S); the mask is resolved once per call and shape (the first block) and reused by
-the others. A per-sequence (B, E) mask of ``generate`` also applies to the decode steps
+shape (B, S); the mask is resolved and checked once per call and shape (the first block) and
+reused by the others, which run the layer with ``validate=False``. The check costs one host
+sync for a tensor, none for a name/index list (checked on the host from its entries, the mask
+made on the device without a copy), none under CUDA-graph capture; ``generate`` checks its
+spec once for the whole generation. A per-sequence (B, E) mask of ``generate`` also applies to the decode steps
 (S = 1) and to the batch expanded by ``num_return_sequences`` / beams (B' = n*B, each
 sequence's copies keep its row).
 """
@@ -21,7 +24,7 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
-from ..modules.allow import AllowedExperts, resolve_allowed_experts
+from ..modules.allow import AllowedExperts, allowed_expert_indices, resolve_allowed_experts
 from ..ops.reference.routing import expand_sequence_mask
 
 __all__ = ["OptOutState"]
@@ -73,10 +76,11 @@ class OptOutState:
             self.activate(saved[2], saved[3])
 
     def per_sequence_mask(self, spec: AllowedExperts, batch: Optional[int]) -> Optional[torch.Tensor]:
-        """``spec`` in the form ``generate`` keeps for a whole generation: None, (E,) or
-        (B, E) bool (on the CPU until used). A per-token mask cannot extend to new tokens and
-        is refused (``ValueError`` naming ``allowed_experts``), as is a row with fewer than K
-        allowed experts."""
+        """``spec`` in the form ``generate`` keeps for a whole generation, checked here once:
+        None, the sorted expert indices of a name/index list (checked on the host, no sync), or
+        an (E,) or (B, E) bool tensor (one host sync). A per-token mask cannot extend to new
+        tokens and is refused (``ValueError`` naming ``allowed_experts``), as is a row with
+        fewer than K allowed experts."""
         if spec is None:
             return None
         E = self.num_experts
@@ -90,26 +94,28 @@ class OptOutState:
                     f"allowed_experts for generate must have shape (E,)=({E},) or (B, E)=({batch}, {E}) "
                     f"(per-token masks cannot extend to new tokens), got {tuple(spec.shape)}"
                 )
-            mask = spec
-        else:
-            mask = resolve_allowed_experts(spec, self.expert_names, (1,), torch.device("cpu"))
-        self._check_rows(mask)
-        return mask
+            self._check_rows(spec)
+            return spec
+        return self._checked_indices(spec)
 
     def mask_for(self, batch: int, seq_len: int, device: torch.device) -> Optional[torch.Tensor]:
         """The allow-mask for a block input of shape (B, S, D): None, (E,) or (T, E) bool on
-        ``device`` (rows checked: >= K allowed, else ``ValueError`` naming ``allowed_experts``)."""
+        ``device``, rows checked (>= K allowed, else ``ValueError`` naming ``allowed_experts``)
+        once per call: by the first block, or by :meth:`per_sequence_mask` for a generation."""
         spec = self.active
         if spec is None:
             return None
         key = (batch, seq_len, device)
         if self._cache is not None and self._cache[0] is spec and self._cache[1] == key:
             return self._cache[2]
-        if self.per_sequence and isinstance(spec, torch.Tensor) and spec.ndim == 2:
+        if not isinstance(spec, torch.Tensor):  # names / indices: checked on the host, no sync
+            mask = resolve_allowed_experts(self._checked_indices(spec), self.expert_names, (1,), device)
+        elif self.per_sequence and spec.ndim == 2:  # checked by per_sequence_mask
             mask = self._expand_sequences(spec, batch, seq_len).to(device)
         else:
             mask = resolve_allowed_experts(spec, self.expert_names, (batch, seq_len), device)
-            self._check_rows(mask)
+            if not self.per_sequence:  # a generation's spec was checked by per_sequence_mask
+                self._check_rows(mask)
         self._cache = (spec, key, mask)
         return mask
 
@@ -122,12 +128,21 @@ class OptOutState:
             )
         return expand_sequence_mask(mask_BE.repeat_interleave(batch // rows, 0), seq_len)
 
-    def _check_rows(self, mask: Optional[torch.Tensor]) -> None:
-        """``ValueError`` naming ``allowed_experts`` if a row allows fewer than K experts (a
-        host read; skipped while torch.compile traces, where the layer checks at run time)."""
-        if mask is None or torch.compiler.is_compiling():
+    def _checked_indices(self, spec: AllowedExperts) -> list[int]:
+        """The expert indices of a name/index list, checked on the host (no device read)."""
+        indices = allowed_expert_indices(spec, self.expert_names)
+        self._raise_if_too_few(len(indices))
+        return indices
+
+    def _check_rows(self, mask: torch.Tensor) -> None:
+        """``ValueError`` naming ``allowed_experts`` if a row of the tensor mask allows fewer
+        than K experts: a host read (one sync), skipped while a CUDA graph is captured and
+        while torch.compile traces (where the layer checks at run time)."""
+        if torch.compiler.is_compiling() or (mask.is_cuda and torch.cuda.is_current_stream_capturing()):
             return
-        fewest = int(mask.sum(-1).min()) if mask.numel() else self.top_k
+        self._raise_if_too_few(int(mask.sum(-1).min()) if mask.numel() else self.top_k)
+
+    def _raise_if_too_few(self, fewest: int) -> None:
         if fewest < self.top_k:
             raise ValueError(
                 f"allowed_experts allows {fewest} experts for some token, fewer than "

@@ -10,8 +10,10 @@ Each block is post-norm (FlexOlmo / OLMo-2 "reordered norm")::
 
 Parameter names equal Hugging Face's ``FlexOlmoForCausalLM``, so state dicts map 1:1.
 ``allowed_experts`` (names/indices, bool (E,), (B, E) per sequence or (T, E) per token) is
-resolved once per forward and the same mask goes to every layer: an opted-out expert is
-removed exactly (logit -inf before the softmax) and its weights are never read.
+resolved and checked once per forward (a tensor: one host sync; names: none; ``validate=False``
+or CUDA-graph capture: none) and the same mask goes to every layer, which does not check it
+again: an opted-out expert is removed exactly (logit -inf before the softmax) and its weights
+are never read.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from torch import nn
 
 from .._validate import check_positive_int
 from ..modules import FlexMoE
-from ..modules.allow import AllowedExperts, resolve_allowed_experts
+from ..modules.allow import AllowedExperts, allowed_expert_indices, checked_allow_mask, resolve_allowed_experts
 from ..ops.backends import BACKENDS
 from .attention import FlexOlmoAttention, KVCache, RMSNorm, RotaryEmbedding
 from .checkpoint import load_pretrained as _load_pretrained
@@ -80,7 +82,8 @@ class FlexOlmoDecoderLayer(nn.Module):
 
     def forward(self, x_BSD, cos_sin, key_valid_BL=None, cache=None, allow_mask=None):
         h = x_BSD + self.post_attention_layernorm(self.self_attn(x_BSD, cos_sin, key_valid_BL, cache))
-        moe_out, logits_TE = self.mlp(h, allow_mask, return_router_logits=True)
+        # allow_mask was checked once by the model (FlexOlmoModel.forward): no per-layer check
+        moe_out, logits_TE = self.mlp(h, allow_mask, return_router_logits=True, validate=False)
         return h + self.post_feedforward_layernorm(moe_out), logits_TE
 
 
@@ -104,6 +107,8 @@ class FlexOlmoModel(nn.Module):
         use_cache: bool = False,
         position_ids: Optional[torch.Tensor] = None,
         output_router_logits: bool = False,
+        *,
+        validate: bool = True,
     ):
         """Returns ``(hidden (B, S, D), cache or None, router_logits tuple or None)``.
 
@@ -150,7 +155,8 @@ class FlexOlmoModel(nn.Module):
                 raise ValueError(f"position_ids must have shape (B, S)=({B}, {S}) or (S,)")
             position_ids = position_ids.to(device).expand(B, S)
 
-        allow = resolve_allowed_experts(allowed_experts, cfg.expert_names, (B, S), device)
+        top_k = max(layer.mlp.top_k for layer in self.layers)  # the one check covers every layer
+        allow = checked_allow_mask(allowed_experts, cfg.expert_names, (B, S), device, top_k, validate)
         h = self.embed_tokens(input_ids)
         cos_sin = self.rotary_emb(position_ids, h.dtype)
         router_logits = []
@@ -331,6 +337,8 @@ class FlexOlmoForCausalLM(nn.Module):
         use_cache: bool = False,
         output_router_logits: bool = False,
         position_ids: Optional[torch.Tensor] = None,
+        *,
+        validate: bool = True,
     ) -> CausalLMOutput:
         """Run the model.
 
@@ -348,6 +356,9 @@ class FlexOlmoForCausalLM(nn.Module):
             use_cache: return the (new or updated) cache in ``past_key_values``.
             output_router_logits: return each layer's (B*S, E) float32 masked router logits.
             position_ids: optional (B, S) or (S,) RoPE positions; default ``P .. P+S-1``.
+            validate: check ``allowed_experts`` once here (every layer then uses it unchecked):
+                names/indices on the host (no device sync), a tensor with one host sync (none
+                under CUDA-graph capture). ``False``: unchecked (``docs/SEMANTICS.md`` §2.5).
 
         Returns:
             :class:`CausalLMOutput` with ``logits`` (B, S, V).
@@ -360,6 +371,7 @@ class FlexOlmoForCausalLM(nn.Module):
             use_cache=use_cache,
             position_ids=position_ids,
             output_router_logits=output_router_logits,
+            validate=validate,
         )
         logits = self.lm_head(h)
         loss = None
@@ -454,20 +466,23 @@ class FlexOlmoForCausalLM(nn.Module):
         With ``use_cache`` only ``step_input`` (the prompt on the first step, then the last new
         token) goes through the model with ``cache`` (None on the first step); without it the
         whole ``tokens`` sequence is run again and the cache stays None. ``attention_mask``
-        (B, L) covers ``tokens`` and sets the positions of left-padded rows.
+        (B, L) covers ``tokens`` and sets the positions of left-padded rows. ``allow`` was
+        checked by :meth:`_generation_allow_mask`: no step checks it again.
         """
         if use_cache:
             out = self(step_input, allowed_experts=allow, attention_mask=attention_mask,
-                       past_key_values=cache, use_cache=True,
+                       past_key_values=cache, use_cache=True, validate=False,
                        position_ids=_new_positions(attention_mask, step_input.shape[1]))
             cache = out.past_key_values
         else:
-            out = self(tokens, allowed_experts=allow, attention_mask=attention_mask,
+            out = self(tokens, allowed_experts=allow, attention_mask=attention_mask, validate=False,
                        position_ids=_new_positions(attention_mask, tokens.shape[1]))
         return out.logits[:, -1, :].float(), cache
 
     def _generation_allow_mask(self, allowed_experts: AllowedExperts, B: int, device) -> AllowedExperts:
-        """Canonical per-sequence form for generation: None, (E,) or (B, E) bool."""
+        """Canonical per-sequence form for generation: None, (E,) or (B, E) bool, checked here
+        once for the whole generation (a tensor: one host sync; names/indices: on the host, no
+        sync), so the decoding forwards run with ``validate=False``."""
         if allowed_experts is None:
             return None
         E = self.config.num_experts
@@ -480,13 +495,15 @@ class FlexOlmoForCausalLM(nn.Module):
                     f"(per-token masks cannot extend to new tokens), got {tuple(allowed_experts.shape)}"
                 )
             m = allowed_experts.to(device)
+            fewest = int(m.sum(-1).min())
         else:
+            fewest = len(allowed_expert_indices(allowed_experts, self.config.expert_names))
             m = resolve_allowed_experts(allowed_experts, self.config.expert_names, (B, 1), device)
-        fewest = int(m.sum(-1).min())
-        if fewest < self.config.num_experts_per_tok:
+        top_k = max(moe.top_k for moe in self.moe_layers())
+        if fewest < top_k:
             raise ValueError(
                 f"allowed_experts allows {fewest} experts for some sequence, fewer than "
-                f"num_experts_per_tok={self.config.num_experts_per_tok}"
+                f"num_experts_per_tok={top_k}"
             )
         return m
 

@@ -18,7 +18,7 @@ from torch import nn
 from .._validate import check_positive_int, check_tensor
 from ..ops.backends import BACKENDS, resolve_backend
 from ..ops.layer import flexmoe_forward
-from .allow import AllowedExperts, resolve_allowed_experts
+from .allow import AllowedExperts, checked_allow_mask, resolve_allowed_experts
 
 __all__ = ["FlexMoE", "MoERouter", "MoEExperts"]
 
@@ -64,7 +64,7 @@ class FlexMoE(nn.Module):
         expert_names: E unique names; default ``expert_0 .. expert_{E-1}``.
         init_std: std of the normal initialisation of all weights.
 
-    ``forward(x (..., D), allowed_experts=None) -> (..., D)``; see :meth:`forward`.
+    ``forward(x (..., D), allowed_experts=None, *, validate=True) -> (..., D)``; see :meth:`forward`.
     """
 
     def __init__(
@@ -194,6 +194,7 @@ class FlexMoE(nn.Module):
         allowed_experts: AllowedExperts = None,
         *,
         return_router_logits: bool = False,
+        validate: bool = True,
     ):
         """Apply the MoE FFN.
 
@@ -204,6 +205,13 @@ class FlexMoE(nn.Module):
                 Opted-out experts are removed exactly (logit -inf before the softmax) and
                 their weights are never read. Every token must allow at least ``top_k``.
             return_router_logits: also return the (T, E) float32 masked logits (z-loss).
+            validate: check here, once, that every row allows >= ``top_k`` experts
+                (``ValueError`` naming the row): a name/index list on the host from its entries
+                (no device sync), a tensor with one host sync (none under CUDA-graph capture;
+                deferred to run time under ``torch.compile``). ``False``: no check, for a
+                caller that has checked the mask already (the FlexOlmo model checks once per
+                forward and passes ``validate=False`` to every layer); an invalid row then
+                gives an unspecified result (``docs/SEMANTICS.md`` §2.5).
 
         Returns:
             (..., D) output, or ``(output, logits_TE)`` when ``return_router_logits``.
@@ -215,7 +223,7 @@ class FlexMoE(nn.Module):
             raise TypeError(f"x has dtype {x.dtype} but the layer's weights are {self.gate.weight.dtype}")
         lead = tuple(x.shape[:-1])
         x_TD = x.reshape(-1, self.hidden_size)
-        mask = self.allow_mask(allowed_experts, lead, x.device)
+        mask = checked_allow_mask(allowed_experts, self.expert_names, lead, x.device, self.top_k, validate)
         backend = self.resolved_backend(x_TD)
         trainable = None if self._all_trainable else self.trainable_experts
         out_TD, logits_TE = flexmoe_forward(
@@ -228,6 +236,7 @@ class FlexMoE(nn.Module):
             expert_bias=self.gate.expert_bias,
             norm_topk_prob=self.norm_topk_prob,
             trainable_experts=trainable,
+            validate=False,  # the rows were checked above (or the caller checked them)
             backend=backend,
         )
         out = out_TD.reshape(*lead, self.hidden_size)
