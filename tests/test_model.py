@@ -469,3 +469,110 @@ def test_cuda_attention_paths_agree(dtype):
     a = model.generate(ids[:, :8], 6, eos_token_id=[])
     model.set_attn_implementation("auto")
     assert a.shape == (2, 14)
+
+
+# ---------------------------------------------------------------------------- issue 13 item 5
+# The allow-mask is checked once per model forward (a tensor: one host read; names: none;
+# validate=False: none); the layers run unchecked. Counted with spies on CPU: the row check's
+# host read (flexmoe_kernels.ops.args._check_rows, called by check_allow_mask_rows) and every
+# host read of any tensor (item / tolist / int / bool / float / index).
+def host_read_spy(monkeypatch) -> dict:
+    from flexmoe_kernels.ops import args
+
+    counts = {"rows": 0, "reads": 0}
+    check_rows = args._check_rows
+    monkeypatch.setattr(args, "_check_rows", lambda *a: counts.__setitem__("rows", counts["rows"] + 1) or check_rows(*a))
+    for name in ("item", "tolist", "__int__", "__bool__", "__float__", "__index__"):
+        def read(self, *a, _real=getattr(torch.Tensor, name), **k):
+            counts["reads"] += 1
+            return _real(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, read)
+    return counts
+
+
+def _counted(counts: dict, f, *args, **kwargs) -> tuple:
+    counts.update(rows=0, reads=0)
+    out = f(*args, **kwargs)
+    return out, counts["rows"], counts["reads"]
+
+
+@pytest.mark.parametrize("layers", [1, 3])
+def test_model_forward_checks_the_mask_once_not_per_layer(seed, monkeypatch, layers):
+    """A tensor mask: the row check runs once (before: once per layer, L host syncs) and adds
+    exactly one host read to a forward without a mask; names / indices and validate=False add
+    none; the outputs do not depend on who checked."""
+    model = make_model(num_hidden_layers=layers)
+    ids = torch.randint(0, 61, (2, 5))
+    counts = host_read_spy(monkeypatch)
+    _, rows, base = _counted(counts, model, ids)
+    assert rows == 0
+    global_E = torch.tensor([True, True, False, True])
+    per_seq = torch.tensor([[True, True, False, True], [False, True, True, True]])
+    per_token = torch.rand(10, 4) < 0.5
+    per_token[:, 1:3] = True
+    for mask in (global_E, per_seq, per_token):
+        out, rows, reads = _counted(counts, model, ids, allowed_experts=mask)
+        assert (rows, reads) == (1, base + 1), f"mask {tuple(mask.shape)}: {rows} row checks, {reads - base} reads"
+        unchecked, rows, reads = _counted(counts, model, ids, allowed_experts=mask, validate=False)
+        assert (rows, reads) == (0, base)
+        torch.testing.assert_close(unchecked.logits, out.logits, rtol=0, atol=0)
+    named, rows, reads = _counted(counts, model, ids, allowed_experts=["expert_0", 1, "expert_3"])
+    assert (rows, reads) == (0, base), "a name list read a tensor back"
+    torch.testing.assert_close(named.logits, model(ids, allowed_experts=global_E).logits, rtol=0, atol=0)
+
+
+def test_invalid_mask_raises_at_the_model_boundary_naming_the_row():
+    model = make_model(num_experts=3, num_experts_per_tok=2, num_hidden_layers=3)
+    ids = torch.randint(0, 61, (2, 5))
+    per_token = torch.ones(10, 3, dtype=torch.bool)
+    per_token[7, 1:] = False
+    with pytest.raises(ValueError, match="allow_mask row 7 allows 1 experts, fewer than top_k=2"):
+        model(ids, allowed_experts=per_token)
+    with pytest.raises(ValueError, match="allowed_experts allows 1 experts, fewer than top_k=2"):
+        model(ids, allowed_experts=["expert_1", 1])  # the same expert twice is one
+    with pytest.raises(TypeError, match="positional arguments"):
+        model(ids, None, None, None, None, False, False, None, False)  # validate is keyword-only
+    assert torch.isfinite(model(ids, allowed_experts=per_token, validate=False).logits).all()
+
+
+def test_generate_checks_the_mask_once_per_generation(seed, monkeypatch):
+    model = make_model(num_hidden_layers=2)
+    ids = torch.randint(0, 61, (2, 4))
+    gen = dict(max_new_tokens=3, eos_token_id=[])
+    counts = host_read_spy(monkeypatch)
+    for use_cache in (True, False):
+        _, rows, base = _counted(counts, model.generate, ids, use_cache=use_cache, **gen)
+        per_seq = torch.tensor([[True, True, False, True], [False, True, True, True]])
+        _, rows, reads = _counted(counts, model.generate, ids, allowed_experts=per_seq, use_cache=use_cache, **gen)
+        assert (rows, reads) == (0, base + 1), "a generation checks its mask once (not per step or layer)"
+        _, rows, reads = _counted(counts, model.generate, ids, allowed_experts=[0, "expert_2"], use_cache=use_cache, **gen)
+        assert (rows, reads) == (0, base)
+
+
+@pytest.mark.gpu
+def test_gpu_model_forward_with_names_or_unvalidated_mask_never_syncs(monkeypatch):
+    """On CUDA (triton backend, warmed up): a model forward with a name list, and with a tensor
+    mask and validate=False, runs without one host synchronisation. The input-id range check
+    (a separate, documented host read) is replaced by its shape/dtype part here."""
+    from flexmoe_kernels.models import flex_olmo
+
+    if not __import__("flexmoe_kernels").backend_status("triton", torch.device("cuda"))[0]:
+        pytest.skip("triton backend unavailable")
+    torch.manual_seed(0)
+    model = make_model(moe_backend="triton", num_hidden_layers=3).to("cuda", torch.bfloat16)
+    ids = torch.randint(0, 61, (2, 7), device="cuda")
+    per_token = torch.rand(14, 4, device="cuda") < 2
+    with torch.no_grad():
+        model(ids, allowed_experts=["expert_0", 2])  # warm-up: kernel compilation, RoPE table
+        model(ids, allowed_experts=per_token)
+    monkeypatch.setattr(flex_olmo, "_check_input_ids", lambda input_ids, vocab_size: None)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.no_grad():
+            named = model(ids, allowed_experts=["expert_0", 2, "expert_3"]).logits
+            unchecked = model(ids, allowed_experts=per_token, validate=False).logits
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(named).all() and torch.isfinite(unchecked).all()
