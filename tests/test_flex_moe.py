@@ -443,3 +443,43 @@ def test_reference_custom_ops_opcheck(seed):
         bargs = (torch.randn_like(x_PD), x_PD, p["gate_up"], p["down"], plan.counts_E, trainable, True)
         torch.library.opcheck(_experts_bwd_op, bargs, test_utils=("test_schema", "test_faketensor"))
     torch.library.opcheck(_checked_allow_mask, (p["allow_mask"], K))
+
+
+# ---------------------------------------------------------------------------- issue 13 item 5
+def test_module_checks_the_mask_once_and_validate_false_skips_it(seed, monkeypatch):
+    """``FlexMoE.forward`` checks the rows once, itself (a tensor: one call of the host read
+    ``_check_rows``; a name list: none, checked from its entries); ``validate=False``
+    (keyword-only) checks nothing and computes the same output."""
+    from flexmoe_kernels.ops import args
+
+    seen = []
+    check_rows = args._check_rows
+    monkeypatch.setattr(args, "_check_rows", lambda mask, k: seen.append(tuple(mask.shape)) or check_rows(mask, k))
+    m, x = make_moe(E=5, K=2), torch.randn(2, 3, 12)
+    per_seq = torch.tensor([[True, True, False, True, False], [False, True, True, True, True]])
+    checked = m(x, per_seq)
+    assert seen == [(6, 5)], "the per-sequence mask was not checked exactly once (expanded to (T, E))"
+    torch.testing.assert_close(m(x, per_seq, validate=False), checked, rtol=0, atol=0)
+    named = m(x, ["expert_0", 1, "expert_3"])
+    assert seen == [(6, 5)], "validate=False or a name list read the mask back"
+    torch.testing.assert_close(named, m(x, torch.tensor([True, True, False, True, False])), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="allowed_experts allows 1 experts, fewer than top_k=2"):
+        m(x, [3, "expert_3"])
+    with pytest.raises(TypeError, match="positional argument"):
+        m(x, per_seq, False, False)
+
+
+def test_compile_validate_false_has_no_mask_check_op(seed):
+    """Under torch.compile (fullgraph, one graph) the deferred check op
+    ``flexmoe::checked_allow_mask`` is in the graph with validate=True and absent with
+    validate=False."""
+    m, x = compile_problem("torch", None)
+    allowed = torch.tensor(COMPILE_MASKS["per_sequence"], device=DEVICE)
+    for validate in (True, False):
+        counting = CountingBackend()
+        torch._dynamo.reset()
+        compiled = torch.compile(m, backend=counting, fullgraph=True)
+        torch.testing.assert_close(compiled(x, allowed, validate=validate), m(x, allowed), rtol=0, atol=0)
+        assert len(counting.graphs) == 1
+        graph = counting.graphs[0].print_readable(print_output=False)
+        assert ("checked_allow_mask" in graph) == validate, graph

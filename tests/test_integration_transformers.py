@@ -343,3 +343,31 @@ def test_patched_model_compiles_without_breaks_our_layer_adds(family):
     compiled = torch.compile(model, backend="aot_eager")
     with torch.no_grad():
         torch.testing.assert_close(compiled(ids).logits, model(ids).logits)
+
+
+# ----------------------------------------------------------------------------- issue 13 item 5
+def test_mask_checked_once_per_call_not_per_block(monkeypatch):
+    """The patched model checks the call's mask once (the first block; the others reuse it and
+    run the layer unchecked): a tensor mask costs one host read per forward and one per
+    generation; a name list none (checked on the host from its entries)."""
+    from flexmoe_kernels.integrations.opt_out import OptOutState
+    from flexmoe_kernels.ops import args
+
+    reads = []
+    state_check, layer_check = OptOutState._check_rows, args._check_rows
+    monkeypatch.setattr(OptOutState, "_check_rows", lambda self, m: reads.append("state") or state_check(self, m))
+    monkeypatch.setattr(args, "_check_rows", lambda m, k: reads.append("layer") or layer_check(m, k))
+    ref = make_model("mixtral")
+    model = apply_flexmoe(copy.deepcopy(ref), backend="torch")
+    assert len(moe_blocks(model)) == 2
+    ids = _ids()
+    mask = torch.tensor([True, False, True, True])
+    got = model(ids, allowed_experts=mask).logits
+    assert reads == ["state"], reads
+    reads.clear()
+    torch.testing.assert_close(model(ids, allowed_experts=[0, "expert_2", 3]).logits, got, rtol=0, atol=0)
+    gen = dict(max_new_tokens=3, do_sample=False, pad_token_id=0, eos_token_id=None)
+    tokens = model.generate(ids, allowed_experts=["expert_0", 2, 3], **gen)
+    assert reads == [], f"a name list read a mask back: {reads}"
+    assert torch.equal(model.generate(ids, allowed_experts=mask[None].expand(2, E), **gen), tokens)
+    assert reads == ["state"], f"a generation checked its mask {len(reads)} times"
