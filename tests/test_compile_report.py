@@ -1,0 +1,140 @@
+"""CI compile tier (issue 13 item 8): the compile report of the two target shapes on sm_90a,
+no GPU needed.
+
+``python -m benchmarks.compile_report --arch sm_90a --preset P --tokens T --json FILE`` runs
+once per preset in a subprocess (module-scoped fixture; the subprocess has no
+``TRITON_INTERPRET``, which conftest sets for this process) and the tests read its JSON:
+
+* met today: every GEMM kernel uses wgmma, no GEMM kernel spills, every kernel fits the
+  H100's 227 KB of shared memory per block;
+* not met today (strict xfail, so they fail loudly once the kernels improve and the marks
+  must go): the forward GEMMs read weights through TMA, every GEMM has >= 3 pipeline
+  buffers (dW has 2), no kernel spills (the routing prefix scan spills 24 B at E = 7).
+
+Skips with the reason when Triton's NVIDIA backend or a ptxas is missing.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from benchmarks.kernel_compile import compile_env  # noqa: E402
+
+SMEM_LIMIT_SM90 = 232448  # 227 KB per block
+TARGETS = {"fine-grained": 32768, "flexolmo-7x7b": 16384}
+FIELDS = {"kernel": str, "phase": str, "gemm": bool, "mma": str, "tma": bool, "buffers": int,
+          "registers": int, "spill_bytes": int, "smem_bytes": int}
+V2 = "issue 13: kernels v2 (TMA, dW pipeline) not built yet"
+
+
+def _toolchain_or_skip() -> None:
+    try:
+        import triton.backends.nvidia.compiler  # noqa: F401
+        from triton.runtime.jit import create_function_from_signature  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 - no Triton / other Triton versions
+        pytest.skip(f"Triton's NVIDIA backend is unavailable: {exc}")
+    from benchmarks.kernel_compile import find_ptxas
+
+    path, why = find_ptxas(90)
+    if path is None:
+        pytest.skip(f"no ptxas: {why}")
+
+
+def _cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "benchmarks.compile_report", *args], env=compile_env(REPO),
+                          cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module", params=sorted(TARGETS))
+def report(request, tmp_path_factory):
+    """``(preset, stdout, rows)`` of one compile report per preset (shared by the tests)."""
+    _toolchain_or_skip()
+    preset = request.param
+    out = tmp_path_factory.mktemp("compile_report") / f"{preset}.json"
+    r = _cli("--arch", "sm_90a", "--preset", preset, "--tokens", str(TARGETS[preset]), "--json", str(out))
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-6000:]
+    return preset, r.stdout, json.loads(out.read_text())
+
+
+def _gemms(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if r["gemm"]]
+
+
+def test_json_schema_and_launches(report):
+    """Every row has the issue's fields with their types; one forward + backward launches the
+    routing (3), up, down, combine, bwd_up, dX, dX combine, two dW and the routing backward."""
+    preset, stdout, rows = report
+    for row in rows:
+        for name, typ in FIELDS.items():
+            assert isinstance(row[name], typ), (name, row)
+        assert row["phase"] in ("fwd", "bwd") and row["mma"] in ("wgmma", "mma.sync", "none"), row
+        assert row["mma_n"] is None or isinstance(row["mma_n"], int), row
+        assert (row["mma_n"] is not None) == (row["mma"] == "wgmma"), row
+    roles = [(r["phase"], r["role"]) for r in rows]
+    assert roles == [("fwd", "route_topk"), ("fwd", "route_prefix"), ("fwd", "route_scatter"), ("fwd", "up"),
+                     ("fwd", "down"), ("fwd", "combine"), ("bwd", "bwd_up"), ("bwd", "bwd_dx"),
+                     ("bwd", "dx_combine"), ("bwd", "dw_gate_up"), ("bwd", "dw_down"), ("bwd", "route_bwd")]
+    assert {r["kernel"] for r in _gemms(rows)} == {"_up_swiglu_kernel", "_tile_gemm_scatter_kernel",
+                                                   "_grouped_dw_kernel"}
+    assert "triton_moe_NVIDIA_H100.json" in stdout and "ptxas release" in stdout, stdout[:1000]
+
+
+def test_every_gemm_uses_wgmma(report):
+    _, _, rows = report
+    assert all(r["mma"] == "wgmma" and r["mma_n"] >= 64 for r in _gemms(rows)), _gemms(rows)
+    assert all(r["mma"] == "none" for r in rows if not r["gemm"]), rows
+
+
+def test_no_gemm_spills(report):
+    _, _, rows = report
+    assert all(r["spill_bytes"] == 0 and r["registers"] <= 255 for r in _gemms(rows)), _gemms(rows)
+
+
+def test_shared_memory_fits_h100(report):
+    _, _, rows = report
+    assert all(0 <= r["smem_bytes"] <= SMEM_LIMIT_SM90 and r["fits"] for r in rows), rows
+
+
+def test_gemms_are_pipelined(report):
+    """What holds today: every GEMM stages its operands through a >= 2-deep ring."""
+    _, _, rows = report
+    assert all(r["buffers"] >= 2 for r in _gemms(rows)), _gemms(rows)
+
+
+@pytest.mark.xfail(strict=True, reason=V2)
+def test_forward_gemms_read_weights_through_tma(report):
+    _, _, rows = report
+    fwd = [r for r in _gemms(rows) if r["phase"] == "fwd"]
+    assert fwd and all(r["tma"] for r in fwd), fwd
+
+
+@pytest.mark.xfail(strict=True, reason=V2)
+def test_every_gemm_has_three_buffers(report):
+    _, _, rows = report
+    assert all(r["buffers"] >= 3 for r in _gemms(rows)), [(r["role"], r["buffers"]) for r in _gemms(rows)]
+
+
+def test_no_kernel_spills(report, request):
+    """Routing and combine kernels too. The prefix scan spills a little at E = 7 (block of 8
+    experts): found by this report, not one of issue 13's items."""
+    preset, _, rows = report
+    if preset == "flexolmo-7x7b":
+        request.applymarker(pytest.mark.xfail(strict=True, reason="_block_prefix_kernel spills 24 B at E=7"))
+    assert all(r["spill_bytes"] == 0 for r in rows), [(r["role"], r["spill_bytes"]) for r in rows]
+
+
+@pytest.mark.parametrize("args,named", [
+    (("--arch", "sm_99"), "sm_99"),
+    (("--preset", "no-such-preset"), "no-such-preset"),
+])
+def test_cli_errors_name_the_bad_value(args, named):
+    r = _cli(*args, timeout=120)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert named in r.stderr and "known:" in r.stderr, r.stderr
