@@ -1,0 +1,561 @@
+"""The prepared GPU session (issue 13 item 10): its plan, driver, set-up and finalisation.
+
+    bash benchmarks/gpu_session.sh OUT_DIR              # on the GPU machine: the whole session
+    bash benchmarks/gpu_session.sh --dry-run [--check]  # anywhere: the plan and the prerequisites
+
+The driver runs the steps of :func:`plan_steps` one after the other (a ``background`` step
+runs beside the step that follows it), each until its scheduled end: step i must end by
+``start + sum of the budgets of the steps up to i``, so time a step leaves unused goes to the
+next ones and the whole run never passes :data:`TOTAL_BUDGET_S`. A step still running at its
+end gets SIGINT (pytest and the benchmarks then write what they have), then SIGKILL. After
+every step the driver writes ``OUT_DIR/steps.json`` and re-packs the work folder into
+``OUT_DIR/session.tar.gz``, so a run cut short still returns its partial results.
+
+What comes back (at most 8 files, the device tool's limit): ``log.txt`` (everything, via the
+shell's tee), ``junit.xml``, ``steps.json``, ``session.tar.gz`` (per-step results, harness logs,
+plots), and from :func:`cmd_finalize`: ``results.json``, ``results.csv``, ``summary.md`` and
+the best-measured table ``triton_moe_<DEVICE>.json``.
+
+Only the standard library is imported here at module level: the plan and the checks run on
+any machine (``--dry-run``); the set-up runs before the carried wheels are installed.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TOTAL_BUDGET_S = 540  # 9 minutes, kernel compilation included
+DEVICE_TIMEOUT_S = 560  # the device tool's timeout_s for the one call
+WHEEL_DIR = ".whl"
+EXT_DIR = ".gpu_ext"
+EXT_FILE = "flexmoe_kernels/_C.cpython-312-x86_64-linux-gnu.so"
+SITE = "/tmp/flexmoe-site"  # the carried wheels are installed here (first on PYTHONPATH)
+WORK = "/tmp/flexmoe-gpu-session"  # per-step outputs; packed into OUT_DIR/session.tar.gz
+TRAVEL_LIMIT = 64 * 2**20
+KILL_GRACE_S = 10
+SHAPES = "fine-grained:32768,flexolmo-7x7b:16384"  # the two target shapes (gpu_sweep.TARGET_SHAPES)
+
+# What deepspeed needs that the image lacks (KINDS.md lists the image's packages); the
+# prepare script downloads exactly these (deepspeed itself is built from its sdist).
+REQUIRED_WHEELS = ("deepspeed", "hjson", "pydantic", "pydantic_core", "annotated_types",
+                   "typing_inspection", "typing_extensions")
+# The GPU image's Python packages (KINDS.md, "Python packages already there"), normalised.
+IMAGE_PACKAGES = frozenset("""
+absl-py accelerate aiofiles aiohappyeyeballs aiohttp aiosignal annotated-doc anyio attrs botorch build
+certifi charset-normalizer chex click cloudpickle cmake colorama contourpy coverage cuda-bindings cuda-core
+cuda-pathfinder cuda-toolkit cupy-cuda13x cycler cython diffrax e3nn einops equinox etils execnet filelock
+flatbuffers flax fonttools formulaic frozenlist fsspec gpytorch grpcio h11 h5py hf-xet httpcore httpx
+huggingface-hub humanize hypothesis idna imageio iniconfig interface-meta jax jax-cuda13-pjrt
+jax-cuda13-plugin jaxlib jaxtyping jinja2 joblib kiwisolver lazy-loader lightning lightning-utilities
+linear-operator lineax llvmlite lxml markdown markdown-it-py markupsafe matplotlib mdurl meson ml-dtypes
+mpi4py mpmath msgpack multidict multipledispatch mypy-extensions nanobind narwhals networkx ninja numba
+numba-cuda numpy numpyro nvidia-cublas nvidia-cuda-cupti nvidia-cuda-nvrtc nvidia-cuda-runtime
+nvidia-cudnn-cu13 nvidia-cufft nvidia-cufile nvidia-curand nvidia-cusolver nvidia-cusparse
+nvidia-cusparselt-cu13 nvidia-ml-py nvidia-nccl-cu13 nvidia-nvjitlink nvidia-nvshmem-cu13 nvidia-nvtx onnx
+onnx-ir onnxruntime onnxscript opencv-python-headless optax opt-einsum opt-einsum-fx optimistix
+orbax-checkpoint packaging pandas pathspec patsy peft pillow pip pluggy portalocker prometheus-client
+propcache protobuf psutil pyarrow pybind11 py-cpuinfo pygments pyparsing pyproject-hooks pyre-extensions
+pytest pytest-benchmark pytest-cov pytest-mock pytest-timeout pytest-xdist python-dateutil
+pytorch-lightning pyyaml regex requests rich sacrebleu safetensors scikit-build-core scikit-image
+scikit-learn scipy seaborn sentencepiece sentence-transformers setuptools shellingham simplejson six
+sortedcontainers statsmodels sympy tabulate tensorboard tensorboard-data-server tensorstore threadpoolctl
+tifffile tiktoken timm tokenizers toolz torch torchaudio torchdiffeq torch-geometric torchmetrics
+torchvision tqdm transformers treescope triton typer typing-extensions typing-inspect urllib3 uvloop
+wadler-lindig werkzeug wheel wrapt xarray xxhash yarl zipp
+""".split())
+
+# The gpu tier's essentials: bf16 correctness of every backend and Triton variant against the
+# float64 reference (the layer's contract test), CUDA-graph replay with a new mask, no host
+# sync, and the CUDA extension's tests (build/import checks and its kernels on the GPU).
+TEST_SUBSET = (
+    "tests/test_layer.py::test_gpu_bf16_error_within_2x_torch",
+    "tests/test_layer.py::test_gpu_cuda_graph_replay_with_new_mask_and_inputs",
+    "tests/test_layer.py::test_gpu_no_host_synchronisation_in_forward_and_backward",
+    "tests/test_layer.py::test_gpu_auto_resolves_to_an_available_backend",
+    "tests/test_routing.py::test_gpu_cuda_graph_replay_with_new_mask_and_logits",
+    "tests/test_routing.py::test_cuda_router_forward_matches_reference",
+    "tests/test_combine.py::test_cuda_combine_matches_reference",
+    "tests/test_combine.py::test_cuda_combine_int64_row_offsets",
+    "tests/test_permute.py::test_cuda_gather_rows_matches_reference",
+    "tests/test_permute.py::test_cuda_gather_int64_row_offsets",
+    "tests/test_cuda_build.py",
+)
+
+
+@dataclass
+class Step:
+    name: str
+    budget_s: int
+    what: str
+    argvs: list = field(default_factory=list)  # commands run concurrently
+    background: bool = False  # runs beside the next step (counted once in the wall budget)
+
+
+def _test_argv(py: str, out: str, plugins=None) -> list:
+    """The pytest command; ``plugins`` (default: those importable here) among xdist and
+    pytest_timeout, both in the GPU image: 4 workers compile Triton kernels at once (one core
+    each), and no test may take more than 150 s."""
+    if plugins is None:
+        plugins = [m for m in ("xdist", "pytest_timeout") if importlib.util.find_spec(m) is not None]
+    argv = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={out}/junit.xml"]
+    argv += ["-n", "4"] if "xdist" in plugins else []
+    argv += ["--timeout", "150"] if "pytest_timeout" in plugins else []
+    return argv + list(TEST_SUBSET)
+
+
+def plan_steps(out: str = "OUT_DIR", work: str = WORK, py: str = "python3",
+               plugins=("xdist", "pytest_timeout")) -> list:
+    """The session's steps, in order, with their budgets (seconds) and commands (``plugins``:
+    the pytest plugins to use, as in :func:`_test_argv`; the dry run shows the GPU image's)."""
+    run = [py, "-m", "benchmarks.run", "--no-progress", "--no-plots"]
+    sweep = [py, "-m", "benchmarks.gpu_sweep"]
+    e2e = [*run, "--bench", "e2e", "--e2e-presets", "e2e-small", "--e2e-models", "all"]
+    layer = [*sweep, "layer", "--preset"]
+    return [
+        Step("setup", 30, "install the carried wheels, link flexmoe_training, put the prebuilt _C in place "
+             "(rebuilt for sm_90a if it does not import), print the GPU and the versions",
+             [[py, "-m", "benchmarks.gpu_session", "setup"]]),
+        Step("warm", 160, "beside the tests: compile every variant's Triton kernels at both target shapes "
+             "(one process each) and the e2e models' (one short e2e run) into Triton's cache",
+             [[*sweep, "compile", "--all", "--jobs", "6", "--shapes", SHAPES],
+              [*e2e, "--e2e-steps", "1", "--out", f"{work}/warm-e2e"]], background=True),
+        Step("tests", 160, "pytest: the gpu tier's essentials (bf16 every backend/variant vs reference, "
+             "graph replay with a new mask, no host sync, the CUDA extension's tests) -> junit.xml",
+             [_test_argv(py, out, plugins)]),
+        Step("layer-fine-grained", 60, "variant sweep, fwd and fwd+bwd, T 32768, beside cuda, cuBLAS GEMM "
+             "of equal FLOPs and torch grouped_mm",
+             [[*layer, "fine-grained", "--tokens", "32768", "--out", f"{work}/layer-fine-grained"]]),
+        Step("layer-flexolmo-7x7b", 80, "the same at T 16384 (300 ms do_bench budget: ~100 ms calls)",
+             [[*layer, "flexolmo-7x7b", "--tokens", "16384", "--rep-ms", "300",
+               "--out", f"{work}/layer-flexolmo-7x7b"]]),
+        Step("routing", 35, "routers vs the device copy, both presets, T 16384 and 32768, masks none/token_all",
+             [[*run, "--bench", "routing", "--presets", "fine-grained,flexolmo-7x7b", "--tokens", "16384,32768",
+               "--masks", "none,token_all", "--out", f"{work}/routing"]]),
+        Step("e2e", 120, "DeepSpeed training step, e2e-small: dense (equal active params), MoE, "
+             "2-expert MoE, FlexOlmo coupled", [[*e2e, "--out", f"{work}/e2e"]]),
+        Step("finalize", 20, "merge the results, summary and targets, plots, best-measured config table",
+             [[py, "-m", "benchmarks.gpu_session", "finalize", out, work]]),
+    ]
+
+
+def wall_budget(steps: list) -> int:
+    """Seconds the plan may take: background steps overlap the next step and are not added."""
+    return sum(s.budget_s for s in steps if not s.background)
+
+
+def format_plan(steps: list) -> str:
+    lines = [f"Prepared GPU session (issue 13 item 10): bash benchmarks/gpu_session.sh OUT_DIR", "",
+             f"{'#':>2} {'step':22} {'budget_s':>8}  what"]
+    for i, s in enumerate(steps, 1):
+        tag = " (bg)" if s.background else ""
+        lines.append(f"{i:>2} {s.name + tag:22} {s.budget_s:>8}  {s.what}")
+        lines += [f"{'':36}$ {' '.join(a)}" for a in s.argvs]
+    total = wall_budget(steps)
+    verdict = "<=" if total <= TOTAL_BUDGET_S else "EXCEEDS"
+    lines += ["", f"total estimate: {total} s wall ({verdict} the {TOTAL_BUDGET_S} s limit; background steps "
+              "run beside the next step and count once; each step may use what earlier ones left)"]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- prerequisites
+def _norm(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def wheel_names(wheel_dir: Path) -> dict:
+    """{normalised distribution name: [wheel files]} of ``wheel_dir``."""
+    out: dict = {}
+    for w in sorted(Path(wheel_dir).glob("*.whl")):
+        out.setdefault(_norm(w.name.split("-")[0]), []).append(w)
+    return out
+
+
+def _requires(wheel: Path) -> list:
+    """The unconditional requirement names of a wheel (its METADATA's Requires-Dist)."""
+    with zipfile.ZipFile(wheel) as z:
+        meta = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
+        text = z.read(meta).decode("utf-8", "replace")
+    names = []
+    for line in text.splitlines():
+        if line.startswith("Requires-Dist:") and "extra ==" not in line:
+            names.append(_norm(re.split(r"[\s;<>=!~\[(]", line.split(":", 1)[1].strip())[0]))
+    return names
+
+
+def _size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
+
+
+def travel_bytes(root: Path = ROOT, carry=(WHEEL_DIR, EXT_DIR)) -> int | None:
+    """Bytes the device call sends: tracked and untracked-not-ignored files plus ``carry``."""
+    try:
+        ls = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=root,
+                            capture_output=True, check=True, timeout=30).stdout.decode()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    files = sum(_size(root / f) for f in ls.split("\0") if f)
+    return files + sum(_size(root / c) for c in carry)
+
+
+def _check_wheels(root: Path) -> list:
+    found = wheel_names(root / WHEEL_DIR)
+    res = []
+    missing = [n for n in REQUIRED_WHEELS if _norm(n) not in found]
+    doubles = [n for n, ws in found.items() if len(ws) > 1]
+    mib = _size(root / WHEEL_DIR) / 2**20
+    if missing or doubles:
+        res.append((False, f"wheels in {WHEEL_DIR}/: missing {missing}, more than one version of {doubles} "
+                    "(run: bash benchmarks/prepare_gpu_session.sh)"))
+        return res
+    res.append((True, f"wheels in {WHEEL_DIR}/: {len(found)} distributions, {mib:.1f} MiB"))
+    unmet = sorted({r for ws in found.values() for r in _requires(ws[0])} - set(found) - IMAGE_PACKAGES)
+    res.append((not unmet, "every requirement of the carried wheels is carried or in the GPU image"
+                if not unmet else f"requirements neither carried nor in the GPU image: {unmet}"))
+    return res
+
+
+def _check_ext(root: Path) -> tuple:
+    so = root / EXT_DIR / EXT_FILE
+    if not so.is_file():
+        return False, f"prebuilt extension {EXT_DIR}/{EXT_FILE} missing (run: bash benchmarks/prepare_gpu_session.sh)"
+    srcs = [p for p in (root / "csrc").iterdir() if p.suffix in (".cu", ".cuh", ".h", ".cpp")]
+    stale = [p.name for p in srcs if p.stat().st_mtime > so.stat().st_mtime + 1]
+    if stale:
+        return False, f"prebuilt extension older than csrc/{stale}: rerun benchmarks/prepare_gpu_session.sh"
+    return True, f"prebuilt extension {EXT_DIR}/{EXT_FILE} ({so.stat().st_size / 2**20:.1f} MiB)"
+
+
+def missing_tests(root: Path = ROOT) -> list:
+    """The node ids of :data:`TEST_SUBSET` whose file or test function does not exist."""
+    bad = []
+    for node in TEST_SUBSET:
+        path, _, func = node.partition("::")
+        f = root / path
+        if not f.is_file() or (func and not re.search(rf"^def {re.escape(func)}\(", f.read_text(), re.M)):
+            bad.append(node)
+    return bad
+
+
+def check_prerequisites(root: Path = ROOT) -> list:
+    """[(ok, sentence)] of what can be checked without a GPU."""
+    res = _check_wheels(root) + [_check_ext(root)]
+    n = travel_bytes(root)
+    if n is None:
+        res.append((True, "travelling size not checked (no git here)"))
+    else:
+        res.append((n <= TRAVEL_LIMIT, f"travelling tree with {WHEEL_DIR} and {EXT_DIR}: {n / 2**20:.1f} MiB "
+                    f"({'<=' if n <= TRAVEL_LIMIT else 'OVER'} 64 MiB)"))
+    bad = missing_tests(root)
+    res.append((not bad, f"test subset: {len(TEST_SUBSET)} node ids present" if not bad else f"tests not found: {bad}"))
+    return res
+
+
+def stamp_commit(root: Path = ROOT) -> str | None:
+    """Write the checkout's commit to ``.gpu_ext/commit.txt`` (the GPU machine has no .git)."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                             check=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if not (root / EXT_DIR).is_dir():
+        return None
+    text = sha + ("-dirty" if dirty else "")
+    (root / EXT_DIR / "commit.txt").write_text(text + "\n")
+    return text
+
+
+def cmd_plan(args) -> int:
+    print(format_plan(plan_steps()))
+    print("\nprerequisites (checked here, without a GPU):")
+    checks = check_prerequisites()
+    for ok, text in checks:
+        print(f"  {'OK     ' if ok else 'MISSING'} {text}")
+    if args.check:
+        sha = stamp_commit()
+        print(f"  commit stamped into {EXT_DIR}/commit.txt: {sha}" if sha else "  commit not stamped")
+    print(f"\ndevice call: run(command=\"bash benchmarks/gpu_session.sh $OUT\", carry=[\"{WHEEL_DIR}\", "
+          f"\"{EXT_DIR}\"], timeout_s={DEVICE_TIMEOUT_S})")
+    over = wall_budget(plan_steps()) > TOTAL_BUDGET_S
+    return 1 if over or (args.check and not all(ok for ok, _ in checks)) else 0
+
+
+# ----------------------------------------------------------------------------- the driver
+def child_env() -> dict:
+    """The environment of every step: the carried wheels first on the path, the repository
+    importable, unbuffered output, one Triton cache shared by all processes."""
+    env = dict(os.environ)
+    paths = [SITE, str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+    env.update(PYTHONPATH=":".join(paths), PYTHONUNBUFFERED="1", DS_ACCELERATOR="cuda", MPLBACKEND="Agg",
+               TRITON_CACHE_DIR=env.get("TRITON_CACHE_DIR", "/tmp/flexmoe-triton-cache"),
+               TOKENIZERS_PARALLELISM="false")
+    return env
+
+
+def _start(step: Step, env: dict) -> list:
+    print(f"\n===== step {step.name} (budget {step.budget_s} s) {time.strftime('%H:%M:%S')} =====", flush=True)
+    procs = []
+    for argv in step.argvs:
+        print("$ " + " ".join(argv), flush=True)
+        procs.append(subprocess.Popen(argv, cwd=ROOT, env=env, start_new_session=True))
+    return procs
+
+
+def _signal(procs: list, sig) -> None:
+    for p in procs:
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, sig)
+            except ProcessLookupError:
+                pass
+
+
+def _wait(procs: list, deadline: float) -> tuple:
+    """Wait until every process ends or ``deadline`` (monotonic); then SIGINT, then SIGKILL.
+    Returns (exit codes, timed_out)."""
+    while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    timed_out = any(p.poll() is None for p in procs)
+    if timed_out:
+        _signal(procs, signal.SIGINT)
+        end = time.monotonic() + KILL_GRACE_S
+        while any(p.poll() is None for p in procs) and time.monotonic() < end:
+            time.sleep(0.2)
+        _signal(procs, signal.SIGKILL)
+    return [p.wait() for p in procs], timed_out
+
+
+def _record(records: list, step: Step, t_start: float, rcs: list, timed_out: bool, t0: float) -> None:
+    now = time.monotonic()
+    rec = dict(step=step.name, budget_s=step.budget_s, background=step.background,
+               started_s=round(t_start - t0, 1), elapsed_s=round(now - t_start, 1), exit_codes=rcs,
+               timed_out=timed_out)
+    records.append(rec)
+    state = "TIMED OUT (stopped)" if timed_out else f"exit {rcs}"
+    print(f"===== step {step.name}: {rec['elapsed_s']} s of {step.budget_s} s, {state}; "
+          f"session at {now - t0:.0f} s =====", flush=True)
+
+
+def snapshot(out: Path, work: Path, records: list) -> None:
+    """``steps.json`` and ``session.tar.gz`` (the work folder) into ``out``, after every step."""
+    (out / "steps.json").write_text(json.dumps({"total_budget_s": TOTAL_BUDGET_S, "steps": records}, indent=1))
+    tmp = out / "session.tar.gz.tmp"
+    with tarfile.open(tmp, "w:gz") as tar:
+        if work.is_dir():
+            tar.add(work, arcname="session")
+    os.replace(tmp, out / "session.tar.gz")
+
+
+def run_session(out: Path, work: Path, steps: list, total: int = TOTAL_BUDGET_S) -> list:
+    """Run ``steps`` on their schedule (see the module docstring); returns the step records."""
+    env, t0 = child_env(), time.monotonic()
+    deadline, records, background = t0, [], None
+    for step in steps:
+        if step.background:
+            background = (step, time.monotonic(), _start(step, env))
+            continue
+        deadline = t0 + total if step.name == "finalize" else deadline + step.budget_s
+        t_start = time.monotonic()
+        rcs, timed_out = _wait(_start(step, env), deadline)
+        _record(records, step, t_start, rcs, timed_out, t0)
+        if background is not None:  # measure nothing while the background step still compiles
+            bstep, b_start, bprocs = background
+            rcs, timed_out = _wait(bprocs, deadline)
+            _record(records, bstep, b_start, rcs, timed_out, t0)
+            background = None
+        snapshot(out, work, records)
+    print(f"\n===== session done in {time.monotonic() - t0:.0f} s (limit {total} s) =====", flush=True)
+    return records
+
+
+def cmd_run(args) -> int:
+    out, work = Path(args.out).resolve(), Path(args.work)
+    out.mkdir(parents=True, exist_ok=True)
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    steps = plan_steps(str(out), str(work), sys.executable, plugins=None)
+    print(format_plan(steps), flush=True)
+    records = run_session(out, work, steps)
+    bad = [r["step"] for r in records if r["timed_out"] or any(r["exit_codes"])]
+    print(f"steps that timed out or failed: {bad or 'none'}; files in {out}: "
+          f"{sorted(p.name for p in out.iterdir())}", flush=True)
+    return 0
+
+
+# ----------------------------------------------------------------------------- set-up (on the GPU machine)
+def _sh(argv: list, timeout: float, env: dict | None = None) -> int:
+    print("$ " + " ".join(argv), flush=True)
+    try:
+        return subprocess.run(argv, cwd=ROOT, env=env, timeout=timeout).returncode
+    except (OSError, subprocess.SubprocessError) as exc:
+        print(f"  -> {type(exc).__name__}: {exc}", flush=True)
+        return 1
+
+
+def _cuda_backend_reason(env: dict) -> str:
+    """``flexmoe_kernels.cuda_unavailable_reason()`` in a fresh process ("" = available)."""
+    code = "import flexmoe_kernels as fk; print('REASON=' + fk.cuda_unavailable_reason())"
+    try:
+        r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=90)
+    except subprocess.SubprocessError as exc:
+        return f"check failed: {exc}"
+    found = [line[7:] for line in r.stdout.splitlines() if line.startswith("REASON=")]
+    return found[-1] if found else "flexmoe_kernels not importable: " + (r.stderr.strip().splitlines() or ["?"])[-1]
+
+
+_VERSIONS = """
+import importlib, torch
+print('torch', torch.__version__, 'cuda', torch.version.cuda, 'device', torch.cuda.get_device_name(),
+      torch.cuda.get_device_properties(0).multi_processor_count, 'SMs')
+for name in ('triton', 'transformers', 'deepspeed', 'flexmoe_training', 'xdist', 'pytest_timeout'):
+    try:
+        print(name, getattr(importlib.import_module(name), '__version__', 'importable'))
+    except Exception as exc:
+        print(name, 'NOT IMPORTABLE:', type(exc).__name__, exc)
+"""
+
+
+def cmd_setup(args) -> int:
+    env = child_env()
+    _sh(["nvidia-smi", "--query-gpu=name,memory.total,driver_version,clocks.max.sm", "--format=csv"], 20)
+    Path(SITE).mkdir(parents=True, exist_ok=True)
+    wheels = sorted(str(p) for p in (ROOT / WHEEL_DIR).glob("*.whl"))
+    if wheels:
+        _sh([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+             "--no-cache-dir", "--upgrade", "--target", SITE, *wheels], 120)
+    else:
+        print(f"WARNING: no wheels in {WHEEL_DIR}/: deepspeed is missing; the e2e rows will say 'skipped'")
+    link = Path(SITE) / "flexmoe_training"
+    if not link.exists():
+        link.symlink_to(ROOT / "training")
+    so = ROOT / EXT_DIR / EXT_FILE
+    if so.is_file():
+        shutil.copyfile(so, ROOT / EXT_FILE)  # a fresh mtime: newer than csrc/ (test_cuda_build)
+    reason = _cuda_backend_reason(env)
+    if "not importable" in reason:
+        print(f"prebuilt _C unusable ({reason}); building it here for sm_90a", flush=True)
+        _sh([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], 150,
+            env={**env, "FLEXMOE_CUDA_ARCHS": "90a", "FLEXMOE_NVCC_THREADS": "4"})
+        reason = _cuda_backend_reason(env)
+    print(f"cuda backend: {reason or 'available'}", flush=True)
+    _sh([sys.executable, "-c", _VERSIONS], 90, env=env)
+    stamp = ROOT / EXT_DIR / "commit.txt"
+    print("commit:", stamp.read_text().strip() if stamp.is_file() else "unknown (no stamp)", flush=True)
+    return 0
+
+
+# ----------------------------------------------------------------------------- finalisation
+PARTS = ("layer-fine-grained", "layer-flexolmo-7x7b", "routing", "e2e")
+
+
+def _merge(work: Path) -> tuple:
+    """(meta of the first part, every part's rows, every part's command)."""
+    from benchmarks import harness
+
+    meta, rows, cmds = None, [], []
+    for part in PARTS:
+        try:
+            m, r = harness.load_results(work / part)
+        except (ValueError, OSError) as exc:
+            print(f"[finalize] {part}: no results ({exc})", flush=True)
+            continue
+        meta = meta or dict(m)
+        rows += r
+        cmds.append(m.get("command"))
+    return meta, rows, cmds
+
+
+def _fill_commit(meta: dict, rows: list) -> None:
+    """Without .git on the GPU machine, take the commit stamped by ``--dry-run --check``."""
+    if meta.get("git_commit"):
+        return
+    stamp = ROOT / EXT_DIR / "commit.txt"
+    sha = stamp.read_text().strip() if stamp.is_file() else None
+    meta["git_commit"] = sha
+    meta["git_commit_source"] = f"{EXT_DIR}/commit.txt (stamped before the device call)" if sha else "unknown"
+    for r in rows:
+        r["git_commit"] = r.get("git_commit") or sha
+
+
+def _steps_section(out: Path) -> str:
+    try:
+        steps = json.loads((out / "steps.json").read_text())["steps"]
+    except (OSError, ValueError, KeyError):
+        return ""
+    lines = ["## Session steps", "", "| step | budget s | elapsed s | exit | timed out |", "|---|---|---|---|---|"]
+    lines += [f"| {s['step']} | {s['budget_s']} | {s['elapsed_s']} | {s['exit_codes']} | {s['timed_out']} |"
+              for s in steps]
+    return "\n".join(lines) + "\n"
+
+
+def _dump_logs(work: Path) -> None:
+    """Every harness log (one line per row, tracebacks) into the console, hence log.txt."""
+    for log in sorted(work.glob("*/log.txt")):
+        text = log.read_text(errors="replace")
+        print(f"\n----- {log.parent.name}/log.txt ({len(text)} chars) -----\n{text[-200_000:]}", flush=True)
+
+
+def cmd_finalize(args) -> int:
+    from benchmarks import harness, report
+    from benchmarks.gpu_sweep import best_table, table_file_name
+
+    out, work = Path(args.out), Path(args.work)
+    _dump_logs(work)
+    meta, rows, cmds = _merge(work)
+    if meta is None:
+        print("[finalize] nothing to merge", flush=True)
+        return 0
+    _fill_commit(meta, rows)
+    meta.update(command="bash benchmarks/gpu_session.sh OUT_DIR", parts=cmds)
+    paths = harness.write_results(out, meta, rows)
+    (out / "summary.md").write_text(report.summarize(meta, rows) + "\n" + _steps_section(out), encoding="utf-8")
+    try:
+        (work / "plots").mkdir(exist_ok=True)
+        report.make_plots(meta, rows, work / "plots")
+    except Exception as exc:  # noqa: BLE001 - plots are a convenience
+        print(f"[finalize] plots failed: {type(exc).__name__}: {exc}", flush=True)
+    table, notes = best_table([r for r in rows if r.get("bench") == "layer"], meta["device"])
+    for n in notes:
+        print(f"[finalize] table: {n}", flush=True)
+    if table is not None:
+        (out / table_file_name(meta["device"])).write_text(json.dumps(table, indent=1) + "\n", encoding="utf-8")
+    print(f"[finalize] {len(rows)} rows -> {paths['json']}, {paths['csv']}, {out / 'summary.md'}", flush=True)
+    print(report.format_targets(meta, rows), flush=True)
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_session", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    plan = sub.add_parser("plan", help="print the plan and check the prerequisites (the dry run)")
+    plan.add_argument("--check", action="store_true", help="exit 1 when a prerequisite is missing; stamp the commit")
+    run = sub.add_parser("run", help="the whole session (on the GPU machine)")
+    run.add_argument("out")
+    run.add_argument("--work", default=WORK)
+    sub.add_parser("setup", help="step 1: wheels, extension, versions")
+    fin = sub.add_parser("finalize", help="last step: merge, summary, plots, table")
+    fin.add_argument("out")
+    fin.add_argument("work")
+    args = p.parse_args(argv)
+    return {"plan": cmd_plan, "run": cmd_run, "setup": cmd_setup, "finalize": cmd_finalize}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
