@@ -75,7 +75,7 @@ class OptOutState:
             self.default, self.default_per_sequence = saved[0], saved[1]
             self.activate(saved[2], saved[3])
 
-    def per_sequence_mask(self, spec: AllowedExperts, batch: Optional[int]) -> Optional[torch.Tensor]:
+    def per_sequence_mask(self, spec: AllowedExperts, batch: Optional[int]) -> AllowedExperts:
         """``spec`` in the form ``generate`` keeps for a whole generation, checked here once:
         None, the sorted expert indices of a name/index list (checked on the host, no sync), or
         an (E,) or (B, E) bool tensor (one host sync). A per-token mask cannot extend to new
