@@ -525,19 +525,21 @@ def cmd_finalize(args) -> int:
     _fill_commit(meta, rows)
     meta.update(command="bash benchmarks/gpu_session.sh OUT_DIR", parts=cmds)
     paths = harness.write_results(out, meta, rows)
-    (out / "summary.md").write_text(report.summarize(meta, rows) + "\n" + _steps_section(out), encoding="utf-8")
-    try:
-        (work / "plots").mkdir(exist_ok=True)
-        report.make_plots(meta, rows, work / "plots")
-    except Exception as exc:  # noqa: BLE001 - plots are a convenience
-        print(f"[finalize] plots failed: {type(exc).__name__}: {exc}", flush=True)
+    print(f"[finalize] {len(rows)} rows -> {paths['json']}, {paths['csv']}", flush=True)
     table, notes = best_table([r for r in rows if r.get("bench") == "layer"], meta["device"])
     for n in notes:
         print(f"[finalize] table: {n}", flush=True)
     if table is not None:
         (out / table_file_name(meta["device"])).write_text(json.dumps(table, indent=1) + "\n", encoding="utf-8")
-    print(f"[finalize] {len(rows)} rows -> {paths['json']}, {paths['csv']}, {out / 'summary.md'}", flush=True)
-    print(report.format_targets(meta, rows), flush=True)
+    for what, fn in (("summary", lambda: (out / "summary.md").write_text(
+            report.summarize(meta, rows) + "\n" + _steps_section(out), encoding="utf-8")),
+                     ("plots", lambda: report.make_plots(meta, rows, work / "plots")),
+                     ("targets", lambda: print(report.format_targets(meta, rows), flush=True))):
+        try:
+            (work / "plots").mkdir(exist_ok=True)
+            fn()
+        except Exception as exc:  # noqa: BLE001 - each is a convenience; the rows are written
+            print(f"[finalize] {what} failed: {type(exc).__name__}: {exc}", flush=True)
     return 0
 
 

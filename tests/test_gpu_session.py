@@ -1,0 +1,240 @@
+"""The prepared GPU session (issue 13 item 10), checked without a GPU: the dry run's plan and
+budget, the driver's schedule (budgets roll over, a late step is stopped, results are packed
+after every step), the finalisation (merged results, summary, best-measured table in the
+format the Triton backend loads), the variant list and the prerequisite checks."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks import gpu_session as gs
+from benchmarks import gpu_sweep as sw
+from benchmarks import harness
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "gpu_session.sh"
+
+
+def _bash(*args, **kw):
+    env = {**os.environ, "PYTHON": sys.executable}
+    return subprocess.run(["bash", str(SCRIPT), *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120, **kw)
+
+
+def test_dry_run_lists_every_step_and_fits_nine_minutes():
+    r = _bash("--dry-run")
+    assert r.returncode == 0, r.stderr
+    steps = gs.plan_steps()
+    for i, s in enumerate(steps, 1):
+        assert re.search(rf"^\s*{i} {re.escape(s.name)}(\s|\s\(bg\)\s)+{s.budget_s}\s", r.stdout, re.M), s.name
+    total = int(re.search(r"total estimate: (\d+) s wall", r.stdout).group(1))
+    assert total == gs.wall_budget(steps) == sum(s.budget_s for s in steps if not s.background)
+    assert total <= 540
+    assert "prerequisites" in r.stdout and "device call: run(" in r.stdout
+    assert "timeout_s=560" in r.stdout
+
+
+def test_plan_shape():
+    steps = gs.plan_steps()
+    names = [s.name for s in steps]
+    assert names == ["setup", "warm", "tests", "layer-fine-grained", "layer-flexolmo-7x7b", "routing", "e2e",
+                     "finalize"]
+    assert all(s.argvs and s.budget_s > 0 for s in steps)
+    for i, s in enumerate(steps):  # a background step runs beside the next one and ends with it
+        if s.background:
+            assert not steps[i + 1].background and s.budget_s <= steps[i + 1].budget_s
+    assert gs.wall_budget(steps) + gs.KILL_GRACE_S <= gs.TOTAL_BUDGET_S <= gs.DEVICE_TIMEOUT_S - 15
+    tests = next(s for s in steps if s.name == "tests").argvs[0]
+    assert "-n" in tests and "--timeout" in tests and any(a.startswith("--junitxml=") for a in tests)
+
+
+def test_usage_without_out_dir():
+    r = _bash()
+    assert r.returncode == 2 and "usage" in r.stderr
+
+
+def test_test_subset_exists():
+    assert gs.missing_tests() == []
+    assert "tests/test_cuda_build.py" in gs.TEST_SUBSET
+
+
+# ----------------------------------------------------------------------------- the driver
+def _sleep(seconds: float, name: str) -> list:
+    code = f"import time; print('{name} start', flush=True); time.sleep({seconds}); print('{name} end', flush=True)"
+    return [sys.executable, "-c", code]
+
+
+def test_driver_rolls_budgets_over_and_stops_a_late_step(tmp_path, monkeypatch):
+    monkeypatch.setattr(gs, "KILL_GRACE_S", 2)
+    out, work = tmp_path / "out", tmp_path / "work"
+    out.mkdir()
+    (work / "part").mkdir(parents=True)
+    (work / "part" / "x.txt").write_text("kept")
+    steps = [
+        gs.Step("quick", 3, "ends early", [_sleep(0.1, "quick")]),
+        gs.Step("bg", 2, "beside slow", [_sleep(0.3, "bg")], background=True),
+        gs.Step("slow", 2, "too long", [_sleep(30, "slow")]),
+        gs.Step("finalize", 1, "last", [_sleep(0.1, "fin")]),
+    ]
+    records = gs.run_session(out, work, steps, total=8)
+    by = {r["step"]: r for r in records}
+    assert not by["quick"]["timed_out"] and by["quick"]["exit_codes"] == [0]
+    assert not by["bg"]["timed_out"]
+    # slow may use what quick left: it is stopped at start + 3 + 2 s, not 2 s after it began
+    assert by["slow"]["timed_out"] and by["slow"]["exit_codes"] != [0]
+    assert 3.5 < by["slow"]["started_s"] + by["slow"]["elapsed_s"] < 5 + gs.KILL_GRACE_S + 1
+    assert by["finalize"]["exit_codes"] == [0]
+    saved = json.loads((out / "steps.json").read_text())
+    assert [s["step"] for s in saved["steps"]] == ["quick", "slow", "bg", "finalize"]
+    with tarfile.open(out / "session.tar.gz") as tar:
+        assert "session/part/x.txt" in tar.getnames()
+
+
+# ----------------------------------------------------------------------------- finalisation
+def _cfg(bm: int) -> dict:
+    from flexmoe_kernels.ops.triton.configs import heuristic_configs
+
+    d = heuristic_configs(32768, 2048, 768, 128, 8, torch.bfloat16, "cuda").to_dict()
+    for k in ("up", "down", "bwd_up", "bwd_dx"):
+        d[k]["BLOCK_M"] = bm
+    return d
+
+
+def _layer_rows() -> list:
+    base = dict(bench="layer", preset="fine-grained", D=2048, F=768, E=128, K=8, T=32768, dtype="bfloat16",
+                status="ok", mask="none")
+    rows = []
+    for prov, variant, bm, ms in (("triton", "default", 128, 10.0), ("triton:cfg:bm64", "cfg:bm64", 64, 8.0),
+                                  ("triton:atomic", "atomic", 128, 5.0)):
+        for mode, f in (("fwd", 1), ("fwd_bwd", 3)):
+            rows.append(dict(base, provider=prov, variant=variant, mode=mode, ms=ms * f, tflops=100.0 / ms,
+                             triton_config=_cfg(bm), triton_config_source="heuristic"))
+    rows += [dict(base, provider="cublas_gemm", variant="baseline", mode=m, ms=4.0 * f, tflops=250.0)
+             for m, f in (("fwd", 1), ("fwd_bwd", 3))]
+    return rows
+
+
+def test_finalize_merges_parts_and_writes_the_best_measured_table(tmp_path):
+    from flexmoe_kernels.ops.triton import configs
+
+    out, work = tmp_path / "out", tmp_path / "work"
+    out.mkdir()
+    meta = harness.run_metadata(torch.device("cpu"), ["-m", "x"])
+    meta.update(device="NVIDIA H200", git_commit=None)
+    for part in ("layer-fine-grained", "routing"):
+        (work / part).mkdir(parents=True)
+    harness.write_results(work / "layer-fine-grained", meta, _layer_rows())
+    routing = [dict(bench="routing", provider="device_copy", mode="copy", mask="none", status="ok", ms=1.0, gbps=3000.0)]
+    harness.write_results(work / "routing", meta, routing)
+    (work / "routing" / "log.txt").write_text("a harness log line\n")
+    assert gs.main(["finalize", str(out), str(work)]) == 0
+    m, rows = harness.load_results(out / "results.json")
+    assert len(rows) == 9 and m["command"] == "bash benchmarks/gpu_session.sh OUT_DIR" and "git_commit_source" in m
+    assert (out / "results.csv").is_file() and "benchmark summary" in (out / "summary.md").read_text()
+    table_path = out / "triton_moe_NVIDIA_H200.json"
+    table = json.loads(table_path.read_text())
+    assert table["status"].startswith("measured on NVIDIA H200")
+    loaded = configs.load_table("NVIDIA H200", out)
+    cfgs = configs.lookup_table(loaded, 32768, 2048, 768, 128, 8, torch.bfloat16)
+    assert cfgs.block_m == 64  # the fastest non-atomic variant, not the faster atomic one
+    assert set(table["measured_ms"]["D=2048,F=768,E=128,K=8,dtype=bfloat16"]) == {"default", "cfg:bm64", "atomic"}
+    assert len([p for p in out.iterdir()]) <= 8
+
+
+def test_best_table_without_measurements():
+    table, notes = sw.best_table([dict(bench="layer", preset="smoke", status="error", provider="triton")], "X")
+    assert table is None and notes
+
+
+# ----------------------------------------------------------------------------- variants
+def test_variants_are_what_exists():
+    names = [v.name for v in sw.variants(torch.device("cpu"))]
+    assert names[:2] == ["default", "atomic"]
+    assert {f"cfg:{n}" for n in sw.CONFIG_CANDIDATES} <= set(names)
+    assert sw.Variant("default", ()).provider == "triton" and sw.Variant("atomic", ()).provider == "triton:atomic"
+
+
+@pytest.mark.parametrize("preset", sorted(sw.TARGET_SHAPES))
+def test_config_pins_apply_to_the_gpu_heuristic(preset, monkeypatch):
+    from flexmoe_kernels.ops.triton import configs
+
+    p = sw.LAYER_PRESETS[preset]
+    heur = configs.heuristic_configs(sw.TARGET_SHAPES[preset], p.D, p.F, p.E, p.K, torch.bfloat16, "cuda")
+    for pin in list(sw.CONFIG_CANDIDATES.values()) + [sw._pin_string(heur)]:
+        pinned = configs._apply_overrides(heur, configs.parse_config_string(pin))
+        assert pinned.block_m in (64, 128)
+    assert configs._apply_overrides(heur, configs.parse_config_string(sw._pin_string(heur))).to_dict() == heur.to_dict()
+
+
+def test_extra_fields_become_variants():
+    import dataclasses
+    import types
+
+    @dataclasses.dataclass(frozen=True)
+    class Cfg:
+        BLOCK_M: int
+        tma: int = 0
+        persistent: bool = True
+        name: str = "x"
+
+    fake = types.SimpleNamespace(GemmConfig=Cfg, _FIELDS=("BLOCK_M", "tma", "persistent", "name"))
+    got = {v.name: dict(v.env) for v in sw._extra_field_variants(fake)}
+    assert got == {"field:tma=1": {sw.CONFIG_ENV: "tma=1"}, "field:persistent=0": {sw.CONFIG_ENV: "persistent=0"}}
+
+
+def test_variant_env_restores(monkeypatch):
+    monkeypatch.setenv(sw.CONFIG_ENV, "BLOCK_M=32")
+    monkeypatch.delenv(sw.DET_ENV, raising=False)
+    with sw.variant_env(sw.Variant("atomic", ((sw.DET_ENV, "0"),))):
+        assert os.environ[sw.DET_ENV] == "0" and sw.CONFIG_ENV not in os.environ
+    assert os.environ[sw.CONFIG_ENV] == "BLOCK_M=32" and sw.DET_ENV not in os.environ
+
+
+@pytest.mark.slow
+def test_sweep_and_warm_up_run_on_cpu(tmp_path, capsys):
+    """The sweep's commands at the tiny smoke shape on the CPU (Triton's interpreter): rows
+    per variant beside a baseline, tagged; the compile warm-up; the table command."""
+    sw.compile_variant("atomic", {"smoke": 5}, torch.device("cpu"))
+    assert "[warm] atomic smoke T=5" in capsys.readouterr().out
+    out = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "benchmarks.gpu_sweep", "layer", "--preset", "smoke", "--tokens", "5", "--device",
+           "cpu", "--variants", "default,atomic", "--baselines", "cublas_gemm", "--out", str(out)]
+    r = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    _, rows = harness.load_results(out)
+    got = {(x["provider"], x["mode"], x["mask"], x["variant"]) for x in rows if x["status"] == "ok"}
+    assert ("triton", "fwd_bwd", "token_all", "default") in got
+    assert ("triton:atomic", "fwd", "none", "atomic") in got
+    assert ("cublas_gemm", "fwd", "none", "baseline") in got
+    assert all(x["triton_config"]["up"]["BLOCK_M"] for x in rows if x["provider"].startswith("triton"))
+    assert sw.main(["table", str(out), "--out", str(tmp_path)]) == 0
+    assert list(tmp_path.glob("triton_moe_CPU*.json"))
+
+
+# ----------------------------------------------------------------------------- prerequisites
+def _wheel(d: Path, name: str, requires=()) -> None:
+    with zipfile.ZipFile(d / f"{name}-1.0-py3-none-any.whl", "w") as z:
+        meta = "Name: x\n" + "".join(f"Requires-Dist: {r}\n" for r in requires)
+        z.writestr(f"{name}-1.0.dist-info/METADATA", meta + "Requires-Dist: pytest ; extra == 'test'\n")
+
+
+def test_wheel_checks(tmp_path):
+    (tmp_path / gs.WHEEL_DIR).mkdir()
+    res = gs._check_wheels(tmp_path)
+    assert not res[0][0] and "missing" in res[0][1]
+    for n in gs.REQUIRED_WHEELS:
+        _wheel(tmp_path / gs.WHEEL_DIR, n, ["torch>=2.0", "hjson", "typing-extensions>=4.16.0"])
+    assert all(ok for ok, _ in gs._check_wheels(tmp_path))
+    _wheel(tmp_path / gs.WHEEL_DIR, "deepspeed_extra_dep", ["not-in-the-image (>=1)"])
+    res = gs._check_wheels(tmp_path)
+    assert not res[1][0] and "not-in-the-image" in res[1][1]
