@@ -122,6 +122,7 @@ for argv in json.loads(sys.argv[1]):
     rc = main(argv)
     if rc != 0:
         sys.exit(f"flexmoe {argv} exited {rc}")
+dist.barrier()  # no rank tears the group down while its peer still works
 dist.destroy_process_group()
 """
 

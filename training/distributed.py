@@ -103,20 +103,26 @@ def release_distributed(sync: bool = True) -> None:
     DeepSpeed, which also drops its cached sub-groups) and remove from ``os.environ`` the
     launcher variables it put there (those still holding its values).
 
-    ``sync``: wait at a barrier first (every rank must then call it), so that no rank tears the
-    group down, or exits, while another is still in a collective; pass False on an error path,
+    ``sync``: wait at a barrier first (every rank must then call it; also with a group the caller
+    created), so that no rank tears the group down, exits or starts the caller's next run while
+    another is still in a collective or writing; pass False on an error path,
     where the other ranks may never get there. Afterwards the process has no process group of
     its own (one made by the caller before :func:`init_distributed` is left alone), so its exit,
     child processes it starts and a later :func:`init_distributed` behave as in a fresh
     interpreter. A no-op when nothing was set up here.
     """
+    import torch.distributed as dist
+
+    if sync and dist.is_available() and dist.is_initialized():
+        # Every rank finishes this run before any goes on (to exit, to tear the group down, or to
+        # the caller's next run): a rank that exits or destroys a gloo group while its peer still
+        # writes the final checkpoint aborts the peer ("terminate called without an active
+        # exception", seen with a caller-owned group in two processes).
+        barrier()
     if _GROUP_CREATED_HERE[0]:
         import deepspeed.comm
-        import torch.distributed as dist
 
         if dist.is_initialized():
-            if sync:
-                barrier()
             deepspeed.comm.destroy_process_group()
         _GROUP_CREATED_HERE[0] = False
     for k, v in _SET_HERE.items():
