@@ -256,9 +256,12 @@ def cmd_compile(args) -> int:
     if args.all:  # fan out: one process per variant (Triton compiles on one core per process)
         cmd = [sys.executable, "-m", "benchmarks.gpu_sweep", "compile", "--shapes", args.shapes]
         cmd += ["--device", args.device] if args.device else []
+        jobs = args.jobs
+        if device.type == "cuda":  # ~10 GB each at the 7x7B shape: fewer at once on an 80 GB H100
+            jobs = min(jobs, max(2, int(torch.cuda.get_device_properties(device).total_memory / 2**30 // 22)))
         procs, rc = [], 0
         for v in vs:
-            while len([p for p in procs if p.poll() is None]) >= args.jobs:
+            while len([p for p in procs if p.poll() is None]) >= jobs:
                 time.sleep(0.2)
             procs.append(subprocess.Popen(cmd + ["--variant", v.name]))
         for p in procs:
