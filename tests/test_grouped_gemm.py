@@ -4,7 +4,8 @@
   float64 reference (helpers.reference_experts), ``experts_per_expert``, zero-token /
   opted-out / frozen experts, errors;
 * Triton (``ops/triton/grouped_gemm.py``): the GEMMs alone on a Triton routing plan against
-  the reference, frozen-expert dW, plan errors;
+  the reference, frozen-expert dW, the dW kernel alone (multi-step reductions, empty and
+  frozen experts, both gather sides), plan errors;
 * Triton launch configs (``ops/triton/configs.py``, tables in ``ops/triton/tables/``);
 * the "cuda" backend's expert stage (``ops/cuda/experts.py``): which GEMM path a problem takes
   (torch's ``grouped_mm`` or the per-expert loop) and both paths against a float64 reference.
@@ -178,6 +179,55 @@ def test_triton_grouped_gemms_against_reference_plan(seed, dtype):
     # the reference rounds y to dtype before the dot with dOut: the 16-bit rule, not the table
     assert_matches_reference(dw, dw64, dtype, "dweights", dw_low.float())
     assert float(ref64.detach().abs().max()) > 0.1
+
+
+def _dw_reference64(a, a_gather, b, b_gather, plan, trainable):
+    """float64 ``dW[e] = sum over e's real slots of A[row_a]^T B[row_b]`` (zeros if frozen)."""
+    pairs = plan.schedule.padded_pairs_Q.long().cpu()
+    poff = plan.schedule.padded_offsets_E1.long().cpu().tolist()
+    out = torch.zeros(plan.num_experts, a.shape[1], b.shape[1], dtype=torch.float64)
+    for e in range(plan.num_experts):
+        slots = torch.arange(poff[e], poff[e + 1])
+        slots = slots[pairs[slots] < plan.num_pairs]
+        if not bool(trainable[e]) or len(slots) == 0:
+            continue
+        tok = pairs[slots] // plan.top_k
+        ra, rb = (tok if a_gather else slots), (tok if b_gather else slots)
+        out[e] = a.double().cpu()[ra].T @ b.double().cpu()[rb]
+    return out
+
+
+@needs_triton
+@pytest.mark.parametrize("a_gather", [False, True])
+@pytest.mark.parametrize("block_k", [16, 32])
+def test_triton_grouped_dw_multi_step_frozen_and_empty_experts(seed, a_gather, block_k):
+    """The dW kernel alone (its pair ids are prefetched one k-step ahead): experts whose slot
+    range takes several k-steps (and, at BLOCK_K 32, a partial last one), an expert with no
+    pairs (exact zeros), a frozen expert whose slot-ordered rows are NaN (exact zeros, nothing
+    loaded), NaN in every padding / unused slot row of the slot-ordered operand (never read)."""
+    T, E, K, R, C = 45, 5, 2, 24, 20
+    logits = torch.randn(T, E, device=DEVICE)
+    logits[:, 0] += 4.0  # expert 0 gets (nearly) every token: 3 tiles of 16 slots
+    logits[:, 3] = -1e4  # expert 3 gets no pairs
+    plan = tr.triton_route(logits, K, block_m=16)
+    counts = plan.counts_E.cpu()
+    assert int(counts[3]) == 0 and int(counts.max()) > 32  # empty expert; >= 3 k-steps of 16
+    trainable = torch.tensor([True, False, True, True, True])
+    assert int(counts[1]) > 0  # the frozen expert has pairs
+    pairs = plan.schedule.padded_pairs_Q.long().cpu()
+    real = pairs < plan.num_pairs
+    poff = plan.schedule.padded_offsets_E1.long().cpu()
+    gathered = torch.randn(T, R if a_gather else C, device=DEVICE)
+    slotted = torch.full((pairs.numel(), C if a_gather else R), float("nan"))
+    slotted[real] = torch.randn(int(real.sum()), slotted.shape[1])
+    slotted[poff[1]:poff[2]] = float("nan")  # the frozen expert's rows
+    slotted = slotted.to(DEVICE)
+    a, b = (gathered, slotted) if a_gather else (slotted, gathered)
+    cfg = tc.GemmConfig(16, 16, block_k, 4, 4, 1)
+    got = gg.grouped_dw(a, a_gather, b, not a_gather, plan, torch.float32, cfg, trainable.to(DEVICE))
+    ref = _dw_reference64(a, a_gather, b, not a_gather, plan, trainable)
+    assert bool((got[1] == 0).all()) and bool((got[3] == 0).all())
+    torch.testing.assert_close(got.double().cpu(), ref, rtol=1e-5, atol=1e-5)
 
 
 @needs_triton

@@ -30,7 +30,10 @@ Kernels (launchers in :mod:`flexmoe_kernels.ops.triton.grouped_gemm`):
   ``dW[e] = A_e^T @ B_e`` reduced over the expert's padded slot range (read from
   ``padded_offsets``, no host sync); either operand may be gathered by token. Frozen experts
   (``trainable[e] == 0``) store a zero tile and return without a load or a FLOP; experts with
-  no pairs run zero loop iterations and store exact zeros.
+  no pairs run zero loop iterations and store exact zeros. The pair ids (the gathered
+  operand's row indices) are loaded one k-step ahead into registers, so the operand loads
+  are not indirect within an iteration and get the full ``num_stages`` shared-memory ring
+  (3 buffers at 3 stages on sm_90a; an in-loop pair-id load cost a stage: 2 buffers).
 
 All row offsets that can exceed 2^31 (token * stride, slot * stride, expert * stride) are int64.
 Under ``TRITON_INTERPRET=1`` (``INTERPRET=True``) non-fp32 dot operands are upcast to fp32
@@ -263,9 +266,15 @@ def _grouped_dw_kernel(
     end = tl.load(poff_ptr + e + 1)
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # Pair ids are prefetched one k-step ahead in registers (loop-carried): the operand loads
+    # then do not depend on a load of the same iteration, so Triton's pipeliner gives them the
+    # full num_stages ring instead of spending a stage on the pair-id load.
+    pair_next = tl.load(pairs_ptr + start + offs_k, mask=start + offs_k < end, other=P)
     for m0 in range(start, end, BLOCK_K):  # zero iterations for an expert with no pairs
         offs_m = m0 + offs_k  # (BK,) slots
-        pair = tl.load(pairs_ptr + offs_m, mask=offs_m < end, other=P)
+        pair = pair_next
+        nxt_m = offs_m + BLOCK_K
+        pair_next = tl.load(pairs_ptr + nxt_m, mask=nxt_m < end, other=P)
         ok = pair < P
         slot64 = offs_m.to(tl.int64)
         tok64 = tl.where(ok, pair // TOP_K, 0).to(tl.int64)
