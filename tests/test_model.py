@@ -576,3 +576,60 @@ def test_gpu_model_forward_with_names_or_unvalidated_mask_never_syncs(monkeypatc
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(named).all() and torch.isfinite(unchecked).all()
+
+
+# ============================================================================ activation checkpointing
+# (issue 16 item 2) Per-block recomputation in the backward pass: the same loss and parameter
+# gradients (fp32, 1e-6) as without it, with the model's resolved allow-mask reaching every
+# recomputed block as the very same tensor. Coupled (frozen) models: tests/test_training.py.
+
+
+def _loss_and_grads(model, ids, allowed_experts=None):
+    model.zero_grad(set_to_none=True)
+    out = model(ids, allowed_experts=allowed_experts, labels=ids, output_router_logits=True)
+    loss = out.loss + 1e-3 * sum(lg.float().logsumexp(-1).square().mean() for lg in out.router_logits)
+    loss.backward()
+    return float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("experts,mask", [(1, None), (4, "per_token"), (4, "names")])
+def test_activation_checkpointing_same_gradients(experts, mask):
+    torch.manual_seed(0)
+    model = make_model(num_experts=experts, num_experts_per_tok=min(2, experts), expert_bias=experts > 1).train()
+    ids = torch.randint(0, 61, (3, 9))
+    allow = {None: None, "names": ["expert_0", "expert_2", 3],
+             "per_token": torch.rand(27, 4).argsort(-1) < 3}[mask]  # 3 of 4 experts per token
+    want_loss, want = _loss_and_grads(model, ids, allow)
+    seen = []
+    hooks = [layer.mlp.register_forward_pre_hook(lambda m, args: seen.append(args[1])) for layer in model.model.layers]
+    model.gradient_checkpointing_enable()
+    try:
+        got_loss, got = _loss_and_grads(model, ids, allow)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert len(seen) == 2 * model.config.num_hidden_layers  # each block ran again in the backward
+    if mask is not None:
+        assert all(m is seen[0] for m in seen)  # the forward's resolved mask, unchanged
+    assert got_loss == pytest.approx(want_loss, abs=1e-6)
+    assert got.keys() == want.keys() and len(got) > 0
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], atol=1e-6, rtol=1e-6, msg=n)
+
+
+def test_activation_checkpointing_only_when_training_with_grad():
+    model = make_model()
+    model.gradient_checkpointing_enable()
+    calls = []
+    model.model.layers[0].register_forward_pre_hook(lambda m, a: calls.append(1))
+    ids = torch.randint(0, 61, (2, 5))
+    model(ids).loss  # eval mode: one forward per block
+    model.train()
+    with torch.no_grad():
+        model(ids)
+    assert len(calls) == 2
+    model(ids, labels=ids).loss.backward()
+    assert len(calls) == 4  # forward + recomputation
+    model.gradient_checkpointing_disable()
+    model(ids, labels=ids).loss.backward()
+    assert len(calls) == 5

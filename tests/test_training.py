@@ -3,6 +3,7 @@ train-expert, merge, tune-router, baselines, resume, and bad input. Tiny models 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -434,3 +435,134 @@ def test_failed_pause_keeps_partial_run_and_last_state(pause_setup, tmp_path, mo
     assert json.loads((part / "run.json").read_text())["resumed_from_step"] == 1
     assert run_cli(args + ["--out", tmp_path / "full"]) == 0
     assert_same_run(tmp_path / "full", part, 4)
+
+
+# ============================================================================ activation checkpointing
+# (issue 16 item 2) --activation-checkpointing recomputes each decoder block in the backward pass:
+# the coupled model's gradients (frozen embeddings, frozen public rows) equal the run without it;
+# a CLI run with the flag has the loss curve of the run without it (1e-6); a run paused without it
+# resumes with it (not part of the resume fingerprint: it does not change the math).
+
+
+def test_activation_checkpointing_coupled_model_same_gradients():
+    from flexmoe_training.modeling import coupled_state_dict, freeze_for_expert_training, model_from_state_dict
+
+    torch.manual_seed(0)
+    from flexmoe_kernels.models import FlexOlmoConfig
+
+    pub_cfg = FlexOlmoConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                             num_attention_heads=2, num_key_value_heads=1, num_experts=1, num_experts_per_tok=1,
+                             expert_names=["public"], moe_backend="torch", initializer_range=0.1)
+    pub_sd = FlexOlmoForCausalLM(pub_cfg).state_dict()
+    cfg, sd = coupled_state_dict(pub_cfg, pub_sd, "owner", seed=1)
+    ids = torch.randint(0, 61, (2, 11))
+    allow = torch.tensor([[True, True], [True, True]])
+    grads = []
+    for ac in (False, True):
+        model = model_from_state_dict(cfg, sd).train()
+        freeze_for_expert_training(model)
+        if ac:
+            model.gradient_checkpointing_enable()
+        out = model(ids, allowed_experts=allow, labels=ids)
+        out.loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and any("parametrizations" in n for n in grads[0])
+    for n, g in grads[0].items():
+        assert g is not None and grads[1][n] is not None, n
+        torch.testing.assert_close(grads[1][n], g, atol=1e-6, rtol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("zero", [0, 3])
+def test_activation_checkpointing_cli_same_run(pause_setup, tmp_path, zero):
+    args = pause_args(pause_setup, zero)
+    assert run_cli(args + ["--out", tmp_path / "plain"]) == 0
+    assert run_cli(args + ["--out", tmp_path / "ac", "--activation-checkpointing"]) == 0
+    run = json.loads((tmp_path / "ac" / "run.json").read_text())
+    assert run["activation_checkpointing"] is True and "activation_checkpointing" not in run["options"]
+    assert_same_run(tmp_path / "plain", tmp_path / "ac", 4)
+    part = tmp_path / "part"  # paused without, resumed with
+    assert run_cli(args + ["--out", part, "--max-steps-this-run", "2"]) == 0
+    assert run_cli(args + ["--out", part, "--activation-checkpointing"]) == 0
+    assert json.loads((part / "run.json").read_text())["resumed_from_step"] == 2
+    assert_same_run(tmp_path / "plain", part, 4)
+
+
+def test_activation_checkpointing_zero3_coupled(recipe, tmp_path):
+    """ZeRO-3 (every parameter partitioned) coupled training with the flag: the run without it, exactly."""
+    cfg = json.loads((Path(import_training().__file__).parent / "configs" / "zero3.json").read_text())
+    cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    (tmp_path / "z3.json").write_text(json.dumps(cfg))
+    args = ["train-expert", "--public", recipe / "public", "--data", recipe / "data_a", "--name", "x", "--lr", "3e-3",
+            "--zero-stage", "3", "--deepspeed-config", tmp_path / "z3.json", "--steps", "2", *FAST]
+    assert run_cli(args + ["--out", tmp_path / "plain"]) == 0
+    assert run_cli(args + ["--out", tmp_path / "ac", "--activation-checkpointing"]) == 0
+    assert_same_run(tmp_path / "plain", tmp_path / "ac", 2)
+
+
+# ============================================================================ presets at the paper's sizes
+# (issue 16 item 4) Every model preset loads by name; the parameter counts of the 7B public model,
+# the 2x7B owner model and the 7x7B merged model (printed in training/README.md) match the paper's
+# figures; the 7B recipe names only real flags of each command, with values they accept.
+
+PAPER_PARAMS = {  # preset: (total, active) parameters, from the counts quoted in docs / the issue
+    "olmo2-7b": (7.30e9, 7.30e9),       # OLMo-2 7B ("7B"; 7.30B published)
+    "flexolmo-2x7b": (11.6e9, 11.6e9),  # 7.30B + 32 x 135.3M (one more expert FFN); the issue's "about 11.5B"
+    "flexolmo-7x7b": (33e9, None),      # released 7x7B: 33B total, top-5
+}
+
+
+def test_presets_load_and_paper_parameter_counts():
+    from flexmoe_training.modeling import PRESET_DIR, count_params, load_model_config
+
+    names = sorted(p.stem[len("model_"):] for p in PRESET_DIR.glob("model_*.json"))
+    assert {"tiny", "small", "olmo2-1b", "olmo2-7b", "flexolmo-2x7b", "flexolmo-7x7b"} <= set(names)
+    for n in names:
+        load_model_config(n)
+    c = load_model_config("olmo2-7b")
+    assert (c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.intermediate_size, c.vocab_size,
+            c.rope_theta, c.rms_norm_eps, c.num_experts) == (4096, 32, 32, 11008, 100352, 500000.0, 1e-6, 1)
+    for n, (E, K) in (("flexolmo-2x7b", (2, 2)), ("flexolmo-7x7b", (7, 5))):
+        m = load_model_config(n)
+        assert (m.num_experts, m.num_experts_per_tok, m.expert_bias) == (E, K, True)
+        assert all(getattr(m, f) == getattr(c, f) for f in ("hidden_size", "num_hidden_layers", "intermediate_size",
+                                                           "vocab_size", "rope_theta", "num_attention_heads"))
+    for n, (total, active) in PAPER_PARAMS.items():
+        got = count_params(load_model_config(n))
+        assert abs(got["total"] / total - 1) < 0.01, (n, got)
+        if active is not None:
+            assert abs(got["active"] / active - 1) < 0.01, (n, got)
+    readme = (PRESET_DIR.parent / "README.md").read_text()
+    for n in PAPER_PARAMS:  # the README's table is this computation
+        got = count_params(load_model_config(n))
+        assert f"{got['total']:,}" in readme and f"{got['active']:,}" in readme, n
+
+
+def _parsed(kind, text):
+    try:
+        return kind(text)
+    except ValueError:  # e.g. "--steps N" in prose
+        return None
+
+
+def test_recipe_7b_uses_real_flags():
+    from flexmoe_training.cli import build_parser
+    from flexmoe_training.modeling import PRESET_DIR
+
+    recipe = json.loads((PRESET_DIR / "recipe_flexolmo_7b.json").read_text())
+    sub = next(a for a in build_parser()._actions if a.__class__.__name__ == "_SubParsersAction")
+    readme = (PRESET_DIR.parent / "README.md").read_text()
+    for cmd, flags in recipe.items():
+        if cmd.startswith("_"):
+            continue
+        actions = {s: a for a in sub.choices[cmd]._actions for s in a.option_strings}
+        for k, v in flags.items():
+            if k.startswith("_"):
+                continue
+            a = actions[f"--{k}"]
+            if v is True:
+                assert a.nargs == 0, (cmd, k)
+                assert f"--{k}" in readme
+            else:
+                assert (a.type or str)(str(v)) == v, (cmd, k, v)
+                given = {_parsed(a.type or str, x) for x in re.findall(rf"--{k} (\S+)", readme)}
+                assert v in given, (cmd, k, v, given)

@@ -39,6 +39,7 @@ class TrainOptions:
     z_loss_weight: float = 1e-3
     zero_stage: int = 0
     deepspeed_config: Optional[str] = None
+    activation_checkpointing: bool = False
     seed: int = 0
     eval_every: int = 0
     eval_batches: int = 8
@@ -79,7 +80,9 @@ class TrainOptions:
             raise ValueError(f"--dtype must be auto, fp32 or bf16, got {self.dtype!r}")
 
     def fingerprint(self) -> dict:
-        """The options that must not change when a run is resumed."""
+        """The options that must not change when a run is resumed. Not in it: the engine and run
+        control flags; ``activation_checkpointing`` among them, since it does not change the
+        math (a run paused without it may resume with it, and the other way round)."""
         keys = ("steps", "seq_len", "micro_batch_size", "grad_accum", "lr", "min_lr_ratio", "warmup_steps",
                 "weight_decay", "clip", "z_loss_weight", "seed")
         return {k: getattr(self, k) for k in keys}

@@ -219,6 +219,8 @@ def _build_engine(r: _Run) -> None:
         from deepspeed.utils import set_z3_leaf_modules
 
         set_z3_leaf_modules(model, [FlexMoE])
+    if opts.activation_checkpointing:
+        model.gradient_checkpointing_enable()
     model.to(r.dist.device)
     decay = [p for n, p in named if p.ndim >= 2 and opts.weight_decay > 0]
     no_decay = [p for n, p in named if not (p.ndim >= 2 and opts.weight_decay > 0)]
@@ -240,6 +242,7 @@ def _run_record(r: _Run, argv: Optional[Sequence[str]]) -> dict:
         "command": spec.kind, "argv": list(argv) if argv is not None else sys.argv[1:], "status": "running",
         "out": str(r.out), "start_time": utc_now(),
         "device": str(dist.device), "world_size": dist.world_size, "zero_stage": opts.zero_stage,
+        "activation_checkpointing": opts.activation_checkpointing,
         "dtype": "bf16" if r.use_bf16 else "fp32", "options": opts.fingerprint(),
         "data": [str(d.path) for d in spec.datas], "global_batch_size": r.sampler.global_batch_size,
         "tokens_per_step": r.tokens_per_step, "params": count_params(spec.model.config),

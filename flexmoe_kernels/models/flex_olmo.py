@@ -3,11 +3,8 @@
 Legend: B batch, S sequence (new positions), P past positions, D hidden, V vocabulary,
 E experts, K top-k, L layers, T = B*S tokens.
 
-Each block is post-norm (FlexOlmo / OLMo-2 "reordered norm")::
-
-    h   = x + post_attention_layernorm(self_attn(x))
-    out = h + post_feedforward_layernorm(mlp(h))        # mlp is a flexmoe_kernels.FlexMoE
-
+Each block is post-norm (FlexOlmo / OLMo-2 "reordered norm"; :mod:`.blocks`, which also holds
+the optional per-block activation checkpointing: :meth:`FlexOlmoForCausalLM.gradient_checkpointing_enable`).
 Parameter names equal Hugging Face's ``FlexOlmoForCausalLM``, so state dicts map 1:1.
 ``allowed_experts`` (names/indices, bool (E,), (B, E) per sequence or (T, E) per token) is
 resolved and checked once per forward (a tensor: one host sync; names: none; ``validate=False``
@@ -28,7 +25,8 @@ from .._validate import check_positive_int
 from ..modules import FlexMoE
 from ..modules.allow import AllowedExperts, allowed_expert_indices, checked_allow_mask, resolve_allowed_experts
 from ..ops.backends import BACKENDS
-from .attention import FlexOlmoAttention, KVCache, RMSNorm, RotaryEmbedding
+from .attention import KVCache, RMSNorm, RotaryEmbedding
+from .blocks import FlexOlmoDecoderLayer, run_layers
 from .checkpoint import load_pretrained as _load_pretrained
 from .checkpoint import save_pretrained as _save_pretrained
 from .config import FlexOlmoConfig
@@ -60,33 +58,6 @@ class CausalLMOutput:
     last_hidden_state: Optional[torch.Tensor] = None
 
 
-class FlexOlmoDecoderLayer(nn.Module):
-    """Post-norm block: attention and a :class:`FlexMoE` FFN, each followed by its RMSNorm."""
-
-    def __init__(self, config: FlexOlmoConfig, layer_idx: int):
-        super().__init__()
-        self.self_attn = FlexOlmoAttention(config, layer_idx)
-        self.mlp = FlexMoE(
-            config.hidden_size,
-            config.intermediate_size,
-            config.num_experts,
-            config.num_experts_per_tok,
-            norm_topk_prob=config.norm_topk_prob,
-            expert_bias=config.expert_bias,
-            backend=config.moe_backend,
-            expert_names=config.expert_names,
-            init_std=config.initializer_range,
-        )
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_feedforward_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-
-    def forward(self, x_BSD, cos_sin, key_valid_BL=None, cache=None, allow_mask=None):
-        h = x_BSD + self.post_attention_layernorm(self.self_attn(x_BSD, cos_sin, key_valid_BL, cache))
-        # allow_mask was checked once by the model (FlexOlmoModel.forward): no per-layer check
-        moe_out, logits_TE = self.mlp(h, allow_mask, return_router_logits=True, validate=False)
-        return h + self.post_feedforward_layernorm(moe_out), logits_TE
-
-
 class FlexOlmoModel(nn.Module):
     """Embeddings, L decoder layers and the final RMSNorm (no LM head)."""
 
@@ -97,6 +68,8 @@ class FlexOlmoModel(nn.Module):
         self.layers = nn.ModuleList(FlexOlmoDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta)
+        # activation checkpointing per block in training mode (blocks.run_layers); not in the config
+        self.gradient_checkpointing = False
 
     def forward(
         self,
@@ -159,11 +132,8 @@ class FlexOlmoModel(nn.Module):
         allow = checked_allow_mask(allowed_experts, cfg.expert_names, (B, S), device, top_k, validate)
         h = self.embed_tokens(input_ids)
         cos_sin = self.rotary_emb(position_ids, h.dtype)
-        router_logits = []
-        for layer in self.layers:
-            h, logits_TE = layer(h, cos_sin, key_valid_BL, cache, allow)
-            if output_router_logits:
-                router_logits.append(logits_TE)
+        h, router_logits = run_layers(self.layers, h, cos_sin, key_valid_BL, cache, allow,
+                                      checkpointing=self.gradient_checkpointing and self.training)
         return self.norm(h), cache, (tuple(router_logits) if output_router_logits else None)
 
 
@@ -304,6 +274,16 @@ class FlexOlmoForCausalLM(nn.Module):
         self.config.attn_implementation = name
         for layer in self.model.layers:
             layer.self_attn.attn_implementation = name
+
+    def gradient_checkpointing_enable(self) -> None:
+        """Activation checkpointing per decoder block in training mode: each block's activations
+        are recomputed in the backward pass (less memory, one more block forward); outputs and
+        gradients equal the run without it (:func:`.blocks.run_layers`)."""
+        self.model.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        """Keep every block's activations again (the default)."""
+        self.model.gradient_checkpointing = False
 
     def remove_expert(self, name_or_index: Union[str, int]) -> None:
         """Physically remove an expert from every layer (FFN, router row, bias) and the config."""

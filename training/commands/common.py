@@ -68,6 +68,9 @@ def add_train_args(p: argparse.ArgumentParser, *, lr: float, steps: int = 100, w
     g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
                    help="auto: bf16 on CUDA, fp32 on CPU")
     g.add_argument("--moe-backend", default="auto", help="FlexMoE backend: auto, torch, triton, cuda")
+    g.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute each decoder block's activations in the backward pass (less memory, "
+                        "about one more forward; same gradients)")
     g = p.add_argument_group("run control")
     g.add_argument("--eval-every", type=int, default=0, help="evaluate on val.bin every N steps (0: only at the end)")
     g.add_argument("--eval-batches", type=int, default=8, help="held-out micro-batches per evaluation (default 8)")
