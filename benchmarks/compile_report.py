@@ -29,8 +29,8 @@ How each column is derived (and how precise it is):
   pipeliner: the smallest leading dimension ``N`` of the rank-3 ``NxRxC`` floating-point
   ``ttg.local_alloc`` buffers (one slot per stage in flight; with ``N`` slots the loads run
   ``N - 1`` k-steps ahead of the MMA). Integer index buffers (e.g. ``1x64xi32`` pair ids) are
-  not counted: the dW kernel asks for 3 stages and gets 2 data slots because its pair-id load
-  is pipelined too. 1 = a single-buffered operand tile, 0 = no operand in shared memory (not a
+  not counted (before the dW kernel prefetched its pair ids one k-step ahead, such an index
+  load took a stage and left the dW operands 2 slots of 3). 1 = a single-buffered operand tile, 0 = no operand in shared memory (not a
   GEMM). It is the allocation, not a measurement of copies in flight at run time; ``num_stages``
   (the value compiled) is also in the JSON. Cross-check: the PTX ``cp.async.wait_group``
   counts follow the same rings but count commit groups, not stages.
