@@ -1,0 +1,217 @@
+"""``flexmoe plan`` (training/memory.py, training/commands/plan.py): per-rank memory under ZeRO 0-3
+(issue 16 item 5). Meta-device models only: no parameter memory is allocated, so 7B sizes run on CPU."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import re
+
+import pytest
+
+from test_training_common import import_training, tiny_model_config
+
+import_training()
+from flexmoe_training.cli import main  # noqa: E402
+from flexmoe_training.memory import (  # noqa: E402
+    activation_bytes, build_config, model_state_bytes, param_counts, plan_memory)
+
+DENSE_SIZES = ("tiny", "olmo2-1b", "olmo2-7b")
+
+
+def _states(spec, kind=None, world=8, stage=3, **kw):
+    cfg, kind = build_config(spec, kind, **kw)
+    counts = param_counts(cfg, kind)
+    return counts, model_state_bytes(counts, world, stage)
+
+
+def _ds_printed_gib(fn, *args, option, **kw) -> float:
+    """The per-GPU GiB DeepSpeed's printing estimator reports on the line of ``option``."""
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        fn(*args, **kw)
+    for line in buf.getvalue().splitlines():
+        if line.rstrip().endswith(option):
+            return float(line.split("|")[1].strip().removesuffix("GB"))
+    raise AssertionError(f"no line ending in {option!r} in:\n{buf.getvalue()}")
+
+
+@pytest.mark.parametrize("spec", DENSE_SIZES)
+@pytest.mark.parametrize("gpus,nodes", [(8, 1), (8, 8)])
+def test_model_states_match_deepspeed_estimators(spec, gpus, nodes):
+    """(a) Our parameter, gradient and optimizer bytes against DeepSpeed's own estimators (no offload).
+
+    Same assumptions: bf16 parameters and gradients, AdamW with an fp32 master copy and two fp32
+    moments. DeepSpeed's ZeRO-2 formula is ``2P + 18P/N`` with 18 = 2 (bf16 grads) + 4 (fp32
+    grads) + 4 (fp32 params) + 8 (moments): ours is 2 B x P parameters + 2 B x P_t/N gradients
+    + 16 B x P_t/N optimizer (master, moments and the fp32 gradient copy) -- the same terms. Its
+    ZeRO-3 formula is ``4*largest_layer + 18P/N``: we count the same gathered module (4 B x the
+    largest module, found as DeepSpeed's ``model_to_params`` finds it) but 20 B/N per parameter,
+    because DeepSpeed's ZeRO-3 optimizer also keeps the bf16 gradient partition
+    (``grad_partitions_flat_buffer`` in stage3.py) that the formula leaves out: we add 2P/N to
+    DeepSpeed's figure before comparing. The remaining difference is the dense model's frozen
+    one-row router (L*D parameters, < 0.01%) and the rounding of shards: within 1%.
+    """
+    ds = pytest.importorskip("deepspeed")
+    from deepspeed.runtime.zero import stage3, stage_1_and_2
+
+    del ds
+    world = gpus * nodes
+    counts, z2 = _states(spec, world=world, stage=2)
+    _, z3 = _states(spec, world=world, stage=3)
+    P = counts.total
+    _, ds2 = stage_1_and_2.estimate_zero2_model_states_mem_needs(
+        P, num_gpus_per_node=gpus, num_nodes=nodes, cpu_offload=False)
+    assert z2["zero3_gather"] == 0
+    assert sum(z2.values()) == pytest.approx(ds2, rel=0.01)
+    _, ds3, largest_mem = stage3.estimate_zero3_model_states_mem_needs(
+        P, counts.largest_module, num_gpus_per_node=gpus, num_nodes=nodes, cpu_offload=False,
+        cpu_offload_params=False)
+    assert z3["zero3_gather"] == largest_mem
+    assert sum(z3.values()) == pytest.approx(ds3 + 2 * P / world, rel=0.01)
+    if spec == "olmo2-7b":  # the printing estimators (..._all_cold) print the same figures
+        g2 = _ds_printed_gib(stage_1_and_2.estimate_zero2_model_states_mem_needs_all_cold, P,
+                             num_gpus_per_node=gpus, num_nodes=nodes, option="offload_optimizer=none")
+        assert sum(z2.values()) / 2 ** 30 == pytest.approx(g2, rel=0.01)
+        g3 = _ds_printed_gib(stage3.estimate_zero3_model_states_mem_needs_all_cold, P, counts.largest_module,
+                             num_gpus_per_node=gpus, num_nodes=nodes,
+                             option="offload_param=none, offload_optimizer=none, zero_init=1")
+        assert (sum(z3.values()) - 2 * P / world) / 2 ** 30 == pytest.approx(g3, rel=0.01)
+
+
+def test_param_counts_match_deepspeed_model_to_params_on_a_live_model(tmp_path):
+    """DeepSpeed's ``model_to_params`` (what ``..._all_live`` uses) on a real CPU model agrees with
+    our meta-device counts: total (tied head once) and the largest module."""
+    pytest.importorskip("deepspeed")
+    from deepspeed.runtime.zero.stage3 import model_to_params
+
+    from flexmoe_kernels.models import FlexOlmoForCausalLM
+
+    for tie in (False, True):
+        cfg, kind = build_config(str(tiny_model_config(tmp_path / f"m{tie}.json", vocab_size=300,
+                                                       tie_word_embeddings=tie)), None, num_experts=3)
+        total, largest = model_to_params(FlexOlmoForCausalLM(cfg))
+        counts = param_counts(cfg, kind)
+        assert (counts.total, counts.largest_module) == (total, largest)
+        assert counts.trainable == total  # moe: everything trains
+
+
+def test_coupled_has_less_gradient_and_optimizer_state_than_moe_and_equal_parameters(tmp_path):
+    """(b) The same 2-expert model trained as an owner's coupled model (the trainer's own
+    ``freeze_for_expert_training`` on a meta-device model) and as a standard MoE (everything trains)."""
+    two = tiny_model_config(tmp_path / "two.json", vocab_size=300, num_experts=2, num_experts_per_tok=2,
+                            expert_bias=True)
+    for spec in (str(two), "olmo2-7b"):
+        cfg, _ = build_config(spec, "coupled")
+        c_counts, m_counts = param_counts(cfg, "coupled"), param_counts(cfg, "moe")
+        for stage in range(4):
+            coupled, moe = model_state_bytes(c_counts, 8, stage), model_state_bytes(m_counts, 8, stage)
+            assert coupled["parameters"] == moe["parameters"]
+            assert coupled["gradients"] < moe["gradients"] and coupled["optimizer"] < moe["optimizer"]
+        D, F, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+        # trainable: the owner's FFN row, router row and bias in every layer, nothing else
+        assert c_counts.trainable == L * (3 * D * F + D + 1)
+        assert m_counts.trainable == m_counts.total == c_counts.total
+
+
+@pytest.mark.parametrize("kind", ["dense", "coupled", "moe", "router-tuning"])
+def test_zero_stages_shard_monotonically(kind):
+    """(c) Each term and the total per rank never grow with the stage; each stage shards its term."""
+    extra = {} if kind in ("dense", "coupled") else {"num_experts": 4}
+    by_stage = [_states("olmo2-1b", kind, world=8, stage=s, **extra)[1] for s in range(4)]
+    for a, b in zip(by_stage, by_stage[1:]):
+        for key in ("parameters", "gradients", "optimizer"):
+            assert b[key] <= a[key]
+    totals = [sum(s.values()) for s in by_stage]
+    assert totals == sorted(totals, reverse=True) and totals[0] > totals[1]
+    assert by_stage[1]["optimizer"] * 8 >= by_stage[0]["optimizer"] > by_stage[1]["optimizer"]
+    assert by_stage[2]["gradients"] < by_stage[1]["gradients"] or by_stage[1]["gradients"] == 0
+    assert by_stage[3]["parameters"] < by_stage[2]["parameters"]
+    one = [_states("olmo2-1b", kind, world=1, stage=s, **extra)[1] for s in range(3)]
+    assert one[0] == one[1] == one[2]  # one rank: nothing to shard
+
+
+@pytest.mark.parametrize("spec,kw", [("olmo2-7b", {}), ("olmo2-7b", {"num_experts": 7, "top_k": 5})])
+def test_activation_checkpointing_reduces_activations(spec, kw):
+    """(d) Checkpointing keeps block inputs plus one block: less than every block's saved tensors."""
+    cfg, _ = build_config(spec, None, **kw)
+    off = activation_bytes(cfg, 2, 4096, False)
+    on = activation_bytes(cfg, 2, 4096, True)
+    assert on["total"] < off["total"] and on["head"] == off["head"]
+    L, D = cfg.num_hidden_layers, cfg.hidden_size
+    assert off["blocks"] == on["tokens"] * L * on["block_per_token"]
+    assert on["blocks"] == on["tokens"] * (L * 2 * D + on["block_per_token"])
+    assert activation_bytes(cfg, 4, 4096, False)["total"] == 2 * off["total"]  # linear in tokens (no S^2)
+
+
+def _cli(capsys, *argv):
+    code = main(["plan", *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_prints_the_table_and_json(capsys):
+    """(e) The table with every term and the fit verdict; --json with the same numbers."""
+    argv = ["--model-config", "olmo2-7b", "--gpus", "8", "--zero-stage", "3", "--kind", "coupled",
+            "--activation-checkpointing"]
+    code, out, _ = _cli(capsys, *argv)
+    assert code == 0
+    for word in ("parameters (bf16", "gradients (bf16", "optimizer (fp32", "ZeRO-3 gathered module",
+                 "activations", "total", "fits", "assumptions"):
+        assert word in out
+    code, js, _ = _cli(capsys, *argv, "--json")
+    p = json.loads(js)
+    assert p["kind"] == "coupled" and p["world"] == 8 and p["fits"] is True
+    total = float(re.search(r"total\s+([\d.]+) GiB", out).group(1))
+    assert total == pytest.approx(p["bytes_per_rank"]["total"] / 2 ** 30, abs=0.006)
+    assert p == plan_memory("olmo2-7b", gpus=8, zero_stage=3, kind="coupled", checkpointing=True)
+    code, out, _ = _cli(capsys, *argv[:-1], "--gpu-memory-gb", "10")
+    assert code == 0 and "DOES NOT FIT" in out
+
+
+@pytest.mark.parametrize("argv,flag", [
+    (["--gpus", "0"], "--gpus"),
+    (["--nodes", "-1"], "--nodes"),
+    (["--micro-batch-size", "0"], "--micro-batch-size"),
+    (["--seq-len", "999999"], "--seq-len"),
+    (["--gpu-memory-gb", "0"], "--gpu-memory-gb"),
+    (["--kind", "moe"], "--num-experts"),
+    (["--num-experts", "4", "--kind", "dense"], "--kind dense"),
+    (["--num-experts", "4", "--kind", "coupled"], "--kind coupled"),
+    (["--num-experts", "0"], "--num-experts"),
+    (["--num-experts", "4", "--top-k", "5"], "--top-k"),
+    (["--model-config", "no-such-preset"], "--model-config"),
+])
+def test_cli_errors_name_the_flag(capsys, argv, flag):
+    base = {"--model-config": "olmo2-1b", "--gpus": "8", "--zero-stage": "2"}
+    for k, v in zip(argv[::2], argv[1::2]):
+        base[k] = v
+    code, out, err = _cli(capsys, *[x for kv in base.items() for x in kv])
+    assert code == 2 and flag in err and not out
+
+
+def test_cli_argparse_rejects_a_bad_stage_and_a_missing_flag(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["plan", "--model-config", "tiny", "--gpus", "8", "--zero-stage", "4"])
+    assert exc.value.code == 2 and "--zero-stage" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["plan", "--model-config", "tiny", "--zero-stage", "3"])
+    assert "--gpus" in capsys.readouterr().err
+
+
+def test_a_7x7b_moe_is_counted_on_the_meta_device():
+    """The estimator builds no real tensors: a 33B-parameter model is counted on CPU in seconds."""
+    cfg, kind = build_config("olmo2-7b", None, num_experts=7, top_k=5)
+    counts = param_counts(cfg, kind)
+    assert counts.total > 3.3e10 and counts.largest_module == 7 * 3 * cfg.hidden_size * cfg.intermediate_size
+
+
+def test_router_tuning_trains_only_router_rows_and_non_public_biases_with_every_expert_active(tmp_path):
+    """``freeze_for_router_tuning`` on the meta model: E router rows (and E-1 biases) per layer, top-k = E."""
+    merged = tiny_model_config(tmp_path / "merged.json", vocab_size=300, num_experts=7, num_experts_per_tok=5,
+                               expert_bias=True)
+    for spec, bias in ((str(merged), 6), ("olmo2-7b", 0)):
+        cfg, kind = build_config(spec, "router-tuning", num_experts=None if bias else 7)
+        counts = param_counts(cfg, kind)
+        assert cfg.num_experts_per_tok == 7 and cfg.expert_bias == bool(bias)
+        assert counts.trainable == cfg.num_hidden_layers * (7 * cfg.hidden_size + bias)
