@@ -12,7 +12,7 @@ import importlib
 __all__ = ["COMMANDS", "register"]
 
 COMMANDS = ["prepare_data", "train_public", "init_router", "train_expert", "merge", "tune_router", "train_dense",
-            "train_moe", "demo", "generate", "plan"]
+            "train_moe", "demo", "generate", "plan", "convert"]
 
 
 def register(sub) -> None:

@@ -1,0 +1,187 @@
+"""``flexmoe convert``: OLMo-core FlexOlmo checkpoints (``model.pt`` or a torch distributed
+checkpoint) to our Hugging Face layout, keeping the router's negative expert bias, and back.
+
+The key and layout mapping is :mod:`flexmoe_kernels.models.olmo_core` (its docstring has the
+table); this module finds the config, checks the tensors against it and writes atomically.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from .common import DefaultsOnceFormatter, add_command, check_out_free, guard, require
+
+DESCRIPTION = """\
+--to hf: read an OLMo-core checkpoint (--input: a model.pt file, a directory holding model.pt,
+or a torch distributed checkpoint directory (.metadata; a step directory holding
+model_and_optim/ also works); only the model tensors are read) and write our HF checkpoint
+(config.json + safetensors) to --out. FlexOlmo's router expert_bias (E-1, 1) becomes
+mlp.gate.expert_bias (E,) with 0 for the public expert 0 (OLMo-core's own HF export drops it).
+The sizes come from the tensors; heads, RoPE theta, norm eps, top-k and expert names from
+--config, else from flexmoe_config.json or OLMo-core's config.json beside --input (or up to two
+directories above it).
+
+--to olmo-core: read our HF checkpoint (--input) and write OLMo-core model keys to --out:
+--format pt (out/model.pt, as OLMo-core's unshard_checkpoint writes it) or dcp (out/ is a
+distributed checkpoint with the tensors under model., as save_model_and_optim_state writes
+it), plus out/flexmoe_config.json (our config, for the way back). Both directions are exact
+(views, transposes, concatenations): the round trips are bit-identical.
+
+Needs no OLMo-core install: a checkpoint is a state dict. The tests also check the format
+against OLMo-core's own model classes when `ai2-olmo-core` is importable (pip install
+ai2-olmo-core; its cloud-storage dependencies are heavy, so CI skips that part)."""
+
+
+def register(sub) -> None:
+    """Add ``flexmoe convert``."""
+    p = add_command(sub, "convert", run, help="OLMo-core FlexOlmo checkpoints <-> our HF layout (keeps the router bias)",
+                    description=DESCRIPTION)
+    p.formatter_class = DefaultsOnceFormatter
+    require(p, "--to", choices=["hf", "olmo-core"], help="direction: hf (from OLMo-core) or olmo-core (from ours)")
+    require(p, "--input", help="the checkpoint to convert (see above)")
+    require(p, "--out", help="output directory (written atomically)")
+    p.add_argument("--format", choices=["pt", "dcp"], default="pt", help="with --to olmo-core: model.pt or a DCP directory")
+    p.add_argument("--config", default=None,
+                   help="with --to hf: our config.json (a file or checkpoint directory) or a preset name "
+                        "(training/configs/model_<name>.json) for what the tensors do not fix")
+    p.add_argument("--expert-layout", choices=["auto", "mlp", "dropless"], default="auto",
+                   help="OLMo-core's expert storage: mlp = MoEMLP (E*D, F) (FlexOlmo's), dropless = DroplessMoEMLP "
+                        "(E*F, D); auto: from the shapes (--to hf), the layout recorded beside --input, else mlp")
+    p.add_argument("--dtype", choices=["keep", "fp32", "bf16"], default="keep", help="cast the tensors")
+    p.add_argument("--max-shard-size-gb", type=float, default=None,
+                   help="with --to hf: split the safetensors into shards of at most this size (with an index)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+
+
+def _cast(sd: dict, dtype: str) -> dict:
+    import torch
+
+    if dtype == "keep":
+        return sd
+    dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    return {k: v.to(dt) for k, v in sd.items()}
+
+
+def _beside(start: Path, name: str):
+    """``name`` in ``start`` or up to two directories above it (a DCP dir's step and run directories), or None."""
+    for d in [start, *list(start.parents)[:2]]:
+        if (d / name).is_file():
+            return d / name
+    return None
+
+
+def _read_json(path: Path, what: str) -> dict:
+    from flexmoe_kernels.models.config import read_json_object
+
+    try:
+        return read_json_object(path)
+    except ValueError as exc:
+        raise ValueError(f"{what}: {exc}") from exc
+
+
+def _config_inputs(args, cfg_dir: Path):
+    """(our base config or None, OLMo-core config fields, where they came from)."""
+    from flexmoe_kernels.models import FlexOlmoConfig
+    from flexmoe_kernels.models.olmo_core import OUR_CONFIG_FILE, olmo_core_model_config
+
+    if args.config:
+        c = Path(args.config)
+        if c.is_dir():
+            c = c / "config.json"
+        if c.is_file():
+            return FlexOlmoConfig.from_dict(_read_json(c, "--config")), {}, f"--config {str(c)!r}"
+        from ..modeling import load_model_config
+
+        return load_model_config(args.config), {}, f"--config preset {args.config!r}"
+    ours = _beside(cfg_dir, OUR_CONFIG_FILE)
+    if ours is not None:
+        return FlexOlmoConfig.from_dict(_read_json(ours, "--input")), {}, str(ours)
+    theirs = _beside(cfg_dir, "config.json")
+    if theirs is not None:
+        d = _read_json(theirs, "--input")
+        if d.get("model_type") == "flex_olmo":
+            return FlexOlmoConfig.from_dict(d), {}, str(theirs)
+        return None, olmo_core_model_config(d), f"OLMo-core's {str(theirs)!r}"
+    return None, {}, "no config found"
+
+
+def _recorded_layout(start: Path):
+    run = _beside(start, "run.json")
+    if run is None:
+        return None
+    try:
+        return json.loads(run.read_text()).get("olmo_core_expert_layout")
+    except (ValueError, OSError):
+        return None
+
+
+def _to_hf(args, out: Path) -> str:
+    from flexmoe_kernels.models.checkpoint import save_pretrained
+    from flexmoe_kernels.models.olmo_core import config_from_olmo_core, olmo_core_to_hf, read_olmo_core
+    from flexmoe_kernels.utils.fs import atomic_directory, write_json_atomic
+
+    from ..modeling import model_from_state_dict
+    from ..runlog import utc_now
+
+    what = f"--input {args.input!r}"
+    try:
+        sd, cfg_dir = read_olmo_core(args.input)
+    except (FileNotFoundError, ValueError) as exc:
+        raise type(exc)(f"--input: {exc}") from exc
+    layout = args.expert_layout
+    if layout == "auto":
+        layout = _recorded_layout(Path(cfg_dir)) or "auto"
+    hf, dims = olmo_core_to_hf(sd, expert_layout=layout, what=what)
+    base, fields, source = _config_inputs(args, Path(cfg_dir))
+    if base is None and "num_attention_heads" not in fields:
+        raise ValueError(f"{what}: the number of attention heads is not in the tensors and {source} "
+                         f"(flexmoe_config.json or OLMo-core's config.json beside it): pass --config")
+    cfg = config_from_olmo_core(dims, base, fields, what=f"{what} with config from {source}")
+    model = model_from_state_dict(cfg, _cast(hf, args.dtype))
+    shard = None if args.max_shard_size_gb is None else int(args.max_shard_size_gb * 2 ** 30)
+    with atomic_directory(out) as ck:
+        save_pretrained(model, ck, max_shard_size=shard)
+        write_json_atomic(ck / "run.json", {
+            "command": "convert", "argv": sys.argv[1:], "status": "finished", "time": utc_now(),
+            "from": "olmo-core", "input": str(Path(args.input).resolve()), "config_from": source,
+            "olmo_core_expert_layout": dims.layout})
+    return (f"convert: OLMo-core ({dims.layout} experts, {dims.num_layers} layers, E={dims.num_experts}, "
+            f"expert bias {'kept' if dims.expert_bias else 'absent'}) -> HF {out} (config from {source})")
+
+
+def _to_olmo_core(args, out: Path) -> str:
+    from flexmoe_kernels.models.olmo_core import OUR_CONFIG_FILE, hf_to_olmo_core, write_olmo_core
+    from flexmoe_kernels.utils.fs import atomic_directory, write_json_atomic
+
+    from ..modeling import load_checkpoint
+    from ..runlog import utc_now
+
+    if args.config or args.max_shard_size_gb is not None:
+        raise ValueError("--config and --max-shard-size-gb apply to --to hf only")
+    cfg, sd = load_checkpoint(args.input, "--input")
+    layout = "mlp" if args.expert_layout == "auto" else args.expert_layout
+    oc = hf_to_olmo_core(_cast(sd, args.dtype), cfg, expert_layout=layout, what=f"--input {args.input!r}")
+    with atomic_directory(out) as d:
+        write_olmo_core(oc, d, args.format)
+        write_json_atomic(d / OUR_CONFIG_FILE, cfg.to_dict())
+        write_json_atomic(d / "run.json", {
+            "command": "convert", "argv": sys.argv[1:], "status": "finished", "time": utc_now(),
+            "from": "hf", "input": str(Path(args.input).resolve()), "format": args.format,
+            "olmo_core_expert_layout": layout})
+    what = "model.pt" if args.format == "pt" else "a distributed checkpoint (keys model.*)"
+    return (f"convert: HF ({cfg.num_hidden_layers} layers, E={cfg.num_experts}, expert bias "
+            f"{'kept' if cfg.expert_bias else 'absent'}) -> OLMo-core {what} ({layout} experts) in {out}")
+
+
+@guard
+def run(args) -> int:
+    """Convert ``--input`` into ``--out`` in the ``--to`` layout; exit status 0, or 2 naming the bad argument."""
+    out = Path(args.out).resolve()
+    if out == Path(args.input).resolve():
+        raise ValueError("--out must differ from --input")
+    check_out_free(out, args.overwrite)
+    if args.to == "hf" and args.format != "pt":
+        raise ValueError("--format applies to --to olmo-core only")
+    print(_to_hf(args, out) if args.to == "hf" else _to_olmo_core(args, out))
+    return 0
