@@ -305,6 +305,12 @@ def _dcp_dir(path: str) -> Optional[str]:
     return None
 
 
+def _why(exc: BaseException) -> str:
+    """``Type: first line of the message`` (torch's load errors run over many lines)."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"
+
+
 def _read_dcp(directory: str) -> dict[str, torch.Tensor]:
     """The model tensors of a DCP directory (keys ``model.*`` stripped; optimizer state not read)."""
     import torch.distributed.checkpoint as dcp
@@ -335,14 +341,14 @@ def read_olmo_core(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], Op
         try:
             return _read_dcp(dcp_dir), os.path.abspath(path)
         except Exception as exc:  # torch raises its own error types for a corrupt DCP
-            raise CheckpointError(f"{path!r}: cannot read the distributed checkpoint ({type(exc).__name__}: {exc})") from exc
+            raise CheckpointError(f"{path!r}: cannot read the distributed checkpoint ({_why(exc)})") from exc
     file = os.path.join(path, "model.pt") if os.path.isdir(path) else path
     if not os.path.isfile(file):
         raise FileNotFoundError(f"{path!r} holds neither model.pt nor a distributed checkpoint (.metadata)")
     try:
         obj = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle / zip errors of a corrupt or non-torch file
-        raise CheckpointError(f"{file!r}: not a torch.save file of tensors ({type(exc).__name__}: {exc})") from exc
+        raise CheckpointError(f"{file!r}: not a torch.save file of tensors ({_why(exc)})") from exc
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         obj = obj["model"]
     bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)] if isinstance(obj, dict) else ["<not a dict>"]

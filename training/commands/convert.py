@@ -160,7 +160,9 @@ def _to_olmo_core(args, out: Path) -> str:
     if args.config or args.max_shard_size_gb is not None:
         raise ValueError("--config and --max-shard-size-gb apply to --to hf only")
     cfg, sd = load_checkpoint(args.input, "--input")
-    layout = "mlp" if args.expert_layout == "auto" else args.expert_layout
+    layout = args.expert_layout
+    if layout == "auto":  # the layout it was converted from, else FlexOlmo's
+        layout = _recorded_layout(Path(args.input)) or "mlp"
     oc = hf_to_olmo_core(_cast(sd, args.dtype), cfg, expert_layout=layout, what=f"--input {args.input!r}")
     with atomic_directory(out) as d:
         write_olmo_core(oc, d, args.format)

@@ -1,0 +1,284 @@
+"""``flexmoe convert`` (training/commands/convert.py, flexmoe_kernels/models/olmo_core.py): OLMo-core
+FlexOlmo checkpoints <-> our HF layout, keeping the router expert bias (issue 16 item 6).
+
+Without ``olmo_core`` the OLMo-core side is written here from the documented key names and layouts
+(OLMo-core's MoEMLP / DroplessMoEMLP, FlexOlmo's MoELinearRouterWithExpertBias) and the MoE FFN is
+checked against a readable reference of OLMo-core's semantics computed from those tensors. With
+``olmo_core`` importable, :func:`test_written_by_olmo_core` also builds the tiny model with
+OLMo-core's own classes, saves it with OLMo-core's own writers and compares full-model logits
+against a forward composed of OLMo-core's own modules.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from test_training_common import import_training
+
+import_training()
+from flexmoe_training.cli import main  # noqa: E402
+
+from flexmoe_kernels.models import FlexOlmoConfig, FlexOlmoForCausalLM  # noqa: E402
+from flexmoe_kernels.models.checkpoint import load_state_dict  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
+L, E, D, FF, H, HKV, V = 2, 3, 16, 24, 4, 2, 64
+HD = D // H
+
+
+def _config(**kw) -> FlexOlmoConfig:
+    base = dict(vocab_size=V, hidden_size=D, intermediate_size=FF, num_hidden_layers=L, num_attention_heads=H,
+                num_key_value_heads=HKV, num_experts=E, num_experts_per_tok=2, expert_bias=True,
+                expert_names=["public", "math", "code"], moe_backend="torch", rope_theta=10000.0)
+    base.update(kw)
+    return FlexOlmoConfig(**base)
+
+
+def _ours(path, gen, **kw) -> FlexOlmoForCausalLM:
+    """Our model with N(0, 1) weights (fresh per call), expert_bias[1:] negative, [0] = 0, saved to ``path``."""
+    model = FlexOlmoForCausalLM(_config(**kw)).float()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * (0.3 if "norm" not in name else 1.0))
+            if name.endswith("expert_bias"):
+                p.copy_(-torch.rand(p.shape, generator=gen) - 0.1)
+                p[0] = 0.0
+    model.save_pretrained(path)
+    return model.eval()
+
+
+def _olmo_core_sd(gen, layout="mlp", bias=True, tied=False, e=E, d=D, f=FF) -> dict:
+    """An OLMo-core FlexOlmo state dict written from the documented key names and shapes."""
+    r = lambda *s: torch.randn(*s, generator=gen) * 0.3  # noqa: E731
+    sd = {"embeddings.weight": r(V, d), "lm_head.norm.weight": 1 + r(d)}
+    if not tied:
+        sd["lm_head.w_out.weight"] = r(V, d)
+    for i in range(L):
+        a, p = f"blocks.{i}.attention.", f"blocks.{i}.feed_forward_moe."
+        sd.update({a + "w_q.weight": r(H * HD, d), a + "w_k.weight": r(HKV * HD, d), a + "w_v.weight": r(HKV * HD, d),
+                   a + "w_out.weight": r(d, H * HD), a + "q_norm.weight": 1 + r(H * HD), a + "k_norm.weight": 1 + r(HKV * HD),
+                   f"blocks.{i}.attention_norm.weight": 1 + r(d), f"blocks.{i}.feed_forward_norm.weight": 1 + r(d),
+                   p + "router.weight": r(e * d), p + "experts.mlp.w2": r(e * f, d)})
+        shape13 = (e * d, f) if layout == "mlp" else (e * f, d)
+        sd[p + "experts.mlp.w1"], sd[p + "experts.mlp.w3"] = r(*shape13), r(*shape13)
+        if bias:
+            sd[p + "router.expert_bias"] = -torch.rand(e - 1, 1, generator=gen) - 0.1
+    return sd
+
+
+def _trainer_config(top_k=2) -> dict:
+    """The part of OLMo-core's trainer config.json that convert reads (newer key: sequence_mixer)."""
+    return {"model": {"d_model": D, "n_layers": L, "block": {
+        "sequence_mixer": {"n_heads": H, "n_kv_heads": HKV, "rope": {"theta": 10000}},
+        "layer_norm": {"eps": 1e-6}, "feed_forward_moe": {"router": {"top_k": top_k}}}}}
+
+
+def _write_olmo_core(sd, directory, fmt, config=None) -> str:
+    os.makedirs(directory, exist_ok=True)
+    if fmt == "pt":
+        torch.save(sd, os.path.join(directory, "model.pt"))
+    else:
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save({"model": sd}, storage_writer=dcp.FileSystemWriter(directory), no_dist=True)
+    if config is not None:
+        with open(os.path.join(directory, "config.json"), "w") as fh:
+            json.dump(config, fh)
+    return str(directory)
+
+
+def _convert(*argv) -> int:
+    return main(["convert", *map(str, argv)])
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def _assert_same_tensors(a: dict, b: dict):
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+
+
+# ---------------------------------------------------------------------------- round trips
+@pytest.mark.parametrize("fmt", ["pt", "dcp"])
+@pytest.mark.parametrize("bias,tied", [(True, False), (False, True)])
+def test_round_trip_ours_olmo_core_ours(tmp_path, fmt, bias, tied):
+    gen = torch.Generator().manual_seed(1)
+    model = _ours(tmp_path / "ours", gen, expert_bias=bias, tie_word_embeddings=tied)
+    assert _convert("--to", "olmo-core", "--input", tmp_path / "ours", "--out", tmp_path / "oc", "--format", fmt) == 0
+    assert _convert("--to", "hf", "--input", tmp_path / "oc", "--out", tmp_path / "back") == 0
+    _assert_same_tensors(load_state_dict(tmp_path / "ours"), load_state_dict(tmp_path / "back"))
+    assert json.loads((tmp_path / "back" / "config.json").read_text()) == \
+        json.loads((tmp_path / "ours" / "config.json").read_text())
+    ids = torch.randint(0, V, (2, 7), generator=gen)
+    back = FlexOlmoForCausalLM.from_pretrained(tmp_path / "back")
+    assert torch.equal(_logits(model, ids), _logits(back, ids))
+    if fmt == "pt":  # the OLMo-core side holds FlexOlmo's bias (E-1, 1) for experts 1..E-1, as stored
+        oc = torch.load(tmp_path / "oc" / "model.pt", weights_only=True)
+        assert ("lm_head.w_out.weight" in oc) == (not tied)
+        for i in range(L):
+            key = f"blocks.{i}.feed_forward_moe.router.expert_bias"
+            if bias:
+                want = model.model.layers[i].mlp.gate.expert_bias.detach()[1:]
+                assert oc[key].shape == (E - 1, 1) and torch.equal(oc[key][:, 0], want) and (want < 0).all()
+            else:
+                assert key not in oc
+
+
+@pytest.mark.parametrize("fmt", ["pt", "dcp"])
+@pytest.mark.parametrize("layout", ["mlp", "dropless"])
+def test_round_trip_olmo_core_ours_olmo_core(tmp_path, fmt, layout):
+    gen = torch.Generator().manual_seed(2)
+    sd = _olmo_core_sd(gen, layout=layout)
+    src = _write_olmo_core(sd, tmp_path / "run" / "step10", fmt, config=_trainer_config(top_k=2))
+    assert _convert("--to", "hf", "--input", src, "--out", tmp_path / "hf") == 0
+    cfg = FlexOlmoConfig.from_pretrained(tmp_path / "hf")
+    assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.num_experts, cfg.num_experts_per_tok) == (H, HKV, E, 2)
+    assert cfg.rope_theta == 10000 and cfg.expert_bias and not cfg.tie_word_embeddings
+    hf = load_state_dict(tmp_path / "hf")
+    for i in range(L):  # the bias survives: 0 for the public expert, FlexOlmo's values for the others
+        b = hf[f"model.layers.{i}.mlp.gate.expert_bias"]
+        assert b[0] == 0 and torch.equal(b[1:], sd[f"blocks.{i}.feed_forward_moe.router.expert_bias"][:, 0])
+    assert _convert("--to", "olmo-core", "--input", tmp_path / "hf", "--out", tmp_path / "oc", "--format", fmt) == 0
+    if fmt == "pt":
+        back = torch.load(tmp_path / "oc" / "model.pt", weights_only=True)
+    else:
+        from flexmoe_kernels.models.olmo_core import read_olmo_core
+
+        back = read_olmo_core(tmp_path / "oc")[0]
+    _assert_same_tensors(sd, back)
+
+
+def _reference_moe(sd, i, x_TD, top_k, layout):
+    """OLMo-core's FlexOlmo MoE FFN written from its modules' code, on OLMo-core tensors: router
+    logits ``x @ W.view(E, D).T``, ``min(b, 0)`` added to experts 1..E-1, softmax, top-k (no
+    renormalisation); expert e = ``(silu(x w1_e) * (x w3_e)) w2_e``, MoEMLP views w1 as (E, D, F),
+    DroplessMoEMLP as (E, F, D) (used transposed); w2 is (E, F, D) in both."""
+    p = f"blocks.{i}.feed_forward_moe."
+    logits = x_TD @ sd[p + "router.weight"].view(E, D).T
+    logits[:, 1:] += sd[p + "router.expert_bias"].clamp(max=0).T
+    w_TK, idx_TK = logits.softmax(-1).topk(top_k, dim=-1)
+    if layout == "mlp":
+        w1, w3 = (sd[p + f"experts.mlp.{w}"].view(E, D, FF) for w in ("w1", "w3"))
+    else:
+        w1, w3 = (sd[p + f"experts.mlp.{w}"].view(E, FF, D).transpose(1, 2) for w in ("w1", "w3"))
+    w2 = sd[p + "experts.mlp.w2"].view(E, FF, D)
+    y_ETD = torch.stack([(F.silu(x_TD @ w1[e]) * (x_TD @ w3[e])) @ w2[e] for e in range(E)])
+    out = torch.zeros_like(x_TD)
+    for k in range(top_k):
+        out += w_TK[:, k:k + 1] * y_ETD[idx_TK[:, k], torch.arange(x_TD.shape[0])]
+    return out
+
+
+@pytest.mark.parametrize("layout", ["mlp", "dropless"])
+def test_moe_layer_matches_olmo_core_semantics(tmp_path, layout):
+    """Our converted MoE layer computes what OLMo-core's FlexOlmo layer computes on its tensors
+    (the transposes, the w1/w3 split and the bias on experts 1.. are right)."""
+    gen = torch.Generator().manual_seed(3)
+    sd = _olmo_core_sd(gen, layout=layout)
+    _write_olmo_core(sd, tmp_path / "oc", "pt", config=_trainer_config(top_k=2))
+    assert _convert("--to", "hf", "--input", tmp_path / "oc", "--out", tmp_path / "hf") == 0
+    model = FlexOlmoForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    x_TD = torch.randn(11, D, generator=gen)
+    for i in range(L):
+        with torch.no_grad():
+            ours = model.model.layers[i].mlp(x_TD)
+        ours = ours[0] if isinstance(ours, tuple) else ours
+        torch.testing.assert_close(ours, _reference_moe(sd, i, x_TD, 2, layout), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- errors and atomicity
+def _fails(capsys, *argv) -> str:
+    """Run convert, expect exit status 2, return its one-line error."""
+    capsys.readouterr()
+    assert _convert(*argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("flexmoe: error: ") and "\n" not in err, err
+    return err
+
+
+def test_errors_name_the_argument(tmp_path, capsys):
+    gen = torch.Generator().manual_seed(4)
+    out = tmp_path / "out"
+    err = _fails(capsys, "--to", "hf", "--input", tmp_path / "missing", "--out", out)
+    assert "--input" in err and "missing" in err
+    err = _fails(capsys, "--to", "olmo-core", "--input", tmp_path / "missing", "--out", out)
+    assert "--input" in err
+    (tmp_path / "empty").mkdir()
+    assert "model.pt" in _fails(capsys, "--to", "hf", "--input", tmp_path / "empty", "--out", out)
+    (tmp_path / "junk.pt").write_bytes(b"not a torch file")
+    assert "junk.pt" in _fails(capsys, "--to", "hf", "--input", tmp_path / "junk.pt", "--out", out)
+
+    sd = _olmo_core_sd(gen)
+    sd["blocks.1.feed_forward_moe.shared_mlp.w1.weight"] = torch.zeros(4, D)
+    src = _write_olmo_core(sd, tmp_path / "unknown", "pt", config=_trainer_config())
+    err = _fails(capsys, "--to", "hf", "--input", src, "--out", out)
+    assert "--input" in err and "unknown tensors" in err and "shared_mlp.w1.weight" in err
+
+    sd = _olmo_core_sd(gen)
+    sd["blocks.1.feed_forward_moe.experts.mlp.w3"] = torch.zeros(E * D, FF + 1)
+    src = _write_olmo_core(sd, tmp_path / "shape", "pt", config=_trainer_config())
+    err = _fails(capsys, "--to", "hf", "--input", src, "--out", out)
+    assert "blocks.1.feed_forward_moe.experts.mlp.w3" in err and f"({E * D}, {FF + 1})" in err
+
+    src = _write_olmo_core(_olmo_core_sd(gen), tmp_path / "noconfig", "pt")
+    assert "--config" in _fails(capsys, "--to", "hf", "--input", src, "--out", out)
+    bad = {"model": {"block": {"sequence_mixer": {"n_heads": 3}}}}  # 3 heads do not divide the projections
+    src = _write_olmo_core(_olmo_core_sd(gen), tmp_path / "badheads", "pt", config=bad)
+    assert "3 heads" in _fails(capsys, "--to", "hf", "--input", src, "--out", out)
+
+    sq = _olmo_core_sd(gen, f=D)  # D == F: both expert layouts fit the shapes
+    src = _write_olmo_core(sq, tmp_path / "square", "pt", config=_trainer_config())
+    assert "expert layout" in _fails(capsys, "--to", "hf", "--input", src, "--out", out)
+    assert _convert("--to", "hf", "--input", src, "--out", out, "--expert-layout", "dropless") == 0
+    assert "--out" in _fails(capsys, "--to", "hf", "--input", src, "--out", out)  # exists, no --overwrite
+
+    model = _ours(tmp_path / "ours", gen)
+    with torch.no_grad():
+        model.model.layers[1].mlp.gate.expert_bias[0] = -0.5
+    model.save_pretrained(tmp_path / "ours")
+    err = _fails(capsys, "--to", "olmo-core", "--input", tmp_path / "ours", "--out", tmp_path / "oc")
+    assert "model.layers.1.mlp.gate.expert_bias[0]" in err and "--input" in err
+    assert not (tmp_path / "oc").exists()
+
+
+@pytest.mark.parametrize("to", ["hf", "olmo-core"])
+def test_output_is_atomic(tmp_path, monkeypatch, to):
+    """A failure while writing leaves no --out (or the old one untouched with --overwrite) and no temporaries."""
+    import flexmoe_kernels.models.checkpoint as ckpt
+    import flexmoe_kernels.models.olmo_core as oc
+
+    gen = torch.Generator().manual_seed(5)
+    if to == "hf":
+        src = _write_olmo_core(_olmo_core_sd(gen), tmp_path / "src", "pt", config=_trainer_config())
+        real = ckpt.save_pretrained
+
+        def broken(model, directory, **kw):
+            real(model, directory, **kw)
+            raise OSError("disk full")
+
+        monkeypatch.setattr(ckpt, "save_pretrained", broken)
+    else:
+        _ours(tmp_path / "src", gen)
+        src = tmp_path / "src"
+
+        def broken(sd, directory, fmt):
+            (open(os.path.join(directory, "model.pt"), "wb")).write(b"partial")
+            raise OSError("disk full")
+
+        monkeypatch.setattr(oc, "write_olmo_core", broken)
+    with pytest.raises(OSError, match="disk full"):
+        _convert("--to", to, "--input", src, "--out", tmp_path / "out")
+    assert sorted(os.listdir(tmp_path)) == ["src"]
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("old")
+    with pytest.raises(OSError, match="disk full"):
+        _convert("--to", to, "--input", src, "--out", tmp_path / "out", "--overwrite")
+    assert sorted(os.listdir(tmp_path)) == ["out", "src"] and os.listdir(tmp_path / "out") == ["keep.txt"]
