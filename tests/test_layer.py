@@ -459,7 +459,7 @@ def test_custom_ops_opcheck(seed):
                           test_utils=("test_schema", "test_faketensor"))
     res = torch.ops.flexmoe_triton.moe_fwd(*args)
     bargs = (torch.randn(T, D, device=DEVICE), torch.randn(T, E, device=DEVICE), p["x"], p["gate_up"], p["down"],
-             p["expert_bias"], p["allow_mask"], None, list(res[2:]), torch.float32, False, 1,
+             p["expert_bias"], p["allow_mask"], None, res[2], list(res[3:]), torch.float32, False, 1,
              [True, True, True, True, True])
     torch.library.opcheck(torch.ops.flexmoe_triton.moe_bwd.default, bargs,
                           test_utils=("test_schema", "test_faketensor"))

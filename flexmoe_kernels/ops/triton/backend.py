@@ -18,9 +18,11 @@ Data flow of one layer call:
 2. ``torch.ops.flexmoe_triton.moe_fwd``: :func:`.routing.triton_route` (bias ``min(b, 0)``, allow-mask
    -inf before the fp32 softmax, top-k, padded tile schedule) -> up-projection with gathered x
    rows and fused SwiGLU -> down-projection with the router weight and the top-k combine fused
-   (deterministic by default). Returns the output, the masked fp32 logits (z-loss) and the
-   routing plan tensors (all O(T*K), O(T*E) or O(Q_max)): nothing of width F is kept.
-3. ``torch.ops.flexmoe_triton.moe_bwd``: recomputes the SwiGLU intermediate, computes dX,
+   (deterministic by default). Returns the output, the masked fp32 logits (z-loss), the
+   gate/up pre-activation if the configs keep it (below; else an empty tensor) and the
+   routing plan tensors (all O(T*K), O(T*E) or O(Q_max)).
+3. ``torch.ops.flexmoe_triton.moe_bwd``: takes the kept pre-activation or recomputes it, then
+   the dh GEMM with the SwiGLU backward in its epilogue, dX,
    dW (gate_up, down; frozen experts none), d router weights -> :func:`.routing.triton_route_backward`
    -> dlogits (+ the z-loss gradient of the returned logits) -> d bias (where ``bias <= 0``,
    the subgradient torch's ``clamp(max=0)`` uses) and d logits.
@@ -30,6 +32,16 @@ Both ops are functional custom ops with fake (meta) implementations, wrapped in 
 check (skipped while a CUDA graph is captured). Option of this backend (a
 :class:`~flexmoe_kernels.ops.args.LayerArgs` field): ``deterministic`` (None = from
 ``FLEXMOE_TRITON_DETERMINISTIC``, "1" if unset).
+
+What the autograd function saves for the backward: x, the weights, bias / mask / trainable
+flags, the plan tensors and, only when the launch configs say ``up.keep_preact`` (a config
+field: the JSON tables or ``FLEXMOE_TRITON_CONFIG="up.keep_preact=1"``; default off), the
+gate/up pre-activation ``pre_Q2F`` (Q_max, 2F) in x's dtype: ``2 * F * K * bytes`` per token
+per layer (+ at most ``E * (block_m - 1)`` padding rows), e.g. 24 KiB per token at the
+fine-grained shape (F 768, K 8, bf16) and 215 KiB at FlexOlmo-7x7B (F 11008, K 5) against
+4-8 KiB for x itself. It saves the backward's recompute GEMM (a third of the forward FLOPs).
+Off by default: memory, not FLOPs, bounds FlexOlmo's batch, and without it the layer keeps
+nothing of width F (not measured on a GPU yet).
 """
 from __future__ import annotations
 
@@ -42,7 +54,7 @@ from ..args import LayerArgs
 from ..plan import RoutingPlan, TileSchedule, schedule_sizes
 from ..reference.routing import mask_router_rows, router_logits
 from . import launch
-from .configs import get_configs
+from .configs import MoEConfigs, get_configs
 
 __all__ = ["is_available", "forward", "default_deterministic"]
 
@@ -74,11 +86,12 @@ _PLAN_FIELDS = (
 _SCHEDULE_FIELDS = ("padded_pairs_Q", "padded_offsets_E1", "tile_expert_E_tiles", "num_tiles")
 
 
-def _block_m(x_TD: torch.Tensor, gate_up_E2FD: torch.Tensor, top_k: int) -> int:
-    """The schedule's tile height for this problem (from :func:`.configs.get_configs`)."""
+def _configs(x_TD: torch.Tensor, gate_up_E2FD: torch.Tensor, top_k: int) -> MoEConfigs:
+    """The launch configs of this problem (:func:`.configs.get_configs`): the schedule's tile
+    height ``block_m`` and whether the forward keeps the pre-activation (``up.keep_preact``)."""
     T, D = x_TD.shape
     E, F2, _ = gate_up_E2FD.shape
-    return get_configs(T, D, F2 // 2, E, top_k, x_TD.dtype, x_TD.device).block_m
+    return get_configs(T, D, F2 // 2, E, top_k, x_TD.dtype, x_TD.device)
 
 
 def _det(flag: int) -> bool:
@@ -110,34 +123,39 @@ def _moe_fwd(
     validate: bool,
     deterministic: int,
 ) -> list[torch.Tensor]:
-    """[out_TD, zlogits_TE, *plan tensors in ``_PLAN_FIELDS`` order]. ``deterministic``: 1, 0 or
-    -1 (= :func:`default_deterministic`); the schedule's block_m comes from the configs."""
+    """[out_TD, zlogits_TE, preact_Q2F, *plan tensors in ``_PLAN_FIELDS`` order].
+    ``deterministic``: 1, 0 or -1 (= :func:`default_deterministic`); the schedule's block_m
+    and ``up.keep_preact`` come from the configs; ``preact_Q2F`` is (Q_max, 2F) when kept,
+    else an empty (0,) tensor."""
     from .grouped_gemm import grouped_swiglu_forward
     from .routing import triton_route
 
     ok, why = is_available(x_TD.device)
     if not ok:
         raise RuntimeError(f"backend 'triton' is not available on {x_TD.device}: {why}")
-    block_m = _block_m(x_TD, gate_up_E2FD, top_k)
+    cfgs = _configs(x_TD, gate_up_E2FD, top_k)
     plan = triton_route(
         logits_TE, top_k, allow_mask=allow_mask, expert_bias=expert_bias,
-        norm_topk_prob=norm_topk_prob, block_m=block_m, validate=validate,
+        norm_topk_prob=norm_topk_prob, block_m=cfgs.block_m, validate=validate,
     )
-    out_TD = grouped_swiglu_forward(x_TD, plan, gate_up_E2FD, down_EDF, deterministic=_det(deterministic))
-    return [out_TD, plan.logits_TE] + _plan_tensors(plan)
+    res = grouped_swiglu_forward(x_TD, plan, gate_up_E2FD, down_EDF, deterministic=_det(deterministic),
+                                 keep_preact=cfgs.up.keep_preact)
+    out_TD, pre_Q2F = res if cfgs.up.keep_preact else (res, x_TD.new_empty((0,)))
+    return [out_TD, plan.logits_TE, pre_Q2F] + _plan_tensors(plan)
 
 
 @_moe_fwd.register_fake
 def _moe_fwd_fake(x_TD, logits_TE, gate_up_E2FD, down_EDF, expert_bias, allow_mask, top_k, norm_topk_prob,
                   validate, deterministic):
     T, E = logits_TE.shape
-    block_m = _block_m(x_TD, gate_up_E2FD, top_k)
+    cfgs = _configs(x_TD, gate_up_E2FD, top_k)
     K, P = top_k, logits_TE.shape[0] * top_k
-    q_max, nt = schedule_sizes(T, K, E, block_m)
+    q_max, nt = schedule_sizes(T, K, E, cfgs.block_m)
     i32, f32 = torch.int32, torch.float32
     new = x_TD.new_empty
     return [
         new((T, x_TD.shape[1])), new((T, E), dtype=f32),
+        new((q_max, gate_up_E2FD.shape[1])) if cfgs.up.keep_preact else new((0,)),
         new((T, K), dtype=i32), new((T, K), dtype=f32), new((T, E), dtype=f32), new((E,), dtype=i32),
         new((E + 1,), dtype=i32), new((P,), dtype=i32), new((P,), dtype=i32), new((q_max,), dtype=i32),
         new((E + 1,), dtype=i32), new((nt,), dtype=i32), new((1,), dtype=i32),
@@ -154,6 +172,7 @@ def _moe_bwd(
     expert_bias: Optional[torch.Tensor],
     allow_mask: Optional[torch.Tensor],
     trainable_experts: Optional[torch.Tensor],
+    preact_Q2F: Optional[torch.Tensor],
     plan_tensors: list[torch.Tensor],
     logits_dtype: torch.dtype,
     norm_topk_prob: bool,
@@ -161,7 +180,8 @@ def _moe_bwd(
     needs: list[bool],
 ) -> list[torch.Tensor]:
     """[dx_TD, dlogits_TE, dgate_up_E2FD, ddown_EDF, dbias_E]; an entry whose ``needs`` flag
-    (same order) is False is an empty (0,) tensor."""
+    (same order) is False is an empty (0,) tensor. ``preact_Q2F``: the forward's kept
+    pre-activation, or None / an empty tensor (recomputed)."""
     from .grouped_gemm import grouped_swiglu_backward
     from .routing import triton_route_backward
 
@@ -172,6 +192,7 @@ def _moe_bwd(
         dout_TD, x_TD, plan, gate_up_E2FD, down_EDF, trainable_experts=trainable_experts,
         need_dx=need_dx, need_dgate_up=need_dgu, need_ddown=need_ddown, need_dweights=need_route,
         deterministic=_det(deterministic),
+        preact_Q2F=preact_Q2F if preact_Q2F is not None and preact_Q2F.numel() else None,
     )
 
     def empty():  # a fresh (0,) tensor per unused slot: custom-op outputs must not alias
@@ -195,7 +216,7 @@ def _moe_bwd(
 
 @_moe_bwd.register_fake
 def _moe_bwd_fake(dout_TD, dz_TE, x_TD, gate_up_E2FD, down_EDF, expert_bias, allow_mask, trainable_experts,
-                  plan_tensors, logits_dtype, norm_topk_prob, deterministic, needs):
+                  preact_Q2F, plan_tensors, logits_dtype, norm_topk_prob, deterministic, needs):
     need_dx, need_dlogits, need_dgu, need_ddown, need_dbias = needs
     T, E = plan_tensors[2].shape
     return [
@@ -217,15 +238,16 @@ class _TritonMoEFunction(torch.autograd.Function):
             x_TD, logits_TE, gate_up_E2FD, down_EDF, expert_bias, allow_mask,
             top_k, norm_topk_prob, validate, deterministic,
         )
-        out_TD, z_TE, plan_tensors = res[0], res[1], list(res[2:])
-        ctx.save_for_backward(x_TD, gate_up_E2FD, down_EDF, expert_bias, allow_mask, trainable_experts, *plan_tensors)
+        out_TD, z_TE, pre_Q2F, plan_tensors = res[0], res[1], res[2], list(res[3:])
+        ctx.save_for_backward(x_TD, gate_up_E2FD, down_EDF, expert_bias, allow_mask, trainable_experts, pre_Q2F,
+                              *plan_tensors)
         ctx.cfg = (logits_TE.dtype, norm_topk_prob, deterministic)
         ctx.set_materialize_grads(False)
         return out_TD, z_TE
 
     @staticmethod
     def backward(ctx, dout_TD, dz_TE):
-        x_TD, gate_up, down, bias, allow_mask, trainable, *plan_tensors = ctx.saved_tensors
+        x_TD, gate_up, down, bias, allow_mask, trainable, pre_Q2F, *plan_tensors = ctx.saved_tensors
         logits_dtype, norm, deterministic = ctx.cfg
         nig = ctx.needs_input_grad
         needs = [bool(nig[0]), bool(nig[1]), bool(nig[2]), bool(nig[3]), bool(nig[4])]
@@ -234,7 +256,7 @@ class _TritonMoEFunction(torch.autograd.Function):
         if dout_TD is None:
             dout_TD = torch.zeros_like(x_TD)
         dx, dlogits, dgu, ddown, dbias = torch.ops.flexmoe_triton.moe_bwd(
-            dout_TD, dz_TE, x_TD, gate_up, down, bias, allow_mask, trainable, plan_tensors,
+            dout_TD, dz_TE, x_TD, gate_up, down, bias, allow_mask, trainable, pre_Q2F, plan_tensors,
             logits_dtype, norm, deterministic, needs,
         )
         grads = [g if n else None for g, n in zip((dx, dlogits, dgu, ddown, dbias), needs)]
