@@ -10,6 +10,11 @@
   process of the same interpreter starts clean.
 * :func:`ds_config`: ``training/configs/zero{0,1,2,3}.json`` (or ``--deepspeed-config``) with the
   ``"auto"`` entries filled from the command line.
+* :func:`zero3_partitioner`: ZeRO-3 partitioning of one parameter at a time (the model is built
+  on the meta device and materialised parameter by parameter, see
+  :func:`training.modeling.build_model`), with the settings ``deepspeed.zero.Init`` takes from
+  the DeepSpeed config; :func:`param_numel` / :func:`param_shape`: full sizes of a possibly
+  partitioned parameter.
 * :func:`barrier` / :func:`all_reduce_sum`: no-ops in a 1-process group.
 
 Used by the training loop and by ``benchmarks/bench_e2e.py`` (one set-up for both).
@@ -29,7 +34,7 @@ from flexmoe_kernels.utils.net import free_port
 from .options import TrainingError, TrainOptions
 
 __all__ = ["CONFIG_DIR", "DistInfo", "all_reduce_sum", "barrier", "child_env", "ds_config", "init_distributed",
-           "release_distributed", "resolve_device"]
+           "param_numel", "param_shape", "release_distributed", "resolve_device", "zero3_partitioner"]
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 # The launcher variables this process set itself (no launcher): child processes must not inherit them.
@@ -195,3 +200,29 @@ def ds_config(opts: TrainOptions, world_size: int, use_bf16: bool) -> dict:
     cfg.setdefault("steps_per_print", 10**9)
     cfg.setdefault("wall_clock_breakdown", False)
     return cfg
+
+
+def zero3_partitioner(cfg: dict):
+    """A function ``partition(param)`` that turns a full parameter into a ZeRO-3 partitioned one
+    (DeepSpeed's ``zero.Init`` conversion: the parameter keeps only this rank's 1/N slice in
+    ``param.ds_tensor``, ``param.data`` becomes empty). Every rank must pass the same values in
+    the same order (no broadcast is done: they are read from the same files / seeds)."""
+    import deepspeed
+
+    init = deepspeed.zero.Init(config_dict_or_path=cfg)
+
+    def partition(param) -> None:
+        init._convert_to_deepspeed_param(param)
+        param.partition()
+
+    return partition
+
+
+def param_numel(p: torch.Tensor) -> int:
+    """Elements of the full parameter (``ds_numel`` of a ZeRO-3 partitioned one)."""
+    return int(getattr(p, "ds_numel", p.numel()))
+
+
+def param_shape(p: torch.Tensor) -> tuple:
+    """Shape of the full parameter (``ds_shape`` of a ZeRO-3 partitioned one)."""
+    return tuple(getattr(p, "ds_shape", p.shape))

@@ -14,18 +14,19 @@ and only ``tail`` is trainable, so the frozen rows get neither gradients nor opt
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 from pathlib import Path
-from typing import Iterable, Mapping, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
 from flexmoe_kernels.models import FlexOlmoConfig, FlexOlmoForCausalLM, tensors_sha256
-from flexmoe_kernels.models.checkpoint import convert_state_dict, load_state_dict
+from flexmoe_kernels.models.checkpoint import LazyStateDict, lazy_state_dict
 from flexmoe_kernels.modules import FlexMoE
 
 __all__ = [
@@ -42,10 +43,19 @@ __all__ = [
     "freeze_all_but",
     "split_leading_rows_",
     "export_state_dict",
+    "export_items",
     "trainable_param_to_hf",
     "check_owner_against_public",
     "merge_state_dicts",
     "count_params",
+    "LazyTensors",
+    "hf_shapes",
+    "check_fits",
+    "fresh_source",
+    "param_value",
+    "build_model",
+    "open_checkpoint",
+    "coupled_source",
 ]
 
 PRESET_DIR = Path(__file__).resolve().parent / "configs"
@@ -96,30 +106,21 @@ def load_model_config(spec: str, **overrides) -> FlexOlmoConfig:
 
 def model_from_state_dict(config: FlexOlmoConfig, sd: Mapping[str, torch.Tensor], dtype=None) -> FlexOlmoForCausalLM:
     """A model built on the meta device and assigned from ``sd`` (HF names; tied head optional)."""
-    with torch.device("meta"):
-        model = FlexOlmoForCausalLM(config)
+    model = _meta_model(config)
+    check_fits(config, {k: v.shape for k, v in sd.items()})
     sd = dict(sd)
     if config.tie_word_embeddings:
         sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
-    want = set(model.state_dict())
-    missing, unexpected = sorted(want - set(sd)), sorted(set(sd) - want)
-    if missing or unexpected:
-        raise ModelSpecError(f"state dict does not fit the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    shapes = model.state_dict()
-    for k, v in sd.items():
-        if tuple(v.shape) != tuple(shapes[k].shape):
-            raise ModelSpecError(f"tensor {k!r} has shape {tuple(v.shape)}, the config needs {tuple(shapes[k].shape)}")
     sd = {k: (v.to(dtype) if dtype is not None else v).contiguous() for k, v in sd.items()}
     model.load_state_dict(sd, strict=True, assign=True)
     model.tie_weights()
-    for m in model.modules():
-        if isinstance(m, FlexMoE):
-            m.trainable_experts = torch.ones(m.num_experts, dtype=torch.bool)
     return model
 
 
-def load_checkpoint(directory: str | os.PathLike, what: str = "--public") -> tuple[FlexOlmoConfig, dict]:
-    """(config, HF state dict on CPU as stored) of a checkpoint dir; errors name ``what`` and the path."""
+def open_checkpoint(directory: str | os.PathLike, what: str = "--public") -> tuple[FlexOlmoConfig, LazyStateDict]:
+    """(config, lazy HF state dict) of a checkpoint dir: names and shapes are checked against the
+    config from the file headers; tensors are read one at a time on access (single file or
+    shards). Errors (``ModelSpecError``) name ``what`` and the path."""
     d = Path(directory)
     if not d.is_dir():
         raise ModelSpecError(f"{what} {str(d)!r}: checkpoint directory does not exist")
@@ -127,16 +128,153 @@ def load_checkpoint(directory: str | os.PathLike, what: str = "--public") -> tup
         raise ModelSpecError(f"{what} {str(d)!r}: no config.json (not a FlexOlmo checkpoint directory)")
     try:
         config = FlexOlmoConfig.from_pretrained(d)
-        sd = convert_state_dict(load_state_dict(d), config.num_experts)
+        sd = lazy_state_dict(d, config.num_experts)
+        shapes = {k: sd.shape(k) for k in sd}
     except Exception as exc:  # safetensors raises its own error types for corrupt files
         raise ModelSpecError(f"{what} {str(d)!r}: cannot read the checkpoint ({type(exc).__name__}: {exc})") from exc
     try:
-        model_from_state_dict(config, sd)  # validates names and shapes against the config
+        check_fits(config, shapes)
     except ModelSpecError as exc:
         raise ModelSpecError(f"{what} {str(d)!r}: {exc}") from exc
+    return config, sd
+
+
+def load_checkpoint(directory: str | os.PathLike, what: str = "--public") -> tuple[FlexOlmoConfig, dict]:
+    """(config, HF state dict on CPU as stored) of a checkpoint dir; errors name ``what`` and the path."""
+    config, lazy = open_checkpoint(directory, what)
+    try:
+        sd = {k: lazy[k] for k in lazy if not (config.tie_word_embeddings and k == "lm_head.weight")}
+    except Exception as exc:
+        raise ModelSpecError(f"{what} {str(directory)!r}: cannot read the checkpoint ({type(exc).__name__}: {exc})") from exc
+    return config, sd
+
+
+# ---------------------------------------------------------------------------- sources and building
+class LazyTensors(Mapping):
+    """A read-only mapping ``name -> tensor`` whose values are computed on access by ``fn(name)``
+    (nothing is cached): a model source that holds one tensor at a time."""
+
+    def __init__(self, keys: Iterable[str], fn: Callable[[str], torch.Tensor]):
+        self._keys = list(keys)
+        self._set = set(self._keys)
+        self._fn = fn
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __contains__(self, key) -> bool:
+        return key in self._set
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._set:
+            raise KeyError(key)
+        return self._fn(key)
+
+
+def _meta_model(config: FlexOlmoConfig) -> FlexOlmoForCausalLM:
+    """The model on the meta device (no memory), with its FlexMoE buffers real (all experts trainable)."""
+    with torch.device("meta"):
+        model = FlexOlmoForCausalLM(config)
+    for m in model.modules():
+        if isinstance(m, FlexMoE):
+            m.trainable_experts = torch.ones(m.num_experts, dtype=torch.bool)
+    return model
+
+
+def hf_shapes(config: FlexOlmoConfig) -> dict[str, tuple[int, ...]]:
+    """HF name -> shape of every tensor a checkpoint of ``config`` stores (no tied head)."""
+    sd = _meta_model(config).state_dict()
     if config.tie_word_embeddings:
         sd.pop("lm_head.weight", None)
-    return config, sd
+    return {k: tuple(v.shape) for k, v in sd.items()}
+
+
+def check_fits(config: FlexOlmoConfig, shapes: Mapping[str, Sequence[int]]) -> None:
+    """``ModelSpecError`` when the HF names / shapes do not fit ``config`` (a tied head may be given)."""
+    want = hf_shapes(config)
+    have = {k: tuple(v) for k, v in shapes.items() if not (config.tie_word_embeddings and k == "lm_head.weight")}
+    missing, unexpected = sorted(set(want) - set(have)), sorted(set(have) - set(want))
+    if missing or unexpected:
+        raise ModelSpecError(f"state dict does not fit the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for k, s in have.items():
+        if s != want[k]:
+            raise ModelSpecError(f"tensor {k!r} has shape {s}, the config needs {want[k]}")
+
+
+def fresh_source(config: FlexOlmoConfig, seed: int) -> LazyTensors:
+    """A freshly initialised model as a source: each tensor drawn on access from its own generator
+    (seeded by ``seed`` and its name), so a tensor's value depends on neither the others nor the
+    world size or ZeRO stage. The distributions of :meth:`FlexOlmoForCausalLM.reset_parameters`:
+    normal(0, initializer_range), norms 1, expert biases 0, the padding embedding row 0."""
+    shapes = hf_shapes(config)
+    std = config.initializer_range
+
+    def value(key: str) -> torch.Tensor:
+        shape = shapes[key]
+        if key.endswith("norm.weight"):
+            return torch.ones(shape)
+        if key.endswith("expert_bias"):
+            return torch.zeros(shape)
+        digest = hashlib.sha256(f"{int(seed)}/{key}".encode()).digest()
+        g = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+        t = torch.randn(shape, generator=g) * std
+        if key == "model.embed_tokens.weight" and config.pad_token_id is not None and 0 <= config.pad_token_id < shape[0]:
+            t[config.pad_token_id] = 0
+        return t
+
+    return LazyTensors(shapes, value)
+
+
+def param_value(source: Mapping[str, torch.Tensor], name: str, shape: Sequence[int]) -> torch.Tensor:
+    """The value of parameter ``name`` (as in ``named_parameters`` of a possibly parametrized
+    model) from the HF ``source``: the tensor itself, or the frozen head / trainable tail rows of a
+    split tensor (:func:`split_leading_rows_`). Reads one HF tensor."""
+    hf, row = trainable_param_to_hf(name)
+    full = source[hf]
+    n = tuple(shape)[0] if len(shape) else 0
+    v = full if hf == name else (full[:n] if row == 0 else full[full.shape[0] - n:])
+    if tuple(v.shape) != tuple(shape):
+        raise ModelSpecError(f"tensor {hf!r} has shape {tuple(full.shape)}, parameter {name!r} needs {tuple(shape)}")
+    return v
+
+
+def build_model(config: FlexOlmoConfig, source: Mapping[str, torch.Tensor],
+                prepare: Optional[Callable[[nn.Module], object]] = None, *, device="cpu",
+                dtype: torch.dtype = torch.float32,
+                partition: Optional[Callable[[nn.Parameter], None]] = None) -> FlexOlmoForCausalLM:
+    """The model of ``config`` with values from ``source`` (HF names, e.g. a lazy checkpoint),
+    materialised one parameter at a time.
+
+    The model is built on the meta device, ``prepare(model)`` runs there (freezing and splitting
+    tensors costs no memory), then every parameter is created from ``source`` (one HF tensor
+    read at a time, cast to ``dtype``, on ``device``) and handed to ``partition`` (ZeRO-3:
+    keep only this rank's slice, see :func:`training.distributed.zero3_partitioner`) before the
+    next one: with ``partition`` no rank ever holds more than one full tensor.
+    """
+    model = _meta_model(config)
+    if prepare is not None:
+        prepare(model)
+    done: dict[int, nn.Parameter] = {}
+    for mod_name, mod in model.named_modules():
+        for pname, p in list(mod._parameters.items()):
+            if p is None:
+                continue
+            if id(p) not in done:  # a tied parameter is created once
+                name = f"{mod_name}.{pname}" if mod_name else pname
+                with torch.no_grad():
+                    v = param_value(source, name, p.shape).to(device=device, dtype=dtype).contiguous()
+                new = nn.Parameter(v, requires_grad=p.requires_grad)
+                if partition is not None:
+                    partition(new)
+                done[id(p)] = new
+            mod._parameters[pname] = done[id(p)]
+    leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if leftover:
+        raise RuntimeError(f"internal error: tensors left on the meta device: {leftover[:5]}")
+    return model
 
 
 # ---------------------------------------------------------------------------- keys & hashes
@@ -171,14 +309,17 @@ def count_params(config: FlexOlmoConfig) -> dict:
 
 
 # ---------------------------------------------------------------------------- coupled model
-def coupled_state_dict(public_cfg: FlexOlmoConfig, public_sd: Mapping[str, torch.Tensor], name: str,
-                       router_embedding_LD: Optional[torch.Tensor] = None, seed: int = 0
-                       ) -> tuple[FlexOlmoConfig, dict]:
-    """The 2-expert model of one data owner, built from a dense public model.
+def coupled_source(public_cfg: FlexOlmoConfig, public_sd: Mapping[str, torch.Tensor], name: str,
+                   router_embedding_LD: Optional[torch.Tensor] = None, seed: int = 0, bias_init: float = 0.0
+                   ) -> tuple[FlexOlmoConfig, LazyTensors]:
+    """The 2-expert model of one data owner, built from a dense public model, as a lazy source
+    (each tensor computed from the public one on access; ``public_sd`` may itself be lazy).
 
     Both expert slots are copies of the public FFN; the router in every layer is
     ``[r_public; r_owner]`` with ``r_owner`` = ``router_embedding_LD[i]`` (L, D) or, when None, a
-    normal(0, initializer_range) draw from ``seed``; the expert bias is ``[0, 0]``; top-2 of 2.
+    normal(0, initializer_range) draw from ``seed``; the expert bias is ``[0, bias_init]``
+    (FlexOlmo's negative bias starts below zero: it is applied as ``min(b, 0)``, so a bias at or
+    above 0 gets no gradient); top-2 of 2.
     """
     if public_cfg.num_experts != 1:
         raise ModelSpecError(f"--public must be a dense model (num_experts=1), got num_experts={public_cfg.num_experts}")
@@ -196,22 +337,30 @@ def coupled_state_dict(public_cfg: FlexOlmoConfig, public_sd: Mapping[str, torch
         router_embedding_LD = torch.randn(L, D, generator=g) * public_cfg.initializer_range
     cfg = public_cfg.copy(num_experts=2, num_experts_per_tok=2, expert_bias=True, expert_names=["public", name],
                           norm_topk_prob=False, extra=dict(public_cfg.extra))
-    out: dict[str, torch.Tensor] = {}
-    for k, v in public_sd.items():
+    bias_keys = [f"model.layers.{i}.mlp.gate.expert_bias" for i in range(L)]
+
+    def value(k: str) -> torch.Tensor:
         m = _MOE_RE.match(k)
         if m is None:
-            out[k] = v.clone()
-            continue
+            return public_sd[k].clone()
         i, field = int(m.group(1)), m.group(2)
+        if field == "gate.expert_bias":
+            return torch.tensor([0.0, float(bias_init)], dtype=public_sd[f"model.layers.{i}.mlp.gate.weight"].dtype)
+        v = public_sd[k]
         if field == "gate.weight":
-            out[k] = torch.cat([v[:1], router_embedding_LD[i].to(v.dtype)[None]], 0)
-        elif field == "gate.expert_bias":
-            continue
-        else:
-            out[k] = torch.cat([v[:1], v[:1]], 0)
-    for i in range(L):
-        out[f"model.layers.{i}.mlp.gate.expert_bias"] = torch.zeros(2, dtype=public_sd[f"model.layers.{i}.mlp.gate.weight"].dtype)
-    return cfg, out
+            return torch.cat([v[:1], router_embedding_LD[i].to(v.dtype)[None]], 0)
+        return torch.cat([v[:1], v[:1]], 0)
+
+    keys = [k for k in public_sd if not k.endswith("mlp.gate.expert_bias")] + bias_keys
+    return cfg, LazyTensors(keys, value)
+
+
+def coupled_state_dict(public_cfg: FlexOlmoConfig, public_sd: Mapping[str, torch.Tensor], name: str,
+                       router_embedding_LD: Optional[torch.Tensor] = None, seed: int = 0
+                       ) -> tuple[FlexOlmoConfig, dict]:
+    """:func:`coupled_source` as a dict (every tensor computed)."""
+    cfg, src = coupled_source(public_cfg, public_sd, name, router_embedding_LD, seed)
+    return cfg, {k: src[k] for k in src}
 
 
 class _FrozenHead(nn.Module):
@@ -287,29 +436,34 @@ def trainable_param_to_hf(name: str) -> tuple[str, int]:
     return f"{m.group(1)}.{m.group(2)}", 0
 
 
-def export_state_dict(model: nn.Module, values: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Assemble the HF state dict from per-parameter ``values`` (name as in ``named_parameters``).
-
-    Parametrized tensors become ``cat(head, original)`` under their HF key; the tied LM head is
-    left out (as Hugging Face stores it). Values are returned as given (callers pick dtype).
-    """
-    out: dict[str, torch.Tensor] = {}
-    heads: dict[str, torch.Tensor] = {}
-    tails: dict[str, torch.Tensor] = {}
-    for name, v in values.items():
+def export_items(model: nn.Module, values: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(HF key, tensor)`` from per-parameter ``(name, value)`` pairs (names as in
+    ``named_parameters``), in their order, one at a time: a split tensor becomes
+    ``cat(head, original)`` under its HF key once both parts were seen; the tied LM head is
+    left out (as Hugging Face stores it). Values are passed on as given (callers pick dtype)."""
+    cfg = getattr(model, "config", None)
+    tied = cfg is not None and cfg.tie_word_embeddings
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for name, v in values:
         m = _PARAM_RE.match(name)
         if m is None:
-            out[name] = v
-        elif m.group(3) == "original":
-            tails[f"{m.group(1)}.{m.group(2)}"] = v
-        else:
-            heads[f"{m.group(1)}.{m.group(2)}"] = v
-    for k, tail in tails.items():
-        out[k] = torch.cat([heads[k].to(tail.dtype), tail], 0)
-    cfg = getattr(model, "config", None)
-    if cfg is not None and cfg.tie_word_embeddings:
-        out.pop("lm_head.weight", None)
-    return out
+            if not (tied and name == "lm_head.weight"):
+                yield name, v
+            continue
+        key = f"{m.group(1)}.{m.group(2)}"
+        got = parts.setdefault(key, {})
+        got["tail" if m.group(3) == "original" else "head"] = v
+        if len(got) == 2:
+            del parts[key]
+            yield key, torch.cat([got["head"].to(got["tail"].dtype), got["tail"]], 0)
+    if parts:
+        raise ModelSpecError(f"split tensors with a missing part: {sorted(parts)}")
+
+
+def export_state_dict(model: nn.Module, values: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Assemble the HF state dict from per-parameter ``values`` (name as in ``named_parameters``):
+    :func:`export_items` as a dict."""
+    return dict(export_items(model, values.items()))
 
 
 # ---------------------------------------------------------------------------- owners & merge

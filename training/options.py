@@ -51,6 +51,7 @@ class TrainOptions:
     progress: bool = True
     overwrite: bool = False
     restart: bool = False
+    max_shard_size: str = "5GB"
 
     @classmethod
     def from_args(cls, args) -> "TrainOptions":
@@ -78,10 +79,18 @@ class TrainOptions:
             raise ValueError(f"--device must be auto, cpu or cuda, got {self.device!r}")
         if self.dtype not in ("auto", "fp32", "bf16"):
             raise ValueError(f"--dtype must be auto, fp32 or bf16, got {self.dtype!r}")
+        self.max_shard_bytes()
+
+    def max_shard_bytes(self) -> int:
+        """``--max-shard-size`` in bytes (``"5GB"``, ``"500MB"``, ``"64KiB"`` or a number of bytes);
+        ValueError naming the flag."""
+        from flexmoe_kernels.models.checkpoint import parse_size
+
+        return parse_size(self.max_shard_size, "--max-shard-size")
 
     def fingerprint(self) -> dict:
         """The options that must not change when a run is resumed. Not in it: the engine and run
-        control flags; ``activation_checkpointing`` among them, since it does not change the
+        control flags (``max_shard_size`` only shapes the exported files); ``activation_checkpointing`` among them, since it does not change the
         math (a run paused without it may resume with it, and the other way round)."""
         keys = ("steps", "seq_len", "micro_batch_size", "grad_accum", "lr", "min_lr_ratio", "warmup_steps",
                 "weight_decay", "clip", "z_loss_weight", "seed")

@@ -2,37 +2,45 @@
 
 The state directory (replaced atomically by :func:`save_state`) holds
 
-* ``trainable.safetensors``: fp32 values of the trainable parameters (from the optimizer's
-  master copy under ZeRO), ``optimizer.safetensors``: Adam moments ``exp_avg.<name>`` /
-  ``exp_avg_sq.<name>``, ``rng.safetensors``: the torch CPU RNG state;
-* ``trainer_state.json``: format, step, Adam step, the options fingerprint, kind, world size.
+* DeepSpeed's own checkpoint of the engine (``engine.save_checkpoint``, frozen parameters
+  excluded): every rank writes its own partition of the fp32 master weights and of the Adam
+  moments (``*zero_pp_rank_<r>_mp_rank_00_optim_states.pt``, ZeRO 1-3), rank 0 the module file
+  (``mp_rank_00_model_states.pt``: the trainable weights for ZeRO 0-2, which every rank holds
+  whole anyway; for ZeRO 0 also the optimizer). No rank gathers another's partition.
+* ``rng.safetensors``: the torch CPU RNG state; ``trainer_state.json``: format, step, the
+  options fingerprint, kind, world size, ZeRO stage and the full shapes of the trainable
+  parameters.
+
+A save goes to ``state.partial`` first; when every rank has written its files the main rank
+adds ``rng.safetensors`` and ``trainer_state.json`` and swaps it in for ``state`` in one step
+(:func:`flexmoe_kernels.utils.fs.replace_directory`; the directory must be on a file system all
+ranks share, as DeepSpeed's checkpoints need). Every rank learns whether the save succeeded (the
+call raises on all of them, never on one only); a failed save leaves the previous ``state/``.
 
 Frozen tensors are not saved: they are rebuilt from the command's inputs. :func:`load_state`
-refuses (TrainingError) a state of another kind, other options or other trainable tensors.
-
-Every rank takes part in :func:`save_state` (the full values are gathered collectively for ZeRO
-1-3, so the file holds the same tensors whatever the stage and the world size); only the main
-rank writes, and every rank learns whether that write succeeded (the call raises on all of them,
-never on one only). A failed save leaves the previous ``state/`` as it was.
+refuses (TrainingError) a state of another kind, other options, other trainable tensors, another
+ZeRO stage, or (ZeRO 1-3, whose files are per rank) another number of processes.
 """
 from __future__ import annotations
 
 import json
 import shutil
 from pathlib import Path
-from typing import Mapping, Optional, Sequence
+from typing import Optional
 
 import torch
 
-from flexmoe_kernels.utils.fs import atomic_directory, write_json_atomic
+from flexmoe_kernels.utils.fs import replace_directory, write_json_atomic
 
-from .distributed import DistInfo, all_reduce_sum, barrier
+from .distributed import DistInfo, all_reduce_sum, barrier, param_shape
 from .options import TrainingError, TrainOptions
 
-__all__ = ["STATE_FORMAT", "full_fp32", "gather", "load_state", "named_trainable", "open_work_dir",
-           "restore_optimizer", "save_state"]
+__all__ = ["STATE_FORMAT", "STATE_TAG", "full_fp32", "gather", "load_engine_state", "load_state", "named_trainable",
+           "open_work_dir", "save_state", "zero_stage_of"]
 
-STATE_FORMAT = "flexmoe-train-state-v1"
+STATE_FORMAT = "flexmoe-train-state-v2"
+STATE_TAG = "state"  # DeepSpeed's tag: the checkpoint lives in OUT.inprogress/state
+_PARTIAL = "state.partial"
 
 
 def named_trainable(model) -> list[tuple[str, torch.Tensor]]:
@@ -40,14 +48,14 @@ def named_trainable(model) -> list[tuple[str, torch.Tensor]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
-# ---------------------------------------------------------------------------- optimizer state I/O
-def _inner_optimizer(engine):
-    opt = engine.optimizer
-    return getattr(opt, "optimizer", opt)
+def zero_stage_of(ds_cfg: dict) -> int:
+    """The ZeRO stage a DeepSpeed config asks for (0 without a ``zero_optimization`` section)."""
+    return int(ds_cfg.get("zero_optimization", {}).get("stage", 0))
 
 
 def full_fp32(p: torch.Tensor) -> torch.Tensor:
-    """The full fp32 value of a trainable parameter (the ZeRO master copy when there is one), on CPU."""
+    """The full fp32 value of a trainable parameter (the ZeRO master copy when there is one), on
+    CPU. Collective under ZeRO 1-3 (every rank calls it for the same parameter)."""
     from deepspeed.utils import safe_get_full_fp32_param
 
     v = safe_get_full_fp32_param(p)
@@ -64,128 +72,65 @@ def gather(p: torch.Tensor) -> torch.Tensor:
     return p.detach()
 
 
-def _link_state_fragments(engine) -> None:
-    """Point every parameter's DeepSpeed fragment at its current optimizer state (ZeRO-1/2, bf16).
-
-    DeepSpeed links the fragments once, right after the first param group's first step; with
-    more than one param group (weight decay on matrices, none on the rest) the later groups
-    have no Adam state yet at that moment, so their fragments hold no moments and
-    ``safe_get/set_full_optimizer_state`` fail with "exp_avg not found in optimizer state
-    fragment". Linking again once every group has state fixes that. A no-op without fragments
-    (ZeRO-0 in fp32, ZeRO-3, which reads its flat partitions directly).
-    """
-    opt = engine.optimizer
-    if hasattr(opt, "_lazy_init_hp_params_optimizer_state"):
-        opt._hp_optimizer_states_linked = False
-        opt._lazy_init_hp_params_optimizer_state()
-
-
-def _full_state(engine, p: torch.Tensor, key: str) -> Optional[torch.Tensor]:
-    from deepspeed.utils import safe_get_full_optimizer_state
-
-    if hasattr(p, "ds_id") or hasattr(p, "_hp_mapping"):
-        v = safe_get_full_optimizer_state(p, key)
-        return None if v is None else v.float().cpu().clone()
-    st = engine.optimizer.state.get(p, {})
-    return st[key].float().cpu().clone() if key in st else None
-
-
-def _adam_step(engine) -> float:
-    for st in _inner_optimizer(engine).state.values():
-        if "step" in st:
-            s = st["step"]
-            return float(s.item() if isinstance(s, torch.Tensor) else s)
-    return 0.0
-
-
-def _create_optimizer_states(engine, adam_step: float) -> None:
-    """Optimizer states are created lazily at the first step: create them (zeros) now so saved
-    moments can be written into them, and let DeepSpeed link its fragments to them."""
-    inner = _inner_optimizer(engine)
-    flat = [fp for g in inner.param_groups for fp in g["params"]]
-    flat += list(getattr(engine.optimizer, "fp32_partitioned_groups_flat", []))  # ZeRO-3's master partitions
-    for fp in flat:
-        st = inner.state[fp]
-        if "exp_avg" not in st:
-            st["step"] = torch.tensor(float(adam_step))
-            st["exp_avg"] = torch.zeros_like(fp, memory_format=torch.preserve_format)
-            st["exp_avg_sq"] = torch.zeros_like(fp, memory_format=torch.preserve_format)
-    _link_state_fragments(engine)
-
-
-def restore_optimizer(engine, named: Sequence[tuple[str, torch.Tensor]], fp32: Mapping[str, torch.Tensor],
-                      moments: Mapping[str, torch.Tensor], adam_step: float) -> None:
-    """Write saved fp32 values, Adam moments and the Adam step into ``engine``'s parameters and optimizer."""
-    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-
-    _create_optimizer_states(engine, adam_step)
-    for name, p in named:
-        if hasattr(p, "ds_id") or hasattr(p, "_hp_mapping"):
-            safe_set_full_fp32_param(p, fp32[name].to(p.device))
-            for key in ("exp_avg", "exp_avg_sq"):
-                safe_set_full_optimizer_state(p, moments[f"{key}.{name}"].to(p.device), key)
-        else:
-            with torch.no_grad():
-                p.copy_(fp32[name].to(p.dtype))
-            st = engine.optimizer.state[p]
-            st["exp_avg"] = moments[f"exp_avg.{name}"].to(device=p.device, dtype=p.dtype).clone()
-            st["exp_avg_sq"] = moments[f"exp_avg_sq.{name}"].to(device=p.device, dtype=p.dtype).clone()
-            st["step"] = torch.tensor(adam_step, dtype=torch.float32)
-    for st in _inner_optimizer(engine).state.values():
-        if "step" in st:
-            st["step"] = (torch.full_like(st["step"], adam_step) if isinstance(st["step"], torch.Tensor)
-                          else type(st["step"])(adam_step))
-
-
 # ---------------------------------------------------------------------------- state directory
-def _gather_state(engine) -> tuple[dict, dict, float]:
-    """Full fp32 values, Adam moments and the Adam step of the trainable parameters (collective)."""
-    _link_state_fragments(engine)
-    named = named_trainable(engine.module)
-    values = {n: full_fp32(p) for n, p in named}
-    moments: dict[str, torch.Tensor] = {}
-    for n, p in named:
-        for key in ("exp_avg", "exp_avg_sq"):
-            v = _full_state(engine, p, key)
-            moments[f"{key}.{n}"] = v if v is not None else torch.zeros(getattr(p, "ds_shape", p.shape))
-    return values, moments, _adam_step(engine)
+def _trainable_shapes(model) -> dict:
+    return {n: list(param_shape(p)) for n, p in named_trainable(model)}
 
 
-def _write_state(st_dir: Path, values: Mapping[str, torch.Tensor], moments: Mapping[str, torch.Tensor],
-                 meta: dict) -> None:
-    """Replace ``st_dir`` atomically with the safetensors files and ``trainer_state.json``."""
-    from safetensors.torch import save_file
+def _finish_partial(partial: Path, st_dir: Path, meta: dict) -> None:
+    """Main rank: add the RNG and ``trainer_state.json`` to the written partial state; swap it in."""
+    import safetensors.torch
 
-    with atomic_directory(st_dir) as tmp:
-        save_file({n: v.contiguous() for n, v in values.items()}, str(tmp / "trainable.safetensors"),
-                  metadata={"format": STATE_FORMAT})
-        save_file({k: v.contiguous() for k, v in moments.items()}, str(tmp / "optimizer.safetensors"),
-                  metadata={"format": STATE_FORMAT})
-        save_file({"torch_rng": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
-        write_json_atomic(tmp / "trainer_state.json", meta)
+    safetensors.torch.save_file({"torch_rng": torch.get_rng_state()}, str(partial / "rng.safetensors"))
+    write_json_atomic(partial / "trainer_state.json", meta)
+    replace_directory(partial, st_dir)
 
 
 def save_state(engine, kind: str, dist: DistInfo, work: Path, step: int, opts: TrainOptions) -> None:
     """Replace ``work/state`` atomically with the state after ``step`` optimizer steps.
 
-    Every rank must call it (the gathers are collective); the main rank writes. Raises
-    TrainingError on every rank when the write failed; ``work/state`` then still holds the
+    Every rank must call it: each writes its own partition (DeepSpeed's ``save_checkpoint``,
+    frozen parameters excluded), then the main rank finishes and swaps the directory. Raises
+    TrainingError on every rank when any part failed; ``work/state`` then still holds the
     previous state (or nothing, if there was none).
     """
-    values, moments, adam_step = _gather_state(engine)
+    partial = work / _PARTIAL
+    if dist.is_main and partial.exists():
+        shutil.rmtree(partial)
+    barrier()
     error: Optional[BaseException] = None
-    if dist.is_main:
-        meta = {"format": STATE_FORMAT, "step": step, "adam_step": adam_step, "options": opts.fingerprint(),
-                "kind": kind, "world_size": dist.world_size, "zero_stage": opts.zero_stage}
+    try:
+        engine.save_checkpoint(str(work), tag=_PARTIAL, client_state={}, save_latest=False,
+                               exclude_frozen_parameters=True)
+    except Exception as exc:
+        error = exc
+    failed, = all_reduce_sum([float(error is not None)], dist.device)
+    if not failed and dist.is_main:
+        meta = {"format": STATE_FORMAT, "step": step, "options": opts.fingerprint(), "kind": kind,
+                "world_size": dist.world_size, "zero_stage": int(engine.zero_optimization_stage()),
+                "trainable": _trainable_shapes(engine.module)}
         try:
-            _write_state(work / "state", values, moments, meta)
+            _finish_partial(partial, work / STATE_TAG, meta)
         except Exception as exc:
             error = exc
     failed, = all_reduce_sum([float(error is not None)], dist.device)
     if failed:
-        why = f": {type(error).__name__}: {error}" if error is not None else " on the main rank"
-        raise TrainingError(f"saving the resumable state of step {step} in {str(work / 'state')!r} failed{why}; "
+        if dist.is_main:
+            shutil.rmtree(partial, ignore_errors=True)
+        why = f": {type(error).__name__}: {error}" if error is not None else " on another rank"
+        raise TrainingError(f"saving the resumable state of step {step} in {str(work / STATE_TAG)!r} failed{why}; "
                             "the previous state (if any) is kept") from error
+
+
+def load_engine_state(engine, work: Path, state: dict) -> None:
+    """Load a saved state into a freshly initialised ``engine`` (every rank its own partition:
+    weights, fp32 masters, Adam moments and step) and restore the torch RNG."""
+    path, _ = engine.load_checkpoint(str(work), tag=STATE_TAG, load_module_strict=False, load_optimizer_states=True,
+                                     load_lr_scheduler_states=False)
+    if path is None:
+        raise TrainingError(f"cannot resume: DeepSpeed found no checkpoint in {str(work / STATE_TAG)!r}; "
+                            "pass --restart to start over")
+    torch.set_rng_state(state["rng"])
 
 
 def _read_state(st_dir: Path) -> dict:
@@ -194,46 +139,55 @@ def _read_state(st_dir: Path) -> dict:
     try:
         meta = json.loads((st_dir / "trainer_state.json").read_text())
         if meta.get("format") != STATE_FORMAT:
-            raise TrainingError(f"{st_dir} has format {meta.get('format')!r}, expected {STATE_FORMAT!r}")
-        params = load_file(str(st_dir / "trainable.safetensors"))
-        moments = load_file(str(st_dir / "optimizer.safetensors"))
+            raise TrainingError(f"cannot resume: {str(st_dir)!r} has format {meta.get('format')!r}, expected "
+                                f"{STATE_FORMAT!r}; pass --restart to start over")
         rng = load_file(str(st_dir / "rng.safetensors"))["torch_rng"]
     except TrainingError:
         raise
     except Exception as exc:
         raise TrainingError(f"cannot resume: the saved state in {str(st_dir)!r} is unreadable ({exc}); "
                             f"pass --restart to start over") from exc
-    return {"meta": meta, "params": params, "moments": moments, "rng": rng}
+    return {"meta": meta, "rng": rng}
 
 
-def load_state(work: Path, kind: str, model, opts: TrainOptions) -> Optional[dict]:
-    """The saved state of ``work`` (``{"meta", "params", "moments", "rng"}``), None when there is none.
+def load_state(work: Path, kind: str, model, opts: TrainOptions, world_size: int = 1,
+               zero_stage: Optional[int] = None) -> Optional[dict]:
+    """The saved state of ``work`` (``{"meta", "rng"}``; the engine's part is loaded later by
+    :func:`load_engine_state`), None when there is none.
 
     Raises TrainingError when it is unreadable or does not fit this run (kind, options
-    fingerprint, names and shapes of ``model``'s trainable parameters).
+    fingerprint, names and full shapes of ``model``'s trainable parameters, ZeRO stage, and for
+    ZeRO 1-3 the number of processes).
     """
-    st_dir = work / "state"
+    st_dir = work / STATE_TAG
     if not (st_dir / "trainer_state.json").is_file():
         return None
     state = _read_state(st_dir)
-    meta, params = state["meta"], state["params"]
+    meta = state["meta"]
     if meta.get("kind") != kind:
         raise TrainingError(f"{str(work)!r} holds a {meta.get('kind')!r} run, not {kind!r}")
     if meta["options"] != opts.fingerprint():
         diff = {k: (meta["options"].get(k), v) for k, v in opts.fingerprint().items() if meta["options"].get(k) != v}
         raise TrainingError(f"cannot resume {str(work)!r}: options changed since it was started (saved, now): {diff}; "
                             "use the same options, or --restart to start over")
-    names = {n for n, _ in named_trainable(model)}
-    if set(params) != names:
+    stage = opts.zero_stage if zero_stage is None else zero_stage
+    if meta.get("zero_stage") != stage or (stage > 0 and meta.get("world_size") != world_size):
+        raise TrainingError(f"cannot resume {str(work)!r}: it was saved by {meta.get('world_size')} process(es) at "
+                            f"ZeRO stage {meta.get('zero_stage')}, this run has {world_size} at stage {stage} "
+                            "(ZeRO states are per rank): use the same, or --restart to start over")
+    have = meta.get("trainable", {})
+    want = _trainable_shapes(model)
+    if set(have) != set(want):
         raise TrainingError(f"cannot resume {str(work)!r}: its trainable tensors do not match this model's")
-    for n, p in named_trainable(model):
-        if tuple(params[n].shape) != tuple(p.shape):
-            raise TrainingError(f"cannot resume {str(work)!r}: {n!r} has shape {tuple(params[n].shape)}, "
-                                f"the model needs {tuple(p.shape)}")
+    for n, shape in want.items():
+        if list(have[n]) != shape:
+            raise TrainingError(f"cannot resume {str(work)!r}: {n!r} has shape {tuple(have[n])}, "
+                                f"the model needs {tuple(shape)}")
     return state
 
 
-def open_work_dir(out: Path, work: Path, kind: str, model, opts: TrainOptions, dist: DistInfo) -> Optional[dict]:
+def open_work_dir(out: Path, work: Path, kind: str, model, opts: TrainOptions, dist: DistInfo,
+                  zero_stage: Optional[int] = None) -> Optional[dict]:
     """Decide between resuming and starting over; returns the state to resume from, or None.
 
     ``out`` existing without ``--overwrite`` raises TrainingError. A partial run (``work``) is
@@ -246,7 +200,7 @@ def open_work_dir(out: Path, work: Path, kind: str, model, opts: TrainOptions, d
     discard = work.exists()
     if work.exists() and not opts.restart:
         try:
-            resume = load_state(work, kind, model, opts)
+            resume = load_state(work, kind, model, opts, dist.world_size, zero_stage)
             discard = False
         except TrainingError as exc:
             if not opts.overwrite:

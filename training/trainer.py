@@ -9,8 +9,10 @@ Components (each its own module):
 * :mod:`.distributed`: ``torch.distributed`` + DeepSpeed set-up and the DeepSpeed config
   (``training/configs/zero{0,1,2,3}.json`` or ``--deepspeed-config``; bf16 on CUDA when
   supported, fp32 on CPU).
-* :mod:`.resume`: the resumable state ``OUT.inprogress/state`` (fp32 trainable weights, Adam
-  moments, RNG, step) and the decision to resume or start over.
+* :mod:`.resume`: the resumable state ``OUT.inprogress/state`` (DeepSpeed's checkpoint, each
+  rank writing its own partition; RNG, step) and the decision to resume or start over.
+* Model: built here from the command's :class:`ModelBuild` once the process group is up; under
+  ZeRO-3 parameter by parameter straight into partitions (no rank holds the whole model).
 * :mod:`.runlog`: ``run.json`` and ``metrics.jsonl``.
 * this module: the run itself (:func:`train`).
 
@@ -18,7 +20,8 @@ Components (each its own module):
   state and no gradient); weight decay on matrices only.
 * Loss: next-token cross-entropy + ``z_loss_weight * sum over layers router_z_loss(logits)``
   (only for models with more than one expert).
-* Output: the run works in ``OUT.inprogress/``. At the end the final HF checkpoint, run.json and
+* Output: the run works in ``OUT.inprogress/``. At the end the final HF checkpoint (gathered one
+  parameter at a time, in shards of at most ``--max-shard-size`` with an index), run.json and
   metrics.jsonl replace ``OUT`` in one step (:func:`flexmoe_kernels.utils.fs.replace_directory`).
   Running the same command again after a kill (or ``--max-steps-this-run``) resumes from ``state/``.
 """
@@ -31,7 +34,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Optional, Sequence
+from typing import Callable, Iterator, Mapping, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -39,36 +42,58 @@ from torch.nn.utils import parametrize
 
 from flexmoe_kernels import router_z_loss
 from flexmoe_kernels.modules import FlexMoE
+from flexmoe_kernels.models.checkpoint import lazy_state_dict, save_state_dict
 from flexmoe_kernels.utils.fs import replace_directory, write_json_atomic
 
 from .data import BatchSampler, DataDir, copy_tokenizer_files, eval_windows
-from .distributed import DistInfo, all_reduce_sum, barrier, ds_config, init_distributed, release_distributed
-from .modeling import count_params, export_state_dict, model_from_state_dict
+from .distributed import (DistInfo, all_reduce_sum, barrier, ds_config, init_distributed, param_numel, param_shape,
+                          release_distributed, zero3_partitioner)
+from .modeling import LazyTensors, build_model, count_params, export_items, model_from_state_dict, param_value
 from .options import TrainingError, TrainOptions, lr_at
-from .resume import full_fp32, gather, named_trainable, open_work_dir, restore_optimizer, save_state
+from .resume import (full_fp32, gather, load_engine_state, named_trainable, open_work_dir, save_state,
+                     zero_stage_of)
 from .runlog import RunLog, utc_now, versions
 
-__all__ = ["TrainOptions", "RunSpec", "DistInfo", "init_distributed", "lr_at", "train", "TrainingError",
+__all__ = ["TrainOptions", "ModelBuild", "RunSpec", "DistInfo", "init_distributed", "lr_at", "train", "TrainingError",
            "write_json_atomic", "save_hf"]
 
 
 @dataclass
+class ModelBuild:
+    """How the trainer builds the model (after the process group is up, see :func:`_build_model`):
+    ``config``, an HF-named ``source`` of its values (a lazy checkpoint, :func:`~.modeling.fresh_source`,
+    :func:`~.modeling.coupled_source`, ...) and ``prepare(model)`` (freezing), run on the meta model."""
+
+    config: object
+    source: Mapping[str, torch.Tensor]
+    prepare: Optional[Callable[[torch.nn.Module], object]] = None
+
+
+@dataclass
 class RunSpec:
-    """What a command trains and how its result is written."""
+    """What a command trains and how its result is written.
+
+    Give ``build`` (the trainer builds the model: under ZeRO-3 partitioned parameter by
+    parameter, so no rank holds the whole model; the frozen reference is then the source's
+    values of the frozen parameters, read on demand) or, for callers that already hold a model,
+    ``model`` (on CPU, fp32, frozen / parametrized as wanted) and ``frozen_reference``.
+    """
 
     kind: str                         # "public", "expert", "dense", "moe", "router"
     out: Path
-    model: torch.nn.Module            # on CPU, fp32, frozen/parametrized as wanted
     datas: Sequence[DataDir]
     tokenizer_src: Path               # a data dir or checkpoint holding the tokenizer description
-    frozen_reference: Mapping[str, torch.Tensor]   # param name -> fp32 value it must keep (bit for bit)
     final_config: Callable[[], object]              # -> FlexOlmoConfig of the saved checkpoint
+    build: Optional[ModelBuild] = None
+    model: Optional[torch.nn.Module] = None
+    frozen_reference: Mapping[str, torch.Tensor] = field(default_factory=dict)  # param name -> fp32 value it must keep
     run_info: dict = field(default_factory=dict)    # extra fields for run.json
     flops_per_token: float = 0.0
     save_dtype: torch.dtype = torch.float32         # dtype of the final checkpoint's tensors
     # Optional last edit of the exported HF state dict before it is written (main rank only):
-    # sd -> (sd, extra run.json fields). train-public sets the public router row here.
-    finalize_state_dict: Optional[Callable[[dict], tuple[dict, dict]]] = None
+    # sd -> (sd, extra run.json fields); sd is the written checkpoint, read lazily. train-public
+    # sets the public router row here.
+    finalize_state_dict: Optional[Callable[[Mapping], tuple[Mapping, dict]]] = None
 
 
 @dataclass
@@ -84,6 +109,7 @@ class _Run:
     windows: torch.Tensor
     use_bf16: bool
     ds_cfg: dict
+    zero_stage: int
     resume: Optional[dict]
     log: RunLog
     engine: object = None
@@ -168,51 +194,82 @@ def _evaluate(engine, windows: torch.Tensor, opts: TrainOptions, dist: DistInfo)
 
 
 # ---------------------------------------------------------------------------- frozen tensors and export
-def _export_values(engine, spec: RunSpec) -> dict[str, torch.Tensor]:
-    """Per-parameter fp32 values: trainable ones from the optimizer's fp32 master copy, frozen
-    ones from the reference (checked equal to the module's copy by :func:`_verify_frozen`)."""
-    values: dict[str, torch.Tensor] = {}
+def _param_values(engine, spec: RunSpec, counter: list) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, fp32 value)`` of every parameter, one at a time (collective: every rank runs it):
+    trainable ones from the optimizer's fp32 master copy, frozen ones from the reference after
+    checking that the module's copy still equals it bit for bit (``counter[0]`` counts them)."""
     for n, p in engine.module.named_parameters():
         if p.requires_grad:
-            values[n] = full_fp32(p)
+            yield n, full_fp32(p)
         elif n in spec.frozen_reference:
-            values[n] = spec.frozen_reference[n]
+            cur = gather(p).cpu()
+            ref = spec.frozen_reference[n]
+            if tuple(cur.shape) != tuple(ref.shape) or not torch.equal(cur, ref.to(cur.dtype)):
+                raise TrainingError(f"frozen tensor {n!r} changed during training: it is no longer bit-identical to "
+                                    "the public model's (refusing to write a checkpoint that cannot be merged)")
+            counter[0] += 1
+            yield n, ref.float()
         else:
-            values[n] = gather(p).float().cpu().clone()
-    return values
+            yield n, gather(p).float().cpu().clone()
 
 
-def _verify_frozen(engine, spec: RunSpec) -> int:
-    """Every frozen parameter still equals its reference bit for bit (in the module's dtype)."""
-    n_checked = 0
-    for n, p in engine.module.named_parameters():
-        if p.requires_grad or n not in spec.frozen_reference:
-            continue
-        cur = gather(p).cpu()
-        ref = spec.frozen_reference[n].to(cur.dtype)
-        if cur.shape != ref.shape or not torch.equal(cur, ref):
-            raise TrainingError(f"frozen tensor {n!r} changed during training: it is no longer bit-identical to the "
-                                "public model's (refusing to write a checkpoint that cannot be merged)")
-        n_checked += 1
-    return n_checked
+def _export(r: _Run, final: Path) -> int:
+    """Write the final HF checkpoint into ``final`` (main rank; every rank gathers): one
+    parameter at a time (ZeRO-3: ``GatheredParameters`` on that tensor only), in shards of at
+    most ``--max-shard-size``, atomically; then the spec's ``finalize_state_dict``. Returns the
+    number of frozen tensors verified."""
+    spec, counter = r.spec, [0]
+    limit = r.opts.max_shard_bytes()
+    items = ((k, v.to(spec.save_dtype)) for k, v in export_items(r.engine.module, _param_values(r.engine, spec, counter)))
+    if r.dist.is_main:
+        save_state_dict(spec.final_config(), items, final, limit, dtype=spec.save_dtype)
+        if spec.finalize_state_dict is not None:
+            hf, info = spec.finalize_state_dict(lazy_state_dict(final))
+            r.log.run.update(info)
+            save_state_dict(spec.final_config(), hf, final, limit, dtype=spec.save_dtype)
+    else:
+        for _ in items:
+            pass
+    return counter[0]
 
 
 # ---------------------------------------------------------------------------- the run
+def _build_model(spec: RunSpec, ds_cfg: dict, dist: DistInfo, use_bf16: bool) -> None:
+    """Build ``spec.build``'s model into ``spec.model`` and its lazy frozen reference.
+
+    Under ZeRO-3 the model is built on the meta device and each parameter is materialised from
+    the source and partitioned at once (:func:`~.modeling.build_model` with
+    :func:`~.distributed.zero3_partitioner`: DeepSpeed's ``zero.Init`` conversion, in the
+    engine's dtype, on this rank's device), so no rank ever holds more than one full tensor.
+    ZeRO 0-2 replicate the parameters anyway: the model is built whole, on CPU in fp32.
+    """
+    b = spec.build
+    zero3 = zero_stage_of(ds_cfg) == 3
+    partition = zero3_partitioner(ds_cfg) if zero3 else None
+    dtype = torch.bfloat16 if zero3 and use_bf16 else torch.float32
+    model = build_model(b.config, b.source, b.prepare, device=dist.device if zero3 else "cpu", dtype=dtype,
+                        partition=partition)
+    shapes = {n: param_shape(p) for n, p in model.named_parameters() if not p.requires_grad}
+    spec.model = model
+    spec.frozen_reference = LazyTensors(shapes, lambda n: param_value(b.source, n, shapes[n]).float())
+
+
+def _local_fraction(model) -> dict:
+    """Elements of the parameters this rank holds (its ZeRO-3 partitions, else whole tensors) and of the full model."""
+    local = sum(int(p.ds_tensor.numel()) if hasattr(p, "ds_tensor") else p.numel() for p in model.parameters())
+    full = sum(param_numel(p) for p in model.parameters())
+    return {"rank0_param_elements": local, "full_param_elements": full, "rank0_fraction": local / max(full, 1)}
+
+
 def _build_engine(r: _Run) -> None:
-    """Restore a resumed run's weights and RNG, wrap the model in a DeepSpeed engine with AdamW."""
+    """Wrap the model in a DeepSpeed engine with AdamW; load a resumed run's state into it."""
     import deepspeed
 
     model, opts = r.spec.model, r.opts
     named = named_trainable(model)
     if not named:
         raise TrainingError("nothing to train: every parameter is frozen")
-    if r.resume is not None:
-        r.start_step = int(r.resume["meta"]["step"])
-        with torch.no_grad():
-            for n, p in named:
-                p.copy_(r.resume["params"][n])
-        torch.set_rng_state(r.resume["rng"])
-    if opts.zero_stage == 3 and not any(parametrize.is_parametrized(m) for m in model.modules()):
+    if r.zero_stage == 3 and not any(parametrize.is_parametrized(m) for m in model.modules()):
         # FlexMoE reads its children's parameters without calling them: gather them all at
         # the FlexMoE call. (A parametrized model is left alone: each parametrization module
         # is called when its tensor is read, which gathers its parameters.)
@@ -221,17 +278,18 @@ def _build_engine(r: _Run) -> None:
         set_z3_leaf_modules(model, [FlexMoE])
     if opts.activation_checkpointing:
         model.gradient_checkpointing_enable()
-    model.to(r.dist.device)
-    decay = [p for n, p in named if p.ndim >= 2 and opts.weight_decay > 0]
-    no_decay = [p for n, p in named if not (p.ndim >= 2 and opts.weight_decay > 0)]
+    if not any(hasattr(p, "ds_id") for p in model.parameters()):
+        model.to(r.dist.device)
+    decay = [p for n, p in named if len(param_shape(p)) >= 2 and opts.weight_decay > 0]
+    no_decay = [p for n, p in named if not (len(param_shape(p)) >= 2 and opts.weight_decay > 0)]
     groups = [g for g in ({"params": decay, "weight_decay": opts.weight_decay},
                           {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
     optimizer = torch.optim.AdamW(groups, lr=0.0, betas=(0.9, 0.95), eps=1e-8)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=r.ds_cfg,
-                                               dist_init_required=False)
+                                           dist_init_required=False)
     if r.resume is not None:
-        restore_optimizer(engine, named_trainable(engine.module), r.resume["params"], r.resume["moments"],
-                          float(r.resume["meta"]["adam_step"]))
+        r.start_step = int(r.resume["meta"]["step"])
+        load_engine_state(engine, r.work, r.resume)
     r.engine = engine
 
 
@@ -241,12 +299,13 @@ def _run_record(r: _Run, argv: Optional[Sequence[str]]) -> dict:
     return {
         "command": spec.kind, "argv": list(argv) if argv is not None else sys.argv[1:], "status": "running",
         "out": str(r.out), "start_time": utc_now(),
-        "device": str(dist.device), "world_size": dist.world_size, "zero_stage": opts.zero_stage,
+        "device": str(dist.device), "world_size": dist.world_size, "zero_stage": r.zero_stage,
         "activation_checkpointing": opts.activation_checkpointing,
         "dtype": "bf16" if r.use_bf16 else "fp32", "options": opts.fingerprint(),
         "data": [str(d.path) for d in spec.datas], "global_batch_size": r.sampler.global_batch_size,
         "tokens_per_step": r.tokens_per_step, "params": count_params(spec.model.config),
-        "params_trainable": sum(p.numel() for _, p in named_trainable(spec.model)),
+        "params_trainable": sum(param_numel(p) for _, p in named_trainable(spec.model)),
+        "params_held": _local_fraction(spec.model), "max_shard_size": opts.max_shard_size,
         "flops_per_token": spec.flops_per_token, "resumed_from_step": r.start_step if r.resume else None,
         "versions": versions(), **spec.run_info,
     }
@@ -336,17 +395,11 @@ def _finish(r: _Run) -> None:
     val = _evaluate(engine, r.windows, r.opts, r.dist) if r.opts.eval_batches else None
     if val is not None:
         r.log.metric({"step": step, "val_loss": val, "time": time.time()})
-    n_frozen = _verify_frozen(engine, spec)
-    values = _export_values(engine, spec)
+    final = r.work / "final"
+    if r.dist.is_main and final.exists():
+        shutil.rmtree(final)
+    n_frozen = _export(r, final)
     if r.dist.is_main:
-        hf = {k: v.to(spec.save_dtype) for k, v in export_state_dict(engine.module, values).items()}
-        if spec.finalize_state_dict is not None:
-            hf, finalize_info = spec.finalize_state_dict(hf)
-            r.log.run.update(finalize_info)
-        final = r.work / "final"
-        if final.exists():
-            shutil.rmtree(final)
-        save_hf(spec.final_config(), hf, final)
         copy_tokenizer_files(spec.tokenizer_src, final)
         r.log.update(status="finished", step=step, end_time=utc_now(), elapsed_s=time.perf_counter() - r.t_run,
                      final_train_loss=r.last_loss, final_val_loss=val, tokens=step * r.tokens_per_step,
@@ -366,16 +419,20 @@ def _setup(spec: RunSpec, opts: TrainOptions) -> _Run:
     out = Path(spec.out).resolve()
     work = out.with_name(out.name + ".inprogress")
     dist = init_distributed(opts.device)
-    resume = open_work_dir(out, work, spec.kind, spec.model, opts, dist)
     use_bf16 = dist.device.type == "cuda" and opts.dtype != "fp32" and torch.cuda.is_bf16_supported()
     if opts.dtype == "bf16" and dist.device.type != "cuda":
         raise TrainingError("--dtype bf16 is for CUDA; CPU training runs in fp32")
     cfg = ds_config(opts, dist.world_size, use_bf16)
+    if spec.build is not None:
+        _build_model(spec, cfg, dist, use_bf16)
+    if spec.model is None:
+        raise TrainingError("internal error: the RunSpec has neither a model nor a build")
+    resume = open_work_dir(out, work, spec.kind, spec.model, opts, dist, zero_stage_of(cfg))
     sampler = BatchSampler(spec.datas, opts.seq_len, opts.micro_batch_size, opts.grad_accum, dist.world_size, opts.seed)
     windows = eval_windows(spec.datas, opts.seq_len, opts.eval_batches * opts.micro_batch_size) \
         if opts.eval_batches else torch.empty(0, opts.seq_len + 1, dtype=torch.long)
     return _Run(spec=spec, opts=opts, dist=dist, out=out, work=work, sampler=sampler, windows=windows,
-                use_bf16=use_bf16, ds_cfg=cfg, resume=resume, log=RunLog(work, dist.is_main), state_saved=resume is not None)
+                use_bf16=use_bf16, ds_cfg=cfg, zero_stage=zero_stage_of(cfg), resume=resume, log=RunLog(work, dist.is_main), state_saved=resume is not None)
 
 
 def train(spec: RunSpec, opts: TrainOptions, argv: Optional[Sequence[str]] = None) -> int:

@@ -25,7 +25,13 @@ from .config import CheckpointError, FlexOlmoConfig, read_json_object
 
 __all__ = [
     "save_pretrained",
+    "save_state_dict",
+    "ShardWriter",
+    "parse_size",
+    "write_config",
     "load_pretrained",
+    "LazyStateDict",
+    "lazy_state_dict",
     "load_state_dict",
     "convert_state_dict",
     "tensors_sha256",
@@ -100,24 +106,117 @@ def _state_dict_to_save(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
 
 
-def _shards(sd: dict[str, torch.Tensor], max_shard_size: Optional[int]) -> list[dict[str, torch.Tensor]]:
-    if max_shard_size is None:
-        return [sd]
-    if isinstance(max_shard_size, bool) or not isinstance(max_shard_size, int) or max_shard_size <= 0:
-        raise ValueError(f"max_shard_size must be a positive int (bytes) or None, got {max_shard_size!r}")
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for k, v in sd.items():
-        n = v.numel() * v.element_size()
-        if shards[-1] and size + n > max_shard_size:
-            shards.append({})
-            size = 0
-        shards[-1][k] = v
-        size += n
-    return shards
+def parse_size(size: Union[int, str], what: str = "max_shard_size") -> int:
+    """Bytes of ``size``: a positive int or a string such as ``"5GB"``, ``"500MB"``, ``"64KiB"``,
+    ``"1234"`` (GB/MB/KB are powers of 1000, GiB/MiB/KiB of 1024). ``ValueError`` naming ``what``."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        n = size
+    elif isinstance(size, str):
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", size, re.IGNORECASE)
+        if m is None:
+            raise ValueError(f"{what} must be bytes or a size like 5GB / 500MB, got {size!r}")
+        unit = (m.group(2) or "B").upper()
+        base = 1024 if "I" in unit else 1000
+        n = int(float(m.group(1)) * base ** "BKMGT".index(unit[0]))
+    else:
+        raise ValueError(f"{what} must be bytes or a size like 5GB / 500MB, got {size!r}")
+    if n <= 0:
+        raise ValueError(f"{what} must be positive, got {size!r}")
+    return n
 
 
-def save_pretrained(model, directory: Union[str, os.PathLike], max_shard_size: Optional[int] = None) -> None:
+class ShardWriter:
+    """Write tensors one at a time into ``directory`` as HF safetensors weights.
+
+    Tensors are buffered until the next one would push the buffer past ``max_shard_size`` bytes
+    (None: one file), then the buffer is written as a shard: at most one shard (or one tensor
+    larger than it) is held at a time. :meth:`finish` names the files as Hugging Face does:
+    ``model.safetensors`` when there is one, else ``model-0000i-of-0000n.safetensors`` and
+    ``model.safetensors.index.json`` (``weight_map``, ``total_size``). ``directory`` should be a
+    staging directory (:func:`flexmoe_kernels.utils.fs.atomic_directory`).
+    """
+
+    def __init__(self, directory: Union[str, os.PathLike], max_shard_size: Optional[int] = None):
+        if max_shard_size is not None and (isinstance(max_shard_size, bool) or not isinstance(max_shard_size, int)
+                                           or max_shard_size <= 0):
+            raise ValueError(f"max_shard_size must be a positive int (bytes) or None, got {max_shard_size!r}")
+        self.directory, self.max_shard_size = os.fspath(directory), max_shard_size
+        self._buf: dict[str, torch.Tensor] = {}
+        self._size = 0
+        self._files: list[tuple[str, list[str]]] = []  # (temporary file name, keys)
+        self.total_size = 0
+
+    def add(self, key: str, tensor: torch.Tensor) -> None:
+        """Append ``tensor`` (copied to contiguous CPU memory) under ``key``."""
+        if key in self._buf or any(key in keys for _, keys in self._files):
+            raise ValueError(f"tensor {key!r} written twice")
+        t = tensor.detach().to("cpu").contiguous()
+        n = t.numel() * t.element_size()
+        if self._buf and self.max_shard_size is not None and self._size + n > self.max_shard_size:
+            self._flush()
+        self._buf[key] = t
+        self._size += n
+        self.total_size += n
+
+    def _flush(self) -> None:
+        name = f"shard-{len(self._files):05d}.partial"
+        save_file(self._buf, os.path.join(self.directory, name), metadata={"format": "pt"})
+        self._files.append((name, list(self._buf)))
+        self._buf, self._size = {}, 0
+
+    def finish(self) -> list[str]:
+        """Write the last shard, name the files and the index; returns the weight file names."""
+        if self._buf or not self._files:
+            self._flush()
+        n = len(self._files)
+        if n == 1:
+            os.rename(os.path.join(self.directory, self._files[0][0]), os.path.join(self.directory, SINGLE_FILE))
+            return [SINGLE_FILE]
+        weight_map = {}
+        for i, (tmp, keys) in enumerate(self._files):
+            fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            os.rename(os.path.join(self.directory, tmp), os.path.join(self.directory, fname))
+            weight_map.update({k: fname for k in keys})
+        with open(os.path.join(self.directory, INDEX_FILE), "w", encoding="utf-8") as fh:
+            json.dump({"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(weight_map.items()))},
+                      fh, indent=2)
+        return sorted({f for f in weight_map.values()})
+
+
+def write_config(directory: Union[str, os.PathLike], config: FlexOlmoConfig, dtype: torch.dtype) -> None:
+    """``config.json`` of ``config`` with ``dtype`` (the tensors' dtype) into ``directory``."""
+    cfg = config.to_dict()
+    cfg["dtype"] = str(dtype).replace("torch.", "")
+    with open(os.path.join(os.fspath(directory), CONFIG_FILE), "w", encoding="utf-8") as fh:
+        fh.write(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def save_state_dict(config: FlexOlmoConfig, tensors: Union[Mapping[str, torch.Tensor],
+                                                           Iterable[tuple[str, torch.Tensor]]],
+                    directory: Union[str, os.PathLike], max_shard_size: Union[None, int, str] = None,
+                    dtype: Optional[torch.dtype] = None) -> None:
+    """Write an HF checkpoint of ``config`` from ``tensors`` (HF names; a mapping, or an iterable
+    of ``(name, tensor)`` consumed one at a time) into ``directory`` atomically (see
+    :func:`save_pretrained`), in shards of at most ``max_shard_size`` (bytes or ``"5GB"``; None:
+    one file). A lazy mapping (:func:`lazy_state_dict`) or a generator keeps at most one shard
+    in memory. The dtype recorded in ``config.json`` is ``dtype``, by default the first tensor's."""
+    directory = os.path.abspath(os.fspath(directory))
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise NotADirectoryError(f"checkpoint path {directory!r} exists and is not a directory")
+    limit = None if max_shard_size is None else parse_size(max_shard_size)
+    items = ((k, tensors[k]) for k in tensors) if isinstance(tensors, Mapping) else iter(tensors)
+    with atomic_directory(directory) as tmp:
+        writer = ShardWriter(tmp, limit)
+        for k, v in items:
+            dtype = dtype or v.dtype
+            writer.add(k, v)
+        writer.finish()
+        write_config(tmp, config, dtype or torch.float32)
+        if os.path.isdir(directory):
+            _carry_over(directory, tmp)
+
+
+def save_pretrained(model, directory: Union[str, os.PathLike], max_shard_size: Union[None, int, str] = None) -> None:
     """Write ``config.json`` + safetensors for ``model`` into ``directory`` atomically.
 
     Everything is written into a fresh temporary directory next to the target, fsynced and
@@ -125,35 +224,10 @@ def save_pretrained(model, directory: Union[str, os.PathLike], max_shard_size: O
     ``renameat2(RENAME_EXCHANGE)`` on Linux, otherwise two renames); the old contents are
     deleted. An exception or crash before the swap leaves an existing checkpoint untouched. Files in an existing target that a save does
     not own (e.g. ``run.json``) are carried over. Tied ``lm_head.weight`` is not stored.
-    ``max_shard_size`` (bytes) splits the weights into shards with an index, as Hugging Face does.
+    ``max_shard_size`` (bytes, or a string such as ``"5GB"``) splits the weights into shards
+    with an index, as Hugging Face does (:class:`ShardWriter`).
     """
-    directory = os.path.abspath(os.fspath(directory))
-    if os.path.exists(directory) and not os.path.isdir(directory):
-        raise NotADirectoryError(f"checkpoint path {directory!r} exists and is not a directory")
-    sd = _state_dict_to_save(model)
-    shards = _shards(sd, max_shard_size)
-    cfg = model.config.to_dict()
-    cfg["dtype"] = str(model.dtype).replace("torch.", "")
-
-    with atomic_directory(directory) as tmp:
-        with open(os.path.join(tmp, CONFIG_FILE), "w", encoding="utf-8") as fh:
-            fh.write(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-        meta = {"format": "pt"}
-        if len(shards) == 1:
-            save_file(shards[0], os.path.join(tmp, SINGLE_FILE), metadata=meta)
-        else:
-            n = len(shards)
-            weight_map = {}
-            for i, shard in enumerate(shards):
-                fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-                save_file(shard, os.path.join(tmp, fname), metadata=meta)
-                weight_map.update({k: fname for k in shard})
-            total = sum(v.numel() * v.element_size() for v in sd.values())
-            with open(os.path.join(tmp, INDEX_FILE), "w", encoding="utf-8") as fh:
-                json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))},
-                          fh, indent=2)
-        if os.path.isdir(directory):
-            _carry_over(directory, tmp)
+    save_state_dict(model.config, _state_dict_to_save(model), directory, max_shard_size, dtype=model.dtype)
 
 
 # ---------------------------------------------------------------------------- loading
@@ -204,6 +278,104 @@ def load_state_dict(directory: Union[str, os.PathLike]) -> dict[str, torch.Tenso
     for path in _tensor_files(os.fspath(directory)):
         _read_safetensors(path, sd)
     return sd
+
+
+class LazyStateDict(Mapping):
+    """The tensors of a checkpoint directory (single file or shards), read one at a time on access.
+
+    A ``Mapping`` from HF names to CPU tensors as stored: ``sd[name]`` opens the file holding
+    ``name`` and reads that tensor only (nothing is cached), so iterating holds one tensor at a
+    time. With ``num_experts`` the older per-expert layout is presented fused, as
+    :func:`convert_state_dict` does (``...mlp.experts.gate_up_proj`` is read from its pieces on
+    access). :meth:`shape` / :meth:`dtype` read the file headers only. Errors as
+    :func:`load_state_dict` (missing files, corrupt headers, a tensor in two shards).
+    """
+
+    def __init__(self, directory: Union[str, os.PathLike], num_experts: Optional[int] = None):
+        self.directory = os.fspath(directory)
+        self._where: dict[str, str] = {}
+        self._meta: dict[str, tuple[tuple[int, ...], str]] = {}
+        for path in _tensor_files(self.directory):
+            try:
+                with safe_open(path, framework="pt", device="cpu") as f:
+                    for k in f.keys():
+                        if k in self._where:
+                            raise CheckpointError(f"tensor {k!r} appears in more than one shard "
+                                                  f"({os.path.basename(path)})")
+                        sl = f.get_slice(k)
+                        self._where[k] = path
+                        self._meta[k] = (tuple(sl.get_shape()), sl.get_dtype())
+            except (SafetensorError, OSError) as exc:
+                raise CheckpointError(f"{path}: not a readable safetensors file, truncated or corrupt "
+                                      f"({str(exc).strip()}); save or copy it again") from exc
+        self._fused: dict[str, list[str]] = {}  # fused key -> stored per-expert pieces of its layer
+        keys = []
+        for k in self._where:
+            m = _PER_EXPERT.match(k)
+            if _IGNORED.match(k) or (m is not None and num_experts is None):
+                continue
+            if m is None:
+                keys.append(k)
+            else:
+                for w in ("gate_up_proj", "down_proj"):
+                    self._fused.setdefault(f"{m['prefix']}.{w}", []).append(k)
+        self.num_experts = num_experts
+        self._keys = keys + sorted(self._fused)
+        self._keyset = set(self._keys)
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __contains__(self, key) -> bool:
+        return key in self._keyset
+
+    def _read(self, key: str) -> torch.Tensor:
+        path = self._where[key]
+        try:
+            with safe_open(path, framework="pt", device="cpu") as f:
+                return f.get_tensor(key).clone()
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(f"{path}: cannot read tensor {key!r} ({str(exc).strip()})") from exc
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key in self._fused:
+            pieces = {k: self._read(k) for k in self._fused[key]}
+            return convert_state_dict(pieces, self.num_experts)[key]
+        if key not in self:
+            raise KeyError(key)
+        return self._read(key)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        """The shape of ``key`` from the file header (no tensor data is read)."""
+        if key not in self._fused:
+            if key not in self:
+                raise KeyError(key)
+            return self._meta[key][0]
+        pieces = {k: self._meta[k][0] for k in self._fused[key]}
+        e_shape = {m["which"]: s for k, s in pieces.items() if (m := _PER_EXPERT.match(k))}
+        if key.endswith("gate_up_proj"):
+            return (self.num_experts, e_shape["gate"][0] + e_shape["up"][0], e_shape["gate"][1])
+        return (self.num_experts, *e_shape["down"])
+
+    def dtype(self, key: str) -> torch.dtype:
+        """The stored dtype of ``key`` (from the file header)."""
+        name = self._fused[key][0] if key in self._fused else key
+        if name not in self._meta:
+            raise KeyError(key)
+        return _SAFETENSORS_DTYPES[self._meta[name][1]]
+
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def lazy_state_dict(directory: Union[str, os.PathLike], num_experts: Optional[int] = None) -> LazyStateDict:
+    """A :class:`LazyStateDict` of ``directory``: tensors read one at a time, on access."""
+    return LazyStateDict(directory, num_experts)
 
 
 def convert_state_dict(sd: dict[str, torch.Tensor], num_experts: int) -> dict[str, torch.Tensor]:

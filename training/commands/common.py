@@ -82,6 +82,9 @@ def add_train_args(p: argparse.ArgumentParser, *, lr: float, steps: int = 100, w
     g.add_argument("--overwrite", action="store_true",
                    help="replace an existing output (a partial run is still resumed when its options match)")
     g.add_argument("--restart", action="store_true", help="discard a partial run (OUT.inprogress) instead of resuming")
+    g.add_argument("--max-shard-size", default="5GB",
+                   help="largest safetensors shard of the final checkpoint (e.g. 5GB, 500MB; more shards get "
+                        "model.safetensors.index.json; default 5GB)")
 
 
 def csv_list(s: str):

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from ..flops import flops_per_token
 from .budget import BUDGET_HELP, add_budget_args, steps_for_budget, world_size
-from .common import (add_command, require, add_train_args, dense_config, freeze_single_router, fresh_model, guard, open_datas,
+from .common import (add_command, require, add_train_args, dense_config, freeze_single_router, guard, open_datas,
                      options_from_args)
 
 
@@ -26,14 +26,14 @@ def register(sub) -> None:
 
 @guard
 def cmd_train_dense(args) -> int:
-    from ..modeling import load_checkpoint
-    from ..trainer import RunSpec, train
+    from ..modeling import fresh_source, open_checkpoint
+    from ..trainer import ModelBuild, RunSpec, train
 
     datas = open_datas(args.data)
     k = args.active_experts
     base_f = None
     if args.match_active_of:
-        mcfg = (load_checkpoint(args.match_active_of, "--match-active-of")[0]
+        mcfg = (open_checkpoint(args.match_active_of, "--match-active-of")[0]
                 if Path(args.match_active_of).is_dir() else None)
         if mcfg is None:
             raise FileNotFoundError(f"--match-active-of {args.match_active_of!r} is not a checkpoint directory")
@@ -46,9 +46,7 @@ def cmd_train_dense(args) -> int:
     steps_for_budget(args, fpt, world_size())
     opts = options_from_args(args)
     opts.validate()
-    model = fresh_model(cfg, args.seed)
-    ref = freeze_single_router(model)
-    spec = RunSpec(kind="dense", out=Path(args.out), model=model, datas=datas, tokenizer_src=datas[0].path,
-                   frozen_reference=ref, final_config=lambda: cfg, flops_per_token=fpt,
+    spec = RunSpec(kind="dense", out=Path(args.out), datas=datas, tokenizer_src=datas[0].path,
+                   build=ModelBuild(cfg, fresh_source(cfg, args.seed), freeze_single_router), final_config=lambda: cfg, flops_per_token=fpt,
                    run_info={"model_config": cfg.to_dict(), "budget": args.budget})
     return train(spec, opts)

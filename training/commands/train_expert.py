@@ -24,6 +24,9 @@ def register(sub) -> None:
     require(p, "--name", help="expert name (unique among owners)")
     require(p, "--out", help="checkpoint directory to write")
     p.add_argument("--router-init", default=None, help="safetensors from init-router (default: random r_owner)")
+    p.add_argument("--bias-init", type=float, default=-0.5,
+                   help="initial b_owner, applied as min(b, 0): it starts below zero so that it can learn "
+                        "(a bias at or above 0 gets no gradient) (default -0.5)")
     add_train_args(p, lr=1e-3, weight_decay=False)
 
 
@@ -48,54 +51,39 @@ def _load_router_init(path: str):
 
 @guard
 def cmd_train_expert(args) -> int:
-    import torch
-
-    from ..modeling import (ModelSpecError, anchor_sha256, check_owner_against_public, coupled_state_dict,
-                           freeze_for_expert_training, load_checkpoint, model_from_state_dict,
-                           trainable_param_to_hf)
-    from ..trainer import RunSpec, train
+    from ..modeling import (anchor_sha256, check_owner_against_public, coupled_source, freeze_for_expert_training,
+                            open_checkpoint)
+    from ..trainer import ModelBuild, RunSpec, train
 
     opts = options_from_args(args)
     opts.weight_decay = 0.0  # FlexOlmo: no decay, so frozen tensors stay bit-identical
     opts.validate()
     check_out_free(Path(args.out), args.overwrite)
     datas = open_datas([args.data])
-    pub_cfg, pub_sd = load_checkpoint(args.public, "--public")
+    # The public model is read lazily, one tensor at a time (hash, build, checks): no rank holds it whole.
+    pub_cfg, pub_sd = open_checkpoint(args.public, "--public")
     check_tokenizer(Path(args.public), datas[0], "--public")
     if datas[0].vocab_size > pub_cfg.vocab_size:
         raise ValueError(f"--data vocab {datas[0].vocab_size} is larger than the public model's {pub_cfg.vocab_size}")
+    anchor = anchor_sha256(pub_sd)
     router, rmeta = (None, {})
     if args.router_init:
         router, rmeta = _load_router_init(args.router_init)
-        h = anchor_sha256(pub_sd)
-        if rmeta.get("public_sha256") and rmeta["public_sha256"] != h:
+        if rmeta.get("public_sha256") and rmeta["public_sha256"] != anchor:
             raise ValueError(f"--router-init {args.router_init!r} was computed from another public model "
-                             f"({rmeta['public_sha256']} != {h})")
-    cfg, sd = coupled_state_dict(pub_cfg, pub_sd, args.name, router, seed=args.seed)
-    anchor = anchor_sha256(pub_sd)
+                             f"({rmeta['public_sha256']} != {anchor})")
+    cfg, source = coupled_source(pub_cfg, pub_sd, args.name, router, seed=args.seed, bias_init=args.bias_init)
     cfg.extra.update({"anchor_sha256": anchor, "expert_name": args.name, "role": "owner",
                       "router_init": rmeta.get("embedder", "random")})
     cfg.moe_backend = args.moe_backend
-    save_dtype = pub_sd["model.embed_tokens.weight"].dtype
-    model = model_from_state_dict(cfg, {k: v.float() for k, v in sd.items()})
-    freeze_for_expert_training(model)
-    # Reference values of the frozen tensors, taken from the public state dict itself (no extra
-    # copy of the model): the shared tensors and the public rows of the stacked MoE tensors.
-    ref = {}
-    for n, p in model.named_parameters():
-        if p.requires_grad:
-            continue
-        hf, _ = trainable_param_to_hf(n)
-        if hf in pub_sd:
-            ref[n] = pub_sd[hf][:1].float() if n.endswith(".0.head") else pub_sd[hf].float()
-        else:  # b_public: the dense public model has no bias; it is 0
-            ref[n] = p.detach().float().clone()
-        if ref[n].shape != p.shape or not torch.equal(ref[n], p.detach().float()):
-            raise ModelSpecError(f"internal error: the coupled model's {n!r} is not the public model's")
+    save_dtype = pub_sd.dtype("model.embed_tokens.weight")
+    # Built in fp32 from the coupled source; its frozen tensors must keep the source's values,
+    # i.e. the public model's (checked at the end of the run and again from the files below).
     trainable_mm = 3.0 * cfg.hidden_size * cfg.intermediate_size * cfg.num_hidden_layers  # the owner's expert
-    spec = RunSpec(kind="expert", out=Path(args.out), model=model, datas=datas,
+    spec = RunSpec(kind="expert", out=Path(args.out), datas=datas,
                    tokenizer_src=tokenizer_src(Path(args.public), datas[0]),
-                   frozen_reference=ref, final_config=lambda: cfg, save_dtype=save_dtype,
+                   build=ModelBuild(cfg, source, freeze_for_expert_training), final_config=lambda: cfg,
+                   save_dtype=save_dtype,
                    flops_per_token=flops_per_token(cfg, args.seq_len, trainable_mm),
                    run_info={"public": str(Path(args.public).resolve()), "expert_name": args.name,
                              "anchor_sha256": anchor, "router_init": args.router_init})
@@ -103,7 +91,7 @@ def cmd_train_expert(args) -> int:
     out = Path(args.out)
     if rc == 0 and (out / "config.json").is_file() and int(os.environ.get("RANK", "0")) == 0:
         # Independent check from the files: every frozen tensor equals the public model's.
-        o_cfg, o_sd = load_checkpoint(out, "--out")
+        o_cfg, o_sd = open_checkpoint(out, "--out")
         try:
             check_owner_against_public(pub_cfg, pub_sd, o_cfg, o_sd, str(out))
         except Exception:

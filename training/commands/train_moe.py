@@ -6,7 +6,7 @@ from pathlib import Path
 from ..flops import flops_per_token
 from .budget import BUDGET_HELP, add_budget_args, steps_for_budget, world_size
 from .common import (add_command, require, add_train_args, check_out_free, check_tokenizer, dense_config, freeze_single_router,
-                     fresh_model, guard, open_datas, options_from_args)
+                     guard, open_datas, options_from_args)
 
 
 def register(sub) -> None:
@@ -28,8 +28,8 @@ def register(sub) -> None:
 def cmd_train_moe(args) -> int:
     import torch
 
-    from ..modeling import load_checkpoint, model_from_state_dict
-    from ..trainer import RunSpec, train
+    from ..modeling import LazyTensors, fresh_source, open_checkpoint
+    from ..trainer import ModelBuild, RunSpec, train
 
     datas = open_datas(args.data)
     E = args.num_experts or (1 + len(datas))
@@ -39,7 +39,7 @@ def cmd_train_moe(args) -> int:
     check_out_free(Path(args.out), args.overwrite)
     if args.public:
         # Upcycling: shared tensors from the public model, every expert a copy of its FFN, a fresh router.
-        pub_cfg, pub_sd = load_checkpoint(args.public, "--public")
+        pub_cfg, pub_sd = open_checkpoint(args.public, "--public")
         check_tokenizer(Path(args.public), datas[0], "--public")
         if pub_cfg.max_position_embeddings < args.seq_len:
             raise ValueError(f"--seq-len {args.seq_len} exceeds the model's max_position_embeddings "
@@ -48,29 +48,29 @@ def cmd_train_moe(args) -> int:
                            moe_backend=args.moe_backend,
                            extra={"role": "moe-baseline", "upcycled_from": str(Path(args.public).resolve()),
                                   "tokenizer": datas[0].meta["tokenizer"]})
+        # Tensors are made on access (one at a time); the routers (L x E x D) are drawn up front.
         g = torch.Generator().manual_seed(args.seed)
-        sd = {}
-        for k, v in pub_sd.items():
-            if k.endswith("mlp.gate.weight"):
-                sd[k] = torch.randn(E, v.shape[1], generator=g) * cfg.initializer_range
-            elif k.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj")):
-                sd[k] = v[:1].float().repeat(E, *([1] * (v.ndim - 1)))
-            elif k.endswith("mlp.gate.expert_bias"):
-                continue
-            else:
-                sd[k] = v.float()
-        model = model_from_state_dict(cfg, sd)
+        routers = {k: torch.randn(E, pub_sd.shape(k)[1], generator=g) * cfg.initializer_range
+                   for k in pub_sd if k.endswith("mlp.gate.weight")}
+
+        def upcycled(k):
+            if k in routers:
+                return routers[k]
+            v = pub_sd[k].float()
+            return v[:1].repeat(E, *([1] * (v.ndim - 1))) if k.endswith(("mlp.experts.gate_up_proj",
+                                                                          "mlp.experts.down_proj")) else v
+
+        source = LazyTensors([k for k in pub_sd if not k.endswith("mlp.gate.expert_bias")], upcycled)
     else:
         base = dense_config(args, datas)
         cfg = base.copy(num_experts=E, num_experts_per_tok=args.top_k, expert_names=names, expert_bias=False,
                         extra={"role": "moe-baseline", "tokenizer": datas[0].meta["tokenizer"]})
-        model = fresh_model(cfg, args.seed)
+        source = fresh_source(cfg, args.seed)
     fpt = flops_per_token(cfg, args.seq_len)
     steps_for_budget(args, fpt, world_size())
     opts = options_from_args(args)
     opts.validate()
-    ref = freeze_single_router(model) if E == 1 else {}
-    spec = RunSpec(kind="moe", out=Path(args.out), model=model, datas=datas, tokenizer_src=datas[0].path,
-                   frozen_reference=ref, final_config=lambda: cfg, flops_per_token=fpt,
+    spec = RunSpec(kind="moe", out=Path(args.out), datas=datas, tokenizer_src=datas[0].path,
+                   build=ModelBuild(cfg, source, freeze_single_router if E == 1 else None), final_config=lambda: cfg, flops_per_token=fpt,
                    run_info={"model_config": cfg.to_dict(), "budget": args.budget})
     return train(spec, opts)

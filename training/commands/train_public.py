@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..flops import flops_per_token
-from .common import (add_command, require, add_train_args, dense_config, freeze_single_router, fresh_model, guard, open_datas,
+from .common import (add_command, require, add_train_args, dense_config, freeze_single_router, guard, open_datas,
                      options_from_args)
 
 
@@ -24,15 +24,14 @@ def register(sub) -> None:
 
 @guard
 def cmd_train_public(args) -> int:
-    from ..trainer import RunSpec, train
+    from ..modeling import fresh_source
+    from ..trainer import ModelBuild, RunSpec, train
 
     opts = options_from_args(args)
     opts.validate()
     datas = open_datas(args.data)
     cfg = dense_config(args, datas, num_experts=1, num_experts_per_tok=1, expert_names=["public"],
                         expert_bias=False, extra={"role": "public", "tokenizer": datas[0].meta["tokenizer"]})
-    model = fresh_model(cfg, args.seed)
-    ref = freeze_single_router(model)
     def set_router_row(sd: dict):
         # The dense model's router row never gets a gradient: give it the public domain's
         # embedding now, before any owner couples to this anchor (see set_public_router_rows).
@@ -40,8 +39,8 @@ def cmd_train_public(args) -> int:
 
         return set_public_router_rows(cfg, sd, datas[0], args.router_embedder)
 
-    spec = RunSpec(kind="public", out=Path(args.out), model=model, datas=datas, tokenizer_src=datas[0].path,
-                   frozen_reference=ref, final_config=lambda: cfg,
+    spec = RunSpec(kind="public", out=Path(args.out), datas=datas, tokenizer_src=datas[0].path,
+                   build=ModelBuild(cfg, fresh_source(cfg, args.seed), freeze_single_router), final_config=lambda: cfg,
                    flops_per_token=flops_per_token(cfg, args.seq_len), run_info={"model_config": cfg.to_dict()},
                    finalize_state_dict=set_router_row)
     return train(spec, opts)

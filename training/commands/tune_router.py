@@ -13,42 +13,44 @@ def register(sub) -> None:
     p = add_command(sub, "tune-router", cmd_tune_router, help="router-only tuning of a merged model",
                     description="Train only the router rows and the non-public biases (top-k = all experts "
                                 "while tuning) on a proxy data directory; experts and shared tensors stay "
-                                "frozen. The saved config keeps the model's top-k (or --top-k).")
+                                "frozen. AdamW weight decay (default 0.1, FlexOlmo's) applies to the router "
+                                "rows. Biases are applied as min(b, 0), so a positive bias is first set to 0 "
+                                "(the same model) to give it a gradient again. The saved config keeps the "
+                                "model's top-k (or --top-k).")
     require(p, "--model", help="merged checkpoint directory")
     require(p, "--data", help="proxy prepared data directory")
     require(p, "--out")
     p.add_argument("--top-k", type=int, default=None, help="top-k written to the output config (default: unchanged)")
-    add_train_args(p, lr=2e-3, weight_decay=False, steps=50)
+    add_train_args(p, lr=2e-3, weight_decay=True, steps=50)
 
 
 @guard
 def cmd_tune_router(args) -> int:
-    from ..modeling import freeze_for_router_tuning, load_checkpoint, model_from_state_dict
-    from ..trainer import RunSpec, train
+    from ..modeling import freeze_for_router_tuning, open_checkpoint
+    from ..trainer import ModelBuild, RunSpec, train
 
     opts = options_from_args(args)
-    opts.weight_decay = 0.0
     opts.validate()
     check_out_free(Path(args.out), args.overwrite)
     datas = open_datas([args.data])
-    cfg, sd = load_checkpoint(args.model, "--model")
+    cfg, sd = open_checkpoint(args.model, "--model")
     check_tokenizer(Path(args.model), datas[0], "--model")
     if cfg.num_experts < 2:
         raise ValueError(f"--model {args.model!r} has {cfg.num_experts} expert; router tuning needs an MoE")
     save_k = args.top_k if args.top_k is not None else cfg.num_experts_per_tok
     if not 1 <= save_k <= cfg.num_experts:
         raise ValueError(f"--top-k must be in [1, {cfg.num_experts}], got {save_k}")
-    save_dtype = sd["model.embed_tokens.weight"].dtype
+    save_dtype = sd.dtype("model.embed_tokens.weight")
     train_cfg = cfg.copy(num_experts_per_tok=cfg.num_experts, moe_backend=args.moe_backend)
-    model = model_from_state_dict(train_cfg, {k: v.float() for k, v in sd.items()})
-    freeze_for_router_tuning(model)
-    ref = {n: p.detach().float().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    # min(b, 0) is what the model applies: clamping changes no output, but a bias above 0 would get
+    # no gradient (FlexOlmo's negative bias must be able to move down on the proxy data)
+    sd = {k: (v.clamp(max=0) if k.endswith(".gate.expert_bias") else v) for k, v in sd.items()}
     out_cfg = cfg.copy(num_experts_per_tok=save_k)
     out_cfg.extra["role"] = "router-tuned"
     out_cfg.extra["router_tuned_on"] = str(Path(args.data).resolve())
-    spec = RunSpec(kind="router", out=Path(args.out), model=model, datas=datas,
+    spec = RunSpec(kind="router", out=Path(args.out), datas=datas,
                    tokenizer_src=tokenizer_src(Path(args.model), datas[0]),
-                   frozen_reference=ref, final_config=lambda: out_cfg, save_dtype=save_dtype,
+                   build=ModelBuild(train_cfg, sd, freeze_for_router_tuning), final_config=lambda: out_cfg, save_dtype=save_dtype,
                    flops_per_token=flops_per_token(train_cfg, args.seq_len, 0.0),
                    run_info={"model": str(Path(args.model).resolve()), "top_k_train": cfg.num_experts,
                              "top_k_saved": save_k})
