@@ -282,3 +282,115 @@ def test_output_is_atomic(tmp_path, monkeypatch, to):
     with pytest.raises(OSError, match="disk full"):
         _convert("--to", to, "--input", src, "--out", tmp_path / "out", "--overwrite")
     assert sorted(os.listdir(tmp_path)) == ["out", "src"] and os.listdir(tmp_path / "out") == ["keep.txt"]
+
+
+def test_dcp_metadata_of_olmo_core_reads_without_olmo_core(tmp_path, capsys):
+    """OLMo-core's DCP writer pickles its own ``_StorageInfo`` class into ``.metadata``: it reads
+    without ``olmo_core`` (mapped to torch's); any other global in the pickle is refused."""
+    import pickle
+
+    gen = torch.Generator().manual_seed(8)
+    sd = _olmo_core_sd(gen)
+    src = _write_olmo_core(sd, tmp_path / "oc", "dcp", config=_trainer_config())
+    with open(os.path.join(src, ".metadata"), "rb") as fh:
+        meta = pickle.load(fh)
+    raw = pickle.dumps(meta, protocol=2)  # protocol 2: globals are plain text lines
+    theirs = raw.replace(b"ctorch.distributed.checkpoint.filesystem\n_StorageInfo\n",
+                         b"colmo_core.distributed.checkpoint.filesystem\n_StorageInfo\n")
+    assert theirs != raw
+    with open(os.path.join(src, ".metadata"), "wb") as fh:
+        fh.write(theirs)
+    from flexmoe_kernels.models.olmo_core import read_olmo_core
+
+    _assert_same_tensors(sd, read_olmo_core(src)[0])
+    with open(os.path.join(src, ".metadata"), "wb") as fh:
+        fh.write(b"cos\nsystem\n(S'echo pwned'\ntR.")
+    err = _fails(capsys, "--to", "hf", "--input", src, "--out", tmp_path / "out")
+    assert "--input" in err and "refusing to load os.system" in err
+
+
+# ---------------------------------------------------------------------------- written by OLMo-core itself
+def _olmo_core_or_skip():
+    try:
+        from olmo_core.nn.transformer import TransformerConfig
+    except Exception as exc:  # not installed, or installed without its dependencies (cached_path, ...)
+        pytest.skip(f"olmo_core is not importable ({type(exc).__name__}: {exc}); `pip install ai2-olmo-core` "
+                    "runs this test (the tests above write OLMo-core's format from its documented key names)")
+    return TransformerConfig
+
+
+def _olmo_core_model(layout: str):
+    """A tiny FlexOlmo model built by OLMo-core (moe_reordered_norm blocks, QK-norm), N(0, 0.3) weights,
+    with FlexOlmo's router bias (MoELinearRouterWithExpertBias.expert_bias, (E-1, 1), negative) added
+    to every router as that subclass registers it."""
+    TransformerConfig = _olmo_core_or_skip()
+    cfg = TransformerConfig.llama_like_moe(
+        d_model=D, vocab_size=V, n_layers=L, n_heads=H, n_kv_heads=HKV, num_experts=E, top_k=2,
+        expert_hidden_size=FF, reordered_norm=True, qk_norm=True, rope_theta=10000, layer_norm_eps=1e-6,
+        z_loss_weight=None, lb_loss_weight=None, dropless=layout == "dropless",
+        capacity_factor=None if layout == "dropless" else float(E))
+    model = cfg.build(init_device="cpu")
+    gen = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        for block in model.blocks.values():
+            router = block.feed_forward_moe.router
+            router.register_parameter("expert_bias", torch.nn.Parameter(-torch.rand(E - 1, 1, generator=gen) - 0.1))
+        for name, p in model.named_parameters():
+            if not name.endswith("expert_bias"):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3 + (1.0 if "norm" in name else 0.0))
+    return cfg, model.eval()
+
+
+@torch.no_grad()
+def _olmo_core_logits(model, ids, top_k=2):
+    """Logits from OLMo-core's own modules (embeddings, attention, norms, router logits, expert MLPs,
+    LM head), composed as MoEReorderedNormTransformerBlock.forward does, with FlexOlmo's router
+    (min(b, 0) on experts 1.., softmax, top-k, no renormalisation) in place of the base router."""
+    x = model.embeddings(ids)
+    for block in model.blocks.values():
+        h = x + block.attention_norm(block.attention(x))
+        moe = block.feed_forward_moe
+        h_TD = h.reshape(-1, D)
+        logits = moe.router.get_expert_logits(h_TD).view(-1, E)
+        logits[:, 1:] += moe.router.expert_bias.clamp(max=0).T
+        w_TK, idx_TK = logits.softmax(-1).topk(top_k, dim=-1)
+        mlp, T = moe.experts.mlp, h_TD.shape[0]
+        if hasattr(mlp, "gmm"):  # DroplessMoEMLP: tokens grouped by expert
+            y_ETD = mlp(h_TD.repeat(E, 1), torch.full((E,), T, dtype=torch.long)).view(E, T, D)
+        else:  # MoEMLP: (E, N, D) per expert
+            y_ETD = mlp(h_TD.expand(E, T, D).contiguous())
+        out = sum(w_TK[:, k:k + 1] * y_ETD[idx_TK[:, k], torch.arange(T)] for k in range(top_k))
+        x = h + block.feed_forward_norm(out.view_as(h))
+    return model.lm_head(x)
+
+
+@pytest.mark.parametrize("layout,fmt", [("mlp", "pt"), ("mlp", "dcp"), ("dropless", "dcp")])
+def test_written_by_olmo_core(tmp_path, layout, fmt):
+    """OLMo-core's model and writers (torch.save of its state dict as unshard_checkpoint does, or
+    save_model_and_optim_state): ours gives OLMo-core's logits, keeps the bias, and converts back to
+    a state dict OLMo-core loads strictly, bit-identical."""
+    cfg, model = _olmo_core_model(layout)
+    src = tmp_path / "run" / "step0"
+    src.mkdir(parents=True)
+    (src / "config.json").write_text(json.dumps({"model": cfg.as_config_dict()}))
+    if fmt == "pt":
+        torch.save(model.state_dict(), src / "model.pt")
+    else:
+        from olmo_core.distributed.checkpoint import save_model_and_optim_state
+
+        save_model_and_optim_state(str(src / "model_and_optim"), model)
+    assert _convert("--to", "hf", "--input", src, "--out", tmp_path / "hf") == 0
+    ours = FlexOlmoForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert ours.config.num_experts_per_tok == 2 and ours.config.expert_bias
+    for i, block in enumerate(model.blocks.values()):
+        assert torch.equal(ours.model.layers[i].mlp.gate.expert_bias[1:], block.feed_forward_moe.router.expert_bias[:, 0])
+    ids = torch.randint(0, V, (2, 9), generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(_logits(ours, ids), _olmo_core_logits(model, ids), rtol=1e-4, atol=1e-4)
+
+    assert _convert("--to", "olmo-core", "--input", tmp_path / "hf", "--out", tmp_path / "oc", "--format", fmt) == 0
+    from flexmoe_kernels.models.olmo_core import read_olmo_core
+
+    back = read_olmo_core(tmp_path / "oc")[0]
+    _assert_same_tensors({k: v for k, v in model.state_dict().items()}, back)
+    _, fresh = _olmo_core_model(layout)
+    fresh.load_state_dict(back, strict=True)

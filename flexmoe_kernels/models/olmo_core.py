@@ -49,6 +49,7 @@ eps, top-k) or ours (``flexmoe_config.json``, written beside every OLMo-core che
 from __future__ import annotations
 
 import os
+import pickle
 import re
 import warnings
 from dataclasses import dataclass
@@ -311,12 +312,48 @@ def _why(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0] if lines else ''}"
 
 
+_DCP_METADATA_CLASSES = {"Metadata", "MetadataIndex", "ChunkStorageMetadata", "TensorStorageMetadata",
+                         "BytesStorageMetadata", "TensorProperties", "StorageMeta", "_MEM_FORMAT_ENCODING"}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles a DCP ``.metadata`` allowing only the checkpoint metadata classes, ``torch.Size``,
+    dtypes, layouts and paths (it is a pickle: nothing else may run). OLMo-core's writer stores
+    its own ``_StorageInfo`` (relative_path, offset, length), read here as torch's, so an OLMo-core
+    DCP reads without ``olmo_core`` installed."""
+
+    def find_class(self, module: str, name: str):
+        import torch.distributed.checkpoint.filesystem as fs
+        import torch.distributed.checkpoint.metadata as md
+
+        if module == "torch.distributed.checkpoint.metadata" and name in _DCP_METADATA_CLASSES:
+            return getattr(md, name)
+        if name == "_StorageInfo" and module in ("torch.distributed.checkpoint.filesystem",
+                                                 "olmo_core.distributed.checkpoint.filesystem"):
+            return fs._StorageInfo
+        if (module, name) in (("torch", "Size"), ("torch.serialization", "_get_layout"),
+                              ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("collections", "OrderedDict")):
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a checkpoint's .metadata")
+
+
 def _read_dcp(directory: str) -> dict[str, torch.Tensor]:
     """The model tensors of a DCP directory (keys ``model.*`` stripped; optimizer state not read)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+    from torch.distributed.checkpoint.metadata import StorageMeta, TensorStorageMetadata
 
-    reader = dcp.FileSystemReader(directory)
+    class Reader(dcp.FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            with open(os.path.join(directory, ".metadata"), "rb") as fh:
+                metadata = _MetadataUnpickler(fh).load()
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = getattr(self, "load_id", None)
+            return metadata
+
+    reader = Reader(directory)
     meta = reader.read_metadata().state_dict_metadata
     tensors = {k: m for k, m in meta.items() if isinstance(m, TensorStorageMetadata)}
     nested = any(k.startswith("model.") for k in tensors)
