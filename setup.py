@@ -173,6 +173,9 @@ setup(
         "triton": ["triton>=3.6"],
         "train": ["deepspeed>=0.16", "tokenizers", "matplotlib"],
         "bench": ["matplotlib"],
+        # OLMo-core itself, for `flexmoe convert`'s real-format tests (convert needs none of it;
+        # it requires torch<2.14,>=2.10, so install the torch for your machine first).
+        "olmo-core": ["ai2-olmo-core"],
         "test": ["pytest", "transformers>=5", "triton>=3.6", "matplotlib", "tokenizers", "deepspeed>=0.16"],
     },
     entry_points={"console_scripts": ["flexmoe = flexmoe_training.cli:main"]},

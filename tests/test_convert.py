@@ -194,6 +194,24 @@ def test_moe_layer_matches_olmo_core_semantics(tmp_path, layout):
         torch.testing.assert_close(ours, _reference_moe(sd, i, x_TD, 2, layout), rtol=1e-5, atol=1e-5)
 
 
+def test_config_flag_step_directory_shards_and_dtype(tmp_path):
+    """A DCP in a trainer step directory (step/model_and_optim/), the config from --config (our
+    config.json: heads, theta, names), sharded output with an index, --dtype bf16."""
+    gen = torch.Generator().manual_seed(9)
+    sd = _olmo_core_sd(gen, tied=True)
+    _write_olmo_core(sd, tmp_path / "step7" / "model_and_optim", "dcp")
+    ours = _config(num_experts_per_tok=1, expert_names=["public", "news", "law"], rope_theta=10000.0)
+    (tmp_path / "cfg.json").write_text(ours.to_json_string())
+    assert _convert("--to", "hf", "--input", tmp_path / "step7", "--out", tmp_path / "hf", "--config",
+                    tmp_path / "cfg.json", "--dtype", "bf16", "--max-shard-size-gb", 1e-5) == 0
+    assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
+    cfg = FlexOlmoConfig.from_pretrained(tmp_path / "hf")
+    assert cfg.expert_names == ["public", "news", "law"] and cfg.num_experts_per_tok == 1 and cfg.tie_word_embeddings
+    hf = load_state_dict(tmp_path / "hf")
+    assert all(v.dtype == torch.bfloat16 for v in hf.values()) and "lm_head.weight" not in hf
+    assert torch.equal(hf["model.embed_tokens.weight"], sd["embeddings.weight"].bfloat16())
+
+
 # ---------------------------------------------------------------------------- errors and atomicity
 def _fails(capsys, *argv) -> str:
     """Run convert, expect exit status 2, return its one-line error."""
@@ -239,6 +257,7 @@ def test_errors_name_the_argument(tmp_path, capsys):
     assert "expert layout" in _fails(capsys, "--to", "hf", "--input", src, "--out", out)
     assert _convert("--to", "hf", "--input", src, "--out", out, "--expert-layout", "dropless") == 0
     assert "--out" in _fails(capsys, "--to", "hf", "--input", src, "--out", out)  # exists, no --overwrite
+    assert "--format" in _fails(capsys, "--to", "hf", "--input", src, "--out", out, "--overwrite", "--format", "dcp")
 
     model = _ours(tmp_path / "ours", gen)
     with torch.no_grad():

@@ -6,6 +6,7 @@ table); this module finds the config, checks the tensors against it and writes a
 """
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -33,11 +34,15 @@ against OLMo-core's own model classes when `ai2-olmo-core` is importable (pip in
 ai2-olmo-core; its cloud-storage dependencies are heavy, so CI skips that part)."""
 
 
+class _Formatter(DefaultsOnceFormatter, argparse.RawDescriptionHelpFormatter):
+    """The description's paragraphs as written; each flag's default once."""
+
+
 def register(sub) -> None:
     """Add ``flexmoe convert``."""
     p = add_command(sub, "convert", run, help="OLMo-core FlexOlmo checkpoints <-> our HF layout (keeps the router bias)",
                     description=DESCRIPTION)
-    p.formatter_class = DefaultsOnceFormatter
+    p.formatter_class = _Formatter
     require(p, "--to", choices=["hf", "olmo-core"], help="direction: hf (from OLMo-core) or olmo-core (from ours)")
     require(p, "--input", help="the checkpoint to convert (see above)")
     require(p, "--out", help="output directory (written atomically)")
