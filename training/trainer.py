@@ -254,11 +254,18 @@ def _build_model(spec: RunSpec, ds_cfg: dict, dist: DistInfo, use_bf16: bool) ->
     spec.frozen_reference = LazyTensors(shapes, lambda n: param_value(b.source, n, shapes[n]).float())
 
 
-def _local_fraction(model) -> dict:
-    """Elements of the parameters this rank holds (its ZeRO-3 partitions, else whole tensors) and of the full model."""
-    local = sum(int(p.ds_tensor.numel()) if hasattr(p, "ds_tensor") else p.numel() for p in model.parameters())
+def _params_held(model, dist: DistInfo) -> dict:
+    """Measured, per rank (collective): the parameter elements each rank holds (``param.data``,
+    empty for a partitioned parameter, plus its ZeRO-3 partition ``ds_tensor``) against the full
+    model's. A parameter ZeRO-3 persists (below ``stage3_param_persistence_threshold``) counts whole."""
+    local = sum(p.data.numel() + (int(p.ds_tensor.numel()) if getattr(p, "ds_tensor", None) is not None else 0)
+                for p in model.parameters())
+    mine = [0.0] * dist.world_size
+    mine[dist.rank] = float(local)
+    per_rank = [int(x) for x in all_reduce_sum(mine, dist.device)]
     full = sum(param_numel(p) for p in model.parameters())
-    return {"rank0_param_elements": local, "full_param_elements": full, "rank0_fraction": local / max(full, 1)}
+    return {"per_rank_elements": per_rank, "full_elements": full,
+            "per_rank_fraction": [x / max(full, 1) for x in per_rank]}
 
 
 def _build_engine(r: _Run) -> None:
@@ -305,7 +312,7 @@ def _run_record(r: _Run, argv: Optional[Sequence[str]]) -> dict:
         "data": [str(d.path) for d in spec.datas], "global_batch_size": r.sampler.global_batch_size,
         "tokens_per_step": r.tokens_per_step, "params": count_params(spec.model.config),
         "params_trainable": sum(param_numel(p) for _, p in named_trainable(spec.model)),
-        "params_held": _local_fraction(spec.model), "max_shard_size": opts.max_shard_size,
+        "params_held": _params_held(spec.model, dist), "max_shard_size": opts.max_shard_size,
         "flops_per_token": spec.flops_per_token, "resumed_from_step": r.start_step if r.resume else None,
         "versions": versions(), **spec.run_info,
     }
