@@ -384,3 +384,70 @@ def test_killed_save_leaves_no_temporary_after_next_save_or_load(tmp_path, then)
     else:
         FlexOlmoForCausalLM.from_pretrained(target)
     assert os.listdir(tmp_path) == ["ckpt"]
+
+
+# ---------------------------------------------------------------------------- streamed, sharded writes and lazy reads
+# (issue 16 item 3) A trainer exports one gathered tensor at a time: save_state_dict consumes a
+# generator into shards of at most max_shard_size (one larger tensor gets a shard of its own),
+# with Hugging Face's index; LazyStateDict reads single files and shards one tensor at a time.
+def test_streamed_sharded_save_and_lazy_read(tmp_path, seed):
+    model = make_model(expert_bias=True)
+    sd = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight" or not model.config.tie_word_embeddings}
+    consumed = []
+
+    def one_at_a_time():
+        for k, v in sd.items():
+            consumed.append(k)
+            yield k, v.clone()
+
+    ckpt.save_state_dict(model.config, one_at_a_time(), tmp_path / "s", max_shard_size="3KB")
+    assert consumed == list(sd)
+    index = json.loads((tmp_path / "s" / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 3 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
+    assert index["metadata"]["total_size"] == sum(v.numel() * v.element_size() for v in sd.values())
+    for f in files:
+        shard = load_file(tmp_path / "s" / f)
+        assert sum(v.numel() * v.element_size() for v in shard.values()) <= 3000 or len(shard) == 1, f
+    assert_same_weights(FlexOlmoForCausalLM.from_pretrained(tmp_path / "s"), model)
+    lazy = ckpt.lazy_state_dict(tmp_path / "s", 3)
+    assert sorted(lazy) == sorted(sd) and len(lazy) == len(sd) and "nope" not in lazy
+    for k, v in sd.items():
+        assert torch.equal(lazy[k], v) and lazy.shape(k) == tuple(v.shape) and lazy.dtype(k) == v.dtype, k
+    with pytest.raises(KeyError):
+        lazy["nope"]
+    # one shard only: a single model.safetensors, no index
+    ckpt.save_state_dict(model.config, sd, tmp_path / "one", max_shard_size="5GB")
+    assert sorted(os.listdir(tmp_path / "one")) == ["config.json", "model.safetensors"]
+
+
+def test_lazy_state_dict_fuses_per_expert_shards(tmp_path, seed):
+    model = make_model(expert_bias=True)
+    model.save_pretrained(tmp_path / "fused")
+    legacy = per_expert_layout(load_file(tmp_path / "fused" / "model.safetensors"), 3, 12)
+    half = sorted(legacy)[: len(legacy) // 2]
+    d = tmp_path / "legacy"
+    d.mkdir()
+    (d / "config.json").write_text((tmp_path / "fused" / "config.json").read_text())
+    parts = {"model-00001-of-00002.safetensors": {k: legacy[k] for k in half},
+             "model-00002-of-00002.safetensors": {k: v for k, v in legacy.items() if k not in half}}
+    for name, part in parts.items():
+        save_file(part, d / name, metadata={"format": "pt"})
+    (d / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: n for n, part in parts.items() for k in part}}))
+    lazy, eager = ckpt.lazy_state_dict(d, 3), ckpt.load_state_dict(tmp_path / "fused")
+    assert set(lazy) == set(eager)
+    for k, v in eager.items():
+        assert torch.equal(lazy[k], v) and lazy.shape(k) == tuple(v.shape), k
+
+
+@pytest.mark.parametrize("text,n", [("5GB", 5 * 10**9), ("500MB", 5 * 10**8), ("64KiB", 65536), ("2kb", 2000),
+                                    ("1234", 1234), (77, 77)])
+def test_parse_size(text, n):
+    assert ckpt.parse_size(text) == n
+
+
+@pytest.mark.parametrize("bad", ["", "5 parsecs", "0", -3, True, 1.5])
+def test_parse_size_refuses_and_names_the_flag(bad):
+    with pytest.raises(ValueError, match="--max-shard-size"):
+        ckpt.parse_size(bad, "--max-shard-size")

@@ -159,7 +159,8 @@ class ShardWriter:
         self.total_size += n
 
     def _flush(self) -> None:
-        name = f"shard-{len(self._files):05d}.partial"
+        # the first shard is written as model.safetensors (renamed by finish() when more follow)
+        name = SINGLE_FILE if not self._files else f"model-{len(self._files) + 1:05d}.partial.safetensors"
         save_file(self._buf, os.path.join(self.directory, name), metadata={"format": "pt"})
         self._files.append((name, list(self._buf)))
         self._buf, self._size = {}, 0
@@ -170,7 +171,6 @@ class ShardWriter:
             self._flush()
         n = len(self._files)
         if n == 1:
-            os.rename(os.path.join(self.directory, self._files[0][0]), os.path.join(self.directory, SINGLE_FILE))
             return [SINGLE_FILE]
         weight_map = {}
         for i, (tmp, keys) in enumerate(self._files):
