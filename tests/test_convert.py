@@ -122,7 +122,7 @@ def test_round_trip_ours_olmo_core_ours(tmp_path, fmt, bias, tied):
     assert torch.equal(_logits(model, ids), _logits(back, ids))
     if fmt == "pt":  # the OLMo-core side holds FlexOlmo's bias (E-1, 1) for experts 1..E-1, as stored
         oc = torch.load(tmp_path / "oc" / "model.pt", weights_only=True)
-        assert ("lm_head.w_out.weight" in oc) == (not tied)
+        assert torch.equal(oc["lm_head.w_out.weight"], oc["embeddings.weight"]) == tied  # OLMo-core stores both
         for i in range(L):
             key = f"blocks.{i}.feed_forward_moe.router.expert_bias"
             if bias:
@@ -338,7 +338,7 @@ def _olmo_core_or_skip():
     return TransformerConfig
 
 
-def _olmo_core_model(layout: str):
+def _olmo_core_model(layout: str, tied: bool = False):
     """A tiny FlexOlmo model built by OLMo-core (moe_reordered_norm blocks, QK-norm), N(0, 0.3) weights,
     with FlexOlmo's router bias (MoELinearRouterWithExpertBias.expert_bias, (E-1, 1), negative) added
     to every router as that subclass registers it."""
@@ -347,7 +347,7 @@ def _olmo_core_model(layout: str):
         d_model=D, vocab_size=V, n_layers=L, n_heads=H, n_kv_heads=HKV, num_experts=E, top_k=2,
         expert_hidden_size=FF, reordered_norm=True, qk_norm=True, rope_theta=10000, layer_norm_eps=1e-6,
         z_loss_weight=None, lb_loss_weight=None, dropless=layout == "dropless",
-        capacity_factor=None if layout == "dropless" else float(E))
+        capacity_factor=None if layout == "dropless" else float(E), tie_word_embeddings=tied)
     model = cfg.build(init_device="cpu")
     gen = torch.Generator().manual_seed(6)
     with torch.no_grad():
@@ -383,12 +383,12 @@ def _olmo_core_logits(model, ids, top_k=2):
     return model.lm_head(x)
 
 
-@pytest.mark.parametrize("layout,fmt", [("mlp", "pt"), ("mlp", "dcp"), ("dropless", "dcp")])
-def test_written_by_olmo_core(tmp_path, layout, fmt):
+@pytest.mark.parametrize("layout,fmt,tied", [("mlp", "pt", False), ("mlp", "dcp", True), ("dropless", "dcp", False)])
+def test_written_by_olmo_core(tmp_path, layout, fmt, tied):
     """OLMo-core's model and writers (torch.save of its state dict as unshard_checkpoint does, or
     save_model_and_optim_state): ours gives OLMo-core's logits, keeps the bias, and converts back to
     a state dict OLMo-core loads strictly, bit-identical."""
-    cfg, model = _olmo_core_model(layout)
+    cfg, model = _olmo_core_model(layout, tied)
     src = tmp_path / "run" / "step0"
     src.mkdir(parents=True)
     (src / "config.json").write_text(json.dumps({"model": cfg.as_config_dict()}))
@@ -400,7 +400,7 @@ def test_written_by_olmo_core(tmp_path, layout, fmt):
         save_model_and_optim_state(str(src / "model_and_optim"), model)
     assert _convert("--to", "hf", "--input", src, "--out", tmp_path / "hf") == 0
     ours = FlexOlmoForCausalLM.from_pretrained(tmp_path / "hf").eval()
-    assert ours.config.num_experts_per_tok == 2 and ours.config.expert_bias
+    assert ours.config.num_experts_per_tok == 2 and ours.config.expert_bias and ours.config.tie_word_embeddings == tied
     for i, block in enumerate(model.blocks.values()):
         assert torch.equal(ours.model.layers[i].mlp.gate.expert_bias[1:], block.feed_forward_moe.router.expert_bias[:, 0])
     ids = torch.randint(0, V, (2, 9), generator=torch.Generator().manual_seed(7))
@@ -411,5 +411,7 @@ def test_written_by_olmo_core(tmp_path, layout, fmt):
 
     back = read_olmo_core(tmp_path / "oc")[0]
     _assert_same_tensors({k: v for k, v in model.state_dict().items()}, back)
-    _, fresh = _olmo_core_model(layout)
+    _, fresh = _olmo_core_model(layout, tied)
     fresh.load_state_dict(back, strict=True)
+    written = json.loads((tmp_path / "oc" / "config.json").read_text())["model"]  # OLMo-core's, for its trainer
+    assert written["block"]["feed_forward_moe"]["num_experts"] == E and written["tie_word_embeddings"] == tied

@@ -29,7 +29,7 @@ OLMo-core key                                               shape        our key
 ``blocks.{i}.feed_forward_moe.experts.mlp.w1`` / ``w3``     (E*F, D)     ``...gate_up_proj[:, :F]`` / ``[:, F:]`` (dropless)         (E, F, D)     ``view(E, F, D)``
 ``blocks.{i}.feed_forward_moe.experts.mlp.w2`` (both)       (E*F, D)     ``...mlp.experts.down_proj``                                (E, D, F)     ``view(E, F, D).transpose(1, 2)``
 ``lm_head.norm.weight``                                     (D,)         ``model.norm.weight``                                       (D,)          same
-``lm_head.w_out.weight`` (absent when tied)                 (V, D)       ``lm_head.weight`` (not stored when tied)                   (V, D)        same
+``lm_head.w_out.weight`` (= embeddings when tied)          (V, D)       ``lm_head.weight`` (not stored when tied)                   (V, D)        same
 ==========================================================  ===========  ==========================================================  ============  ================================
 
 Expert layouts: ``mlp`` is OLMo-core's ``MoEMLP`` (``MoEType.default``, what FlexOlmo's
@@ -83,7 +83,9 @@ _LAYER_RE = re.compile(r"^blocks\.(\d+)\.")
 
 @dataclass(frozen=True)
 class OlmoCoreDims:
-    """The sizes a state dict fixes: L, V, D, F, E, q / kv projection widths, tied head, bias, layout."""
+    """The sizes a state dict fixes: L, V, D, F, E, q / kv projection widths, bias, layout; ``tied``:
+    no LM head stored; ``head_is_embedding``: a stored head equal to the embedding (OLMo-core stores
+    both keys of a tied model; the config decides whether it is tied)."""
 
     num_layers: int
     vocab_size: int
@@ -93,6 +95,7 @@ class OlmoCoreDims:
     q_width: int
     kv_width: int
     tied: bool
+    head_is_embedding: bool
     expert_bias: bool
     layout: str
 
@@ -141,7 +144,9 @@ def _dims(sd: Mapping[str, torch.Tensor], layout: str, what: str) -> OlmoCoreDim
         num_layers=len(layers), vocab_size=V, hidden_size=D, intermediate_size=F, num_experts=E,
         q_width=_need(sd, "blocks.0.attention.w_q.weight", what).shape[0],
         kv_width=_need(sd, "blocks.0.attention.w_k.weight", what).shape[0],
-        tied="lm_head.w_out.weight" not in sd, expert_bias=f"{p}router.expert_bias" in sd, layout=layout)
+        tied="lm_head.w_out.weight" not in sd,
+        head_is_embedding="lm_head.w_out.weight" in sd and torch.equal(sd["lm_head.w_out.weight"], sd["embeddings.weight"]),
+        expert_bias=f"{p}router.expert_bias" in sd, layout=layout)
 
 
 def olmo_core_to_hf(sd: Mapping[str, torch.Tensor], *, expert_layout: str = "auto",
@@ -210,7 +215,7 @@ def hf_to_olmo_core(sd: Mapping[str, torch.Tensor], config: FlexOlmoConfig, *, e
         for i in (range(L) if "{i}" in src else [None]):
             k = dst.format(i=i)
             if k == "lm_head.weight" and config.tie_word_embeddings:
-                continue
+                k = "model.embed_tokens.weight"  # OLMo-core's tied model stores both keys
             out[src.format(i=i)] = _need(sd, k, what)
             used.add(k)
     for i in range(L):
@@ -253,7 +258,7 @@ def _get(d: Mapping, *path, default=None):
 def olmo_core_model_config(trainer_config: Mapping[str, Any]) -> dict[str, Any]:
     """Our config fields found in OLMo-core's ``config.json`` (the trainer's, with a ``model``
     section, or a bare ``TransformerConfig`` dict): heads, kv heads, RoPE theta, norm eps, top-k
-    (tied embeddings and sizes come from the tensors). Absent fields are left out (older OLMo-core names the attention ``attention``,
+    and tied embeddings (the sizes come from the tensors). Absent fields are left out (older OLMo-core names the attention ``attention``,
     newer ``sequence_mixer``)."""
     m = trainer_config.get("model", trainer_config)
     block = _get(m, "block", default={})
@@ -264,6 +269,7 @@ def olmo_core_model_config(trainer_config: Mapping[str, Any]) -> dict[str, Any]:
         "rope_theta": _get(attn, "rope", "theta"),
         "rms_norm_eps": _get(block, "layer_norm", "eps"),
         "num_experts_per_tok": _get(block, "feed_forward_moe", "router", "top_k"),
+        "tie_word_embeddings": m.get("tie_word_embeddings"),
     }
     return {k: v for k, v in found.items() if v is not None}
 
@@ -292,7 +298,8 @@ def config_from_olmo_core(dims: OlmoCoreDims, base: Optional[FlexOlmoConfig] = N
     over.update(num_attention_heads=heads, vocab_size=dims.vocab_size, hidden_size=dims.hidden_size,
                 intermediate_size=dims.intermediate_size, num_hidden_layers=dims.num_layers,
                 num_experts=dims.num_experts, head_dim=head_dim, num_key_value_heads=dims.kv_width // head_dim,
-                tie_word_embeddings=dims.tied, expert_bias=dims.expert_bias)
+                tie_word_embeddings=dims.tied or (dims.head_is_embedding and bool(
+                    over.get("tie_word_embeddings", d.get("tie_word_embeddings")))), expert_bias=dims.expert_bias)
     over["num_experts_per_tok"] = min(over.get("num_experts_per_tok", d.get("num_experts_per_tok", dims.num_experts)),
                                       dims.num_experts)
     return FlexOlmoConfig.from_dict(d, **over)

@@ -29,9 +29,10 @@ distributed checkpoint with the tensors under model., as save_model_and_optim_st
 it), plus out/flexmoe_config.json (our config, for the way back). Both directions are exact
 (views, transposes, concatenations): the round trips are bit-identical.
 
-Needs no OLMo-core install: a checkpoint is a state dict. The tests also check the format
-against OLMo-core's own model classes when `ai2-olmo-core` is importable (pip install
-ai2-olmo-core; its cloud-storage dependencies are heavy, so CI skips that part)."""
+Needs no OLMo-core install: a checkpoint is a state dict. Where `ai2-olmo-core` is importable
+(pip install ai2-olmo-core), --to olmo-core also checks the tensors against OLMo-core's own model
+(built on the meta device) and writes its config.json ({"model": TransformerConfig}); where it is
+not, it says so and writes the tensors and flexmoe_config.json only."""
 
 
 class _Formatter(DefaultsOnceFormatter, argparse.RawDescriptionHelpFormatter):
@@ -155,6 +156,32 @@ def _to_hf(args, out: Path) -> str:
             f"expert bias {'kept' if dims.expert_bias else 'absent'}) -> HF {out} (config from {source})")
 
 
+def _olmo_core_config(cfg, oc: dict, layout: str):
+    """With ``olmo_core`` importable: OLMo-core's ``config.json`` content (``{"model": ...}``) for
+    ``cfg``, after checking that OLMo-core's own model (built on the meta device) has exactly the
+    keys and shapes of ``oc`` (plus FlexOlmo's router ``expert_bias``). Returns (dict or None, note)."""
+    try:
+        from olmo_core.nn.transformer import TransformerConfig
+    except Exception as exc:  # absent, or installed without its dependencies
+        return None, (f"olmo_core is not importable ({type(exc).__name__}: {exc}): no OLMo-core config.json "
+                      "written and no check against its model classes (pip install ai2-olmo-core)")
+    if cfg.head_dim * cfg.num_attention_heads != cfg.hidden_size:
+        return None, "OLMo-core derives head_dim = D / heads, this model differs: no OLMo-core config.json"
+    tc = TransformerConfig.llama_like_moe(
+        d_model=cfg.hidden_size, vocab_size=cfg.vocab_size, n_layers=cfg.num_hidden_layers,
+        n_heads=cfg.num_attention_heads, n_kv_heads=cfg.num_key_value_heads, num_experts=cfg.num_experts,
+        top_k=cfg.num_experts_per_tok, expert_hidden_size=cfg.intermediate_size, dropless=layout == "dropless",
+        capacity_factor=None if layout == "dropless" else 1.2, reordered_norm=True, qk_norm=True,
+        rope_theta=cfg.rope_theta, layer_norm_eps=cfg.rms_norm_eps, lb_loss_weight=None, z_loss_weight=0.001,
+        tie_word_embeddings=cfg.tie_word_embeddings)
+    want = {k: tuple(v.shape) for k, v in tc.build(init_device="meta").state_dict().items()}
+    have = {k: tuple(v.shape) for k, v in oc.items() if not k.endswith("router.expert_bias")}
+    if want != have:
+        diff = sorted(set(want.items()) ^ set(have.items()))[:6]
+        raise ValueError(f"internal error: OLMo-core's model does not match the converted tensors: {diff}")
+    return {"model": tc.as_config_dict()}, "checked against OLMo-core's model classes; wrote its config.json"
+
+
 def _to_olmo_core(args, out: Path) -> str:
     from flexmoe_kernels.models.olmo_core import OUR_CONFIG_FILE, hf_to_olmo_core, write_olmo_core
     from flexmoe_kernels.utils.fs import atomic_directory, write_json_atomic
@@ -169,16 +196,20 @@ def _to_olmo_core(args, out: Path) -> str:
     if layout == "auto":  # the layout it was converted from, else FlexOlmo's
         layout = _recorded_layout(Path(args.input)) or "mlp"
     oc = hf_to_olmo_core(_cast(sd, args.dtype), cfg, expert_layout=layout, what=f"--input {args.input!r}")
+    oc_config, note = _olmo_core_config(cfg, oc, layout)
     with atomic_directory(out) as d:
         write_olmo_core(oc, d, args.format)
         write_json_atomic(d / OUR_CONFIG_FILE, cfg.to_dict())
+        if oc_config is not None:
+            write_json_atomic(d / "config.json", oc_config)
         write_json_atomic(d / "run.json", {
             "command": "convert", "argv": sys.argv[1:], "status": "finished", "time": utc_now(),
             "from": "hf", "input": str(Path(args.input).resolve()), "format": args.format,
             "olmo_core_expert_layout": layout})
     what = "model.pt" if args.format == "pt" else "a distributed checkpoint (keys model.*)"
     return (f"convert: HF ({cfg.num_hidden_layers} layers, E={cfg.num_experts}, expert bias "
-            f"{'kept' if cfg.expert_bias else 'absent'}) -> OLMo-core {what} ({layout} experts) in {out}")
+            f"{'kept' if cfg.expert_bias else 'absent'}) -> OLMo-core {what} ({layout} experts) in {out}\n"
+            f"convert: {note}")
 
 
 @guard
