@@ -81,6 +81,10 @@ def _write_olmo_core(sd, directory, fmt, config=None) -> str:
     os.makedirs(directory, exist_ok=True)
     if fmt == "pt":
         torch.save(sd, os.path.join(directory, "model.pt"))
+    elif fmt == "safetensors":  # OLMo-core's unshard_checkpoint(use_safetensors=True)
+        from safetensors.torch import save_file
+
+        save_file(sd, os.path.join(directory, "model.safetensors"))
     else:
         import torch.distributed.checkpoint as dcp
 
@@ -132,8 +136,7 @@ def test_round_trip_ours_olmo_core_ours(tmp_path, fmt, bias, tied):
                 assert key not in oc
 
 
-@pytest.mark.parametrize("fmt", ["pt", "dcp"])
-@pytest.mark.parametrize("layout", ["mlp", "dropless"])
+@pytest.mark.parametrize("fmt,layout", [("pt", "mlp"), ("dcp", "mlp"), ("dcp", "dropless"), ("safetensors", "mlp")])
 def test_round_trip_olmo_core_ours_olmo_core(tmp_path, fmt, layout):
     gen = torch.Generator().manual_seed(2)
     sd = _olmo_core_sd(gen, layout=layout)
@@ -146,6 +149,7 @@ def test_round_trip_olmo_core_ours_olmo_core(tmp_path, fmt, layout):
     for i in range(L):  # the bias survives: 0 for the public expert, FlexOlmo's values for the others
         b = hf[f"model.layers.{i}.mlp.gate.expert_bias"]
         assert b[0] == 0 and torch.equal(b[1:], sd[f"blocks.{i}.feed_forward_moe.router.expert_bias"][:, 0])
+    fmt = "pt" if fmt == "safetensors" else fmt  # written back as model.pt
     assert _convert("--to", "olmo-core", "--input", tmp_path / "hf", "--out", tmp_path / "oc", "--format", fmt) == 0
     if fmt == "pt":
         back = torch.load(tmp_path / "oc" / "model.pt", weights_only=True)

@@ -375,7 +375,8 @@ def _read_dcp(directory: str) -> dict[str, torch.Tensor]:
 def read_olmo_core(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], Optional[str]]:
     """(model state dict, directory where configs may lie) of an OLMo-core checkpoint ``path``:
     a ``.pt`` file or a directory holding ``model.pt`` (read with ``torch.load(weights_only=True)``;
-    a ``{"model": ...}`` wrapper is unwrapped), or a DCP directory (``.metadata``; also a step
+    a ``{"model": ...}`` wrapper is unwrapped), a ``.safetensors`` file or a directory holding
+    ``model.safetensors`` (``unshard_checkpoint(use_safetensors=True)``), or a DCP directory (``.metadata``; also a step
     directory holding ``model_and_optim/``). ``FileNotFoundError`` / :class:`CheckpointError` name ``path``."""
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -386,13 +387,22 @@ def read_olmo_core(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], Op
             return _read_dcp(dcp_dir), os.path.abspath(path)
         except Exception as exc:  # torch raises its own error types for a corrupt DCP
             raise CheckpointError(f"{path!r}: cannot read the distributed checkpoint ({_why(exc)})") from exc
-    file = os.path.join(path, "model.pt") if os.path.isdir(path) else path
+    file = path
+    if os.path.isdir(path):
+        file = next((os.path.join(path, f) for f in ("model.pt", "model.safetensors")
+                     if os.path.isfile(os.path.join(path, f))), "")
     if not os.path.isfile(file):
-        raise FileNotFoundError(f"{path!r} holds neither model.pt nor a distributed checkpoint (.metadata)")
+        raise FileNotFoundError(f"{path!r} holds neither model.pt (or model.safetensors) nor a distributed "
+                                "checkpoint (.metadata)")
     try:
-        obj = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle / zip errors of a corrupt or non-torch file
-        raise CheckpointError(f"{file!r}: not a torch.save file of tensors ({_why(exc)})") from exc
+        if file.endswith(".safetensors"):  # unshard_checkpoint(use_safetensors=True)
+            from safetensors.torch import load_file
+
+            obj = load_file(file)
+        else:
+            obj = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle / zip / safetensors errors of a corrupt or foreign file
+        raise CheckpointError(f"{file!r}: not a file of tensors ({_why(exc)})") from exc
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         obj = obj["model"]
     bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)] if isinstance(obj, dict) else ["<not a dict>"]

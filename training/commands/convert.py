@@ -14,8 +14,9 @@ from pathlib import Path
 from .common import DefaultsOnceFormatter, add_command, check_out_free, guard, require
 
 DESCRIPTION = """\
---to hf: read an OLMo-core checkpoint (--input: a model.pt file, a directory holding model.pt,
-or a torch distributed checkpoint directory (.metadata; a step directory holding
+--to hf: read an OLMo-core checkpoint (--input: a model.pt file, a directory holding model.pt
+(or model.safetensors, from unshard_checkpoint(use_safetensors=True)), or a torch distributed
+checkpoint directory (.metadata; a step directory holding
 model_and_optim/ also works); only the model tensors are read) and write our HF checkpoint
 (config.json + safetensors) to --out. FlexOlmo's router expert_bias (E-1, 1) becomes
 mlp.gate.expert_bias (E,) with 0 for the public expert 0 (OLMo-core's own HF export drops it).
