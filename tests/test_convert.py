@@ -160,6 +160,22 @@ def test_round_trip_olmo_core_ours_olmo_core(tmp_path, fmt, layout):
     _assert_same_tensors(sd, back)
 
 
+@pytest.mark.parametrize("says_tied", [True, False])
+def test_tied_head_stored_twice(tmp_path, says_tied):
+    """OLMo-core stores a tied model's head under both keys: tied when its config says so (and the
+    head equals the embedding), else an untied copy; either way the way back is bit-identical."""
+    sd = _olmo_core_sd(torch.Generator().manual_seed(10))
+    sd["lm_head.w_out.weight"] = sd["embeddings.weight"].clone()
+    config = _trainer_config()
+    config["model"]["tie_word_embeddings"] = says_tied
+    src = _write_olmo_core(sd, tmp_path / "oc", "pt", config=config)
+    assert _convert("--to", "hf", "--input", src, "--out", tmp_path / "hf") == 0
+    assert FlexOlmoConfig.from_pretrained(tmp_path / "hf").tie_word_embeddings == says_tied
+    assert ("lm_head.weight" in load_state_dict(tmp_path / "hf")) == (not says_tied)
+    assert _convert("--to", "olmo-core", "--input", tmp_path / "hf", "--out", tmp_path / "back") == 0
+    _assert_same_tensors(sd, torch.load(tmp_path / "back" / "model.pt", weights_only=True))
+
+
 def _reference_moe(sd, i, x_TD, top_k, layout):
     """OLMo-core's FlexOlmo MoE FFN written from its modules' code, on OLMo-core tensors: router
     logits ``x @ W.view(E, D).T``, ``min(b, 0)`` added to experts 1..E-1, softmax, top-k (no

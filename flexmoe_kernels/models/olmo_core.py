@@ -6,8 +6,10 @@ owners' experts, FlexOlmo's router ``MoELinearRouterWithExpertBias`` whose learn
 ``expert_bias`` (E-1, 1) adds ``min(b, 0)`` to the logits of experts 1..E-1 before the softmax.
 OLMo-core's own HF export maps only ``router.weight`` and drops that bias; this module keeps it.
 Nothing here needs ``olmo_core``: a checkpoint is a state dict (unsharded ``model.pt`` read with
-``torch.load(weights_only=True)``, or a torch distributed checkpoint (DCP) directory whose
-tensors are stored under ``model.`` as OLMo-core's ``save_model_and_optim_state`` writes them).
+``torch.load(weights_only=True)`` or ``model.safetensors``, or a torch distributed checkpoint
+(DCP) directory whose tensors are stored under ``model.`` as OLMo-core's
+``save_model_and_optim_state`` writes them; its ``.metadata`` pickle is read through an
+allow-list that also maps OLMo-core's own ``_StorageInfo`` class to torch's).
 
 Legend: L layers (i), E experts, D hidden, F expert width, V vocabulary, H / Hkv query / key-value
 heads of width hd. Left: OLMo-core; right: ours (:mod:`flexmoe_kernels.models.checkpoint`).
@@ -29,7 +31,7 @@ OLMo-core key                                               shape        our key
 ``blocks.{i}.feed_forward_moe.experts.mlp.w1`` / ``w3``     (E*F, D)     ``...gate_up_proj[:, :F]`` / ``[:, F:]`` (dropless)         (E, F, D)     ``view(E, F, D)``
 ``blocks.{i}.feed_forward_moe.experts.mlp.w2`` (both)       (E*F, D)     ``...mlp.experts.down_proj``                                (E, D, F)     ``view(E, F, D).transpose(1, 2)``
 ``lm_head.norm.weight``                                     (D,)         ``model.norm.weight``                                       (D,)          same
-``lm_head.w_out.weight`` (= embeddings when tied)          (V, D)       ``lm_head.weight`` (not stored when tied)                   (V, D)        same
+``lm_head.w_out.weight`` (= embeddings when tied)           (V, D)       ``lm_head.weight`` (not stored when tied)                   (V, D)        same
 ==========================================================  ===========  ==========================================================  ============  ================================
 
 Expert layouts: ``mlp`` is OLMo-core's ``MoEMLP`` (``MoEType.default``, what FlexOlmo's
@@ -40,7 +42,8 @@ expert 0: our ``expert_bias[0]`` must be 0 to go to OLMo-core (the training reci
 Every transform is a view, a transpose or a concatenation, so both directions are exact and the
 round trips ours -> OLMo-core -> ours and OLMo-core -> ours -> OLMo-core are bit-identical.
 Keys we do not know (a shared expert, the DeepSeek-style ``router.score_bias``, a dense
-``feed_forward``) are refused by name.
+``feed_forward``) are refused by name. A tied OLMo-core model stores both ``embeddings.weight``
+and ``lm_head.w_out.weight``; a head equal to the embedding is read as tied when the config says so.
 
 The config is not in the state dict: :func:`config_from_olmo_core` builds ours from the tensor
 shapes plus OLMo-core's trainer ``config.json`` (its ``model`` section: heads, RoPE theta, norm
