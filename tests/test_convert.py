@@ -268,6 +268,8 @@ def test_errors_name_the_argument(tmp_path, capsys):
 
     src = _write_olmo_core(_olmo_core_sd(gen), tmp_path / "noconfig", "pt")
     assert "--config" in _fails(capsys, "--to", "hf", "--input", src, "--out", out)
+    err = _fails(capsys, "--to", "hf", "--input", src, "--out", out, "--config", "no-such-preset")
+    assert err.startswith("flexmoe: error: --config: 'no-such-preset'") and "presets" in err
     bad = {"model": {"block": {"sequence_mixer": {"n_heads": 3}}}}  # 3 heads do not divide the projections
     src = _write_olmo_core(_olmo_core_sd(gen), tmp_path / "badheads", "pt", config=bad)
     assert "3 heads" in _fails(capsys, "--to", "hf", "--input", src, "--out", out)

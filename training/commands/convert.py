@@ -98,9 +98,12 @@ def _config_inputs(args, cfg_dir: Path):
             c = c / "config.json"
         if c.is_file():
             return FlexOlmoConfig.from_dict(_read_json(c, "--config")), {}, f"--config {str(c)!r}"
-        from ..modeling import load_model_config
+        from ..modeling import ModelSpecError, load_model_config
 
-        return load_model_config(args.config), {}, f"--config preset {args.config!r}"
+        try:
+            return load_model_config(args.config), {}, f"--config preset {args.config!r}"
+        except ModelSpecError as exc:
+            raise ValueError(f"--config: {str(exc).replace('--model-config ', '')}") from exc
     ours = _beside(cfg_dir, OUR_CONFIG_FILE)
     if ours is not None:
         return FlexOlmoConfig.from_dict(_read_json(ours, "--input")), {}, str(ours)
