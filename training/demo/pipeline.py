@@ -7,8 +7,12 @@ Stages (each logged with its wall time; each training step runs as its own proce
 2. prepare-data  tokenise each domain's *training* documents into its own data directory
 3. train-public  the dense public model (its FFN becomes expert 0 = "public")
 4. init-router   each owner: router embedding from the owner's own documents   } one process
-5. train-expert  each owner: 2-expert model on the frozen public anchor         } per owner
-6. merge         public + every owner's expert -> one (N+1)-expert model
+5. proxy         each owner: ids of the public documents most like its data    } per owner
+   train-expert  each owner: 2-expert model on the frozen public anchor         }
+6. merge         public + every owner's expert -> one (N+1)-expert model; then router tuning
+                 (``tune-router``: router rows and biases only, top-k = all experts) on the union
+                 of the owners' proxies plus a public sample; the tuned model is the demo's
+                 merged model (``ckpt/merged``; before tuning: ``ckpt/merged-untuned``)
 7. baselines     BTM members: the public model continued densely on each owner's data (one
                  process per owner), and a standard MoE trained jointly on all data; both get
                  the FlexOlmo recipe's training FLOPs
@@ -68,6 +72,15 @@ class DemoSettings:
     public_steps: int = 300
     expert_steps: int = 150
     top_k: int = 0                 # merged model's top-k; 0 = N (all but one expert)
+    # router: domain-informed init, negative bias, router tuning on owner-selected public proxies
+    router_embedder: str = "minilm"  # init-router / r_public embedder ("hidden" when MiniLM is not installed)
+    bias_init: float = -0.5        # b_owner at the start of the owner's training (applied as min(b, 0))
+    router_tuning: bool = True
+    proxy_docs: int = 24           # public documents each owner selects as its proxy
+    tune_public_docs: int = 48     # public documents sampled (not proxies) into the tuning data
+    tune_steps: int = 100
+    tune_lr: float = 2e-3          # the paper's, for 4 experts
+    tune_weight_decay: float = 0.1
     dtype: str = "float32"
     device: str = "auto"
     moe_backend: str = "auto"
@@ -89,14 +102,16 @@ SIZES: Dict[str, dict] = {
     # CI smoke test: every stage runs, numbers are noisy.
     "quick": dict(train_bytes=120_000, test_bytes=12_000, hidden_size=64, intermediate_size=128,
                   num_hidden_layers=2, num_attention_heads=2, seq_len=64, batch_size=8, lr=5e-3,
-                  public_steps=240, expert_steps=120, eval_tokens=4096, audit_docs=6, audit_gen=32),
+                  public_steps=240, expert_steps=120, eval_tokens=4096, audit_docs=6, audit_gen=32,
+                  proxy_docs=8, tune_public_docs=16, tune_steps=40),
     # The README's first command.
     "default": dict(),
     # A GPU: a bigger model, more data and steps, bf16, fast MoE kernels (moe_backend auto).
     "scale": dict(train_bytes=8_000_000, test_bytes=200_000, hidden_size=512, intermediate_size=1408,
                   num_hidden_layers=8, num_attention_heads=8, seq_len=512, batch_size=32, lr=1e-3,
                   public_steps=3000, expert_steps=1500, eval_tokens=131_072, audit_docs=64, audit_gen=256,
-                  dtype="bfloat16", device="cuda", num_owners=4),
+                  dtype="bfloat16", device="cuda", num_owners=4, proxy_docs=400, tune_public_docs=800,
+                  tune_steps=500),
 }
 
 
@@ -173,6 +188,8 @@ class DemoContext:
     data: Dict[str, str] = field(default_factory=dict)
     tok: object = None
     cfg_path: str = ""
+    embedder: str = ""              # the router embedder used (settings.router_embedder or its fallback)
+    embedder_note: str = ""         # why, when it differs from the setting
 
     @property
     def domains(self) -> List[str]:
@@ -187,6 +204,12 @@ class DemoContext:
     def K(self) -> int:
         """Top-k of the merged model: ``settings.top_k`` (0: N), clamped to [1, E]."""
         return max(1, min(self.settings.top_k or len(self.owners), self.E))
+
+    @property
+    def merge_out(self) -> str:
+        """The checkpoint ``flexmoe merge`` writes: ``merged-untuned`` when the router is tuned
+        afterwards (the tuned model is ``merged``), else ``merged``."""
+        return "merged-untuned" if self.settings.router_tuning else "merged"
 
     @property
     def echo_par(self) -> bool:
@@ -258,6 +281,7 @@ def run_demo(settings: DemoSettings, work_dir: str, *, fresh: bool = False, echo
     results = stages.evaluate(ctx)
     results["flops"] = stages.flops_summary(ctx.run_dir, ctx.owners)
     results["baseline_errors"] = baseline_errors
+    results["router"] = stages.router_summary(ctx, results)
     results["audit"] = stages.audit(ctx)
     return stages.report(ctx, results)
 

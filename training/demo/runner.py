@@ -9,7 +9,7 @@ import sys
 import time
 from typing import Dict, List, Sequence
 
-__all__ = ["StageError", "cli_options", "done", "opt", "parallel", "read_run", "run_cli", "training_env"]
+__all__ = ["StageError", "cli_options", "done", "opt", "parallel", "read_run", "run_cli", "run_module", "training_env"]
 
 
 class StageError(RuntimeError):
@@ -42,7 +42,13 @@ def training_env() -> dict:
 
 def run_cli(args: Sequence[str], log_path: str, echo: bool, env: dict) -> None:
     """Run ``python -m flexmoe_training.cli ARGS`` as its own process; output to ``log_path`` (and the terminal)."""
-    cmd = [sys.executable, "-m", "flexmoe_training.cli", *map(str, args)]
+    run_module("flexmoe_training.cli", args, log_path, echo, env, name=f"flexmoe {args[0]}")
+
+
+def run_module(module: str, args: Sequence[str], log_path: str, echo: bool, env: dict, name: str = "") -> None:
+    """Run ``python -m MODULE ARGS`` as its own process; output to ``log_path`` (and the terminal).
+    StageError naming the command (``name``, default the module) and the log when it fails."""
+    cmd = [sys.executable, "-m", module, *map(str, args)]
     with open(log_path, "ab") as logf:
         logf.write(("$ " + " ".join(cmd) + "\n").encode())
         logf.flush()
@@ -60,7 +66,7 @@ def run_cli(args: Sequence[str], log_path: str, echo: bool, env: dict) -> None:
         rc = proc.wait()
     if rc != 0:
         tail = open(log_path, "rb").read()[-3000:].decode("utf-8", "replace")
-        raise StageError(f"`flexmoe {args[0]}` failed with exit status {rc}; log: {log_path}\n{tail}")
+        raise StageError(f"`{name or module}` failed with exit status {rc}; log: {log_path}\n{tail}")
 
 
 def cli_options(command: str) -> set:

@@ -13,23 +13,19 @@ from typing import Dict, List, Optional, Sequence
 
 from flexmoe_kernels.utils.fs import atomic_directory, write_text_atomic
 
-from .runner import StageError, cli_options, done, opt, parallel, read_run, run_cli
+from .runner import StageError, cli_options, done, opt, parallel, read_run, run_cli, run_module
 
 __all__ = ["audit", "evaluate", "flops_summary", "merge_and_baselines", "owners", "prepare", "report",
-           "train_public"]
+           "router_summary", "train_public"]
 
 
 # ----------------------------------------------------------------------------- helpers
-def _write_text_dir(text_dir: str, jsonl_paths: Sequence[str]) -> None:
-    """One ``.txt`` file per document (the input format of ``flexmoe prepare-data``)."""
-    from .corpora import read_documents
-
+def _write_text_dir(text_dir: str, docs) -> None:
+    """One ``.txt`` file per ``(name, text)`` document (the input format of ``flexmoe prepare-data``)."""
     with atomic_directory(text_dir, fsync=False) as tmp:  # scratch input, removed after prepare-data
-        for p in jsonl_paths:
-            dom = os.path.basename(os.path.dirname(p))
-            for doc in read_documents(p):
-                with open(os.path.join(tmp, f"{dom}-{doc.id}.txt"), "w", encoding="utf-8") as f:
-                    f.write(doc.text)
+        for name, text in docs:
+            with open(os.path.join(tmp, f"{name}.txt"), "w", encoding="utf-8") as f:
+                f.write(text)
 
 
 def _data_summary(data_dir: str) -> str:
@@ -53,12 +49,13 @@ def flops_summary(run_dir: str, owners: Sequence[str]) -> dict:
     }
 
 
-def _train_flags(ctx, opts: set, steps: Optional[int]) -> List[str]:
-    """The shared training flags; ``steps`` None when the command derives them (FLOPs matching)."""
+def _train_flags(ctx, opts: set, steps: Optional[int], lr: Optional[float] = None) -> List[str]:
+    """The shared training flags; ``steps`` None when the command derives them (FLOPs matching);
+    ``lr`` None: ``settings.lr``."""
     s = ctx.settings
     dtype_flag = {"float32": "fp32", "bfloat16": "bf16", "float16": "bf16"}.get(s.dtype, "auto")
     warm = max(1, (steps or s.expert_steps) // 10)
-    flags = opt(opts, steps=steps, warmup_steps=warm, seq_len=s.seq_len, micro_batch_size=s.batch_size, lr=s.lr,
+    flags = opt(opts, steps=steps, warmup_steps=warm, seq_len=s.seq_len, micro_batch_size=s.batch_size, lr=lr or s.lr,
                 seed=s.seed, dtype=dtype_flag, device=s.device, moe_backend=s.moe_backend,
                 log_every=max(1, (steps or 100) // 5))
     return flags + (["--no-progress"] if "--no-progress" in opts and not ctx.echo_children else [])
@@ -70,14 +67,22 @@ def _raise_errors(errors: Dict[str, str]) -> None:
 
 
 # ----------------------------------------------------------------------------- 1.-2. corpora and data
-def _prepare_domain(ctx, d: str) -> None:
-    text_dir = os.path.join(ctx.run_dir, "text", d)
-    _write_text_dir(text_dir, [os.path.join(ctx.corpus_dir, d, "train.jsonl")])
+def _prepare_docs(ctx, name: str, docs, out: str) -> None:
+    """Tokenise ``(name, text)`` documents into the data directory ``out`` (``flexmoe prepare-data``)."""
+    text_dir = os.path.join(ctx.run_dir, "text", name)
+    _write_text_dir(text_dir, docs)
     opts = cli_options("prepare-data")
-    run_cli(["prepare-data", "--input", text_dir, "--out", ctx.data[d], *opt(opts, overwrite=True)]
-            + (["--no-progress"] if "--no-progress" in opts else []), ctx.logfile(f"prepare-{d}"), False, ctx.env)
+    run_cli(["prepare-data", "--input", text_dir, "--out", out, *opt(opts, overwrite=True)]
+            + (["--no-progress"] if "--no-progress" in opts else []), ctx.logfile(f"prepare-{name}"), False, ctx.env)
     shutil.rmtree(text_dir, ignore_errors=True)
-    ctx.log(f"   prepared {d}: " + _data_summary(ctx.data[d]))
+    ctx.log(f"   prepared {name}: " + _data_summary(out))
+
+
+def _prepare_domain(ctx, d: str) -> None:
+    from .corpora import read_documents
+
+    docs = read_documents(os.path.join(ctx.corpus_dir, d, "train.jsonl"))
+    _prepare_docs(ctx, d, [(f"{d}-{doc.id}", doc.text) for doc in docs], ctx.data[d])
 
 
 def _write_model_config(ctx) -> None:
@@ -116,13 +121,29 @@ def prepare(ctx) -> None:
 
 
 # ----------------------------------------------------------------------------- 3.-5. training
+def _resolve_embedder(ctx) -> None:
+    """``ctx.embedder``: ``settings.router_embedder``, or ``hidden`` (with the reason in
+    ``ctx.embedder_note``) when MiniLM is asked for but not installed."""
+    from flexmoe_training.router_init import minilm_available
+
+    ctx.embedder, ctx.embedder_note = ctx.settings.router_embedder, ""
+    if ctx.embedder == "minilm":
+        ok, why = minilm_available()
+        if not ok:
+            ctx.embedder, ctx.embedder_note = "hidden", f"MiniLM unavailable: {why}"
+            ctx.log(f"   router init: {ctx.embedder_note}; using the public model's hidden states (the ablation)")
+
+
 def train_public(ctx) -> None:
-    """The dense public model (its FFN becomes expert 0 = "public")."""
+    """The dense public model (its FFN becomes expert 0 = "public"; its router row r_public is
+    the public corpus's embedding by the demo's router embedder)."""
+    _resolve_embedder(ctx)
     with ctx.stage("train-public"):
         if not done(ctx.ck("public")):
             opts = cli_options("train-public")
             run_cli(["train-public", "--data", ctx.data[ctx.public_dom], "--out", ctx.ck("public"), "--model-config",
-                     ctx.cfg_path, "--overwrite", *_train_flags(ctx, opts, ctx.settings.public_steps)],
+                     ctx.cfg_path, "--overwrite", *opt(opts, router_embedder=ctx.embedder),
+                     *_train_flags(ctx, opts, ctx.settings.public_steps)],
                     ctx.logfile("train-public"), ctx.echo_children, ctx.env)
 
 
@@ -132,33 +153,64 @@ def _owner_task(ctx, d: str) -> None:
         os.makedirs(os.path.dirname(router), exist_ok=True)
         opts = cli_options("init-router")
         run_cli(["init-router", "--public", ctx.ck("public"), "--data", ctx.data[d], "--out", router,
-                 *opt(opts, device=ctx.settings.device, overwrite=True)],
+                 *opt(opts, embedder=ctx.embedder, device=ctx.settings.device, overwrite=True)],
                 ctx.logfile(f"init-router-{d}"), ctx.echo_par, ctx.env)
+    proxy = _proxy_path(ctx, d)
+    if ctx.settings.router_tuning and not os.path.isfile(proxy):
+        # the owner's own documents and the public corpus in; only public document ids out
+        run_module("flexmoe_training.demo.proxy",
+                   ["--owner", os.path.join(ctx.corpus_dir, d, "train.jsonl"), "--public",
+                    os.path.join(ctx.corpus_dir, ctx.public_dom, "train.jsonl"), "--out", proxy,
+                    "--num-docs", ctx.settings.proxy_docs], ctx.logfile(f"proxy-{d}"), ctx.echo_par, ctx.env)
     if not done(ctx.ck(f"expert-{d}")):
         opts = cli_options("train-expert")
         run_cli(["train-expert", "--public", ctx.ck("public"), "--data", ctx.data[d], "--name", d,
                  "--out", ctx.ck(f"expert-{d}"), "--router-init", router, "--overwrite",
-                 *_train_flags(ctx, opts, ctx.settings.expert_steps)],
+                 *opt(opts, bias_init=ctx.settings.bias_init), *_train_flags(ctx, opts, ctx.settings.expert_steps)],
                 ctx.logfile(f"train-expert-{d}"), ctx.echo_par, ctx.env)
+
+
+def _proxy_path(ctx, d: str) -> str:
+    """Owner ``d``'s published proxy file: public document ids, one a line."""
+    return os.path.join(ctx.run_dir, "proxies", f"{d}.ids")
 
 
 def owners(ctx) -> None:
     """Each owner alone (owners in parallel, each its own processes and only its own data): router
-    init from the owner's documents, then its expert on the frozen public anchor."""
-    with ctx.stage(f"owners: init-router + train-expert ({len(ctx.owners)} owners, {ctx.jobs} at a time)"):
+    init from the owner's documents, its proxy selection, then its expert on the frozen public anchor."""
+    with ctx.stage(f"owners: init-router + proxy + train-expert ({len(ctx.owners)} owners, {ctx.jobs} at a time)"):
         _raise_errors(parallel([(f"owner {d}", lambda d=d: _owner_task(ctx, d)) for d in ctx.owners],
                                ctx.jobs, ctx.log, ctx.timings))
 
 
 # ----------------------------------------------------------------------------- 6.-7. merge and baselines
 def _merge_task(ctx) -> None:
-    if not done(ctx.ck("merged")):
+    """Merge (into ``ctx.merge_out``), then tune the router (into ``merged``) unless switched off."""
+    if not done(ctx.ck(ctx.merge_out)):
         opts = cli_options("merge")
         owner_args: List[str] = []
         for d in ctx.owners:
             owner_args += ["--owner", ctx.ck(f"expert-{d}")]
-        run_cli(["merge", "--public", ctx.ck("public"), *owner_args, "--out", ctx.ck("merged"),
+        run_cli(["merge", "--public", ctx.ck("public"), *owner_args, "--out", ctx.ck(ctx.merge_out),
                  *opt(opts, top_k=ctx.K, overwrite=True)], ctx.logfile("merge"), ctx.echo_par, ctx.env)
+    if ctx.settings.router_tuning and not done(ctx.ck("merged")):
+        _tune_task(ctx)
+
+
+def _tune_task(ctx) -> None:
+    """Router tuning: ``tune-router`` (router rows and non-public biases, top-k = all experts while
+    tuning, the merged model's top-k saved) on the union of the owners' proxies plus a public sample."""
+    from .proxy import tuning_documents
+
+    s = ctx.settings
+    docs = tuning_documents(os.path.join(ctx.corpus_dir, ctx.public_dom, "train.jsonl"),
+                            [_proxy_path(ctx, d) for d in ctx.owners], s.tune_public_docs, s.seed)
+    tune_data = os.path.join(ctx.run_dir, "data", "tune")
+    _prepare_docs(ctx, "tune", [(f"tune-{doc.id}", doc.text) for doc in docs], tune_data)
+    opts = cli_options("tune-router")
+    run_cli(["tune-router", "--model", ctx.ck(ctx.merge_out), "--data", tune_data, "--out", ctx.ck("merged"),
+             "--overwrite", *opt(opts, top_k=ctx.K, weight_decay=s.tune_weight_decay),
+             *_train_flags(ctx, opts, s.tune_steps, lr=s.tune_lr)], ctx.logfile("tune-router"), ctx.echo_par, ctx.env)
 
 
 def _dense_task(ctx, d: str) -> None:
@@ -191,7 +243,8 @@ def merge_and_baselines(ctx) -> Dict[str, str]:
     (a failed merge raises StageError). Every checkpoint then records the tokenizer."""
     from flexmoe_training.data import copy_tokenizer_files
 
-    tasks = [("merge", lambda: _merge_task(ctx))]
+    merge_name = "merge" + (" + router tuning" if ctx.settings.router_tuning else "")
+    tasks = [(merge_name, lambda: _merge_task(ctx))]
     if ctx.settings.baselines:
         # the longest task first so that the others fill the remaining workers
         tasks = [("baseline: joint MoE", lambda: _moe_task(ctx)), *tasks,
@@ -199,14 +252,14 @@ def merge_and_baselines(ctx) -> Dict[str, str]:
                    for d in ctx.owners]]
     with ctx.stage(f"merge + baselines ({ctx.jobs} at a time)"):
         errors = parallel(tasks, ctx.jobs, ctx.log, ctx.timings)
-    if "merge" in errors:
-        raise StageError(f"merge: {errors['merge']}")
+    if merge_name in errors:
+        raise StageError(f"{merge_name}: {errors[merge_name]}")
     # every checkpoint records the tokenizer, so `flexmoe generate --model CKPT` decodes correctly
     for name in os.listdir(os.path.join(ctx.run_dir, "ckpt")):
         if os.path.isfile(os.path.join(ctx.ck(name), "config.json")) and not os.path.isfile(
                 os.path.join(ctx.ck(name), "tokenizer_meta.json")):
             copy_tokenizer_files(ctx.data[ctx.public_dom], ctx.ck(name))
-    return {k: v for k, v in errors.items() if k != "merge"}
+    return {k: v for k, v in errors.items() if k != merge_name}
 
 
 # ----------------------------------------------------------------------------- 8.-10. measure and report
@@ -215,7 +268,38 @@ def evaluate(ctx) -> dict:
     from .measure import evaluate_all
 
     with ctx.stage("evaluate"):
-        return evaluate_all(ctx.settings, ctx.run_dir, ctx.corpus_dir, ctx.manifest, ctx.tok, ctx.K, ctx.log)
+        results = evaluate_all(ctx.settings, ctx.run_dir, ctx.corpus_dir, ctx.manifest, ctx.tok, ctx.K, ctx.log)
+        if ctx.settings.router_tuning:
+            _evaluate_untuned(ctx, results)
+        return results
+
+
+def _evaluate_untuned(ctx, results: dict) -> None:
+    """Add the row ``merged-untuned`` (kind "untuned"): the merged model before router tuning, at
+    the run's top-k, on the same held-out windows as every other row."""
+    import time
+
+    from .evaluate import domain_loss
+    from .measure import _test_windows, load_model
+
+    t = time.time()
+    windows = _test_windows(ctx.settings, ctx.corpus_dir, ctx.domains, ctx.tok)
+    m = load_model(ctx.ck("merged-untuned"), ctx.settings)
+    m.set_top_k(ctx.K)
+    row = {d: domain_loss(m, windows[d]) for d in ctx.domains}
+    label = f"merged before router tuning (k={ctx.K})"
+    results["losses"]["merged-untuned"] = row
+    results["configs"]["merged-untuned"] = {"kind": "untuned", "label": label, "allowed": None}
+    ctx.log(f"   {label:34s} " + "  ".join(f"{d} {row[d]['loss']:.3f}" for d in ctx.domains)
+            + f"  ({time.time() - t:.1f} s)")
+
+
+def router_summary(ctx, results: dict) -> dict:
+    """``results["router"]``: router init, negative bias, proxies and tuning (:func:`router_info.router_summary`)."""
+    from .router_info import router_summary as summary
+
+    return summary(ctx.settings, ctx.run_dir, ctx.corpus_dir, ctx.public_dom, ctx.owners, ctx.embedder,
+                   ctx.embedder_note, results.get("losses", {}))
 
 
 def audit(ctx) -> List[dict]:
