@@ -223,7 +223,7 @@ def test_config_flag_step_directory_shards_and_dtype(tmp_path):
     ours = _config(num_experts_per_tok=1, expert_names=["public", "news", "law"], rope_theta=10000.0)
     (tmp_path / "cfg.json").write_text(ours.to_json_string())
     assert _convert("--to", "hf", "--input", tmp_path / "step7", "--out", tmp_path / "hf", "--config",
-                    tmp_path / "cfg.json", "--dtype", "bf16", "--max-shard-size-gb", 1e-5) == 0
+                    tmp_path / "cfg.json", "--dtype", "bf16", "--max-shard-size", "2KB") == 0
     assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
     cfg = FlexOlmoConfig.from_pretrained(tmp_path / "hf")
     assert cfg.expert_names == ["public", "news", "law"] and cfg.num_experts_per_tok == 1 and cfg.tie_word_embeddings

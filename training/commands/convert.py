@@ -56,8 +56,9 @@ def register(sub) -> None:
                    help="OLMo-core's expert storage: mlp = MoEMLP (E*D, F) (FlexOlmo's), dropless = DroplessMoEMLP "
                         "(E*F, D); auto: from the shapes (--to hf), the layout recorded beside --input, else mlp")
     p.add_argument("--dtype", choices=["keep", "fp32", "bf16"], default="keep", help="cast the tensors")
-    p.add_argument("--max-shard-size-gb", type=float, default=None,
-                   help="with --to hf: split the safetensors into shards of at most this size (with an index)")
+    p.add_argument("--max-shard-size", default="5GB",
+                   help="with --to hf: largest safetensors shard (e.g. 5GB, 500MB; more shards get "
+                        "model.safetensors.index.json; default 5GB, as the training commands)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 
 
@@ -127,7 +128,7 @@ def _recorded_layout(start: Path):
 
 
 def _to_hf(args, out: Path) -> str:
-    from flexmoe_kernels.models.checkpoint import save_pretrained
+    from flexmoe_kernels.models.checkpoint import parse_size, save_pretrained
     from flexmoe_kernels.models.olmo_core import config_from_olmo_core, olmo_core_to_hf, read_olmo_core
     from flexmoe_kernels.utils.fs import atomic_directory, write_json_atomic
 
@@ -149,7 +150,7 @@ def _to_hf(args, out: Path) -> str:
                          f"(flexmoe_config.json or OLMo-core's config.json beside it): pass --config")
     cfg = config_from_olmo_core(dims, base, fields, what=f"{what} with config from {source}")
     model = model_from_state_dict(cfg, _cast(hf, args.dtype))
-    shard = None if args.max_shard_size_gb is None else int(args.max_shard_size_gb * 2 ** 30)
+    shard = parse_size(args.max_shard_size, "--max-shard-size")
     with atomic_directory(out) as ck:
         save_pretrained(model, ck, max_shard_size=shard)
         write_json_atomic(ck / "run.json", {
@@ -193,8 +194,8 @@ def _to_olmo_core(args, out: Path) -> str:
     from ..modeling import load_checkpoint
     from ..runlog import utc_now
 
-    if args.config or args.max_shard_size_gb is not None:
-        raise ValueError("--config and --max-shard-size-gb apply to --to hf only")
+    if args.config:
+        raise ValueError("--config applies to --to hf only")
     cfg, sd = load_checkpoint(args.input, "--input")
     layout = args.expert_layout
     if layout == "auto":  # the layout it was converted from, else FlexOlmo's
