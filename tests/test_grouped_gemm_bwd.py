@@ -35,11 +35,12 @@ VARIANTS = {
     "keep": "up.keep_preact=1",
     "interleave": "up.interleave=1,bwd_up.interleave=1",
     "keep-interleave": "up.keep_preact=1,up.interleave=1",
+    "dh-tma-persistent": "bwd_dh.BLOCK_N=32,bwd_dh.tma=1,bwd_dh.persistent=1",
 }
 
 
-def _cfgs(variant: str = "recompute", bm: int = 16) -> tc.MoEConfigs:
-    pins = ",".join(s for s in (SMALL, VARIANTS[variant]) if s)
+def _cfgs(variant: str = "recompute", bm: int = 16, extra: str = "") -> tc.MoEConfigs:
+    pins = ",".join(s for s in (SMALL, VARIANTS[variant], extra) if s)
     base = tc.heuristic_configs(1, 1, 1, 1, 1, torch.float32, "cpu")
     return tc._apply_overrides(base, tc.parse_config_string(pins + f",BLOCK_M={bm}"))
 
@@ -59,18 +60,24 @@ def _real_slots(plan):
 
 # =========================================================================== kernels alone
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("store_hw", [True, False])
-def test_dh_kernel_against_float64(seed, dtype, store_hw):
-    T, D, F_, E, K = 23, 40, 36, 4, 2  # 3 F-blocks of 16 (last partial), 3 k-steps of 16
+@pytest.mark.parametrize("store_hw,pin", [
+    (True, ""),  # BLOCK_N 16: 3 F-blocks (last partial), epilogue in one chunk
+    (False, ""),
+    (True, "bwd_dh.BLOCK_N=128"),  # one F-block, epilogue in 4 chunks of 32 (2 of them past F)
+    (True, "bwd_dh.BLOCK_N=64,bwd_dh.tma=1,bwd_dh.persistent=1"),  # descriptor B loads, tile loop
+])
+def test_dh_kernel_against_float64(seed, dtype, store_hw, pin):
+    T, D, F_, E, K = 23, 40, 36, 4, 2  # 3 k-steps of 16 (last partial)
     p = make_problem(T, D, F_, E, K, dtype)
     plan = _plan(p, K)
     slots, tok, exp, pairs = _real_slots(plan)
     pre = torch.full((pairs.numel(), 2 * F_), float("nan"), dtype=dtype)  # padding / unused rows: NaN
     pre[slots] = torch.randn(len(slots), 2 * F_).to(dtype)
     dout = torch.randn(T, D).to(dtype)
-    cfg = _cfgs().bwd_dh
+    cfg = _cfgs(extra=pin).bwd_dh
     dgu, hw, dwp = gg.swiglu_dh_backward(dout.to(DEVICE), plan, p["down"], pre.to(DEVICE), cfg, store_hw=store_hw)
-    assert (hw is not None) == store_hw and dwp.shape == (T * K, 3) and dwp.dtype == torch.float32
+    nfb = -(-F_ // cfg.BLOCK_N)
+    assert (hw is not None) == store_hw and dwp.shape == (T * K, nfb) and dwp.dtype == torch.float32
     # float64 reference of the epilogue
     g, u = pre[slots].double().split(F_, dim=1)
     w = plan.topk_weights_TK.double().cpu().flatten()[pairs[slots]][:, None]
@@ -169,29 +176,53 @@ def test_layer_variants_match_reference(seed, monkeypatch, T, D, F, E, K, dtype,
             assert torch.equal(results[a][2][n], results[b][2][n]), (a, b, n)
 
 
-def _saved_bytes(p, K):
-    params = {p[n].data_ptr() for n in ("gate_up", "down", "router_weight")}
-    seen = []
+def _saved_and_launched(p, K, monkeypatch):
+    """(shapes of the activations the layer saves for the backward, names of the kernels one
+    forward + backward launches)."""
+    launched, real = [], launch.kernels
+
+    class _Recording:
+        def __init__(self, module):
+            self.module = module
+
+        def __getattr__(self, name):
+            kernel = getattr(self.module, name)
+
+            class _Launch:
+                def __getitem__(self, grid):
+                    launched.append(name)
+                    return kernel[grid]
+            return _Launch()
+
+    interp = launch.interpreting()  # asks a kernel's type: answer before the kernels are wrapped
+    monkeypatch.setattr(launch, "interpreting", lambda: interp)
+    monkeypatch.setattr(launch, "kernels", lambda name: _Recording(real(name)))
     x = p["x"].clone().requires_grad_()
     gu, dn = p["gate_up"].clone().requires_grad_(), p["down"].clone().requires_grad_()
-    params |= {gu.data_ptr(), dn.data_ptr()}
+    params = {t.data_ptr() for t in (gu, dn, p["router_weight"])}
+    seen = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: seen.append(t) or t, lambda t: t):
-        fk.flexmoe_forward(x, p["router_weight"], gu, dn, K, backend="triton")
-    return [tuple(t.shape) for t in seen if t.data_ptr() not in params and t.numel()]
+        out, _ = fk.flexmoe_forward(x, p["router_weight"], gu, dn, K, backend="triton")
+    out.square().sum().backward()
+    monkeypatch.setattr(launch, "kernels", real)
+    return [tuple(t.shape) for t in seen if t.data_ptr() not in params and t.numel()], launched
 
 
 def test_layer_saves_preact_only_when_kept(seed, monkeypatch):
-    """Default: nothing of width F is saved; ``up.keep_preact=1``: exactly one (Q_max, 2F)
-    tensor more (2*F*K*bytes per token + padding rows)."""
+    """Default: nothing of width F is saved and the backward recomputes the pre-activation (a
+    second up launch); ``up.keep_preact=1``: exactly one (Q_max, 2F) tensor more (2*F*K*bytes
+    per token + padding rows) and no recompute launch."""
     T, D, F_, E, K = 13, 24, 20, 3, 2
     p = make_problem(T, D, F_, E, K, torch.float32)
     monkeypatch.setenv(tc.ENV_VAR, "up.keep_preact=0")
-    off = _saved_bytes(p, K)
+    off, off_launched = _saved_and_launched(p, K, monkeypatch)
     monkeypatch.setenv(tc.ENV_VAR, "up.keep_preact=1")
-    on = _saved_bytes(p, K)
+    on, on_launched = _saved_and_launched(p, K, monkeypatch)
     q_max = fk.ops.plan.schedule_sizes(T, K, E, tc.get_configs(T, D, F_, E, K, torch.float32, "cpu").block_m)[0]
     assert sorted(on) == sorted(off + [(q_max, 2 * F_)])
     assert all(2 * F_ not in s for s in off)
+    assert off_launched.count("_up_swiglu_kernel") == 2 and on_launched.count("_up_swiglu_kernel") == 1
+    assert off_launched.count("_dh_swiglu_bwd_kernel") == on_launched.count("_dh_swiglu_bwd_kernel") == 1
 
 
 # =========================================================================== config fields

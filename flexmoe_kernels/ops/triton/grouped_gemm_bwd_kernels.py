@@ -34,7 +34,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .grouped_gemm_kernels import _mma, _store_swiglu, _tile
+from .grouped_gemm_kernels import _b_desc, _b_load, _mma, _store_swiglu, _swizzle, _tile
 
 
 @triton.jit
@@ -51,53 +51,119 @@ def _dh_swiglu_bwd_kernel(
     P, F, D, NT,
     TOP_K: tl.constexpr, STORE_HW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, INTERPRET: tl.constexpr, DOT_PREC: tl.constexpr,
+    EPI_SPLIT: tl.constexpr,  # the epilogue runs in EPI_SPLIT chunks of BLOCK_N // EPI_SPLIT columns
+    num_tiles_ptr=None,  # PERSISTENT: (1,) int32 tiles in use
+    NE=1,  # TMA: number of experts (the descriptor's outer extent)
+    TMA: tl.constexpr = False, B_KCONTIG: tl.constexpr = False, PERSISTENT: tl.constexpr = False,
 ):
-    pid_m, pid_n, e = _tile(tile_expert_ptr, NT, F, BLOCK_N, GROUP_M)
-    if e < 0:  # tile past the used ones: no weight is touched
-        return
-    e64 = e.to(tl.int64)
+    nfb = tl.cdiv(F, BLOCK_N)
+    wd_desc = wd_ptr
+    if TMA:  # down[e] read as the (D, F) B operand through a descriptor (see _b_desc)
+        wd_desc = _b_desc(wd_ptr, NE, D, F, stride_de, stride_dd, stride_df, BLOCK_K, BLOCK_N, B_KCONTIG)
+    if PERSISTENT:  # grid-stride loop over the used tiles (count read on the device: no host sync)
+        used = tl.load(num_tiles_ptr)
+        for t in range(tl.program_id(0), used * nfb, tl.num_programs(0)):
+            pid_m, pid_n = _swizzle(t, used, nfb, GROUP_M)
+            _dh_tile(
+                pid_m, pid_n, tl.load(tile_expert_ptr + pid_m), dout_ptr, stride_ot, stride_od, wd_ptr, stride_de,
+                stride_dd, stride_df, wd_desc, pre_ptr, stride_rq, stride_rf, topk_w_ptr, pairs_ptr, dgu_ptr,
+                stride_gq, stride_gf, hw_ptr, stride_wq, stride_wf, dwp_ptr, stride_pp, stride_pn, P, F, D, TOP_K,
+                STORE_HW, BLOCK_M, BLOCK_N, BLOCK_K, INTERPRET, DOT_PREC, EPI_SPLIT, TMA, B_KCONTIG,
+            )
+    else:
+        pid_m, pid_n, e = _tile(tile_expert_ptr, NT, F, BLOCK_N, GROUP_M)
+        if e < 0:  # tile past the used ones: no weight is touched
+            return
+        _dh_tile(
+            pid_m, pid_n, e, dout_ptr, stride_ot, stride_od, wd_ptr, stride_de, stride_dd, stride_df, wd_desc,
+            pre_ptr, stride_rq, stride_rf, topk_w_ptr, pairs_ptr, dgu_ptr, stride_gq, stride_gf, hw_ptr, stride_wq,
+            stride_wf, dwp_ptr, stride_pp, stride_pn, P, F, D, TOP_K, STORE_HW, BLOCK_M, BLOCK_N, BLOCK_K,
+            INTERPRET, DOT_PREC, EPI_SPLIT, TMA, B_KCONTIG,
+        )
 
+
+@triton.jit
+def _dh_tile(
+    pid_m, pid_n, e, dout_ptr, stride_ot, stride_od, wd_ptr, stride_de, stride_dd, stride_df, wd_desc,
+    pre_ptr, stride_rq, stride_rf, topk_w_ptr, pairs_ptr, dgu_ptr, stride_gq, stride_gf, hw_ptr, stride_wq,
+    stride_wf, dwp_ptr, stride_pp, stride_pn, P, F, D,
+    TOP_K: tl.constexpr, STORE_HW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, INTERPRET: tl.constexpr, DOT_PREC: tl.constexpr, EPI_SPLIT: tl.constexpr,
+    TMA: tl.constexpr, B_KCONTIG: tl.constexpr,
+):
+    """One (row tile, F-block) of :func:`_dh_swiglu_bwd_kernel` for expert ``e`` (>= 0)."""
+    e64 = e.to(tl.int64)
     offs_q = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BM,) padded slots of this tile
     pair = tl.load(pairs_ptr + offs_q)  # (BM,) int32, P for padding
     row_ok = pair < P
     tok = tl.where(row_ok, pair // TOP_K, 0).to(tl.int64)  # (BM,) token of each slot
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,) columns of F
+    n0 = pid_n * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)  # (BN,) columns of F
     n_ok = offs_n < F
     offs_k = tl.arange(0, BLOCK_K)  # (BK,) over D
 
-    do_ptrs = dout_ptr + tok[:, None] * stride_ot + offs_k[None, :] * stride_od  # (BM, BK)
+    do_ptrs = dout_ptr + tok[:, None] * stride_ot + offs_k[None, :] * stride_od  # (BM, BK) gathered rows
     wd_ptrs = wd_ptr + e64 * stride_de + offs_k[:, None] * stride_dd + offs_n[None, :] * stride_df  # (BK, BN)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # dh (router weight not applied yet)
     for k0 in range(0, tl.cdiv(D, BLOCK_K)):
         k_ok = offs_k < D - k0 * BLOCK_K
         do = tl.load(do_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        wd = tl.load(wd_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        wd = _b_load(wd_ptrs, k_ok[:, None] & n_ok[None, :], wd_desc, e, k0 * BLOCK_K, n0, BLOCK_K, BLOCK_N, TMA,
+                     B_KCONTIG)
         acc = _mma(do, wd, acc, INTERPRET, DOT_PREC)
         do_ptrs += BLOCK_K * stride_od
         wd_ptrs += BLOCK_K * stride_dd
 
-    q64 = offs_q.to(tl.int64)
-    ld_msk = row_ok[:, None] & n_ok[None, :]  # padding rows read nothing (0)
-    pre_ptrs = pre_ptr + q64[:, None] * stride_rq + offs_n[None, :] * stride_rf
-    g = tl.load(pre_ptrs, mask=ld_msk, other=0.0).to(tl.float32)
-    u = tl.load(pre_ptrs + F * stride_rf, mask=ld_msk, other=0.0).to(tl.float32)
-    sig = tl.sigmoid(g)
-    silu = g * sig
-    h = silu * u  # (BM, BN) fp32, 0 on padding rows and columns >= F
-    # router-weight gradient: <dOut_t, y_p> = <dOut_t @ down_e, h_p>, partial over this F-block
-    part = tl.sum(acc * h, axis=1)  # (BM,)
-    tl.store(dwp_ptr + pair.to(tl.int64) * stride_pp + pid_n * stride_pn, part, mask=row_ok)
     w = tl.load(topk_w_ptr + pair, mask=row_ok, other=0.0)  # (BM,) fp32
-    dh = acc * w[:, None]
-    du = dh * silu
-    dg = dh * u * sig * (1.0 + g * (1.0 - sig))
-    st_msk = (offs_q >= 0)[:, None] & n_ok[None, :]  # every slot of the tile (padding rows get 0)
-    dgu_ptrs = dgu_ptr + q64[:, None] * stride_gq + offs_n[None, :] * stride_gf
-    tl.store(dgu_ptrs, dg.to(dgu_ptr.dtype.element_ty), mask=st_msk)
-    tl.store(dgu_ptrs + F * stride_gf, du.to(dgu_ptr.dtype.element_ty), mask=st_msk)
-    if STORE_HW:
-        hw_ptrs = hw_ptr + q64[:, None] * stride_wq + offs_n[None, :] * stride_wf
-        tl.store(hw_ptrs, (h * w[:, None]).to(hw_ptr.dtype.element_ty), mask=st_msk)
+    part = _swiglu_bwd_epilogue(
+        acc, w, offs_q, row_ok, n0, pre_ptr, stride_rq, stride_rf, dgu_ptr, stride_gq, stride_gf,
+        hw_ptr, stride_wq, stride_wf, F, STORE_HW, BLOCK_M, BLOCK_N, EPI_SPLIT,
+    )
+    tl.store(dwp_ptr + pair.to(tl.int64) * stride_pp + pid_n * stride_pn, part, mask=row_ok)
+
+
+@triton.jit
+def _swiglu_bwd_epilogue(
+    acc, w, offs_q, row_ok, n0,  # (BM, W) fp32 dh of columns n0.., (BM,) router weights, slots, real rows
+    pre_ptr, stride_rq, stride_rf, dgu_ptr, stride_gq, stride_gf, hw_ptr, stride_wq, stride_wf, F,
+    STORE_HW: tl.constexpr, BLOCK_M: tl.constexpr, W: tl.constexpr, SPLIT: tl.constexpr,
+):
+    """The SwiGLU backward of W columns of dh, in SPLIT chunks of contiguous columns one after
+    the other (recursive halving; the split is in-register for the wgmma layout, and a chunk's
+    pre-activation tiles and temporaries die before the next chunk's are loaded: at 128x128
+    the whole tile at once spilled, 255 registers + 3.7 KB; 4 chunks: 130, no spill).
+    Returns the (BM,) fp32 partial ``<dh, h>`` over these columns."""
+    if SPLIT == 1:
+        offs_n = n0 + tl.arange(0, W)  # (W,) columns of F
+        n_ok = offs_n < F
+        q64 = offs_q.to(tl.int64)
+        ld_msk = row_ok[:, None] & n_ok[None, :]  # padding rows read nothing (0)
+        pre_ptrs = pre_ptr + q64[:, None] * stride_rq + offs_n[None, :] * stride_rf
+        g = tl.load(pre_ptrs, mask=ld_msk, other=0.0).to(tl.float32)
+        u = tl.load(pre_ptrs + F * stride_rf, mask=ld_msk, other=0.0).to(tl.float32)
+        sig = tl.sigmoid(g)
+        silu = g * sig
+        h = silu * u  # (BM, W) fp32, 0 on padding rows and columns >= F
+        # router-weight gradient: <dOut_t, y_p> = <dOut_t @ down_e, h_p>, partial over these columns
+        part = tl.sum(acc * h, axis=1)  # (BM,)
+        dh = acc * w[:, None]
+        du = dh * silu
+        dg = dh * u * sig * (1.0 + g * (1.0 - sig))
+        st_msk = (offs_q >= 0)[:, None] & n_ok[None, :]  # every slot of the tile (padding rows get 0)
+        dgu_ptrs = dgu_ptr + q64[:, None] * stride_gq + offs_n[None, :] * stride_gf
+        tl.store(dgu_ptrs, dg.to(dgu_ptr.dtype.element_ty), mask=st_msk)
+        tl.store(dgu_ptrs + F * stride_gf, du.to(dgu_ptr.dtype.element_ty), mask=st_msk)
+        if STORE_HW:
+            hw_ptrs = hw_ptr + q64[:, None] * stride_wq + offs_n[None, :] * stride_wf
+            tl.store(hw_ptrs, (h * w[:, None]).to(hw_ptr.dtype.element_ty), mask=st_msk)
+    else:
+        a0, a1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, W // 2)), (0, 2, 1)))  # column halves
+        part = _swiglu_bwd_epilogue(a0, w, offs_q, row_ok, n0, pre_ptr, stride_rq, stride_rf, dgu_ptr, stride_gq,
+                                    stride_gf, hw_ptr, stride_wq, stride_wf, F, STORE_HW, BLOCK_M, W // 2, SPLIT // 2)
+        part += _swiglu_bwd_epilogue(a1, w, offs_q, row_ok, n0 + W // 2, pre_ptr, stride_rq, stride_rf, dgu_ptr,
+                                     stride_gq, stride_gf, hw_ptr, stride_wq, stride_wf, F, STORE_HW, BLOCK_M, W // 2,
+                                     SPLIT // 2)
+    return part
 
 
 @triton.jit
