@@ -71,8 +71,10 @@ _WORK: dict = {}
 
 def _role(launch) -> str:
     kw, name = launch.kwargs, launch.name
-    if name == "_up_swiglu_kernel":
-        return "bwd_up" if kw.get("BWD") else "up"
+    if name in ("_up_swiglu_kernel", "_up_interleaved_kernel"):  # the backward's recompute: bwd_up
+        return "bwd_up" if launch.phase == "bwd" or kw.get("BWD") else "up"
+    if name == "_dh_swiglu_bwd_kernel":
+        return "bwd_dh"
     if name == "_tile_gemm_scatter_kernel":
         return "down" if kw.get("HAS_WEIGHT") else "bwd_dx"
     if name == "_grouped_dw_kernel":
@@ -143,7 +145,8 @@ def build_report(preset_name: str, tokens: int, arch: str, dtype_name: str = "bf
         raise RuntimeError(ptxas_version)
     cfgs = library_configs(tokens, preset.D, preset.F, preset.E, preset.K, dtype, device_name)
     det = default_deterministic()
-    launches = record_layer(tokens, preset.D, preset.F, preset.E, preset.K, dtype, cfgs, deterministic=det)
+    launches = record_layer(tokens, preset.D, preset.F, preset.E, preset.K, dtype, cfgs, deterministic=det,
+                            capability=capability)
     t0 = time.perf_counter()
     results = _compile_all(launches, capability, ptxas, jobs)
     header = dict(preset=preset_name, shape=dict(D=preset.D, F=preset.F, E=preset.E, K=preset.K), tokens=tokens,

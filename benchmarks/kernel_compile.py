@@ -6,7 +6,9 @@ How it works:
 
 1. :class:`LaunchRecorder` replaces ``flexmoe_kernels.ops.triton.launch.kernels`` by a module
    whose kernels record ``(kernel, grid, args, kwargs)`` instead of launching, and disables
-   ``launch.check_runnable`` / ``launch.interpreting``; the launchers then run on CPU tensors
+   ``launch.check_runnable`` / ``launch.interpreting``; ``launch.tma_supported`` and
+   ``launch.num_programs`` answer for the target (TMA from compute capability 9.0; the SM count
+   of the target's device for persistent grids); the launchers then run on CPU tensors
    (buffers from ``launch.alloc`` are ``torch.empty``: nothing is computed).
 2. :func:`compile_launch` binds a recorded launch with Triton's own launch binder (the same
    specialisation a real launch gets: pointer alignment, ints divisible by 16 or equal to 1,
@@ -33,7 +35,8 @@ __all__ = ["Launch", "LaunchRecorder", "compile_env", "library_configs", "record
            "compile_launch", "find_ptxas", "ptxas_usage", "read_kernel", "GEMM_KERNELS"]
 
 # The kernels whose main loop is a tl.dot over a K dimension (the grouped GEMMs).
-GEMM_KERNELS = ("_up_swiglu_kernel", "_tile_gemm_scatter_kernel", "_grouped_dw_kernel")
+GEMM_KERNELS = ("_up_swiglu_kernel", "_up_interleaved_kernel", "_dh_swiglu_bwd_kernel", "_tile_gemm_scatter_kernel",
+                "_grouped_dw_kernel")
 
 
 @dataclass
@@ -70,27 +73,40 @@ class _RecordingModule:
         return _RecordingKernel(getattr(self.module, name), self.recorder)
 
 
+# SMs of the device the compile report names for a compute capability (persistent grids).
+SM_COUNTS = {90: 132, 89: 142, 86: 84, 80: 108}
+
+
 @dataclass
 class LaunchRecorder:
     """Context manager: inside it every Triton kernel launch of the library is recorded in
-    ``launches`` (tagged with the current ``phase``) instead of run."""
+    ``launches`` (tagged with the current ``phase``) instead of run, as on a GPU of compute
+    ``capability`` (TMA descriptors from 90 on, when this Triton has them)."""
 
     launches: list = field(default_factory=list)
     phase: str = ""
+    capability: int = 90
 
     def __enter__(self) -> "LaunchRecorder":
         from flexmoe_kernels.ops.triton import launch
 
         self._launch = launch
-        self._saved = (launch.kernels, launch.check_runnable, launch.interpreting)
+        import triton.language as tl
+
+        self._names = ("kernels", "check_runnable", "interpreting", "tma_supported", "num_programs")
+        self._saved = tuple(getattr(launch, n) for n in self._names)
         real = launch.kernels
         launch.kernels = lambda name: _RecordingModule(real(name), self)
         launch.check_runnable = lambda device, what: None
         launch.interpreting = lambda: False
+        tma = self.capability >= 90 and hasattr(tl, "make_tensor_descriptor")
+        launch.tma_supported = lambda device: tma
+        launch.num_programs = lambda device: SM_COUNTS.get(self.capability, 132)
         return self
 
     def __exit__(self, *exc) -> None:
-        self._launch.kernels, self._launch.check_runnable, self._launch.interpreting = self._saved
+        for name, value in zip(self._names, self._saved):
+            setattr(self._launch, name, value)
 
 
 def compile_env(repo: str) -> dict:
@@ -107,40 +123,36 @@ def compile_env(repo: str) -> dict:
 def library_configs(T: int, D: int, F: int, E: int, K: int, dtype, device_name: str):
     """The :class:`MoEConfigs` ``get_configs`` returns for this layer on a CUDA device called
     ``device_name`` (the shipped table if one matches, else the heuristics; env pins apply)."""
-    import torch
-
     from flexmoe_kernels.ops.triton import configs as tc
 
-    saved = tc.device_name
-    tc.device_name = lambda device: device_name
-    try:
-        return tc.get_configs(T, D, F, E, K, dtype, torch.device("cuda", 0))
-    finally:
-        tc.device_name = saved
+    return tc.get_configs(T, D, F, E, K, dtype, "cuda", device_name=device_name)
 
 
 def record_layer(T: int, D: int, F: int, E: int, K: int, dtype, configs, *, deterministic: bool = True,
-                 allow_mask=None, trainable_experts=None, norm_topk_prob: bool = True) -> list[Launch]:
+                 allow_mask=None, trainable_experts=None, norm_topk_prob: bool = True,
+                 capability: int = 90) -> list[Launch]:
     """The Triton launches of one forward and one backward of the "triton" backend's layer
     (routing, up, down, combine; recompute + SwiGLU backward, dX, both dW, routing backward),
     in launch order, as :mod:`flexmoe_kernels.ops.triton.backend` makes them (every input
     needs a gradient). ``configs``: the :class:`MoEConfigs` to use (the schedule's ``block_m``
-    is ``configs.block_m``, as the backend does)."""
+    is ``configs.block_m``, as the backend does; ``capability``: see :class:`LaunchRecorder`)."""
     import torch
 
     from flexmoe_kernels.ops.triton import grouped_gemm as gg, routing as tr
 
     x = torch.empty(T, D, dtype=dtype)
     gate_up, down = torch.empty(E, 2 * F, D, dtype=dtype), torch.empty(E, D, F, dtype=dtype)
-    with LaunchRecorder() as rec:
+    with LaunchRecorder(capability=capability) as rec:
         rec.phase = "fwd"
         plan = tr.triton_route(torch.empty(T, E, dtype=torch.float32), K, allow_mask=allow_mask,
                                expert_bias=torch.empty(E), norm_topk_prob=norm_topk_prob,
                                block_m=configs.block_m, validate=False)
-        gg.grouped_swiglu_forward(x, plan, gate_up, down, deterministic=deterministic, configs=configs)
+        keep = configs.up.keep_preact  # the backend keeps the pre-activation: no recompute launch
+        res = gg.grouped_swiglu_forward(x, plan, gate_up, down, deterministic=deterministic, configs=configs,
+                                        keep_preact=keep)
         rec.phase = "bwd"
         gg.grouped_swiglu_backward(x, x, plan, gate_up, down, trainable_experts=trainable_experts,
-                                   deterministic=deterministic, configs=configs)
+                                   deterministic=deterministic, configs=configs, preact_Q2F=res[1] if keep else None)
         tr.triton_route_backward(torch.empty(T, K, dtype=torch.float32), plan, norm_topk_prob=norm_topk_prob)
     return rec.launches
 

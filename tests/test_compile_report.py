@@ -7,10 +7,10 @@ once per preset in a subprocess (module-scoped fixture; the subprocess has no
 
 * met today: every GEMM kernel uses wgmma, no GEMM kernel spills, every kernel fits the
   H100's 227 KB of shared memory per block, every GEMM has >= 3 pipeline buffers (the dW
-  kernel since it prefetches its pair ids a k-step ahead: issue 13 item 3);
-* not met today (strict xfail, so they fail loudly once the kernels improve and the marks
-  must go): the forward GEMMs read weights through TMA, no kernel spills (the routing prefix
-  scan spills 24 B at E = 7).
+  kernel since it prefetches its pair ids a k-step ahead: issue 13 item 3), the forward GEMMs
+  (and dX) read their weights through TMA descriptors with a 4-deep ring (issue 13 item 1);
+* not met today (strict xfail, so it fails loudly once fixed and the mark must go): no
+  kernel spills (the routing prefix scan spills 24 B at E = 7).
 
 Skips with the reason when Triton's NVIDIA backend or a ptxas is missing.
 """
@@ -32,7 +32,6 @@ SMEM_LIMIT_SM90 = 232448  # 227 KB per block
 TARGETS = {"fine-grained": 32768, "flexolmo-7x7b": 16384}
 FIELDS = {"kernel": str, "phase": str, "gemm": bool, "mma": str, "tma": bool, "buffers": int,
           "registers": int, "spill_bytes": int, "smem_bytes": int}
-V2 = "issue 13: kernels v2 (TMA) not built yet"
 
 
 def _toolchain_or_skip() -> None:
@@ -70,7 +69,8 @@ def _gemms(rows: list[dict]) -> list[dict]:
 
 def test_json_schema_and_launches(report):
     """Every row has the issue's fields with their types; one forward + backward launches the
-    routing (3), up, down, combine, bwd_up, dX, dX combine, two dW and the routing backward."""
+    routing (3), up, down, combine, the backward's gate/up recompute (bwd_up), the dh GEMM
+    (bwd_dh), dX, dX combine, two dW and the routing backward."""
     preset, stdout, rows = report
     for row in rows:
         for name, typ in FIELDS.items():
@@ -80,10 +80,10 @@ def test_json_schema_and_launches(report):
         assert (row["mma_n"] is not None) == (row["mma"] == "wgmma"), row
     roles = [(r["phase"], r["role"]) for r in rows]
     assert roles == [("fwd", "route_topk"), ("fwd", "route_prefix"), ("fwd", "route_scatter"), ("fwd", "up"),
-                     ("fwd", "down"), ("fwd", "combine"), ("bwd", "bwd_up"), ("bwd", "bwd_dx"),
+                     ("fwd", "down"), ("fwd", "combine"), ("bwd", "bwd_up"), ("bwd", "bwd_dh"), ("bwd", "bwd_dx"),
                      ("bwd", "dx_combine"), ("bwd", "dw_gate_up"), ("bwd", "dw_down"), ("bwd", "route_bwd")]
-    assert {r["kernel"] for r in _gemms(rows)} == {"_up_swiglu_kernel", "_tile_gemm_scatter_kernel",
-                                                   "_grouped_dw_kernel"}
+    assert {r["kernel"] for r in _gemms(rows)} == {"_up_swiglu_kernel", "_dh_swiglu_bwd_kernel",
+                                                   "_tile_gemm_scatter_kernel", "_grouped_dw_kernel"}
     assert "triton_moe_NVIDIA_H100.json" in stdout and "ptxas release" in stdout, stdout[:1000]
 
 
@@ -109,11 +109,16 @@ def test_gemms_are_pipelined(report):
     assert all(r["buffers"] >= 2 for r in _gemms(rows)), _gemms(rows)
 
 
-@pytest.mark.xfail(strict=True, reason=V2)
 def test_forward_gemms_read_weights_through_tma(report):
+    """Issue 13 items 1 and 8: the forward up / down GEMMs (and the backward's recompute and dX,
+    which share their kernels) load the expert weights through TMA descriptors with 4 stages
+    (about 196 KB of shared memory: it fits); kernels without a tl.dot do not use TMA."""
     _, _, rows = report
     fwd = [r for r in _gemms(rows) if r["phase"] == "fwd"]
     assert fwd and all(r["tma"] for r in fwd), fwd
+    four = [r for r in rows if r["role"] in ("up", "down", "bwd_up", "bwd_dx")]
+    assert len(four) == 4 and all(r["tma"] and r["buffers"] >= 4 for r in four), four
+    assert not any(r["tma"] for r in rows if not r["gemm"]), rows
 
 
 def test_every_gemm_has_three_buffers(report):

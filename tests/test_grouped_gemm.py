@@ -317,6 +317,56 @@ def test_table_lookup_nearest_T(tmp_path):
     assert tc.lookup_table(t, 8, 64, 96, 4, 3, torch.bfloat16) is None  # other shape
 
 
+def test_config_env_pins_variant_flags(monkeypatch):
+    """The variant flags are fields of every kind and take 0/1, true/false or on/off."""
+    got = tc.parse_config_string("tma=0,up.persistent=on,down.persistent=TRUE,dw.tma=off,num_stages=4")
+    assert got == {"*": {"tma": 0, "num_stages": 4}, "up": {"persistent": 1}, "down": {"persistent": 1},
+                   "dw": {"tma": 0}}
+    with pytest.raises(ValueError, match="num_warps takes an integer"):
+        tc.parse_config_string("num_warps=on")
+    with pytest.raises(ValueError, match="tma must be a bool or 0/1"):
+        monkeypatch.setenv(tc.ENV_VAR, "tma=2")
+        tc.get_configs(100, 64, 64, 4, 2, torch.bfloat16, "cpu")
+    monkeypatch.setenv(tc.ENV_VAR, "tma=1,persistent=0,bwd_dx.persistent=1")
+    c = tc.get_configs(100, 64, 64, 4, 2, torch.bfloat16, "cpu")
+    assert all(getattr(c, k).tma is True for k in tc.KINDS)
+    assert [k for k in tc.KINDS if getattr(c, k).persistent] == ["bwd_dx"]
+
+
+def test_get_configs_for_a_named_device_without_a_gpu(monkeypatch):
+    """``device_name=`` chooses as on that CUDA device (no GPU queried): the H100 table for the
+    two target shapes, with TMA weights and 4 stages for the 128-row forward / dX GEMMs; the
+    heuristic (tma on, persistent off) for an unknown device."""
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: pytest.fail("a GPU was queried"))
+    for T, shape in ((32768, (2048, 768, 128, 8)), (16384, (4096, 11008, 7, 5))):
+        c = tc.get_configs(T, *shape, torch.bfloat16, "cuda", device_name="NVIDIA H100 80GB HBM3")
+        assert "triton_moe_NVIDIA_H100.json" in c.source and "[m=" in c.source, c.source
+        for kind in ("up", "down", "bwd_dx"):
+            g = getattr(c, kind)
+            assert (g.BLOCK_M, g.tma, g.num_stages, g.persistent) == (128, True, 4, False), (kind, g)
+    h = tc.get_configs(4096, 64, 96, 4, 2, torch.bfloat16, "cuda", device_name="Some Other GPU")
+    assert h.source == "heuristic" and h.up.tma and not h.up.persistent and not h.dw.tma
+
+
+def test_table_lookup_tokens_per_expert_bucket(tmp_path):
+    """Tables with ``"key": "tokens_per_expert"`` are keyed by ceil(T*K/E) rounded up to a power
+    of two; the nearest bucket in log2 wins (ties: the smaller); old T-keyed tables still load
+    (test_table_lookup_nearest_T)."""
+    assert [tc.tokens_per_expert_bucket(T, 2, 4) for T in (1, 2, 3, 8, 9, 4096)] == [1, 1, 2, 4, 8, 2048]
+    entry = lambda bm, **kw: {k: dict(BLOCK_M=bm, BLOCK_N=64, BLOCK_K=64, **kw) for k in tc.KINDS}  # noqa: E731
+    key = tc.shape_key(64, 96, 4, 2, torch.bfloat16)
+    data = {"status": "test", "devices": ["Fake GPU"], "key": "tokens_per_expert",
+            "shapes": {key: {"16": entry(16), "64": entry(32, tma=1), "1024": entry(128, persistent=1)}}}
+    (tmp_path / "triton_moe_fake.json").write_text(json.dumps(data))
+    t = tc.load_table("Fake GPU", tmp_path)
+    look = lambda T: tc.lookup_table(t, T, 64, 96, 4, 2, torch.bfloat16)  # noqa: E731 - m = ceil(T/2)
+    assert look(1).block_m == 16 and look(32).block_m == 16  # m 1, 16
+    assert look(33).block_m == 16  # m 17 -> bucket 32: between 16 and 64 in log2, the smaller
+    got = look(100)  # m 50 -> 64
+    assert got.block_m == 32 and got.up.tma and not got.up.persistent and got.source.endswith("[m=64]")
+    assert look(1000).block_m == 128 and look(10**6).dw.persistent  # m 512 -> 1024 (nearest); beyond
+
+
 # =========================================================================== CUDA expert stage
 # ops/cuda/experts.py: no GEMM kernel of ours: torch's grouped_mm when usable (bf16, D and F
 # multiples of 8, a probe passed once per device; compute capability >= 9.0 on CUDA; not

@@ -2,20 +2,40 @@
 
 Legend: T tokens, D hidden, F expert FFN width, E experts, K top-k.
 
-Five GEMM kinds (see :mod:`flexmoe_kernels.ops.triton.grouped_gemm_kernels`):
+Six GEMM kinds (see :mod:`flexmoe_kernels.ops.triton.grouped_gemm_kernels` and
+:mod:`flexmoe_kernels.ops.triton.grouped_gemm_bwd_kernels`):
 
 ========  ==========================================================  ===========================
 kind      what                                                        BLOCK_M / BLOCK_N / BLOCK_K
 ========  ==========================================================  ===========================
 up        x (gathered) @ gate_up[e].T, SwiGLU epilogue                slots / F / D
 down      h @ down[e].T, router weight + top-k combine                slots / D / F
-bwd_up    recompute gate, up and dh = dOut @ down[e], dgate/dup       slots / F / D
+bwd_up    backward: recompute the gate/up pre-activation (not kept)   slots / F / D
+bwd_dh    backward: dh = dOut @ down[e], SwiGLU backward epilogue     slots / F / D
 bwd_dx    dgate|dup @ gate_up[e], combine over top-k                  slots / D / 2F
 dw        per-expert A^T @ B over the expert's slots                  rows of dW / cols / slots
 ========  ==========================================================  ===========================
 
-The four tile kinds share ``BLOCK_M``: it is the tile height of the routing schedule
+The five tile kinds share ``BLOCK_M``: it is the tile height of the routing schedule
 (``block_m`` of :func:`flexmoe_kernels.ops.triton.routing.triton_route`).
+
+Variant fields (0/1 in tables and the environment pin; other kinds ignore them):
+
+* ``up.keep_preact``: the forward also writes the gate/up pre-activation ``pre_Q2F`` (Q_max,
+  2F) in x's dtype and the layer keeps it for the backward, which then skips the ``bwd_up``
+  recompute GEMM (1/3 of the forward's FLOPs). Memory: ``2 * F * K * bytes`` per token per
+  layer (plus at most ``E * (block_m - 1)`` padding rows of 2F), e.g. 24 KiB/token at the
+  fine-grained shape (F 768, K 8, bf16), 215 KiB/token at FlexOlmo-7x7B (F 11008, K 5).
+  Default off: the layer otherwise keeps nothing of width F (a token's own activation is
+  2*D bytes: 4-8 KiB), and memory, not FLOPs, limits FlexOlmo's batch; turn it on where
+  memory is free (not measured on a GPU yet).
+* ``up.interleave`` / ``bwd_up.interleave``: the up kernel keeps ONE (BLOCK_M, 2*BLOCK_N)
+  accumulator over interleaved gate/up rows (one wide ``tl.dot`` per k-step, columns paired
+  in the epilogue) instead of two BLOCK_N-wide ones; BLOCK_N stays the F-block width. The
+  weights stay in the HF layout (an index map, no copy, no extra memory). Its weight loads are
+  pointer loads (cp.async): ``tma`` and ``persistent`` do not apply to it (a TMA version needs
+  a rank-4 (E, 2, F, D) descriptor, not built). sm_90a, 128x128x64 w8 s4: n256 wgmma, 254
+  registers, no spill (compile report). Default off: not measured on a GPU yet.
 
 Resolution order in :func:`get_configs` (cached per problem and environment):
 
@@ -50,6 +70,7 @@ __all__ = [
     "GemmConfig",
     "MoEConfigs",
     "config_dir",
+    "default_bwd_dh",
     "device_name",
     "get_configs",
     "heuristic_configs",
@@ -57,19 +78,25 @@ __all__ = [
     "lookup_table",
     "parse_config_string",
     "shape_key",
+    "tokens_per_expert_bucket",
 ]
 
 ENV_VAR = "FLEXMOE_TRITON_CONFIG"
-KINDS = ("up", "down", "bwd_up", "bwd_dx", "dw")
-TILE_KINDS = ("up", "down", "bwd_up", "bwd_dx")
-_FIELDS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
+KINDS = ("up", "down", "bwd_up", "bwd_dh", "bwd_dx", "dw")
+TILE_KINDS = ("up", "down", "bwd_up", "bwd_dh", "bwd_dx")
+_FIELDS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages", "keep_preact", "interleave",
+           "tma", "persistent")
+_FLAGS = ("keep_preact", "interleave", "tma", "persistent")  # bool fields (0/1 in tables and the pin)
+_BOOL_WORDS = {"true": 1, "on": 1, "false": 0, "off": 0}
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
 @dataclass(frozen=True)
 class GemmConfig:
     """One kernel launch configuration. Blocks are powers of two >= 16 (``tl.dot``'s minimum),
-    ``GROUP_M >= 1``, ``num_warps`` a power of two in [1, 32], ``num_stages >= 1``."""
+    ``GROUP_M >= 1``, ``num_warps`` a power of two in [1, 32], ``num_stages >= 1``; the
+    variant flags ``keep_preact`` / ``interleave`` (bool, or 0/1) are described in the module
+    docstring."""
 
     BLOCK_M: int
     BLOCK_N: int
@@ -77,8 +104,17 @@ class GemmConfig:
     GROUP_M: int = 8
     num_warps: int = 4
     num_stages: int = 3
+    keep_preact: bool = False
+    interleave: bool = False
+    tma: bool = False
+    persistent: bool = False
 
     def __post_init__(self):
+        for f in _FLAGS:
+            v = getattr(self, f)
+            if v not in (0, 1):  # True / False / 0 / 1
+                raise ValueError(f"{f} must be a bool or 0/1, got {v!r}")
+            object.__setattr__(self, f, bool(v))
         for f in ("BLOCK_M", "BLOCK_N", "BLOCK_K"):
             v = getattr(self, f)
             if not isinstance(v, int) or v < 16 or v & (v - 1):
@@ -97,8 +133,10 @@ class GemmConfig:
 
 @dataclass(frozen=True)
 class MoEConfigs:
-    """The configs of all five kinds; ``block_m`` (= every tile kind's ``BLOCK_M``) is the
-    routing schedule's tile height. ``source`` says where they came from (for logs/benchmarks)."""
+    """The configs of all six kinds; ``block_m`` (= every tile kind's ``BLOCK_M``) is the
+    routing schedule's tile height. ``source`` says where they came from (for logs/benchmarks).
+    ``bwd_dh`` may be omitted (tables written before that kind existed): it is then
+    :func:`default_bwd_dh` of ``bwd_dx``."""
 
     up: GemmConfig
     down: GemmConfig
@@ -106,8 +144,11 @@ class MoEConfigs:
     bwd_dx: GemmConfig
     dw: GemmConfig
     source: str = "heuristic"
+    bwd_dh: Optional[GemmConfig] = None
 
     def __post_init__(self):
+        if self.bwd_dh is None:
+            object.__setattr__(self, "bwd_dh", default_bwd_dh(self.bwd_dx))
         bms = {k: getattr(self, k).BLOCK_M for k in TILE_KINDS}
         if len(set(bms.values())) != 1:
             raise ValueError(f"the tile kinds {TILE_KINDS} must share BLOCK_M (the schedule's block_m), got {bms}")
@@ -118,6 +159,13 @@ class MoEConfigs:
 
     def to_dict(self) -> dict:
         return {k: getattr(self, k).to_dict() for k in KINDS}
+
+
+def default_bwd_dh(bwd_dx: GemmConfig) -> GemmConfig:
+    """The dh GEMM's config where none is given: ``bwd_dx``'s (the same tile class: slot rows,
+    a wide N, one accumulator, a per-slot epilogue) with BLOCK_N at most 128 (the SwiGLU
+    backward epilogue holds the accumulator plus the gate and up tiles in registers)."""
+    return replace(bwd_dx, BLOCK_N=min(bwd_dx.BLOCK_N, 128), keep_preact=False, interleave=False)
 
 
 def _pow2_floor(n: int) -> int:
@@ -133,11 +181,14 @@ def heuristic_configs(T: int, D: int, F: int, E: int, K: int, dtype: torch.dtype
 
     * rows per expert ``m = T*K/E`` picks the tile height: 16 for decode (m <= 16), 32/64 for
       small batches, 128 for training sizes (fewer padding rows vs. tensor-core efficiency);
-    * BLOCK_N 128 (up / bwd_up hold 2-3 fp32 accumulators: 128 wide at most), 128-256 for down
-      and bwd_dx; BLOCK_K 64 (bf16/fp16: 128-byte rows); fp32 (IEEE, FMA units) uses small
+    * BLOCK_N 128 (up holds 2 fp32 accumulators: 128 wide at most), 128-256 for down and
+      bwd_dx; bwd_up (the backward's recompute) is the up GEMM again: the same config; bwd_dh
+      is :func:`default_bwd_dh`; BLOCK_K 64 (bf16/fp16: 128-byte rows); fp32 (IEEE, FMA units) uses small
       tiles and 4 warps so that nothing spills;
     * num_stages 3-4 (Hopper shared memory), num_warps 4 for small tiles, 8 for 128-row tiles;
-    * GROUP_M 8 (grouped order, L2 reuse of weight blocks), 1 for decode (one tile per expert).
+    * GROUP_M 8 (grouped order, L2 reuse of weight blocks), 1 for decode (one tile per expert);
+    * 16-bit: ``tma`` on for up / down / bwd_dx (weights through TMA descriptors where the
+      device and Triton support them), ``persistent`` off (not measured yet).
 
     ``device_type="cpu"`` (Triton's interpreter) returns small blocks: the interpreter's cost is
     per program and per op, and the tests' shapes are tiny.
@@ -151,45 +202,49 @@ def heuristic_configs(T: int, D: int, F: int, E: int, K: int, dtype: torch.dtype
         bm = 16 if m <= 16 else (32 if m <= 48 else 64)
         up = GemmConfig(bm, 32, 32, 8, 8, 2)
         down = GemmConfig(bm, 64, 32, 8, 8, 2)
-        bwd_up = GemmConfig(bm, 32, 32, 8, 8, 2)
+        bwd_up = up
         bwd_dx = GemmConfig(bm, 64, 32, 8, 8, 2)
         dw = GemmConfig(64, 64, 16, 8, 4, 3)
         return MoEConfigs(up, down, bwd_up, bwd_dx, dw, source="heuristic")
     if m <= 16:  # decode: one 16-row tile per expert, long K steps, no grouping needed
-        up = down = bwd_up = bwd_dx = GemmConfig(16, 64, 128, 1, 4, 4)
+        up = down = bwd_dx = GemmConfig(16, 64, 128, 1, 4, 4)
     elif m <= 256:
         bm = 32 if m <= 48 else 64
         up = GemmConfig(bm, 128, 64, 8, 4, 4)
         down = GemmConfig(bm, 128, 64, 8, 4, 4)
-        bwd_up = GemmConfig(bm, 64, 64, 8, 4, 4)
         bwd_dx = GemmConfig(bm, 128, 64, 8, 4, 4)
     else:  # training sizes: 128-row tiles, wgmma with 2 warp groups
         up = GemmConfig(128, 128, 64, 8, 8, 3)
         down = GemmConfig(128, 256, 64, 8, 8, 3)
-        bwd_up = GemmConfig(128, 64, 64, 8, 8, 3)
         bwd_dx = GemmConfig(128, 256, 64, 8, 8, 3)
+    # Weights through TMA descriptors (the launchers resolve it off on sm_80 / old Triton).
+    up, down, bwd_dx = (replace(c, tma=True) for c in (up, down, bwd_dx))
     # dW: output tiles of the (2F, D) / (D, F) gradients, reduction over an expert's m rows.
     dw = GemmConfig(128, 128, _clamp_pow2(m, 16, 64), 8, 8 if m > 256 else 4, 3 if m > 256 else 4)
-    return MoEConfigs(up, down, bwd_up, bwd_dx, dw, source="heuristic")
+    return MoEConfigs(up, down, up, bwd_dx, dw, source="heuristic")
 
 
 # ------------------------------------------------------------------ environment pin
 def parse_config_string(text: str) -> dict[str, dict[str, int]]:
     """Parse ``FLEXMOE_TRITON_CONFIG`` text into ``{kind or "*": {field: int}}``.
 
-    Items are ``FIELD=INT`` (every kind) or ``kind.FIELD=INT``, separated by commas; fields are
-    BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages; kinds are those in :data:`KINDS`.
-    Raises ``ValueError`` naming the variable and the bad item.
+    Items are ``FIELD=VALUE`` (every kind) or ``kind.FIELD=VALUE``, separated by commas; fields
+    are BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages (integers) and the variant
+    flags keep_preact, interleave, tma, persistent (0/1, true/false or on/off); kinds are those
+    in :data:`KINDS`. Raises ``ValueError`` naming the variable and the bad item.
     """
     out: dict[str, dict[str, int]] = {}
     for item in text.split(","):
         item = item.strip()
         if not item:
             continue
-        m = re.fullmatch(r"(?:(\w+)\.)?(\w+)\s*=\s*(-?\d+)", item)
+        m = re.fullmatch(r"(?:(\w+)\.)?(\w+)\s*=\s*(-?\d+|true|false|on|off)", item, re.IGNORECASE)
         if m is None:
             raise ValueError(f"{ENV_VAR}: cannot parse {item!r}; expected FIELD=INT or kind.FIELD=INT")
-        kind, field, value = m.group(1) or "*", m.group(2), int(m.group(3))
+        kind, field, raw = m.group(1) or "*", m.group(2), m.group(3).lower()
+        if raw in _BOOL_WORDS and field not in _FLAGS:
+            raise ValueError(f"{ENV_VAR}: {field} takes an integer, got {item!r}")
+        value = _BOOL_WORDS[raw] if raw in _BOOL_WORDS else int(raw)
         if kind != "*" and kind not in KINDS:
             raise ValueError(f"{ENV_VAR}: unknown kind {kind!r} in {item!r}; kinds are {KINDS}")
         if field not in _FIELDS:
@@ -262,19 +317,38 @@ def load_table(name: str, directory: Optional[str | Path] = None) -> Optional[di
 
 
 def _from_entry(entry: dict, source: str) -> MoEConfigs:
-    missing = [k for k in KINDS if k not in entry]
+    missing = [k for k in KINDS if k not in entry and k != "bwd_dh"]  # bwd_dh: optional (default_bwd_dh)
     if missing:
         raise ValueError(f"config entry {source} lacks kinds {missing}")
-    return MoEConfigs(**{k: GemmConfig(**entry[k]) for k in KINDS}, source=source)
+    return MoEConfigs(**{k: GemmConfig(**entry[k]) for k in KINDS if k in entry}, source=source)
+
+
+def tokens_per_expert_bucket(T: int, K: int, E: int) -> int:
+    """The table bucket of a problem: rows per expert ``m = ceil(T*K/E)`` rounded up to a power
+    of two (1, 2, 4, ...): the quantity the tile shapes depend on, whatever T, K and E are."""
+    return _pow2_ceil(max(1, -(-T * K // E)))
+
+
+def _pow2_ceil(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
 
 
 def lookup_table(table: dict, T: int, D: int, F: int, E: int, K: int, dtype: torch.dtype) -> Optional[MoEConfigs]:
-    """Configs for the exact shape key and the nearest T in ``table`` (None if the shape is absent)."""
-    by_t = table["shapes"].get(shape_key(D, F, E, K, dtype))
-    if not by_t:
+    """Configs for the exact shape key in ``table`` (None if the shape is absent), at the nearest
+    entry: tables with ``"key": "tokens_per_expert"`` are keyed by :func:`tokens_per_expert_bucket`
+    (nearest bucket in log2; ties go to the smaller), older ones by T (absolute distance; ties to
+    the smaller T)."""
+    key = shape_key(D, F, E, K, dtype)
+    entries = table["shapes"].get(key)
+    if not entries:
         return None
-    best = min(by_t, key=lambda s: (abs(int(s) - T), int(s)))
-    return _from_entry(by_t[best], f"{Path(table.get('_path', 'table')).name}[{shape_key(D, F, E, K, dtype)}][T={best}]")
+    name = Path(table.get("_path", "table")).name
+    if table.get("key") == "tokens_per_expert":
+        m = tokens_per_expert_bucket(T, K, E)
+        best = min(entries, key=lambda s: (abs(int(s).bit_length() - m.bit_length()), int(s)))
+        return _from_entry(entries[best], f"{name}[{key}][m={best}]")
+    best = min(entries, key=lambda s: (abs(int(s) - T), int(s)))
+    return _from_entry(entries[best], f"{name}[{key}][T={best}]")
 
 
 @functools.lru_cache(maxsize=16)
@@ -299,13 +373,18 @@ def _get_configs_cached(T, D, F, E, K, dtype, dev_name, dev_type, env, directory
     return cfgs
 
 
-def get_configs(T: int, D: int, F: int, E: int, K: int, dtype: torch.dtype, device: torch.device | str) -> MoEConfigs:
-    """Configs for a layer problem on ``device``: table (nearest T) > heuristic, then the
-    ``FLEXMOE_TRITON_CONFIG`` overrides. Pure host code, cached, no GPU synchronisation."""
+def get_configs(T: int, D: int, F: int, E: int, K: int, dtype: torch.dtype, device: torch.device | str, *,
+                device_name: Optional[str] = None) -> MoEConfigs:
+    """Configs for a layer problem on ``device``: table (nearest bucket / T) > heuristic, then
+    the ``FLEXMOE_TRITON_CONFIG`` overrides. Pure host code, cached, no GPU synchronisation.
+    ``device_name``: choose as on the CUDA device of that name (e.g. "NVIDIA H100 80GB HBM3";
+    no GPU needed: the compile report and benchmarks use it), with ``device`` "cuda"."""
     device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
+    if device_name is None:
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        device_name = globals()["device_name"](device)
     return _get_configs_cached(
-        int(T), int(D), int(F), int(E), int(K), dtype, device_name(device), device.type,
+        int(T), int(D), int(F), int(E), int(K), dtype, device_name, device.type,
         os.environ.get(ENV_VAR, ""), str(config_dir()),
     )

@@ -23,8 +23,10 @@ Semantics (equal to :func:`flexmoe_kernels.grouped_swiglu`, the reference):
   writes in L2, a cast pass), estimated at 1-3% of the layer's forward at FlexOlmo sizes, so
   reproducibility comes at no measurable cost in the model; ScatterMoE, vLLM and SonicMoE
   make the same choice. This estimate is NOT measured yet (no GPU was available).
-* Backward recomputes ``gate``/``up`` from ``x`` (nothing of width F is saved by the forward):
-  one fused kernel computes gate, up and ``dh = dOut @ down_e`` over the same loop on D, then
+* Backward: the gate/up pre-activation ``pre_Q2F`` either comes from the forward
+  (``keep_preact``: the up kernel's epilogue also stores it; ``2 * F * K * bytes`` per token)
+  or is recomputed from ``x`` by the up kernel (pre-activation only). Then one dh GEMM
+  (``dh = dOut @ down_e``, one wide accumulator) applies the SwiGLU backward in its epilogue:
   ``dgate``/``dup``, ``w*h`` (for dW_down) and the router-weight gradient
   ``dw[p] = <dOut_t, y_p> = <dOut_t @ down_e, h_p>`` (per F-block partials summed in a fixed
   order). dX reuses the tile GEMM + combine; dW uses per-expert grouped GEMMs reducing over
@@ -53,7 +55,7 @@ __all__ = [
     "up_swiglu",
     "down_combine",
     "combine_topk",
-    "up_swiglu_backward",
+    "swiglu_dh_backward",
     "grouped_dw",
     "grouped_swiglu_forward",
     "grouped_swiglu_backward",
@@ -91,7 +93,8 @@ def configs_for(plan: RoutingPlan, x_TD: torch.Tensor, F: int, configs: Optional
         configs = replace(
             configs,
             up=replace(configs.up, BLOCK_M=bm), down=replace(configs.down, BLOCK_M=bm),
-            bwd_up=replace(configs.bwd_up, BLOCK_M=bm), bwd_dx=replace(configs.bwd_dx, BLOCK_M=bm),
+            bwd_up=replace(configs.bwd_up, BLOCK_M=bm), bwd_dh=replace(configs.bwd_dh, BLOCK_M=bm),
+            bwd_dx=replace(configs.bwd_dx, BLOCK_M=bm),
         )
     return configs
 
@@ -104,36 +107,75 @@ def _launch_kw(cfg: GemmConfig, dtype: torch.dtype) -> dict:
     )
 
 
-# ------------------------------------------------------------------ forward pieces
-def up_swiglu(x_TD: torch.Tensor, plan: RoutingPlan, gate_up_E2FD: torch.Tensor, cfg: GemmConfig) -> torch.Tensor:
-    """h_QF = silu(x[token] @ Wg[e].T) * (x[token] @ Wu[e].T) for every slot of the used tiles.
+def weight_tma(cfg: GemmConfig, w: torch.Tensor, s_e: int, s_k: int, s_n: int) -> tuple[bool, bool]:
+    """``(tma, kcontig)``: does ``cfg.tma`` hold for an expert weight ``w`` read as (E, KD, N)
+    with element strides ``(s_e, s_k, s_n)``? Off where descriptors are unsupported
+    (:func:`.launch.tma_supported`: sm_80, old Triton) or the strides / alignment do not suit
+    TMA (a contiguous KD (``kcontig``) or N dimension, 16-byte aligned base and strides)."""
+    if not (cfg.tma and launch.tma_supported(w.device)):
+        return False, False
+    if s_k == 1 and launch.tma_compatible(w, (s_e, s_n, 1)):
+        return True, True
+    if s_n == 1 and launch.tma_compatible(w, (s_e, s_k, 1)):
+        return True, False
+    return False, False
 
-    Returns (Q_max, F) in x's dtype; rows of used tiles are written (padding rows are 0),
-    rows of unused tiles are not (nothing reads them).
+
+def _tile_variant(cfg: GemmConfig, plan: RoutingPlan, n_cols: int, num_experts: int, tma: bool,
+                  device: torch.device) -> tuple[tuple[int], dict]:
+    """``(grid, kwargs)`` of a tile kernel over the schedule's NT row tiles x cdiv(n_cols,
+    BLOCK_N) column tiles: one program per tile, or with ``cfg.persistent`` at most
+    :func:`.launch.num_programs` programs looping over the used tiles (their count is read on
+    the device). ``tma``: the weight goes through a descriptor (the allocator is set)."""
+    tiles = plan.schedule.num_tiles_max * launch.cdiv(n_cols, cfg.BLOCK_N)
+    grid = (min(tiles, launch.num_programs(device)),) if cfg.persistent else (tiles,)
+    if tma:
+        launch.ensure_triton_allocator(device)
+    return grid, dict(num_tiles_ptr=plan.schedule.num_tiles, NE=num_experts, TMA=tma, PERSISTENT=cfg.persistent)
+
+
+# ------------------------------------------------------------------ forward pieces
+def up_swiglu(
+    x_TD: torch.Tensor, plan: RoutingPlan, gate_up_E2FD: torch.Tensor, cfg: GemmConfig, *, store_pre: int = 0
+) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """h_QF = silu(x[token] @ Wg[e].T) * (x[token] @ Wu[e].T) for every slot of the used tiles,
+    and/or the pre-activation ``pre_Q2F = [x @ Wg[e].T | x @ Wu[e].T]``.
+
+    ``store_pre``: 0 = h only, 1 = h and pre (the forward keeping it), 2 = pre only (the
+    backward's recompute). ``cfg.interleave``: one 2*BLOCK_N-wide accumulator over interleaved
+    gate/up rows (:func:`.grouped_gemm_bwd_kernels._up_interleaved_kernel`; same results).
+    Returns ``(h_QF, pre_Q2F)``: (Q_max, F) / (Q_max, 2F) in x's dtype, None where not stored;
+    rows of used tiles are written (padding rows are 0), rows of unused tiles are not.
     """
     T, D = x_TD.shape
     F = gate_up_E2FD.shape[1] // 2
     Q, NT = plan.schedule.padded_pairs_Q.shape[0], plan.schedule.num_tiles_max
-    h_QF = launch.alloc((Q, F), x_TD.dtype, x_TD.device)
+    h_QF = launch.alloc((Q, F), x_TD.dtype, x_TD.device) if store_pre != 2 else None
+    pre_Q2F = launch.alloc((Q, 2 * F), x_TD.dtype, x_TD.device) if store_pre else None
     grid = (NT * launch.cdiv(F, cfg.BLOCK_N),)
     if grid[0] == 0:
-        return h_QF
-    dummy = x_TD
-    _kernels()._up_swiglu_kernel[grid](
+        return h_QF, pre_Q2F
+    h_arg = h_QF if h_QF is not None else pre_Q2F  # a dummy pointer where nothing is stored
+    pre_arg = pre_Q2F if pre_Q2F is not None else h_QF
+    if cfg.interleave:
+        kern, variant = launch.kernels("grouped_gemm_bwd_kernels")._up_interleaved_kernel, {}
+    else:  # the plain kernel: TMA weights and the persistent schedule per cfg
+        kern = _kernels()._up_swiglu_kernel
+        s_e, s_n, s_k = gate_up_E2FD.stride()
+        tma, kcontig = weight_tma(cfg, gate_up_E2FD, s_e, s_k, s_n)  # B = W[e].T: (D, F) view
+        tma = tma and kcontig  # the kernel's descriptors read weight rows (D contiguous)
+        grid, variant = _tile_variant(cfg, plan, F, gate_up_E2FD.shape[0], tma, x_TD.device)
+    kern[grid](
         x_TD, x_TD.stride(0), x_TD.stride(1),
         gate_up_E2FD, *gate_up_E2FD.stride(),
-        dummy, 0, 0,
-        dummy, 0, 0, 0,
-        plan.topk_weights_TK,
         plan.schedule.padded_pairs_Q, plan.schedule.tile_expert_E_tiles,
-        h_QF, h_QF.stride(0), h_QF.stride(1),
-        dummy, 0, 0,
-        dummy, 0, 0,
+        h_arg, h_arg.stride(0), h_arg.stride(1),
+        pre_arg, pre_arg.stride(0), pre_arg.stride(1),
         plan.num_pairs, F, D, NT,
-        TOP_K=plan.top_k, BWD=False, STORE_HW=False,
-        **_launch_kw(cfg, x_TD.dtype),
+        TOP_K=plan.top_k, STORE_PRE=store_pre,
+        **_launch_kw(cfg, x_TD.dtype), **variant,
     )
-    return h_QF
+    return h_QF, pre_Q2F
 
 
 def _tile_gemm_combine(
@@ -155,8 +197,9 @@ def _tile_gemm_combine(
     NT = plan.schedule.num_tiles_max
     device = a_QK.device
     kern = _kernels()
-    grid = (NT * launch.cdiv(N, cfg.BLOCK_N),)
-    common = dict(TOP_K=K, HAS_WEIGHT=weighted, **_launch_kw(cfg, a_QK.dtype))
+    tma, kcontig = weight_tma(cfg, b, *b_strides)
+    grid, variant = _tile_variant(cfg, plan, N, b.shape[0], tma, device)
+    common = dict(TOP_K=K, HAS_WEIGHT=weighted, B_KCONTIG=kcontig, **variant, **_launch_kw(cfg, a_QK.dtype))
     args_head = (a_QK, a_QK.stride(0), a_QK.stride(1), b, *b_strides, plan.topk_weights_TK,
                  plan.schedule.padded_pairs_Q, plan.schedule.tile_expert_E_tiles)
     if not deterministic:
@@ -201,47 +244,49 @@ def down_combine(
 
 
 # ------------------------------------------------------------------ backward pieces
-def up_swiglu_backward(
+def swiglu_dh_backward(
     dout_TD: torch.Tensor,
-    x_TD: torch.Tensor,
     plan: RoutingPlan,
-    gate_up_E2FD: torch.Tensor,
     down_EDF: torch.Tensor,
+    pre_Q2F: torch.Tensor,
     cfg: GemmConfig,
     *,
     store_hw: bool,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
-    """Fused recompute + SwiGLU backward over the used tiles.
+    """The dh GEMM with the SwiGLU backward in its epilogue, over the used tiles
+    (:func:`.grouped_gemm_bwd_kernels._dh_swiglu_bwd_kernel`): ``dh = dOut[token] @ down[e]``
+    (one accumulator, ``cfg.BLOCK_N`` columns of F), then from the pre-activation
+    ``pre_Q2F`` (Q_max, 2F) (kept by the forward or recomputed by :func:`up_swiglu`):
 
     Returns:
-        dgu_Q2F: (Q_max, 2F) x dtype, ``[dgate | dup]`` of each slot (router weight applied).
-        hw_QF: (Q_max, F) x dtype ``w * h`` (only if ``store_hw``, for dW_down), else None.
+        dgu_Q2F: (Q_max, 2F) dout's dtype, ``[dgate | dup]`` of each slot (router weight applied).
+        hw_QF: (Q_max, F) dout's dtype ``w * h`` (only if ``store_hw``, for dW_down), else None.
         dwp_PN: (P, NFB) float32 partials of ``<dOut_t, y_p>`` per F-block (sum over dim 1).
     """
-    T, D = x_TD.shape
-    F = gate_up_E2FD.shape[1] // 2
+    _, D, F = down_EDF.shape
     Q, NT, P = plan.schedule.padded_pairs_Q.shape[0], plan.schedule.num_tiles_max, plan.num_pairs
     nfb = launch.cdiv(F, cfg.BLOCK_N)
-    dev, dt = x_TD.device, x_TD.dtype
+    dev, dt = dout_TD.device, dout_TD.dtype
     dgu_Q2F = launch.alloc((Q, 2 * F), dt, dev)
     hw_QF = launch.alloc((Q, F), dt, dev) if store_hw else None
     dwp_PN = launch.alloc((P, nfb), torch.float32, dev)
     hw_arg = hw_QF if hw_QF is not None else dgu_Q2F
-    grid = (NT * nfb,)
+    s_e, s_d, s_f = down_EDF.stride()
+    tma, kcontig = weight_tma(cfg, down_EDF, s_e, s_d, s_f)  # down[e] read as (D, F)
+    grid, variant = _tile_variant(cfg, plan, F, down_EDF.shape[0], tma, dev)
     if grid[0] > 0:
-        _kernels()._up_swiglu_kernel[grid](
-            x_TD, x_TD.stride(0), x_TD.stride(1),
-            gate_up_E2FD, *gate_up_E2FD.stride(),
+        launch.kernels("grouped_gemm_bwd_kernels")._dh_swiglu_bwd_kernel[grid](
             dout_TD, dout_TD.stride(0), dout_TD.stride(1),
-            down_EDF, *down_EDF.stride(),
+            down_EDF, s_e, s_d, s_f,
+            pre_Q2F, pre_Q2F.stride(0), pre_Q2F.stride(1),
             plan.topk_weights_TK,
             plan.schedule.padded_pairs_Q, plan.schedule.tile_expert_E_tiles,
             dgu_Q2F, dgu_Q2F.stride(0), dgu_Q2F.stride(1),
             hw_arg, hw_arg.stride(0), hw_arg.stride(1),
             dwp_PN, dwp_PN.stride(0), dwp_PN.stride(1),
             P, F, D, NT,
-            TOP_K=plan.top_k, BWD=True, STORE_HW=store_hw,
-            **_launch_kw(cfg, dt),
+            TOP_K=plan.top_k, STORE_HW=store_hw, EPI_SPLIT=max(1, min(8, cfg.BLOCK_N // 32)), B_KCONTIG=kcontig,
+            **variant, **_launch_kw(cfg, dt),
         )
     return dgu_Q2F, hw_QF, dwp_PN
 
@@ -289,7 +334,8 @@ def grouped_swiglu_forward(
     *,
     deterministic: bool = True,
     configs: Optional[MoEConfigs] = None,
-) -> torch.Tensor:
+    keep_preact: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Mixture output (T, D) in x's dtype (no autograd; see :mod:`.backend` for the layer).
 
     Args:
@@ -297,14 +343,24 @@ def grouped_swiglu_forward(
         plan: plan from :func:`.routing.triton_route` for T tokens and E experts (``block_m >= 16``).
         gate_up_E2FD: (E, 2F, D), down_EDF: (E, D, F), x's dtype and device, any strides.
         deterministic: fixed-order top-k combine (default) vs fp32 atomics.
-        configs: launch configs (default: :func:`.configs.get_configs`).
+        configs: launch configs (default: :func:`.configs.get_configs`); ``configs.up.interleave``
+            selects the interleaved gate/up kernel.
+        keep_preact: also return the gate/up pre-activation ``preact_Q2F`` (Q_max, 2F) in x's
+            dtype (written by the up kernel's epilogue; rows of unused tiles unwritten), to pass
+            to :func:`grouped_swiglu_backward`, which then skips its recompute. Costs
+            ``2 * F * K * bytes`` per token (+ at most ``E * (block_m - 1)`` padding rows).
+            The layer sets it from ``configs.up.keep_preact`` (see :mod:`.configs`).
+
+    Returns:
+        ``out_TD``, or ``(out_TD, preact_Q2F)`` with ``keep_preact``.
     """
     E, _, F = check_expert_weights(x_TD, gate_up_E2FD, down_EDF)
     _check_plan(plan, x_TD, E)
     launch.check_runnable(x_TD.device, "triton grouped GEMMs")
     cfgs = configs_for(plan, x_TD, F, configs)
-    h_QF = up_swiglu(x_TD, plan, gate_up_E2FD, cfgs.up)
-    return down_combine(h_QF, plan, down_EDF, deterministic=deterministic, cfg=cfgs.down)
+    h_QF, pre_Q2F = up_swiglu(x_TD, plan, gate_up_E2FD, cfgs.up, store_pre=1 if keep_preact else 0)
+    out_TD = down_combine(h_QF, plan, down_EDF, deterministic=deterministic, cfg=cfgs.down)
+    return (out_TD, pre_Q2F) if keep_preact else out_TD
 
 
 def grouped_swiglu_backward(
@@ -321,13 +377,25 @@ def grouped_swiglu_backward(
     need_dweights: bool = True,
     deterministic: bool = True,
     configs: Optional[MoEConfigs] = None,
+    preact_Q2F: Optional[torch.Tensor] = None,
 ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Backward of :func:`grouped_swiglu_forward` given ``dout_TD`` = dL/d out (T, D).
 
     Returns ``(dx_TD, dgate_up_E2FD, ddown_EDF, dweights_TK)`` (None where not requested):
     dx in x's dtype, weight gradients in the weights' dtype (frozen / zero-pair experts exact
     zeros), ``dweights_TK`` (T, K) float32 = ``<dOut_t, y_{t,k}>`` (gradient of
-    ``plan.topk_weights_TK``). The SwiGLU intermediate is recomputed from x.
+    ``plan.topk_weights_TK``).
+
+    ``preact_Q2F``: the pre-activation the forward kept (``keep_preact=True``, same plan);
+    None: recomputed here by the up kernel (``configs.bwd_up``, pre-activation only). Why a
+    separate recompute GEMM and not the former fused kernel (gate, up and dh accumulated over
+    one D loop): three fp32 accumulators forced BLOCK_N = 64 (n64 wgmma, 240 registers); split,
+    each GEMM holds one (dh) or two (gate, up) accumulators at the wide tile, the FLOPs are the
+    same and the extra traffic is one write and one read of (Q_max, 2F) in x's dtype, small
+    against the 2*D*2F FLOPs per slot. Kept and recomputed pre-activations are the same
+    kernel's output: with ``bwd_up == up`` (the heuristics) the gradients are bitwise equal.
+    The dh GEMM (``configs.bwd_dh``) applies the SwiGLU backward in its epilogue; no atomics
+    anywhere but the dX combine with ``deterministic=False``.
     """
     E, D, F = check_expert_weights(x_TD, gate_up_E2FD, down_EDF)
     _check_plan(plan, x_TD, E)
@@ -341,9 +409,12 @@ def grouped_swiglu_backward(
         return None, None, None, None
     cfgs = configs_for(plan, x_TD, F, configs)
     T, K = plan.topk_ids_TK.shape
-    dgu_Q2F, hw_QF, dwp_PN = up_swiglu_backward(
-        dout_TD, x_TD, plan, gate_up_E2FD, down_EDF, cfgs.bwd_up, store_hw=need_ddown
-    )
+    if preact_Q2F is None:
+        _, preact_Q2F = up_swiglu(x_TD, plan, gate_up_E2FD, cfgs.bwd_up, store_pre=2)
+    else:
+        q = plan.schedule.padded_pairs_Q.shape[0]
+        check_tensor(preact_Q2F, "preact", shape=(q, 2 * F), dtypes=(x_TD.dtype,), device=x_TD.device)
+    dgu_Q2F, hw_QF, dwp_PN = swiglu_dh_backward(dout_TD, plan, down_EDF, preact_Q2F, cfgs.bwd_dh, store_hw=need_ddown)
     dx_TD = dgate_up = ddown = dweights_TK = None
     if need_dweights:
         dweights_TK = dwp_PN.sum(dim=1).view(T, K)

@@ -13,12 +13,11 @@ Kernels (launchers in :mod:`flexmoe_kernels.ops.triton.grouped_gemm`):
 
 * :func:`_up_swiglu_kernel`, grid (NT * NFB,): ``x`` rows gathered through the pair ids in the
   A-operand load (no permuted copy of x), ``gate = x @ Wg[e].T`` and ``up = x @ Wu[e].T`` for the
-  same F-block, fp32 accumulators. Forward epilogue: ``h = silu(gate) * up`` -> ``h_QF``.
-  ``BWD=True``: the same K-loop over D also computes ``dh = dOut[token] @ down[e]`` (gathered
-  dOut rows), and the epilogue recomputes the SwiGLU intermediate (never saved by the forward)
-  to write ``dgate|dup`` -> ``dgu_Q2F``, ``w*h`` -> ``hw_QF`` (for dW_down) and the per-F-block
-  partial ``<dh, h>`` -> ``dwp_PN`` (router-weight gradient, summed on the host side in a
-  fixed order).
+  same F-block, fp32 accumulators. Epilogue (:func:`_store_swiglu`): ``h = silu(gate) * up`` ->
+  ``h_QF``, and with ``STORE_PRE`` the pre-activation ``[gate | up]`` -> ``pre_Q2F`` (kept by
+  the forward for the backward, or the backward's recompute: ``STORE_PRE=2`` writes only it).
+  The backward's dh GEMM with the SwiGLU backward epilogue and the interleaved gate/up variant
+  live in :mod:`.grouped_gemm_bwd_kernels`.
 * :func:`_tile_gemm_scatter_kernel`, grid (NT * NNB,): ``y = a_Q[tile rows] @ B[e]`` with B an
   arbitrary-stride (KD, N) view of an expert weight; optional router weight in the epilogue;
   combine either by fp32 ``atomic_add`` into ``out[token]`` (ATOMIC) or by a plain store of the
@@ -82,106 +81,153 @@ def _mma(a, b, acc, INTERPRET: tl.constexpr, DOT_PREC: tl.constexpr):
 
 
 @triton.jit
-def _up_swiglu_kernel(
-    x_ptr, stride_xt, stride_xd,  # (T, D) x dtype
-    w_ptr, stride_we, stride_wn, stride_wk,  # gate_up (E, 2F, D) x dtype
-    dout_ptr, stride_ot, stride_od,  # BWD: (T, D) x dtype, dL/d out
-    wd_ptr, stride_de, stride_dd, stride_df,  # BWD: down (E, D, F) x dtype
-    topk_w_ptr,  # BWD: (P,) float32 router weight of each pair (= topk_weights_TK flat)
-    pairs_ptr,  # (Q_max,) int32 padded pair ids (sentinel P)
-    tile_expert_ptr,  # (NT,) int32 expert of each tile, -1 = no work
-    h_ptr, stride_hq, stride_hf,  # FWD out: h (Q_max, F); BWD out: dgate|dup (Q_max, 2F); x dtype
-    hw_ptr, stride_wq, stride_wf,  # BWD out (STORE_HW): w * h (Q_max, F) x dtype
-    dwp_ptr, stride_pp, stride_pn,  # BWD out: (P, NFB) float32 partial <dh, h> per F-block
-    P, F, D, NT,
-    TOP_K: tl.constexpr, BWD: tl.constexpr, STORE_HW: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, INTERPRET: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+def _store_swiglu(
+    g, u,  # (BM, BN) fp32 gate / up pre-activation of a tile (0 on padding rows)
+    offs_q, offs_n, n_ok,  # (BM,) slots, (BN,) columns of F, (BN,) column < F
+    h_ptr, stride_hq, stride_hf,  # STORE_PRE != 2: h (Q_max, F)
+    pre_ptr, stride_rq, stride_rf,  # STORE_PRE != 0: gate|up pre-activation (Q_max, 2F)
+    F, STORE_PRE: tl.constexpr,
 ):
-    pid_m, pid_n, e = _tile(tile_expert_ptr, NT, F, BLOCK_N, GROUP_M)
-    if e < 0:  # tile past the used ones: nothing to do, no weight is touched
-        return
-    e64 = e.to(tl.int64)
+    """The up-projection epilogue: ``h = silu(g) * u`` and/or the pre-activation ``[g | u]``
+    (HF order: gate columns [0, F), up columns [F, 2F)), every slot of the tile (padding rows
+    get 0), in the buffers' dtype. STORE_PRE: 0 = h, 1 = h and pre, 2 = pre only."""
+    q64 = offs_q.to(tl.int64)
+    st_msk = (offs_q >= 0)[:, None] & n_ok[None, :]  # every slot of the tile
+    if STORE_PRE != 2:
+        h = g * tl.sigmoid(g) * u
+        h_ptrs = h_ptr + q64[:, None] * stride_hq + offs_n[None, :] * stride_hf
+        tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=st_msk)
+    if STORE_PRE != 0:
+        pre_ptrs = pre_ptr + q64[:, None] * stride_rq + offs_n[None, :] * stride_rf
+        tl.store(pre_ptrs, g.to(pre_ptr.dtype.element_ty), mask=st_msk)
+        tl.store(pre_ptrs + F * stride_rf, u.to(pre_ptr.dtype.element_ty), mask=st_msk)
 
+
+@triton.jit
+def _b_desc(b_ptr, NE, KD, N, stride_be, stride_bk, stride_bn, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+            KCONTIG: tl.constexpr):
+    """Device-side TMA descriptor of an expert weight B viewed (NE, KD, N): with ``KCONTIG`` the
+    memory is (NE, N, KD) with KD contiguous (``stride_bk`` must be 1), block (1, BN, BK); else
+    (NE, KD, N) with N contiguous (``stride_bn`` must be 1), block (1, BK, BN). Out-of-bounds
+    elements read as 0 (other experts' rows are never read)."""
+    if KCONTIG:
+        desc = tl.make_tensor_descriptor(b_ptr, [NE, N, KD], [stride_be, stride_bn, 1], [1, BLOCK_N, BLOCK_K])
+    else:
+        desc = tl.make_tensor_descriptor(b_ptr, [NE, KD, N], [stride_be, stride_bk, 1], [1, BLOCK_K, BLOCK_N])
+    return desc
+
+
+@triton.jit
+def _b_load(b_ptrs, b_msk, desc, e, k, n0, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr,
+            KCONTIG: tl.constexpr):
+    """The (BK, BN) B tile of expert ``e`` at rows k.. and columns n0..: through the TMA
+    descriptor ``desc`` (see :func:`_b_desc`), else a masked pointer load of ``b_ptrs``."""
+    if TMA:
+        if KCONTIG:
+            b = tl.trans(desc.load([e, n0, k]).reshape(BLOCK_N, BLOCK_K))
+        else:
+            b = desc.load([e, k, n0]).reshape(BLOCK_K, BLOCK_N)
+    else:
+        b = tl.load(b_ptrs, mask=b_msk, other=0.0)
+    return b
+
+
+@triton.jit
+def _up_tile(
+    pid_m, pid_n, e, x_ptr, stride_xt, stride_xd, w_ptr, stride_we, stride_wn, stride_wk, wg_desc, wu_desc,
+    pairs_ptr, h_ptr, stride_hq, stride_hf, pre_ptr, stride_rq, stride_rf, P, F, D,
+    TOP_K: tl.constexpr, STORE_PRE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, INTERPRET: tl.constexpr, DOT_PREC: tl.constexpr, TMA: tl.constexpr,
+):
+    """One (row tile, F-block) of :func:`_up_swiglu_kernel` for expert ``e`` (>= 0)."""
+    e64 = e.to(tl.int64)
     offs_q = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BM,) padded slots of this tile
     pair = tl.load(pairs_ptr + offs_q)  # (BM,) int32, P for padding
     row_ok = pair < P
     tok = tl.where(row_ok, pair // TOP_K, 0).to(tl.int64)  # (BM,) token of each slot
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,) columns of F
+    n0 = pid_n * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)  # (BN,) columns of F
     n_ok = offs_n < F
     offs_k = tl.arange(0, BLOCK_K)  # (BK,) over D
 
-    x_ptrs = x_ptr + tok[:, None] * stride_xt + offs_k[None, :] * stride_xd  # (BM, BK)
+    x_ptrs = x_ptr + tok[:, None] * stride_xt + offs_k[None, :] * stride_xd  # (BM, BK) gathered rows
     wg_ptrs = w_ptr + e64 * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk  # (BK, BN)
     wu_ptrs = wg_ptrs + F * stride_wn
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if BWD:
-        do_ptrs = dout_ptr + tok[:, None] * stride_ot + offs_k[None, :] * stride_od  # (BM, BK)
-        wd_ptrs = wd_ptr + e64 * stride_de + offs_k[:, None] * stride_dd + offs_n[None, :] * stride_df  # (BK, BN)
-        acc_d = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, tl.cdiv(D, BLOCK_K)):
         k_ok = offs_k < D - k0 * BLOCK_K
-        a_msk = row_ok[:, None] & k_ok[None, :]
         b_msk = k_ok[:, None] & n_ok[None, :]
-        a = tl.load(x_ptrs, mask=a_msk, other=0.0)
-        acc_g = _mma(a, tl.load(wg_ptrs, mask=b_msk, other=0.0), acc_g, INTERPRET, DOT_PREC)
-        acc_u = _mma(a, tl.load(wu_ptrs, mask=b_msk, other=0.0), acc_u, INTERPRET, DOT_PREC)
+        a = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        bg = _b_load(wg_ptrs, b_msk, wg_desc, e, k0 * BLOCK_K, n0, BLOCK_K, BLOCK_N, TMA, True)
+        bu = _b_load(wu_ptrs, b_msk, wu_desc, e, k0 * BLOCK_K, n0, BLOCK_K, BLOCK_N, TMA, True)
+        acc_g = _mma(a, bg, acc_g, INTERPRET, DOT_PREC)
+        acc_u = _mma(a, bu, acc_u, INTERPRET, DOT_PREC)
         x_ptrs += BLOCK_K * stride_xd
         wg_ptrs += BLOCK_K * stride_wk
         wu_ptrs += BLOCK_K * stride_wk
-        if BWD:
-            do = tl.load(do_ptrs, mask=a_msk, other=0.0)
-            acc_d = _mma(do, tl.load(wd_ptrs, mask=b_msk, other=0.0), acc_d, INTERPRET, DOT_PREC)
-            do_ptrs += BLOCK_K * stride_od
-            wd_ptrs += BLOCK_K * stride_dd
-
-    sig = tl.sigmoid(acc_g)
-    silu = acc_g * sig
-    h = silu * acc_u  # (BM, BN) fp32; 0 on padding rows and columns >= F
-    q64 = offs_q.to(tl.int64)
-    st_msk = (offs_q >= 0)[:, None] & n_ok[None, :]  # every slot of the tile (padding rows get 0)
-    if BWD:
-        w = tl.load(topk_w_ptr + pair, mask=row_ok, other=0.0)  # (BM,) fp32
-        # router-weight gradient: <dOut_t, y_p> = <dOut_t @ down_e, h_p>, partial over this F-block
-        part = tl.sum(acc_d * h, axis=1)  # (BM,)
-        tl.store(dwp_ptr + pair.to(tl.int64) * stride_pp + pid_n * stride_pn, part, mask=row_ok)
-        dh = acc_d * w[:, None]
-        du = dh * silu
-        dg = dh * acc_u * sig * (1.0 + acc_g * (1.0 - sig))
-        dgu_ptrs = h_ptr + q64[:, None] * stride_hq + offs_n[None, :] * stride_hf
-        tl.store(dgu_ptrs, dg.to(h_ptr.dtype.element_ty), mask=st_msk)
-        tl.store(dgu_ptrs + F * stride_hf, du.to(h_ptr.dtype.element_ty), mask=st_msk)
-        if STORE_HW:
-            hw_ptrs = hw_ptr + q64[:, None] * stride_wq + offs_n[None, :] * stride_wf
-            tl.store(hw_ptrs, (h * w[:, None]).to(hw_ptr.dtype.element_ty), mask=st_msk)
-    else:
-        h_ptrs = h_ptr + q64[:, None] * stride_hq + offs_n[None, :] * stride_hf
-        tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=st_msk)
+    _store_swiglu(acc_g, acc_u, offs_q, offs_n, n_ok, h_ptr, stride_hq, stride_hf, pre_ptr, stride_rq, stride_rf,
+                  F, STORE_PRE)
 
 
 @triton.jit
-def _tile_gemm_scatter_kernel(
-    a_ptr, stride_aq, stride_ak,  # (Q_max, KD) x dtype, rows in padded-slot order
-    b_ptr, stride_be, stride_bk, stride_bn,  # expert weight viewed as (E, KD, N), x dtype
-    topk_w_ptr,  # HAS_WEIGHT: (P,) float32 router weight of each pair
+def _up_swiglu_kernel(
+    x_ptr, stride_xt, stride_xd,  # (T, D) x dtype
+    w_ptr, stride_we, stride_wn, stride_wk,  # gate_up (E, 2F, D) x dtype
     pairs_ptr,  # (Q_max,) int32 padded pair ids (sentinel P)
-    tile_expert_ptr,  # (NT,) int32, -1 = no work
-    out_ptr, stride_or, stride_on,  # ATOMIC: (T, N) float32 (zeroed); else (P, N) per-pair rows
-    P, N, KD, NT,
-    TOP_K: tl.constexpr, HAS_WEIGHT: tl.constexpr, ATOMIC: tl.constexpr, BLOCK_M: tl.constexpr,
+    tile_expert_ptr,  # (NT,) int32 expert of each tile, -1 = no work
+    h_ptr, stride_hq, stride_hf,  # STORE_PRE != 2 out: h (Q_max, F) x dtype
+    pre_ptr, stride_rq, stride_rf,  # STORE_PRE != 0 out: gate|up pre-activation (Q_max, 2F) x dtype
+    P, F, D, NT,
+    TOP_K: tl.constexpr, STORE_PRE: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, INTERPRET: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    num_tiles_ptr=None,  # PERSISTENT: (1,) int32 tiles in use
+    NE=1,  # TMA: number of experts (the descriptors' outer extent)
+    TMA: tl.constexpr = False, PERSISTENT: tl.constexpr = False,
 ):
-    pid_m, pid_n, e = _tile(tile_expert_ptr, NT, N, BLOCK_N, GROUP_M)
-    if e < 0:
-        return
-    e64 = e.to(tl.int64)
+    nfb = tl.cdiv(F, BLOCK_N)
+    wg_desc = w_ptr
+    wu_desc = w_ptr
+    if TMA:  # weights through TMA descriptors: gate rows [0, F) and up rows [F, 2F) as two (E, F, D) views
+        wg_desc = _b_desc(w_ptr, NE, D, F, stride_we, stride_wk, stride_wn, BLOCK_K, BLOCK_N, True)
+        wu_desc = _b_desc(w_ptr + F * stride_wn, NE, D, F, stride_we, stride_wk, stride_wn, BLOCK_K, BLOCK_N, True)
+    if PERSISTENT:  # grid-stride loop over the used tiles (count read on the device: no host sync)
+        used = tl.load(num_tiles_ptr)
+        for t in range(tl.program_id(0), used * nfb, tl.num_programs(0)):
+            pid_m, pid_n = _swizzle(t, used, nfb, GROUP_M)
+            _up_tile(
+                pid_m, pid_n, tl.load(tile_expert_ptr + pid_m), x_ptr, stride_xt, stride_xd, w_ptr, stride_we,
+                stride_wn, stride_wk, wg_desc, wu_desc, pairs_ptr, h_ptr, stride_hq, stride_hf, pre_ptr,
+                stride_rq, stride_rf, P, F, D, TOP_K, STORE_PRE, BLOCK_M, BLOCK_N, BLOCK_K, INTERPRET, DOT_PREC,
+                TMA,
+            )
+    else:
+        pid_m, pid_n, e = _tile(tile_expert_ptr, NT, F, BLOCK_N, GROUP_M)
+        if e < 0:  # tile past the used ones: nothing to do, no weight is touched
+            return
+        _up_tile(
+            pid_m, pid_n, e, x_ptr, stride_xt, stride_xd, w_ptr, stride_we, stride_wn, stride_wk, wg_desc,
+            wu_desc, pairs_ptr, h_ptr, stride_hq, stride_hf, pre_ptr, stride_rq, stride_rf, P, F, D, TOP_K,
+            STORE_PRE, BLOCK_M, BLOCK_N, BLOCK_K, INTERPRET, DOT_PREC, TMA,
+        )
 
+
+@triton.jit
+def _scatter_tile(
+    pid_m, pid_n, e, a_ptr, stride_aq, stride_ak, b_ptr, stride_be, stride_bk, stride_bn, b_desc, topk_w_ptr,
+    pairs_ptr, out_ptr, stride_or, stride_on, P, N, KD,
+    TOP_K: tl.constexpr, HAS_WEIGHT: tl.constexpr, ATOMIC: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INTERPRET: tl.constexpr, DOT_PREC: tl.constexpr,
+    TMA: tl.constexpr, B_KCONTIG: tl.constexpr,
+):
+    """One (row tile, N-block) of :func:`_tile_gemm_scatter_kernel` for expert ``e`` (>= 0)."""
+    e64 = e.to(tl.int64)
     offs_q = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BM,)
     pair = tl.load(pairs_ptr + offs_q)  # (BM,) int32
     row_ok = pair < P
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,)
+    n0 = pid_n * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)  # (BN,)
     n_ok = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)  # (BK,)
 
@@ -191,7 +237,8 @@ def _tile_gemm_scatter_kernel(
     for k0 in range(0, tl.cdiv(KD, BLOCK_K)):
         k_ok = offs_k < KD - k0 * BLOCK_K
         a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        b = _b_load(b_ptrs, k_ok[:, None] & n_ok[None, :], b_desc, e, k0 * BLOCK_K, n0, BLOCK_K, BLOCK_N, TMA,
+                    B_KCONTIG)
         acc = _mma(a, b, acc, INTERPRET, DOT_PREC)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
@@ -207,6 +254,48 @@ def _tile_gemm_scatter_kernel(
         prow = tl.where(row_ok, pair, 0).to(tl.int64)
         o_ptrs = out_ptr + prow[:, None] * stride_or + offs_n[None, :] * stride_on
         tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=msk)
+
+
+@triton.jit
+def _tile_gemm_scatter_kernel(
+    a_ptr, stride_aq, stride_ak,  # (Q_max, KD) x dtype, rows in padded-slot order
+    b_ptr, stride_be, stride_bk, stride_bn,  # expert weight viewed as (E, KD, N), x dtype
+    topk_w_ptr,  # HAS_WEIGHT: (P,) float32 router weight of each pair
+    pairs_ptr,  # (Q_max,) int32 padded pair ids (sentinel P)
+    tile_expert_ptr,  # (NT,) int32, -1 = no work
+    out_ptr, stride_or, stride_on,  # ATOMIC: (T, N) float32 (zeroed); else (P, N) per-pair rows
+    P, N, KD, NT,
+    TOP_K: tl.constexpr, HAS_WEIGHT: tl.constexpr, ATOMIC: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, INTERPRET: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    num_tiles_ptr=None,  # PERSISTENT: (1,) int32 tiles in use
+    NE=1,  # TMA: number of experts (the descriptor's outer extent)
+    TMA: tl.constexpr = False,
+    B_KCONTIG: tl.constexpr = False,  # TMA: B's KD dimension is the contiguous one (else N)
+    PERSISTENT: tl.constexpr = False,
+):
+    nnb = tl.cdiv(N, BLOCK_N)
+    b_desc = b_ptr
+    if TMA:
+        b_desc = _b_desc(b_ptr, NE, KD, N, stride_be, stride_bk, stride_bn, BLOCK_K, BLOCK_N, B_KCONTIG)
+    if PERSISTENT:
+        used = tl.load(num_tiles_ptr)
+        for t in range(tl.program_id(0), used * nnb, tl.num_programs(0)):
+            pid_m, pid_n = _swizzle(t, used, nnb, GROUP_M)
+            _scatter_tile(
+                pid_m, pid_n, tl.load(tile_expert_ptr + pid_m), a_ptr, stride_aq, stride_ak, b_ptr, stride_be,
+                stride_bk, stride_bn, b_desc, topk_w_ptr, pairs_ptr, out_ptr, stride_or, stride_on, P, N, KD,
+                TOP_K, HAS_WEIGHT, ATOMIC, BLOCK_M, BLOCK_N, BLOCK_K, INTERPRET, DOT_PREC, TMA, B_KCONTIG,
+            )
+    else:
+        pid_m, pid_n, e = _tile(tile_expert_ptr, NT, N, BLOCK_N, GROUP_M)
+        if e < 0:
+            return
+        _scatter_tile(
+            pid_m, pid_n, e, a_ptr, stride_aq, stride_ak, b_ptr, stride_be, stride_bk, stride_bn, b_desc,
+            topk_w_ptr, pairs_ptr, out_ptr, stride_or, stride_on, P, N, KD, TOP_K, HAS_WEIGHT, ATOMIC, BLOCK_M,
+            BLOCK_N, BLOCK_K, INTERPRET, DOT_PREC, TMA, B_KCONTIG,
+        )
 
 
 @triton.jit

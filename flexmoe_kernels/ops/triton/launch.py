@@ -7,9 +7,19 @@
   replace it (``monkeypatch.setattr(launch, "alloc", ...)``) with NaN/sentinel-poisoned
   buffers so an unwritten element fails. Callers use ``launch.alloc(...)`` (module
   attribute, so the patch is seen).
+* :func:`tma_supported` / :func:`tma_compatible`: can a kernel read an operand through a TMA
+  tensor descriptor (``tl.make_tensor_descriptor``: Triton >= 3.4, sm_90+ or the interpreter;
+  16-byte aligned base and leading strides, unit last stride)? Configs ask for ``tma`` and the
+  launchers resolve it off where these say no (sm_80, old Triton, odd strides).
+* :func:`ensure_triton_allocator`: device-side descriptors need a global scratch buffer from
+  the allocator set by ``triton.set_allocator``; set one (torch memory) if none is set. It is a
+  context variable, so it is checked in the launching thread (autograd's backward thread too).
+* :func:`num_programs`: the grid of a persistent kernel (SM count; 3 under the interpreter, so
+  each program loops over several tiles).
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 from typing import Optional
@@ -17,9 +27,9 @@ from typing import Optional
 import torch
 
 __all__ = ["is_available", "check_runnable", "kernels", "interpreting", "alloc", "next_pow2", "cdiv",
-           "dot_precision"]
+           "dot_precision", "tma_supported", "tma_compatible", "ensure_triton_allocator", "num_programs"]
 
-_KERNEL_MODULES = ("routing_kernels", "grouped_gemm_kernels")
+_KERNEL_MODULES = ("routing_kernels", "grouped_gemm_kernels", "grouped_gemm_bwd_kernels")
 
 
 def _triton_import_error() -> Optional[str]:
@@ -32,8 +42,8 @@ def _triton_import_error() -> Optional[str]:
 
 
 def kernels(name: str):
-    """The kernel module ``flexmoe_kernels.ops.triton.<name>`` (``routing_kernels`` or
-    ``grouped_gemm_kernels``), imported on first use."""
+    """The kernel module ``flexmoe_kernels.ops.triton.<name>`` (one of ``_KERNEL_MODULES``),
+    imported on first use."""
     if name not in _KERNEL_MODULES:
         raise ValueError(f"name must be one of {_KERNEL_MODULES}, got {name!r}")
     return importlib.import_module(f"{__package__}.{name}")
@@ -100,3 +110,57 @@ def dot_precision(dtype: torch.dtype) -> str:
     if dtype != torch.float32:
         return "default"
     return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+def tma_supported(device: torch.device) -> bool:
+    """True when kernels on ``device`` can use ``tl.make_tensor_descriptor``: the Triton has it
+    and the device is a CUDA GPU of compute capability >= 9.0 (TMA) or the CPU interpreter."""
+    import triton.language as tl
+
+    if not hasattr(tl, "make_tensor_descriptor"):
+        return False
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device)[0] >= 9
+    return device.type == "cpu" and interpreting()
+
+
+def tma_compatible(t: torch.Tensor, strides: tuple[int, ...], offset_elems: int = 0) -> bool:
+    """Can a descriptor over ``t``'s storage with these ``strides`` (elements; the last must be
+    1, the others 16-byte multiples) starting ``offset_elems`` past ``t.data_ptr()`` be made?"""
+    size = t.element_size()
+    return (strides[-1] == 1 and all(s * size % 16 == 0 for s in strides[:-1])
+            and (t.data_ptr() + offset_elems * size) % 16 == 0)
+
+
+def _triton_scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def ensure_triton_allocator(device: torch.device) -> None:
+    """Set ``triton.set_allocator`` to torch memory if no allocator is set in this thread (CUDA
+    only; the interpreter needs none). Leaves a caller's own allocator alone."""
+    if device.type != "cuda":
+        return
+    import triton
+
+    try:
+        from triton.runtime._allocation import NullAllocator, _allocator
+
+        if not isinstance(_allocator.get(), NullAllocator):
+            return
+    except ImportError:  # a Triton without these internals: set ours
+        pass
+    triton.set_allocator(_triton_scratch)
+
+
+@functools.lru_cache(maxsize=16)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def num_programs(device: torch.device) -> int:
+    """Programs of a persistent kernel: the device's SM count (3 off CUDA: the interpreter runs
+    several tiles per program, which is what the tests exercise)."""
+    if device.type == "cuda":
+        return _sm_count(device if device.index is not None else torch.device("cuda", torch.cuda.current_device()))
+    return 3
