@@ -225,6 +225,23 @@ def test_layer_saves_preact_only_when_kept(seed, monkeypatch):
     assert off_launched.count("_dh_swiglu_bwd_kernel") == on_launched.count("_dh_swiglu_bwd_kernel") == 1
 
 
+def test_custom_ops_opcheck_with_kept_preact(seed, monkeypatch):
+    """The custom ops' schemas and fake kernels with the pre-activation kept (its (Q_max, 2F)
+    output of moe_fwd, its input of moe_bwd)."""
+    monkeypatch.setenv(tc.ENV_VAR, "up.keep_preact=1")
+    T, D, F_, E, K = 5, 24, 20, 3, 2
+    p = make_problem(T, D, F_, E, K, torch.float32, mask="token", bias=True)
+    logits = fk.router_logits(p["x"], p["router_weight"])
+    args = (p["x"], logits, p["gate_up"], p["down"], p["expert_bias"], p["allow_mask"], K, False, True, 1)
+    torch.library.opcheck(torch.ops.flexmoe_triton.moe_fwd.default, args, test_utils=("test_schema", "test_faketensor"))
+    res = torch.ops.flexmoe_triton.moe_fwd(*args)
+    assert res[2].shape == (res[3 + 7].shape[0], 2 * F_)  # (Q_max, 2F): Q_max = len(padded_pairs_Q)
+    bargs = (torch.randn(T, D, device=DEVICE), torch.randn(T, E, device=DEVICE), p["x"], p["gate_up"], p["down"],
+             p["expert_bias"], p["allow_mask"], None, res[2], list(res[3:]), torch.float32, False, 1, [True] * 5)
+    torch.library.opcheck(torch.ops.flexmoe_triton.moe_bwd.default, bargs,
+                          test_utils=("test_schema", "test_faketensor"))
+
+
 # =========================================================================== config fields
 def test_config_variant_fields(monkeypatch):
     got = tc.parse_config_string("up.keep_preact=1,interleave=1")
