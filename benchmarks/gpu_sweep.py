@@ -16,9 +16,13 @@ Variants (only what ``flexmoe_kernels/ops/triton/configs.py`` and ``backend.py``
 * ``atomic``: ``FLEXMOE_TRITON_DETERMINISTIC=0`` (fp32 atomic top-k combine).
 * ``heuristic``: the heuristic pinned through ``FLEXMOE_TRITON_CONFIG``, only when a table
   applies to the device and differs from it (table vs heuristic).
-* ``cfg:NAME``: the hand-picked ``FLEXMOE_TRITON_CONFIG`` pins of :data:`CONFIG_CANDIDATES`.
-* ``field:F=V``: the non-default value of every 0/1 launch-config field beyond the six of
-  today's ``GemmConfig`` (TMA, persistent, ... once they exist), read at run time.
+* ``cfg:NAME``: the hand-picked ``FLEXMOE_TRITON_CONFIG`` pins of :data:`CONFIG_CANDIDATES`:
+  block shapes, pipeline depth (3 / 4 stages), and the kernel variants of issue 13: TMA weight
+  descriptors off (``tma0``; the default table has them on), the persistent tile schedule on
+  (``persistent``), both (``tma0-persistent``): TMA on / off x persistent on / off with the
+  default;
+* ``field:F=V``: the non-default value of every other 0/1 launch-config field (the kept
+  pre-activation, gate/up interleaving, ... whatever ``GemmConfig`` has), read at run time.
 
 Non-default variants' rows are named ``triton:VARIANT``; every row carries ``variant``, and
 Triton rows the resolved ``triton_config`` (the five kinds) and ``triton_config_source``.
@@ -51,13 +55,20 @@ BASE_FIELDS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_sta
 # The two target shapes and their token counts (issue 13).
 TARGET_SHAPES = {"fine-grained": 32768, "flexolmo-7x7b": 16384}
 # Hand-picked pins beside the default; each must fit the 227 KB of Hopper shared memory at the
-# training-size heuristic (benchmarks.compile_report with the pin set says so; bwd_up, 172 KB
-# at 3 stages, stays at 3). A pin that does not compile gets error rows, not a crash.
+# training-size configs (benchmarks.compile_report with the pin set says so: 4 stages of the
+# 128-row up / down / dX tiles take ~196 KB, with or without TMA). A pin that does not compile
+# gets error rows, not a crash.
 CONFIG_CANDIDATES = {
     "bn128": "down.BLOCK_N=128,bwd_dx.BLOCK_N=128",
-    "stages4": "up.num_stages=4,down.num_stages=4,bwd_dx.num_stages=4,dw.num_stages=4",
     "bm64": "BLOCK_M=64",
+    "stages3": "up.num_stages=3,down.num_stages=3,bwd_up.num_stages=3,bwd_dx.num_stages=3",
+    "stages4": "up.num_stages=4,down.num_stages=4,bwd_up.num_stages=4,bwd_dx.num_stages=4,dw.num_stages=4",
+    "tma0": "tma=0",
+    "persistent": "persistent=1",
+    "tma0-persistent": "tma=0,persistent=1",
 }
+# Flags swept by the pins above (not again as ``field:`` variants).
+SWEPT_FLAGS = ("tma", "persistent")
 BASELINES = ("cuda", "cublas_gemm", "torch_grouped_mm")
 MODES = ("fwd", "fwd_bwd")
 
@@ -83,13 +94,13 @@ def _pin_string(cfgs) -> str:
     return ",".join(f"{k}.{f}={int(v)}" for k, d in cfgs.to_dict().items() for f, v in d.items())
 
 
-def _extra_field_variants(configs) -> list[Variant]:
-    """``field:F=V`` for every 0/1 GemmConfig field beyond :data:`BASE_FIELDS`."""
+def _extra_field_variants(configs, skip: tuple = ()) -> list[Variant]:
+    """``field:F=V`` for every 0/1 GemmConfig field beyond :data:`BASE_FIELDS` and ``skip``."""
     out = []
     defaults = {f.name: f.default for f in dataclasses.fields(configs.GemmConfig)}
     for name in getattr(configs, "_FIELDS", ()):
         d = defaults.get(name, dataclasses.MISSING)
-        if name in BASE_FIELDS or d not in (0, 1):  # also rules out MISSING
+        if name in BASE_FIELDS or name in skip or d not in (0, 1):  # also rules out MISSING
             continue
         v = 0 if int(d) else 1
         out.append(Variant(f"field:{name}={v}", ((CONFIG_ENV, f"{name}={v}"),)))
@@ -111,7 +122,7 @@ def variants(device: torch.device, shapes: Optional[dict] = None) -> list[Varian
                 out.append(Variant("heuristic", ((CONFIG_ENV, _pin_string(heur)),)))
                 break  # one pin per shape would need per-shape runs; the first differing shape's
     out += [Variant(f"cfg:{n}", ((CONFIG_ENV, pin),)) for n, pin in CONFIG_CANDIDATES.items()]
-    return out + _extra_field_variants(configs)
+    return out + _extra_field_variants(configs, SWEPT_FLAGS)
 
 
 @contextlib.contextmanager
@@ -318,7 +329,8 @@ def best_table(rows: list[dict], device: str) -> tuple[Optional[dict], list[str]
             continue
         row = next(iter(per[best].values()))
         key = f"D={row['D']},F={row['F']},E={row['E']},K={row['K']},dtype={row['dtype']}"
-        shapes.setdefault(key, {})[str(row["T"])] = row["triton_config"]
+        bucket = _configs_module().tokens_per_expert_bucket(int(row["T"]), int(row["K"]), int(row["E"]))
+        shapes.setdefault(key, {})[str(bucket)] = row["triton_config"]
         measured[key] = {v: {m: round(r["ms"], 5) for m, r in modes.items()} for v, modes in per.items()}
         notes.append(f"{preset} T={row['T']}: best {best} ({row.get('triton_config_source')})")
     if not shapes:
@@ -331,7 +343,9 @@ def best_table(rows: list[dict], device: str) -> tuple[Optional[dict], list[str]
                 "atomic variant (FLEXMOE_TRITON_DETERMINISTIC=0) is not a table field.",
         "devices": [device],
         "device_substrings": [],
-        "format": "shapes[shape_key][T] = {kind: GemmConfig fields}; lookup takes the nearest T",
+        "key": "tokens_per_expert",
+        "format": "shapes[shape_key][m] = {kind: GemmConfig fields}, m = ceil(T*K/E) rounded up to a power "
+                  "of two; lookup takes the nearest m in log2",
         "shapes": shapes,
         "measured_ms": measured,
     }

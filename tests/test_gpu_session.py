@@ -101,10 +101,10 @@ def test_driver_rolls_budgets_over_and_stops_a_late_step(tmp_path, monkeypatch):
 
 # ----------------------------------------------------------------------------- finalisation
 def _cfg(bm: int) -> dict:
-    from flexmoe_kernels.ops.triton.configs import heuristic_configs
+    from flexmoe_kernels.ops.triton.configs import TILE_KINDS, heuristic_configs
 
     d = heuristic_configs(32768, 2048, 768, 128, 8, torch.bfloat16, "cuda").to_dict()
-    for k in ("up", "down", "bwd_up", "bwd_dx"):
+    for k in TILE_KINDS:
         d[k]["BLOCK_M"] = bm
     return d
 
