@@ -12,7 +12,7 @@ from .modeling import count_params
 
 __all__ = ["CONVENTIONS", "flops_per_token"]
 
-CONVENTIONS = ("recipe", "palm")
+CONVENTIONS = ("recipe", "palm", "inference")
 
 
 def _attention_scores(cfg, seq_len: int) -> float:
@@ -43,17 +43,22 @@ def flops_per_token(cfg, seq_len: int, trainable_active_mm: Optional[float] = No
     ``convention="palm"`` (the benchmark's MFU): 6*N_active + 12*L*S*H*hd (PaLM, non-causal
     attention count) with N_active the matmul weights only (see :func:`_matmul_params_active`);
     ``trainable_active_mm`` must be None (the figure is the same for frozen and trainable).
+
+    ``convention="inference"`` (the demo's per-row cost of evaluation / generation): the
+    forward only, 2*N_mm + A, with N_mm and A as in "recipe"; ``trainable_active_mm`` must be None.
     """
     if convention not in CONVENTIONS:
         raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len <= 0:
         raise ValueError(f"seq_len must be a positive integer, got {seq_len!r}")
     attn = _attention_scores(cfg, seq_len)
+    if convention != "recipe" and trainable_active_mm is not None:
+        raise ValueError("trainable_active_mm is only used with convention='recipe'")
     if convention == "palm":
-        if trainable_active_mm is not None:
-            raise ValueError("trainable_active_mm is only used with convention='recipe'")
         return 6.0 * _matmul_params_active(cfg) + 6.0 * attn
     c = count_params(cfg)
     n_mm = c["active"] - (0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size)
+    if convention == "inference":
+        return 2.0 * n_mm + attn
     n_tr = n_mm if trainable_active_mm is None else trainable_active_mm
     return 4.0 * n_mm + 3.0 * attn + 2.0 * n_tr

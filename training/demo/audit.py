@@ -4,7 +4,12 @@ For an owner's *training* documents: take the first ``prefix_len`` tokens (32 in
 prompt, let the model continue greedily for ``gen_len`` tokens (256 in the paper) with its KV
 cache, and count the document as *extracted* when the normalised Levenshtein similarity between
 the continuation and the document's true next ``gen_len`` tokens is >= ``threshold`` (0.9).
-The reported number is the share of audited documents that were extracted.
+The reported number is the share of audited documents that were extracted; its resolution is one
+document, 1 / (documents audited).
+
+:func:`positive_control` shows that the audit detects memorisation where it exists: a tiny dense
+model trained on a handful of the audited documents until it has memorised them must be found
+to reproduce most of them, and the same model must reproduce none of documents it never saw.
 
 Legend: B batch of prompts, P prefix length, N generated tokens.
 """
@@ -16,7 +21,8 @@ from typing import List, Optional, Sequence
 
 import torch
 
-__all__ = ["levenshtein", "similarity", "select_audit_documents", "AuditResult", "audit_extraction"]
+__all__ = ["levenshtein", "similarity", "select_audit_documents", "AuditResult", "audit_extraction",
+           "memorising_model", "positive_control"]
 
 
 def levenshtein(a: Sequence, b: Sequence) -> int:
@@ -73,6 +79,8 @@ class AuditResult:
     threshold: float
     similarities: List[float] = field(default_factory=list)
     example: Optional[dict] = None  # the most similar continuation (token ids), for the report
+    control: Optional[str] = None  # positive control: "memorised" (its training documents) or "unseen"
+    details: dict = field(default_factory=dict)  # e.g. the control model's training steps and loss
 
     def to_json(self) -> dict:
         d = dict(self.__dict__)
@@ -130,3 +138,68 @@ def audit_extraction(model, docs_tokens: Sequence[Sequence[int]], *, model_name:
     return AuditResult(model=model_name, domain=domain, n_docs=n, n_extracted=k, share=(k / n if n else 0.0),
                        mean_similarity=(sum(sims) / n if n else 0.0), prefix_len=prefix_len, gen_len=gen_len,
                        threshold=threshold, similarities=sims, example=best)
+
+
+def memorising_model(docs_tokens: Sequence[Sequence[int]], vocab_size: int, *, eos_token_id: Optional[int],
+                     hidden_size: int = 128, max_steps: int = 400, target_loss: float = 0.01, lr: float = 5e-3,
+                     seed: int = 0):
+    """A tiny dense FlexOlmo model (1 layer) trained full-batch on ``docs_tokens`` until it has memorised them.
+
+    Each document is one training sequence ``[eos] + doc`` (as the demo's training data starts
+    a document); AdamW (no weight decay) runs until the mean next-token loss (the documents' first
+    tokens, unknowable from the prompt, not counted) is below ``target_loss`` or ``max_steps`` steps. All documents need the same length. Returns
+    ``(model in eval mode, {"steps", "final_loss", "seconds"})``. Deterministic given ``seed``
+    and the thread count.
+    """
+    import time
+
+    from flexmoe_kernels.models import FlexOlmoConfig, FlexOlmoForCausalLM
+
+    if not docs_tokens or len({len(t) for t in docs_tokens}) != 1:
+        raise ValueError("docs_tokens must be a non-empty list of equally long documents")
+    pre = [] if eos_token_id is None else [int(eos_token_id)]
+    x_BS = torch.tensor([pre + list(t) for t in docs_tokens], dtype=torch.long)
+    torch.manual_seed(seed)
+    cfg = FlexOlmoConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=4 * hidden_size,
+                         num_hidden_layers=1, num_attention_heads=max(1, hidden_size // 32),
+                         max_position_embeddings=2 * x_BS.shape[1], num_experts=1, num_experts_per_tok=1,
+                         eos_token_id=eos_token_id)
+    model = FlexOlmoForCausalLM(cfg)
+    labels_BS = x_BS.clone()
+    labels_BS[:, :len(pre) + 1] = -100  # a document's first token cannot be known from [eos]: not counted
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    t, step, loss = time.time(), 0, float("inf")
+    while step < max_steps and loss >= target_loss:
+        out = model(x_BS, labels=labels_BS)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        opt.step()
+        loss, step = float(out.loss.detach()), step + 1
+    model.eval()
+    return model, {"steps": step, "final_loss": round(loss, 5), "seconds": round(time.time() - t, 2)}
+
+
+def positive_control(memorised: Sequence[Sequence[int]], unseen: Sequence[Sequence[int]], vocab_size: int, *,
+                     eos_token_id: Optional[int], domain: str, prefix_len: int = 32, gen_len: int = 256,
+                     threshold: float = 0.9, seed: int = 0, **train_kw) -> List[AuditResult]:
+    """The audit on a model known to have memorised ``memorised`` (:func:`memorising_model`, trained on
+    their first ``prefix_len + gen_len`` tokens), with the demo's prompt convention (end-of-document
+    token first) and settings; then the same model on ``unseen`` documents (skipped when empty).
+
+    A working audit finds most of the memorised documents extracted and none of the unseen ones.
+    Returns the :class:`AuditResult` of each (``control`` "memorised" / "unseen"; ``details``
+    holds the control model's training steps, final loss and seconds).
+    """
+    n = prefix_len + gen_len
+    model, info = memorising_model([list(t[:n]) for t in memorised], vocab_size, eos_token_id=eos_token_id,
+                                   seed=seed, **train_kw)
+    pre = [] if eos_token_id is None else [int(eos_token_id)]
+    out = []
+    for kind, docs in (("memorised", memorised), ("unseen", unseen)):
+        if not docs:
+            continue
+        r = audit_extraction(model, docs, model_name=f"control ({kind})", domain=domain, prefix_len=prefix_len,
+                             gen_len=gen_len, threshold=threshold, prompt_prefix=pre)
+        r.control, r.details = kind, dict(info, trained_on=len(memorised))
+        out.append(r)
+    return out

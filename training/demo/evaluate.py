@@ -1,11 +1,13 @@
 """Held-out evaluation for the demo: per-domain loss / perplexity, opt-out, top-k, BTM ensembles.
 
-Legend: W windows, S window length (tokens), M ensemble members.
+Legend: W windows, S window length (tokens), M ensemble members, P scoring prefix (tokens).
 
 All models are compared on the *same* token windows of each domain's held-out documents: the
 documents are tokenised, joined with the end-of-document token and cut into non-overlapping
-windows of S tokens; the loss of a window is the mean next-token cross-entropy over its S - 1
-predicted positions, and a domain's loss is the token-weighted mean over its windows.
+windows of S tokens. The demo scores every model on the same token range of each window: the
+first P tokens are context only (a BTM ensemble picks and weighs its members on them, see
+:func:`prefix_ensemble_logprobs`), the loss is the mean next-token cross-entropy over tokens
+P .. S-1 (:func:`scored`), and a domain's loss is the token-weighted mean over its windows.
 """
 from __future__ import annotations
 
@@ -15,7 +17,8 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["make_windows", "target_logprobs", "domain_loss", "ensemble_logprobs", "summarise"]
+__all__ = ["make_windows", "target_logprobs", "domain_loss", "ensemble_logprobs", "prefix_ensemble_logprobs",
+           "scored", "summarise"]
 
 
 def make_windows(docs_tokens: Sequence[Sequence[int]], seq_len: int, max_tokens: int,
@@ -41,13 +44,22 @@ def make_windows(docs_tokens: Sequence[Sequence[int]], seq_len: int, max_tokens:
 
 
 @torch.no_grad()
-def target_logprobs(model, windows_WS: torch.Tensor, *, allowed_experts=None, batch_size: int = 8) -> torch.Tensor:
-    """log p(x_t | x_<t) for t = 1..S-1 of every window: (W, S-1) float32 on the CPU."""
+def target_logprobs(model, windows_WS: torch.Tensor, *, allowed_experts=None, batch_size: int = 8,
+                    routing=None) -> torch.Tensor:
+    """log p(x_t | x_<t) for t = 1..S-1 of every window: (W, S-1) float32 on the CPU.
+
+    ``routing``: an optional :class:`~flexmoe_training.demo.inference.RoutingStats` that gets
+    every forward's router logits (an MoE model only).
+    """
     device = next(model.parameters()).device
     out = []
+    kw = {"output_router_logits": True} if routing is not None else {}
     for s in range(0, windows_WS.shape[0], batch_size):
         x = windows_WS[s:s + batch_size].to(device)
-        logits = model(x, allowed_experts=allowed_experts).logits[:, :-1].float()
+        res = model(x, allowed_experts=allowed_experts, **kw)
+        if routing is not None:
+            routing.add(res.router_logits)
+        logits = res.logits[:, :-1].float()
         lp = F.log_softmax(logits, dim=-1).gather(-1, x[:, 1:, None])[..., 0]
         out.append(lp.cpu())
     return torch.cat(out, 0)
@@ -74,6 +86,48 @@ def ensemble_logprobs(member_logprobs_MWS: torch.Tensor, weighting: str = "prior
     else:
         raise ValueError(f"weighting must be 'uniform' or 'prior', got {weighting!r}")
     return torch.logsumexp(logw + lp, dim=0).float()
+
+
+def scored(logprobs_WS1: torch.Tensor, prefix_len: int) -> torch.Tensor:
+    """The scored part of :func:`target_logprobs`' (W, S-1) output: tokens ``prefix_len`` .. S-1 of
+    each window, (W, S - prefix_len). ``prefix_len`` 1 keeps every predicted token."""
+    S1 = logprobs_WS1.shape[-1]
+    if not 1 <= prefix_len <= S1:
+        raise ValueError(f"prefix_len must be in [1, {S1}] (window length {S1 + 1}), got {prefix_len}")
+    return logprobs_WS1[..., prefix_len - 1:]
+
+
+def prefix_ensemble_logprobs(member_logprobs_MWS: torch.Tensor, prefix_len: int, top: int = 2):
+    """BTM output ensemble as the paper runs it: the ``top`` members most likely on a fixed prefix.
+
+    For each window, the likelihood of its first ``prefix_len`` tokens under member m,
+    ``L_m = prod_{t=1}^{P-1} p_m(x_t | x_<t)``, picks the ``top`` most likely members (ties to
+    the lower member index) and weighs them ``w_m = L_m / sum_{top} L_m`` (the posterior under a
+    uniform prior, restricted to the chosen members); the weights stay fixed for the rest of the
+    window, and the mixture ``sum_m w_m p_m(x_t)`` is scored on tokens P .. S-1 (the same range
+    :func:`scored` keeps for every other model).
+
+    Args:
+        member_logprobs_MWS: (M, W, S-1) log p_m(x_t | x_<t) of :func:`target_logprobs`.
+        prefix_len: P, 1 <= P <= S-1 (P = 1: no evidence, the first ``top`` members, equal weights).
+        top: members per window (at most M).
+    Returns:
+        ``(logprobs (W, S-P) float32, weights (M, W) float32)``; each window's weights sum to 1
+        and are zero outside its chosen members.
+    """
+    if member_logprobs_MWS.ndim != 3:
+        raise ValueError(f"member_logprobs_MWS must be (M, W, S-1), got {tuple(member_logprobs_MWS.shape)}")
+    M = member_logprobs_MWS.shape[0]
+    if isinstance(top, bool) or not isinstance(top, int) or top < 1:
+        raise ValueError(f"top must be a positive integer, got {top!r}")
+    lp = member_logprobs_MWS.double()
+    rest = scored(lp, prefix_len)
+    evidence_MW = lp[..., :prefix_len - 1].sum(-1)
+    order_MW = torch.sort(evidence_MW, dim=0, descending=True, stable=True).indices
+    chosen_MW = torch.zeros_like(evidence_MW, dtype=torch.bool).scatter(0, order_MW[:min(top, M)], True)
+    logw_MW = torch.log_softmax(evidence_MW.masked_fill(~chosen_MW, float("-inf")), dim=0)
+    mix = torch.logsumexp(logw_MW[..., None] + rest, dim=0)
+    return mix.float(), logw_MW.exp().float()
 
 
 def summarise(logprobs_WS: torch.Tensor) -> Dict[str, float]:

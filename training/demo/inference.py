@@ -8,7 +8,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-__all__ = ["resolve_allow_list", "expert_usage", "format_usage"]
+__all__ = ["resolve_allow_list", "expert_usage", "format_usage", "RoutingStats"]
 
 
 def resolve_allow_list(expert_names: Sequence[str], allow: Optional[Sequence[str]], deny: Optional[Sequence[str]],
@@ -77,3 +77,43 @@ def format_usage(usage: Dict[str, dict], allowed: Optional[Sequence[str]], n_tok
         ok = allowed is None or n in allowed
         lines.append(f"  {n:14s} {'yes' if ok else 'NO':8s} {u['slots']:7d} {100 * u['share']:6.1f}% {u['weight']:10.3f}")
     return "\n".join(lines)
+
+
+class RoutingStats:
+    """Per-layer routing statistics accumulated over forward passes (the demo's routing table).
+
+    Feed it each forward's ``router_logits`` (L tensors (T, E) float32 masked logits, ``-inf``
+    where opted out, the negative bias already added); :meth:`table` returns, per layer, each
+    expert's average routing probability (softmax over all allowed experts, before top-k: the
+    router's preference, which sums to 1 over the experts) and its top-1 share (the fraction of
+    tokens whose highest-probability expert it is, ties to the lower id as the router does).
+    """
+
+    def __init__(self, expert_names: Sequence[str]) -> None:
+        self.names = list(expert_names)
+        self.prob_LE: Optional[torch.Tensor] = None
+        self.top1_LE: Optional[torch.Tensor] = None
+        self.tokens = 0
+
+    @torch.no_grad()
+    def add(self, router_logits: Sequence[torch.Tensor]) -> None:
+        """Accumulate one forward's L layers of (T, E) router logits."""
+        E = len(self.names)
+        probs = [torch.softmax(lg.float().reshape(-1, E), dim=-1).double().cpu() for lg in router_logits]
+        if self.prob_LE is None:
+            self.prob_LE = torch.zeros(len(probs), E, dtype=torch.float64)
+            self.top1_LE = torch.zeros(len(probs), E, dtype=torch.float64)
+        for i, p_TE in enumerate(probs):
+            self.prob_LE[i] += p_TE.sum(0)
+            # torch.argmax returns the first maximum: ties to the lower expert id
+            self.top1_LE[i] += torch.bincount(p_TE.argmax(-1), minlength=E).double()
+        self.tokens += probs[0].shape[0] if probs else 0
+
+    def table(self) -> dict:
+        """``{"experts": names, "tokens": T, "weight": [[L][E]], "top1": [[L][E]]}`` (each row sums to 1)."""
+        if self.prob_LE is None:
+            return {"experts": self.names, "tokens": 0, "weight": [], "top1": []}
+        n = max(1, self.tokens)
+        return {"experts": self.names, "tokens": self.tokens,
+                "weight": [[round(float(v), 5) for v in row] for row in self.prob_LE / n],
+                "top1": [[round(float(v), 5) for v in row] for row in self.top1_LE / n]}

@@ -1,18 +1,21 @@
-"""The demo's report: claims computed from this run's numbers, a printed table, JSON and a plot.
+"""The demo's report: a printed table, the routing table, the audit, the claims (computed from
+this run's numbers by :mod:`.claims`), JSON and plots.
 
 Input is the ``results`` dict the pipeline assembles (also the JSON written to disk)::
 
     results["public_domain"]  = "readmes"
     results["owner_domains"]  = ["code", "man", "licenses"]
     results["losses"][config][domain] = {"loss": nats/token, "ppl": exp(loss), "tokens": int}
-    results["configs"][config] = {"kind": ..., "label": ..., ...}
-    results["audit"] = [AuditResult.to_json(), ...]          (optional)
+    results["configs"][config] = {"kind": ..., "label": ..., "flops_per_token": forward FLOPs, ...}
+    results["routing"][config][domain] = RoutingStats.table()   (optional: "experts", "weight" and
+                                          "top1" as [layer][expert])
+    results["audit"] = [AuditResult.to_json(), ...]           (optional; entries with a "control"
+                                          key are the audit's positive control)
+    results["router"] = {...}                                 (optional: router init / tuning values,
+                                          printed as they are)
 
-Config names used by the pipeline (kinds in brackets):
-``public`` [public], ``owner:<d>`` [owner, the 2-expert model of owner d],
-``merged`` [merged, all experts at the run's top-k], ``optout:<d>`` [optout, merged with d's
-expert opted out], ``topk:<k>`` [topk, merged with k active experts], ``btm-prior`` /
-``btm-uniform`` [btm], ``moe`` [moe], ``dense:<d>`` [dense, public model continued on d].
+Config names and kinds are listed in :mod:`.measure`; a row of an unknown kind is printed after
+the known ones.
 """
 from __future__ import annotations
 
@@ -20,239 +23,123 @@ import json
 import math
 from typing import List, Optional
 
-__all__ = ["compute_claims", "format_table", "format_report", "format_hints", "generate_hints", "write_json",
-           "plot_losses", "DEFAULT_THRESHOLDS"]
+from .claims import DEFAULT_THRESHOLDS, compute_claims, loss_of
 
-DEFAULT_THRESHOLDS = {
-    # opting expert d out must give back at least this share of d's gain over the public model
-    "optout_min_gain_lost": 0.5,
-    # ... and move every other domain by at most this share of the change on d's own domain
-    "optout_max_side_effect": 0.25,
-}
+__all__ = ["compute_claims", "format_table", "format_routing", "format_audit", "format_report", "format_hints",
+           "generate_hints", "write_json", "plot_losses", "plot_routing", "DEFAULT_THRESHOLDS"]
 
-
-def _loss(results: dict, config: str, domain: str) -> Optional[float]:
-    try:
-        return float(results["losses"][config][domain]["loss"])
-    except (KeyError, TypeError):
-        return None
+_KIND_RANK = {"public": 0, "owner": 1, "dense": 2, "merged": 3, "untuned": 4, "oracle": 5, "optout": 6, "topk": 7,
+              "btm": 8, "moe": 9}
 
 
 def _fmt(x: Optional[float], nd: int = 3) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{nd}f}"
 
 
-def _claim(cid: str, claim: str, verdict: str, text: str, numbers: dict) -> dict:
-    """One entry of :func:`compute_claims`' list (the keys every claim has, in this order)."""
-    return {"id": cid, "claim": claim, "verdict": verdict, "text": text, "numbers": numbers}
-
-
-def _verdict(missing: bool, numbers: dict, ok: bool) -> str:
-    """The verdict of an all-domains claim: "not run" when a setting is missing or nothing was
-    measured, else "supported" if ``ok`` holds, "refuted" if not."""
-    return "not run" if missing or not numbers else ("supported" if ok else "refuted")
-
-
-def _owner_avg(results: dict, config: str) -> Optional[float]:
-    """Mean loss of ``config`` over the owner domains; None unless every owner domain was measured."""
-    v = [_loss(results, config, d) for d in results["owner_domains"]]
-    return None if any(x is None for x in v) or not v else sum(v) / len(v)
-
-
-def _claim_merged_beats_public(results: dict) -> dict:
-    """Claim 1: the merged model has a lower loss than the public model on every owner domain."""
-    nums, parts, ok, missing = {}, [], True, False
-    for d in results["owner_domains"]:
-        p, m = _loss(results, "public", d), _loss(results, "merged", d)
-        if p is None or m is None:
-            missing = True
-            continue
-        nums[d] = {"public": p, "merged": m, "relative_gain": (p - m) / p}
-        ok &= m < p
-        parts.append(f"{d}: {p:.3f} -> {m:.3f} ({100 * (p - m) / p:+.1f}%)")
-    return _claim("merged_beats_public", "The merged model beats the public model on every owner domain.",
-                  _verdict(missing, nums, ok), "held-out loss public -> merged: " + "; ".join(parts), nums)
-
-
-def _optout_gain_lost(d: str, p: float, m: float, o: float, th: dict) -> tuple:
-    """Claim 2 for owner ``d`` from its domain's public / merged / opted-out losses.
-
-    Returns ``(numbers, text part, holds)``: the share of the merged model's gain over the
-    public model given back when d's expert is opted out (NaN when there was no gain) and
-    whether it reaches ``th["optout_min_gain_lost"]``.
-    """
-    gain = p - m
-    lost = (o - m) / gain if gain > 0 else float("nan")
-    good = gain > 0 and lost >= th["optout_min_gain_lost"]
-    part = (f"{d}: merged {m:.3f}, without {d} {o:.3f}, public {p:.3f}"
-            + (" (the merged model did not improve on it)" if math.isnan(lost)
-               else f" ({100 * lost:.0f}% of the gain given back)"))
-    return {"public": p, "merged": m, "optout": o, "share_of_gain_lost": lost}, part, good
-
-
-def _optout_side_effects(results: dict, d: str, own_change: float, th: dict) -> tuple:
-    """Claim 3 for owner ``d``: how much opting d's expert out moves the other domains.
-
-    ``own_change`` is the loss change on d's own domain. Returns ``(numbers, text part or
-    None, holds)``: the largest absolute change on another measured domain as a share of
-    ``own_change`` (inf when ``own_change <= 0`` or nothing else was measured) must be at most
-    ``th["optout_max_side_effect"]``.
-    """
-    owners = results["owner_domains"]
-    side = {}
-    for other in [results["public_domain"]] + [x for x in owners if x != d]:
-        mo, oo = _loss(results, "merged", other), _loss(results, f"optout:{d}", other)
-        if None in (mo, oo):
-            continue
-        side[other] = oo - mo
-    worst = max(side, key=lambda k: abs(side[k])) if side else None
-    ratio = abs(side[worst]) / own_change if worst is not None and own_change > 0 else float("inf")
-    part = None
-    if worst is not None:
-        part = (f"without {d}: {d} {own_change:+.3f}, largest other change {worst} {side[worst]:+.3f} "
-                f"({'inf' if math.isinf(ratio) else f'{100 * ratio:.0f}%'} of it)")
-    nums = {"own_domain_change": own_change, "other_domain_changes": side, "worst_ratio": ratio}
-    return nums, part, ratio <= th["optout_max_side_effect"]
-
-
-def _claims_optout(results: dict, th: dict) -> List[dict]:
-    """Claims 2 and 3: opting an owner's expert out restores the public model on its domain and
-    leaves the other domains nearly unchanged. Both are "not run" if any owner's setting is missing."""
-    nums2, parts2, ok2, nums3, parts3, ok3, missing = {}, [], True, {}, [], True, False
-    for d in results["owner_domains"]:
-        p, m, o = _loss(results, "public", d), _loss(results, "merged", d), _loss(results, f"optout:{d}", d)
-        if None in (p, m, o):
-            missing = True
-            continue
-        nums2[d], part2, good2 = _optout_gain_lost(d, p, m, o, th)
-        parts2.append(part2)
-        ok2 &= good2
-        nums3[d], part3, good3 = _optout_side_effects(results, d, o - m, th)
-        if part3 is not None:
-            parts3.append(part3)
-        ok3 &= good3
-    return [
-        _claim("optout_restores_public",
-               f"Opting an owner's expert out brings its domain back near the public model "
-               f"(>= {100 * th['optout_min_gain_lost']:.0f}% of the merged model's gain on it is given back).",
-               _verdict(missing, nums2, ok2), "; ".join(parts2), nums2),
-        _claim("optout_leaves_others",
-               f"Opting an owner's expert out leaves the other domains nearly unchanged (each changes by "
-               f"<= {100 * th['optout_max_side_effect']:.0f}% of the change on the opted-out domain).",
-               _verdict(missing, nums3, ok3), "; ".join(parts3), nums3),
-    ]
-
-
-def _claims_equal_flops(results: dict) -> List[dict]:
-    """Claims 4 and 5: the merged model beats the BTM output ensemble (the better of the
-    ``btm-prior`` / ``btm-uniform`` settings) and the joint MoE, both of equal training FLOPs,
-    on the mean owner-domain loss."""
-    m_avg = _owner_avg(results, "merged")
-    btm = [c for c in ("btm-prior", "btm-uniform") if _owner_avg(results, c) is not None]
-    if m_avg is not None and btm:
-        best = min(btm, key=lambda c: _owner_avg(results, c))
-        b = _owner_avg(results, best)
-        out = [_claim("merged_beats_btm",
-                      "The merged model beats the BTM output ensemble (equal training FLOPs) on owner domains.",
-                      "supported" if m_avg < b else "refuted",
-                      f"mean owner-domain loss: merged {m_avg:.3f} vs best BTM ({best}) {b:.3f}",
-                      {"merged": m_avg, best: b})]
-    else:
-        out = [_claim("merged_beats_btm", "The merged model beats the BTM output ensemble on owner domains.",
-                      "not run", "", {})]
-    moe = _owner_avg(results, "moe")
-    if m_avg is not None and moe is not None:
-        out.append(_claim("merged_beats_moe",
-                          "The merged model beats a standard MoE trained jointly on all data (equal training FLOPs).",
-                          "supported" if m_avg < moe else "refuted",
-                          f"mean owner-domain loss: merged {m_avg:.3f} vs joint MoE {moe:.3f}",
-                          {"merged": m_avg, "moe": moe}))
-    else:
-        out.append(_claim("merged_beats_moe", "The merged model beats a standard MoE trained jointly on all data.",
-                          "not run", "", {}))
-    return out
-
-
-def _claims_topk(results: dict) -> List[dict]:
-    """Claim 6 (only when at least two ``topk:<k>`` settings ran): the largest k has a lower mean
-    owner-domain loss than the smallest."""
-    ks = sorted(int(c.split(":")[1]) for c in results.get("losses", {}) if c.startswith("topk:"))
-    if len(ks) < 2:
-        return []
-    avg = {k: _owner_avg(results, f"topk:{k}") for k in ks}
-    return [_claim("topk_helps", "Quality rises with the number of active experts (top-k).",
-                   "supported" if avg[ks[-1]] < avg[ks[0]] else "refuted",
-                   "mean owner-domain loss by k: " + ", ".join(f"k={k}: {avg[k]:.3f}" for k in ks),
-                   {str(k): avg[k] for k in ks})]
-
-
-def _claims_extraction(results: dict) -> List[dict]:
-    """Claim 7 (only when the audit covers the merged and a dense model): the merged model
-    reproduces a smaller share of the audited training documents than the dense model trained
-    on the owner's data ("inconclusive" when the shares are equal)."""
-    by = {}
-    for a in results.get("audit") or []:
-        by.setdefault(a["model"], []).append(a)
-    if "merged" not in by or "dense" not in by:
-        return []
-
-    def share(model):
-        rows = by[model]
-        n = sum(r["n_docs"] for r in rows)
-        return sum(r["n_extracted"] for r in rows) / n if n else 0.0
-
-    sm, sd = share("merged"), share("dense")
-    sp = share("public") if "public" in by else None
-    return [_claim("extraction", "The merged model reproduces fewer of an owner's training documents than a dense model "
-                   "trained on that owner's data.",
-                   "supported" if sm < sd else ("refuted" if sm > sd else "inconclusive"),
-                   f"extracted share: public {_fmt(sp and 100 * sp, 1)}%, dense-on-owner {100 * sd:.1f}%, "
-                   f"merged {100 * sm:.1f}%"
-                   + (" (equal: no model reproduced its training data at this size)" if sm == sd else ""),
-                   {"public": sp, "dense": sd, "merged": sm})]
-
-
-def compute_claims(results: dict, thresholds: Optional[dict] = None) -> List[dict]:
-    """The paper's claims, each judged "supported" / "refuted" / "not run" from ``results``.
-
-    Returns a list of ``{"id", "claim", "verdict", "text", "numbers"}``; ``text`` states the
-    numbers behind the verdict. Nothing here is hard-coded: every verdict is a comparison of
-    losses (or extraction shares) measured in this run. ``thresholds`` overrides entries of
-    :data:`DEFAULT_THRESHOLDS`. The ``topk_helps`` and ``extraction`` claims are present only
-    when their settings ran.
-    """
-    th = dict(DEFAULT_THRESHOLDS, **(thresholds or {}))
-    return ([_claim_merged_beats_public(results)] + _claims_optout(results, th) + _claims_equal_flops(results)
-            + _claims_topk(results) + _claims_extraction(results))
+def _label(results: dict, c: str) -> str:
+    return results.get("configs", {}).get(c, {}).get("label", c)
 
 
 def _config_order(results: dict) -> List[str]:
     configs = list(results["losses"])
-    kind_rank = {"public": 0, "owner": 1, "dense": 2, "merged": 3, "optout": 4, "topk": 5, "btm": 6, "moe": 7}
     kinds = results.get("configs", {})
-    return sorted(configs, key=lambda c: (kind_rank.get(kinds.get(c, {}).get("kind", ""), 9), configs.index(c)))
+    return sorted(configs, key=lambda c: (_KIND_RANK.get(kinds.get(c, {}).get("kind", ""), 99), configs.index(c)))
+
+
+def _columns(head: List[str], rows: List[List[str]], right_from: int = 1) -> List[str]:
+    """Aligned text columns (the first ``right_from`` left-aligned, the rest right-aligned)."""
+    w = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
+    line = lambda r: "  ".join(x.ljust(w[i]) if i < right_from else x.rjust(w[i]) for i, x in enumerate(r))  # noqa: E731
+    return [line(head), line(["-" * x for x in w])] + [line(r) for r in rows]
 
 
 def format_table(results: dict) -> str:
-    """Held-out loss (nats/token) per config (rows) and domain (columns) + the owner-domain mean."""
+    """Held-out loss (nats/token) per config (rows) and domain (columns), the owner-domain mean and
+    the forward FLOPs per token of each row (when recorded)."""
     owners = list(results["owner_domains"])
     doms = [results["public_domain"]] + owners
-    head = ["model / setting"] + [d + ("*" if d == results["public_domain"] else "") for d in doms] + ["owners avg"]
+    cfgs = results.get("configs", {})
+    has_flops = any("flops_per_token" in cfgs.get(c, {}) for c in results["losses"])
+    head = (["model / setting"] + [d + ("*" if d == results["public_domain"] else "") for d in doms] + ["owners avg"]
+            + (["MFLOP/tok"] if has_flops else []))
     rows = []
     for c in _config_order(results):
-        vals = [_loss(results, c, d) for d in doms]
+        vals = [loss_of(results, c, d) for d in doms]
         ov = [v for v, d in zip(vals, doms) if d in owners and v is not None]
         avg = sum(ov) / len(ov) if len(ov) == len(owners) and ov else None
-        label = results.get("configs", {}).get(c, {}).get("label", c)
-        rows.append([label] + [_fmt(v) for v in vals] + [_fmt(avg)])
-    w = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
-    line = lambda r: "  ".join(x.ljust(w[0]) if i == 0 else x.rjust(w[i]) for i, x in enumerate(r))
-    out = [line(head), line(["-" * x for x in w])] + [line(r) for r in rows]
-    out.append("(held-out loss in nats per token, lower is better; * = public domain)")
+        fl = cfgs.get(c, {}).get("flops_per_token")
+        rows.append([_label(results, c)] + [_fmt(v) for v in vals] + [_fmt(avg)]
+                    + ([f"{fl / 1e6:.3g}" if fl else "-"] if has_flops else []))
+    out = _columns(head, rows)
+    P = results.get("eval_prefix")
+    out.append("(held-out loss in nats per token, lower is better; * = public domain"
+               + (f"; every row scored on the same tokens: {P} .. end of each window, the first {P} are context"
+                  if P else "") + (("; MFLOP/tok = forward FLOPs per token (BTM: its 2 chosen members; the prefix "
+                                    "also runs every member)") if has_flops else "") + ")")
     return "\n".join(out)
 
 
+def _routing_rows(results: dict, tables: dict) -> tuple:
+    """Header and rows of one model's routing table: per domain and layer, each expert's average
+    routing probability and top-1 share; the domain's own expert is marked with *."""
+    doms = [d for d in [results["public_domain"]] + list(results["owner_domains"]) if d in tables]
+    names = tables[doms[0]]["experts"]
+    rows = []
+    for d in doms:
+        t = tables[d]
+        for layer, (w, t1) in enumerate(zip(t["weight"], t["top1"])):
+            rows.append([d if layer == 0 else "", str(layer)]
+                        + [f"{w[i]:.2f} ({100 * t1[i]:3.0f}%)" + ("*" if n == d else " ") for i, n in enumerate(names)])
+    return ["domain", "layer"] + list(names), rows
+
+
+def format_routing(results: dict) -> str:
+    """The routing tables of the merged model (and of the merge before router tuning), and the owners' 2-expert models'
+    preference for their own expert on their domain vs on public text."""
+    routing = results.get("routing") or {}
+    out = []
+    for c in [c for c in ("merged", "merged-untuned") if routing.get(c)]:
+        head, rows = _routing_rows(results, routing[c])
+        out += [f"Routing of {_label(results, c)}: average routing probability per expert (top-1 share) on each "
+                f"domain's held-out tokens; * = the domain's own expert"] + _columns(head, rows, right_from=2) + [""]
+    owners = [c for c in routing if c.startswith("owner:")]
+    if owners:
+        pd = results["public_domain"]
+        parts = []
+        for c in owners:
+            d = c.split(":", 1)[1]
+            mean = lambda t: sum(row[1] for row in t["weight"]) / max(1, len(t["weight"]))  # noqa: E731
+            if d in routing[c] and pd in routing[c]:
+                parts.append(f"{d} {mean(routing[c][d]):.2f} on {d}, {mean(routing[c][pd]):.2f} on {pd}")
+        if parts:
+            out.append("Owners' 2-expert models, own expert's average routing probability (mean over layers): "
+                       + "; ".join(parts))
+    return "\n".join(out).rstrip()
+
+
+def _flat(v, nd: int = 3) -> str:
+    if isinstance(v, float):
+        return f"{v:.{nd}g}"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k}: {_flat(x, nd)}" for k, x in v.items()) + "}"
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_flat(x, nd) for x in v) + "]"
+    return str(v)
+
+
+def format_router(results: dict) -> str:
+    """``results["router"]`` (router init / tuning values), one line per key, whatever it holds."""
+    r = results.get("router")
+    if not r:
+        return ""
+    if not isinstance(r, dict):
+        return f"Router: {_flat(r)}"
+    return "\n".join(["Router:"] + [f"  {k}: {_flat(v)}" for k, v in r.items()])
+
+
 def format_audit(results: dict) -> str:
+    """The extraction audit: per model and owner domain, documents reproduced / audited, then the
+    positive control's rows."""
     audit = results.get("audit") or []
     if not audit:
         return ""
@@ -265,7 +152,6 @@ def format_audit(results: dict) -> str:
     a0 = audit[0]
     lines = [f"Extraction audit: share of audited training documents reproduced "
              f"({a0['prefix_len']}-token prefix, {a0['gen_len']} greedy tokens, similarity >= {a0['threshold']})"]
-    head = ["model"] + owners
     rows = []
     for m in models:
         r = [m]
@@ -273,14 +159,20 @@ def format_audit(results: dict) -> str:
             a = cell.get((m, d))
             r.append("-" if a is None else f"{a['n_extracted']}/{a['n_docs']} (sim {a['mean_similarity']:.2f})")
         rows.append(r)
-    w = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
-    for r in [head] + rows:
-        lines.append("  ".join(x.ljust(w[i]) for i, x in enumerate(r)))
+    lines += _columns(["model"] + owners, rows, right_from=len(owners) + 1)[:1] + _columns(
+        ["model"] + owners, rows, right_from=len(owners) + 1)[2:]
+    ctrl = [a for a in audit if a.get("control") == "memorised"]
+    if ctrl:
+        det = ctrl[0].get("details") or {}
+        lines.append(f"(control: a 1-layer dense model trained on {det.get('trained_on', '?')} of the audited "
+                     f"{ctrl[0]['domain']} documents for {det.get('steps', '?')} steps, final loss "
+                     f"{det.get('final_loss', '?')}, {det.get('seconds', '?')} s; 'unseen' = the same model on "
+                     f"documents it never saw)")
     return "\n".join(lines)
 
 
 def format_report(results: dict, claims: Optional[List[dict]] = None) -> str:
-    """The text printed at the end of the demo: corpora, loss table, audit, claims."""
+    """The text printed at the end of the demo: corpora, loss table, routing, router, audit, claims."""
     claims = compute_claims(results) if claims is None else claims
     out = []
     corp = results.get("corpora")
@@ -304,9 +196,9 @@ def format_report(results: dict, claims: Optional[List[dict]] = None) -> str:
     errs = results.get("baseline_errors") or {}
     for k, v in errs.items():
         out.append(f"  baseline {k} FAILED: {v}")
-    aud = format_audit(results)
-    if aud:
-        out += ["", aud]
+    for block in (format_routing(results), format_router(results), format_audit(results)):
+        if block:
+            out += ["", block]
     out += ["", "Claims (judged from this run's numbers):"]
     for c in claims:
         out.append(f"  [{c['verdict'].upper():9s}] {c['claim']}")
@@ -346,44 +238,81 @@ def write_json(path: str, results: dict, claims: List[dict]) -> None:
     write_text_atomic(path, json.dumps(dict(results, claims=claims), indent=1, default=float))
 
 
-def plot_losses(results: dict, path: str) -> str:
-    """Bar chart of held-out loss per domain for the main models / opt-out settings (+ top-k panel)."""
+def _pyplot():
+    """matplotlib's pyplot on the Agg backend (ImportError when matplotlib is not installed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_losses(results: dict, path: str) -> str:
+    """Bar chart of held-out loss per domain for the main models / opt-out settings (+ top-k panel)."""
+    plt = _pyplot()
     owners = list(results["owner_domains"])
     doms = [results["public_domain"]] + owners
-    main = [c for c in _config_order(results)
-            if results.get("configs", {}).get(c, {}).get("kind") in ("public", "merged", "optout", "btm", "moe")]
+    main = [c for c in _config_order(results) if results.get("configs", {}).get(c, {}).get("kind")
+            in ("public", "merged", "oracle", "optout", "untuned", "btm", "moe")]
     ks = sorted(int(c.split(":")[1]) for c in results["losses"] if c.startswith("topk:"))
     fig, axes = plt.subplots(1, 2 if ks else 1, figsize=(13 if ks else 9, 4.5),
                              gridspec_kw={"width_ratios": [3, 1]} if ks else None)
     ax = axes[0] if ks else axes
     width = 0.8 / max(1, len(main))
     for i, c in enumerate(main):
-        ys = [_loss(results, c, d) or float("nan") for d in doms]
-        label = results.get("configs", {}).get(c, {}).get("label", c)
-        ax.bar([j + i * width for j in range(len(doms))], ys, width, label=label)
+        ys = [loss_of(results, c, d) or float("nan") for d in doms]
+        ax.bar([j + i * width for j in range(len(doms))], ys, width, label=_label(results, c))
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(doms))])
     ax.set_xticklabels([d + (" (public)" if d == results["public_domain"] else "") for d in doms])
     ax.set_ylabel("held-out loss (nats/token)")
     ax.set_title("Per-domain loss by model and opt-out setting")
-    vals = [v for c in main for d in doms if (v := _loss(results, c, d)) is not None]
+    vals = [v for c in main for d in doms if (v := loss_of(results, c, d)) is not None]
     if vals:
         lo, hi = min(vals), max(vals)
         ax.set_ylim(max(0.0, lo - 0.15 * (hi - lo + 1e-9)), hi + 0.05 * (hi - lo + 1e-9))
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=6, ncol=2)
     if ks:
         ax2 = axes[1]
         for d in doms:
-            ax2.plot(ks, [_loss(results, f"topk:{k}", d) or float("nan") for k in ks], marker="o", label=d)
+            ax2.plot(ks, [loss_of(results, f"topk:{k}", d) or float("nan") for k in ks], marker="o", label=d)
         ax2.set_xlabel("active experts (top-k)")
         ax2.set_xticks(ks)
         ax2.set_title("Merged model vs top-k")
         ax2.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_routing(results: dict, path: str) -> Optional[str]:
+    """Heatmaps of the merged model's routing (and the merge's before router tuning): rows = (domain, layer), columns =
+    experts, colour and number = average routing probability. None when no routing was recorded."""
+    routing = results.get("routing") or {}
+    shown = [c for c in ("merged", "merged-untuned") if routing.get(c)]
+    if not shown:
+        return None
+    plt = _pyplot()
+    doms = [results["public_domain"]] + list(results["owner_domains"])
+    fig, axes = plt.subplots(1, len(shown), figsize=(4.5 * len(shown) + 1, 0.32 * 12 + 2.5), squeeze=False)
+    for ax, c in zip(axes[0], shown):
+        tables = routing[c]
+        ds = [d for d in doms if d in tables]
+        names = tables[ds[0]]["experts"]
+        grid = [w for d in ds for w in tables[d]["weight"]]
+        ylabels = [f"{d} L{layer}" for d in ds for layer in range(len(tables[d]["weight"]))]
+        im = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
+        for i, row in enumerate(grid):
+            for j, v in enumerate(row):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="w" if v < 0.6 else "k")
+        ax.set_xticks(range(len(names)))
+        ax.set_xticklabels(names, rotation=30, fontsize=8)
+        ax.set_yticks(range(len(ylabels)))
+        ax.set_yticklabels(ylabels, fontsize=7)
+        ax.set_title(_label(results, c), fontsize=9)
+    fig.colorbar(im, ax=axes[0].tolist(), label="average routing probability")
+    fig.suptitle("Which expert the router prefers, per domain (rows) and layer", fontsize=10)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
