@@ -128,7 +128,8 @@ def open_checkpoint(directory: str | os.PathLike, what: str = "--public") -> tup
         raise ModelSpecError(f"{what} {str(d)!r}: no config.json (not a FlexOlmo checkpoint directory)")
     try:
         config = FlexOlmoConfig.from_pretrained(d)
-        sd = lazy_state_dict(d, config.num_experts)
+        # a tied head some writers store anyway is left out (as load_checkpoint always did)
+        sd = lazy_state_dict(d, config.num_experts, skip=["lm_head.weight"] if config.tie_word_embeddings else [])
         shapes = {k: sd.shape(k) for k in sd}
     except Exception as exc:  # safetensors raises its own error types for corrupt files
         raise ModelSpecError(f"{what} {str(d)!r}: cannot read the checkpoint ({type(exc).__name__}: {exc})") from exc
@@ -143,7 +144,7 @@ def load_checkpoint(directory: str | os.PathLike, what: str = "--public") -> tup
     """(config, HF state dict on CPU as stored) of a checkpoint dir; errors name ``what`` and the path."""
     config, lazy = open_checkpoint(directory, what)
     try:
-        sd = {k: lazy[k] for k in lazy if not (config.tie_word_embeddings and k == "lm_head.weight")}
+        sd = {k: lazy[k] for k in lazy}
     except Exception as exc:
         raise ModelSpecError(f"{what} {str(directory)!r}: cannot read the checkpoint ({type(exc).__name__}: {exc})") from exc
     return config, sd

@@ -287,11 +287,13 @@ class LazyStateDict(Mapping):
     ``name`` and reads that tensor only (nothing is cached), so iterating holds one tensor at a
     time. With ``num_experts`` the older per-expert layout is presented fused, as
     :func:`convert_state_dict` does (``...mlp.experts.gate_up_proj`` is read from its pieces on
-    access). :meth:`shape` / :meth:`dtype` read the file headers only. Errors as
+    access); names in ``skip`` are left out. :meth:`shape` / :meth:`dtype` read the file headers
+    only. Errors as
     :func:`load_state_dict` (missing files, corrupt headers, a tensor in two shards).
     """
 
-    def __init__(self, directory: Union[str, os.PathLike], num_experts: Optional[int] = None):
+    def __init__(self, directory: Union[str, os.PathLike], num_experts: Optional[int] = None,
+                 skip: Iterable[str] = ()):
         self.directory = os.fspath(directory)
         self._where: dict[str, str] = {}
         self._meta: dict[str, tuple[tuple[int, ...], str]] = {}
@@ -309,10 +311,10 @@ class LazyStateDict(Mapping):
                 raise CheckpointError(f"{path}: not a readable safetensors file, truncated or corrupt "
                                       f"({str(exc).strip()}); save or copy it again") from exc
         self._fused: dict[str, list[str]] = {}  # fused key -> stored per-expert pieces of its layer
-        keys = []
+        keys, skip = [], set(skip)
         for k in self._where:
             m = _PER_EXPERT.match(k)
-            if _IGNORED.match(k) or (m is not None and num_experts is None):
+            if _IGNORED.match(k) or k in skip or (m is not None and num_experts is None):
                 continue
             if m is None:
                 keys.append(k)
@@ -373,9 +375,10 @@ _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.
                        "U8": torch.uint8, "BOOL": torch.bool}
 
 
-def lazy_state_dict(directory: Union[str, os.PathLike], num_experts: Optional[int] = None) -> LazyStateDict:
+def lazy_state_dict(directory: Union[str, os.PathLike], num_experts: Optional[int] = None,
+                    skip: Iterable[str] = ()) -> LazyStateDict:
     """A :class:`LazyStateDict` of ``directory``: tensors read one at a time, on access."""
-    return LazyStateDict(directory, num_experts)
+    return LazyStateDict(directory, num_experts, skip)
 
 
 def convert_state_dict(sd: dict[str, torch.Tensor], num_experts: int) -> dict[str, torch.Tensor]:
