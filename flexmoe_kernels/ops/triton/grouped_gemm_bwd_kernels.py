@@ -34,7 +34,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .grouped_gemm_kernels import _b_desc, _b_load, _mma, _store_swiglu, _swizzle, _tile
+from .grouped_gemm_kernels import _b_desc, _b_load, _mma, _slot_rows, _store_swiglu, _swizzle, _tile
 
 
 @triton.jit
@@ -93,10 +93,7 @@ def _dh_tile(
 ):
     """One (row tile, F-block) of :func:`_dh_swiglu_bwd_kernel` for expert ``e`` (>= 0)."""
     e64 = e.to(tl.int64)
-    offs_q = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BM,) padded slots of this tile
-    pair = tl.load(pairs_ptr + offs_q)  # (BM,) int32, P for padding
-    row_ok = pair < P
-    tok = tl.where(row_ok, pair // TOP_K, 0).to(tl.int64)  # (BM,) token of each slot
+    offs_q, pair, row_ok, tok = _slot_rows(pid_m, pairs_ptr, P, TOP_K, BLOCK_M)  # slots, dOut rows (gathered)
     n0 = pid_n * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)  # (BN,) columns of F
     n_ok = offs_n < F
@@ -183,11 +180,7 @@ def _up_interleaved_kernel(
     if e < 0:
         return
     e64 = e.to(tl.int64)
-
-    offs_q = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BM,)
-    pair = tl.load(pairs_ptr + offs_q)  # (BM,) int32
-    row_ok = pair < P
-    tok = tl.where(row_ok, pair // TOP_K, 0).to(tl.int64)
+    offs_q, pair, row_ok, tok = _slot_rows(pid_m, pairs_ptr, P, TOP_K, BLOCK_M)  # slots, x rows (gathered)
     offs_c = tl.arange(0, 2 * BLOCK_N)  # (2BN,) interleaved columns: 2j gate, 2j+1 up
     f_c = pid_n * BLOCK_N + offs_c // 2  # (2BN,) F column of each accumulator column
     w_row = (offs_c % 2) * F + f_c  # (2BN,) HF weight row: gate f or up F + f

@@ -68,6 +68,17 @@ def _tile(tile_expert_ptr, NT, N, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def _slot_rows(pid_m, pairs_ptr, P, TOP_K: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The BLOCK_M padded slots of row tile ``pid_m``: ``(offs_q, pair, row_ok, tok)`` = slot
+    indices, their pair ids (P for padding), real-row mask, int64 token of each (0 for padding)."""
+    offs_q = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BM,)
+    pair = tl.load(pairs_ptr + offs_q)  # (BM,) int32
+    row_ok = pair < P
+    tok = tl.where(row_ok, pair // TOP_K, 0).to(tl.int64)
+    return offs_q, pair, row_ok, tok
+
+
+@triton.jit
 def _mma(a, b, acc, INTERPRET: tl.constexpr, DOT_PREC: tl.constexpr):
     """acc += a @ b with fp32 accumulation (fp32 operands under the interpreter). ``DOT_PREC``
     is "ieee" / "tf32" for fp32 operands, "default" for 16-bit ones (no precision argument)."""
@@ -141,10 +152,7 @@ def _up_tile(
 ):
     """One (row tile, F-block) of :func:`_up_swiglu_kernel` for expert ``e`` (>= 0)."""
     e64 = e.to(tl.int64)
-    offs_q = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BM,) padded slots of this tile
-    pair = tl.load(pairs_ptr + offs_q)  # (BM,) int32, P for padding
-    row_ok = pair < P
-    tok = tl.where(row_ok, pair // TOP_K, 0).to(tl.int64)  # (BM,) token of each slot
+    offs_q, pair, row_ok, tok = _slot_rows(pid_m, pairs_ptr, P, TOP_K, BLOCK_M)  # slots, x rows (gathered)
     n0 = pid_n * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)  # (BN,) columns of F
     n_ok = offs_n < F
