@@ -106,9 +106,13 @@ def test_shared_sources_split_by_file_between_public_and_owner(tmp_path, monkeyp
     comp = man["domains"]["web"]["composition"]
     assert comp["shared kind"]["train_docs"] > 0 and comp["prose"]["train_docs"] > 0
     web = corpora.read_documents(os.path.join(d, "web", "train.jsonl"))
+    pool = corpora.read_documents(corpora.proxy_pool(d, "web"))
+    assert corpora.proxy_pool(d, "web").endswith("pool.jsonl") and pool
+    assert not ({x.id for x in web} & {x.id for x in pool})  # the public model never trains on the pool
     assert sum(c["train_docs"] for c in comp.values()) == len(web)
+    assert sum(c["pool_docs"] for c in comp.values()) == len(pool) == man["domains"]["web"]["pool_docs"]
     assert {x.kind for x in web} == {"shared kind", "prose"}
-    for x in web:
+    for x in web + pool:
         assert x.kind != "shared kind" or corpora.public_part(x.origin)
     owner = corpora.read_documents(os.path.join(d, "sh", "train.jsonl"))
     assert owner and not any(corpora.public_part(x.origin) for x in owner)

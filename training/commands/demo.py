@@ -62,6 +62,9 @@ def register(sub) -> None:
     p.add_argument("--router-embedder", default=None, choices=["minilm", "hidden"],
                    help="router init: all-MiniLM-L6-v2 document embeddings (projected to the model width), or the "
                         "public model's hidden states (the paper's weaker ablation) " + _size_defaults("router_embedder"))
+    p.add_argument("--tokenizer", default=None, choices=["byte", "bpe"],
+                   help="byte level, or a small byte-level BPE trained on the public corpus "
+                        + _size_defaults("tokenizer"))
     p.add_argument("--no-router-tuning", action="store_true",
                    help="skip the owners' proxy selection and router tuning (the merged model is the merge's output)")
     p.add_argument("--tune-steps", type=int, default=None, metavar="STEPS",
@@ -93,7 +96,7 @@ def run_demo_command(args) -> int:
             dtype=args.dtype, moe_backend=args.moe_backend, audit_docs=args.audit_docs, audit_gen=args.audit_gen,
             seed=args.seed, baselines=False if args.no_baselines else None, router_embedder=args.router_embedder,
             router_tuning=False if args.no_router_tuning else None, tune_steps=args.tune_steps,
-            bias_init=args.bias_init)
+            bias_init=args.bias_init, tokenizer=args.tokenizer)
     except (ValueError, TypeError) as e:
         print(f"flexmoe demo: {e}", file=sys.stderr)
         return 2

@@ -39,6 +39,8 @@ Layout of a built corpus (cached; rebuilt only when the key inputs change)::
     CORPUS_DIR/manifest.json            sources used, doc counts / bytes per domain and split
     CORPUS_DIR/<domain>/train.jsonl     {"id", "origin", "text"} one document a line
     CORPUS_DIR/<domain>/test.jsonl      held-out documents (never given to training)
+    CORPUS_DIR/web/pool.jsonl           public documents the public model never trains on (the
+                                        owners' proxies and the router-tuning sample come from it)
 """
 from __future__ import annotations
 
@@ -60,6 +62,7 @@ from .textutil import ascii_share, normalise_text, read_text, split_into_documen
 
 __all__ = [
     "CorpusSpec",
+    "proxy_pool",
     "PUBLIC_SHARE",
     "WEB_MIX",
     "public_part",
@@ -75,7 +78,7 @@ __all__ = [
     "normalise_text",
 ]
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 
 # ----------------------------------------------------------------------------- sources
@@ -320,10 +323,14 @@ def _collect(source: Source, spec: CorpusSpec, seen: set, log, part: Optional[bo
     return train, test, info
 
 
-def _collect_web(spec: CorpusSpec, seen: set, log) -> Tuple[List[Document], List[Document], dict]:
+def _collect_web(spec: CorpusSpec, seen: set, log) -> Tuple[List[Document], List[Document], dict, List[Document]]:
     """The broad public corpus: each :data:`WEB_MIX` kind's share of the bytes from its source's
-    public part (prose fills what the others leave); updates ``seen``. ``info["composition"]``
-    gives docs and bytes per kind, ``info["kind_errors"]`` why a kind gave nothing."""
+    public part (prose fills what the others leave); updates ``seen``. Returns (train, test, info,
+    pool): twice ``spec.train_bytes`` of training-split documents are read and split in two by
+    document hash, ``train`` (the public model's data) and ``pool`` (public text the public model
+    never trains on: where owners pick their proxies for router tuning). ``info["composition"]``
+    gives docs and bytes per kind and split, ``info["kind_errors"]`` why a kind gave nothing."""
+    spec = CorpusSpec(**dict(spec.__dict__, train_bytes=2 * spec.train_bytes))
     train: List[Document] = []
     test: List[Document] = []
     info: dict = {"files_found": 0, "files_read": 0, "duplicates_dropped": 0, "seconds": 0.0, "composition": {},
@@ -342,11 +349,15 @@ def _collect_web(spec: CorpusSpec, seen: set, log) -> Tuple[List[Document], List
         test += te
         for k in ("files_found", "files_read", "duplicates_dropped", "seconds"):
             info[k] = round(info[k] + inf.get(k, 0), 2)
-        info["composition"][kind] = {"source": name, "train_docs": len(tr), "train_bytes": sum(len(d.text.encode()) for d in tr),
-                                     "test_docs": len(te), "test_bytes": sum(len(d.text.encode()) for d in te)}
-    train.sort(key=lambda d: d.id)
+        info["composition"][kind] = {"source": name}
+    pool = sorted((d for d in train if int(d.id[-4:], 16) % 2), key=lambda d: d.id)
+    train = sorted((d for d in train if not int(d.id[-4:], 16) % 2), key=lambda d: d.id)
     test.sort(key=lambda d: d.id)
-    return train, test, info
+    for split, docs in (("train", train), ("test", test), ("pool", pool)):
+        for kind, c in info["composition"].items():
+            mine = [d for d in docs if d.kind == kind]
+            c[f"{split}_docs"], c[f"{split}_bytes"] = len(mine), sum(len(d.text.encode()) for d in mine)
+    return train, test, info, pool
 
 
 def _write_jsonl(path: str, docs: List[Document]) -> None:
@@ -356,9 +367,16 @@ def _write_jsonl(path: str, docs: List[Document]) -> None:
 
 
 def read_documents(path: str) -> List[Document]:
-    """Read a ``train.jsonl`` / ``test.jsonl`` written by :func:`build_corpora`."""
+    """Read a ``train.jsonl`` / ``test.jsonl`` / ``pool.jsonl`` written by :func:`build_corpora`."""
     with open(path, encoding="utf-8") as f:
         return [Document(**json.loads(line)) for line in f if line.strip()]
+
+
+def proxy_pool(corpus_dir: str, public: str) -> str:
+    """The public documents owners pick proxies from: ``pool.jsonl`` (never trained on by the public
+    model) when the public corpus has one, else its ``train.jsonl``."""
+    pool = os.path.join(corpus_dir, public, "pool.jsonl")
+    return pool if os.path.isfile(pool) else os.path.join(corpus_dir, public, "train.jsonl")
 
 
 def load_manifest(corpus_dir: str) -> dict:
@@ -394,8 +412,9 @@ class _DomainWriter:
     def try_source(self, name: str, role: str) -> bool:
         """Collect source ``name`` for ``role`` ("public" / "owner"); True when it was kept."""
         local = set(self.seen)  # a skipped source must not claim documents
+        pool: List[Document] = []
         if name == "web":
-            train, test, info = _collect_web(self.spec, local, self.log)
+            train, test, info, pool = _collect_web(self.spec, local, self.log)
         else:  # an owner never reads a file of a shared source's public part
             part = False if (SOURCES[name].shared and role == "owner") else None
             train, test, info = _collect(SOURCES[name], self.spec, local, self.log, part=part)
@@ -408,14 +427,19 @@ class _DomainWriter:
             self.log(f"corpora: skipping {name} as {role}: {why}")
             return False
         self.seen.update(local)
-        self._write(name, role, train, test, ntr, info)
+        self._write(name, role, train, test, ntr, info, pool)
         return True
 
-    def _write(self, name: str, role: str, train: List[Document], test: List[Document], ntr: int, info: dict) -> None:
-        """Write a kept source's splits, record its manifest entry and log a summary line."""
+    def _write(self, name: str, role: str, train: List[Document], test: List[Document], ntr: int, info: dict,
+               pool: List[Document]) -> None:
+        """Write a kept source's splits (and ``pool.jsonl`` when it has a pool), record its manifest
+        entry and log a summary line."""
         os.makedirs(os.path.join(self.out, name), exist_ok=True)
         _write_jsonl(os.path.join(self.out, name, "train.jsonl"), train)
         _write_jsonl(os.path.join(self.out, name, "test.jsonl"), test)
+        if pool:
+            _write_jsonl(os.path.join(self.out, name, "pool.jsonl"), pool)
+            info = dict(info, pool_docs=len(pool), pool_bytes=sum(len(d.text.encode()) for d in pool))
         self.domains[name] = {
             "role": role,
             "source": SOURCES[name].description,
@@ -426,8 +450,9 @@ class _DomainWriter:
             **info,
         }
         if info.get("composition"):
-            self.log("corpora: " + name + " composition (train docs / kB): " + ", ".join(
-                f"{k} {c['train_docs']} / {c['train_bytes'] / 1e3:.0f}" for k, c in info["composition"].items()))
+            self.log("corpora: " + name + " composition (train docs / kB, proxy pool docs): " + ", ".join(
+                f"{k} {c['train_docs']} / {c['train_bytes'] / 1e3:.0f}, {c['pool_docs']}"
+                for k, c in info["composition"].items()))
         self.log(f"corpora: {role:6s} {name:10s} {len(train):5d} train docs ({ntr / 1e3:.0f} kB), "
                  f"{len(test):4d} held-out docs, from {info['files_read']}/{info['files_found']} files "
                  f"({info['duplicates_dropped']} duplicates dropped, {info['seconds']:.1f} s)")

@@ -85,12 +85,16 @@ class DemoSettings:
     device: str = "auto"
     moe_backend: str = "auto"
     seed: int = 0
+    tokenizer: str = "byte"        # "byte" (258 ids) or "bpe": byte-level BPE of bpe_vocab ids trained on the public corpus
+    bpe_vocab: int = 1024
     # evaluation / audit
     eval_tokens: int = 16_384      # held-out tokens per domain
-    audit_docs: int = 16           # training documents audited per owner
+    eval_prefix: int = 32          # first tokens of each window: context only (BTM picks its top-2 members on them)
+    audit_docs: int = 32           # training documents audited per owner (resolution: 1 document)
     audit_prefix: int = 32
-    audit_gen: int = 128
+    audit_gen: int = 256
     audit_threshold: float = 0.9
+    audit_control_docs: int = 8    # positive control: documents a tiny model memorises (and as many it never sees)
     baselines: bool = True
 
     def key(self) -> str:
@@ -102,14 +106,15 @@ SIZES: Dict[str, dict] = {
     # CI smoke test: every stage runs, numbers are noisy.
     "quick": dict(train_bytes=120_000, test_bytes=12_000, hidden_size=64, intermediate_size=128,
                   num_hidden_layers=2, num_attention_heads=2, seq_len=64, batch_size=8, lr=5e-3,
-                  public_steps=240, expert_steps=120, eval_tokens=4096, audit_docs=6, audit_gen=32,
+                  public_steps=240, expert_steps=120, eval_tokens=4096, audit_docs=8, audit_gen=32,
+                  audit_control_docs=4,
                   proxy_docs=8, tune_public_docs=16, tune_steps=40),
     # The README's first command.
     "default": dict(),
     # A GPU: a bigger model, more data and steps, bf16, fast MoE kernels (moe_backend auto).
     "scale": dict(train_bytes=8_000_000, test_bytes=200_000, hidden_size=512, intermediate_size=1408,
                   num_hidden_layers=8, num_attention_heads=8, seq_len=512, batch_size=32, lr=1e-3,
-                  public_steps=3000, expert_steps=1500, eval_tokens=131_072, audit_docs=64, audit_gen=256,
+                  public_steps=3000, expert_steps=1500, eval_tokens=131_072, audit_docs=128, audit_gen=256,
                   dtype="bfloat16", device="cuda", num_owners=4, proxy_docs=400, tune_public_docs=800,
                   tune_steps=500),
 }
@@ -188,6 +193,7 @@ class DemoContext:
     data: Dict[str, str] = field(default_factory=dict)
     tok: object = None
     cfg_path: str = ""
+    tokenizer_file: str = ""        # the BPE tokenizer's JSON file ("" = byte level)
     embedder: str = ""              # the router embedder used (settings.router_embedder or its fallback)
     embedder_note: str = ""         # why, when it differs from the setting
 

@@ -39,10 +39,10 @@ def _read_json(path: str) -> dict:
 
 def _proxies(run_dir: str, corpus_dir: str, public: str, owners: List[str]) -> dict:
     """Per owner: the public ids it published and their kinds of text (the public corpus's ``kind``)."""
-    from .corpora import read_documents
+    from .corpora import proxy_pool, read_documents
     from .proxy import read_proxy_ids
 
-    kinds = {d.id: d.kind or public for d in read_documents(os.path.join(corpus_dir, public, "train.jsonl"))}
+    kinds = {d.id: d.kind or public for d in read_documents(proxy_pool(corpus_dir, public))}
     out = {}
     for d in owners:
         path = os.path.join(run_dir, "proxies", f"{d}.ids")

@@ -72,7 +72,7 @@ def _prepare_docs(ctx, name: str, docs, out: str) -> None:
     text_dir = os.path.join(ctx.run_dir, "text", name)
     _write_text_dir(text_dir, docs)
     opts = cli_options("prepare-data")
-    run_cli(["prepare-data", "--input", text_dir, "--out", out, *opt(opts, overwrite=True)]
+    run_cli(["prepare-data", "--input", text_dir, "--out", out, *opt(opts, overwrite=True, tokenizer=ctx.tokenizer_file or None)]
             + (["--no-progress"] if "--no-progress" in opts else []), ctx.logfile(f"prepare-{name}"), False, ctx.env)
     shutil.rmtree(text_dir, ignore_errors=True)
     ctx.log(f"   prepared {name}: " + _data_summary(out))
@@ -99,6 +99,20 @@ def _write_model_config(ctx) -> None:
         json.dump(model_cfg, f, indent=1)
 
 
+def _bpe_tokenizer(ctx) -> str:
+    """The run's byte-level BPE tokenizer (``settings.bpe_vocab`` ids), trained on the public
+    corpus's training documents only (so owners share nothing to get it); built once."""
+    from .corpora import read_documents
+    from .tokenizer import train_bpe
+
+    path = os.path.join(ctx.run_dir, "tokenizer", "bpe.json")
+    if not os.path.isfile(path):
+        docs = read_documents(os.path.join(ctx.corpus_dir, ctx.public_dom, "train.jsonl"))
+        train_bpe([d.text for d in docs], ctx.settings.bpe_vocab, path)
+        ctx.log(f"   BPE tokenizer ({ctx.settings.bpe_vocab} ids) trained on {len(docs)} public documents -> {path}")
+    return path
+
+
 def prepare(ctx) -> None:
     """Build (or reuse) the corpora; tokenise each domain's training documents into its own data directory."""
     from . import corpora as C
@@ -113,6 +127,8 @@ def prepare(ctx) -> None:
     ctx.public_dom, ctx.owners = ctx.manifest["public"], ctx.manifest["owners"]
     ctx.data = {d: os.path.join(ctx.run_dir, "data", d) for d in ctx.domains}
     with ctx.stage("prepare-data"):
+        if s.tokenizer == "bpe":
+            ctx.tokenizer_file = _bpe_tokenizer(ctx)
         todo = [d for d in ctx.domains if not os.path.isfile(os.path.join(ctx.data[d], "meta.json"))]
         _raise_errors(parallel([(f"prepare {d}", lambda d=d: _prepare_domain(ctx, d)) for d in todo],
                                ctx.jobs, ctx.log, {}))
@@ -155,12 +171,14 @@ def _owner_task(ctx, d: str) -> None:
         run_cli(["init-router", "--public", ctx.ck("public"), "--data", ctx.data[d], "--out", router,
                  *opt(opts, embedder=ctx.embedder, device=ctx.settings.device, overwrite=True)],
                 ctx.logfile(f"init-router-{d}"), ctx.echo_par, ctx.env)
+    from .corpora import proxy_pool
+
     proxy = _proxy_path(ctx, d)
     if ctx.settings.router_tuning and not os.path.isfile(proxy):
         # the owner's own documents and the public corpus in; only public document ids out
         run_module("flexmoe_training.demo.proxy",
                    ["--owner", os.path.join(ctx.corpus_dir, d, "train.jsonl"), "--public",
-                    os.path.join(ctx.corpus_dir, ctx.public_dom, "train.jsonl"), "--out", proxy,
+                    proxy_pool(ctx.corpus_dir, ctx.public_dom), "--out", proxy,
                     "--num-docs", ctx.settings.proxy_docs], ctx.logfile(f"proxy-{d}"), ctx.echo_par, ctx.env)
     if not done(ctx.ck(f"expert-{d}")):
         opts = cli_options("train-expert")
@@ -200,10 +218,11 @@ def _merge_task(ctx) -> None:
 def _tune_task(ctx) -> None:
     """Router tuning: ``tune-router`` (router rows and non-public biases, top-k = all experts while
     tuning, the merged model's top-k saved) on the union of the owners' proxies plus a public sample."""
+    from .corpora import proxy_pool
     from .proxy import tuning_documents
 
     s = ctx.settings
-    docs = tuning_documents(os.path.join(ctx.corpus_dir, ctx.public_dom, "train.jsonl"),
+    docs = tuning_documents(proxy_pool(ctx.corpus_dir, ctx.public_dom),
                             [_proxy_path(ctx, d) for d in ctx.owners], s.tune_public_docs, s.seed)
     tune_data = os.path.join(ctx.run_dir, "data", "tune")
     _prepare_docs(ctx, "tune", [(f"tune-{doc.id}", doc.text) for doc in docs], tune_data)
@@ -268,30 +287,8 @@ def evaluate(ctx) -> dict:
     from .measure import evaluate_all
 
     with ctx.stage("evaluate"):
-        results = evaluate_all(ctx.settings, ctx.run_dir, ctx.corpus_dir, ctx.manifest, ctx.tok, ctx.K, ctx.log)
-        if ctx.settings.router_tuning:
-            _evaluate_untuned(ctx, results)
-        return results
-
-
-def _evaluate_untuned(ctx, results: dict) -> None:
-    """Add the row ``merged-untuned`` (kind "untuned"): the merged model before router tuning, at
-    the run's top-k, on the same held-out windows as every other row."""
-    import time
-
-    from .evaluate import domain_loss
-    from .measure import _test_windows, load_model
-
-    t = time.time()
-    windows = _test_windows(ctx.settings, ctx.corpus_dir, ctx.domains, ctx.tok)
-    m = load_model(ctx.ck("merged-untuned"), ctx.settings)
-    m.set_top_k(ctx.K)
-    row = {d: domain_loss(m, windows[d]) for d in ctx.domains}
-    label = f"merged before router tuning (k={ctx.K})"
-    results["losses"]["merged-untuned"] = row
-    results["configs"]["merged-untuned"] = {"kind": "untuned", "label": label, "allowed": None}
-    ctx.log(f"   {label:34s} " + "  ".join(f"{d} {row[d]['loss']:.3f}" for d in ctx.domains)
-            + f"  ({time.time() - t:.1f} s)")
+        # measure also scores ckpt/merged-untuned (the merge before router tuning), with its routing
+        return evaluate_all(ctx.settings, ctx.run_dir, ctx.corpus_dir, ctx.manifest, ctx.tok, ctx.K, ctx.log)
 
 
 def router_summary(ctx, results: dict) -> dict:
@@ -322,18 +319,13 @@ def report(ctx, results: dict) -> dict:
     claims = R.compute_claims(results)
     json_path = os.path.join(ctx.run_dir, "results.json")
     R.write_json(json_path, results, claims)
-    png = os.path.join(ctx.run_dir, "losses.png")
-    try:
-        R.plot_losses(results, png)
-    except Exception as e:  # the plot must never lose the numbers
-        ctx.log(f"plot failed: {type(e).__name__}: {e}")
-        png = None
+    pngs = R.write_plots(results, ctx.run_dir, ctx.log)  # losses.png, routing.png
     text = R.format_report(results, claims)
     report_path = os.path.join(ctx.run_dir, "report.txt")
     write_text_atomic(report_path, text + "\n")
     print("\n" + text)
     print("\nStage timings: " + ", ".join(f"{k} {v:.0f}s" for k, v in ctx.timings.items()))
-    print(f"Total {results['total_s']:.0f} s. Results: {json_path}" + (f"  plot: {png}" if png else "")
+    print(f"Total {results['total_s']:.0f} s. Results: {json_path}" + "".join(f"  plot: {p}" for p in pngs)
           + f"  report: {report_path}")
     print("\n" + R.format_hints(ctx.ck("merged"), results.get("expert_names") or ["public", *ctx.owners], ctx.K))
     results["claims"] = claims

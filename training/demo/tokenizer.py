@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 from typing import List, Optional, Sequence
 
-__all__ = ["DemoTokenizer", "HFTokenizer", "tokenizer_for"]
+__all__ = ["DemoTokenizer", "HFTokenizer", "tokenizer_for", "train_bpe"]
 
 class DemoTokenizer:
     """Wraps a training tokenizer: ``encode(text, doc_start=False)``, ``decode(ids)``, ids."""
@@ -156,3 +156,26 @@ def tokenizer_for(directory: str, vocab_size: Optional[int] = None, config=None)
         return DemoTokenizer(bt)
     raise ValueError(f"{directory!r} records no tokenizer (no tokenizer_meta.json or tokenizer.json) and its "
                      f"vocabulary ({vocab_size}) does not fit the byte tokenizer ({bt.vocab_size} ids)")
+
+
+def train_bpe(texts: Sequence[str], vocab_size: int, path: str) -> str:
+    """Train a small byte-level BPE tokenizer (``tokenizers``) on ``texts`` and save it to ``path``.
+
+    Byte-level pre-tokenisation and decoding (any text round-trips), the 256 byte symbols plus
+    merges up to ``vocab_size`` ids in all, and ``<|endoftext|>`` as the end-of-document token
+    (``flexmoe prepare-data --tokenizer`` finds it). The demo trains it on the *public* corpus
+    only, so every owner can use it without showing its data. Returns ``path``.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    if vocab_size <= 257:
+        raise ValueError(f"vocab_size must exceed the 256 byte symbols + EOS, got {vocab_size}")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(list(texts), trainer=trainer)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tok.save(path)
+    return path
