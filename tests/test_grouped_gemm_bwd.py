@@ -140,6 +140,8 @@ def test_preact_argument_is_checked(seed):
 LAYER_CASES = [
     pytest.param(23, 40, 36, 7, 2, torch.float32, "token", id="token-fp32"),
     pytest.param(19, 24, 20, 7, 3, torch.float16, "sequence", id="sequence-fp16"),
+    # gpu tier: bf16, D and F multiples of 8 (16-byte rows: the TMA paths resolve on)
+    pytest.param(37, 48, 40, 7, 2, torch.bfloat16, "token", id="token-bf16-gpu", marks=pytest.mark.gpu),
 ]
 
 
