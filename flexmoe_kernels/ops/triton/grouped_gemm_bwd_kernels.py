@@ -4,11 +4,13 @@ up-projection (issue 13 items 3-4).
 Legend: T tokens, D hidden, F expert FFN width, E experts, K top-k, P = T*K routed (token,
 slot) pairs with pair id ``p = t*K + k``, Q_max padded pair slots, NT tiles of BLOCK_M slots,
 NFB = cdiv(F, BLOCK_N) F-blocks. Schedule (``pairs_ptr``, ``tile_expert_ptr``) and the shared
-helpers (:func:`._tile`, :func:`._mma`, :func:`._store_swiglu`) as in
+helpers (:func:`._tile`, :func:`._slot_rows`, :func:`._mma`, :func:`._store_swiglu`,
+:func:`._b_desc` / :func:`._b_load`) as in
 :mod:`.grouped_gemm_kernels`: a tile whose expert is -1 returns at once, so experts with no
 pairs (zero tokens, opted out) launch no work and their weights are never loaded.
 
-Kernels (launchers in :mod:`flexmoe_kernels.ops.triton.grouped_gemm_bwd`):
+Kernels (launchers :func:`~flexmoe_kernels.ops.triton.grouped_gemm.swiglu_dh_backward` and
+:func:`~flexmoe_kernels.ops.triton.grouped_gemm.up_swiglu`):
 
 * :func:`_dh_swiglu_bwd_kernel`, grid (NT * NFB,): ``dh = dOut[token] @ down[e]`` for one
   F-block (gathered dOut rows in the A load; ONE fp32 accumulator, so BLOCK_N can be 128-256
@@ -18,7 +20,12 @@ Kernels (launchers in :mod:`flexmoe_kernels.ops.triton.grouped_gemm_bwd`):
   ``<dh, h>`` of this F-block -> ``dwp_PN[pair, pid_n]`` (summed in a fixed order by the
   launcher: deterministic); ``dh *= w``; ``dgate = dh * u * silu'(g)``, ``dup = dh * silu(g)``
   -> ``dgu_Q2F`` (HF order: gate columns then up columns); ``w * h`` -> ``hw_QF`` (STORE_HW,
-  the A operand of dW_down). Plain stores per slot: no atomics, bitwise reproducible.
+  the A operand of dW_down). Plain stores per slot: no atomics, bitwise reproducible. The
+  epilogue runs in ``EPI_SPLIT`` chunks of 32 columns (:func:`_swiglu_bwd_epilogue`), the
+  down weight comes through a TMA descriptor with ``TMA`` and the tiles are looped over with
+  ``PERSISTENT`` (the same variants as the up / down kernels). sm_90a, 128x128x64 w8 s3 (both
+  target shapes): n128 wgmma, TMA, 3 buffers, 130 registers, no spill, 98 KB shared memory
+  (s4: 4 buffers, 131 KB).
 * :func:`_up_interleaved_kernel`, grid (NT * NFB,): the up-projection with ONE (BLOCK_M,
   2*BLOCK_N) accumulator over interleaved gate/up weight rows (column ``2j`` = gate row
   ``f0 + j``, column ``2j + 1`` = up row ``F + f0 + j``), so one ``tl.dot`` of width 2*BLOCK_N
