@@ -77,8 +77,6 @@ def _role(launch) -> str:
         return "bwd_dh"
     if name == "_tile_gemm_scatter_kernel":
         return "down" if kw.get("HAS_WEIGHT") else "bwd_dx"
-    if name == "_grouped_dw_kernel":
-        return "dw_down" if kw.get("A_GATHER") else "dw_gate_up"
     if name == "_combine_kernel":
         return "combine" if launch.phase == "fwd" else "dx_combine"
     return _ROLES.get(name, name)
@@ -155,8 +153,10 @@ def build_report(preset_name: str, tokens: int, arch: str, dtype_name: str = "bf
                   launches=len(launches), distinct=len({id(r) for r in results}),
                   compile_s=round(time.perf_counter() - t0, 1), jobs=jobs)
     rows = []
+    dw_roles = iter(("dw_gate_up", "dw_down"))  # launch order of the backward (operands may swap)
     for launch, res in zip(launches, results):
-        row = dict(kernel=launch.name, role=_role(launch), phase=launch.phase, config=_config_text(launch),
+        role = next(dw_roles, "dw") if launch.name == "_grouped_dw_kernel" else _role(launch)
+        row = dict(kernel=launch.name, role=role, phase=launch.phase, config=_config_text(launch),
                    grid=int(_prod(launch.grid)), preset=preset_name, tokens=tokens, arch=arch, dtype=dtype_name)
         row.update(res)
         if "smem_bytes" in row:

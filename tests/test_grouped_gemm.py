@@ -181,6 +181,25 @@ def test_triton_grouped_gemms_against_reference_plan(seed, dtype):
     assert float(ref64.detach().abs().max()) > 0.1
 
 
+def _record_kwarg(monkeypatch, kernel, name):
+    """The values of keyword ``name`` in each launch of ``kernel`` (which still runs)."""
+    seen, real = [], launch.kernels
+
+    class Kernels:
+        def __init__(self, mod):
+            self.mod = mod
+
+        def __getattr__(self, attr):
+            fn = getattr(self.mod, attr)
+            if attr != kernel:
+                return fn
+            return type("Rec", (), {"__getitem__": lambda _, grid: lambda *a, **kw: (
+                seen.append(kw[name]), fn[grid](*a, **kw))})()
+
+    monkeypatch.setattr(launch, "kernels", lambda mod: Kernels(real(mod)))
+    return seen
+
+
 def _dw_reference64(a, a_gather, b, b_gather, plan, trainable):
     """float64 ``dW[e] = sum over e's real slots of A[row_a]^T B[row_b]`` (zeros if frozen)."""
     pairs = plan.schedule.padded_pairs_Q.long().cpu()
@@ -199,12 +218,15 @@ def _dw_reference64(a, a_gather, b, b_gather, plan, trainable):
 
 @needs_triton
 @pytest.mark.parametrize("a_gather", [False, True])
-@pytest.mark.parametrize("block_k", [16, 32])
-def test_triton_grouped_dw_multi_step_frozen_and_empty_experts(seed, a_gather, block_k):
+@pytest.mark.parametrize("block_k,tma", [(16, False), (32, False), (16, True), (32, True)])
+def test_triton_grouped_dw_multi_step_frozen_and_empty_experts(seed, monkeypatch, a_gather, block_k, tma):
     """The dW kernel alone (its pair ids are prefetched one k-step ahead): experts whose slot
     range takes several k-steps (and, at BLOCK_K 32, a partial last one), an expert with no
     pairs (exact zeros), a frozen expert whose slot-ordered rows are NaN (exact zeros, nothing
-    loaded), NaN in every padding / unused slot row of the slot-ordered operand (never read)."""
+    loaded), NaN in every padding / unused slot row of the slot-ordered operand (never used).
+    ``tma``: the slot-ordered operand through a TMA descriptor (as A, or as B by computing
+    dW^T): its blocks cover padding rows and, at an expert's end, would cover the next
+    expert's NaN rows; neither may reach the result."""
     T, E, K, R, C = 45, 5, 2, 24, 20
     logits = torch.randn(T, E, device=DEVICE)
     logits[:, 0] += 4.0  # expert 0 gets (nearly) every token: 3 tiles of 16 slots
@@ -223,8 +245,10 @@ def test_triton_grouped_dw_multi_step_frozen_and_empty_experts(seed, a_gather, b
     slotted[poff[1]:poff[2]] = float("nan")  # the frozen expert's rows
     slotted = slotted.to(DEVICE)
     a, b = (gathered, slotted) if a_gather else (slotted, gathered)
-    cfg = tc.GemmConfig(16, 16, block_k, 4, 4, 1)
+    cfg = tc.GemmConfig(16, 16, block_k, 4, 4, 1, tma=tma)
+    seen = _record_kwarg(monkeypatch, "_grouped_dw_kernel", "A_TMA")
     got = gg.grouped_dw(a, a_gather, b, not a_gather, plan, torch.float32, cfg, trainable.to(DEVICE))
+    assert seen == [tma]
     ref = _dw_reference64(a, a_gather, b, not a_gather, plan, trainable)
     assert bool((got[1] == 0).all()) and bool((got[3] == 0).all())
     torch.testing.assert_close(got.double().cpu(), ref, rtol=1e-5, atol=1e-5)
@@ -335,17 +359,17 @@ def test_config_env_pins_variant_flags(monkeypatch):
 
 def test_get_configs_for_a_named_device_without_a_gpu(monkeypatch):
     """``device_name=`` chooses as on that CUDA device (no GPU queried): the H100 table for the
-    two target shapes, with TMA weights and 4 stages for the 128-row forward / dX GEMMs; the
-    heuristic (tma on, persistent off) for an unknown device."""
+    two target shapes, with TMA weights and 4 stages for the 128-row forward / dX GEMMs (and
+    TMA for dW); the heuristic (tma on, persistent off) for an unknown device."""
     monkeypatch.setattr(torch.cuda, "current_device", lambda: pytest.fail("a GPU was queried"))
     for T, shape in ((32768, (2048, 768, 128, 8)), (16384, (4096, 11008, 7, 5))):
         c = tc.get_configs(T, *shape, torch.bfloat16, "cuda", device_name="NVIDIA H100 80GB HBM3")
         assert "triton_moe_NVIDIA_H100.json" in c.source and "[m=" in c.source, c.source
-        for kind in ("up", "down", "bwd_dx"):
+        for kind in ("up", "down", "bwd_dx", "dw"):
             g = getattr(c, kind)
             assert (g.BLOCK_M, g.tma, g.num_stages, g.persistent) == (128, True, 4, False), (kind, g)
     h = tc.get_configs(4096, 64, 96, 4, 2, torch.bfloat16, "cuda", device_name="Some Other GPU")
-    assert h.source == "heuristic" and h.up.tma and not h.up.persistent and not h.dw.tma
+    assert h.source == "heuristic" and h.up.tma and h.dw.tma and not h.up.persistent
 
 
 def test_table_lookup_tokens_per_expert_bucket(tmp_path):

@@ -1,6 +1,7 @@
 """Every launch variant of the Triton grouped GEMMs in the interpreter tier (issue 13 item 9):
-TMA weight descriptors on / off x the persistent tile schedule on / off (and 4 stages), pinned
-through ``FLEXMOE_TRITON_CONFIG`` as a user would, each against the float64 reference
+TMA descriptors on / off (expert weights; dW's slot-ordered operand) x the persistent tile
+schedule on / off (and 4 stages), pinned through ``FLEXMOE_TRITON_CONFIG`` as a user would,
+each against the float64 reference
 (``helpers`` / ``test_layer.check_against_reference``: output, logits and the gradient of every
 input and parameter) in fp32 and fp16 on small odd shapes with experts that get no token,
 opted-out experts whose weights are NaN (never read), per-token masks, and every launcher
@@ -33,7 +34,7 @@ VARIANTS = {
     "tma-persistent": "tma=1,persistent=1,num_stages=4",
     "pointers": "tma=0,persistent=0",
 }
-TILE_KERNELS = ("_up_swiglu_kernel", "_tile_gemm_scatter_kernel")
+TILE_KERNELS = ("_up_swiglu_kernel", "_tile_gemm_scatter_kernel", "_grouped_dw_kernel")
 
 
 @pytest.fixture
@@ -74,17 +75,22 @@ def _nan_never_allowed(p, E):
 
 
 def _role(name, kw):
+    if name == "_grouped_dw_kernel":
+        return "dw"
     return "up" if name == "_up_swiglu_kernel" else ("down" if kw["HAS_WEIGHT"] else "dx")
 
 
 def _check_variant(launched, pin, *, tma_off=()):
-    """Every tile launch (up, down, dX) ran with the pinned flags, TMA resolved off for the
-    roles in ``tma_off``; a persistent launch has 3 programs (fewer than its tiles)."""
+    """Every GEMM launch (up, down, dX, both dW) ran with the pinned flags, TMA resolved off
+    for the roles in ``tma_off``; a persistent launch has 3 programs (fewer than its tiles)."""
     want_pers = "persistent=1" in pin
-    roles = {_role(n, kw) for n, _, kw in launched}
-    assert roles == {"up", "down", "dx"}, roles
+    roles = [_role(n, kw) for n, _, kw in launched]
+    assert set(roles) == {"up", "down", "dx", "dw"} and roles.count("dw") == 2, roles
     for name, grid, kw in launched:
         want_tma = "tma=1" in pin and _role(name, kw) not in tma_off
+        if name == "_grouped_dw_kernel":  # the slot-ordered operand through TMA; never persistent
+            assert kw["A_TMA"] == want_tma, kw
+            continue
         assert kw["TMA"] == want_tma and kw["PERSISTENT"] == want_pers, (name, kw)
         if want_pers:
             assert grid == (launch.num_programs(torch.device("cpu")),) == (3,), (name, grid)
@@ -108,7 +114,8 @@ def test_variant_matches_reference(seed, monkeypatch, launched, variant, dtype):
 def test_unsupported_strides_fall_back_to_pointer_loads(seed, monkeypatch, launched):
     """fp16 with D = 36: gate_up rows of 72 bytes (not a multiple of 16: no descriptor), so
     ``tma`` resolves off for the up GEMM and dX (both read gate_up) but stays on for the down
-    GEMM (rows of F = 24: 48 bytes); the persistent schedule stays; results still match."""
+    GEMM (rows of F = 24: 48 bytes) and both dW (slot-ordered rows of 2F / F); the persistent
+    schedule stays; results still match."""
     T, D, F, E, K = 13, 36, 24, 5, 2
     variant = "tma-persistent"
     monkeypatch.setenv(tc.ENV_VAR, f"{BLOCKS},{VARIANTS[variant]}")

@@ -305,11 +305,22 @@ def grouped_dw(
 
     ``a`` is (T, R) read at the slot's token if ``a_gather`` else (Q_max, R) read at the slot;
     likewise ``b`` (T or Q_max, C). ``trainable_E``: optional (E,) bool; frozen experts get
-    exact zeros without any load. Experts with no pairs get exact zeros.
+    exact zeros without any load. Experts with no pairs get exact zeros. ``cfg.tma``: the
+    slot-ordered operand (contiguous rows) is read through a TMA descriptor; when it is ``b``,
+    the kernel computes ``dW[e]^T = B^T A`` into the transposed view of the output.
     """
     E = plan.num_experts
     R, C = a.shape[1], b.shape[1]
     out = launch.alloc((E, R, C), out_dtype, a.device)
+    s_oe, s_or, s_oc = out.stride()
+    tma = cfg.tma and launch.tma_supported(a.device)
+    if tma and (a_gather or not launch.tma_compatible(a, a.stride())):
+        if not b_gather and launch.tma_compatible(b, b.stride()):  # swap: dW^T = B^T A
+            a, a_gather, b, b_gather, R, C, s_or, s_oc = b, b_gather, a, a_gather, C, R, s_oc, s_or
+        else:
+            tma = False
+    if tma:
+        launch.ensure_triton_allocator(a.device)
     grid = (E * launch.cdiv(R, cfg.BLOCK_M) * launch.cdiv(C, cfg.BLOCK_N),)
     tr = trainable_E.to(torch.uint8) if trainable_E is not None else plan.counts_E  # dummy pointer
     if grid[0] > 0:
@@ -317,10 +328,10 @@ def grouped_dw(
             a, a.stride(0), a.stride(1),
             b, b.stride(0), b.stride(1),
             plan.schedule.padded_pairs_Q, plan.schedule.padded_offsets_E1, tr,
-            out, *out.stride(),
+            out, s_oe, s_or, s_oc,
             plan.num_pairs, R, C,
             TOP_K=plan.top_k, A_GATHER=a_gather, B_GATHER=b_gather, HAS_TRAINABLE=trainable_E is not None,
-            **_launch_kw(cfg, a.dtype),
+            A_TMA=tma, **_launch_kw(cfg, a.dtype),
         )
     return out
 

@@ -33,6 +33,9 @@ Kernels (launchers in :mod:`flexmoe_kernels.ops.triton.grouped_gemm`):
   operand's row indices) are loaded one k-step ahead into registers, so the operand loads
   are not indirect within an iteration and get the full ``num_stages`` shared-memory ring
   (3 buffers at 3 stages on sm_90a; an in-loop pair-id load cost a stage: 2 buffers).
+  ``A_TMA``: the slot-ordered A operand comes through a TMA descriptor whose row extent is the
+  expert's end slot (the next expert's rows read as 0); padding slots are zeroed in registers
+  (the launcher puts the slot-ordered operand on the A side, transposing the product if needed).
 
 All row offsets that can exceed 2^31 (token * stride, slot * stride, expert * stride) are int64.
 Under ``TRITON_INTERPRET=1`` (``INTERPRET=True``) non-fp32 dot operands are upcast to fp32
@@ -341,6 +344,7 @@ def _grouped_dw_kernel(
     BLOCK_N: tl.constexpr,  # over C
     BLOCK_K: tl.constexpr,  # over the expert's slots (the reduction)
     GROUP_M: tl.constexpr, INTERPRET: tl.constexpr, DOT_PREC: tl.constexpr,
+    A_TMA: tl.constexpr = False,  # A (slot-ordered, not A_GATHER, unit column stride) through TMA
 ):
     pid = tl.program_id(0)
     tiles_r = tl.cdiv(R, BLOCK_M)
@@ -361,6 +365,8 @@ def _grouped_dw_kernel(
 
     start = tl.load(poff_ptr + e)
     end = tl.load(poff_ptr + e + 1)
+    if A_TMA:  # rows >= end (the next expert's slots) are outside the descriptor: read as 0
+        a_desc = tl.make_tensor_descriptor(a_ptr, [end, R], [stride_am, 1], [BLOCK_K, BLOCK_M])
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     # Pair ids are prefetched one k-step ahead in registers (loop-carried): the operand loads
@@ -383,10 +389,13 @@ def _grouped_dw_kernel(
             b_rows = tok64
         else:
             b_rows = slot64
-        a = tl.load(
-            a_ptr + a_rows[None, :] * stride_am + offs_r[:, None] * stride_ar,
-            mask=r_ok[:, None] & ok[None, :], other=0.0,
-        )  # (BM, BK) = A_e^T tile
+        if A_TMA:  # padding slots (pair P) may hold anything: zeroed in registers (wgmma A operand)
+            a = tl.where(ok[None, :], tl.trans(a_desc.load([m0, pid_r * BLOCK_M])), 0.0)
+        else:
+            a = tl.load(
+                a_ptr + a_rows[None, :] * stride_am + offs_r[:, None] * stride_ar,
+                mask=r_ok[:, None] & ok[None, :], other=0.0,
+            )  # (BM, BK) = A_e^T tile
         b = tl.load(
             b_ptr + b_rows[:, None] * stride_bm + offs_c[None, :] * stride_bc,
             mask=ok[:, None] & c_ok[None, :], other=0.0,
