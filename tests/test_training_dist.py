@@ -1,5 +1,6 @@
 """Training in separate processes: 2 ranks over gloo (torch.distributed.run), pause and exact resume with 2
-ranks for every ZeRO stage, and resume after SIGKILL."""
+ranks for every ZeRO stage, resume after SIGKILL, and the refusal of a per-rank state saved by another
+number of processes or at another ZeRO stage."""
 from __future__ import annotations
 
 import json
@@ -135,3 +136,23 @@ def test_in_process_run_leaves_no_group_or_launcher_env(setup, tmp_path):
     assert {k: os.environ.get(k) for k in LAUNCHER_VARS} == before
     # a second in-process run after the tear-down sets the group up again
     assert run_cli(args + ["--out", tmp_path / "again"]) == 0
+
+
+def test_resume_refuses_another_world_size_or_stage(setup, tmp_path, capsys):
+    """ZeRO 1-3 states are per rank (each rank wrote its own partition): a state saved by another
+    number of processes, or at another stage, is refused with a message naming both (and
+    --overwrite discards it); ZeRO-0 holds no partitions and is not refused for the world size."""
+    args = pause_args(setup, 2) + ["--out", tmp_path / "part"]
+    assert run_cli(args + ["--max-steps-this-run", "1"]) == 0
+    meta_path = tmp_path / "part.inprogress" / "state" / "trainer_state.json"
+    meta = json.loads(meta_path.read_text())
+    assert meta["world_size"] == 1 and meta["zero_stage"] == 2
+    meta_path.write_text(json.dumps(dict(meta, world_size=2)))
+    assert run_cli(args) == 2
+    err = capsys.readouterr().err
+    assert "saved by 2 process(es) at ZeRO stage 2, this run has 1 at stage 2" in err
+    meta_path.write_text(json.dumps(meta))
+    assert run_cli(pause_args(setup, 3) + ["--out", tmp_path / "part"]) == 2
+    assert "ZeRO stage 2, this run has 1 at stage 3" in capsys.readouterr().err
+    assert run_cli(pause_args(setup, 3) + ["--out", tmp_path / "part", "--overwrite"]) == 0
+    assert json.loads((tmp_path / "part" / "run.json").read_text())["resumed_from_step"] is None
