@@ -253,9 +253,11 @@ def _block_prefix_kernel(
         msk = (offs_b < NB)[:, None] & e_ok[None, :]
         ptrs = block_counts_ptr + offs_b.to(tl.int64)[:, None] * E + offs_e[None, :]
         c = tl.load(ptrs, mask=msk, other=0)
-        incl = tl.cumsum(c, axis=0)
-        tl.store(ptrs, incl - c + carry[None, :], mask=msk)
-        carry += tl.sum(c, axis=0)
+        tot = tl.sum(c, axis=0)
+        # exclusive prefix = block total - inclusive suffix (the forward form, incl - c, made
+        # ptxas spill 24 B with Triton's --regAllocOptLevel=2 at BLOCK_NB 128, BLOCK_ES 4: E = 7, 8)
+        tl.store(ptrs, carry[None, :] + tot[None, :] - tl.cumsum(c, axis=0, reverse=True), mask=msk)
+        carry += tot
         start += BLOCK_NB
     tl.store(counts_ptr + offs_e, carry, mask=e_ok)
 
