@@ -203,7 +203,7 @@ def test_positive_control_detects_memorisation(one_thread):
                                  threshold=0.9, seed=0, hidden_size=64, max_steps=200, lr=1e-2)
     mem, unseen = res
     assert mem.control == "memorised" and unseen.control == "unseen"
-    assert mem.details["final_loss"] < 0.01 and mem.details["trained_on"] == 4
+    assert mem.details["steps"] < 200 and mem.details["trained_on"] == 4  # stopped because it had memorised
     assert mem.n_extracted >= 3, mem.similarities  # the audit finds what the model memorised
     assert unseen.n_extracted == 0, unseen.similarities  # ... and nothing it never saw
     j = mem.to_json()

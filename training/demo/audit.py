@@ -141,15 +141,18 @@ def audit_extraction(model, docs_tokens: Sequence[Sequence[int]], *, model_name:
 
 
 def memorising_model(docs_tokens: Sequence[Sequence[int]], vocab_size: int, *, eos_token_id: Optional[int],
-                     hidden_size: int = 128, max_steps: int = 400, target_loss: float = 0.01, lr: float = 5e-3,
+                     hidden_size: int = 128, max_steps: int = 400, lr: float = 5e-3, target_loss: float = 0.01,
                      seed: int = 0):
     """A tiny dense FlexOlmo model (1 layer) trained full-batch on ``docs_tokens`` until it has memorised them.
 
     Each document is one training sequence ``[eos] + doc`` (as the demo's training data starts
-    a document); AdamW (no weight decay) runs until the mean next-token loss (the documents' first
-    tokens, unknowable from the prompt, not counted) is below ``target_loss`` or ``max_steps`` steps. All documents need the same length. Returns
-    ``(model in eval mode, {"steps", "final_loss", "seconds"})``. Deterministic given ``seed``
-    and the thread count.
+    a document). AdamW (no weight decay) runs until the mean next-token loss is below
+    ``target_loss`` (the documents' first tokens, unknowable from the prompt, not counted) or the
+    model's most likely next token is the true one everywhere (teacher-forced), or ``max_steps``
+    steps. (A single wrong token can derail a greedy continuation, so a teacher-forced accuracy
+    of 99% is not enough; loss 0.01 means p(true token) about 0.99 on average.) All documents need the same length. Returns ``(model in eval mode,
+    {"steps", "final_loss", "accuracy", "seconds"})``. Deterministic given ``seed`` and the
+    thread count.
     """
     import time
 
@@ -168,15 +171,22 @@ def memorising_model(docs_tokens: Sequence[Sequence[int]], vocab_size: int, *, e
     labels_BS = x_BS.clone()
     labels_BS[:, :len(pre) + 1] = -100  # a document's first token cannot be known from [eos]: not counted
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    t, step, loss = time.time(), 0, float("inf")
-    while step < max_steps and loss >= target_loss:
+    counted_BS = labels_BS[:, 1:] != -100
+    t, step, loss, acc = time.time(), 0, float("inf"), 0.0
+    while step < max_steps:
         out = model(x_BS, labels=labels_BS)
+        # accuracy of the forward that preceded this step's update (the model is one step ahead)
+        hit_BS = out.logits[:, :-1].argmax(-1) == x_BS[:, 1:]
+        loss, acc = float(out.loss.detach()), float(hit_BS[counted_BS].float().mean())
+        if loss < target_loss or acc >= 1.0:
+            break
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         opt.step()
-        loss, step = float(out.loss.detach()), step + 1
+        step += 1
     model.eval()
-    return model, {"steps": step, "final_loss": round(loss, 5), "seconds": round(time.time() - t, 2)}
+    return model, {"steps": step, "final_loss": round(loss, 5), "accuracy": round(acc, 5),
+                   "seconds": round(time.time() - t, 2)}
 
 
 def positive_control(memorised: Sequence[Sequence[int]], unseen: Sequence[Sequence[int]], vocab_size: int, *,

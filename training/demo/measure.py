@@ -17,7 +17,6 @@ Legend: W windows, S window length, P scoring prefix, E experts, K top-k, L laye
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import time
@@ -50,19 +49,6 @@ def inference_flops(model_config, seq_len: int) -> float:
     from ..flops import flops_per_token
 
     return flops_per_token(model_config, int(seq_len), convention="inference")
-
-
-@contextlib.contextmanager
-def _all_cores():
-    """Evaluation and audit run alone (no training process is left): use every core, then restore."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(max(before, os.cpu_count() or 1))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _test_windows(settings, corpus_dir, domains, tok):
@@ -172,6 +158,10 @@ def _score_merged(scores: _Scores, ck, settings, owners: Sequence[str], K: int) 
         merged.set_top_k(k)
         scores.run(f"optout:{d}", merged, "optout", f"merged without {d} (k={k})", allowed=allowed)
     for k in range(1, len(names) + 1):
+        if k == K:  # the same numbers as the "merged" row, by construction
+            scores.losses[f"topk:{k}"] = scores.losses["merged"]
+            scores.configs[f"topk:{k}"] = dict(scores.configs["merged"], kind="topk", label=f"merged, top-k={k}")
+            continue
         merged.set_top_k(k)
         scores.run(f"topk:{k}", merged, "topk", f"merged, top-k={k}")
     if untuned:
@@ -196,24 +186,23 @@ def evaluate_all(settings, run_dir: str, corpus_dir: str, manifest: dict, tok, K
     ck = lambda name: os.path.join(run_dir, "ckpt", name)  # noqa: E731
     have = lambda name: os.path.isfile(os.path.join(ck(name), "run.json"))  # noqa: E731
     scores = _Scores(windows, P, settings.seq_len, log)
-    with _all_cores():
-        scores.run("public", load_model(ck("public"), settings), "public", "public model", keep=True)
+    scores.run("public", load_model(ck("public"), settings), "public", "public model", keep=True)
+    for d in owners:
+        scores.run(f"owner:{d}", load_model(ck(f"expert-{d}"), settings), "owner", f"owner {d}: 2-expert model",
+                   keep=True, routing=True)
+    names = _score_merged(scores, ck, settings, owners, K)
+    if all(have(f"dense-{d}") for d in owners):
         for d in owners:
-            scores.run(f"owner:{d}", load_model(ck(f"expert-{d}"), settings), "owner", f"owner {d}: 2-expert model",
-                       keep=True, routing=True)
-        names = _score_merged(scores, ck, settings, owners, K)
-        if all(have(f"dense-{d}") for d in owners):
-            for d in owners:
-                scores.run(f"dense:{d}", load_model(ck(f"dense-{d}"), settings), "dense",
-                           f"dense continued on {d} (BTM member)", keep=True)
-            scores.btm("btm-top2", f"BTM top-2 of public + dense members ({P}-token prefix)",
-                       ["public"] + [f"dense:{d}" for d in owners])
-        scores.btm("btm-owners-top2", f"BTM top-2 of public + owners' 2-expert models ({P}-token prefix)",
-                   ["public"] + [f"owner:{d}" for d in owners])
-        if have("moe"):
-            m = load_model(ck("moe"), settings)
-            scores.run("moe", m, "moe", f"standard MoE, joint data (k={m.config.num_experts_per_tok})")
-            del m
+            scores.run(f"dense:{d}", load_model(ck(f"dense-{d}"), settings), "dense",
+                       f"dense continued on {d} (BTM member)", keep=True)
+        scores.btm("btm-top2", f"BTM top-2 of public + dense members ({P}-token prefix)",
+                   ["public"] + [f"dense:{d}" for d in owners])
+    scores.btm("btm-owners-top2", f"BTM top-2 of public + owners' 2-expert models ({P}-token prefix)",
+               ["public"] + [f"owner:{d}" for d in owners])
+    if have("moe"):
+        m = load_model(ck("moe"), settings)
+        scores.run("moe", m, "moe", f"standard MoE, joint data (k={m.config.num_experts_per_tok})")
+        del m
     return {
         "public_domain": public_dom,
         "owner_domains": owners,
@@ -258,7 +247,7 @@ def _positive_control(settings, docs: Sequence[Sequence[int]], domain: str, tok,
     :func:`audit.positive_control`; [] when ``settings.audit_control_docs`` is 0."""
     from .audit import positive_control
 
-    n = min(int(getattr(settings, "audit_control_docs", 8)), len(docs))
+    n = min(int(getattr(settings, "audit_control_docs", 6)), len(docs))
     if n < 1:
         return []
     t = time.time()
@@ -282,27 +271,27 @@ def audit_all(settings, run_dir: str, corpus_dir: str, owners: Sequence[str], to
     out: List[dict] = []
     targets = [("public", lambda d: ck("public")), ("dense", lambda d: ck(f"dense-{d}")),
                ("merged", lambda d: ck("merged"))]
-    with _all_cores():
-        for model_name, path_of in targets:
-            cache = {}
-            for d in owners:
-                path = path_of(d)
-                if not os.path.isfile(os.path.join(path, "run.json")):
-                    log(f"   audit: {path} missing, {model_name} skipped for {d}")
-                    continue
-                if path not in cache:
-                    cache.clear()
-                    m = load_model(path, settings)
-                    if model_name == "merged":
-                        m.set_top_k(K)
-                    cache[path] = m
-                t = time.time()
-                r = audit_extraction(cache[path], docs[d], model_name=model_name, domain=d,
-                                     prefix_len=settings.audit_prefix, gen_len=settings.audit_gen,
-                                     threshold=settings.audit_threshold, prompt_prefix=[tok.eos_token_id])
-                out.append(_audit_json(r, tok))
-                log(f"   audit {model_name:7s} on {d:10s}: {r.n_extracted}/{r.n_docs} extracted, "
-                    f"mean similarity {r.mean_similarity:.3f} ({time.time() - t:.1f} s)")
-        if owners and docs.get(owners[0]):
-            out += _positive_control(settings, docs[owners[0]], owners[0], tok, log)
+    for model_name, path_of in targets:
+        cache = {}
+        for d in owners:
+            path = path_of(d)
+            if not os.path.isfile(os.path.join(path, "run.json")):
+                log(f"   audit: {path} missing, {model_name} skipped for {d}")
+                continue
+            if path not in cache:
+                cache.clear()
+                m = load_model(path, settings)
+                if model_name == "merged":
+                    m.set_top_k(K)
+                cache[path] = m
+            t = time.time()
+            r = audit_extraction(cache[path], docs[d], model_name=model_name, domain=d,
+                                 prefix_len=settings.audit_prefix, gen_len=settings.audit_gen,
+                                 threshold=settings.audit_threshold, prompt_prefix=[tok.eos_token_id],
+                                 batch_size=64 if cache[path].device.type == "cuda" else 16)
+            out.append(_audit_json(r, tok))
+            log(f"   audit {model_name:7s} on {d:10s}: {r.n_extracted}/{r.n_docs} extracted, "
+                f"mean similarity {r.mean_similarity:.3f} ({time.time() - t:.1f} s)")
+    if owners and docs.get(owners[0]):
+        out += _positive_control(settings, docs[owners[0]], owners[0], tok, log)
     return out

@@ -26,7 +26,7 @@ from typing import List, Optional
 from .claims import DEFAULT_THRESHOLDS, compute_claims, loss_of
 
 __all__ = ["compute_claims", "format_table", "format_routing", "format_audit", "format_report", "format_hints",
-           "generate_hints", "write_json", "plot_losses", "plot_routing", "DEFAULT_THRESHOLDS"]
+           "generate_hints", "write_json", "write_plots", "plot_losses", "plot_routing", "DEFAULT_THRESHOLDS"]
 
 _KIND_RANK = {"public": 0, "owner": 1, "dense": 2, "merged": 3, "untuned": 4, "oracle": 5, "optout": 6, "topk": 7,
               "btm": 8, "moe": 9}
@@ -316,3 +316,24 @@ def plot_routing(results: dict, path: str) -> Optional[str]:
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+def write_plots(results: dict, run_dir: str, log=print) -> List[str]:
+    """``losses.png`` and ``routing.png`` (when routing was recorded) in ``run_dir``; returns the paths
+    written. Without matplotlib the plots are skipped with a note in ``log``; a failing plot is
+    logged and never loses the numbers (results.json and report.txt are written anyway)."""
+    import os
+
+    out = []
+    for name, fn in (("losses.png", plot_losses), ("routing.png", plot_routing)):
+        try:
+            path = fn(results, os.path.join(run_dir, name))
+        except ImportError as e:
+            log(f"plots skipped: matplotlib is not installed ({e}); the numbers are in results.json and report.txt")
+            break
+        except Exception as e:  # noqa: BLE001  (a plot must never lose the numbers)
+            log(f"plot {name} failed: {type(e).__name__}: {e}")
+            continue
+        if path:
+            out.append(path)
+    return out
