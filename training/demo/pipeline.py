@@ -94,7 +94,7 @@ class DemoSettings:
     audit_prefix: int = 32
     audit_gen: int = 256
     audit_threshold: float = 0.9
-    audit_control_docs: int = 8    # positive control: documents a tiny model memorises (and as many it never sees)
+    audit_control_docs: int = 6    # positive control: documents a tiny model memorises (and as many it never sees)
     baselines: bool = True
 
     def key(self) -> str:
