@@ -37,19 +37,38 @@ Variant fields (0/1 in tables and the environment pin; other kinds ignore them):
   a rank-4 (E, 2, F, D) descriptor, not built). sm_90a, 128x128x64 w8 s4: n256 wgmma, 254
   registers, no spill (compile report). Default off: not measured on a GPU yet.
 
+* ``tma`` (every kind): read operands through TMA tensor descriptors
+  (``tl.make_tensor_descriptor``): the expert weights of up / down / bwd_dx (and the dh
+  GEMM's down weight), the slot-ordered operand of dw (see the kernels). The launchers resolve
+  it off where a descriptor cannot be used (:func:`.launch.tma_supported`: sm_80, a Triton
+  without the API; :func:`.launch.tma_compatible`: a base or leading stride that is not a
+  multiple of 16 bytes, no unit-stride dimension), so a table entry is valid everywhere.
+  Gathered rows (x / dOut through pair ids) are always pointer loads (cp.async).
+* ``persistent`` (tile kinds): launch :func:`.launch.num_programs` programs (the SM count)
+  that loop over the used tiles (their count is read on the device: no host sync) instead of
+  one program per tile of the worst-case grid.
+
 Resolution order in :func:`get_configs` (cached per problem and environment):
 
-1. a JSON table in ``flexmoe_kernels/ops/triton/tables/`` for the device (by name), the exact shape key
-   ``D=..,F=..,E=..,K=..,dtype=..`` and the nearest token count T (absolute distance; ties go
-   to the smaller T);
+1. a JSON table in ``flexmoe_kernels/ops/triton/tables/`` for the device (by name, or the
+   ``device_name=`` argument: no GPU needed), the exact shape key ``D=..,F=..,E=..,K=..,dtype=..``
+   and the nearest entry: tables with ``"key": "tokens_per_expert"`` (the shipped one) are
+   keyed by the bucket ``m = ceil(T*K/E)`` rounded up to a power of two
+   (:func:`tokens_per_expert_bucket`; nearest in log2, ties to the smaller); older tables
+   without that key by T (absolute distance; ties to the smaller T) and still load;
 2. otherwise :func:`heuristic_configs` (rows per expert, dtype, device type);
-3. then the environment variable ``FLEXMOE_TRITON_CONFIG`` overrides fields, e.g.
-   ``"BLOCK_M=64,BLOCK_N=128,BLOCK_K=64,GROUP_M=8,num_warps=8,num_stages=4"`` (every kind) or
-   ``"dw.BLOCK_N=64,up.num_stages=3"`` (one kind; ``block_m`` applies to the tile kinds).
+3. then the environment variable ``FLEXMOE_TRITON_CONFIG`` overrides fields: comma-separated
+   ``FIELD=VALUE`` (every kind) or ``kind.FIELD=VALUE`` (one kind), e.g.
+   ``"BLOCK_M=64,BLOCK_N=128,BLOCK_K=64,GROUP_M=8,num_warps=8,num_stages=4"``,
+   ``"dw.BLOCK_N=64,up.num_stages=3"`` or ``"tma=0,persistent=on,up.keep_preact=1"``; the
+   integer fields take integers, the flags (keep_preact, interleave, tma, persistent) 0/1,
+   true/false or on/off; ``BLOCK_M`` applies to all tile kinds at once (the schedule's).
 
-The shipped H100 table is labelled ``"untuned: heuristic defaults, not measured"``: it was
-written without a GPU from the same rules as :func:`heuristic_configs`; re-tune it on the
-hardware and replace its ``status``.
+The shipped H100 table (also H200 / H800 / GH200: the same sm_90 SM and 227 KB of shared
+memory) is labelled ``"untuned: heuristic defaults, not measured"``: it was written without a
+GPU from the rules of :func:`heuristic_configs` (plus 4 stages for the 128-row TMA tiles,
+which the compile report shows fit); re-tune it on the hardware (benchmarks/gpu_sweep.py
+writes the best measured variant per shape in the same format) and replace its ``status``.
 """
 from __future__ import annotations
 
@@ -361,6 +380,10 @@ def device_name(device: torch.device) -> str:
     return device.type
 
 
+def _name_of(device: torch.device) -> str:
+    return device_name(device)  # the module attribute (get_configs' keyword shadows it there)
+
+
 @functools.lru_cache(maxsize=256)
 def _get_configs_cached(T, D, F, E, K, dtype, dev_name, dev_type, env, directory) -> MoEConfigs:
     cfgs = None
@@ -385,7 +408,7 @@ def get_configs(T: int, D: int, F: int, E: int, K: int, dtype: torch.dtype, devi
     if device_name is None:
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
-        device_name = globals()["device_name"](device)
+        device_name = _name_of(device)
     return _get_configs_cached(
         int(T), int(D), int(F), int(E), int(K), dtype, device_name, device.type,
         os.environ.get(ENV_VAR, ""), str(config_dir()),

@@ -33,7 +33,13 @@ Semantics (equal to :func:`flexmoe_kernels.grouped_swiglu`, the reference):
   each expert's slots. ``trainable_experts[e] == False`` (frozen): dW[e] is exact zeros, with
   no tile loads or FLOPs for it; dX still flows through it. Zero-pair experts: dW exactly 0.
 
-No host synchronisation: grids are sized from the plan's static worst-case buffers.
+Kernel variants per config (:mod:`.configs`): ``tma`` reads the expert weights (up, down, dX)
+and dW's slot-ordered operand through TMA descriptors where :func:`weight_tma` /
+:func:`.launch.tma_supported` allow (else pointer loads: sm_80, old Triton, odd strides);
+``persistent`` launches one program per SM looping over the used tiles (:func:`_tile_variant`).
+
+No host synchronisation: grids are sized from the plan's static worst-case buffers (or the SM
+count for persistent launches, which read the used-tile count on the device).
 Every output/scratch buffer comes from :func:`.launch.alloc` (tests poison it with NaN) except the
 atomic path's accumulator, which must start at zero.
 """

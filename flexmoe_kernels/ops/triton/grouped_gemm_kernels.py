@@ -11,14 +11,14 @@ no pairs (zero tokens, opted out) launch no work and their weights are never loa
 
 Kernels (launchers in :mod:`flexmoe_kernels.ops.triton.grouped_gemm`):
 
-* :func:`_up_swiglu_kernel`, grid (NT * NFB,): ``x`` rows gathered through the pair ids in the
+* :func:`_up_swiglu_kernel`, grid (NT * NFB,) (or persistent, see below): ``x`` rows gathered through the pair ids in the
   A-operand load (no permuted copy of x), ``gate = x @ Wg[e].T`` and ``up = x @ Wu[e].T`` for the
   same F-block, fp32 accumulators. Epilogue (:func:`_store_swiglu`): ``h = silu(gate) * up`` ->
   ``h_QF``, and with ``STORE_PRE`` the pre-activation ``[gate | up]`` -> ``pre_Q2F`` (kept by
   the forward for the backward, or the backward's recompute: ``STORE_PRE=2`` writes only it).
   The backward's dh GEMM with the SwiGLU backward epilogue and the interleaved gate/up variant
   live in :mod:`.grouped_gemm_bwd_kernels`.
-* :func:`_tile_gemm_scatter_kernel`, grid (NT * NNB,): ``y = a_Q[tile rows] @ B[e]`` with B an
+* :func:`_tile_gemm_scatter_kernel`, grid (NT * NNB,) (or persistent): ``y = a_Q[tile rows] @ B[e]`` with B an
   arbitrary-stride (KD, N) view of an expert weight; optional router weight in the epilogue;
   combine either by fp32 ``atomic_add`` into ``out[token]`` (ATOMIC) or by a plain store of the
   per-pair row ``y_PN[pair]`` (deterministic; summed by :func:`_combine_kernel`). Used for the
@@ -36,6 +36,21 @@ Kernels (launchers in :mod:`flexmoe_kernels.ops.triton.grouped_gemm`):
   ``A_TMA``: the slot-ordered A operand comes through a TMA descriptor whose row extent is the
   expert's end slot (the next expert's rows read as 0); padding slots are zeroed in registers
   (the launcher puts the slot-ordered operand on the A side, transposing the product if needed).
+
+Variants of the two tile kernels (constexpr flags; trailing keyword parameters with defaults):
+
+* ``TMA``: the expert weight (B operand) is read through a device-side TMA descriptor
+  (:func:`_b_desc`: a 3-D ``(E, rows, cols)`` view of the weight, block ``(1, BN, BK)`` or
+  ``(1, BK, BN)``; out-of-range rows / columns read as 0 and another expert's rows are outside
+  the block, exactly as the masked pointer loads) instead of masked pointer loads; the
+  gathered A rows stay pointer loads (cp.async). The up kernel makes two descriptors (gate
+  rows [0, F) and up rows [F, 2F) as two (E, F, D) views). ``NE`` is the expert count (the
+  descriptors' outer extent). Needs a Triton with ``tl.make_tensor_descriptor`` (3.6 and 3.9
+  compile these for sm_90a) and the allocator the launchers set.
+* ``PERSISTENT``: the grid is :func:`.launch.num_programs` programs; each loops over tiles
+  ``t = pid, pid + num_programs, ...`` below ``num_tiles * NFB`` (``num_tiles_ptr``: the
+  schedule's on-device count of used tiles, so no host sync and no -1 tile is visited), in
+  the same grouped order as the one-tile-per-program launch.
 
 All row offsets that can exceed 2^31 (token * stride, slot * stride, expert * stride) are int64.
 Under ``TRITON_INTERPRET=1`` (``INTERPRET=True``) non-fp32 dot operands are upcast to fp32
