@@ -23,8 +23,8 @@ How each column is derived (and how precise it is):
 * ``mma``: "wgmma" if the PTX has ``wgmma.mma_async`` (or the SASS ``HGMMA``), "mma.sync" if
   it has ``mma.sync`` (or ``HMMA``), else "none". ``mma_n``: the N of the wgmma shape
   ``m64nNk16`` (the largest if a kernel has several), null without wgmma. Exact.
-* ``tma``: ``cp.async.bulk.tensor`` appears in the PTX (a load or store through a tensor
-  descriptor). Exact, but does not say which operand uses it.
+* ``tma``: ``cp.async.bulk.tensor`` appears in the PTX or ``UTMALDG`` in the SASS (a load
+  through a tensor descriptor). Exact, but does not say which operand uses it.
 * ``buffers``: depth of the shared-memory operand ring, read from the TTGIR after Triton's
   pipeliner: the smallest leading dimension ``N`` of the rank-3 ``NxRxC`` floating-point
   ``ttg.local_alloc`` buffers (one slot per stage in flight; with ``N`` slots the loads run

@@ -243,7 +243,8 @@ def ptxas_usage(ptx: str, ptxas: str, arch: str, fp_fusion: bool = True) -> dict
 
 
 def _sass_mma(cubin: bytes) -> Optional[dict]:
-    """Counts of HGMMA / HMMA instructions in the cubin's SASS (None without cuobjdump)."""
+    """Counts of HGMMA / HMMA / UTMALDG (TMA load) instructions in the cubin's SASS (None
+    without cuobjdump)."""
     try:
         from triton import knobs
 
@@ -259,7 +260,8 @@ def _sass_mma(cubin: bytes) -> Optional[dict]:
         sass = subprocess.run([tool, "-sass", path], capture_output=True, text=True, timeout=600).stdout
     finally:
         os.remove(path)
-    return {"HGMMA": len(re.findall(r"\bHGMMA\.", sass)), "HMMA": len(re.findall(r"\bHMMA\.", sass))}
+    return {"HGMMA": len(re.findall(r"\bHGMMA\.", sass)), "HMMA": len(re.findall(r"\bHMMA\.", sass)),
+            "UTMALDG": len(re.findall(r"\bUTMALDG\b", sass))}
 
 
 def _buffers(ttgir: str) -> int:
@@ -277,7 +279,7 @@ def _buffers(ttgir: str) -> int:
 def read_kernel(compiled, ptxas: Optional[str]) -> dict:
     """What one compiled kernel is: ``gemm`` (contains a tl.dot), ``mma`` ("wgmma" /
     "mma.sync" / "none"), ``mma_n`` (N of the wgmma shape ``m64nNk16``, the largest if
-    several), ``tma`` (``cp.async.bulk.tensor`` in the PTX), ``buffers`` (see
+    several), ``tma`` (``cp.async.bulk.tensor`` in the PTX or ``UTMALDG`` in the SASS), ``buffers`` (see
     :func:`_buffers`), ``smem_bytes`` (Triton's ``metadata.shared``: the dynamic shared memory
     a launch requests), ``num_stages`` (as compiled), ``registers`` / ``spill_bytes`` (stores
     + loads) / ``stack_bytes`` from ``ptxas -v``, ``sass_mma`` (HGMMA / HMMA counts)."""
@@ -291,7 +293,8 @@ def read_kernel(compiled, ptxas: Optional[str]) -> dict:
     else:
         mma = "none"
     row = dict(gemm=bool(re.search(r"\btt\.dot\b|warp_group_dot", ttgir)), mma=mma,
-               mma_n=max(wgmma_n) if wgmma_n else None, tma="cp.async.bulk.tensor" in ptx,
+               mma_n=max(wgmma_n) if wgmma_n else None,
+               tma="cp.async.bulk.tensor" in ptx or bool(sass and sass["UTMALDG"]),
                buffers=_buffers(ttgir), smem_bytes=int(md.shared), num_stages=int(md.num_stages),
                sass_mma=sass)
     if ptxas:
