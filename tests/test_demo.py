@@ -589,7 +589,7 @@ def test_demo_quick_end_to_end(tmp_path):
     assert len(owners) >= 3 and pub not in owners
     E = len(owners) + 1
     assert res["expert_names"][0] == "public" and set(res["expert_names"][1:]) == set(owners)
-    want = {"public", "merged", "btm-prior", "btm-uniform", "moe"} | {f"owner:{d}" for d in owners} \
+    want = {"public", "merged", "oracle", "btm-top2", "btm-owners-top2", "moe"} | {f"owner:{d}" for d in owners} \
         | {f"optout:{d}" for d in owners} | {f"dense:{d}" for d in owners} | {f"topk:{k}" for k in range(1, E + 1)}
     assert want <= set(res["losses"]), sorted(want - set(res["losses"]))
     for cfg, row in res["losses"].items():
@@ -602,11 +602,20 @@ def test_demo_quick_end_to_end(tmp_path):
         assert math.isclose(res["losses"]["merged"][d]["loss"], res["losses"][f"topk:{K}"][d]["loss"], rel_tol=1e-6)
     claims = {c["id"]: c for c in res["claims"]}
     for cid in ("merged_beats_public", "optout_restores_public", "optout_leaves_others", "merged_beats_btm",
-                "merged_beats_moe", "topk_helps", "extraction"):
+                "merged_beats_moe", "topk_helps", "extraction", "merged_keeps_public", "merged_near_oracle",
+                "merged_routes_own"):
         assert claims[cid]["verdict"] in ("supported", "refuted", "inconclusive"), claims[cid]
-    assert {a["model"] for a in res["audit"]} == {"public", "dense", "merged"}
-    assert {a["domain"] for a in res["audit"]} == set(owners)
+    audited = [a for a in res["audit"] if not a.get("control")]
+    assert {a["model"] for a in audited} == {"public", "dense", "merged"}
+    assert {a["domain"] for a in audited} == set(owners)
     assert all(a["n_docs"] > 0 for a in res["audit"])
+    # the audit's positive control ran, and every routed model has a routing table per domain
+    assert {a["control"] for a in res["audit"] if a.get("control")} == {"memorised", "unseen"}
+    assert set(res["routing"]["merged"]) == {pub, *owners}
+    assert all("flops_per_token" in res["configs"][c] for c in res["losses"])
+    # oracle routing on the merge as the owners made it is each owner's 2-expert model on its own domain
+    for d in owners:
+        assert math.isclose(res["losses"]["oracle"][d]["loss"], res["losses"][f"owner:{d}"][d]["loss"], rel_tol=1e-5)
     assert not res["baseline_errors"]
     assert os.path.getsize(run_dir / "losses.png") > 5000
     for text in ("held-out loss", "Claims", "Extraction audit", "Corpora"):

@@ -117,24 +117,27 @@ def format_routing(results: dict) -> str:
     return "\n".join(out).rstrip()
 
 
-def _flat(v, nd: int = 3) -> str:
+def _flat(v, nd: int = 4, max_items: int = 4) -> str:
+    """A value of ``results["router"]`` on one line: floats to ``nd`` significant digits, lists
+    longer than ``max_items`` shortened (the full values are in results.json)."""
     if isinstance(v, float):
         return f"{v:.{nd}g}"
     if isinstance(v, dict):
-        return "{" + ", ".join(f"{k}: {_flat(x, nd)}" for k, x in v.items()) + "}"
+        return "{" + ", ".join(f"{k}: {_flat(x, nd, max_items)}" for k, x in v.items()) + "}"
     if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_flat(x, nd) for x in v) + "]"
+        more = f", ... ({len(v)} in all)" if len(v) > max_items else ""
+        return "[" + ", ".join(_flat(x, nd, max_items) for x in v[:max_items]) + more + "]"
     return str(v)
 
 
 def format_router(results: dict) -> str:
-    """``results["router"]`` (router init / tuning values), one line per key, whatever it holds."""
+    """``results["router"]`` (router init / tuning values), one line per non-empty key, whatever it holds."""
     r = results.get("router")
     if not r:
         return ""
     if not isinstance(r, dict):
         return f"Router: {_flat(r)}"
-    return "\n".join(["Router:"] + [f"  {k}: {_flat(v)}" for k, v in r.items()])
+    return "\n".join(["Router:"] + [f"  {k}: {_flat(v)}" for k, v in r.items() if v not in ("", None, [], {})])
 
 
 def format_audit(results: dict) -> str:
@@ -295,24 +298,30 @@ def plot_routing(results: dict, path: str) -> Optional[str]:
         return None
     plt = _pyplot()
     doms = [results["public_domain"]] + list(results["owner_domains"])
-    fig, axes = plt.subplots(1, len(shown), figsize=(4.5 * len(shown) + 1, 0.32 * 12 + 2.5), squeeze=False)
-    for ax, c in zip(axes[0], shown):
+    n_rows = sum(len(routing[shown[0]][d]["weight"]) for d in doms if d in routing[shown[0]])
+    fig, axes = plt.subplots(1, len(shown), figsize=(4.5 * len(shown) + 1.5, 0.35 * n_rows + 2.0), squeeze=False,
+                             sharey=True)
+    for n_ax, (ax, c) in enumerate(zip(axes[0], shown)):
         tables = routing[c]
         ds = [d for d in doms if d in tables]
         names = tables[ds[0]]["experts"]
         grid = [w for d in ds for w in tables[d]["weight"]]
-        ylabels = [f"{d} L{layer}" for d in ds for layer in range(len(tables[d]["weight"]))]
+        rows = [(d, layer) for d in ds for layer in range(len(tables[d]["weight"]))]
         im = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
         for i, row in enumerate(grid):
             for j, v in enumerate(row):
                 ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="w" if v < 0.6 else "k")
+            if rows[i][0] in names:  # outline the domain's own expert
+                ax.add_patch(plt.Rectangle((names.index(rows[i][0]) - 0.5, i - 0.5), 1, 1, fill=False, lw=1.5,
+                                           edgecolor="orange"))
         ax.set_xticks(range(len(names)))
         ax.set_xticklabels(names, rotation=30, fontsize=8)
-        ax.set_yticks(range(len(ylabels)))
-        ax.set_yticklabels(ylabels, fontsize=7)
+        if n_ax == 0:
+            ax.set_yticks(range(len(rows)))
+            ax.set_yticklabels([f"{d} L{layer}" for d, layer in rows], fontsize=7)
         ax.set_title(_label(results, c), fontsize=9)
     fig.colorbar(im, ax=axes[0].tolist(), label="average routing probability")
-    fig.suptitle("Which expert the router prefers, per domain (rows) and layer", fontsize=10)
+    fig.suptitle("Which expert the router prefers, per domain and layer (orange: the domain's own expert)", fontsize=10)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
