@@ -207,8 +207,8 @@ def heuristic_configs(T: int, D: int, F: int, E: int, K: int, dtype: torch.dtype
     * num_stages 3-4 (Hopper shared memory), num_warps 4 for small tiles, 8 for 128-row tiles;
     * GROUP_M 8 (grouped order, L2 reuse of weight blocks), 1 for decode (one tile per expert);
     * 16-bit: ``tma`` on for up / down / bwd_dx (weights through TMA descriptors where the
-      device and Triton support them) and dw (its slot-ordered operand), ``persistent`` off
-      (not measured yet).
+      device and Triton support them) and, at training sizes, dw (its slot-ordered operand);
+      ``persistent`` off (not measured yet).
 
     ``device_type="cpu"`` (Triton's interpreter) returns small blocks: the interpreter's cost is
     per program and per op, and the tests' shapes are tiny.
@@ -239,9 +239,11 @@ def heuristic_configs(T: int, D: int, F: int, E: int, K: int, dtype: torch.dtype
         bwd_dx = GemmConfig(128, 256, 64, 8, 8, 3)
     # Weights through TMA descriptors (the launchers resolve it off on sm_80 / old Triton).
     up, down, bwd_dx = (replace(c, tma=True) for c in (up, down, bwd_dx))
-    # dW: output tiles of the (2F, D) / (D, F) gradients, reduction over an expert's m rows; the
-    # slot-ordered operand through TMA (4 stages: its ring and the gathered one's get 3 buffers).
-    dw = GemmConfig(128, 128, _clamp_pow2(m, 16, 64), 8, 8 if m > 256 else 4, 4, tma=True)
+    # dW: output tiles of the (2F, D) / (D, F) gradients, reduction over an expert's m rows; at
+    # training sizes the slot-ordered operand through TMA (4 stages: 3 buffers per ring). Its
+    # tile is masked in registers (wgmma A from registers): with 4 warps a 128x128 tile then
+    # spills (sm_90a: 254 registers + 120 B), so only the 8-warp configs use it.
+    dw = GemmConfig(128, 128, _clamp_pow2(m, 16, 64), 8, 8 if m > 256 else 4, 4, tma=m > 256)
     return MoEConfigs(up, down, up, bwd_dx, dw, source="heuristic")
 
 
