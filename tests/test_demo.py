@@ -627,6 +627,11 @@ def test_demo_quick_end_to_end(tmp_path):
             assert f"data/{d}" in cmdline.replace(os.sep, "/")
             for other in [pub, "joint"] + [o for o in owners if o != d]:
                 assert f"data/{other}" not in cmdline.replace(os.sep, "/"), (stage, d, cmdline)
+    # proxy selection: the owner's process reads its own documents and the public pool only
+    for d in owners:
+        cmdline = open(run_dir / "logs" / f"proxy-{d}.log").readline().replace(os.sep, "/")
+        assert f"/{d}/train.jsonl" in cmdline and f"/{pub}/pool.jsonl" in cmdline
+        assert not any(f"/{o}/" in cmdline for o in owners if o != d), cmdline
     # opt-out inference on the merged model
     merged = str(run_dir / "ckpt" / "merged")
     g = subprocess.run([sys.executable, "-m", "flexmoe_training.cli", "generate", "--model", merged,

@@ -85,7 +85,9 @@ class DemoSettings:
     device: str = "auto"
     moe_backend: str = "auto"
     seed: int = 0
-    tokenizer: str = "byte"        # "byte" (258 ids) or "bpe": byte-level BPE of bpe_vocab ids trained on the public corpus
+    # "bpe": a byte-level BPE of bpe_vocab ids trained on the public corpus (routes better than
+    # "byte", 258 ids: a byte carries too little of its domain for per-token routing; docs/DEMO.md)
+    tokenizer: str = "bpe"
     bpe_vocab: int = 1024
     # evaluation / audit
     eval_tokens: int = 16_384      # held-out tokens per domain
