@@ -17,7 +17,8 @@ Variants (only what ``flexmoe_kernels/ops/triton/configs.py`` and ``backend.py``
 * ``heuristic``: the heuristic pinned through ``FLEXMOE_TRITON_CONFIG``, only when a table
   applies to the device and differs from it (table vs heuristic).
 * ``cfg:NAME``: the hand-picked ``FLEXMOE_TRITON_CONFIG`` pins of :data:`CONFIG_CANDIDATES`:
-  block shapes, pipeline depth (3 / 4 stages), and the kernel variants of issue 13: TMA weight
+  block shapes, pipeline depth (4 stages everywhere; 3 is the ``heuristic`` variant where the
+  shipped table applies, and the default elsewhere), and the kernel variants of issue 13: TMA weight
   descriptors off (``tma0``; the default table has them on), the persistent tile schedule on
   (``persistent``), both (``tma0-persistent``): TMA on / off x persistent on / off with the
   default;
@@ -61,7 +62,6 @@ TARGET_SHAPES = {"fine-grained": 32768, "flexolmo-7x7b": 16384}
 CONFIG_CANDIDATES = {
     "bn128": "down.BLOCK_N=128,bwd_dx.BLOCK_N=128",
     "bm64": "BLOCK_M=64",
-    "stages3": "up.num_stages=3,down.num_stages=3,bwd_up.num_stages=3,bwd_dx.num_stages=3",
     "stages4": "up.num_stages=4,down.num_stages=4,bwd_up.num_stages=4,bwd_dx.num_stages=4,dw.num_stages=4",
     "tma0": "tma=0",
     "persistent": "persistent=1",
