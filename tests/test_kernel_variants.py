@@ -137,3 +137,40 @@ def test_tma_supported_only_on_sm90_with_descriptor_api(monkeypatch, capability,
         monkeypatch.delattr(tl, "make_tensor_descriptor")
     assert launch.tma_supported(torch.device("cuda", 0)) is expected
     assert launch.tma_supported(torch.device("cpu")) is (has_api and launch.interpreting())
+
+
+def test_triton_allocator_is_set_once_per_thread_and_never_replaced(monkeypatch):
+    """Device-side descriptors need Triton's scratch allocator: the launchers set one (torch
+    memory) when the launching thread has none, leave a caller's own alone, and do nothing
+    off CUDA (the interpreter needs none). Run in a fresh thread: the allocator is a context
+    variable, so autograd's backward thread starts without one."""
+    import threading
+
+    import triton
+
+    calls = []
+    monkeypatch.setattr(triton, "set_allocator", lambda fn: calls.append(fn))
+
+    def run():
+        launch.ensure_triton_allocator(torch.device("cpu"))
+        assert calls == []
+        launch.ensure_triton_allocator(torch.device("cuda", 0))
+        assert calls == [launch._triton_scratch]
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    assert calls == [launch._triton_scratch]
+    from triton.runtime._allocation import _allocator
+
+    def mine(size, alignment, stream):
+        return torch.empty(size, dtype=torch.int8)
+
+    def run_with_own():
+        _allocator.set(mine)
+        launch.ensure_triton_allocator(torch.device("cuda", 0))
+
+    t = threading.Thread(target=run_with_own)
+    t.start()
+    t.join()
+    assert calls == [launch._triton_scratch]  # the caller's allocator stayed
