@@ -184,6 +184,10 @@ def format_report(results: dict, claims: Optional[List[dict]] = None) -> str:
         for name, d in corp["domains"].items():
             out.append(f"  {d['role']:6s} {name:10s} {d['train_docs']:5d} train docs {d['train_bytes'] / 1e3:7.0f} kB | "
                        f"{d['test_docs']:4d} held-out docs {d['test_bytes'] / 1e3:5.0f} kB  ({d['source']})")
+            if d.get("composition"):  # the broad public corpus: docs and bytes per kind of text
+                out.append("         by kind (train docs / kB, proxy-pool docs): " + "; ".join(
+                    f"{k} {c.get('train_docs', 0)} / {c.get('train_bytes', 0) / 1e3:.0f}, {c.get('pool_docs', 0)}"
+                    for k, c in d["composition"].items()))
         for name, why in (corp.get("skipped") or {}).items():
             out.append(f"  skipped {name}: {why}")
         out.append("")
