@@ -24,7 +24,8 @@ Kernels (launchers :func:`~flexmoe_kernels.ops.triton.grouped_gemm.swiglu_dh_bac
   epilogue runs in ``EPI_SPLIT`` chunks of 32 columns (:func:`_swiglu_bwd_epilogue`), the
   down weight comes through a TMA descriptor with ``TMA`` and the tiles are looped over with
   ``PERSISTENT`` (the same variants as the up / down kernels). sm_90a, 128x128x64 w8 s3 (both
-  target shapes): n128 wgmma, TMA, 3 buffers, 130 registers, no spill, 98 KB shared memory
+  target shapes): n128 wgmma, TMA, 3 buffers, 178 registers with the float32 recomputed
+  pre-activation (130 reading a 16-bit kept one), no spill, 98 KB shared memory
   (s4: 4 buffers, 131 KB).
 * :func:`_up_interleaved_kernel`, grid (NT * NFB,): the up-projection with ONE (BLOCK_M,
   2*BLOCK_N) accumulator over interleaved gate/up weight rows (column ``2j`` = gate row
