@@ -366,3 +366,36 @@ def tiny_flexolmo(**overrides):
     from flexmoe_kernels.models import FlexOlmoForCausalLM
 
     return randomize_(FlexOlmoForCausalLM(tiny_flexolmo_config(**overrides))).eval()
+
+
+# ----------------------------------------------------------------------------- kernel launches
+def record_launches(monkeypatch, names: Optional[Sequence[str]] = None) -> list:
+    """Record the Triton kernel launches made through ``ops.triton.launch.kernels`` from now on
+    (they still run): returns the list that fills with ``(kernel name, grid, kwargs)``, for the
+    kernels in ``names`` (every kernel if None). ``launch.interpreting`` (which inspects a
+    kernel's type) is answered before the kernels are wrapped."""
+    from flexmoe_kernels.ops.triton import launch
+
+    seen, real = [], launch.kernels
+    interp = launch.interpreting()
+    monkeypatch.setattr(launch, "interpreting", lambda: interp)
+
+    class _Module:
+        def __init__(self, mod):
+            self.mod = mod
+
+        def __getattr__(self, name):
+            kernel = getattr(self.mod, name)
+            if names is not None and name not in names:
+                return kernel
+
+            class _Recorded:
+                def __getitem__(self, grid):
+                    def run(*args, **kwargs):
+                        seen.append((name, grid, kwargs))
+                        return kernel[grid](*args, **kwargs)
+                    return run
+            return _Recorded()
+
+    monkeypatch.setattr(launch, "kernels", lambda mod: _Module(real(mod)))
+    return seen

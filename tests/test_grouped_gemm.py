@@ -18,7 +18,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import DEVICE, assert_matches_reference, make_problem, reference_experts, tol
+from helpers import DEVICE, assert_matches_reference, make_problem, record_launches, reference_experts, tol
 
 import flexmoe_kernels as fk
 from flexmoe_kernels.ops.cuda import experts as cuda_experts
@@ -181,25 +181,6 @@ def test_triton_grouped_gemms_against_reference_plan(seed, dtype):
     assert float(ref64.detach().abs().max()) > 0.1
 
 
-def _record_kwarg(monkeypatch, kernel, name):
-    """The values of keyword ``name`` in each launch of ``kernel`` (which still runs)."""
-    seen, real = [], launch.kernels
-
-    class Kernels:
-        def __init__(self, mod):
-            self.mod = mod
-
-        def __getattr__(self, attr):
-            fn = getattr(self.mod, attr)
-            if attr != kernel:
-                return fn
-            return type("Rec", (), {"__getitem__": lambda _, grid: lambda *a, **kw: (
-                seen.append(kw[name]), fn[grid](*a, **kw))})()
-
-    monkeypatch.setattr(launch, "kernels", lambda mod: Kernels(real(mod)))
-    return seen
-
-
 def _dw_reference64(a, a_gather, b, b_gather, plan, trainable):
     """float64 ``dW[e] = sum over e's real slots of A[row_a]^T B[row_b]`` (zeros if frozen)."""
     pairs = plan.schedule.padded_pairs_Q.long().cpu()
@@ -246,9 +227,9 @@ def test_triton_grouped_dw_multi_step_frozen_and_empty_experts(seed, monkeypatch
     slotted = slotted.to(DEVICE)
     a, b = (gathered, slotted) if a_gather else (slotted, gathered)
     cfg = tc.GemmConfig(16, 16, block_k, 4, 4, 1, tma=tma)
-    seen = _record_kwarg(monkeypatch, "_grouped_dw_kernel", "A_TMA")
+    launches = record_launches(monkeypatch, ["_grouped_dw_kernel"])
     got = gg.grouped_dw(a, a_gather, b, not a_gather, plan, torch.float32, cfg, trainable.to(DEVICE))
-    assert seen == [tma]
+    assert [kw["A_TMA"] for _, _, kw in launches] == [tma]
     ref = _dw_reference64(a, a_gather, b, not a_gather, plan, trainable)
     assert bool((got[1] == 0).all()) and bool((got[3] == 0).all())
     torch.testing.assert_close(got.double().cpu(), ref, rtol=1e-5, atol=1e-5)

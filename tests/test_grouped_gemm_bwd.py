@@ -18,7 +18,7 @@
 import pytest
 import torch
 from helpers import (DEVICE, assert_matches_reference, backend_logits, loss_grads, make_problem, run_layer,
-                     run_reference64)
+                     record_launches, run_reference64)
 
 import flexmoe_kernels as fk
 from flexmoe_kernels.ops.triton import configs as tc
@@ -187,24 +187,8 @@ def test_layer_variants_match_reference(seed, monkeypatch, T, D, F, E, K, dtype,
 def _saved_and_launched(p, K, monkeypatch):
     """(shapes of the activations the layer saves for the backward, names of the kernels one
     forward + backward launches)."""
-    launched, real = [], launch.kernels
-
-    class _Recording:
-        def __init__(self, module):
-            self.module = module
-
-        def __getattr__(self, name):
-            kernel = getattr(self.module, name)
-
-            class _Launch:
-                def __getitem__(self, grid):
-                    launched.append(name)
-                    return kernel[grid]
-            return _Launch()
-
-    interp = launch.interpreting()  # asks a kernel's type: answer before the kernels are wrapped
-    monkeypatch.setattr(launch, "interpreting", lambda: interp)
-    monkeypatch.setattr(launch, "kernels", lambda name: _Recording(real(name)))
+    real = launch.kernels
+    launches = record_launches(monkeypatch)
     x = p["x"].clone().requires_grad_()
     gu, dn = p["gate_up"].clone().requires_grad_(), p["down"].clone().requires_grad_()
     params = {t.data_ptr() for t in (gu, dn, p["router_weight"])}
@@ -213,7 +197,7 @@ def _saved_and_launched(p, K, monkeypatch):
         out, _ = fk.flexmoe_forward(x, p["router_weight"], gu, dn, K, backend="triton")
     out.square().sum().backward()
     monkeypatch.setattr(launch, "kernels", real)
-    return [tuple(t.shape) for t in seen if t.data_ptr() not in params and t.numel()], launched
+    return [tuple(t.shape) for t in seen if t.data_ptr() not in params and t.numel()], [n for n, _, _ in launches]
 
 
 def test_layer_saves_preact_only_when_kept(seed, monkeypatch):

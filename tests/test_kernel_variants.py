@@ -15,7 +15,7 @@ bytes; a weight whose contiguous dimension is neither KD nor N).
 """
 import pytest
 import torch
-from helpers import make_problem
+from helpers import make_problem, record_launches
 from test_layer import check_against_reference
 
 from flexmoe_kernels.ops.triton import configs as tc
@@ -40,28 +40,7 @@ TILE_KERNELS = ("_up_swiglu_kernel", "_tile_gemm_scatter_kernel", "_grouped_dw_k
 @pytest.fixture
 def launched(monkeypatch):
     """The tile-kernel launches of a test: ``[(kernel name, grid, kwargs), ...]`` (they still run)."""
-    seen = []
-    real = launch.kernels
-
-    class Module:
-        def __init__(self, mod):
-            self.mod = mod
-
-        def __getattr__(self, name):
-            kern = getattr(self.mod, name)
-            if name not in TILE_KERNELS:
-                return kern
-
-            class Recorded:
-                def __getitem__(self, grid):
-                    def run(*args, **kwargs):
-                        seen.append((name, grid, kwargs))
-                        return kern[grid](*args, **kwargs)
-                    return run
-            return Recorded()
-
-    monkeypatch.setattr(launch, "kernels", lambda name: Module(real(name)))
-    return seen
+    return record_launches(monkeypatch, TILE_KERNELS)
 
 
 def _nan_never_allowed(p, E):
