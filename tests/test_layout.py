@@ -86,6 +86,21 @@ def test_no_import_cycles_in_the_package():
     assert not cycles, f"import cycles: {cycles}"
 
 
+def test_no_import_cycles_in_training():
+    """The training package (installed as ``flexmoe_training``): no cycle either, deferred
+    imports included (demo.pipeline <-> demo.stages through load_tokenizer was one)."""
+    files = _py_files("training")
+    modules = {_module_name(p): p for p in files}
+    graph = {}
+    for m, p in modules.items():
+        names = {t.replace("flexmoe_training", "training", 1) for t in _imports(p, "flexmoe_training")}
+        names |= _imports(p, "training")
+        graph[m] = {t for t in names if t in modules and t != m}
+    graph = {a: {b for b in t if not (a.startswith(b + ".") or b.startswith(a + "."))} for a, t in graph.items()}
+    cycles = _cycles(graph)
+    assert not cycles, f"import cycles: {cycles}"
+
+
 def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     """The strongly connected components with more than one module (Tarjan)."""
     index, low, stack, on, out = {}, {}, [], set(), []

@@ -293,9 +293,3 @@ def run_demo(settings: DemoSettings, work_dir: str, *, fresh: bool = False, echo
     results["audit"] = stages.audit(ctx)
     return stages.report(ctx, results)
 
-
-def load_tokenizer(data_dir: str):
-    """The tokenizer ``flexmoe prepare-data`` used for a data directory (from its meta.json)."""
-    from .tokenizer import tokenizer_for
-
-    return tokenizer_for(data_dir)

@@ -116,7 +116,7 @@ def _bpe_tokenizer(ctx) -> str:
 def prepare(ctx) -> None:
     """Build (or reuse) the corpora; tokenise each domain's training documents into its own data directory."""
     from . import corpora as C
-    from .pipeline import load_tokenizer
+    from .tokenizer import tokenizer_for
 
     s = ctx.settings
     with ctx.stage("corpora"):
@@ -132,7 +132,7 @@ def prepare(ctx) -> None:
         todo = [d for d in ctx.domains if not os.path.isfile(os.path.join(ctx.data[d], "meta.json"))]
         _raise_errors(parallel([(f"prepare {d}", lambda d=d: _prepare_domain(ctx, d)) for d in todo],
                                ctx.jobs, ctx.log, {}))
-    ctx.tok = load_tokenizer(ctx.data[ctx.public_dom])
+    ctx.tok = tokenizer_for(ctx.data[ctx.public_dom])
     _write_model_config(ctx)
 
 
