@@ -251,6 +251,32 @@ def test_errors_name_the_argument():
         m(x, allowed_experts=per_seq)
 
 
+@pytest.mark.parametrize("shape", [(3,), (2, 3), (2, 3, 3)])
+@pytest.mark.parametrize("validate", [True, False])
+def test_meta_allowed_experts_names_argument_device_and_expectation(shape, validate):
+    """A mask without data (device 'meta') is refused with the argument's name, its device and
+    what is expected (issue 21 item 13), not torch's 'Cannot copy out of meta tensor'."""
+    m = make_moe(D=8, Fw=8, E=3, K=2)
+    x = torch.randn(2, 3, 8)
+    meta = torch.ones(shape, dtype=torch.bool, device="meta")
+    want = r"allowed_experts is on device 'meta' .*expected a bool tensor on the CPU or on x's device \(cpu\)"
+    with pytest.raises(ValueError, match=want):
+        m(x, allowed_experts=meta, validate=validate)
+
+
+@pytest.mark.parametrize("name", ["allow_mask", "trainable_experts"])
+def test_meta_masks_of_the_functional_layer_are_refused(name):
+    """The same rule in :func:`flexmoe_kernels.flexmoe_forward` for ``allow_mask`` and
+    ``trainable_experts``."""
+    m = make_moe(D=8, Fw=8, E=3, K=2)
+    x = torch.randn(4, 8)
+    meta = torch.ones(3, dtype=torch.bool, device="meta")
+    want = rf"{name} is on device 'meta' .*expected a bool tensor on the CPU or on x's device \(cpu\)"
+    with pytest.raises(ValueError, match=want):
+        fk.flexmoe_forward(x, m.gate.weight, m.experts.gate_up_proj, m.experts.down_proj, 2, backend="torch",
+                           **{name: meta})
+
+
 # ---------------------------------------------------------------------------- other backends
 @pytest.mark.skipif(not TRITON_OK, reason=f"triton backend unavailable: {TRITON_WHY}")
 def test_triton_backend_module_matches_torch(seed):

@@ -15,7 +15,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from ..ops.args import check_allow_mask_rows, check_top_k
+from ..ops.args import check_allow_mask_rows, check_mask_device, check_top_k
 
 AllowedExperts = Union[None, Sequence[Union[str, int]], torch.Tensor]
 
@@ -39,6 +39,7 @@ def resolve_allowed_experts(
         m = allowed_experts
         if m.dtype != torch.bool:
             raise TypeError(f"allowed_experts tensor must be bool, got {m.dtype}")
+        check_mask_device(m, "allowed_experts", device)
         if m.shape[-1:] != (E,):
             raise ValueError(
                 f"allowed_experts must have a last dimension of E={E}, got shape {tuple(m.shape)}"

@@ -25,7 +25,20 @@ __all__ = [
     "check_allow_mask_rows",
     "check_expert_weights",
     "check_top_k",
+    "check_mask_device",
 ]
+
+
+def check_mask_device(mask: torch.Tensor, name: str, device: torch.device) -> None:
+    """Refuse a mask that holds no data (device ``meta``) before it is copied to ``device``
+    (x's): ``ValueError`` naming the argument, its device and what is expected, instead of
+    torch's "Cannot copy out of meta tensor" from the copy. A mask on another real device is
+    copied to x's (the documented behaviour)."""
+    if mask.device.type == "meta" and torch.device(device).type != "meta":
+        raise ValueError(
+            f"{name} is on device 'meta' (a tensor without data); expected a bool tensor on the CPU "
+            f"or on x's device ({device})"
+        )
 
 
 def check_top_k(top_k: object, num_experts: int) -> int:
@@ -47,6 +60,7 @@ def normalize_allow_mask(
     if allow_mask is None:
         return None
     check_tensor(allow_mask, "allow_mask", dtypes=(torch.bool,))
+    check_mask_device(allow_mask, "allow_mask", device)
     if allow_mask.shape not in ((num_experts,), (num_tokens, num_experts)):
         raise ValueError(
             f"allow_mask must have shape (E,)=({num_experts},) or (T, E)=({num_tokens}, {num_experts}), "
@@ -209,6 +223,7 @@ def validate_layer_args(
     mask = normalize_allow_mask(allow_mask, x_TD.shape[0], E, device)
     if trainable_experts is not None:
         check_tensor(trainable_experts, "trainable_experts", shape=(E,), dtypes=(torch.bool,))
+        check_mask_device(trainable_experts, "trainable_experts", device)
         trainable_experts = trainable_experts.to(device)
     deterministic = None if deterministic is None else bool(deterministic)
     if validate:  # under torch.compile: the checked copy, checked when the graph runs
