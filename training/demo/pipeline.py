@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 from .measure import audit_all, evaluate_all  # noqa: F401  (re-exported)
-from .runner import StageError
+from .runner import StageError, progress_ticker
 
 __all__ = ["DemoContext", "DemoSettings", "MINUTES_ON_2_CORE_CPU", "SIZES", "StageError", "estimate", "settings_for",
            "run_demo"]
@@ -198,6 +198,14 @@ class DemoContext:
     tokenizer_file: str = ""        # the BPE tokenizer's JSON file ("" = byte level)
     embedder: str = ""              # the router embedder used (settings.router_embedder or its fallback)
     embedder_note: str = ""         # why, when it differs from the setting
+    current_stage: Optional[tuple] = None   # (name, start time) of the stage running now
+
+    def stage_status(self) -> Optional[str]:
+        """``"NAME: running 1 min 05 s"`` for the stage running now (the progress ticker's idle line)."""
+        from .runner import duration_text
+
+        cur = self.current_stage
+        return None if cur is None else f"{cur[0]}: running {duration_text(time.time() - cur[1])}"
 
     @property
     def domains(self) -> List[str]:
@@ -237,9 +245,11 @@ class DemoContext:
         """Log the start and the wall time of a stage (added to ``timings[name]``)."""
         t = time.time()
         self.log(f"== {name} ...")
+        self.current_stage = (name, t)
         try:
             yield
         finally:
+            self.current_stage = None
             dt = time.time() - t
             self.timings[name] = self.timings.get(name, 0.0) + dt
         self.log(f"   {name}: done in {dt:.1f} s")
@@ -280,8 +290,28 @@ def run_demo(settings: DemoSettings, work_dir: str, *, fresh: bool = False, echo
     ctx = _context(settings, work_dir, fresh, echo_children, quiet, jobs, threads)
     torch.set_num_threads(ctx.threads)
     ctx.log(f"run directory {ctx.run_dir}")
-    ctx.log("settings: " + json.dumps(dataclasses.asdict(settings)))
+    ctx.log(f"each command's full output: {os.path.join(ctx.run_dir, 'logs')}/<command>.log "
+            f"(this summary: {ctx.log.path})")
+    for line in settings_table(settings):
+        ctx.log(line)
     ctx.log(f"{ctx.jobs} training process(es) at a time, {ctx.threads} CPU thread(s) each")
+    with progress_ticker(ctx.log, idle=ctx.stage_status):
+        return _run_stages(ctx, stages)
+
+
+def settings_table(settings: DemoSettings) -> List[str]:
+    """The settings as an aligned two-column table (``top_k`` 0 shown as what it resolves to)."""
+    rows = []
+    for k, v in dataclasses.asdict(settings).items():
+        if k == "top_k" and not v:
+            n = len(settings.owners) if settings.owners else settings.num_owners
+            v = f"{n} (0 = the number of owners)"
+        rows.append((k, "-" if v is None else str(v)))
+    width = max(len(k) for k, _ in rows)
+    return ["settings:"] + [f"   {k.ljust(width)}  {v}" for k, v in rows]
+
+
+def _run_stages(ctx: DemoContext, stages) -> dict:
     stages.prepare(ctx)
     stages.train_public(ctx)
     stages.owners(ctx)

@@ -2,18 +2,112 @@
 where the recipe allows (owners are independent), with the output in a log file per process."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
+import threading
 import time
-from typing import Dict, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
-__all__ = ["StageError", "cli_options", "done", "opt", "parallel", "read_run", "run_cli", "run_module", "training_env"]
+__all__ = ["RUNNING", "Progress", "StageError", "cli_options", "done", "duration_text", "opt", "parallel", "progress_ticker",
+           "read_run", "run_cli", "run_module", "training_env"]
 
 
 class StageError(RuntimeError):
     """A demo stage failed (the message names the command and its log file)."""
+
+
+class Progress:
+    """What each running child process last said about its progress (thread safe).
+
+    :func:`run_module` feeds it every output line of its child; the trainer's step lines
+    (``[kind] step N/M loss L ...`` with ``--no-progress``) and tqdm bars (``N/M [...loss=L``)
+    give the step, the total and the loss; :meth:`lines` turns that into one line per child with
+    an estimate of the time left (from the steps' pace since the first one it saw)."""
+
+    _TRAINER = re.compile(r"step (\d+)/(\d+) loss ([-+0-9.eEnaif]+)")
+    _TQDM = re.compile(r"(\d+)/(\d+) \[.*?loss=([-+0-9.eEnaif]+)")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._running: Dict[str, dict] = {}
+
+    def started(self, name: str, log_path: str) -> None:
+        with self._lock:
+            self._running[name] = {"t_start": time.time(), "log": log_path, "step": None}
+
+    def finished(self, name: str) -> None:
+        with self._lock:
+            self._running.pop(name, None)
+
+    def line(self, name: str, text: str) -> None:
+        """Read one output line of the child ``name``."""
+        m = self._TRAINER.search(text) or self._TQDM.search(text)
+        if m is None:
+            return
+        step, total, loss = int(m.group(1)), int(m.group(2)), m.group(3)
+        now = time.time()
+        with self._lock:
+            st = self._running.get(name)
+            if st is None:
+                return
+            if st["step"] is None:
+                st["first"] = (step, now)
+            st.update(step=step, total=total, loss=loss, t_step=now)
+
+    def lines(self, now: Optional[float] = None) -> List[str]:
+        """One line per running child: its step, loss and time left, or how long it has run."""
+        now = time.time() if now is None else now
+        out = []
+        with self._lock:
+            items = sorted(self._running.items(), key=lambda kv: kv[1]["t_start"])
+        for name, st in items:
+            ran = f"running {duration_text(now - st['t_start'])}"
+            if st["step"] is None:
+                out.append(f"{name}: {ran} (log {st['log']})")
+                continue
+            s0, t0 = st["first"]
+            left = ""
+            if st["step"] > s0:
+                per_step = (st["t_step"] - t0) / (st["step"] - s0)
+                eta = max(0.0, per_step * (st["total"] - st["step"]) - (now - st["t_step"]))
+                left = f", about {duration_text(eta)} left"
+            out.append(f"{name}: step {st['step']}/{st['total']}, loss {st['loss']}{left} ({ran})")
+        return out
+
+
+def duration_text(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
+
+
+#: The children that :func:`run_module` is running now, for :func:`progress_ticker`.
+RUNNING = Progress()
+
+
+@contextlib.contextmanager
+def progress_ticker(log: Callable[[str], None], every: float = 10.0, progress: Progress = RUNNING,
+                    idle: Callable[[], Optional[str]] = lambda: None):
+    """While the block runs, log a progress line per running child every ``every`` seconds, or
+    ``idle()`` (e.g. the in-process stage and how long it has run) when no child runs."""
+    stop = threading.Event()
+
+    def tick():
+        while not stop.wait(every):
+            texts = progress.lines() or [t for t in [idle()] if t]
+            for text in texts:
+                log(f"   .. {text}")
+
+    th = threading.Thread(target=tick, name="demo-progress", daemon=True)
+    th.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        th.join(timeout=every)
 
 
 def training_env() -> dict:
@@ -49,24 +143,38 @@ def run_module(module: str, args: Sequence[str], log_path: str, echo: bool, env:
     """Run ``python -m MODULE ARGS`` as its own process; output to ``log_path`` (and the terminal).
     StageError naming the command (``name``, default the module) and the log when it fails."""
     cmd = [sys.executable, "-m", module, *map(str, args)]
-    with open(log_path, "ab") as logf:
-        logf.write(("$ " + " ".join(cmd) + "\n").encode())
-        logf.flush()
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
-        assert proc.stdout is not None
-        while True:
-            chunk = proc.stdout.read1(4096) if hasattr(proc.stdout, "read1") else proc.stdout.read(4096)
-            if not chunk:
-                break
-            logf.write(chunk)
+    label = os.path.splitext(os.path.basename(log_path))[0]      # e.g. train-expert-code
+    RUNNING.started(label, log_path)
+    try:
+        with open(log_path, "ab") as logf:
+            logf.write(("$ " + " ".join(cmd) + "\n").encode())
             logf.flush()
-            if echo:
-                sys.stdout.buffer.write(chunk)
-                sys.stdout.flush()
-        rc = proc.wait()
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+            rc = _pump(proc, logf, echo, lambda text: RUNNING.line(label, text))
+    finally:
+        RUNNING.finished(label)
     if rc != 0:
         tail = open(log_path, "rb").read()[-3000:].decode("utf-8", "replace")
         raise StageError(f"`{name or module}` failed with exit status {rc}; log: {log_path}\n{tail}")
+
+
+def _pump(proc, logf, echo: bool, on_line: Callable[[str], None]) -> int:
+    """Copy the child's output to ``logf`` (and the terminal with ``echo``), each complete line
+    (ended by a newline or a carriage return) to ``on_line``; the child's exit status."""
+    pending = b""
+    while True:
+        chunk = proc.stdout.read1(4096) if hasattr(proc.stdout, "read1") else proc.stdout.read(4096)
+        if not chunk:
+            break
+        logf.write(chunk)
+        logf.flush()
+        if echo:
+            sys.stdout.buffer.write(chunk)
+            sys.stdout.flush()
+        *done_lines, pending = re.split(rb"[\r\n]", pending + chunk)
+        for raw in done_lines:
+            on_line(raw.decode("utf-8", "replace"))
+    return proc.wait()
 
 
 def cli_options(command: str) -> set:

@@ -57,7 +57,7 @@ def _train_flags(ctx, opts: set, steps: Optional[int], lr: Optional[float] = Non
     warm = max(1, (steps or s.expert_steps) // 10)
     flags = opt(opts, steps=steps, warmup_steps=warm, seq_len=s.seq_len, micro_batch_size=s.batch_size, lr=lr or s.lr,
                 seed=s.seed, dtype=dtype_flag, device=s.device, moe_backend=s.moe_backend,
-                log_every=max(1, (steps or 100) // 5))
+                log_every=max(1, (steps or 100) // 40))
     return flags + (["--no-progress"] if "--no-progress" in opts and not ctx.echo_children else [])
 
 
