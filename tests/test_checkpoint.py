@@ -451,3 +451,54 @@ def test_parse_size(text, n):
 def test_parse_size_refuses_and_names_the_flag(bad):
     with pytest.raises(ValueError, match="--max-shard-size"):
         ckpt.parse_size(bad, "--max-shard-size")
+
+
+# ---------------------------------------------------------------------------- issue 21: the shard index
+def _sharded(tmp_path):
+    """A 3+-shard checkpoint; (directory, index path, index dict, shard names)."""
+    make_model().save_pretrained(tmp_path, max_shard_size=4000)
+    path = tmp_path / "model.safetensors.index.json"
+    index = json.loads(path.read_text())
+    return tmp_path, path, index, sorted(set(index["weight_map"].values()))
+
+
+@pytest.mark.parametrize("value", [7, None, ["model-00001-of-00004.safetensors"], {"a": 1}])
+def test_index_value_not_a_string_is_named(tmp_path, seed, value):
+    """Item 13: a weight_map value that is not a string names the index file, the key and the value
+    (was 'unhashable type' or a TypeError from os.path)."""
+    d, path, index, _ = _sharded(tmp_path)
+    key = sorted(index["weight_map"])[3]
+    index["weight_map"][key] = value
+    path.write_text(json.dumps(index))
+    for load in (ckpt.load_state_dict, ckpt.lazy_state_dict):
+        with pytest.raises(CheckpointError) as info:
+            load(d)
+        msg = str(info.value)
+        assert str(path) in msg and repr(key) in msg and repr(value) in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("damage", ["wrong_shard", "absent", "unlisted"])
+def test_index_checked_against_shard_headers(tmp_path, seed, damage):
+    """Item 15: the index is checked against the shards' headers: a key mapped to a shard that does
+    not hold it (naming where it is), a key no shard holds, a shard tensor the index does not list."""
+    d, path, index, files = _sharded(tmp_path)
+    wm = index["weight_map"]
+    held = [f for f in files if list(wm.values()).count(f) > 1]  # a shard still listed after the edit
+    key = next(k for k, f in sorted(wm.items()) if f == held[0])
+    if damage == "wrong_shard":
+        other = next(f for f in files if f != held[0])
+        wm[key] = other
+        want = [repr(key), other, held[0]]
+    elif damage == "absent":
+        key = "model.layers.7.mlp.gate.weight"
+        wm[key] = files[1]
+        want = [repr(key), files[1], "no shard"]
+    else:
+        del wm[key]
+        want = [repr(key), held[0], "not list"]
+    path.write_text(json.dumps(index))
+    for load in (ckpt.load_state_dict, ckpt.lazy_state_dict, FlexOlmoForCausalLM.from_pretrained):
+        with pytest.raises(CheckpointError) as info:
+            load(d)
+        msg = str(info.value)
+        assert all(w in msg for w in want) and str(path) in msg and "\n" not in msg, msg

@@ -240,14 +240,69 @@ def _tensor_files(directory: str) -> list[str]:
         weight_map = read_json_object(index).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise CheckpointError(f"{index} has no weight_map")
+        for k, f in weight_map.items():
+            if not isinstance(f, str):
+                raise CheckpointError(f"{index}: weight_map[{k!r}] is {f!r} ({type(f).__name__}), "
+                                      "not a shard file name")
         files = sorted(set(weight_map.values()))
         for f in files:
             if os.path.basename(f) != f or not os.path.isfile(os.path.join(directory, f)):
                 raise FileNotFoundError(f"shard {f!r} listed in {INDEX_FILE} is missing from {directory!r}")
+        _check_index(directory, index, weight_map, files)
         return [os.path.join(directory, f) for f in files]
     pickles = [f for f in os.listdir(directory) if f.endswith((".bin", ".pt", ".pth", ".ckpt"))]
     hint = f" (found {pickles}: pickle checkpoints are refused, convert them to safetensors)" if pickles else ""
     raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {directory!r}{hint}")
+
+
+def _unreadable(path: str, exc: BaseException) -> CheckpointError:
+    why = str(exc).replace("\n", " ")
+    return CheckpointError(f"{path}: not a readable safetensors file, truncated or corrupt "
+                           f"({os.path.getsize(path)} bytes; {why}); save or copy it again")
+
+
+def _header_keys(path: str) -> list[str]:
+    """The tensor names in the header of the safetensors file ``path`` (no tensor data is read)."""
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            return list(f.keys())
+    except (SafetensorError, OSError) as exc:
+        raise _unreadable(path, exc) from exc
+
+
+def _check_index(directory: str, index: str, weight_map: Mapping[str, str], files: list[str]) -> None:
+    """``CheckpointError`` naming ``index`` and the tensor when ``weight_map`` disagrees with the
+    shards' headers: a tensor mapped to a shard that does not hold it (naming where it is, also
+    in a shard file the index does not list, or that none holds it), or a tensor of a listed
+    shard that the index does not list. Reads the shard headers only."""
+    holds = {f: set(_header_keys(os.path.join(directory, f))) for f in files}
+    where: dict[str, str] = {}
+    for f in files:
+        for k in holds[f]:
+            where.setdefault(k, f)
+    for k, f in weight_map.items():
+        if k in holds[f]:
+            continue
+        if k in where:
+            raise CheckpointError(f"{index}: maps tensor {k!r} to {f!r}, which does not hold it; "
+                                  f"it is in {where[k]!r}")
+        found = None
+        for g in sorted(os.listdir(directory)):  # a shard file the index does not list
+            if g.endswith(".safetensors") and g not in holds and os.path.isfile(os.path.join(directory, g)):
+                try:
+                    if k in _header_keys(os.path.join(directory, g)):
+                        found = g
+                        break
+                except CheckpointError:
+                    continue
+        raise CheckpointError(f"{index}: maps tensor {k!r} to {f!r}, which does not hold it; "
+                              + (f"it is in {found!r}, a file the index does not list" if found
+                                 else f"no shard of {directory!r} holds it"))
+    unlisted = sorted(k for k in where if k not in weight_map)
+    if unlisted:
+        more = f" (+{len(unlisted) - 1} more)" if len(unlisted) > 1 else ""
+        raise CheckpointError(f"{index}: shard {where[unlisted[0]]!r} holds tensor {unlisted[0]!r}{more}, "
+                              "which the index does not list")
 
 
 def _read_safetensors(path: str, sd: dict[str, torch.Tensor]) -> None:
@@ -262,9 +317,7 @@ def _read_safetensors(path: str, sd: dict[str, torch.Tensor]) -> None:
                     raise CheckpointError(f"tensor {k!r} appears in more than one shard ({os.path.basename(path)})")
                 sd[k] = f.get_tensor(k).clone()
     except (SafetensorError, OSError) as exc:
-        why = str(exc).replace("\n", " ")
-        raise CheckpointError(f"{path}: not a readable safetensors file, truncated or corrupt "
-                              f"({os.path.getsize(path)} bytes; {why}); save or copy it again") from exc
+        raise _unreadable(path, exc) from exc
 
 
 def load_state_dict(directory: Union[str, os.PathLike]) -> dict[str, torch.Tensor]:
