@@ -512,6 +512,33 @@ def test_generate_command_opt_out(tmp_path, capsys, one_thread):
     assert rc == 0 and _usage_rows(out)["man"] == ("yes", (3 + 3) * 2)
 
 
+def test_generate_experts_per_token_and_sampling_top_k(tmp_path, capsys, one_thread, monkeypatch):
+    """--experts-per-token sets the active experts; --top-k is sampling top-k when sampling, and
+    keeps its old meaning (active experts) only without sampling, with a deprecation note."""
+    from flexmoe_kernels.models import FlexOlmoForCausalLM
+
+    _, d = _tiny_model(tmp_path)
+    rc, out, err = _run_generate(["--model", d, "--allow", "man", "--experts-per-token", "1",
+                                  "--max-new-tokens", "3", "hi"], capsys)
+    assert rc == 0 and _usage_rows(out)["man"] == ("yes", (3 + 3) * 2) and "deprecated" not in err
+    rc, out, err = _run_generate(["--model", d, "--allow", "man", "--top-k", "1", "--max-new-tokens", "3", "hi"],
+                                 capsys)
+    assert rc == 0 and "deprecated" in err and "--experts-per-token 1" in err
+    seen = {}
+    real = FlexOlmoForCausalLM.generate
+
+    def spy(self, *a, **kw):
+        seen.update(kw, experts=self.config.num_experts_per_tok)
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(FlexOlmoForCausalLM, "generate", spy)
+    rc, out, err = _run_generate(["--model", d, "--top-k", "5", "--temperature", "0.8", "--max-new-tokens", "3",
+                                  "hi"], capsys)
+    assert rc == 0, err
+    assert seen["top_k"] == 5 and seen["do_sample"] and seen["experts"] == 2   # sampling top-k; experts untouched
+    assert "deprecated" not in err
+
+
 def test_generate_never_reads_opted_out_weights(tmp_path, capsys, one_thread):
     """NaN weights in a denied expert cannot reach the output (exact opt-out)."""
     from flexmoe_kernels.models import FlexOlmoForCausalLM

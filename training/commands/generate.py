@@ -29,11 +29,37 @@ def register(sub) -> None:
     g.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold (with --temperature > 0)")
-    g.add_argument("--top-k", type=int, default=None, help="active experts per token (default: the model's)")
+    g.add_argument("--top-k", type=int, default=None,
+                   help="sampling top-k: sample among the K most likely tokens (with --temperature > 0), as in "
+                        "transformers and vLLM. Deprecated old meaning: without --temperature > 0 (where sampling "
+                        "top-k has no effect) it still sets the active experts per token, with a note; write "
+                        "--experts-per-token for that")
+    g.add_argument("--experts-per-token", type=int, default=None, metavar="K",
+                   help="active experts per token, the model's routing top-k (default: the model's)")
     g.add_argument("--seed", type=int, default=0, help="sampling seed")
     g.add_argument("--device", default="auto", help="auto, cpu or cuda")
     g.add_argument("--stop-at-eos", action="store_true", help="stop at the end-of-document token")
     g.set_defaults(func=run_generate_command)
+
+
+def _split_top_k(args) -> tuple:
+    """``(active experts per token or None, sampling top-k or None)`` from ``--experts-per-token``
+    and ``--top-k``: ``--top-k`` is sampling top-k when sampling (``--temperature > 0``); without
+    sampling it keeps its old meaning (active experts), with a deprecation note on stderr."""
+    experts_k, sample_top_k = args.experts_per_token, None
+    if args.top_k is None:
+        return experts_k, None
+    if args.temperature > 0:
+        sample_top_k = args.top_k
+    elif experts_k is None:
+        print("flexmoe generate: note: --top-k without --temperature > 0 sets the active experts per token "
+              f"({args.top_k}), its old meaning, which is deprecated: write --experts-per-token {args.top_k} "
+              "(--top-k is sampling top-k when sampling)", file=sys.stderr)
+        experts_k = args.top_k
+    else:
+        print("flexmoe generate: note: --top-k (sampling top-k) has no effect without --temperature > 0",
+              file=sys.stderr)
+    return experts_k, sample_top_k
 
 
 def _load(args, device):
@@ -71,8 +97,9 @@ def run_generate_command(args) -> int:
         print(f"flexmoe generate: {msg}", file=sys.stderr)
         return 2
     names = list(model.expert_names)
-    if args.top_k is not None:
-        model.set_top_k(args.top_k)
+    experts_k, sample_top_k = _split_top_k(args)
+    if experts_k is not None:
+        model.set_top_k(experts_k)
     k = model.config.num_experts_per_tok
     try:
         allowed = resolve_allow_list(names, args.allow, args.deny, k)
@@ -89,6 +116,7 @@ def run_generate_command(args) -> int:
     with torch.no_grad():
         out = model.generate(x, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
                              temperature=args.temperature if args.temperature > 0 else 1.0, top_p=args.top_p,
+                             top_k=sample_top_k,
                              allowed_experts=allowed, eos_token_id=stop,
                              use_cache=True, generator=gen)
         full = out[0].tolist()

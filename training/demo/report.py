@@ -219,13 +219,14 @@ def generate_hints(merged: str, expert_names: List[str], top_k: int, prompt: str
 
     One opts the first owner out (``--deny``), one allows only the public expert and that owner
     (``--allow``). A command whose allowed experts are fewer than the model's ``top_k`` passes
-    ``--top-k`` (generate refuses more active experts than allowed ones), so each runs as printed.
+    ``--experts-per-token`` (generate refuses more active experts than allowed ones), so each runs
+    as printed.
     """
     owner = expert_names[1]
     hints = []
     for flag, n_allowed in (("--deny", len(expert_names) - 1), ("--allow", 2)):
         names = owner if flag == "--deny" else f"{expert_names[0]},{owner}"
-        k = ["--top-k", str(n_allowed)] if n_allowed < top_k else []
+        k = ["--experts-per-token", str(n_allowed)] if n_allowed < top_k else []
         hints.append(["flexmoe", "generate", "--model", merged, flag, names, *k, prompt])
     return hints
 
@@ -234,8 +235,9 @@ def format_hints(merged: str, expert_names: List[str], top_k: int) -> str:
     """What the demo prints last: :func:`generate_hints` as shell command lines (quoted with shlex)."""
     import shlex
 
-    return "Try opt-out inference on the merged model:\n" + "\n".join(
-        "  " + shlex.join(h) for h in generate_hints(merged, expert_names, top_k))
+    return ("Try opt-out inference on the merged model. A model this small writes nonsense text: what to\n"
+            "look at is which experts served the tokens (the table generate prints after the text):\n"
+            + "\n".join("  " + shlex.join(h) for h in generate_hints(merged, expert_names, top_k)))
 
 
 def write_json(path: str, results: dict, claims: List[dict]) -> None:
@@ -278,7 +280,9 @@ def plot_losses(results: dict, path: str) -> str:
     if vals:
         lo, hi = min(vals), max(vals)
         ax.set_ylim(max(0.0, lo - 0.15 * (hi - lo + 1e-9)), hi + 0.05 * (hi - lo + 1e-9))
-    ax.legend(fontsize=6, ncol=2)
+    # below the axes: inside, it covered the bars
+    ax.legend(fontsize=7, ncol=min(4, max(1, len(main))), loc="upper center", bbox_to_anchor=(0.5, -0.12),
+              frameon=False)
     if ks:
         ax2 = axes[1]
         for d in doms:
@@ -288,7 +292,7 @@ def plot_losses(results: dict, path: str) -> str:
         ax2.set_title("Merged model vs top-k")
         ax2.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
 
