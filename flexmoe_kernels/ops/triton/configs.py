@@ -63,6 +63,10 @@ Resolution order in :func:`get_configs` (cached per problem and environment):
    ``"dw.BLOCK_N=64,up.num_stages=3"`` or ``"tma=0,persistent=on,up.keep_preact=1"``; the
    integer fields take integers, the flags (keep_preact, interleave, tma, persistent) 0/1,
    true/false or on/off; ``BLOCK_M`` applies to all tile kinds at once (the schedule's).
+   The pin is checked when it is parsed: each field's range (:func:`parse_config_string`),
+   then the kinds it touched against the kernels' limits (:func:`check_pinned_configs`:
+   Triton's 2^20-element tensors; compiled, the device's shared memory and 255 registers per
+   thread); errors name the variable, the field, the value and the allowed range.
 
 The shipped H100 table (also H200 / H800 / GH200: the same sm_90 SM and 227 KB of shared
 memory) is labelled ``"untuned: heuristic defaults, not measured"``: it was written without a
@@ -96,6 +100,8 @@ __all__ = [
     "load_table",
     "lookup_table",
     "parse_config_string",
+    "check_pinned_configs",
+    "shared_memory_limit",
     "shape_key",
     "tokens_per_expert_bucket",
 ]
@@ -104,8 +110,8 @@ ENV_VAR = "FLEXMOE_TRITON_CONFIG"
 KINDS = ("up", "down", "bwd_up", "bwd_dh", "bwd_dx", "dw")
 TILE_KINDS = ("up", "down", "bwd_up", "bwd_dh", "bwd_dx")
 _FIELDS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages", "keep_preact", "interleave",
-           "tma", "persistent")
-_FLAGS = ("keep_preact", "interleave", "tma", "persistent")  # bool fields (0/1 in tables and the pin)
+           "tma", "persistent", "host_desc")
+_FLAGS = ("keep_preact", "interleave", "tma", "persistent", "host_desc")  # bool fields (0/1 in tables and the pin)
 _BOOL_WORDS = {"true": 1, "on": 1, "false": 0, "off": 0}
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
@@ -127,6 +133,7 @@ class GemmConfig:
     interleave: bool = False
     tma: bool = False
     persistent: bool = False
+    host_desc: bool = True
 
     def __post_init__(self):
         for f in _FLAGS:
@@ -248,13 +255,67 @@ def heuristic_configs(T: int, D: int, F: int, E: int, K: int, dtype: torch.dtype
 
 
 # ------------------------------------------------------------------ environment pin
+# Limits a pin is checked against when it is parsed (``FLEXMOE_TRITON_CONFIG``; see
+# :func:`parse_config_string` and :func:`check_pinned_configs`):
+TRITON_MAX_NUMEL = 1 << 20  # Triton's largest tensor (triton.language.TRITON_MAX_TENSOR_NUMEL)
+MIN_BLOCK = 16  # tl.dot's smallest tile side
+MAX_BLOCK_M = 1024  # the routing schedule's largest tile height (triton_route's block_m)
+MAX_BLOCK = TRITON_MAX_NUMEL // MIN_BLOCK  # every tile has another side >= 16
+MAX_STAGES = 8  # the pipeline depths this project supports (tables, sweep, compile tier use 1-4)
+MAX_REGISTERS = 255  # registers per thread on every NVIDIA GPU since sm_35
+# Shared memory a block can opt into, by compute capability (the pin's operand ring must fit).
+_SMEM_BY_CC = {(9, 0): 232448, (8, 0): 166912, (8, 7): 166912, (8, 6): 101376, (8, 9): 101376}
+_SMEM_BY_NAME = (("H100", 232448), ("H200", 232448), ("H800", 232448), ("GH200", 232448), ("H20", 232448),
+                 ("A100", 166912), ("A800", 166912), ("A30", 166912))
+_SMEM_MAX = 232448  # no GPU these kernels target offers more (sm_90: 227 KB)
+_FIELD_RULES = {  # field -> (low, high, power of two?, why)
+    "BLOCK_N": (MIN_BLOCK, MAX_BLOCK, True, f"{MIN_BLOCK}: tl.dot's smallest tile side; {MAX_BLOCK}: Triton's "
+                f"{TRITON_MAX_NUMEL}-element tensor limit over a {MIN_BLOCK}-wide other side"),
+    "BLOCK_K": (MIN_BLOCK, MAX_BLOCK, True, f"{MIN_BLOCK}: tl.dot's smallest tile side; {MAX_BLOCK}: Triton's "
+                f"{TRITON_MAX_NUMEL}-element tensor limit over a {MIN_BLOCK}-wide other side"),
+    "GROUP_M": (1, 1 << 16, False, "tile rows per swizzle group; GROUP_M * column tiles must fit int32"),
+    "num_warps": (1, 32, True, "1024 threads per block at most"),
+    "num_stages": (1, MAX_STAGES, False, "the pipeline depths this project supports; deeper rings must also "
+                   "fit the device's shared memory"),
+}
+
+
+def _field_rule(kind: str, field: str) -> tuple:
+    if field == "BLOCK_M":
+        if kind == "dw":  # rows of the dW tile: not the routing schedule's
+            return _FIELD_RULES["BLOCK_N"]
+        return (MIN_BLOCK, MAX_BLOCK_M, True, f"{MIN_BLOCK}: tl.dot's smallest tile side; {MAX_BLOCK_M}: the "
+                "routing schedule's largest tile height (triton_route's block_m; every tile kind shares it)")
+    return _FIELD_RULES[field]
+
+
+def _check_field(kind: str, field: str, value: int) -> None:
+    """A pinned value against its field's range (:data:`_FIELD_RULES`); ``ValueError`` naming the
+    variable, the item, the field and the allowed range."""
+    item = f"{field}={value}" if kind == "*" else f"{kind}.{field}={value}"
+    if field in _FLAGS:
+        if value not in (0, 1):
+            raise ValueError(f"{ENV_VAR}: {item}: {field} must be a bool or 0/1 (true/false, on/off)")
+        return
+    lo, hi, pow2, why = _field_rule(kind, field)
+    if not lo <= value <= hi or (pow2 and value & (value - 1)):
+        what = "a power of two" if pow2 else "an integer"
+        raise ValueError(f"{ENV_VAR}: {item}: {field} must be {what} in [{lo}, {hi}] ({why}), got {value}")
+
+
 def parse_config_string(text: str) -> dict[str, dict[str, int]]:
     """Parse ``FLEXMOE_TRITON_CONFIG`` text into ``{kind or "*": {field: int}}``.
 
     Items are ``FIELD=VALUE`` (every kind) or ``kind.FIELD=VALUE``, separated by commas; fields
     are BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages (integers) and the variant
     flags keep_preact, interleave, tma, persistent (0/1, true/false or on/off); kinds are those
-    in :data:`KINDS`. Raises ``ValueError`` naming the variable and the bad item.
+    in :data:`KINDS`. Each value is checked against its field's range (``ValueError`` naming the
+    variable, the item and the allowed range): BLOCK_M a power of two in [16, 1024] (the routing
+    schedule's limit; dW's BLOCK_M, the rows of its tile, like BLOCK_N), BLOCK_N / BLOCK_K powers
+    of two in [16, 65536], GROUP_M in [1, 65536], num_warps a power of two in [1, 32], num_stages
+    in [1, 8]. The combination (tile sizes, shared memory, registers) is checked by
+    :func:`check_pinned_configs` once the pin is applied. Raises ``ValueError`` naming the
+    variable and the bad item.
     """
     out: dict[str, dict[str, int]] = {}
     for item in text.split(","):
@@ -272,8 +333,103 @@ def parse_config_string(text: str) -> dict[str, dict[str, int]]:
             raise ValueError(f"{ENV_VAR}: unknown kind {kind!r} in {item!r}; kinds are {KINDS}")
         if field not in _FIELDS:
             raise ValueError(f"{ENV_VAR}: unknown field {field!r} in {item!r}; fields are {_FIELDS}")
+        _check_field(kind, field, value)
         out.setdefault(kind, {})[field] = value
     return out
+
+
+def _tensors(kind: str, c: GemmConfig) -> list[tuple[str, tuple[str, str], int, int]]:
+    """(name, (field, field), rows, cols) of the largest tensors of one program of ``kind``:
+    the fp32 accumulator and the A / B operand tiles (see the kernels)."""
+    wide = kind in ("up", "bwd_up") and c.interleave  # one (BLOCK_M, 2*BLOCK_N) accumulator
+    n = 2 * c.BLOCK_N if wide else c.BLOCK_N
+    nf = "2*BLOCK_N" if wide else "BLOCK_N"
+    return [("the accumulator", ("BLOCK_M", nf), c.BLOCK_M, n), ("the A tile", ("BLOCK_M", "BLOCK_K"), c.BLOCK_M, c.BLOCK_K),
+            ("the B tile", ("BLOCK_K", nf), c.BLOCK_K, n)]
+
+
+def _stage_bytes(kind: str, c: GemmConfig, elt: int) -> int:
+    """Shared memory of one pipeline stage: the A tile and the B tile(s) (up / bwd_up: gate and
+    up weights, 2 * BLOCK_N columns in all, also interleaved)."""
+    nb = 2 if kind in ("up", "bwd_up") else 1
+    return (c.BLOCK_M * c.BLOCK_K + nb * c.BLOCK_K * c.BLOCK_N) * elt
+
+
+def _accumulator_values(kind: str, c: GemmConfig) -> int:
+    """fp32 accumulator values of one program (up / bwd_up: gate and up, two BLOCK_N wide or one
+    2*BLOCK_N wide)."""
+    return c.BLOCK_M * c.BLOCK_N * (2 if kind in ("up", "bwd_up") else 1)
+
+
+def shared_memory_limit(dev_name: str) -> int:
+    """Dynamic shared memory a block can opt into on the CUDA device called ``dev_name`` (from its
+    compute capability when that GPU is present, else from the name; unknown: 232448 B, the most
+    any GPU these kernels target offers, so the bound stays a necessary one)."""
+    try:
+        if torch.cuda.is_available():
+            for i in range(torch.cuda.device_count()):
+                if torch.cuda.get_device_name(i) == dev_name:
+                    return _SMEM_BY_CC.get(torch.cuda.get_device_capability(i), _SMEM_MAX)
+    except Exception:  # noqa: BLE001 - a broken driver: fall back to the name
+        pass
+    return next((v for sub, v in _SMEM_BY_NAME if sub in dev_name), _SMEM_MAX)
+
+
+def check_pinned_configs(cfgs: MoEConfigs, over: dict[str, dict[str, int]], dtype: torch.dtype,
+                         dev_type: str, dev_name: str) -> None:
+    """Check the kinds a ``FLEXMOE_TRITON_CONFIG`` pin touched against the kernels' limits;
+    ``ValueError`` naming the variable, the kind, the fields and values, the bound and the
+    allowed range. Always: every tensor of a program (accumulator, A and B tiles) has at most
+    2^20 elements (Triton's limit). Compiled (``dev_type`` "cuda"; the interpreter has neither
+    bound): the operand ring, at least ``num_stages - 1`` buffers of A + B tiles in x's dtype,
+    fits the device's shared memory (:func:`shared_memory_limit`; a necessary bound: TMA rings
+    keep ``num_stages`` buffers), and the fp32 accumulators alone fit 255 registers per thread.
+    Kinds the pin did not touch (a table's or the heuristic's configs) are not checked here."""
+    touched = set(KINDS) if over.get("*") else {k for k in KINDS if over.get(k)}
+    if any("BLOCK_M" in over.get(k, {}) for k in TILE_KINDS):
+        touched |= set(TILE_KINDS)  # one pinned BLOCK_M applies to every tile kind
+    elt = torch.empty((), dtype=dtype).element_size()
+    for kind in (k for k in KINDS if k in touched):
+        c = getattr(cfgs, kind)
+        pins = dict(over.get("*", {}), **over.get(kind, {}))
+        pinned = ",".join(f"{f}={v}" for f, v in pins.items())
+        for name, (fa, fb), rows, cols in _tensors(kind, c):
+            if rows * cols > TRITON_MAX_NUMEL:
+                va = getattr(c, fa)
+                fb_base = fb.replace("2*", "")
+                vals = f"{fa}={va}, {fb_base}={getattr(c, fb_base)}"
+                if fb != fb_base:
+                    vals += f", interleave={int(c.interleave)}"
+                hi = TRITON_MAX_NUMEL // va // (2 if fb != fb_base else 1)
+                raise ValueError(
+                    f"{ENV_VAR}: {kind}: {vals} (pinned: {pinned}): {name} ({fa}, {fb}) has {rows * cols} elements; "
+                    f"Triton allows at most {TRITON_MAX_NUMEL} per tensor: allowed {fb_base} <= {hi} at {fa}={va}")
+        if dev_type != "cuda":
+            continue
+        blocks = f"BLOCK_M={c.BLOCK_M}, BLOCK_N={c.BLOCK_N}, BLOCK_K={c.BLOCK_K}"
+        per = _stage_bytes(kind, c, elt)
+        limit = shared_memory_limit(dev_name)
+        need = (c.num_stages - 1) * per
+        if need > limit:
+            raise ValueError(
+                f"{ENV_VAR}: {kind}: {blocks}, num_stages={c.num_stages} ({_DTYPE_NAMES.get(dtype, dtype)}, pinned: "
+                f"{pinned}): the operand ring needs at least {need} B of shared memory ({c.num_stages - 1} buffers x "
+                f"{per} B of A and B tiles) > {limit} B on {dev_name}: allowed num_stages <= {1 + limit // per} "
+                f"at these blocks")
+        acc = _accumulator_values(kind, c)
+        threads = 32 * c.num_warps
+        regs = -(-acc // threads)
+        if regs > MAX_REGISTERS:
+            w = c.num_warps
+            while w < 32 and -(-acc // (32 * w)) > MAX_REGISTERS:
+                w *= 2
+            fix = (f"num_warps >= {w} at these blocks" if -(-acc // (32 * w)) <= MAX_REGISTERS
+                   else "smaller BLOCK_M or BLOCK_N")
+            raise ValueError(
+                f"{ENV_VAR}: {kind}: BLOCK_M={c.BLOCK_M}, BLOCK_N={c.BLOCK_N}, num_warps={c.num_warps} (pinned: "
+                f"{pinned}): the fp32 accumulator{'s' if kind in ('up', 'bwd_up') else ''} alone need {regs} "
+                f"registers per thread ({acc} values over {threads} threads), more than the {MAX_REGISTERS} a "
+                f"thread has: allowed {fix}")
 
 
 def _apply_overrides(cfgs: MoEConfigs, over: dict[str, dict[str, int]]) -> MoEConfigs:
@@ -396,7 +552,9 @@ def _get_configs_cached(T, D, F, E, K, dtype, dev_name, dev_type, env, directory
     if cfgs is None:
         cfgs = heuristic_configs(T, D, F, E, K, dtype, dev_type)
     if env:
-        cfgs = _apply_overrides(cfgs, parse_config_string(env))
+        over = parse_config_string(env)
+        cfgs = _apply_overrides(cfgs, over)
+        check_pinned_configs(cfgs, over, dtype, dev_type, dev_name)
     return cfgs
 
 
