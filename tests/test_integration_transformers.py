@@ -236,12 +236,14 @@ def test_context_manager_for_code_that_cannot_pass_arguments():
     with allowed_experts(model, ["expert_0", "expert_3"]) as m:
         assert m is model
         torch.testing.assert_close(model(ids).logits, small(ids).logits, atol=1e-5, rtol=1e-5)
-        with allowed_experts(model, None):  # nests
+        with allowed_experts(model, list(range(E))):  # nests; naming every expert widens explicitly
             torch.testing.assert_close(model(ids).logits, full, atol=1e-5, rtol=1e-5)
         gen = dict(max_new_tokens=3, do_sample=False, pad_token_id=0, eos_token_id=None)
         assert torch.equal(model.generate(ids, **gen), small.generate(ids, **gen))
-        # an explicit argument wins over the context
-        torch.testing.assert_close(model(ids, allowed_experts=None).logits, full, atol=1e-5, rtol=1e-5)
+        # an explicit argument wins over the context; None is the context's set (issue 21 item 1)
+        torch.testing.assert_close(model(ids, allowed_experts=[0, 1, 2]).logits,
+                                   rebuilt_without(ref, [0, 1, 2])(ids).logits, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model(ids, allowed_experts=None).logits, small(ids).logits, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(model(ids).logits, full, atol=1e-5, rtol=1e-5)  # restored
 
 

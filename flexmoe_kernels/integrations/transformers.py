@@ -67,7 +67,6 @@ _FAMILIES = {
     "mixtral": ("transformers.models.mixtral.modeling_mixtral", "MixtralSparseMoeBlock", True),
 }
 SUPPORTED_MODEL_TYPES = tuple(_FAMILIES)
-_UNSET = object()
 
 
 # ----------------------------------------------------------------------------- the patched block
@@ -104,11 +103,13 @@ def _gate_forward(self, hidden_states: torch.Tensor, routed: Optional[tuple] = N
 
 
 # ----------------------------------------------------------------------------- top-level wrappers
-def _model_forward(self, *args, allowed_experts: AllowedExperts = _UNSET, **kwargs):
+def _model_forward(self, *args, allowed_experts: AllowedExperts = None, **kwargs):
     """Patched top-level forward: transformers' forward, plus ``allowed_experts`` (see the
-    module docstring) for this call; None / omitted = the :func:`allowed_experts` default."""
+    module docstring) for this call; None / omitted = the default in force (the
+    :func:`allowed_experts` context's set, every expert outside any context): a wrapper
+    that forwards its own None default never widens the context's opt-out."""
     state: OptOutState = self._flexmoe_state
-    if allowed_experts is _UNSET:
+    if allowed_experts is None:
         state.activate_default()
     else:
         state.activate(allowed_experts)
@@ -119,12 +120,13 @@ def _model_forward(self, *args, allowed_experts: AllowedExperts = _UNSET, **kwar
             state.activate_default()
 
 
-def _model_generate(self, *args, allowed_experts: AllowedExperts = _UNSET, **kwargs):
+def _model_generate(self, *args, allowed_experts: AllowedExperts = None, **kwargs):
     """Patched ``generate``: transformers' generate, plus ``allowed_experts`` (names,
     indices, (E,) or (B, E) per sequence) applied to the prompt and every new token of
-    each sequence (KV-cache decode steps and expanded batches included)."""
+    each sequence (KV-cache decode steps and expanded batches included). None / omitted =
+    the default in force (the :func:`allowed_experts` context's set)."""
     state: OptOutState = self._flexmoe_state
-    spec = state.default if allowed_experts is _UNSET else allowed_experts
+    spec = state.default if allowed_experts is None else allowed_experts
     inputs = args[0] if args else next(
         (kwargs[k] for k in ("input_ids", "inputs", "inputs_embeds") if kwargs.get(k) is not None), None)
     batch = inputs.shape[0] if isinstance(inputs, torch.Tensor) else None
@@ -228,15 +230,22 @@ def is_patched(model: torch.nn.Module) -> bool:
 @contextlib.contextmanager
 def allowed_experts(model: torch.nn.Module, allowed: AllowedExperts) -> Iterator[torch.nn.Module]:
     """Within the ``with`` block, every forward and generate of the patched ``model`` that
-    passes no ``allowed_experts`` uses ``allowed`` (any form ``forward`` takes; ``generate``
-    needs a per-sequence form). For pipelines and trainers, which cannot pass arguments.
-    Restores the previous setting on exit; nests. Yields the model.
+    passes no ``allowed_experts`` (or None) uses ``allowed`` (any form ``forward`` takes;
+    ``generate`` needs a per-sequence form). For pipelines and trainers, which cannot pass
+    arguments. Restores the previous setting on exit; nests: ``allowed=None`` keeps the set
+    in force (an enclosing block's), so code forwarding a None default never widens it; to
+    allow every expert explicitly, name them all.
 
     Raises ``ValueError`` naming ``model`` if it is not patched by :func:`apply_flexmoe`.
     """
     if not is_patched(model):
         raise ValueError("model is not patched: call flexmoe_kernels.integrations.transformers.apply_flexmoe(model) first")
-    with model._flexmoe_state.scoped_default(allowed):
+    state: OptOutState = model._flexmoe_state
+    if allowed is None:  # the set in force stays (never widened by a None default)
+        allowed, per_sequence = state.default, state.default_per_sequence
+    else:
+        per_sequence = False
+    with state.scoped_default(allowed, per_sequence):
         yield model
 
 
