@@ -18,8 +18,12 @@ ranks share, as DeepSpeed's checkpoints need). Every rank learns whether the sav
 call raises on all of them, never on one only); a failed save leaves the previous ``state/``.
 
 Frozen tensors are not saved: they are rebuilt from the command's inputs. :func:`load_state`
-refuses (TrainingError) a state of another kind, other options, other trainable tensors, another
-ZeRO stage, or (ZeRO 1-3, whose files are per rank) another number of processes.
+refuses (TrainingError) a state of another kind, other options, other inputs (``trainer_state.json``
+records the content identity of every input flag: data directories, the public anchor, the
+owner's name, the router init, the model to tune...; see :func:`data_identity`), other trainable
+tensors, another ZeRO stage, or (ZeRO 1-3, whose files are per rank) another number of processes;
+and a damaged state (a file of the saved list missing or of another size, or one DeepSpeed cannot
+read), naming the file. Each refusal is one line that names ``--restart`` (start over).
 """
 from __future__ import annotations
 
@@ -35,10 +39,11 @@ from flexmoe_kernels.utils.fs import replace_directory, write_json_atomic
 from .distributed import DistInfo, all_reduce_sum, barrier, param_shape
 from .options import TrainingError, TrainOptions
 
-__all__ = ["STATE_FORMAT", "STATE_TAG", "full_fp32", "gather", "load_engine_state", "load_state", "named_trainable",
-           "open_work_dir", "save_state", "zero_stage_of"]
+__all__ = ["STATE_FORMAT", "STATE_TAG", "checkpoint_identity", "config_identity", "data_identity", "files_identity",
+           "full_fp32", "gather", "load_engine_state", "load_state", "named_trainable", "open_work_dir", "save_state",
+           "zero_stage_of"]
 
-STATE_FORMAT = "flexmoe-train-state-v2"
+STATE_FORMAT = "flexmoe-train-state-v3"  # v3: + "inputs" (the identity of every input flag)
 STATE_TAG = "state"  # DeepSpeed's tag: the checkpoint lives in OUT.inprogress/state
 _PARTIAL = "state.partial"
 
@@ -72,6 +77,93 @@ def gather(p: torch.Tensor) -> torch.Tensor:
     return p.detach()
 
 
+# ---------------------------------------------------------------------------- input identity
+# What a run was started on, recorded in trainer_state.json ("inputs": {flag: value}) and compared
+# on resume. A value is a plain JSON value (a name, a number) or an identity
+# {"path": ..., "sha256": ...}, or a list of those; identities compare by sha256 only (a moved
+# directory of the same content resumes).
+_WHOLE_FILE = 4 << 20  # files up to this size are hashed whole
+_BLOCK, _N_BLOCKS = 64 << 10, 16  # larger ones: size + 16 evenly spaced 64 KiB blocks (first and last included)
+
+
+def _hash_file(h, path: Path, name: str) -> None:
+    size = path.stat().st_size
+    h.update(f"{name}\0{size}\0".encode())
+    with open(path, "rb") as f:
+        if size <= _WHOLE_FILE:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+            return
+        for i in range(_N_BLOCKS):
+            f.seek((size - _BLOCK) * i // (_N_BLOCKS - 1))
+            h.update(f.read(_BLOCK))
+
+
+def files_identity(root, names) -> dict:
+    """``{"path", "sha256"}`` of the files ``names`` (relative to the directory ``root``, or
+    ``root`` itself for a file when ``names`` is None): sizes and contents, files above 4 MiB
+    sampled (16 blocks of 64 KiB), so a multi-GB input costs about 1 MiB of reading."""
+    import hashlib
+
+    root = Path(root).resolve()
+    h = hashlib.sha256()
+    if names is None:
+        _hash_file(h, root, root.name)
+    else:
+        for n in sorted(names):
+            _hash_file(h, root / n, n)
+    return {"path": str(root), "sha256": h.hexdigest()}
+
+
+def data_identity(data) -> dict:
+    """Identity of a prepared data directory (``DataDir``): meta.json, train.bin, val.bin and its tokenizer file."""
+    names = [n for n in ("meta.json", "train.bin", "val.bin", "tokenizer.json") if (Path(data.path) / n).is_file()]
+    return files_identity(data.path, names)
+
+
+def checkpoint_identity(directory) -> dict:
+    """Identity of a checkpoint directory: config.json and its safetensors files (and index)."""
+    d = Path(directory)
+    names = [p.name for p in d.iterdir() if p.is_file() and (p.name == "config.json" or p.name.endswith(".safetensors")
+                                                              or p.name.endswith(".safetensors.index.json"))]
+    return files_identity(d, names)
+
+
+def config_identity(spec: str, config) -> dict:
+    """Identity of a model config (``--model-config`` preset or file, resolved): its JSON
+    without the engine-only fields (MoE backend, attention implementation) and version fields."""
+    import hashlib
+
+    engine_only = ("flexmoe_moe_backend", "flexmoe_attn_implementation", "moe_backend", "transformers_version")
+    d = {k: v for k, v in config.to_dict().items() if k not in engine_only}
+    return {"path": str(spec), "sha256": hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()}
+
+
+def _ident(v):
+    if isinstance(v, dict) and "sha256" in v:
+        return v["sha256"]
+    if isinstance(v, (list, tuple)):
+        return [_ident(x) for x in v]
+    return v
+
+
+def _show(v) -> str:
+    if isinstance(v, dict) and "sha256" in v:
+        return f"{v.get('path')!r} (content sha256 {str(v['sha256'])[:12]})"
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_show(x) for x in v) + "]"
+    return repr(v)
+
+
+def _check_inputs(work: Path, saved: dict, now: dict) -> None:
+    for flag in sorted(set(saved) | set(now)):
+        a, b = saved.get(flag), now.get(flag)
+        if _ident(a) != _ident(b):
+            raise TrainingError(f"cannot resume {str(work)!r}: {flag} is not the input it was started on "
+                                f"(saved {_show(a)}, now {_show(b)}): run the same command with the same inputs, "
+                                "or pass --restart to start over")
+
+
 # ---------------------------------------------------------------------------- state directory
 def _trainable_shapes(model) -> dict:
     return {n: list(param_shape(p)) for n, p in named_trainable(model)}
@@ -86,13 +178,15 @@ def _finish_partial(partial: Path, st_dir: Path, meta: dict) -> None:
     replace_directory(partial, st_dir)
 
 
-def save_state(engine, kind: str, dist: DistInfo, work: Path, step: int, opts: TrainOptions) -> None:
+def save_state(engine, kind: str, dist: DistInfo, work: Path, step: int, opts: TrainOptions,
+               inputs: Optional[dict] = None) -> None:
     """Replace ``work/state`` atomically with the state after ``step`` optimizer steps.
 
     Every rank must call it: each writes its own partition (DeepSpeed's ``save_checkpoint``,
     frozen parameters excluded), then the main rank finishes and swaps the directory. Raises
     TrainingError on every rank when any part failed; ``work/state`` then still holds the
-    previous state (or nothing, if there was none).
+    previous state (or nothing, if there was none). ``inputs``: the identity of the run's input
+    flags (``{flag: value}``, see :func:`data_identity`), recorded for :func:`load_state`.
     """
     partial = work / _PARTIAL
     if dist.is_main and partial.exists():
@@ -106,8 +200,8 @@ def save_state(engine, kind: str, dist: DistInfo, work: Path, step: int, opts: T
         error = exc
     failed, = all_reduce_sum([float(error is not None)], dist.device)
     if not failed and dist.is_main:
-        meta = {"format": STATE_FORMAT, "step": step, "options": opts.fingerprint(), "kind": kind,
-                "world_size": dist.world_size, "zero_stage": int(engine.zero_optimization_stage()),
+        meta = {"format": STATE_FORMAT, "step": step, "options": opts.fingerprint(), "inputs": dict(inputs or {}),
+                "kind": kind, "world_size": dist.world_size, "zero_stage": int(engine.zero_optimization_stage()),
                 "trainable": _trainable_shapes(engine.module)}
         try:
             _finish_partial(partial, work / STATE_TAG, meta)
@@ -151,12 +245,12 @@ def _read_state(st_dir: Path) -> dict:
 
 
 def load_state(work: Path, kind: str, model, opts: TrainOptions, world_size: int = 1,
-               zero_stage: Optional[int] = None) -> Optional[dict]:
+               zero_stage: Optional[int] = None, inputs: Optional[dict] = None) -> Optional[dict]:
     """The saved state of ``work`` (``{"meta", "rng"}``; the engine's part is loaded later by
     :func:`load_engine_state`), None when there is none.
 
     Raises TrainingError when it is unreadable or does not fit this run (kind, options
-    fingerprint, names and full shapes of ``model``'s trainable parameters, ZeRO stage, and for
+    fingerprint, ``inputs`` (unless None) by content identity, names and full shapes of ``model``'s trainable parameters, ZeRO stage, and for
     ZeRO 1-3 the number of processes).
     """
     st_dir = work / STATE_TAG
@@ -170,6 +264,8 @@ def load_state(work: Path, kind: str, model, opts: TrainOptions, world_size: int
         diff = {k: (meta["options"].get(k), v) for k, v in opts.fingerprint().items() if meta["options"].get(k) != v}
         raise TrainingError(f"cannot resume {str(work)!r}: options changed since it was started (saved, now): {diff}; "
                             "use the same options, or --restart to start over")
+    if inputs is not None:
+        _check_inputs(work, meta.get("inputs", {}), inputs)
     stage = opts.zero_stage if zero_stage is None else zero_stage
     if meta.get("zero_stage") != stage or (stage > 0 and meta.get("world_size") != world_size):
         raise TrainingError(f"cannot resume {str(work)!r}: it was saved by {meta.get('world_size')} process(es) at "
@@ -187,11 +283,11 @@ def load_state(work: Path, kind: str, model, opts: TrainOptions, world_size: int
 
 
 def open_work_dir(out: Path, work: Path, kind: str, model, opts: TrainOptions, dist: DistInfo,
-                  zero_stage: Optional[int] = None) -> Optional[dict]:
+                  zero_stage: Optional[int] = None, inputs: Optional[dict] = None) -> Optional[dict]:
     """Decide between resuming and starting over; returns the state to resume from, or None.
 
     ``out`` existing without ``--overwrite`` raises TrainingError. A partial run (``work``) is
-    resumed when its options match; ``--restart`` discards it; ``--overwrite`` discards it only
+    resumed when its options and ``inputs`` match; ``--restart`` discards it; ``--overwrite`` discards it only
     when it cannot be resumed. Discarded work directories are removed (main rank).
     """
     if out.exists() and not opts.overwrite:
@@ -200,7 +296,7 @@ def open_work_dir(out: Path, work: Path, kind: str, model, opts: TrainOptions, d
     discard = work.exists()
     if work.exists() and not opts.restart:
         try:
-            resume = load_state(work, kind, model, opts, dist.world_size, zero_stage)
+            resume = load_state(work, kind, model, opts, dist.world_size, zero_stage, inputs)
             discard = False
         except TrainingError as exc:
             if not opts.overwrite:

@@ -50,7 +50,7 @@ from .distributed import (DistInfo, all_reduce_sum, barrier, ds_config, init_dis
                           release_distributed, zero3_partitioner)
 from .modeling import LazyTensors, build_model, count_params, export_items, model_from_state_dict, param_value
 from .options import TrainingError, TrainOptions, lr_at
-from .resume import (full_fp32, gather, load_engine_state, named_trainable, open_work_dir, save_state,
+from .resume import (data_identity, full_fp32, gather, load_engine_state, named_trainable, open_work_dir, save_state,
                      zero_stage_of)
 from .runlog import RunLog, utc_now, versions
 
@@ -94,6 +94,9 @@ class RunSpec:
     # sd -> (sd, extra run.json fields); sd is the written checkpoint, read lazily. train-public
     # sets the public router row here.
     finalize_state_dict: Optional[Callable[[Mapping], tuple[Mapping, dict]]] = None
+    # The command's inputs besides --data ({flag: value or resume.*_identity(...)}): a resumed run
+    # must have the same (refused otherwise, naming the flag). --data is added by the trainer.
+    inputs: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -112,6 +115,7 @@ class _Run:
     zero_stage: int
     resume: Optional[dict]
     log: RunLog
+    inputs: dict = field(default_factory=dict)  # the identity of every input flag (resume refuses others)
     engine: object = None
     start_step: int = 0
     step: int = 0
@@ -314,6 +318,7 @@ def _run_record(r: _Run, argv: Optional[Sequence[str]]) -> dict:
         "params_trainable": sum(param_numel(p) for _, p in named_trainable(spec.model)),
         "params_held": _params_held(spec.model, dist), "max_shard_size": opts.max_shard_size,
         "flops_per_token": spec.flops_per_token, "resumed_from_step": r.start_step if r.resume else None,
+        "inputs": r.inputs,
         "versions": versions(), **spec.run_info,
     }
 
@@ -380,7 +385,7 @@ def _run_steps(r: _Run) -> None:
             if stop:
                 break
             if opts.save_every and r.step % opts.save_every == 0 and r.step < stop_at:
-                save_state(r.engine, r.spec.kind, r.dist, r.work, r.step, opts)
+                save_state(r.engine, r.spec.kind, r.dist, r.work, r.step, opts, r.inputs)
                 r.state_saved = True
     if bar is not None:
         bar.close()
@@ -388,7 +393,7 @@ def _run_steps(r: _Run) -> None:
 
 def _pause(r: _Run) -> None:
     """Save the resumable state and mark the run paused (``--max-steps-this-run`` or a signal)."""
-    save_state(r.engine, r.spec.kind, r.dist, r.work, r.step, r.opts)
+    save_state(r.engine, r.spec.kind, r.dist, r.work, r.step, r.opts, r.inputs)
     if r.dist.is_main:
         r.log.update(status="paused", step=r.step, elapsed_s=time.perf_counter() - r.t_run)
         print(f"[{r.spec.kind}] paused at step {r.step}/{r.opts.steps}; run the same command again to resume "
@@ -434,12 +439,14 @@ def _setup(spec: RunSpec, opts: TrainOptions) -> _Run:
         _build_model(spec, cfg, dist, use_bf16)
     if spec.model is None:
         raise TrainingError("internal error: the RunSpec has neither a model nor a build")
-    resume = open_work_dir(out, work, spec.kind, spec.model, opts, dist, zero_stage_of(cfg))
+    inputs = {"--data": [data_identity(d) for d in spec.datas], **spec.inputs}
+    resume = open_work_dir(out, work, spec.kind, spec.model, opts, dist, zero_stage_of(cfg), inputs)
     sampler = BatchSampler(spec.datas, opts.seq_len, opts.micro_batch_size, opts.grad_accum, dist.world_size, opts.seed)
     windows = eval_windows(spec.datas, opts.seq_len, opts.eval_batches * opts.micro_batch_size) \
         if opts.eval_batches else torch.empty(0, opts.seq_len + 1, dtype=torch.long)
     return _Run(spec=spec, opts=opts, dist=dist, out=out, work=work, sampler=sampler, windows=windows,
-                use_bf16=use_bf16, ds_cfg=cfg, zero_stage=zero_stage_of(cfg), resume=resume, log=RunLog(work, dist.is_main), state_saved=resume is not None)
+                use_bf16=use_bf16, ds_cfg=cfg, zero_stage=zero_stage_of(cfg), resume=resume, log=RunLog(work, dist.is_main), state_saved=resume is not None,
+                inputs=inputs)
 
 
 def train(spec: RunSpec, opts: TrainOptions, argv: Optional[Sequence[str]] = None) -> int:

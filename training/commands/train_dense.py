@@ -46,7 +46,12 @@ def cmd_train_dense(args) -> int:
     steps_for_budget(args, fpt, world_size())
     opts = options_from_args(args)
     opts.validate()
+    from ..resume import checkpoint_identity, config_identity
+
     spec = RunSpec(kind="dense", out=Path(args.out), datas=datas, tokenizer_src=datas[0].path,
                    build=ModelBuild(cfg, fresh_source(cfg, args.seed), freeze_single_router), final_config=lambda: cfg, flops_per_token=fpt,
-                   run_info={"model_config": cfg.to_dict(), "budget": args.budget})
+                   run_info={"model_config": cfg.to_dict(), "budget": args.budget},
+                   inputs={"--model-config": config_identity(args.model_config, base), "--active-experts": k,
+                           "--match-active-of": checkpoint_identity(args.match_active_of) if args.match_active_of
+                           else None})
     return train(spec, opts)

@@ -76,6 +76,12 @@ def cmd_train_expert(args) -> int:
     cfg.extra.update({"anchor_sha256": anchor, "expert_name": args.name, "role": "owner",
                       "router_init": rmeta.get("embedder", "random")})
     cfg.moe_backend = args.moe_backend
+    from ..resume import files_identity
+
+    # what a resumed run must have been started on (refused otherwise, naming the flag): the anchor by its hash
+    inputs = {"--public": {"path": str(Path(args.public).resolve()), "sha256": anchor}, "--name": args.name,
+              "--router-init": files_identity(args.router_init, None) if args.router_init else None,
+              "--bias-init": args.bias_init}
     save_dtype = pub_sd.dtype("model.embed_tokens.weight")
     # Built in fp32 from the coupled source; its frozen tensors must keep the source's values,
     # i.e. the public model's (checked at the end of the run and again from the files below).
@@ -86,7 +92,7 @@ def cmd_train_expert(args) -> int:
                    save_dtype=save_dtype,
                    flops_per_token=flops_per_token(cfg, args.seq_len, trainable_mm),
                    run_info={"public": str(Path(args.public).resolve()), "expert_name": args.name,
-                             "anchor_sha256": anchor, "router_init": args.router_init})
+                             "anchor_sha256": anchor, "router_init": args.router_init}, inputs=inputs)
     rc = train(spec, opts)
     out = Path(args.out)
     if rc == 0 and (out / "config.json").is_file() and int(os.environ.get("RANK", "0")) == 0:

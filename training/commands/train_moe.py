@@ -70,7 +70,12 @@ def cmd_train_moe(args) -> int:
     steps_for_budget(args, fpt, world_size())
     opts = options_from_args(args)
     opts.validate()
+    from ..resume import checkpoint_identity, config_identity
+
     spec = RunSpec(kind="moe", out=Path(args.out), datas=datas, tokenizer_src=datas[0].path,
                    build=ModelBuild(cfg, source, freeze_single_router if E == 1 else None), final_config=lambda: cfg, flops_per_token=fpt,
-                   run_info={"model_config": cfg.to_dict(), "budget": args.budget})
+                   run_info={"model_config": cfg.to_dict(), "budget": args.budget},
+                   inputs={"--public": checkpoint_identity(args.public) if args.public else None,
+                           "--model-config": None if args.public else config_identity(args.model_config, base),
+                           "--num-experts": E, "--top-k": args.top_k})
     return train(spec, opts)

@@ -22,6 +22,13 @@ def register(sub) -> None:
     add_train_args(p, lr=1e-3)
 
 
+def _inputs(args, cfg) -> dict:
+    """What a resumed run must have been started on besides --data (the trainer adds it)."""
+    from ..resume import config_identity
+
+    return {"--model-config": config_identity(args.model_config, cfg), "--router-embedder": args.router_embedder}
+
+
 @guard
 def cmd_train_public(args) -> int:
     from ..modeling import fresh_source
@@ -42,5 +49,5 @@ def cmd_train_public(args) -> int:
     spec = RunSpec(kind="public", out=Path(args.out), datas=datas, tokenizer_src=datas[0].path,
                    build=ModelBuild(cfg, fresh_source(cfg, args.seed), freeze_single_router), final_config=lambda: cfg,
                    flops_per_token=flops_per_token(cfg, args.seq_len), run_info={"model_config": cfg.to_dict()},
-                   finalize_state_dict=set_router_row)
+                   finalize_state_dict=set_router_row, inputs=_inputs(args, cfg))
     return train(spec, opts)

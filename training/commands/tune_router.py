@@ -41,6 +41,8 @@ def cmd_tune_router(args) -> int:
     if not 1 <= save_k <= cfg.num_experts:
         raise ValueError(f"--top-k must be in [1, {cfg.num_experts}], got {save_k}")
     save_dtype = sd.dtype("model.embed_tokens.weight")
+    from ..resume import checkpoint_identity
+
     train_cfg = cfg.copy(num_experts_per_tok=cfg.num_experts, moe_backend=args.moe_backend)
     # min(b, 0) is what the model applies: clamping changes no output, but a bias above 0 would get
     # no gradient (FlexOlmo's negative bias must be able to move down on the proxy data)
@@ -53,5 +55,6 @@ def cmd_tune_router(args) -> int:
                    build=ModelBuild(train_cfg, sd, freeze_for_router_tuning), final_config=lambda: out_cfg, save_dtype=save_dtype,
                    flops_per_token=flops_per_token(train_cfg, args.seq_len, 0.0),
                    run_info={"model": str(Path(args.model).resolve()), "top_k_train": cfg.num_experts,
-                             "top_k_saved": save_k})
+                             "top_k_saved": save_k},
+                   inputs={"--model": checkpoint_identity(args.model), "--top-k": save_k})
     return train(spec, opts)

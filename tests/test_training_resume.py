@@ -1,0 +1,90 @@
+"""Resume refuses what it cannot continue exactly (issue 21): another run's inputs (items 7), a
+damaged saved state (item 10); and the saved RNG is restored (item 17c). CPU, one process, tiny
+models (the fixtures of ``test_training_common``)."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from test_training_common import (data_and_model_config, fast_flags, import_training, pause_args, run_cli,
+                                  seeded_rng, write_corpus)
+
+pytest.importorskip("deepspeed")
+import_training()
+
+
+@pytest.fixture(scope="module")
+def two_inputs(tmp_path_factory):
+    """``root/data`` and ``root/data_b`` (two prepared corpora of the same tokenizer),
+    ``root/model.json``, a public model ``root/pub_a`` (1 step) and ``root/pub_b``: the same
+    shapes, one tensor changed."""
+    from safetensors.torch import load_file, save_file
+
+    root = data_and_model_config(tmp_path_factory.mktemp("inputs"), 12)
+    _, rng = seeded_rng()
+    write_corpus(root / "text_b", 12, rng)
+    assert run_cli(["prepare-data", "--input", root / "text_b", "--out", root / "data_b", "--no-progress"]) == 0
+    assert run_cli(["train-public", "--data", root / "data", "--out", root / "pub_a", "--model-config",
+                    root / "model.json", "--steps", "1", *fast_flags(eval_batches=1)]) == 0
+    shutil.copytree(root / "pub_a", root / "pub_b")
+    sd = load_file(str(root / "pub_b" / "model.safetensors"))
+    key = "model.layers.0.self_attn.q_proj.weight"
+    sd[key] = sd[key].clone()
+    sd[key][0, 0] += 0.5
+    save_file(sd, str(root / "pub_b" / "model.safetensors"), metadata={"format": "pt"})
+    return root
+
+
+def _refused(capsys, args, *needles) -> str:
+    """Run ``args``: exit status 2 and one line on stderr holding every needle; returns it."""
+    assert run_cli(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err, err
+    for n in needles:
+        assert str(n) in err, (n, err)
+    return err
+
+
+def _swap(args: list, flag: str, value) -> list:
+    i = args.index(flag)
+    return args[:i + 1] + [value] + args[i + 2:]
+
+
+# ============================================================================ item 7: another run's inputs
+def test_resume_refuses_other_data(two_inputs, tmp_path, capsys):
+    """train-public paused on --data A does not continue on --data B, nor on A's directory
+    re-prepared from other text (same path, other content)."""
+    root = two_inputs
+    shutil.copytree(root / "data", tmp_path / "data_a")
+    args = _swap(pause_args(root, 0), "--data", tmp_path / "data_a") + ["--out", tmp_path / "part"]
+    assert run_cli(args + ["--max-steps-this-run", "1"]) == 0
+    capsys.readouterr()
+    _refused(capsys, _swap(args, "--data", root / "data_b"), "--data", tmp_path / "data_a", root / "data_b",
+             "--restart")
+    shutil.rmtree(tmp_path / "data_a")
+    shutil.copytree(root / "data_b", tmp_path / "data_a")
+    _refused(capsys, args, "--data", tmp_path / "data_a", "--restart")
+    # the partial run is kept (refusing discards nothing); --restart starts over on the new data
+    assert (tmp_path / "part.inprogress" / "state").is_dir()
+    assert run_cli(args + ["--restart"]) == 0
+    assert json.loads((tmp_path / "part" / "run.json").read_text())["resumed_from_step"] is None
+
+
+def test_resume_refuses_other_public_and_name(two_inputs, tmp_path, capsys):
+    """train-expert paused on --public A (--name x) does not continue on a public model B of
+    the same shapes, nor under another --name."""
+    root = two_inputs
+    args = ["train-expert", "--public", root / "pub_a", "--data", root / "data", "--name", "x", "--steps", "3",
+            "--out", tmp_path / "part", *fast_flags(eval_batches=1)]
+    assert run_cli(args + ["--max-steps-this-run", "1"]) == 0
+    capsys.readouterr()
+    _refused(capsys, _swap(args, "--public", root / "pub_b"), "--public", root / "pub_a", root / "pub_b",
+             "--restart")
+    _refused(capsys, _swap(args, "--name", "y"), "--name", "'x'", "'y'", "--restart")
+    assert run_cli(args) == 0  # the same inputs resume
+    run = json.loads((tmp_path / "part" / "run.json").read_text())
+    assert run["resumed_from_step"] == 1 and run["expert_name"] == "x"
