@@ -437,3 +437,155 @@ def test_written_by_olmo_core(tmp_path, layout, fmt, tied):
     fresh.load_state_dict(back, strict=True)
     written = json.loads((tmp_path / "oc" / "config.json").read_text())["model"]  # OLMo-core's, for its trainer
     assert written["block"]["feed_forward_moe"]["num_experts"] == E and written["tie_word_embeddings"] == tied
+
+
+# ---------------------------------------------------------------------------- issue 21: untrusted inputs
+def _dcp(tmp_path, name="oc", seed=11) -> str:
+    return _write_olmo_core(_olmo_core_sd(torch.Generator().manual_seed(seed)), tmp_path / name, "dcp",
+                            config=_trainer_config())
+
+
+def _rewrite_dcp_metadata(src, edit) -> None:
+    """Apply ``edit`` to every ``_StorageInfo`` of the DCP ``src``'s ``.metadata`` (the test trusts its own pickle)."""
+    import pickle
+
+    path = os.path.join(src, ".metadata")
+    with open(path, "rb") as fh:
+        meta = pickle.load(fh)
+    for info in meta.storage_data.values():
+        edit(info)
+    with open(path, "wb") as fh:
+        pickle.dump(meta, fh)
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated", "garbage"])
+def test_dcp_shard_missing_or_damaged_is_named(tmp_path, capsys, damage):
+    """Item 8: torch raises CheckpointException (a BaseException) for a missing or damaged
+    __0_0.distcp; convert names the file in one line, the library raises CheckpointError."""
+    from flexmoe_kernels.models import CheckpointError
+    from flexmoe_kernels.models.olmo_core import read_olmo_core
+
+    src = _dcp(tmp_path)
+    shard = os.path.join(src, "__0_0.distcp")
+    data = open(shard, "rb").read()
+    if damage == "missing":
+        os.remove(shard)
+    else:
+        with open(shard, "wb") as fh:
+            fh.write(data[: len(data) // 2] if damage == "truncated" else b"\0" * len(data))
+    err = _fails(capsys, "--to", "hf", "--input", src, "--out", tmp_path / "out")
+    assert "--input" in err and "__0_0.distcp" in err and not (tmp_path / "out").exists()
+    with pytest.raises(CheckpointError, match="__0_0.distcp"):
+        read_olmo_core(src)
+
+
+@pytest.mark.parametrize("escape", ["dotdot", "absolute", "symlink"])
+def test_dcp_storage_path_outside_the_directory_is_refused(tmp_path, capsys, escape):
+    """Item 14: a .metadata whose _StorageInfo.relative_path leaves the checkpoint directory
+    (``..``, an absolute path, a symlink pointing out) is refused, naming the path."""
+    from flexmoe_kernels.models import CheckpointError
+    from flexmoe_kernels.models.olmo_core import read_olmo_core
+
+    src, other = _dcp(tmp_path), _dcp(tmp_path, "other", seed=12)
+    os.remove(os.path.join(src, "__0_0.distcp"))
+    target = {"dotdot": "../other/__0_0.distcp", "absolute": os.path.join(other, "__0_0.distcp"),
+              "symlink": "__0_0.distcp"}[escape]
+    if escape == "symlink":
+        os.symlink(os.path.join(other, "__0_0.distcp"), os.path.join(src, "__0_0.distcp"))
+    else:
+        def point_away(info):
+            info.relative_path = target
+
+        _rewrite_dcp_metadata(src, point_away)
+    err = _fails(capsys, "--to", "hf", "--input", src, "--out", tmp_path / "out")
+    assert "--input" in err and target in err and "outside" in err and not (tmp_path / "out").exists()
+    with pytest.raises(CheckpointError, match="outside"):
+        read_olmo_core(src)
+
+
+def test_dcp_storage_slice_past_the_end_is_named(tmp_path, capsys):
+    """Item 8: a _StorageInfo whose offset + length runs past its file (a truncated copy) names the
+    file, its size and the bytes needed, before torch reads anything."""
+    src = _dcp(tmp_path)
+
+    def grow(info):
+        info.length += 10**6
+
+    _rewrite_dcp_metadata(src, grow)
+    err = _fails(capsys, "--to", "hf", "--input", src, "--out", tmp_path / "out")
+    assert "__0_0.distcp" in err and "truncated" in err
+
+
+def test_integer_tensor_is_named(tmp_path, capsys):
+    """Item 9: an integer tensor where a weight belongs is named with its dtype (was a traceback
+    from requires_grad while building the model)."""
+    from flexmoe_kernels.models import CheckpointError
+    from flexmoe_kernels.models.olmo_core import olmo_core_to_hf
+
+    sd = _olmo_core_sd(torch.Generator().manual_seed(13))
+    key = "blocks.1.attention.w_v.weight"
+    sd[key] = (sd[key] * 10).to(torch.int64)
+    src = _write_olmo_core(sd, tmp_path / "oc", "pt", config=_trainer_config())
+    err = _fails(capsys, "--to", "hf", "--input", src, "--out", tmp_path / "out")
+    assert "--input" in err and key in err and "torch.int64" in err and "floating" in err
+    with pytest.raises(CheckpointError, match=f"{key}.*torch.int64"):
+        olmo_core_to_hf(sd)
+
+
+def test_embedding_of_wrong_rank_is_named(tmp_path, capsys):
+    """Item 13: a 3-D embedding names the tensor, its shape and the rank expected (was 'too many
+    values to unpack (expected 2)')."""
+    sd = _olmo_core_sd(torch.Generator().manual_seed(14))
+    sd["embeddings.weight"] = sd["embeddings.weight"][:, None, :].expand(-1, 2, -1).contiguous()
+    src = _write_olmo_core(sd, tmp_path / "oc", "pt", config=_trainer_config())
+    err = _fails(capsys, "--to", "hf", "--input", src, "--out", tmp_path / "out")
+    assert "'embeddings.weight'" in err and f"({V}, 2, {D})" in err and "2-D" in err
+
+
+def _flip_byte_in_member(path, member_suffix: str) -> str:
+    """Flip one byte in the middle of the data of the zip member ending with ``member_suffix``; its name."""
+    import struct
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        info = next(i for i in z.infolist() if i.filename.endswith(member_suffix))
+    with open(path, "r+b") as fh:
+        fh.seek(info.header_offset + 26)
+        name_len, extra_len = struct.unpack("<HH", fh.read(4))
+        pos = info.header_offset + 30 + name_len + extra_len + info.compress_size // 2
+        fh.seek(pos)
+        byte = fh.read(1)
+        fh.seek(pos)
+        fh.write(bytes([byte[0] ^ 0x10]))
+    return info.filename
+
+
+def test_flipped_byte_in_model_pt_is_named(tmp_path, capsys):
+    """Item 16: torch.load does not check the zip CRCs, so a flipped byte inside model.pt converted
+    silently; the archive's CRCs are checked first and the failing member is named."""
+    from flexmoe_kernels.models import CheckpointError
+    from flexmoe_kernels.models.olmo_core import read_olmo_core
+
+    sd = _olmo_core_sd(torch.Generator().manual_seed(15))
+    src = _write_olmo_core(sd, tmp_path / "oc", "pt", config=_trainer_config())
+    _assert_same_tensors(sd, read_olmo_core(src)[0])  # an intact file reads
+    member = _flip_byte_in_member(os.path.join(src, "model.pt"), "data/3")
+    err = _fails(capsys, "--to", "hf", "--input", src, "--out", tmp_path / "out")
+    assert "--input" in err and "model.pt" in err and member in err and "CRC" in err
+    with pytest.raises(CheckpointError, match="CRC"):
+        read_olmo_core(src)
+
+
+def test_hf_index_not_matching_its_shards_is_named(tmp_path, capsys):
+    """Item 15 through convert --to olmo-core: an index mapping a tensor to a shard that does not
+    hold it is one line naming the tensor and both shards."""
+    _ours(tmp_path / "hf", torch.Generator().manual_seed(16))
+    FlexOlmoForCausalLM.from_pretrained(tmp_path / "hf").save_pretrained(tmp_path / "hf", max_shard_size=4000)
+    index_path = tmp_path / "hf" / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    files = sorted(set(index["weight_map"].values()))
+    key = next(k for k, f in index["weight_map"].items() if f == files[0])
+    index["weight_map"][key] = files[1]
+    index_path.write_text(json.dumps(index))
+    err = _fails(capsys, "--to", "olmo-core", "--input", tmp_path / "hf", "--out", tmp_path / "oc")
+    assert "--input" in err and key in err and files[0] in err and files[1] in err

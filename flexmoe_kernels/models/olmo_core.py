@@ -114,6 +114,12 @@ def _shape(t: torch.Tensor, want: tuple, key: str, what: str) -> None:
         raise CheckpointError(f"{what}: tensor {key!r} has shape {tuple(t.shape)}, expected {tuple(want)}")
 
 
+def _rank(t: torch.Tensor, n: int, key: str, what: str, dims: str) -> torch.Tensor:
+    if t.dim() != n:
+        raise CheckpointError(f"{what}: tensor {key!r} has shape {tuple(t.shape)}, expected a {n}-D {dims} tensor")
+    return t
+
+
 def _dims(sd: Mapping[str, torch.Tensor], layout: str, what: str) -> OlmoCoreDims:
     """Sizes from layer 0 and the embedding; ``layout`` 'auto' resolved from ``w1``'s shape."""
     layers = sorted({int(m.group(1)) for k in sd if (m := _LAYER_RE.match(k))})
@@ -122,7 +128,9 @@ def _dims(sd: Mapping[str, torch.Tensor], layout: str, what: str) -> OlmoCoreDim
                               f"first keys: {sorted(sd)[:5]})")
     if layers != list(range(len(layers))):
         raise CheckpointError(f"{what}: block indices are not 0..{len(layers) - 1}: {layers[:10]}")
-    V, D = _need(sd, "embeddings.weight", what).shape
+    V, D = _rank(_need(sd, "embeddings.weight", what), 2, "embeddings.weight", what, "(vocab, hidden)").shape
+    if V < 1 or D < 1:
+        raise CheckpointError(f"{what}: tensor 'embeddings.weight' has shape {(V, D)}, an empty (vocab, hidden)")
     p = _MOE.format(i=0)
     if f"{p}router.weight" not in sd:
         raise CheckpointError(f"{what}: missing tensor {p + 'router.weight'!r} (only FlexOlmo / MoE checkpoints "
@@ -143,10 +151,11 @@ def _dims(sd: Mapping[str, torch.Tensor], layout: str, what: str) -> OlmoCoreDim
         layout = match[0]
     elif layout not in fits:
         raise ValueError(f"expert layout must be one of {('auto',) + EXPERT_LAYOUTS}, got {layout!r}")
+    q, kv = (_rank(_need(sd, k, what), 2, k, what, "(out, hidden)")
+             for k in ("blocks.0.attention.w_q.weight", "blocks.0.attention.w_k.weight"))
     return OlmoCoreDims(
         num_layers=len(layers), vocab_size=V, hidden_size=D, intermediate_size=F, num_experts=E,
-        q_width=_need(sd, "blocks.0.attention.w_q.weight", what).shape[0],
-        kv_width=_need(sd, "blocks.0.attention.w_k.weight", what).shape[0],
+        q_width=q.shape[0], kv_width=kv.shape[0],
         tied="lm_head.w_out.weight" not in sd,
         head_is_embedding="lm_head.w_out.weight" in sd and torch.equal(sd["lm_head.w_out.weight"], sd["embeddings.weight"]),
         expert_bias=f"{p}router.expert_bias" in sd, layout=layout)
@@ -161,6 +170,11 @@ def olmo_core_to_hf(sd: Mapping[str, torch.Tensor], *, expert_layout: str = "aut
     :class:`CheckpointError` naming ``what`` and the key for a missing, unknown or mis-shaped tensor.
     """
     dims = _dims(sd, expert_layout, what)
+    nonfloat = [(k, v.dtype) for k, v in sd.items() if not v.is_floating_point()]
+    if nonfloat:
+        k, dt = nonfloat[0]
+        more = f" (+{len(nonfloat) - 1} more)" if len(nonfloat) > 1 else ""
+        raise CheckpointError(f"{what}: tensor {k!r} has dtype {dt}{more}; model weights must be floating-point")
     L, E, D, F = dims.num_layers, dims.num_experts, dims.hidden_size, dims.intermediate_size
     out: dict[str, torch.Tensor] = {}
     used = set()
@@ -317,8 +331,15 @@ def _dcp_dir(path: str) -> Optional[str]:
 
 
 def _why(exc: BaseException) -> str:
-    """``Type: first line of the message`` (torch's load errors run over many lines)."""
-    lines = str(exc).strip().splitlines()
+    """``Type: first line of the message`` (torch's load errors run over many lines); for
+    ``torch.load(weights_only=True)``'s refusal, its reason (the first line only advises
+    ``weights_only=False``, which is no advice for an untrusted file)."""
+    text = str(exc).strip()
+    m = re.search(r"WeightsUnpickler error:(.*?)(?:Check the documentation|$)", text, re.S)
+    if m:
+        return f"{type(exc).__name__}: not a file of tensors torch.load(weights_only=True) reads: " \
+               f"{' '.join(m.group(1).split()) or 'refused'}"
+    lines = text.splitlines()
     return f"{type(exc).__name__}: {lines[0] if lines else ''}"
 
 
@@ -349,8 +370,48 @@ class _MetadataUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a checkpoint's .metadata")
 
 
+def _check_dcp_storage(directory: str, storage_data: Any, wanted: set) -> None:
+    """``CheckpointError`` naming the file when a ``.metadata`` storage entry points outside
+    ``directory`` (an absolute path, ``..``, a symlink leading out: refused for every entry) or,
+    for the tensors in ``wanted`` (fully qualified names), at a file that is missing or shorter
+    than the entry's offset + length (a truncated copy)."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+
+    if not isinstance(storage_data, Mapping):
+        raise CheckpointError(f"{directory!r}: .metadata has no storage table (found {type(storage_data).__name__})")
+    root = os.path.realpath(directory)
+    sizes: dict[str, int] = {}
+    for index, info in storage_data.items():
+        fqn = getattr(index, "fqn", index)
+        if not isinstance(info, _StorageInfo) or not isinstance(info.relative_path, (str, os.PathLike)):
+            raise CheckpointError(f"{directory!r}: .metadata stores {fqn!r} at {info!r}, not a file entry")
+        rel = os.fspath(info.relative_path)
+        real = os.path.realpath(os.path.join(root, rel))
+        if os.path.isabs(rel) or ".." in rel.replace("\\", "/").split("/") or \
+                os.path.commonpath([root, real]) != root:
+            how = "" if real == os.path.normpath(os.path.join(root, rel)) else f" (it resolves to {real!r})"
+            raise CheckpointError(f"{directory!r}: .metadata stores {fqn!r} in {rel!r}{how}, outside the "
+                                  "checkpoint directory; refused")
+        if fqn not in wanted:
+            continue
+        if rel not in sizes:
+            if not os.path.isfile(real):
+                raise CheckpointError(f"{os.path.join(directory, rel)!r}: missing (.metadata stores {fqn!r} in it)")
+            sizes[rel] = os.path.getsize(real)
+        off, n = info.offset, info.length
+        if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in (off, n)):
+            raise CheckpointError(f"{directory!r}: .metadata stores {fqn!r} in {rel!r} at offset {off!r}, "
+                                  f"length {n!r}: not byte counts")
+        if off + n > sizes[rel]:
+            raise CheckpointError(f"{os.path.join(directory, rel)!r}: truncated or damaged ({sizes[rel]} bytes; "
+                                  f".metadata stores {fqn!r} at bytes {off}..{off + n})")
+
+
 def _read_dcp(directory: str) -> dict[str, torch.Tensor]:
     """The model tensors of a DCP directory (keys ``model.*`` stripped; optimizer state not read)."""
+    import dataclasses
+    from torch.futures import Future
+
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import StorageMeta, TensorStorageMetadata
 
@@ -363,16 +424,53 @@ def _read_dcp(directory: str) -> dict[str, torch.Tensor]:
             metadata.storage_meta.load_id = getattr(self, "load_id", None)
             return metadata
 
+        def read_data(self, plan, planner):
+            """torch's read, one file at a time, so that an error names the file."""
+            per_file: dict[str, list] = {}
+            for item in plan.items:
+                per_file.setdefault(os.fspath(self.storage_data[item.storage_index].relative_path), []).append(item)
+            for rel, items in per_file.items():
+                try:
+                    super().read_data(dataclasses.replace(plan, items=items), planner).wait()
+                except Exception as exc:
+                    raise CheckpointError(f"{os.path.join(directory, rel)!r}: damaged shard of the distributed "
+                                          f"checkpoint ({_why(exc)})") from exc
+            done: Future = Future()
+            done.set_result(None)
+            return done
+
     reader = Reader(directory)
-    meta = reader.read_metadata().state_dict_metadata
+    metadata = reader.read_metadata()
+    meta = metadata.state_dict_metadata
     tensors = {k: m for k, m in meta.items() if isinstance(m, TensorStorageMetadata)}
     nested = any(k.startswith("model.") for k in tensors)
-    sd = {k[len("model."):] if nested else k: torch.empty(tuple(m.size), dtype=m.properties.dtype)
-          for k, m in tensors.items() if not nested or k.startswith("model.")}
+    wanted = {k for k in tensors if not nested or k.startswith("model.")}
+    _check_dcp_storage(directory, metadata.storage_data, wanted)
+    sd = {k[len("model."):] if nested else k: torch.empty(tuple(tensors[k].size), dtype=tensors[k].properties.dtype)
+          for k in wanted}
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
         warnings.simplefilter("ignore", UserWarning)
         dcp.load({"model": sd} if nested else sd, storage_reader=reader, no_dist=True)
     return sd
+
+
+def _check_zip_crcs(file: str) -> None:
+    """``CheckpointError`` naming ``file`` and the member whose CRC-32 does not match its bytes:
+    ``torch.load`` does not check them, so a flipped byte would load silently. Reads the archive
+    once, in chunks (``zipfile.testzip``). A file that is not a zip archive (torch's legacy format,
+    or junk) is left to ``torch.load``."""
+    import zipfile
+
+    if not zipfile.is_zipfile(file):
+        return
+    try:
+        with zipfile.ZipFile(file) as z:
+            bad = z.testzip()
+    except Exception as exc:  # BadZipFile, zlib.error, EOFError, ...: whatever a damaged archive raises
+        raise CheckpointError(f"{file!r}: damaged zip archive ({_why(exc)}); copy it again") from exc
+    if bad is not None:
+        raise CheckpointError(f"{file!r}: member {bad!r} fails its CRC-32 check (the file is damaged: a changed "
+                              "byte or a bad copy); copy it again")
 
 
 def read_olmo_core(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], Optional[str]]:
@@ -386,10 +484,21 @@ def read_olmo_core(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], Op
         raise FileNotFoundError(f"{path!r} does not exist")
     dcp_dir = _dcp_dir(path) if os.path.isdir(path) else None
     if dcp_dir is not None:
+        from torch.distributed.checkpoint.api import CheckpointException
+
         try:
             return _read_dcp(dcp_dir), os.path.abspath(path)
-        except Exception as exc:  # torch raises its own error types for a corrupt DCP
-            raise CheckpointError(f"{path!r}: cannot read the distributed checkpoint ({_why(exc)})") from exc
+        except CheckpointError:
+            raise
+        except (Exception, CheckpointException) as exc:  # torch's own error types for a corrupt DCP
+            # dcp.load wraps what a rank raised in a CheckpointException, a BaseException: unwrap it
+            inner = next(iter(exc.failures.values()))[0] if isinstance(exc, CheckpointException) and \
+                exc.failures else exc
+            if not isinstance(inner, Exception):  # KeyboardInterrupt, SystemExit
+                raise inner from None
+            if isinstance(inner, CheckpointError):
+                raise CheckpointError(str(inner)) from exc
+            raise CheckpointError(f"{path!r}: cannot read the distributed checkpoint ({_why(inner)})") from exc
     file = path
     if os.path.isdir(path):
         file = next((os.path.join(path, f) for f in ("model.pt", "model.safetensors")
@@ -403,7 +512,10 @@ def read_olmo_core(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], Op
 
             obj = load_file(file)
         else:
+            _check_zip_crcs(file)
             obj = torch.load(file, map_location="cpu", weights_only=True)
+    except CheckpointError:
+        raise
     except Exception as exc:  # pickle / zip / safetensors errors of a corrupt or foreign file
         raise CheckpointError(f"{file!r}: not a file of tensors ({_why(exc)})") from exc
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
