@@ -12,7 +12,8 @@ import os
 import sys
 from pathlib import Path
 
-__all__ = ["FORMATTER", "DefaultsOnceFormatter", "add_command", "add_name_list", "add_train_args", "require", "check_out_free",
+__all__ = ["FORMATTER", "DefaultsOnceFormatter", "add_command", "add_name_list", "add_train_args", "require", "check_out_free", "check_output",
+           "check_train_output",
            "check_tokenizer", "csv_list", "dense_config", "fresh_model", "freeze_single_router", "guard",
            "main_error", "open_datas", "options_from_args", "tokenizer_src"]
 
@@ -142,6 +143,74 @@ def check_out_free(out: Path, overwrite: bool) -> None:
     """``FileExistsError`` naming ``--out`` when it exists and ``--overwrite`` was not given."""
     if out.exists() and not overwrite:
         raise FileExistsError(f"--out {str(out)!r} already exists (pass --overwrite to replace it)")
+
+
+def _real(path) -> Path:
+    """``path`` absolute with every symbolic link resolved (also for a path that does not exist yet)."""
+    return Path(os.path.realpath(os.path.expanduser(os.fspath(path))))
+
+
+def check_output(out, inputs, *, out_flag: str = "--out", kind: str = "dir", written=()) -> None:
+    """Refuse, before anything is touched, an output path that cannot be written safely: the one
+    check every ``flexmoe`` command that writes makes of its output.
+
+    ``ValueError`` naming ``out_flag``, the path and what to do when:
+
+    * the output is, contains or lies inside one of ``inputs`` (symbolic links resolved), so
+      writing it would replace or change the input (``--overwrite`` does not change this);
+      ``inputs`` are ``(flag, value)`` pairs, ``value`` a path, a list of paths or None (absent);
+    * a directory above the output is a regular file (a file is in the way);
+    * ``kind="dir"``: the output exists and is not a directory; ``kind="file"``: it is a directory.
+
+    ``written``: ``(what, path)`` of other paths the command writes beside the output (a training
+    run's ``OUT.inprogress``), checked against the inputs too.
+    """
+    shown = os.fspath(out)
+    absolute = Path(os.path.abspath(os.path.expanduser(shown)))
+    for parent in absolute.parents:
+        if os.path.lexists(parent) and not os.path.isdir(parent):
+            raise ValueError(f"{out_flag} {shown!r}: {str(parent)!r} is a file, not a directory, so nothing can be "
+                             f"created under it (a file is in the way): choose another {out_flag} or move that file")
+    if kind == "dir" and os.path.lexists(absolute) and not os.path.isdir(absolute):
+        raise ValueError(f"{out_flag} {shown!r} is an existing file, not a directory: choose another {out_flag} "
+                         f"(a directory is written there) or remove the file")
+    if kind == "file" and os.path.isdir(absolute):
+        raise ValueError(f"{out_flag} {shown!r} is a directory: give the path of a file to write")
+    resolved = _real(out)
+    named = f"{out_flag} {shown!r}" + ("" if str(resolved) == shown else f" (= {str(resolved)!r})")
+    targets = [(named, resolved)] + [(f"{named} (its {what} {str(p)!r})", _real(p)) for what, p in written]
+    for flag, value in inputs:
+        for v in (value if isinstance(value, (list, tuple)) else [value]):
+            if v is None:
+                continue
+            inp = _real(v)
+            for what, target in targets:
+                if target == inp:
+                    how = "is"
+                elif inp.is_relative_to(target):
+                    how = "contains"
+                elif target.is_relative_to(inp):
+                    how = "lies inside"
+                else:
+                    continue
+                where = "" if str(inp) == os.fspath(v) else f" (= {str(inp)!r})"
+                raise ValueError(f"{what} {how} the input {flag} {os.fspath(v)!r}{where}: writing it would "
+                                 f"{'change' if how == 'lies inside' else 'destroy'} the input (--overwrite or "
+                                 f"not); choose an {out_flag} outside every input")
+
+
+def check_train_output(args, *flags: str) -> None:
+    """:func:`check_output` for a training command: ``--out`` and its partial run ``OUT.inprogress``
+    against the inputs named by ``flags`` (e.g. ``"--data"``, ``"--public"``) and the inputs every
+    training command may read (``--deepspeed-config``, ``--model-config`` when it is a file,
+    ``--match-flops-of``)."""
+    names = list(flags) + ["--deepspeed-config", "--match-flops-of"]
+    inputs = [(f, getattr(args, f[2:].replace("-", "_"), None)) for f in names]
+    model_config = getattr(args, "model_config", None)
+    if model_config and os.path.isfile(model_config):  # else a preset name
+        inputs.append(("--model-config", model_config))
+    out = _real(args.out)
+    check_output(args.out, inputs, written=[("partial run", out.with_name(out.name + ".inprogress"))])
 
 
 def open_datas(paths):

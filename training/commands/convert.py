@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from .common import DefaultsOnceFormatter, add_command, check_out_free, guard, require
+from .common import DefaultsOnceFormatter, add_command, check_out_free, check_output, guard, require
 
 DESCRIPTION = """\
 --to hf: read an OLMo-core checkpoint (--input: a model.pt file, a directory holding model.pt
@@ -220,9 +220,9 @@ def _to_olmo_core(args, out: Path) -> str:
 @guard
 def run(args) -> int:
     """Convert ``--input`` into ``--out`` in the ``--to`` layout; exit status 0, or 2 naming the bad argument."""
+    config_file = args.config if args.config and Path(args.config).exists() else None  # else a preset name
+    check_output(args.out, [("--input", args.input), ("--config", config_file)])
     out = Path(args.out).resolve()
-    if out == Path(args.input).resolve():
-        raise ValueError("--out must differ from --input")
     check_out_free(out, args.overwrite)
     if args.to == "hf" and args.format != "pt":
         raise ValueError("--format applies to --to olmo-core only")

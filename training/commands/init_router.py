@@ -1,7 +1,7 @@
 """``flexmoe init-router``: domain-informed router embedding of a data owner."""
 from __future__ import annotations
 
-from .common import add_command, require, guard
+from .common import add_command, check_output, require, guard
 
 
 def register(sub) -> None:
@@ -27,7 +27,12 @@ def register(sub) -> None:
 
 @guard
 def cmd_init_router(args) -> int:
+    from pathlib import Path
+
     from ..router_init import init_router
 
+    out = Path(args.out)  # init_router writes OUT and OUT_STEM.run.json beside it
+    check_output(args.out, [("--public", args.public), ("--data", args.data)], kind="file",
+                 written=[("run record", out.with_name(out.stem + ".run.json"))])
     init_router(args)
     return 0

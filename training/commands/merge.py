@@ -7,7 +7,7 @@ from pathlib import Path
 from flexmoe_kernels.utils.fs import atomic_directory, write_json_atomic
 
 from ..runlog import utc_now
-from .common import add_command, require, check_out_free, guard
+from .common import add_command, require, check_out_free, check_output, guard
 
 
 def register(sub) -> None:
@@ -30,6 +30,7 @@ def cmd_merge(args) -> int:
     from ..modeling import load_checkpoint, merge_state_dicts
     from ..trainer import save_hf
 
+    check_output(args.out, [("--public", args.public), ("--owner", args.owner)])
     out = Path(args.out).resolve()
     check_out_free(out, args.overwrite)
     pub_cfg, pub_sd = load_checkpoint(args.public, "--public")

@@ -1,7 +1,7 @@
 """``flexmoe prepare-data``: tokenise a text directory into a data directory."""
 from __future__ import annotations
 
-from .common import add_command, require, guard
+from .common import add_command, check_output, require, guard
 
 
 def register(sub) -> None:
@@ -24,6 +24,7 @@ def register(sub) -> None:
 def cmd_prepare_data(args) -> int:
     from ..data import ByteTokenizer, TokenizersTokenizer, prepare_data
 
+    check_output(args.out, [("--input", args.input), ("--tokenizer", args.tokenizer)])
     tok = TokenizersTokenizer(args.tokenizer, args.eos_token) if args.tokenizer else ByteTokenizer()
     meta = prepare_data(args.input, args.out, tokenizer=tok, val_fraction=args.val_fraction,
                         overwrite=args.overwrite, progress=args.progress)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from ..flops import flops_per_token
 from .budget import BUDGET_HELP, add_budget_args, steps_for_budget, world_size
-from .common import (add_command, require, add_train_args, dense_config, freeze_single_router, guard, open_datas,
+from .common import (add_command, require, add_train_args, check_train_output, dense_config, freeze_single_router, guard, open_datas,
                      options_from_args)
 
 
@@ -29,6 +29,7 @@ def cmd_train_dense(args) -> int:
     from ..modeling import fresh_source, open_checkpoint
     from ..trainer import ModelBuild, RunSpec, train
 
+    check_train_output(args, "--data", "--match-active-of")
     datas = open_datas(args.data)
     k = args.active_experts
     base_f = None

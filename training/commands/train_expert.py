@@ -6,7 +6,7 @@ import shutil
 from pathlib import Path
 
 from ..flops import flops_per_token
-from .common import (add_command, require, add_train_args, check_out_free, check_tokenizer, guard, open_datas, options_from_args,
+from .common import (add_command, require, add_train_args, check_out_free, check_train_output, check_tokenizer, guard, open_datas, options_from_args,
                      tokenizer_src)
 
 
@@ -55,6 +55,7 @@ def cmd_train_expert(args) -> int:
                             open_checkpoint)
     from ..trainer import ModelBuild, RunSpec, train
 
+    check_train_output(args, "--public", "--data", "--router-init")
     opts = options_from_args(args)
     opts.weight_decay = 0.0  # FlexOlmo: no decay, so frozen tensors stay bit-identical
     opts.validate()

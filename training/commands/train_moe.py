@@ -5,7 +5,7 @@ from pathlib import Path
 
 from ..flops import flops_per_token
 from .budget import BUDGET_HELP, add_budget_args, steps_for_budget, world_size
-from .common import (add_command, require, add_train_args, check_out_free, check_tokenizer, dense_config, freeze_single_router,
+from .common import (add_command, require, add_train_args, check_out_free, check_train_output, check_tokenizer, dense_config, freeze_single_router,
                      guard, open_datas, options_from_args)
 
 
@@ -31,6 +31,7 @@ def cmd_train_moe(args) -> int:
     from ..modeling import LazyTensors, fresh_source, open_checkpoint
     from ..trainer import ModelBuild, RunSpec, train
 
+    check_train_output(args, "--data", "--public")
     datas = open_datas(args.data)
     E = args.num_experts or (1 + len(datas))
     if not 1 <= args.top_k <= E:

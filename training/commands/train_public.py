@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..flops import flops_per_token
-from .common import (add_command, require, add_train_args, dense_config, freeze_single_router, guard, open_datas,
+from .common import (add_command, require, add_train_args, check_train_output, dense_config, freeze_single_router, guard, open_datas,
                      options_from_args)
 
 
@@ -34,6 +34,7 @@ def cmd_train_public(args) -> int:
     from ..modeling import fresh_source
     from ..trainer import ModelBuild, RunSpec, train
 
+    check_train_output(args, "--data")
     opts = options_from_args(args)
     opts.validate()
     datas = open_datas(args.data)

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..flops import flops_per_token
-from .common import (add_command, require, add_train_args, check_out_free, check_tokenizer, guard, open_datas, options_from_args,
+from .common import (add_command, require, add_train_args, check_out_free, check_train_output, check_tokenizer, guard, open_datas, options_from_args,
                      tokenizer_src)
 
 
@@ -29,6 +29,7 @@ def cmd_tune_router(args) -> int:
     from ..modeling import freeze_for_router_tuning, open_checkpoint
     from ..trainer import ModelBuild, RunSpec, train
 
+    check_train_output(args, "--model", "--data")
     opts = options_from_args(args)
     opts.validate()
     check_out_free(Path(args.out), args.overwrite)
