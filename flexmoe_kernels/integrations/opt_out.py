@@ -35,6 +35,7 @@ class OptOutState:
 
     Attributes:
         expert_names: the E names ``allowed_experts`` may use (indices work too).
+        owner: the class name of the model :func:`apply_flexmoe` patched (for messages).
         top_k: K; every token must keep at least K allowed experts.
         default: the spec outside any call (set by the context manager and ``generate``).
         active: the spec of the current (or, under gradient checkpointing, the last) call.
@@ -44,6 +45,7 @@ class OptOutState:
     def __init__(self, expert_names: Sequence[str], top_k: int):
         self.expert_names = list(expert_names)
         self.top_k = int(top_k)
+        self.owner = "the patched model"  # the patched model's class name (for error messages)
         self.default: AllowedExperts = None
         self.default_per_sequence = False
         self.active: AllowedExperts = None

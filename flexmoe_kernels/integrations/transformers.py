@@ -156,8 +156,129 @@ def _install(model: torch.nn.Module, name: str, wrapper) -> None:
     model.__dict__[name] = types.MethodType(method, model)
 
 
+# ----------------------------------------------------------------------------- guards (issue 21)
+# An opt-out the model cannot honour is an error, never a silent run with every expert:
+# transformers' forward / generate swallow an unknown ``allowed_experts`` keyword.
+#
+# * after remove_flexmoe(model), model.forward / generate stay thin guards (``_guard_*``) that
+#   raise when ``allowed_experts`` is given (not None), and otherwise call transformers'
+#   method (the one before apply_flexmoe). apply_flexmoe removes them again.
+# * while a model is patched, every transformers model module between it and its MoE blocks
+#   (e.g. ``model.model``) gets the guard ``_guard_inner_forward``: calling it directly with
+#   ``allowed_experts`` would run the blocks with the state's set, not the one asked for.
+# The guards read everything from ``self`` (no closure over the model), so a deepcopy calls
+# the copy's own methods.
+def _guard_call(self, name: str, args, kwargs, allowed: AllowedExperts, why: str):
+    if allowed is not None:
+        raise RuntimeError(
+            f"{name}(allowed_experts={allowed!r}) cannot be honoured: {why}; without it transformers "
+            f"would silently run every expert. Call flexmoe_kernels.integrations.transformers."
+            f"apply_flexmoe(model) again to opt experts out, or pass allowed_experts=None"
+        )
+    previous = self.__dict__["_flexmoe_removed"].get(name)
+    inner = previous if previous is not None else getattr(type(self), name).__get__(self)
+    return inner(*args, **kwargs)
+
+
+def _guard_forward(self, *args, allowed_experts: AllowedExperts = None, **kwargs):
+    """``forward`` after :func:`remove_flexmoe`: transformers' forward; ``RuntimeError`` if
+    ``allowed_experts`` is given (not None)."""
+    why = f"remove_flexmoe removed flexmoe from this {type(self).__name__}, so nothing routes by it"
+    return _guard_call(self, "forward", args, kwargs, allowed_experts, why)
+
+
+def _guard_generate(self, *args, allowed_experts: AllowedExperts = None, **kwargs):
+    """``generate`` after :func:`remove_flexmoe` (see :func:`_guard_forward`)."""
+    why = f"remove_flexmoe removed flexmoe from this {type(self).__name__}, so nothing routes by it"
+    return _guard_call(self, "generate", args, kwargs, allowed_experts, why)
+
+
+_GUARDS = {"forward": _guard_forward, "generate": _guard_generate}
+
+
+def _bind(module: torch.nn.Module, name: str, function) -> None:
+    """``module.<name>`` = ``function`` bound to ``module``, with the signature and docstring of
+    the class's method (transformers inspects ``forward``'s signature)."""
+    @functools.wraps(getattr(type(module), name))
+    def method(self, *args, **kwargs):
+        return function(self, *args, **kwargs)
+
+    module.__dict__[name] = types.MethodType(method, module)
+
+
+def _install_guards(model: torch.nn.Module, previous: dict) -> None:
+    """After :func:`remove_flexmoe`: ``forward`` / ``generate`` become the guards; ``previous``
+    (name -> the instance method before apply_flexmoe, or None for the class's) is kept."""
+    model.__dict__["_flexmoe_removed"] = dict(previous)
+    for name in previous:
+        _bind(model, name, _GUARDS[name])
+
+
+def _drop_guards(model: torch.nn.Module) -> None:
+    """Undo :func:`_install_guards` (before patching again)."""
+    previous = model.__dict__.pop("_flexmoe_removed", None)
+    for name, method in (previous or {}).items():
+        model.__dict__.pop(name, None)
+        if method is not None:
+            model.__dict__[name] = method
+
+
+def _guard_inner_forward(self, *args, allowed_experts: AllowedExperts = None, **kwargs):
+    """``forward`` of a module between a patched model and its MoE blocks: ``ValueError`` if
+    called with ``allowed_experts`` (it would be swallowed), else the module's own forward."""
+    if allowed_experts is not None:
+        owner = self.__dict__["_flexmoe_owner"]
+        raise ValueError(
+            f"allowed_experts={allowed_experts!r} passed to {type(self).__name__}, whose MoE blocks are patched "
+            f"through its parent {owner}: it would be ignored here. Call the parent {owner} with "
+            f"allowed_experts=..., or wrap this call in allowed_experts(parent, ...)"
+        )
+    previous = self.__dict__["_flexmoe_inner_previous"]
+    inner = previous if previous is not None else type(self).forward.__get__(self)
+    return inner(*args, **kwargs)
+
+
+def _inner_models(model: torch.nn.Module, blocks: list) -> list:
+    """The transformers models strictly inside ``model`` that hold some of ``blocks`` (e.g. the
+    base ``*Model`` of a ``*ForCausalLM``)."""
+    from transformers import PreTrainedModel
+
+    ids = {id(b) for b in blocks}
+    return [m for m in model.modules() if m is not model and isinstance(m, PreTrainedModel)
+            and any(id(b) in ids for b in m.modules())]
+
+
+def _patched_descendant(model: torch.nn.Module) -> Optional[tuple[str, torch.nn.Module]]:
+    """``(name, module)`` of a module strictly inside ``model`` patched by apply_flexmoe."""
+    return next(((n, m) for n, m in model.named_modules() if m is not model and "_flexmoe_inner" in m.__dict__),
+                None)
+
+
+def _refuse_nested(model: torch.nn.Module, blocks: list, action: str) -> None:
+    """``ValueError`` when ``model``'s MoE blocks are patched through another module (a parent
+    patched first, or a submodule): a second level would leave one level's opt-out unrestricted."""
+    own = model.__dict__.get("_flexmoe_state")
+    desc = _patched_descendant(model)
+    if desc is not None:
+        name, sub = desc
+        raise ValueError(
+            f"{action}: {name!r} ({type(sub).__name__}) is already patched by apply_flexmoe inside this "
+            f"{type(model).__name__}: patching both levels would leave one of them without the opt-out. "
+            f"Call remove_flexmoe(model.{name}) first, or keep using the {type(sub).__name__}"
+        )
+    other = next((b.__dict__["_flexmoe_state"] for b in blocks
+                  if b.__dict__.get("_flexmoe_state") is not None and b.__dict__["_flexmoe_state"] is not own), None)
+    if other is not None:
+        owner = getattr(other, "owner", "another module")
+        raise ValueError(
+            f"{action}: this {type(model).__name__} is already patched through its parent {owner} (its MoE "
+            f"blocks route by the parent's opt-out). Call {action} on that {owner} instead, or "
+            f"remove_flexmoe(parent) first to patch this {type(model).__name__} on its own"
+        )
+
+
 # ----------------------------------------------------------------------------- public API
-def apply_flexmoe(model: torch.nn.Module, backend: str = "auto",
+def apply_flexmoe(model: torch.nn.Module, backend: Optional[str] = None,
                   expert_names: Optional[Sequence[str]] = None) -> torch.nn.Module:
     """Patch every sparse MoE block of a transformers model to run our layer; returns ``model``.
 
@@ -165,37 +286,53 @@ def apply_flexmoe(model: torch.nn.Module, backend: str = "auto",
         model: a transformers model whose ``config.model_type`` is one of
             :data:`SUPPORTED_MODEL_TYPES` (a ``*ForCausalLM`` or the base ``*Model``).
         backend: our layer's backend, "torch", "triton", "cuda" or "auto" (see
-            :func:`flexmoe_kernels.available_backends`).
-        expert_names: E names for ``allowed_experts``; default the config's ``expert_names``
-            when it has them, else ``expert_0 .. expert_{E-1}``.
+            :func:`flexmoe_kernels.available_backends`); None: the one set by an earlier
+            call, else "auto".
+        expert_names: E names for ``allowed_experts``; None: the names set by an earlier call,
+            else the config's ``expert_names`` when it has them, else ``expert_0 .. expert_{E-1}``.
 
     Returns:
         The same model, patched in place (weights shared). Applying again only updates
-        ``backend`` and ``expert_names``; :func:`remove_flexmoe` undoes it.
+        ``backend`` and ``expert_names`` where given; :func:`remove_flexmoe` undoes it.
 
     Raises:
         ValueError: an unsupported model type (the message lists the supported ones), a model
-            with no MoE block, ``expert_names`` of the wrong length or with repeats, or an
-            unknown ``backend``.
+            with no MoE block, ``expert_names`` of the wrong length or with repeats, an
+            unknown ``backend``, or a model whose blocks are already patched through another
+            module (a patched parent or submodule: patch one level only; the message says
+            which and what to call).
     """
     from ..ops.backends import BACKENDS
 
-    if backend != "auto" and backend not in BACKENDS:
+    if backend is not None and backend != "auto" and backend not in BACKENDS:
         raise ValueError(f"backend must be one of {sorted(BACKENDS) + ['auto']}, got {backend!r}")
     blocks, norm = _moe_blocks(model)
+    _refuse_nested(model, blocks, "apply_flexmoe")
     num_experts, top_k = blocks[0].gate.weight.shape[0], blocks[0].gate.top_k
-    names = _expert_names(model.config, num_experts, expert_names)
-    state = getattr(model, "_flexmoe_state", None)
+    state = model.__dict__.get("_flexmoe_state")
+    if state is not None and expert_names is None:
+        names = state.expert_names  # a repeat call keeps the names it had
+    else:
+        names = _expert_names(model.config, num_experts, expert_names)
+    if backend is None:
+        backend = getattr(blocks[0], "_flexmoe_backend", None) if state is not None else None
+        backend = backend or "auto"
+    for block in blocks:
+        expert_weights(block.experts)  # the layout check, before anything is patched
     if state is None:
+        _drop_guards(model)
         state = OptOutState(names, top_k)
+        state.owner = type(model).__name__
         model._flexmoe_state = state
         model._flexmoe_inner, model._flexmoe_previous = {}, {}
         _install(model, "forward", _model_forward)
         if hasattr(model, "generate"):
             _install(model, "generate", _model_generate)
+        for inner in _inner_models(model, blocks):
+            inner.__dict__["_flexmoe_owner"] = state.owner
+            inner.__dict__["_flexmoe_inner_previous"] = inner.__dict__.get("forward")
+            _bind(inner, "forward", _guard_inner_forward)
     state.expert_names = names
-    for block in blocks:
-        expert_weights(block.experts)  # the layout check, before anything is patched
     for block in blocks:
         block._flexmoe_state, block._flexmoe_backend, block._flexmoe_norm_topk = state, backend, norm
         block.__dict__["forward"] = types.MethodType(_block_forward, block)
@@ -204,21 +341,40 @@ def apply_flexmoe(model: torch.nn.Module, backend: str = "auto",
 
 
 def remove_flexmoe(model: torch.nn.Module) -> torch.nn.Module:
-    """Undo :func:`apply_flexmoe`: the blocks, ``forward`` and ``generate`` are transformers'
-    again (weights untouched). A model that is not patched is returned unchanged."""
+    """Undo :func:`apply_flexmoe`: the blocks are transformers' again (weights untouched) and
+    ``forward`` / ``generate`` run transformers' methods, behind a thin guard that raises
+    ``RuntimeError`` when called with ``allowed_experts`` (not None): the unpatched model
+    cannot honour an opt-out, and transformers would swallow the keyword. A model that is
+    not patched is returned unchanged.
+
+    Raises ``ValueError`` for a module whose MoE blocks are patched through its parent (call
+    remove_flexmoe on the parent, named in the message).
+    """
+    state = model.__dict__.get("_flexmoe_state")
+    if state is None:
+        if any(isinstance(getattr(m, "_flexmoe_state", None), OptOutState) for m in model.modules()):
+            _refuse_nested(model, [m for m in model.modules() if "_flexmoe_state" in m.__dict__], "remove_flexmoe")
+        return model
     for module in model.modules():
-        if "_flexmoe_state" in module.__dict__ and hasattr(module, "gate"):
+        if module.__dict__.get("_flexmoe_state") is state and hasattr(module, "gate"):
             for m, attrs in ((module, ("forward", "_flexmoe_state", "_flexmoe_backend", "_flexmoe_norm_topk")),
                              (module.gate, ("forward",))):
                 for a in attrs:
                     m.__dict__.pop(a, None)
-    if "_flexmoe_state" in model.__dict__:
-        for name, previous in model._flexmoe_previous.items():
-            model.__dict__.pop(name, None)
+        if module is not model and "_flexmoe_owner" in module.__dict__:
+            previous = module.__dict__.pop("_flexmoe_inner_previous", None)
+            module.__dict__.pop("_flexmoe_owner")
+            module.__dict__.pop("forward", None)
             if previous is not None:
-                model.__dict__[name] = previous
-        for a in ("_flexmoe_state", "_flexmoe_inner", "_flexmoe_previous"):
-            model.__dict__.pop(a, None)
+                module.__dict__["forward"] = previous
+    previous = dict(model._flexmoe_previous)
+    for name, method in previous.items():
+        model.__dict__.pop(name, None)
+        if method is not None:
+            model.__dict__[name] = method
+    for a in ("_flexmoe_state", "_flexmoe_inner", "_flexmoe_previous"):
+        model.__dict__.pop(a, None)
+    _install_guards(model, previous)
     return model
 
 
@@ -239,7 +395,10 @@ def allowed_experts(model: torch.nn.Module, allowed: AllowedExperts) -> Iterator
     Raises ``ValueError`` naming ``model`` if it is not patched by :func:`apply_flexmoe`.
     """
     if not is_patched(model):
-        raise ValueError("model is not patched: call flexmoe_kernels.integrations.transformers.apply_flexmoe(model) first")
+        raise ValueError(
+            f"model ({type(model).__name__}) is not patched by apply_flexmoe (never, or remove_flexmoe undid it), "
+            f"so it cannot honour allowed_experts={allowed!r}: call "
+            f"flexmoe_kernels.integrations.transformers.apply_flexmoe(model) first")
     state: OptOutState = model._flexmoe_state
     if allowed is None:  # the set in force stays (never widened by a None default)
         allowed, per_sequence = state.default, state.default_per_sequence
