@@ -84,9 +84,30 @@ def model_config(pre: E2EPreset, kind: str, moe_backend: str = "auto"):
 
 def flops_per_token(pre: E2EPreset, cfg) -> float:
     """Model FLOPs per trained token (fwd+bwd), PaLM convention (see module docstring)."""
-    from flexmoe_training.flops import flops_per_token as fpt
+    from .flops import e2e_flops_per_token
 
-    return fpt(cfg, pre.seq, convention="palm")
+    return e2e_flops_per_token(cfg, pre.seq).model
+
+
+def executed_flops_per_token(pre: E2EPreset, cfg, kind: str, device, dtype) -> tuple[float, str]:
+    """Executed FLOPs per trained token (:func:`benchmarks.flops.e2e_flops_per_token`): the MoE
+    layers' recompute where their resolved backend is Triton without ``up.keep_preact``, minus
+    the dW GEMMs of frozen weights in coupled training (expert 1 and its router row train:
+    ``L*(3*D*F + D)`` active matmul weights); and the backend it assumed."""
+    from flexmoe_kernels.ops.backends import resolve_backend
+
+    from .flops import e2e_flops_per_token, triton_recomputes
+
+    T, D, F, E, K = pre.batch * pre.seq, cfg.hidden_size, cfg.intermediate_size, cfg.num_experts, \
+        cfg.num_experts_per_tok
+    problem = dict(T=T, D=D, F=F, E=E, K=K, dtype=dtype)
+    try:
+        backend = resolve_backend(cfg.moe_backend, device, problem)
+    except Exception as exc:  # noqa: BLE001 - unknown: count no recompute, and say so
+        backend = f"unresolved ({type(exc).__name__})"
+    recompute = backend == "triton" and triton_recomputes(T, D, F, E, K, dtype, device)
+    trainable = cfg.num_hidden_layers * (3 * D * F + D) if kind == "flexolmo_coupled" else None
+    return e2e_flops_per_token(cfg, pre.seq, recompute, trainable).executed, backend
 
 
 def freeze_for_coupled(model) -> str:
@@ -181,8 +202,11 @@ def _train(pre: E2EPreset, kind: str, device, dtype, peak, steps: Optional[int],
     tok = pre.batch * pre.seq
     tps = tok / (t.ms * 1e-3)
     fpt = flops_per_token(pre, cfg)
+    fpt_exec, backend = executed_flops_per_token(pre, cfg, kind, device, dtype)
     row = dict(ms=t.ms, ms_p20=t.ms_p20, ms_p80=t.ms_p80, n_calls=t.n, tokens_per_s=tps,
                flops=fpt * tok, tflops=fpt * tok / (t.ms * 1e-3) / 1e12,
+               flops_executed=fpt_exec * tok, tflops_executed=fpt_exec * tok / (t.ms * 1e-3) / 1e12,
+               moe_backend_resolved=backend,
                mfu=(tps * fpt / peak) if peak else None, E=cfg.num_experts, K=cfg.num_experts_per_tok,
                params_total=n_total, params_trainable=n_train, loss_first=losses[0], loss_last=losses[-1],
                peak_mem_mb=(torch.cuda.max_memory_allocated(device) / 2**20) if device.type == "cuda" else None,

@@ -2,11 +2,15 @@
 
 Legend: T tokens, D hidden, F expert width, E experts, K top-k.
 
-FLOPs (``flops`` column, per call): forward of a MoE layer = ``6*T*K*D*F`` (expert GEMMs:
-gate_up 2*T*K*D*2F plus down 2*T*K*F*D) ``+ 2*T*D*E`` (router); the dense baselines
-(width K*F, and the equal-FLOPs GEMM) count ``6*T*K*D*F``. Backward = 2x forward (dX and dW
-GEMMs), fwd+bwd = 3x. ``tflops = flops / time``. Element-wise work (softmax, SiLU, combine)
-is not counted. Masked rows keep the same FLOPs (every token still uses K experts).
+FLOPs per call (:mod:`benchmarks.flops`, the one place they are computed): ``flops`` = model
+FLOPs, forward of a MoE layer = ``6*T*K*D*F`` (expert GEMMs: gate_up 2*T*K*D*2F plus down
+2*T*K*F*D) ``+ 2*T*D*E`` (router); the dense baselines (width K*F, and the equal-FLOPs GEMM)
+count ``6*T*K*D*F``. Backward = 2x forward (dX and dW GEMMs), fwd+bwd = 3x.
+``tflops = flops / time`` and ``mfu = tflops / peak`` (CUDA, known peak) use model FLOPs;
+``flops_executed`` / ``tflops_executed`` add what the implementation re-runs (our Triton
+backward's gate/up recompute, ``4*T*K*D*F``, unless ``up.keep_preact``). Element-wise work
+(softmax, SiLU, combine) is not counted. Masked rows keep the same FLOPs (every token still
+uses K experts).
 
 Bytes (``bytes`` / ``gbps``, forward rows only): the minimum HBM traffic of one forward,
 ``elt * (3*D*F*experts_hit + E*D + 2*T*D)`` for MoE providers (weights of the experts that
@@ -23,12 +27,13 @@ from typing import Optional
 import torch
 
 from . import harness
+from .flops import MODE_FACTOR, layer_flops
 from .presets import LAYER_PRESETS, LayerPreset
 from .providers import OURS, PROVIDERS, LayerWeights
 
 MODES = ["fwd", "bwd", "fwd_bwd", "memory"]
 MASK_MODES = ("fwd", "fwd_bwd")  # masked variants are timed in these modes only
-GEMM_FACTOR = {"fwd": 1, "bwd": 2, "fwd_bwd": 3, "memory": 3}
+GEMM_FACTOR = MODE_FACTOR  # forward FLOP passes per call (benchmarks/flops.py)
 
 
 def parse_mask(variant: str) -> tuple[str, float]:
@@ -148,8 +153,11 @@ def _experts_hit(p: LayerPreset, router_ED: torch.Tensor, x_TD: torch.Tensor, ma
 
 def run_layer(jobs: list[LayerJob], device: torch.device, dtype: torch.dtype, rec: harness.Recorder,
               timing: harness.TimingConfig, show_progress: bool = True,
-              l2_bytes: int = harness.DEFAULT_L2_BYTES) -> None:
-    """Run ``jobs`` (grouped so weights are built once per preset), appending rows to ``rec``."""
+              l2_bytes: int = harness.DEFAULT_L2_BYTES, peak: Optional[float] = None) -> None:
+    """Run ``jobs`` (grouped so weights are built once per preset), appending rows to ``rec``.
+    ``peak``: dense peak FLOP/s for ``mfu`` (default :func:`harness.peak_flops`; None on CPU)."""
+    if peak is None:
+        peak = harness.peak_flops(device)
     weights: dict[str, LayerWeights] = {}
     built: dict[tuple[str, str], object] = {}
     status: dict[str, tuple[bool, str]] = {}
@@ -191,10 +199,13 @@ def run_layer(jobs: list[LayerJob], device: torch.device, dtype: torch.dtype, re
                 del case.xs[n_sets:], case.masks[n_sets:], case.gs[n_sets:]
                 case_key = key
             row = _measure(job, p, b, case, device, timing)
-            flops = GEMM_FACTOR[job.mode] * b.flops_fwd(job.T)
+            fl = layer_flops(job.mode, b.flops_fwd(job.T), b.recompute_bwd(job.T))
             if row.get("ms"):
-                row["tflops"] = flops / (row["ms"] * 1e-3) / 1e12
-            row["flops"] = flops
+                row["tflops"] = fl.model / (row["ms"] * 1e-3) / 1e12
+                row["tflops_executed"] = fl.executed / (row["ms"] * 1e-3) / 1e12
+                row["mfu"] = row["tflops"] * 1e12 / peak if peak else None
+            row["flops"] = fl.model
+            row["flops_executed"] = fl.executed
             if job.mode == "fwd":
                 if job.provider == "megablocks_dmoe":  # its own router weights: expected count
                     hit = min(p.E, job.T * p.K)

@@ -62,8 +62,8 @@ CPU_WARNING = (
 # Columns written first in the CSV (others follow alphabetically).
 CSV_FIRST = [
     "bench", "preset", "provider", "mode", "mask", "T", "D", "F", "E", "K", "dtype",
-    "status", "ms", "ms_p20", "ms_p80", "tflops", "gbps", "peak_mem_mb", "flops", "bytes",
-    "tokens_per_s", "mfu", "note",
+    "status", "ms", "ms_p20", "ms_p80", "tflops", "tflops_executed", "gbps", "peak_mem_mb", "flops",
+    "flops_executed", "bytes", "tokens_per_s", "mfu", "note",
 ]
 
 

@@ -19,12 +19,24 @@ class LayerPreset:
     note: str = ""
 
     def expert_flops(self, T: int) -> int:
-        """Active expert FLOPs of one forward: T*K*(2*D*2F + 2*F*D) = 6*T*K*D*F."""
-        return 6 * T * self.K * self.D * self.F
+        """Active expert FLOPs of one forward: T*K*(2*D*2F + 2*F*D) = 6*T*K*D*F
+        (:func:`benchmarks.flops.expert_fwd`)."""
+        from .flops import expert_fwd
+
+        return expert_fwd(T, self.D, self.F, self.K)
 
     def router_flops(self, T: int) -> int:
-        """Router GEMM FLOPs of one forward: 2*T*D*E."""
-        return 2 * T * self.D * self.E
+        """Router GEMM FLOPs of one forward: 2*T*D*E (:func:`benchmarks.flops.router_fwd`)."""
+        from .flops import router_fwd
+
+        return router_fwd(T, self.D, self.E)
+
+    def recompute_flops(self, T: int) -> int:
+        """The gate/up GEMM a backward re-runs without the kept pre-activation: 4*T*K*D*F
+        (:func:`benchmarks.flops.recompute_bwd`)."""
+        from .flops import recompute_bwd
+
+        return recompute_bwd(T, self.D, self.F, self.K)
 
 
 LAYER_PRESETS: dict[str, LayerPreset] = {

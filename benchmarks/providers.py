@@ -52,8 +52,11 @@ class Built:
 
     fwd: Callable[[torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
     params: list = field(default_factory=list)
-    flops_fwd: Callable[[int], int] = lambda T: 0  # FLOPs of one forward at T tokens
+    flops_fwd: Callable[[int], int] = lambda T: 0  # model FLOPs of one forward at T tokens
     weight_bytes_read: Callable[[int], int] = lambda experts_hit: 0  # fwd weight traffic
+    # FLOPs a backward at T tokens re-runs beyond the model count (benchmarks/flops.py): the
+    # gate/up GEMM of a backward that recomputes the pre-activation; 0 for autograd providers.
+    recompute_bwd: Callable[[int], int] = lambda T: 0
 
 
 @dataclass
@@ -91,8 +94,15 @@ def _ours(name: str) -> Provider:
             return flexmoe_forward(x_TD, w.router_ED, w.gate_up_E2FD, w.down_EDF, p.K,
                                    allow_mask=mask, backend=name, validate=False)[0]
 
+        def recompute(T):  # the Triton backward recomputes the pre-activation unless it is kept
+            if name != "triton":
+                return 0
+            from .flops import triton_recomputes
+
+            return p.recompute_flops(T) if triton_recomputes(T, p.D, p.F, p.E, p.K, dtype, device) else 0
+
         return Built(fwd, [w.router_ED, w.gate_up_E2FD, w.down_EDF], _moe_flops(p),
-                     _moe_weight_bytes(p, dtype))
+                     _moe_weight_bytes(p, dtype), recompute)
 
     return Provider(name, f"ours ({name})", "ours", True, available, build)
 

@@ -70,9 +70,12 @@ def summarize(meta: dict, rows: list[dict]) -> str:
             "device", "torch", "triton", "deepspeed", "transformers", "megablocks", "cuda", "python",
             "git_commit", "timestamp", "command")]),
         "",
-        "Times are medians (p20-p80 in results.csv). TFLOP/s use active FLOPs: forward "
-        "`6*T*K*D*F + 2*T*D*E` (MoE) or `6*T*K*D*F` (dense baselines), backward 2x, fwd+bwd 3x. "
-        "See benchmarks/README.md.",
+        "Times are medians (p20-p80 in results.csv). TFLOP/s (and MFU) use model FLOPs: forward "
+        "`6*T*K*D*F + 2*T*D*E` (MoE) or `6*T*K*D*F` (dense baselines), backward 2x, fwd+bwd 3x "
+        "(`18*P*D*F` for the experts, P = T*K). Executed FLOPs (`flops_executed`, shown as "
+        "\"exec\" where they differ) add what an implementation re-runs: our Triton backward "
+        "recomputes the gate/up GEMM (`4*P*D*F`, `22*P*D*F` in all) unless `up.keep_preact`. "
+        "See benchmarks/README.md and benchmarks/flops.py.",
         "",
     ]
     out += _layer_section(rows)
@@ -92,6 +95,12 @@ def summarize(meta: dict, rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def _exec(r: dict) -> str:
+    """`` (exec X)``: the executed TFLOP/s of a row when they differ from its model TFLOP/s."""
+    te, t = r.get("tflops_executed"), r.get("tflops")
+    return f" (exec {_fmt(te)})" if te and t and abs(te - t) > 1e-9 * t else ""
+
+
 def _layer_section(rows) -> list[str]:
     lay = [r for r in rows if r.get("bench") == "layer"]
     if not lay:
@@ -109,7 +118,7 @@ def _layer_section(rows) -> list[str]:
                 cells = []
                 for prov in provs:
                     r = _one(pr, provider=prov, mode=mode, mask="none", T=T)
-                    cells.append(f"{_fmt(r['ms'])} ms / {_fmt(r.get('tflops'))}" if r else "-")
+                    cells.append(f"{_fmt(r['ms'])} ms / {_fmt(r.get('tflops'))}{_exec(r)}" if r else "-")
                 if any(c != "-" for c in cells):
                     body.append([str(T)] + cells)
             if body:
@@ -181,10 +190,11 @@ def _e2e_section(rows) -> list[str]:
         out += [f"### {preset} (B {pr[0]['batch']} x S {pr[0]['seq']}, D {pr[0]['D']}, L {pr[0]['layers']}, "
                 f"{pr[0]['dtype']})", ""]
         body = [[r["provider"], f"{r['E']}/{r['K']}", _fmt(r["ms"]), _fmt(r["tokens_per_s"], ".4g"),
-                 _fmt(r.get("tflops")), _fmt(100 * r["mfu"] if r.get("mfu") else None, ".1f"),
+                 _fmt(r.get("tflops")), _fmt(r.get("tflops_executed")),
+                 _fmt(100 * r["mfu"] if r.get("mfu") else None, ".1f"),
                  f"{r['params_trainable']:,} / {r['params_total']:,}"] for r in pr]
-        out += [_md_table(["model", "E/K", "step ms", "tokens/s", "TFLOP/s", "MFU %", "trainable / total params"],
-                          body), ""]
+        out += [_md_table(["model", "E/K", "step ms", "tokens/s", "TFLOP/s (model)", "TFLOP/s (executed)", "MFU %",
+                           "trainable / total params"], body), ""]
         c, f2 = _ms(pr, provider="flexolmo_coupled"), _ms(pr, provider="moe2_full")
         m, d = _ms(pr, provider="moe"), _ms(pr, provider="dense")
         out += [f"- coupled expert training speed-up over the fully trainable 2-expert MoE: "

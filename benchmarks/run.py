@@ -224,7 +224,7 @@ def _run_benches(args, sel: argparse.Namespace, device: torch.device, rec: "harn
         from benchmarks.bench_layer import plan_jobs, run_layer
 
         jobs = plan_jobs(sel.presets, sel.tokens, sel.providers, sel.masks, sel.modes)
-        run_layer(jobs, device, sel.dtype, rec, timing, show, l2)
+        run_layer(jobs, device, sel.dtype, rec, timing, show, l2, harness.peak_flops(device, args.peak_tflops))
     if "routing" in sel.benches:
         from benchmarks.bench_routing import ROUTING_MASKS, run_routing
 

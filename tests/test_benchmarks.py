@@ -107,6 +107,10 @@ def test_smoke_layer_rows(smoke_run):
         router = 2 * r["T"] * p.D * p.E if r["provider"] not in ("dense_swiglu", "cublas_gemm") else 0
         assert r["flops"] == factor * (expert + router), r
         assert r["tflops"] == pytest.approx(r["flops"] / (r["ms"] * 1e-3) / 1e12, rel=1e-9)
+        # executed FLOPs: autograd providers (these) re-run nothing; CSV and JSON carry both
+        assert r["flops_executed"] == r["flops"], r
+        assert r["tflops_executed"] == pytest.approx(r["flops_executed"] / (r["ms"] * 1e-3) / 1e12, rel=1e-9)
+        assert r["mfu"] is None  # no peak on CPU
         if r["mode"] == "fwd":
             assert _finite_pos(r["gbps"]) and _finite_pos(r["bytes"])
             if r["provider"] == "torch":
@@ -142,6 +146,11 @@ def test_smoke_e2e_rows(smoke_run):
         assert _finite_pos(r["tokens_per_s"]) and math.isfinite(r["loss_last"])
         assert r["tokens_per_s"] == pytest.approx(r["T"] / (r["ms"] * 1e-3))
         assert r["mfu"] is None  # no MFU on CPU
+        assert _finite_pos(r["flops_executed"]) and _finite_pos(r["tflops_executed"])
+        assert r["moe_backend_resolved"] == "torch"  # "auto" on CPU: no recompute
+    assert rows["moe"]["flops_executed"] == rows["moe"]["flops"]
+    # coupled training skips the frozen weights' dW GEMMs: it executes less than its model count
+    assert rows["flexolmo_coupled"]["flops_executed"] < rows["flexolmo_coupled"]["flops"]
     assert (rows["dense"]["E"], rows["dense"]["K"]) == (1, 1)
     assert (rows["moe2_full"]["E"], rows["flexolmo_coupled"]["E"]) == (2, 2)
     # Coupled training trains strictly fewer parameters than the same model fully trainable.
@@ -226,6 +235,60 @@ def test_plan_and_accounting_helpers():
     t = harness.bench(lambda: torch.ones(3).sum(), torch.device("cpu"), harness.TimingConfig(cpu_reps=5))
     assert t.n == 5 and 0 < t.ms_p20 <= t.ms <= t.ms_p80
     assert harness.device_slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+
+
+def test_flop_accounting_model_and_executed(monkeypatch):
+    """Issue 22 item 4: model FLOPs 18*P*D*F per fwd+bwd (+ router 6*T*D*E); our Triton backward
+    recomputes the gate/up GEMM (4*P*D*F), so it executes 22*P*D*F unless up.keep_preact is on."""
+    from benchmarks import flops
+
+    T, D, F, E, K = 4096, 2048, 768, 128, 8
+    P = T * K
+    fwd = flops.expert_fwd(T, D, F, K) + flops.router_fwd(T, D, E)
+    rec = flops.recompute_bwd(T, D, F, K)
+    assert (fwd, rec) == (6 * P * D * F + 2 * T * D * E, 4 * P * D * F)
+    fb = flops.layer_flops("fwd_bwd", fwd, rec)
+    assert fb.model == 18 * P * D * F + 6 * T * D * E and fb.executed == 22 * P * D * F + 6 * T * D * E
+    assert flops.layer_flops("fwd", fwd, rec) == flops.Flops(fwd, fwd)  # the forward re-runs nothing
+    assert flops.layer_flops("bwd", fwd, rec) == flops.Flops(2 * fwd, 2 * fwd + rec)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        flops.layer_flops("train", fwd)
+    # The providers count through the same module: ours (triton) recompute by default, not with
+    # the pre-activation kept; every other provider executes its model count.
+    from benchmarks.providers import LayerWeights
+
+    p = LAYER_PRESETS["smoke"]
+    w = LayerWeights.random(p, torch.device("cpu"), torch.float32)
+    monkeypatch.delenv("FLEXMOE_TRITON_CONFIG", raising=False)
+    tri = PROVIDERS["triton"].build(p, w, torch.device("cpu"), torch.float32)
+    assert tri.flops_fwd(37) == p.expert_flops(37) + p.router_flops(37)
+    assert tri.recompute_bwd(37) == 4 * 37 * p.K * p.D * p.F
+    monkeypatch.setenv("FLEXMOE_TRITON_CONFIG", "up.keep_preact=1")
+    assert tri.recompute_bwd(37) == 0
+    for name in ("torch", "cuda", "torch_grouped_mm", "dense_swiglu", "cublas_gemm"):
+        assert PROVIDERS[name].build(p, w, torch.device("cpu"), torch.float32).recompute_bwd(37) == 0, name
+
+
+def test_e2e_flop_accounting():
+    """End to end: model = the PaLM count; executed adds 4*L*K*D*F per token for recomputing MoE
+    layers and drops 2x the frozen active matmul weights (coupled training)."""
+    pytest.importorskip("flexmoe_training")
+    from flexmoe_training.flops import _matmul_params_active, flops_per_token
+
+    from benchmarks import flops
+    from benchmarks.bench_e2e import model_config
+    from benchmarks.presets import E2E_PRESETS
+
+    pre = E2E_PRESETS["e2e-small"]
+    cfg = model_config(pre, "moe2_full")
+    palm = flops_per_token(cfg, pre.seq, convention="palm")
+    assert flops.e2e_flops_per_token(cfg, pre.seq) == flops.Flops(palm, palm)
+    L, D, F, K = cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size, cfg.num_experts_per_tok
+    got = flops.e2e_flops_per_token(cfg, pre.seq, recompute_experts=True)
+    assert got.model == palm and got.executed == pytest.approx(palm + 4 * L * K * D * F)
+    trainable = L * (3 * D * F + D)
+    got = flops.e2e_flops_per_token(cfg, pre.seq, trainable_active_mm=trainable)
+    assert got.executed == pytest.approx(palm - 2 * (_matmul_params_active(cfg) - trainable))
 
 
 def test_failing_provider_gives_error_row_not_crash(tmp_path, monkeypatch):
