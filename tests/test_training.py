@@ -567,3 +567,62 @@ def test_recipe_7b_uses_real_flags():
                 assert (a.type or str)(str(v)) == v, (cmd, k, v)
                 given = {_parsed(a.type or str, x) for x in re.findall(rf"--{k} (\S+)", readme)}
                 assert v in given, (cmd, k, v, given)
+
+
+# ============================================================================ the training objective
+# (issue 21 item 17a) The loss the trainer minimises is next-token cross-entropy plus
+# z_loss_weight times the sum over layers of the router z-loss (mean over tokens of
+# logsumexp(router logits)^2): its value and its gradient equal this readable computation, so a
+# flipped sign (or a lost term) fails.
+
+
+def test_training_loss_value_and_gradient_by_hand():
+    from flexmoe_kernels.models import FlexOlmoConfig
+    from flexmoe_training.options import TrainOptions
+    from flexmoe_training.trainer import _loss
+
+    torch.manual_seed(0)
+    cfg = FlexOlmoConfig(vocab_size=53, hidden_size=32, intermediate_size=24, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, num_experts=3, num_experts_per_tok=2,
+                         expert_names=["public", "a", "b"], moe_backend="torch", initializer_range=0.5)
+    model = FlexOlmoForCausalLM(cfg).float().train()
+    batch = torch.randint(0, 53, (2, 10))
+    opts = TrainOptions(z_loss_weight=0.25)
+
+    def grads():
+        g = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad(set_to_none=True)
+        return g
+
+    loss, ce, z = _loss(model, batch, opts, use_z=True)
+    loss.backward()
+    got = grads()
+
+    # by hand: log-softmax, pick the next token, average; z-loss per layer, summed
+    x, y = batch[:, :-1], batch[:, 1:]
+    out = model(x, output_router_logits=True)
+    logp = torch.log_softmax(out.logits.float(), dim=-1)
+    ce_ref = -logp.gather(-1, y.unsqueeze(-1)).squeeze(-1).mean()
+    assert len(out.router_logits) == cfg.num_hidden_layers
+    z_ref = sum(torch.logsumexp(lg.float(), dim=-1).pow(2).mean() for lg in out.router_logits)
+    want = ce_ref + opts.z_loss_weight * z_ref
+    want.backward()
+    ref = grads()
+
+    assert float(z_ref) > 0.1  # the z term is not negligible here
+    torch.testing.assert_close(loss, want.detach(), atol=1e-6, rtol=1e-6)
+    assert ce == pytest.approx(float(ce_ref), rel=1e-6) and z == pytest.approx(float(z_ref), rel=1e-6)
+    assert got.keys() == ref.keys() and any(".mlp.gate." in n for n in ref)
+    for n in ref:
+        torch.testing.assert_close(got[n], ref[n], atol=1e-6, rtol=1e-5, msg=n)
+    # the z term moves the router: the gradient without it differs (so the check above sees its sign)
+    ce_only = model(x)
+    F_ce = -torch.log_softmax(ce_only.logits.float(), -1).gather(-1, y.unsqueeze(-1)).mean()
+    F_ce.backward()
+    g_ce = grads()
+    gate = next(n for n in ref if n.endswith("mlp.gate.weight"))
+    assert (ref[gate] - g_ce[gate]).abs().max() > 1e-3
+    # without the z term (use_z False: dense models, weight 0) the loss is the cross-entropy alone
+    loss0, _, z0 = _loss(model, batch, opts, use_z=False)
+    torch.testing.assert_close(loss0.detach(), ce_ref.detach(), atol=1e-6, rtol=1e-6)
+    assert z0 == 0.0
