@@ -589,3 +589,38 @@ def test_hf_index_not_matching_its_shards_is_named(tmp_path, capsys):
     index_path.write_text(json.dumps(index))
     err = _fails(capsys, "--to", "olmo-core", "--input", tmp_path / "hf", "--out", tmp_path / "oc")
     assert "--input" in err and key in err and files[0] in err and files[1] in err
+
+
+def test_flipped_byte_in_dcp_shard_is_named(tmp_path, capsys):
+    """Item 16, the DCP side: every tensor of a .distcp file is a torch.save zip archive that
+    torch.load reads without checking its CRCs; each slice's CRCs are checked before it is read."""
+    import io
+    import pickle
+    import struct
+    import zipfile
+
+    from flexmoe_kernels.models import CheckpointError
+    from flexmoe_kernels.models.olmo_core import read_olmo_core
+
+    src = _dcp(tmp_path)
+    with open(os.path.join(src, ".metadata"), "rb") as fh:
+        meta = pickle.load(fh)
+    fqn = "model.blocks.1.attention.w_v.weight"
+    info = next(v for k, v in meta.storage_data.items() if k.fqn == fqn)
+    shard = os.path.join(src, info.relative_path)
+    with open(shard, "rb") as fh:
+        fh.seek(info.offset)
+        piece = fh.read(info.length)
+    with zipfile.ZipFile(io.BytesIO(piece)) as z:  # the slice is a zip archive; its tensor data member
+        member = next(i for i in z.infolist() if "/data/" in i.filename)
+    name_len, extra_len = struct.unpack("<HH", piece[member.header_offset + 26: member.header_offset + 30])
+    pos = info.offset + member.header_offset + 30 + name_len + extra_len + member.compress_size // 2
+    with open(shard, "r+b") as fh:
+        fh.seek(pos)
+        byte = fh.read(1)
+        fh.seek(pos)
+        fh.write(bytes([byte[0] ^ 0x10]))
+    err = _fails(capsys, "--to", "hf", "--input", src, "--out", tmp_path / "out")
+    assert "__0_0.distcp" in err and fqn in err and "CRC" in err and not (tmp_path / "out").exists()
+    with pytest.raises(CheckpointError, match="CRC"):
+        read_olmo_core(src)

@@ -9,7 +9,10 @@ Nothing here needs ``olmo_core``: a checkpoint is a state dict (unsharded ``mode
 ``torch.load(weights_only=True)`` or ``model.safetensors``, or a torch distributed checkpoint
 (DCP) directory whose tensors are stored under ``model.`` as OLMo-core's
 ``save_model_and_optim_state`` writes them; its ``.metadata`` pickle is read through an
-allow-list that also maps OLMo-core's own ``_StorageInfo`` class to torch's).
+allow-list that also maps OLMo-core's own ``_StorageInfo`` class to torch's). Files are untrusted:
+a DCP's storage entries must stay inside its directory and fit their files, and the zip CRCs that
+``torch.load`` skips are checked (``model.pt`` and each DCP tensor slice), so a damaged file is
+named rather than read silently (:func:`read_olmo_core`).
 
 Legend: L layers (i), E experts, D hidden, F expert width, V vocabulary, H / Hkv query / key-value
 heads of width hd. Left: OLMo-core; right: ours (:mod:`flexmoe_kernels.models.checkpoint`).
@@ -51,6 +54,7 @@ eps, top-k) or ours (``flexmoe_config.json``, written beside every OLMo-core che
 """
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import re
@@ -407,6 +411,56 @@ def _check_dcp_storage(directory: str, storage_data: Any, wanted: set) -> None:
                                   f".metadata stores {fqn!r} at bytes {off}..{off + n})")
 
 
+class _Slice(io.RawIOBase):
+    """Bytes ``offset .. offset + length`` of the open file ``fh``, as a seekable file of its own."""
+
+    def __init__(self, fh, offset: int, length: int):
+        super().__init__()
+        self.fh, self.offset, self.length, self.pos = fh, offset, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, pos: int, whence: int = os.SEEK_SET) -> int:
+        self.pos = max(0, pos + (0, self.pos, self.length)[whence])
+        return self.pos
+
+    def readinto(self, b) -> int:
+        n = max(0, min(len(b), self.length - self.pos))
+        self.fh.seek(self.offset + self.pos)
+        got = self.fh.readinto(memoryview(b)[:n])
+        self.pos += got
+        return got
+
+
+def _check_dcp_slice_crcs(file: str, slices: list[tuple[Any, str]]) -> None:
+    """``CheckpointError`` naming ``file``, the tensor and the zip member when a tensor slice of a
+    DCP file (``(_StorageInfo, fully qualified name)`` pairs; each slice is a ``torch.save`` zip archive)
+    fails its CRC-32 check: ``torch.load`` does not check them. One read of the slices, in chunks.
+    Slices stored through a transform (compression) or not in torch's zip format are left to torch."""
+    import zipfile
+
+    with open(file, "rb") as fh:
+        for info, fqn in slices:
+            view = _Slice(fh, info.offset, info.length)
+            if getattr(info, "transform_descriptors", None) or view.read(4) != b"PK\x03\x04":
+                continue  # compressed, or not a zip archive (torch.load's own test): left to torch.load
+            try:
+                with zipfile.ZipFile(view) as z:
+                    bad = z.testzip()
+            except Exception as exc:  # BadZipFile, ...: not an intact zip archive
+                raise CheckpointError(f"{file!r}: the bytes of tensor {fqn!r} are damaged ({_why(exc)})") from exc
+            if bad is not None:
+                raise CheckpointError(f"{file!r}: member {bad!r} of tensor {fqn!r} fails its CRC-32 check (the "
+                                      "file is damaged: a changed byte or a bad copy); copy it again")
+
+
 def _read_dcp(directory: str) -> dict[str, torch.Tensor]:
     """The model tensors of a DCP directory (keys ``model.*`` stripped; optimizer state not read)."""
     import dataclasses
@@ -414,6 +468,7 @@ def _read_dcp(directory: str) -> dict[str, torch.Tensor]:
 
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import StorageMeta, TensorStorageMetadata
+    from torch.distributed.checkpoint.planner import LoadItemType
 
     class Reader(dcp.FileSystemReader):
         def read_metadata(self, *args, **kwargs):
@@ -430,6 +485,9 @@ def _read_dcp(directory: str) -> dict[str, torch.Tensor]:
             for item in plan.items:
                 per_file.setdefault(os.fspath(self.storage_data[item.storage_index].relative_path), []).append(item)
             for rel, items in per_file.items():
+                tensors = {i.storage_index: i for i in items if i.type == LoadItemType.TENSOR}
+                _check_dcp_slice_crcs(os.path.join(directory, rel),
+                                      [(self.storage_data[k], k.fqn) for k in tensors])
                 try:
                     super().read_data(dataclasses.replace(plan, items=items), planner).wait()
                 except Exception as exc:
@@ -478,7 +536,9 @@ def read_olmo_core(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], Op
     a ``.pt`` file or a directory holding ``model.pt`` (read with ``torch.load(weights_only=True)``;
     a ``{"model": ...}`` wrapper is unwrapped), a ``.safetensors`` file or a directory holding
     ``model.safetensors`` (``unshard_checkpoint(use_safetensors=True)``), or a DCP directory (``.metadata``; also a step
-    directory holding ``model_and_optim/``). ``FileNotFoundError`` / :class:`CheckpointError` name ``path``."""
+    directory holding ``model_and_optim/``). ``FileNotFoundError`` / :class:`CheckpointError` name ``path``
+    or the damaged file (a missing or short DCP file, a storage path leaving the directory, a zip
+    member failing its CRC-32)."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path!r} does not exist")
