@@ -165,3 +165,88 @@ def test_remove_stale_temporaries_keeps_live_writers(tmp_path):
         live.wait()
     assert fs.remove_stale_temporaries(tmp_path / "t") == [str(mine)]
     assert not mine.exists()
+
+
+# ============================================================================ durability (issue 21 item 17b)
+# Every helper promises: new contents fsynced before they are renamed into place, the parent
+# directory fsynced after. Recorded here (os.fsync, os.replace, os.rename and the renameat2
+# exchange, in order) and checked for each helper, so skipping any of those fsyncs fails.
+
+
+def _record_io(monkeypatch) -> list:
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("needs /proc/self/fd to name the file an fsync'ed descriptor refers to")
+    events = []
+    real_fsync, real_replace, real_rename, real_exchange = os.fsync, os.replace, os.rename, fs._exchange
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def mover(real):
+        def move(a, b, *args, **kwargs):
+            ok = real(a, b, *args, **kwargs)
+            if ok is not False:  # _exchange returns False when unsupported (nothing moved)
+                events.append(("move", os.path.abspath(a), os.path.abspath(b)))
+            return ok
+        return move
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", mover(real_replace))
+    monkeypatch.setattr(os, "rename", mover(real_rename))
+    monkeypatch.setattr(fs, "_exchange", mover(real_exchange))
+    return events
+
+
+def _assert_durable(events: list, new_paths: list, target) -> None:
+    """The move of new contents onto ``target`` comes after an fsync of each of ``new_paths``
+    (where they were then) and before an fsync of ``target``'s directory."""
+    target = os.path.abspath(target)
+    moves = [i for i, e in enumerate(events) if e[0] == "move" and e[2] == target]
+    assert len(moves) == 1, events
+    i = moves[0]
+    before = {e[1] for e in events[:i] if e[0] == "fsync"}
+    for p in new_paths:
+        assert os.path.abspath(p) in before, (p, events)
+    after = {e[1] for e in events[i + 1:] if e[0] == "fsync"}
+    assert os.path.dirname(target) in after, events
+
+
+@pytest.mark.parametrize("writer", ["bytes", "text", "json"])
+def test_atomic_file_writes_fsync_file_then_directory(tmp_path, monkeypatch, writer):
+    events = _record_io(monkeypatch)
+    p = tmp_path / "run.json"
+    for _ in range(2):  # new, then replacing an existing file
+        events.clear()
+        {"bytes": lambda: fs.write_bytes_atomic(p, b"{}"), "text": lambda: write_text_atomic(p, "{}"),
+         "json": lambda: write_json_atomic(p, {})}[writer]()
+        move = next(e for e in events if e[0] == "move")
+        _assert_durable(events, [move[1]], p)  # the temporary file, fsynced under its own name
+    assert json.loads(p.read_text()) == {}
+
+
+@pytest.mark.parametrize("how", ["new", "exchange", "two-renames"])
+def test_directory_replacements_fsync_contents_then_parent(tmp_path, monkeypatch, how):
+    events = _record_io(monkeypatch)
+    target = tmp_path / "out"
+    if how != "new":
+        target.mkdir()
+        (target / "old.txt").write_text("old")
+    if how == "two-renames":
+        monkeypatch.setattr(fs, "_exchange", lambda a, b: False)
+    staging = tmp_path / "staging"
+    (staging / "sub").mkdir(parents=True)
+    (staging / "a.txt").write_text("a")
+    (staging / "sub" / "b.txt").write_text("b")
+    events.clear()
+    replace_directory(staging, target)
+    _assert_durable(events, [staging / "a.txt", staging / "sub" / "b.txt", staging / "sub", staging], target)
+    assert (target / "a.txt").read_text() == "a" and (target / "sub" / "b.txt").read_text() == "b"
+    assert not staging.exists() and sorted(os.listdir(tmp_path)) == ["out"]
+    # atomic_directory: the same promise for what the block wrote
+    events.clear()
+    with atomic_directory(target) as d:
+        (d / "c.txt").write_text("c")
+        written = [d / "c.txt", d]
+    _assert_durable(events, written, target)
+    assert sorted(os.listdir(target)) == ["c.txt"]
