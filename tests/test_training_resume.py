@@ -88,3 +88,69 @@ def test_resume_refuses_other_public_and_name(two_inputs, tmp_path, capsys):
     assert run_cli(args) == 0  # the same inputs resume
     run = json.loads((tmp_path / "part" / "run.json").read_text())
     assert run["resumed_from_step"] == 1 and run["expert_name"] == "x"
+
+
+# ============================================================================ item 10: a damaged state
+def _truncate(p: Path) -> None:
+    with open(p, "r+b") as f:
+        f.truncate(p.stat().st_size // 2)
+
+
+def _garble_tail(p: Path) -> None:
+    """Same size, the last 512 bytes (the zip directory of a torch file) zeroed."""
+    with open(p, "r+b") as f:
+        f.seek(-512, 2)
+        f.write(b"\0" * 512)
+
+
+DAMAGE = {  # zero stage -> [(what, file name pattern, damage)]
+    0: [("deleted", "mp_rank_00_model_states.pt", Path.unlink),
+        ("truncated", "mp_rank_00_model_states.pt", _truncate),
+        ("garbled", "mp_rank_00_model_states.pt", _garble_tail),
+        ("deleted", "rng.safetensors", Path.unlink),
+        ("deleted", "trainer_state.json", Path.unlink)],
+    2: [("deleted", "mp_rank_00_model_states.pt", Path.unlink),
+        ("truncated", "*optim_states.pt", _truncate),
+        ("deleted", "zero_pp_rank_0_*", Path.unlink),
+        ("garbled", "*optim_states.pt", _garble_tail)],
+}
+
+
+@pytest.mark.parametrize("zero", sorted(DAMAGE))
+def test_resume_damaged_state_names_file_and_restart(two_inputs, tmp_path, capsys, zero):
+    """A paused state with a file deleted, truncated or garbled (same size): resuming fails with
+    one line naming the file and --restart, keeps the partial run; --restart then starts over."""
+    args = pause_args(two_inputs, zero)
+    assert run_cli(args + ["--out", tmp_path / "part", "--max-steps-this-run", "1"]) == 0
+    capsys.readouterr()
+    for i, (what, pattern, damage) in enumerate(DAMAGE[zero]):
+        out = tmp_path / f"dmg{i}"
+        shutil.copytree(tmp_path / "part.inprogress", tmp_path / f"dmg{i}.inprogress")
+        victim, = (tmp_path / f"dmg{i}.inprogress" / "state").glob(pattern)
+        damage(victim)
+        _refused(capsys, args + ["--out", out], victim.name, "--restart")
+        assert (tmp_path / f"dmg{i}.inprogress" / "state").is_dir() and not out.exists(), what
+    assert run_cli(args + ["--out", out, "--restart"]) == 0
+    assert json.loads((out / "run.json").read_text())["resumed_from_step"] is None
+
+
+def test_engine_load_failure_is_one_line_naming_restart(tmp_path):
+    """Damage the size and zip checks cannot see fails inside DeepSpeed's load: one line naming
+    the file (or the state) and --restart."""
+    from flexmoe_training.options import TrainingError
+    from flexmoe_training.resume import load_engine_state
+
+    class Engine:
+        def __init__(self, exc):
+            self.exc = exc
+
+        def load_checkpoint(self, *a, **kw):
+            raise self.exc
+
+    bad = tmp_path / "state" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    for exc, name in ((RuntimeError("PytorchStreamReader failed reading file data/0:\ninvalid header"), "state"),
+                      (FileNotFoundError(2, "No such file or directory", str(bad)), bad.name)):
+        with pytest.raises(TrainingError) as info:
+            load_engine_state(Engine(exc), tmp_path, {"rng": torch.get_rng_state()})
+        msg = str(info.value)
+        assert "\n" not in msg and name in msg and "--restart" in msg and type(exc).__name__ in msg, msg

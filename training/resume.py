@@ -174,6 +174,10 @@ def _finish_partial(partial: Path, st_dir: Path, meta: dict) -> None:
     import safetensors.torch
 
     safetensors.torch.save_file({"torch_rng": torch.get_rng_state()}, str(partial / "rng.safetensors"))
+    # every file of the state (all ranks' partitions are written by now) with its size: a resume
+    # checks them first and names a missing or truncated one (see _check_files)
+    meta = dict(meta, files={str(f.relative_to(partial)): f.stat().st_size
+                             for f in sorted(partial.rglob("*")) if f.is_file()})
     write_json_atomic(partial / "trainer_state.json", meta)
     replace_directory(partial, st_dir)
 
@@ -216,11 +220,44 @@ def save_state(engine, kind: str, dist: DistInfo, work: Path, step: int, opts: T
                             "the previous state (if any) is kept") from error
 
 
+_RESTART = "pass --restart to start over (it discards the partial run)"
+
+
+def _damaged(st_dir: Path, name: str, why: str) -> TrainingError:
+    return TrainingError(f"cannot resume: the saved state is damaged: {str(st_dir / name)!r} {why}; {_RESTART}")
+
+
+def _check_files(st_dir: Path, meta: dict) -> None:
+    """Every file the save recorded is there with its size, and each torch file (a zip archive)
+    has a readable directory (its end: what truncation or a partial copy destroys); TrainingError
+    naming the first file that is not."""
+    import zipfile
+
+    for name, size in sorted(meta.get("files", {}).items()):
+        f = st_dir / name
+        if not f.is_file():
+            raise _damaged(st_dir, name, f"is missing (saved with {size} bytes)")
+        if f.stat().st_size != size:
+            raise _damaged(st_dir, name, f"has {f.stat().st_size} bytes, saved with {size}")
+        if name.endswith(".pt"):
+            try:
+                zipfile.ZipFile(f).close()
+            except (zipfile.BadZipFile, OSError) as exc:
+                raise _damaged(st_dir, name, f"is not a readable torch file ({exc})") from exc
+
+
 def load_engine_state(engine, work: Path, state: dict) -> None:
     """Load a saved state into a freshly initialised ``engine`` (every rank its own partition:
-    weights, fp32 masters, Adam moments and step) and restore the torch RNG."""
-    path, _ = engine.load_checkpoint(str(work), tag=STATE_TAG, load_module_strict=False, load_optimizer_states=True,
-                                     load_lr_scheduler_states=False)
+    weights, fp32 masters, Adam moments and step) and restore the torch RNG. A file DeepSpeed
+    cannot read (damage :func:`_check_files` could not see) raises TrainingError naming it."""
+    try:
+        path, _ = engine.load_checkpoint(str(work), tag=STATE_TAG, load_module_strict=False,
+                                         load_optimizer_states=True, load_lr_scheduler_states=False)
+    except Exception as exc:
+        where = getattr(exc, "filename", None) or str(work / STATE_TAG)
+        why = " ".join(str(exc).split())[:300] or "no message"
+        raise TrainingError(f"cannot resume: loading the saved state {str(where)!r} failed "
+                            f"({type(exc).__name__}: {why}): it is damaged; {_RESTART}") from exc
     if path is None:
         raise TrainingError(f"cannot resume: DeepSpeed found no checkpoint in {str(work / STATE_TAG)!r}; "
                             "pass --restart to start over")
@@ -235,6 +272,7 @@ def _read_state(st_dir: Path) -> dict:
         if meta.get("format") != STATE_FORMAT:
             raise TrainingError(f"cannot resume: {str(st_dir)!r} has format {meta.get('format')!r}, expected "
                                 f"{STATE_FORMAT!r}; pass --restart to start over")
+        _check_files(st_dir, meta)
         rng = load_file(str(st_dir / "rng.safetensors"))["torch_rng"]
     except TrainingError:
         raise
@@ -255,6 +293,8 @@ def load_state(work: Path, kind: str, model, opts: TrainOptions, world_size: int
     """
     st_dir = work / STATE_TAG
     if not (st_dir / "trainer_state.json").is_file():
+        if st_dir.is_dir():  # a save is swapped in whole: only damage removes it
+            raise _damaged(st_dir, "trainer_state.json", "is missing")
         return None
     state = _read_state(st_dir)
     meta = state["meta"]
