@@ -226,6 +226,24 @@ def test_checkpointing_plain_loop_several_steps_and_forwards_before_backwards():
         _assert_same_grads(_grads(model), want[i])
 
 
+def test_checkpoint_of_our_own_around_the_model_uses_the_last_training_forward():
+    """A checkpoint wrapper that is not transformers' (here torch's around the whole model):
+    the recomputation routes by the mask of the last training forward, not by the context
+    active at backward time."""
+    ref = make_model("olmoe", seed=random.randrange(1000))
+    keep = random_keep()
+    poison(ref, [e for e in range(E) if e not in keep])
+    ids = fresh_ids()
+    plain = apply_flexmoe(copy.deepcopy(ref), backend="torch").train()
+    plain(ids, labels=ids, allowed_experts=keep).loss.backward()
+    model = apply_flexmoe(copy.deepcopy(ref), backend="torch").train()
+    with allowed_experts(model, keep):
+        loss = torch.utils.checkpoint.checkpoint(lambda x: model(x, labels=x).loss, ids, use_reentrant=False)
+    with allowed_experts(model, list(range(E))):
+        loss.backward()
+    _assert_same_grads(_grads(model), _grads(plain))
+
+
 def test_checkpointing_trainer_style_step():
     """transformers' Trainer flow without accelerate: ``gradient_checkpointing_enable()``
     (its defaults), ``compute_loss`` under the context manager, then ``loss.backward()`` in

@@ -38,8 +38,10 @@ class OptOutState:
         owner: the class name of the model :func:`apply_flexmoe` patched (for messages).
         top_k: K; every token must keep at least K allowed experts.
         default: the spec outside any call (set by the context manager and ``generate``).
-        active: the spec of the current (or, under gradient checkpointing, the last) call.
+        active: the spec of the current call (the default between calls).
         per_sequence: ``active`` is a per-sequence spec from ``generate`` (None, (E,) or (B, E)).
+        last_train: :meth:`snapshot` of the last forward that recorded a graph (training mode),
+            for recomputations under a checkpoint wrapper we did not wrap (see :meth:`replaying`).
     """
 
     def __init__(self, expert_names: Sequence[str], top_k: int):
@@ -50,6 +52,8 @@ class OptOutState:
         self.default_per_sequence = False
         self.active: AllowedExperts = None
         self.per_sequence = False
+        self.last_train: tuple = (None, False)  # (spec, per_sequence) of the last training forward
+        self._replaying = 0
         self._cache: Optional[tuple] = None
 
     @property
@@ -76,6 +80,29 @@ class OptOutState:
         finally:
             self.default, self.default_per_sequence = saved[0], saved[1]
             self.activate(saved[2], saved[3])
+
+    def snapshot(self) -> tuple:
+        """``(active spec, per_sequence)``: what the blocks read now."""
+        return self.active, self.per_sequence
+
+    @property
+    def replaying(self) -> bool:
+        """True inside :meth:`replaying_snapshot` (a checkpointed call or its recomputation)."""
+        return self._replaying > 0
+
+    @contextlib.contextmanager
+    def replaying_snapshot(self, snapshot: tuple) -> Iterator[None]:
+        """Within the block the blocks read ``snapshot`` (from :meth:`snapshot`), whatever the
+        default is now: an activation-checkpointed call's recomputation in backward routes by
+        the mask of its own forward. Restored after."""
+        saved = self.snapshot()
+        self.activate(*snapshot)
+        self._replaying += 1
+        try:
+            yield
+        finally:
+            self._replaying -= 1
+            self.activate(*saved)
 
     def per_sequence_mask(self, spec: AllowedExperts, batch: Optional[int]) -> AllowedExperts:
         """``spec`` in the form ``generate`` keeps for a whole generation, checked here once:

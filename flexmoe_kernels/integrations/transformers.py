@@ -35,9 +35,13 @@ with names from ``expert_names``, else the config's ``expert_names``, else ``exp
 :func:`allowed_experts` sets it for code that cannot pass arguments. An opted-out expert is
 removed exactly (logit ``-inf`` before the softmax) and its weights are never read.
 
-Under gradient checkpointing (training mode), the mask of the last forward stays active after
-it returns, so the recomputation in backward routes as the forward did: run each backward
-before the next forward. ``remove_flexmoe(model)`` undoes the patch.
+Under activation checkpointing (training mode) each checkpointed layer's recomputation in
+backward routes by the mask of its own forward, whatever ``allowed_experts`` context is
+active at backward time (the ``with`` block may have exited; other forwards may have run):
+the patched forward wraps transformers' ``_gradient_checkpointing_func`` of every layer so
+that the mask is stored with the checkpointed call (reentrant or not). A recomputation under
+a checkpoint wrapper of its own (not transformers') uses the mask of the last training
+forward. ``remove_flexmoe(model)`` undoes the patch.
 
 Importing this module registers the ``"flexmoe"`` experts implementation in transformers'
 experts registry (:mod:`.experts`), for MoE models whose router we do not patch.
@@ -84,7 +88,12 @@ def _block_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     gate = self.gate
     norm = self._flexmoe_norm_topk
     gate_up, down = expert_weights(self.experts)
-    allow = self._flexmoe_state.mask_for(B, S, x_TD.device)
+    state: OptOutState = self._flexmoe_state
+    if self.training and _unwrapped_recompute(state):
+        with state.replaying_snapshot(state.last_train):  # not transformers' checkpointing
+            allow = state.mask_for(B, S, x_TD.device)
+    else:
+        allow = state.mask_for(B, S, x_TD.device)
     out_TD, logits_TE = flexmoe_forward(
         x_TD, gate.weight, gate_up, down, gate.top_k, allow_mask=allow,
         norm_topk_prob=bool(gate.norm_topk_prob) if norm == "config" else norm,
@@ -109,15 +118,20 @@ def _model_forward(self, *args, allowed_experts: AllowedExperts = None, **kwargs
     :func:`allowed_experts` context's set, every expert outside any context): a wrapper
     that forwards its own None default never widens the context's opt-out."""
     state: OptOutState = self._flexmoe_state
-    if allowed_experts is None:
-        state.activate_default()
-    else:
+    recompute = self.training and _unwrapped_recompute(state)  # under a checkpoint of its own
+    if allowed_experts is not None:
         state.activate(allowed_experts)
+    elif recompute:
+        state.activate(*state.last_train)
+    else:
+        state.activate_default()
+    if self.training and torch.is_grad_enabled() and not recompute:
+        state.last_train = state.snapshot()
+        _wrap_checkpointing(self)
     try:
         return self._flexmoe_inner["forward"](*args, **kwargs)
     finally:
-        if not (self.training and torch.is_grad_enabled() and _checkpointing(self)):
-            state.activate_default()
+        state.activate_default()
 
 
 def _model_generate(self, *args, allowed_experts: AllowedExperts = None, **kwargs):
@@ -135,9 +149,56 @@ def _model_generate(self, *args, allowed_experts: AllowedExperts = None, **kwarg
         return self._flexmoe_inner["generate"](*args, **kwargs)
 
 
-def _checkpointing(model: torch.nn.Module) -> bool:
-    """Whether any layer of ``model`` recomputes its forward in backward (activation checkpointing)."""
-    return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+# ----------------------------------------------------------------------------- activation checkpointing
+# transformers checkpoints a layer as ``layer._gradient_checkpointing_func(partial(forward, ...),
+# *args)`` (torch.utils.checkpoint, reentrant or not): the function runs in forward and again in
+# backward. The patched forward wraps each such function (``_replaying_checkpoint``, bound to
+# the layer so that a deepcopy wraps the copy) so that it hands the checkpoint a function that
+# restores the opt-out state's snapshot taken at forward time: the recomputation routes by the
+# forward's mask, stored with the checkpointed call, whatever context is active at backward.
+def _replaying_checkpoint(self, function, *args, **kwargs):
+    states = {id(m._flexmoe_state): m._flexmoe_state for m in self.modules()
+              if isinstance(m.__dict__.get("_flexmoe_state"), OptOutState) and hasattr(m, "gate")}
+    snapshots = [(st, st.snapshot()) for st in states.values()]
+
+    def run(*a, **k):
+        with contextlib.ExitStack() as stack:
+            for st, snap in snapshots:
+                stack.enter_context(st.replaying_snapshot(snap))
+            return function(*a, **k)
+
+    return self.__dict__["_flexmoe_checkpoint_inner"](run, *args, **kwargs)
+
+
+def _is_replaying_checkpoint(f) -> bool:
+    return isinstance(f, types.MethodType) and f.__func__ is _replaying_checkpoint
+
+
+def _wrap_checkpointing(model: torch.nn.Module) -> None:
+    """Wrap every ``_gradient_checkpointing_func`` set on a module of ``model`` (by
+    ``gradient_checkpointing_enable``, before or after apply_flexmoe) not wrapped yet."""
+    for m in model.modules():
+        f = m.__dict__.get("_gradient_checkpointing_func")
+        if f is not None and not _is_replaying_checkpoint(f):
+            m.__dict__["_flexmoe_checkpoint_inner"] = f
+            m.__dict__["_gradient_checkpointing_func"] = types.MethodType(_replaying_checkpoint, m)
+
+
+def _unwrap_checkpointing(model: torch.nn.Module) -> None:
+    for m in model.modules():
+        inner = m.__dict__.pop("_flexmoe_checkpoint_inner", None)
+        if inner is not None and _is_replaying_checkpoint(m.__dict__.get("_gradient_checkpointing_func")):
+            m.__dict__["_gradient_checkpointing_func"] = inner
+
+
+_graph_task_id = getattr(torch._C, "_current_graph_task_id", lambda: -1)
+
+
+def _unwrapped_recompute(state: OptOutState) -> bool:
+    """A block runs inside a backward pass (a checkpoint's recomputation) but not under
+    :func:`_replaying_checkpoint`: some other checkpoint wrapper recomputes it."""
+    return (torch.is_grad_enabled() and not state.replaying and not torch.compiler.is_compiling()
+            and _graph_task_id() >= 0)
 
 
 def _install(model: torch.nn.Module, name: str, wrapper) -> None:
@@ -367,6 +428,7 @@ def remove_flexmoe(model: torch.nn.Module) -> torch.nn.Module:
             module.__dict__.pop("forward", None)
             if previous is not None:
                 module.__dict__["forward"] = previous
+    _unwrap_checkpointing(model)
     previous = dict(model._flexmoe_previous)
     for name, method in previous.items():
         model.__dict__.pop(name, None)
