@@ -624,3 +624,29 @@ def test_flipped_byte_in_dcp_shard_is_named(tmp_path, capsys):
     assert "__0_0.distcp" in err and fqn in err and "CRC" in err and not (tmp_path / "out").exists()
     with pytest.raises(CheckpointError, match="CRC"):
         read_olmo_core(src)
+
+
+@pytest.mark.parametrize("config,where", [
+    ({"model": []}, "model is []"),
+    ({"model": {"block": {"sequence_mixer": {"n_heads": "4"}}}}, "model.block.sequence_mixer.n_heads is '4'"),
+    ({"model": {"block": {"sequence_mixer": {"n_heads": H}, "feed_forward_moe": {"router": {"top_k": 0}}}}},
+     "model.block.feed_forward_moe.router.top_k is 0"),
+    ({"block": {"attention": {"n_heads": H, "rope": {"theta": -1}}}}, "block.attention.rope.theta is -1"),
+    ({"model": {"block": {"sequence_mixer": {"n_heads": H}}, "tie_word_embeddings": "yes"}},
+     "model.tie_word_embeddings is 'yes'"),
+])
+def test_olmo_core_config_json_of_wrong_types_is_named(tmp_path, capsys, config, where):
+    """OLMo-core's config.json beside --input is untrusted too: a section that is not an object or
+    a field of the wrong type names the file, the field and the value (was an AttributeError
+    traceback, or 'unsupported operand type(s) for //: 'int' and 'str'')."""
+    src = _write_olmo_core(_olmo_core_sd(torch.Generator().manual_seed(17)), tmp_path / "oc", "pt", config=config)
+    err = _fails(capsys, "--to", "hf", "--input", src, "--out", tmp_path / "out")
+    assert "--input" in err and "config.json" in err and where in err
+
+
+def test_non_string_key_in_model_pt_is_named(tmp_path, capsys):
+    sd = _olmo_core_sd(torch.Generator().manual_seed(18))
+    sd[7] = torch.zeros(2)
+    src = _write_olmo_core(sd, tmp_path / "oc", "pt", config=_trainer_config())
+    err = _fails(capsys, "--to", "hf", "--input", src, "--out", tmp_path / "out")
+    assert "model.pt" in err and "[7]" in err

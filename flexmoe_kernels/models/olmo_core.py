@@ -268,31 +268,55 @@ def hf_to_olmo_core(sd: Mapping[str, torch.Tensor], config: FlexOlmoConfig, *, e
     return out
 
 
-def _get(d: Mapping, *path, default=None):
-    for p in path:
-        if not isinstance(d, Mapping) or p not in d:
-            return default
-        d = d[p]
-    return d
-
-
-def olmo_core_model_config(trainer_config: Mapping[str, Any]) -> dict[str, Any]:
+def olmo_core_model_config(trainer_config: Mapping[str, Any], what: str = "OLMo-core config.json") -> dict[str, Any]:
     """Our config fields found in OLMo-core's ``config.json`` (the trainer's, with a ``model``
     section, or a bare ``TransformerConfig`` dict): heads, kv heads, RoPE theta, norm eps, top-k
     and tied embeddings (the sizes come from the tensors). Absent fields are left out (older OLMo-core names the attention ``attention``,
-    newer ``sequence_mixer``)."""
-    m = trainer_config.get("model", trainer_config)
-    block = _get(m, "block", default={})
-    attn = block.get("sequence_mixer") or block.get("attention") or {}
-    found = {
-        "num_attention_heads": attn.get("n_heads"),
-        "num_key_value_heads": attn.get("n_kv_heads"),
-        "rope_theta": _get(attn, "rope", "theta"),
-        "rms_norm_eps": _get(block, "layer_norm", "eps"),
-        "num_experts_per_tok": _get(block, "feed_forward_moe", "router", "top_k"),
-        "tie_word_embeddings": m.get("tie_word_embeddings"),
+    newer ``sequence_mixer``). :class:`CheckpointError` naming ``what``, the field and its value
+    when a section is not a JSON object or a field has the wrong type (counts: positive ints;
+    theta, eps: positive numbers; tie_word_embeddings: a bool)."""
+    def bad(where: str, value: Any, want: str) -> CheckpointError:
+        shown = repr(value)
+        return CheckpointError(f"{what}: {where} is {shown if len(shown) <= 60 else shown[:57] + '...'}, "
+                               f"expected {want}")
+
+    def section(d: Mapping, key: str, where: str) -> Mapping:
+        v = d.get(key)
+        if v is None:
+            return {}
+        if not isinstance(v, Mapping):
+            raise bad(where + key, v, "a JSON object")
+        return v
+
+    if not isinstance(trainer_config, Mapping):
+        raise bad("the file", trainer_config, "a JSON object")
+    m, top = (section(trainer_config, "model", ""), "model.") if "model" in trainer_config else (trainer_config, "")
+    block = section(m, "block", top)
+    mixer = "sequence_mixer" if block.get("sequence_mixer") else "attention"
+    attn = section(block, mixer, f"{top}block.")
+    a, b = f"{top}block.{mixer}.", f"{top}block."
+    fields = {  # ours: (where in their file, value, kind)
+        "num_attention_heads": (a + "n_heads", attn.get("n_heads"), "count"),
+        "num_key_value_heads": (a + "n_kv_heads", attn.get("n_kv_heads"), "count"),
+        "rope_theta": (a + "rope.theta", section(attn, "rope", a).get("theta"), "positive"),
+        "rms_norm_eps": (b + "layer_norm.eps", section(block, "layer_norm", b).get("eps"), "positive"),
+        "num_experts_per_tok": (b + "feed_forward_moe.router.top_k", section(
+            section(block, "feed_forward_moe", b), "router", b + "feed_forward_moe.").get("top_k"), "count"),
+        "tie_word_embeddings": (top + "tie_word_embeddings", m.get("tie_word_embeddings"), "bool"),
     }
-    return {k: v for k, v in found.items() if v is not None}
+    found = {}
+    for ours, (where, v, kind) in fields.items():
+        if v is None:
+            continue
+        if kind == "bool" and not isinstance(v, bool):
+            raise bad(where, v, "true or false")
+        number = isinstance(v, (int, float)) and not isinstance(v, bool)
+        if kind == "count" and not (number and float(v).is_integer() and v >= 1):
+            raise bad(where, v, "a positive integer")
+        if kind == "positive" and not (number and 0 < v < float("inf")):
+            raise bad(where, v, "a positive number")
+        found[ours] = int(v) if kind == "count" else v
+    return found
 
 
 def config_from_olmo_core(dims: OlmoCoreDims, base: Optional[FlexOlmoConfig] = None,
@@ -583,6 +607,9 @@ def read_olmo_core(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], Op
     bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)] if isinstance(obj, dict) else ["<not a dict>"]
     if bad:
         raise CheckpointError(f"{file!r}: expected a dict of tensors, found non-tensor entries {bad[:5]}")
+    bad = [k for k in obj if not isinstance(k, str)]
+    if bad:
+        raise CheckpointError(f"{file!r}: expected tensor names (strings) as keys, found {bad[:5]}")
     return obj, os.path.dirname(os.path.abspath(file))
 
 

@@ -113,7 +113,7 @@ def _config_inputs(args, cfg_dir: Path):
         d = _read_json(theirs, "--input")
         if d.get("model_type") == "flex_olmo":
             return FlexOlmoConfig.from_dict(d), {}, str(theirs)
-        return None, olmo_core_model_config(d), f"OLMo-core's {str(theirs)!r}"
+        return None, olmo_core_model_config(d, f"--input: OLMo-core's {str(theirs)!r}"), f"OLMo-core's {str(theirs)!r}"
     return None, {}, "no config found"
 
 
