@@ -215,3 +215,90 @@ def test_router_tuning_trains_only_router_rows_and_non_public_biases_with_every_
         counts = param_counts(cfg, kind)
         assert cfg.num_experts_per_tok == 7 and cfg.expert_bias == bool(bias)
         assert counts.trainable == cfg.num_hidden_layers * (7 * cfg.hidden_size + bias)
+
+
+H100_USABLE_GIB = 79.6  # nvidia-smi: 81559 MiB on an H100 80GB (SXM, HBM3) = 79.65 GiB
+
+
+def test_gpu_memory_is_in_gib_and_defaults_to_an_h100s_usable_memory(capsys):
+    """Issue 21 item 11: the flag is named in its unit (--gpu-memory-gib); the default is what an H100
+    80GB really offers (79.6 GiB, not 80); --gpu-memory-gb stays as a deprecated alias meaning GiB."""
+    argv = ["--model-config", "tiny", "--gpus", "1", "--zero-stage", "0", "--json"]
+    code, js, _ = _cli(capsys, *argv)
+    p = json.loads(js)
+    assert code == 0 and p["gpu_memory_gib"] == H100_USABLE_GIB
+    assert p["gpu_memory_bytes"] == int(H100_USABLE_GIB * 2 ** 30)
+    assert json.loads(_cli(capsys, *argv, "--gpu-memory-gib", "40")[1])["gpu_memory_bytes"] == 40 * 2 ** 30
+    code, js, err = _cli(capsys, *argv, "--gpu-memory-gb", "40")
+    assert code == 0 and json.loads(js)["gpu_memory_bytes"] == 40 * 2 ** 30 and "deprecated" in err
+    code, table, _ = _cli(capsys, *argv[:-1])
+    assert "(--gpu-memory-gib)" in table and f"{H100_USABLE_GIB:.2f} GiB" in table
+    with pytest.raises(SystemExit):
+        main(["plan", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--gpu-memory-gib" in text and "H100" in text and "81559 MiB" in text
+    assert re.search(r"--gpu-memory-gb \S+\s+deprecated", text), text
+
+
+@pytest.mark.parametrize("flag", ["--gpu-memory-gib", "--gpu-memory-gb"])
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan", "1e400", "0", "-1"])
+def test_gpu_memory_must_be_finite_and_positive(capsys, flag, value):
+    code, out, err = _cli(capsys, "--model-config", "tiny", "--gpus", "1", "--zero-stage", "0", f"{flag}={value}")
+    lines = [x for x in err.strip().splitlines() if "deprecated" not in x]
+    assert code == 2 and not out and len(lines) == 1, err
+    assert lines[0].startswith(f"flexmoe: error: {flag} ") and f"got {float(value)!r}" in lines[0], err
+    with pytest.raises(ValueError, match="--gpu-memory-gib"):
+        plan_memory("tiny", gpus=1, zero_stage=0, gpu_memory_gib=float(value))
+
+
+ABSURD = [
+    {"hidden_size": 10 ** 9, "num_attention_heads": 2},
+    {"num_hidden_layers": 10 ** 6},
+    {"vocab_size": 10 ** 9},
+    {"hidden_size": 10 ** 9, "num_attention_heads": 2, "num_hidden_layers": 10 ** 6, "vocab_size": 10 ** 9,
+     "intermediate_size": 10 ** 9},
+]
+
+
+@pytest.mark.parametrize("over", ABSURD, ids=["hidden-1e9", "layers-1e6", "vocab-1e9", "all"])
+@pytest.mark.parametrize("kind", ["dense", "coupled", "moe"])
+def test_absurd_sizes_answer_in_under_a_second(tmp_path, capsys, over, kind):
+    """Issue 21 item 12: counted in closed form, so any size answers at once (it printed nothing in
+    120 s for 1e6 layers: the model was built module by module on the meta device)."""
+    import time
+
+    spec = str(tiny_model_config(tmp_path / "absurd.json", **{"vocab_size": 258, **over}))
+    extra = ["--num-experts", "4"] if kind == "moe" else []
+    t0 = time.perf_counter()
+    code, out, err = _cli(capsys, "--model-config", spec, "--gpus", "8", "--zero-stage", "3", "--kind", kind,
+                          "--seq-len", "8", "--json", *extra)
+    took = time.perf_counter() - t0
+    assert took < 5.0, f"plan took {took:.1f} s"
+    assert code == 0, err
+    p = json.loads(out)
+    assert p["params"]["total"] >= max(over.values()) and p["bytes_per_rank"]["total"] > 0
+
+
+@pytest.mark.parametrize("spec", ["tiny", "small", "olmo2-1b", "olmo2-7b", "flexolmo-2x7b", "flexolmo-7x7b",
+                                  "tied", "no-bias"])
+@pytest.mark.parametrize("kind", ["dense", "coupled", "moe", "router-tuning"])
+def test_closed_form_counts_equal_the_meta_model_with_the_trainers_freezing(tmp_path, spec, kind):
+    """The closed form :func:`param_counts` equals the count of the model built on the meta device and
+    frozen by the trainer's own functions (:func:`param_counts_meta`), for every preset and kind."""
+    from flexmoe_training.memory import param_counts_meta
+
+    if spec == "tied":
+        spec = str(tiny_model_config(tmp_path / "tied.json", vocab_size=300, tie_word_embeddings=True))
+    elif spec == "no-bias":
+        spec = str(tiny_model_config(tmp_path / "nb.json", vocab_size=300, num_experts=3, num_experts_per_tok=2,
+                                     expert_bias=False))
+    num_experts = 1 if kind == "dense" else None
+    if kind in ("moe", "router-tuning"):
+        num_experts = None if spec in ("flexolmo-7x7b",) or spec.endswith("nb.json") else 3
+    if kind == "coupled" and spec in ("flexolmo-7x7b",) or kind == "coupled" and spec.endswith("nb.json"):
+        pytest.skip("--kind coupled takes a dense or 2-expert model")
+    try:
+        cfg, kind = build_config(spec, kind, num_experts=num_experts)
+    except Exception as exc:
+        pytest.skip(f"not a valid combination: {exc}")
+    assert param_counts(cfg, kind) == param_counts_meta(cfg, kind)

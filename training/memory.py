@@ -20,11 +20,14 @@ Assumptions (printed by ``flexmoe plan`` too; they are the trainer's, training/c
 * Not counted: communication buckets (``reduce_bucket_size``, prefetch), the CUDA context and
   allocator fragmentation (keep a few GiB free), data loader buffers.
 
-Which tensors train is not written down here: it is read from the real freezing functions of
-:mod:`flexmoe_training.modeling` applied to the model built on the meta device (no memory):
-``coupled`` (an owner's 2-expert model) uses ``freeze_for_expert_training``, ``router-tuning``
-``freeze_for_router_tuning`` (and top-k = E, as ``tune-router`` trains); ``dense`` and ``moe``
-train everything (a dense model's one-row router is frozen, as ``train-public`` does).
+The parameter counts are closed-form (:func:`param_counts`), so any size answers at once (building
+even the meta-device model takes time linear in the layers and the head dimension: 1e6 layers
+never finished). Which tensors train follows the real freezing functions of
+:mod:`flexmoe_training.modeling`: ``coupled`` (an owner's 2-expert model)
+``freeze_for_expert_training``, ``router-tuning`` ``freeze_for_router_tuning`` (and top-k = E, as
+``tune-router`` trains); ``dense`` and ``moe`` train everything (a dense model's one-row router is
+frozen, as ``train-public`` does). :func:`param_counts_meta` applies those functions to the model
+built on the meta device; ``tests/test_plan.py`` checks both counts equal for every preset and kind.
 
 Activations (saved for the backward, in the activation dtype, bf16 = 2 bytes; fp32 where noted),
 per token and per decoder block of this model (post-norm block, QK-norm attention through SDPA or
@@ -55,11 +58,14 @@ import torch
 
 from .modeling import ModelSpecError, freeze_for_expert_training, freeze_for_router_tuning, load_model_config
 
-__all__ = ["KINDS", "ASSUMPTIONS", "BYTES", "GIB", "ParamCounts", "build_config", "param_counts",
+__all__ = ["KINDS", "ASSUMPTIONS", "BYTES", "GIB", "H100_USABLE_GIB", "ParamCounts", "build_config", "param_counts", "param_counts_meta",
            "model_state_bytes", "activation_bytes", "plan_memory"]
 
 KINDS = ("dense", "coupled", "moe", "router-tuning")
 GIB = 2 ** 30
+# One H100 80GB (SXM, HBM3): nvidia-smi reports 81559 MiB in total = 79.65 GiB, not 80 (the "80GB"
+# is marketing gigabytes and rounding); the CUDA context takes a little more at run time.
+H100_USABLE_GIB = 79.6
 # Bytes per parameter: bf16 parameter and gradient; optimizer = fp32 master + m + v + fp32 gradient.
 BYTES = {"param": 2, "grad": 2, "optimizer": 4 + 4 + 4 + 4, "gather": 2 + 2, "act": 2}
 ASSUMPTIONS = (
@@ -121,7 +127,38 @@ def build_config(spec: str, kind: str | None, num_experts: int | None = None, to
 
 
 def param_counts(cfg, kind: str) -> ParamCounts:
-    """Count the parameters of ``cfg`` built on the meta device, frozen as ``kind`` trains it."""
+    """The parameters of ``cfg`` frozen as ``kind`` trains it, in closed form (any size, at once).
+
+    Per layer: attention ``D*(H + 2G)*hd + H*hd*D`` plus the q/k norms ``(H + G)*hd``, two norms
+    ``2D``, the router ``E*D`` (+ ``E`` expert biases), the experts ``3*E*F*D``; plus the embedding
+    ``V*D``, the final norm ``D`` and an untied LM head ``V*D``. Trainable: ``dense`` all but the
+    one-row router, ``moe`` all, ``coupled`` the owner's rows ``(E-1)*(3FD + D + 1)`` per layer,
+    ``router-tuning`` ``E*D`` router rows and ``E-1`` biases per layer. ``tests/test_plan.py``
+    checks it equal to :func:`param_counts_meta` (the model built on the meta device and frozen by
+    the trainer's own functions) for every preset and kind.
+    """
+    L, D, F, E = cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size, cfg.num_experts
+    H, G, hd, V = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.vocab_size
+    bias = E if cfg.expert_bias else 0
+    experts, router = 3 * E * F * D, E * D + bias
+    layer = D * (H + 2 * G) * hd + H * hd * D + (H + G) * hd + 2 * D + router + experts
+    total = V * D + L * layer + D + (0 if cfg.tie_word_embeddings else V * D)
+    if kind == "coupled":
+        trainable = L * (E - 1) * (3 * F * D + D + (1 if bias else 0))
+    elif kind == "router-tuning":
+        trainable = L * (E * D + max(bias - 1, 0))
+    elif kind == "dense":
+        trainable = total - L * E * D
+    else:
+        trainable = total
+    largest = max(V * D, experts, router, H * hd * D, G * hd * D, (H + G) * hd, D)
+    return ParamCounts(total=total, trainable=trainable, largest_module=largest)
+
+
+def param_counts_meta(cfg, kind: str) -> ParamCounts:
+    """:func:`param_counts` by building ``cfg`` on the meta device and freezing it with the trainer's
+    own functions (the reference the closed form is tested against; its time grows with the
+    number of layers and the head dimension, so ``flexmoe plan`` does not use it)."""
     from flexmoe_kernels.models import FlexOlmoForCausalLM
 
     with torch.device("meta"):
@@ -183,13 +220,20 @@ def activation_bytes(cfg, micro_batch: int, seq_len: int, checkpointing: bool) -
 
 def plan_memory(spec: str, *, gpus: int, zero_stage: int, nodes: int = 1, kind: str | None = None,
                 micro_batch: int = 1, seq_len: int | None = None, checkpointing: bool = False,
-                gpu_memory_gb: float = 80.0, num_experts: int | None = None, top_k: int | None = None) -> dict:
-    """The whole plan as a JSON-able dict (bytes per rank); errors name the ``flexmoe plan`` flag."""
+                gpu_memory_gib: float = H100_USABLE_GIB, num_experts: int | None = None, top_k: int | None = None,
+                gpu_memory_gb: float | None = None) -> dict:
+    """The whole plan as a JSON-able dict (bytes per rank); errors name the ``flexmoe plan`` flag.
+
+    ``gpu_memory_gib``: one GPU's memory in GiB (2**30 bytes; default an H100 80GB's, see
+    :data:`H100_USABLE_GIB`). ``gpu_memory_gb`` is its deprecated alias (also GiB).
+    """
     for flag, v in (("--gpus", gpus), ("--nodes", nodes), ("--micro-batch-size", micro_batch)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{flag} must be a positive integer, got {v!r}")
-    if not gpu_memory_gb > 0:
-        raise ValueError(f"--gpu-memory-gb must be positive, got {gpu_memory_gb!r}")
+    if gpu_memory_gb is not None:
+        gpu_memory_gib = gpu_memory_gb
+    if not (isinstance(gpu_memory_gib, (int, float)) and math.isfinite(gpu_memory_gib) and gpu_memory_gib > 0):
+        raise ValueError(f"--gpu-memory-gib must be a finite number of GiB above 0, got {gpu_memory_gib!r}")
     cfg, kind = build_config(spec, kind, num_experts, top_k)
     seq_len = cfg.max_position_embeddings if seq_len is None else seq_len
     if seq_len < 1 or seq_len > cfg.max_position_embeddings:
@@ -200,7 +244,7 @@ def plan_memory(spec: str, *, gpus: int, zero_stage: int, nodes: int = 1, kind: 
     states = model_state_bytes(counts, world, zero_stage)
     act = activation_bytes(cfg, micro_batch, seq_len, checkpointing)
     total = sum(states.values()) + act["total"]
-    budget = int(gpu_memory_gb * GIB)
+    budget = int(gpu_memory_gib * GIB)
     return {
         "model_config": spec, "kind": kind, "num_experts": cfg.num_experts, "top_k": cfg.num_experts_per_tok,
         "layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size, "vocab": cfg.vocab_size,
@@ -208,6 +252,6 @@ def plan_memory(spec: str, *, gpus: int, zero_stage: int, nodes: int = 1, kind: 
         "zero_stage": zero_stage, "micro_batch_size": micro_batch, "seq_len": seq_len,
         "activation_checkpointing": checkpointing, "bytes_per_rank": {**states, "activations": act["total"],
                                                                        "total": total},
-        "activations": act, "gpu_memory_bytes": budget, "fits": total <= budget,
+        "activations": act, "gpu_memory_gib": gpu_memory_gib, "gpu_memory_bytes": budget, "fits": total <= budget,
         "assumptions": list(ASSUMPTIONS),
     }

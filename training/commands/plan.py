@@ -9,7 +9,7 @@ from .common import DefaultsOnceFormatter, add_command, guard, require
 
 DESCRIPTION = """\
 Per-rank memory of training --model-config on --gpus x --nodes ranks at ZeRO --zero-stage, and
-whether it fits --gpu-memory-gb. Kinds: dense (everything trains), coupled (an owner's 2-expert
+whether it fits --gpu-memory-gib. Kinds: dense (everything trains), coupled (an owner's 2-expert
 model built from the dense config: frozen embeddings, attention, norms, LM head, public expert
 and r_public hold no gradient or optimizer state; counted with the trainer's own freezing
 function), moe (a standard MoE, everything trains; --num-experts), router-tuning (only router
@@ -49,7 +49,7 @@ def format_plan(p: dict) -> str:
         f"  {'activations (bf16)':<52}{_gib(b['activations'])}   "
         f"blocks {a['blocks'] / 2 ** 30:.2f} + head {a['head'] / 2 ** 30:.2f} GiB",
         f"  {'total':<52}{_gib(b['total'])}",
-        f"  {'GPU memory (--gpu-memory-gb)':<52}{_gib(p['gpu_memory_bytes'])}   "
+        f"  {'GPU memory (--gpu-memory-gib)':<52}{_gib(p['gpu_memory_bytes'])}   "
         + ("fits" if p["fits"] else "DOES NOT FIT"),
         "",
         "  assumptions:",
@@ -61,11 +61,24 @@ def format_plan(p: dict) -> str:
 @guard
 def run(args) -> int:
     """Compute the plan, print the table (or JSON); exit status 0 whether or not it fits."""
-    from ..memory import plan_memory
+    import math
+    import sys
 
+    from ..memory import H100_USABLE_GIB, plan_memory
+
+    flag, gib = "--gpu-memory-gib", args.gpu_memory_gib
+    if args.gpu_memory_gb is not None:
+        if gib is not None:
+            raise ValueError("give --gpu-memory-gib only (--gpu-memory-gb is its deprecated alias)")
+        flag, gib = "--gpu-memory-gb", args.gpu_memory_gb
+        print("flexmoe plan: --gpu-memory-gb is deprecated (its value is GiB): use --gpu-memory-gib", file=sys.stderr)
+    if gib is not None and not (math.isfinite(gib) and gib > 0):
+        raise ValueError(f"{flag} must be a finite number of GiB above 0 (one GPU's memory, e.g. "
+                         f"{H100_USABLE_GIB} for an H100 80GB), got {gib!r}")
     plan = plan_memory(args.model_config, gpus=args.gpus, nodes=args.nodes, zero_stage=args.zero_stage,
                        kind=args.kind, micro_batch=args.micro_batch_size, seq_len=args.seq_len,
-                       checkpointing=args.activation_checkpointing, gpu_memory_gb=args.gpu_memory_gb,
+                       checkpointing=args.activation_checkpointing,
+                       **({} if gib is None else {"gpu_memory_gib": gib}),
                        num_experts=args.num_experts, top_k=args.top_k)
     print(json.dumps(plan, indent=2) if args.json else format_plan(plan))
     return 0
@@ -73,7 +86,7 @@ def run(args) -> int:
 
 def register(sub) -> None:
     """Add ``flexmoe plan``."""
-    from ..memory import KINDS
+    from ..memory import H100_USABLE_GIB, KINDS
 
     p = add_command(sub, "plan", run, help="per-rank GPU memory of a training run under ZeRO 0-3",
                     description=DESCRIPTION)
@@ -92,5 +105,9 @@ def register(sub) -> None:
                    help="tokens per sequence (default: the model's max_position_embeddings)")
     p.add_argument("--activation-checkpointing", action="store_true",
                    help="per-block activation checkpointing (keep only block inputs)")
-    p.add_argument("--gpu-memory-gb", type=float, default=80.0, help="memory of one GPU in GiB")
+    p.add_argument("--gpu-memory-gib", type=float, default=None, metavar="GIB",
+                   help=f"memory of one GPU in GiB (2**30 bytes; default {H100_USABLE_GIB}: an H100 80GB, whose "
+                        "total nvidia-smi reports as 81559 MiB = 79.65 GiB, not 80)")
+    p.add_argument("--gpu-memory-gb", type=float, default=None, metavar="GIB",
+                   help="deprecated alias of --gpu-memory-gib: its value is GiB too, despite the name")
     p.add_argument("--json", action="store_true", help="print the plan as JSON (bytes per rank)")
