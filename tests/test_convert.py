@@ -650,3 +650,18 @@ def test_non_string_key_in_model_pt_is_named(tmp_path, capsys):
     src = _write_olmo_core(sd, tmp_path / "oc", "pt", config=_trainer_config())
     err = _fails(capsys, "--to", "hf", "--input", src, "--out", tmp_path / "out")
     assert "model.pt" in err and "[7]" in err
+
+
+def test_integer_tensor_is_named_going_to_olmo_core(tmp_path, capsys):
+    """Item 9, the other way: an integer tensor in our checkpoint is named, not written into an
+    OLMo-core checkpoint (OLMo-core's load_state_dict would cast it into its float parameter)."""
+    from safetensors.torch import load_file, save_file
+
+    _ours(tmp_path / "hf", torch.Generator().manual_seed(19))
+    path = tmp_path / "hf" / "model.safetensors"
+    sd = load_file(path)
+    key = "model.layers.0.self_attn.v_proj.weight"
+    sd[key] = (sd[key] * 10).to(torch.int32)
+    save_file(sd, path)
+    err = _fails(capsys, "--to", "olmo-core", "--input", tmp_path / "hf", "--out", tmp_path / "oc")
+    assert "--input" in err and key in err and "torch.int32" in err and not (tmp_path / "oc").exists()

@@ -124,6 +124,15 @@ def _rank(t: torch.Tensor, n: int, key: str, what: str, dims: str) -> torch.Tens
     return t
 
 
+def _floating(sd: Mapping[str, torch.Tensor], what: str) -> None:
+    """``CheckpointError`` naming the first tensor of ``sd`` that is not floating-point, and its dtype."""
+    nonfloat = [(k, v.dtype) for k, v in sd.items() if not v.is_floating_point()]
+    if nonfloat:
+        k, dt = nonfloat[0]
+        more = f" (+{len(nonfloat) - 1} more)" if len(nonfloat) > 1 else ""
+        raise CheckpointError(f"{what}: tensor {k!r} has dtype {dt}{more}; model weights must be floating-point")
+
+
 def _dims(sd: Mapping[str, torch.Tensor], layout: str, what: str) -> OlmoCoreDims:
     """Sizes from layer 0 and the embedding; ``layout`` 'auto' resolved from ``w1``'s shape."""
     layers = sorted({int(m.group(1)) for k in sd if (m := _LAYER_RE.match(k))})
@@ -174,11 +183,7 @@ def olmo_core_to_hf(sd: Mapping[str, torch.Tensor], *, expert_layout: str = "aut
     :class:`CheckpointError` naming ``what`` and the key for a missing, unknown or mis-shaped tensor.
     """
     dims = _dims(sd, expert_layout, what)
-    nonfloat = [(k, v.dtype) for k, v in sd.items() if not v.is_floating_point()]
-    if nonfloat:
-        k, dt = nonfloat[0]
-        more = f" (+{len(nonfloat) - 1} more)" if len(nonfloat) > 1 else ""
-        raise CheckpointError(f"{what}: tensor {k!r} has dtype {dt}{more}; model weights must be floating-point")
+    _floating(sd, what)
     L, E, D, F = dims.num_layers, dims.num_experts, dims.hidden_size, dims.intermediate_size
     out: dict[str, torch.Tensor] = {}
     used = set()
@@ -228,6 +233,7 @@ def hf_to_olmo_core(sd: Mapping[str, torch.Tensor], config: FlexOlmoConfig, *, e
     """
     if expert_layout not in EXPERT_LAYOUTS:
         raise ValueError(f"expert layout must be one of {EXPERT_LAYOUTS}, got {expert_layout!r}")
+    _floating(sd, what)
     L, E, D, F = config.num_hidden_layers, config.num_experts, config.hidden_size, config.intermediate_size
     back = {v: k for k, v in _SAME.items()}
     out: dict[str, torch.Tensor] = {}
