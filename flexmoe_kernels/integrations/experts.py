@@ -7,13 +7,33 @@ Some callers choose the experts themselves (a transformers router we do not patc
 gate): they hold ``topk_ids_TK`` and ``topk_weights_TK`` and want only the expert stage.
 :func:`plan_from_topk` turns that choice into our :class:`~flexmoe_kernels.ops.plan.RoutingPlan`
 (pairs grouped by expert with the same stable grouping as our router), and
-:func:`flexmoe_experts_forward` runs :func:`flexmoe_kernels.grouped_swiglu` on it. This module
-imports transformers only inside :func:`register_experts_implementation`.
+:func:`flexmoe_experts_forward` runs the expert stage of the backend that
+``FlexMoE(backend="auto")`` would use (:func:`flexmoe_kernels.ops.backends.resolve_backend`:
+"torch" off CUDA; on CUDA the fastest measured per shape bucket, or the static order triton,
+cuda, torch; ``FLEXMOE_AUTO_BACKEND`` pins it) on it:
+
+===========  ==============================================================================
+backend      expert stage given the chosen experts
+===========  ==============================================================================
+``torch``    :func:`flexmoe_kernels.grouped_swiglu` (the reference: a matmul per expert)
+``triton``   our Triton grouped GEMMs (gather fused into the up-projection, SwiGLU, the
+             weighted top-k combine fused into the down-projection, and their backward) on
+             the tile schedule of :func:`~flexmoe_kernels.ops.triton.routing.triton_route`
+             run with an allow-mask of exactly the chosen experts (slot order kept)
+``cuda``     the CUDA C++ gather and combine around torch's grouped GEMM (the cuda backend's
+             expert stage, :mod:`flexmoe_kernels.ops.cuda`)
+===========  ==============================================================================
+
+The chosen experts of a token must be distinct (as a top-k gives). This module imports
+transformers only inside :func:`register_experts_implementation`.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
+from ..ops.backends import resolve_backend
 from ..ops.reference.experts import grouped_swiglu
 from ..ops.reference.routing import plan_from_topk
 
@@ -55,10 +75,80 @@ def flexmoe_experts_forward(
     Returns:
         (T, D) in hidden_states' dtype (fp32 accumulation); differentiable w.r.t. the tokens,
         the expert weights and ``top_k_weights``.
+
+    The backend is ``resolve_backend("auto", device, problem)``, the resolution of
+    ``FlexMoE(backend="auto")`` (see the module docstring).
     """
     gate_up, down = expert_weights(self)
-    plan = plan_from_topk(top_k_index, top_k_weights, gate_up.shape[0])
-    return grouped_swiglu(hidden_states, plan, gate_up, down)
+    (T, K), (E, F2, D) = top_k_index.shape, gate_up.shape
+    problem = dict(T=T, D=D, F=F2 // 2, E=E, K=K, dtype=hidden_states.dtype)
+    name = resolve_backend("auto", hidden_states.device, problem) if T else "torch"
+    return _EXPERT_STAGES[name](hidden_states, top_k_index, top_k_weights, gate_up, down)
+
+
+def _torch_experts(x_TD, ids_TK, weights_TK, gate_up_E2FD, down_EDF):
+    plan = plan_from_topk(ids_TK, weights_TK, gate_up_E2FD.shape[0])
+    return grouped_swiglu(x_TD, plan, gate_up_E2FD, down_EDF)
+
+
+def _cuda_experts(x_TD, ids_TK, weights_TK, gate_up_E2FD, down_EDF):
+    """The cuda backend's gather -> grouped GEMM -> combine on the grouping of the chosen experts."""
+    from ..ops.cuda.combine import CudaCombineFunction
+    from ..ops.cuda.experts import experts_forward
+    from ..ops.cuda.permute import CudaGatherFunction
+
+    K = ids_TK.shape[1]
+    plan = plan_from_topk(ids_TK, weights_TK.detach(), gate_up_E2FD.shape[0], validate=False)
+    x_PD = CudaGatherFunction.apply(x_TD, plan.sorted_pairs_P, plan.inv_sorted_pairs_P, K)
+    y_PD = experts_forward(x_PD, gate_up_E2FD, down_EDF, plan.counts_E, plan.offsets_E1)
+    return CudaCombineFunction.apply(y_PD, weights_TK.float(), plan.inv_sorted_pairs_P, K).to(x_TD.dtype)
+
+
+def _triton_plan(x_TD, ids_TK, gate_up_E2FD):
+    """Our Triton router's plan and tile schedule for experts chosen elsewhere: every expert but
+    the chosen ones masked, slot k given logit -k so the top-k keeps the caller's slot order.
+    No host synchronisation. The weights are set by the caller."""
+    from ..ops.triton.configs import get_configs
+    from ..ops.triton.routing import triton_route
+
+    (T, K), (E, F2, D) = ids_TK.shape, gate_up_E2FD.shape
+    ids = ids_TK.long()
+    slot = -torch.arange(K, dtype=torch.float32, device=ids.device).expand(T, K)
+    logits_TE = torch.zeros(T, E, dtype=torch.float32, device=ids.device).scatter(1, ids, slot)
+    mask_TE = torch.zeros(T, E, dtype=torch.bool, device=ids.device).scatter(1, ids, True)
+    block_m = get_configs(T, D, F2 // 2, E, K, x_TD.dtype, x_TD.device).block_m
+    return triton_route(logits_TE, K, allow_mask=mask_TE, block_m=block_m, validate=False)
+
+
+class _TritonExperts(torch.autograd.Function):
+    """Our Triton grouped SwiGLU GEMMs (forward and backward) on a given plan."""
+
+    @staticmethod
+    def forward(ctx, x_TD, weights_TK, gate_up_E2FD, down_EDF, plan):
+        from ..ops.triton.grouped_gemm import grouped_swiglu_forward
+
+        plan = dataclasses.replace(plan, topk_weights_TK=weights_TK.detach().float().contiguous())
+        ctx.save_for_backward(x_TD, gate_up_E2FD, down_EDF)
+        ctx.plan, ctx.weights_dtype = plan, weights_TK.dtype
+        return grouped_swiglu_forward(x_TD, plan, gate_up_E2FD, down_EDF)
+
+    @staticmethod
+    def backward(ctx, dout_TD):
+        from ..ops.triton.grouped_gemm import grouped_swiglu_backward
+
+        x_TD, gate_up, down = ctx.saved_tensors
+        nig = ctx.needs_input_grad
+        dx, dgu, ddown, dw = grouped_swiglu_backward(
+            dout_TD, x_TD, ctx.plan, gate_up, down, need_dx=nig[0], need_dgate_up=nig[2],
+            need_ddown=nig[3], need_dweights=nig[1])
+        return dx, (dw.to(ctx.weights_dtype) if dw is not None else None), dgu, ddown, None
+
+
+def _triton_experts(x_TD, ids_TK, weights_TK, gate_up_E2FD, down_EDF):
+    return _TritonExperts.apply(x_TD, weights_TK, gate_up_E2FD, down_EDF, _triton_plan(x_TD, ids_TK, gate_up_E2FD))
+
+
+_EXPERT_STAGES = {"torch": _torch_experts, "triton": _triton_experts, "cuda": _cuda_experts}
 
 
 def register_experts_implementation(name: str = "flexmoe") -> bool:

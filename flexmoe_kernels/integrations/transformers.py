@@ -44,7 +44,8 @@ a checkpoint wrapper of its own (not transformers') uses the mask of the last tr
 forward. ``remove_flexmoe(model)`` undoes the patch.
 
 Importing this module registers the ``"flexmoe"`` experts implementation in transformers'
-experts registry (:mod:`.experts`), for MoE models whose router we do not patch.
+experts registry (:mod:`.experts`), for MoE models whose router we do not patch; it runs on
+the backend ``FlexMoE(backend="auto")`` resolves (torch on CPU; on CUDA the fastest available).
 """
 from __future__ import annotations
 
