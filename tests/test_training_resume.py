@@ -154,3 +154,65 @@ def test_engine_load_failure_is_one_line_naming_restart(tmp_path):
             load_engine_state(Engine(exc), tmp_path, {"rng": torch.get_rng_state()})
         msg = str(info.value)
         assert "\n" not in msg and name in msg and "--restart" in msg and type(exc).__name__ in msg, msg
+
+
+# ============================================================================ item 17c: the RNG is restored
+def _record_draws(monkeypatch) -> list:
+    """Each optimizer step first draws from torch's global RNG (as dropout would) and records it."""
+    from flexmoe_training import trainer
+
+    draws, real = [], trainer._train_step
+
+    def step(r, s, *a, **kw):
+        draws.append((s, torch.rand(4)))
+        return real(r, s, *a, **kw)
+
+    monkeypatch.setattr(trainer, "_train_step", step)
+    return draws
+
+
+def test_resume_restores_the_rng(two_inputs, tmp_path, monkeypatch):
+    """A run's random draws are its own (seeded by --seed, not by whatever ran before in the
+    process) and a paused run's resumed draws continue the saved RNG: step for step those of the
+    uninterrupted run."""
+    draws = _record_draws(monkeypatch)
+    args = pause_args(two_inputs, 0)
+    assert run_cli(args + ["--out", tmp_path / "full"]) == 0
+    straight = dict(draws)
+    draws.clear()
+    torch.rand(7)  # another state before the second run
+    assert run_cli(args + ["--out", tmp_path / "part", "--max-steps-this-run", "2"]) == 0
+    torch.manual_seed(12345)  # and before the resume
+    assert run_cli(args + ["--out", tmp_path / "part"]) == 0
+    resumed = dict(draws)
+    assert sorted(resumed) == sorted(straight) == [0, 1, 2, 3]
+    for s in straight:
+        torch.testing.assert_close(resumed[s], straight[s], atol=0, rtol=0, msg=f"step {s}")
+
+
+def test_cuda_rng_saved_and_restored(tmp_path, monkeypatch):
+    """On GPU the main rank's CUDA generator is saved next to the CPU one and restored on resume
+    (torch.cuda faked here: the CPU machines run this test too)."""
+    from flexmoe_training import resume
+
+    fake = {"state": torch.arange(16, dtype=torch.uint8), "set": []}
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": fake["state"].clone())
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device="cuda": fake["set"].append((s.clone(), device)))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    partial, st_dir = tmp_path / "state.partial", tmp_path / "state"
+    partial.mkdir()
+    cpu = torch.get_rng_state()
+    resume._finish_partial(partial, st_dir, {"format": resume.STATE_FORMAT, "step": 1}, torch.device("cuda", 0))
+    state = resume._read_state(st_dir)
+    assert torch.equal(state["rng"], cpu) and torch.equal(state["cuda_rng"], fake["state"])
+
+    class Engine:
+        def load_checkpoint(self, *a, **kw):
+            return str(st_dir), {}
+
+    torch.rand(3)
+    resume.load_engine_state(Engine(), tmp_path, state)
+    assert torch.equal(torch.get_rng_state(), cpu)
+    (s, dev), = fake["set"]
+    assert torch.equal(s, fake["state"]) and dev == 0

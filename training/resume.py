@@ -7,7 +7,9 @@ The state directory (replaced atomically by :func:`save_state`) holds
   moments (``*zero_pp_rank_<r>_mp_rank_00_optim_states.pt``, ZeRO 1-3), rank 0 the module file
   (``mp_rank_00_model_states.pt``: the trainable weights for ZeRO 0-2, which every rank holds
   whole anyway; for ZeRO 0 also the optimizer). No rank gathers another's partition.
-* ``rng.safetensors``: the torch CPU RNG state; ``trainer_state.json``: format, step, the
+* ``rng.safetensors``: the torch CPU RNG state (and the CUDA one of the main rank's device on
+  GPU; every rank seeds both from ``--seed`` at the start and draws alike, so the main rank's
+  state is every rank's); ``trainer_state.json``: format, step, the
   options fingerprint, kind, world size, ZeRO stage and the full shapes of the trainable
   parameters.
 
@@ -169,11 +171,26 @@ def _trainable_shapes(model) -> dict:
     return {n: list(param_shape(p)) for n, p in named_trainable(model)}
 
 
-def _finish_partial(partial: Path, st_dir: Path, meta: dict) -> None:
+def _rng_tensors(device: torch.device) -> dict:
+    """The RNG states a resumed run restores: torch's CPU generator, and on GPU ``device``'s."""
+    t = {"torch_rng": torch.get_rng_state()}
+    if device.type == "cuda":
+        t["cuda_rng"] = torch.cuda.get_rng_state(device)
+    return t
+
+
+def _restore_rng(state: dict) -> None:
+    """Set the RNG states :func:`_rng_tensors` saved (the CUDA one on this rank's current device)."""
+    torch.set_rng_state(state["rng"])
+    if state.get("cuda_rng") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda_rng"], torch.cuda.current_device())
+
+
+def _finish_partial(partial: Path, st_dir: Path, meta: dict, device: torch.device = torch.device("cpu")) -> None:
     """Main rank: add the RNG and ``trainer_state.json`` to the written partial state; swap it in."""
     import safetensors.torch
 
-    safetensors.torch.save_file({"torch_rng": torch.get_rng_state()}, str(partial / "rng.safetensors"))
+    safetensors.torch.save_file(_rng_tensors(device), str(partial / "rng.safetensors"))
     # every file of the state (all ranks' partitions are written by now) with its size: a resume
     # checks them first and names a missing or truncated one (see _check_files)
     meta = dict(meta, files={str(f.relative_to(partial)): f.stat().st_size
@@ -208,7 +225,7 @@ def save_state(engine, kind: str, dist: DistInfo, work: Path, step: int, opts: T
                 "kind": kind, "world_size": dist.world_size, "zero_stage": int(engine.zero_optimization_stage()),
                 "trainable": _trainable_shapes(engine.module)}
         try:
-            _finish_partial(partial, work / STATE_TAG, meta)
+            _finish_partial(partial, work / STATE_TAG, meta, dist.device)
         except Exception as exc:
             error = exc
     failed, = all_reduce_sum([float(error is not None)], dist.device)
@@ -248,7 +265,7 @@ def _check_files(st_dir: Path, meta: dict) -> None:
 
 def load_engine_state(engine, work: Path, state: dict) -> None:
     """Load a saved state into a freshly initialised ``engine`` (every rank its own partition:
-    weights, fp32 masters, Adam moments and step) and restore the torch RNG. A file DeepSpeed
+    weights, fp32 masters, Adam moments and step) and restore the RNG states. A file DeepSpeed
     cannot read (damage :func:`_check_files` could not see) raises TrainingError naming it."""
     try:
         path, _ = engine.load_checkpoint(str(work), tag=STATE_TAG, load_module_strict=False,
@@ -261,7 +278,7 @@ def load_engine_state(engine, work: Path, state: dict) -> None:
     if path is None:
         raise TrainingError(f"cannot resume: DeepSpeed found no checkpoint in {str(work / STATE_TAG)!r}; "
                             "pass --restart to start over")
-    torch.set_rng_state(state["rng"])
+    _restore_rng(state)
 
 
 def _read_state(st_dir: Path) -> dict:
@@ -273,18 +290,19 @@ def _read_state(st_dir: Path) -> dict:
             raise TrainingError(f"cannot resume: {str(st_dir)!r} has format {meta.get('format')!r}, expected "
                                 f"{STATE_FORMAT!r}; pass --restart to start over")
         _check_files(st_dir, meta)
-        rng = load_file(str(st_dir / "rng.safetensors"))["torch_rng"]
+        rngs = load_file(str(st_dir / "rng.safetensors"))
+        rng, cuda_rng = rngs["torch_rng"], rngs.get("cuda_rng")
     except TrainingError:
         raise
     except Exception as exc:
         raise TrainingError(f"cannot resume: the saved state in {str(st_dir)!r} is unreadable ({exc}); "
                             f"pass --restart to start over") from exc
-    return {"meta": meta, "rng": rng}
+    return {"meta": meta, "rng": rng, "cuda_rng": cuda_rng}
 
 
 def load_state(work: Path, kind: str, model, opts: TrainOptions, world_size: int = 1,
                zero_stage: Optional[int] = None, inputs: Optional[dict] = None) -> Optional[dict]:
-    """The saved state of ``work`` (``{"meta", "rng"}``; the engine's part is loaded later by
+    """The saved state of ``work`` (``{"meta", "rng", "cuda_rng"}``; the engine's part is loaded later by
     :func:`load_engine_state`), None when there is none.
 
     Raises TrainingError when it is unreadable or does not fit this run (kind, options

@@ -431,6 +431,9 @@ def _setup(spec: RunSpec, opts: TrainOptions) -> _Run:
     out = Path(spec.out).resolve()
     work = out.with_name(out.name + ".inprogress")
     dist = init_distributed(opts.device)
+    # The run's own random stream (dropout and the like; CPU and every CUDA device): from --seed, the
+    # same on every rank, and a resumed run continues the saved one (load_engine_state).
+    torch.manual_seed(opts.seed)
     use_bf16 = dist.device.type == "cuda" and opts.dtype != "fp32" and torch.cuda.is_bf16_supported()
     if opts.dtype == "bf16" and dist.device.type != "cuda":
         raise TrainingError("--dtype bf16 is for CUDA; CPU training runs in fp32")
