@@ -76,15 +76,21 @@ def test_resume_refuses_other_data(two_inputs, tmp_path, capsys):
 
 def test_resume_refuses_other_public_and_name(two_inputs, tmp_path, capsys):
     """train-expert paused on --public A (--name x) does not continue on a public model B of
-    the same shapes, nor under another --name."""
+    the same shapes, nor under another --name or --router-init."""
+    from safetensors.torch import save_file
+
     root = two_inputs
+    for i in (1, 2):  # two router inits of the right width
+        save_file({"router_embedding": torch.randn(32)}, str(tmp_path / f"r{i}.safetensors"))
     args = ["train-expert", "--public", root / "pub_a", "--data", root / "data", "--name", "x", "--steps", "3",
-            "--out", tmp_path / "part", *fast_flags(eval_batches=1)]
+            "--router-init", tmp_path / "r1.safetensors", "--out", tmp_path / "part", *fast_flags(eval_batches=1)]
     assert run_cli(args + ["--max-steps-this-run", "1"]) == 0
     capsys.readouterr()
     _refused(capsys, _swap(args, "--public", root / "pub_b"), "--public", root / "pub_a", root / "pub_b",
              "--restart")
     _refused(capsys, _swap(args, "--name", "y"), "--name", "'x'", "'y'", "--restart")
+    _refused(capsys, _swap(args, "--router-init", tmp_path / "r2.safetensors"), "--router-init",
+             tmp_path / "r1.safetensors", tmp_path / "r2.safetensors", "--restart")
     assert run_cli(args) == 0  # the same inputs resume
     run = json.loads((tmp_path / "part" / "run.json").read_text())
     assert run["resumed_from_step"] == 1 and run["expert_name"] == "x"

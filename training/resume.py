@@ -110,7 +110,7 @@ def files_identity(root, names) -> dict:
     root = Path(root).resolve()
     h = hashlib.sha256()
     if names is None:
-        _hash_file(h, root, root.name)
+        _hash_file(h, root, "")  # content only: the same file under another name is the same input
     else:
         for n in sorted(names):
             _hash_file(h, root / n, n)
