@@ -469,21 +469,40 @@ class _Slice(io.RawIOBase):
         return got
 
 
+def _bad_crc_member(zip_file) -> Optional[str]:
+    """The first member of the zip archive ``zip_file`` (a path or a seekable file) whose bytes do
+    not match its CRC-32, or None. Reads each member once, in 1 MiB chunks. Only stored members are
+    read (``torch.save`` stores, never compresses): a compressed one, which could inflate without
+    bound, is left to ``torch.load``. Raises ``zipfile.BadZipFile`` for a damaged archive."""
+    import zipfile
+
+    with zipfile.ZipFile(zip_file) as z:
+        for info in z.infolist():
+            if info.compress_type != zipfile.ZIP_STORED:
+                continue
+            try:
+                with z.open(info) as member:
+                    while member.read(1 << 20):
+                        pass
+            except zipfile.BadZipFile as exc:
+                if "CRC" in str(exc):
+                    return info.filename
+                raise
+    return None
+
+
 def _check_dcp_slice_crcs(file: str, slices: list[tuple[Any, str]]) -> None:
     """``CheckpointError`` naming ``file``, the tensor and the zip member when a tensor slice of a
     DCP file (``(_StorageInfo, fully qualified name)`` pairs; each slice is a ``torch.save`` zip archive)
     fails its CRC-32 check: ``torch.load`` does not check them. One read of the slices, in chunks.
     Slices stored through a transform (compression) or not in torch's zip format are left to torch."""
-    import zipfile
-
     with open(file, "rb") as fh:
         for info, fqn in slices:
             view = _Slice(fh, info.offset, info.length)
             if getattr(info, "transform_descriptors", None) or view.read(4) != b"PK\x03\x04":
                 continue  # compressed, or not a zip archive (torch.load's own test): left to torch.load
             try:
-                with zipfile.ZipFile(view) as z:
-                    bad = z.testzip()
+                bad = _bad_crc_member(view)
             except Exception as exc:  # BadZipFile, ...: not an intact zip archive
                 raise CheckpointError(f"{file!r}: the bytes of tensor {fqn!r} are damaged ({_why(exc)})") from exc
             if bad is not None:
@@ -545,16 +564,15 @@ def _read_dcp(directory: str) -> dict[str, torch.Tensor]:
 def _check_zip_crcs(file: str) -> None:
     """``CheckpointError`` naming ``file`` and the member whose CRC-32 does not match its bytes:
     ``torch.load`` does not check them, so a flipped byte would load silently. Reads the archive
-    once, in chunks (``zipfile.testzip``). A file that is not a zip archive (torch's legacy format,
-    or junk) is left to ``torch.load``."""
+    once, in chunks (:func:`_bad_crc_member`). A file that is not a zip archive (torch's legacy
+    format, or junk) is left to ``torch.load``."""
     import zipfile
 
     if not zipfile.is_zipfile(file):
         return
     try:
-        with zipfile.ZipFile(file) as z:
-            bad = z.testzip()
-    except Exception as exc:  # BadZipFile, zlib.error, EOFError, ...: whatever a damaged archive raises
+        bad = _bad_crc_member(file)
+    except Exception as exc:  # BadZipFile, EOFError, ...: whatever a damaged archive raises
         raise CheckpointError(f"{file!r}: damaged zip archive ({_why(exc)}); copy it again") from exc
     if bad is not None:
         raise CheckpointError(f"{file!r}: member {bad!r} fails its CRC-32 check (the file is damaged: a changed "
