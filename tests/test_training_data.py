@@ -160,3 +160,56 @@ def test_sampler_deterministic_and_rank_slices(corpus, tmp_path, seed):
     assert w.shape[1] == 17 and 1 <= w.shape[0] <= 3
     with pytest.raises(DataError, match="seq_len"):
         BatchSampler([data], seq_len=10**7, micro_batch_size=1, grad_accum=1, world_size=1, seed=0)
+
+
+@pytest.mark.parametrize("line,what", [
+    ('{"text": 5}', "is a number (5)"),
+    ('{"text": null}', "is null"),
+    ('{"text": ["a", "b"]}', "is a list"),
+    ('{"text": {"a": 1}}', "is an object"),
+    ('{"text": true}', "is a boolean (true)"),
+    ('["text", "x"]', "not a JSON object"),
+    ('{"txt": "x"}', 'no "text" field'),
+    ("not json", "not valid JSON"),
+])
+def test_a_bad_jsonl_line_is_an_error_naming_file_line_and_what_is_wrong(tmp_path, capsys, line, what):
+    """Issue 21 item 13: every bad line of a *.jsonl file is an error naming file:line and what is wrong
+    (``{"text": 5}`` used to be skipped without a word); nothing is written."""
+    src = tmp_path / "text"
+    (src / "sub").mkdir(parents=True)
+    (src / "a.txt").write_text("a document\n")
+    (src / "sub" / "x.jsonl").write_text('{"text": "fine"}\n\n' + line + '\n{"text": "later"}\n')
+    assert run_cli(["prepare-data", "--input", src, "--out", tmp_path / "out", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"flexmoe: error: --input: {src / 'sub' / 'x.jsonl'}:3: ") and "\n" not in err, err
+    assert what in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["text"]
+
+
+def test_empty_jsonl_texts_are_skipped_like_empty_files(tmp_path, capsys):
+    """An empty or blank "text" is an empty document, skipped as an empty *.txt file is (documented)."""
+    src = tmp_path / "text"
+    src.mkdir()
+    (src / "x.jsonl").write_text('{"text": "one"}\n{"text": ""}\n{"text": "  \\n "}\n{"text": "two"}\n')
+    (src / "empty.txt").write_text("\n")
+    assert run_cli(["prepare-data", "--input", src, "--out", tmp_path / "data", "--val-fraction", "0",
+                    "--no-progress"]) == 0
+    assert json.loads((tmp_path / "data" / "meta.json").read_text())["train_docs"] == 2
+
+
+def test_an_out_under_a_regular_file_names_the_flag_and_the_file(tmp_path, capsys):
+    """Issue 21 item 13: ``--out FILE/sub`` (FILE a regular file) used to say only "[Errno 17] File exists"."""
+    src = tmp_path / "text"
+    src.mkdir()
+    (src / "a.txt").write_text("a document\n")
+    blocker = tmp_path / "FILE"
+    blocker.write_text("keep me\n")
+    for out in (blocker / "sub", blocker / "sub" / "deeper"):
+        assert run_cli(["prepare-data", "--input", src, "--out", out, "--no-progress"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"flexmoe: error: --out {str(out)!r}: {str(blocker)!r} is a file") and "\n" not in err
+        assert "a file is in the way" in err, err
+    assert run_cli(["prepare-data", "--input", src, "--out", blocker, "--overwrite", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"flexmoe: error: --out {str(blocker)!r} is an existing file, not a directory"), err
+    assert blocker.read_text() == "keep me\n"

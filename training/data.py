@@ -16,7 +16,10 @@ Documents are the ``*.txt`` / ``*.md`` / ``*.text`` files under the input direct
 document each) and the lines of ``*.jsonl`` files (field ``"text"``), read in sorted path order.
 Files are decoded as UTF-8; undecodable bytes (e.g. Latin-1 text) become U+FFFD, counted per
 file, warned about on stderr and recorded in ``meta.json`` (``replaced_bytes``); files holding
-a NUL byte are binary and skipped with a message (``skipped_binary``).
+a NUL byte are binary and skipped with a message (``skipped_binary``). Blank lines of a
+``*.jsonl`` file and empty (or blank) documents are skipped; a line that is not a JSON object
+with a ``"text"`` string (bad JSON, no ``"text"``, ``{"text": 5}``, ``null``, a list) is an error
+naming the file and the line (:class:`DocumentError`): the input is refused, nothing is written.
 A document goes to the held-out split when the first 8 bytes of the SHA-256 of its UTF-8 text,
 read as an integer, fall below ``val_fraction * 2**64``: the split depends only on the text.
 
@@ -56,6 +59,7 @@ __all__ = [
     "eval_windows",
     "read_documents",
     "DataError",
+    "DocumentError",
 ]
 
 FORMAT = "flexmoe-tokens-v1"
@@ -191,15 +195,40 @@ def _notice(msg: str) -> None:
     print(f"prepare-data: {msg}", file=sys.stderr, flush=True)
 
 
-def _jsonl_documents(rel: str, text: str) -> Iterator[tuple[str, str]]:
+class DocumentError(DataError):
+    """A line of a ``*.jsonl`` input file is not a JSON object with a ``"text"`` string (the message
+    names the file and the line)."""
+
+
+def _json_kind(v) -> str:
+    if v is None:
+        return "null"
+    if isinstance(v, bool) or isinstance(v, (int, float)):
+        return f"a {'boolean' if isinstance(v, bool) else 'number'} ({json.dumps(v)})"
+    return {list: "a list", dict: "an object"}.get(type(v), f"a {type(v).__name__}")
+
+
+def _jsonl_documents(rel: str, text: str, path: str | os.PathLike | None = None) -> Iterator[tuple[str, str]]:
+    """The documents of one ``*.jsonl`` file: ``(rel:line, text)``. Blank lines and empty or blank
+    ``"text"`` strings are skipped (as empty ``*.txt`` files are); any other bad line is a
+    :class:`DocumentError` naming ``path`` (default ``rel``), the line and what is wrong."""
+    fix = 'each line of a *.jsonl file must be a JSON object with a "text" string: fix or remove the line'
     for i, line in enumerate(io.StringIO(text, newline=None)):  # the lines a text-mode open() gives
         if not line.strip():
             continue
+        where = f"{os.fspath(path) if path is not None else rel}:{i + 1}"
         try:
-            doc = json.loads(line)["text"]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise DataError(f"{rel}:{i + 1}: expected a JSON object with a \"text\" field ({exc})") from exc
-        if isinstance(doc, str) and doc.strip():
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DocumentError(f"{where}: not valid JSON ({exc}); {fix}") from exc
+        if not isinstance(obj, dict):
+            raise DocumentError(f"{where}: not a JSON object but {_json_kind(obj)}; {fix}")
+        if "text" not in obj:
+            raise DocumentError(f"{where}: no \"text\" field (fields: {', '.join(sorted(obj)[:8]) or 'none'}); {fix}")
+        doc = obj["text"]
+        if not isinstance(doc, str):
+            raise DocumentError(f"{where}: \"text\" is {_json_kind(doc)}, not a string; {fix}")
+        if doc.strip():
             yield f"{rel}:{i + 1}", doc
 
 
@@ -209,7 +238,8 @@ def iter_documents(input_dir: str | os.PathLike, report: Optional[dict] = None) 
     A file with a NUL byte is binary: skipped, with a message on stderr. Undecodable bytes
     become U+FFFD; a file that had any gets one warning on stderr naming it and the count.
     ``report`` (optional dict) receives ``"replaced_bytes"`` ({file: count}) and
-    ``"skipped_binary"`` ([file, ...]), files relative to ``input_dir``.
+    ``"skipped_binary"`` ([file, ...]), files relative to ``input_dir``. A bad ``*.jsonl`` line
+    raises :class:`DocumentError` naming the file and the line (see the module docstring).
     """
     root = Path(input_dir)
     if not root.is_dir():
@@ -230,7 +260,7 @@ def iter_documents(input_dir: str | os.PathLike, report: Optional[dict] = None) 
             _notice(f"warning: {rel}: {n_bad} undecodable byte(s) replaced with U+FFFD (not UTF-8; "
                     f"convert it, e.g. iconv -f latin1 -t utf-8)")
         if path.suffix == ".jsonl":
-            yield from _jsonl_documents(rel, text)
+            yield from _jsonl_documents(rel, text, path)
         elif text.strip():
             yield rel, text
 

@@ -8,7 +8,9 @@ def register(sub) -> None:
     """Add this subcommand and its flags to ``sub`` (an argparse subparsers object)."""
     p = add_command(sub, "prepare-data", cmd_prepare_data, help="tokenise a text directory into a data directory",
                     description="Tokenise every *.txt/*.md/*.text file (one document each) and every line of "
-                                "*.jsonl files (field \"text\") under --input into --out: train.bin, val.bin "
+                                "*.jsonl files (field \"text\", a string; a line that is not a JSON object "
+                                "with a \"text\" string is an error naming the file and line, blank lines and "
+                                "empty texts are skipped) under --input into --out: train.bin, val.bin "
                                 "(memory-mapped token ids, documents separated by EOS) and meta.json. The "
                                 "held-out split is chosen by a hash of each document's text.")
     require(p, "--input", help="directory of text documents")
@@ -22,12 +24,15 @@ def register(sub) -> None:
 
 @guard
 def cmd_prepare_data(args) -> int:
-    from ..data import ByteTokenizer, TokenizersTokenizer, prepare_data
+    from ..data import ByteTokenizer, DataError, DocumentError, TokenizersTokenizer, prepare_data
 
     check_output(args.out, [("--input", args.input), ("--tokenizer", args.tokenizer)])
     tok = TokenizersTokenizer(args.tokenizer, args.eos_token) if args.tokenizer else ByteTokenizer()
-    meta = prepare_data(args.input, args.out, tokenizer=tok, val_fraction=args.val_fraction,
-                        overwrite=args.overwrite, progress=args.progress)
+    try:
+        meta = prepare_data(args.input, args.out, tokenizer=tok, val_fraction=args.val_fraction,
+                            overwrite=args.overwrite, progress=args.progress)
+    except DocumentError as exc:
+        raise DataError(f"--input: {exc}") from exc
     print(f"prepare-data: {meta['train_docs']} train docs ({meta['train_tokens']} tokens), {meta['val_docs']} held-out "
           f"docs ({meta['val_tokens']} tokens), vocab {meta['vocab_size']} -> {args.out}")
     return 0
