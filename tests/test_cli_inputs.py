@@ -138,3 +138,29 @@ def test_an_output_that_is_contains_or_lies_inside_an_input_is_refused(template,
     assert f"input {flag} " in err and name in err, err
     assert _snapshot(w) == before, "an input was changed"
     assert sorted(os.listdir(tmp_path)) == ["in"], "something was written beside the inputs"
+
+
+@pytest.mark.parametrize("argv", [
+    "prepare-data --input {w}/text --out {w}/FILE/sub --no-progress",
+    "train-public --data {w}/data --out {w}/FILE/sub",
+    "train-expert --public {w}/pub --data {w}/data --name x --out {w}/FILE/sub",
+    "merge --public {w}/pub --owner {w}/owner --out {w}/FILE/sub/deeper",
+    "init-router --public {w}/pub --data {w}/data --out {w}/FILE/r.safetensors",
+    "tune-router --model {w}/owner --data {w}/data --out {w}/FILE/sub",
+    "convert --to olmo-core --input {w}/pub --out {w}/FILE/sub",
+], ids=lambda a: a.split()[0])
+def test_an_output_under_a_regular_file_names_the_flag_and_the_file(template, tmp_path, capsys, argv):
+    """Issue 21 item 13, for every command: a regular file where a directory of --out must be."""
+    w = tmp_path / "in"
+    shutil.copytree(template, w, symlinks=True)
+    (w / "FILE").write_text("keep me\n")
+    before = _snapshot(w)
+    args = argv.format(w=w).split()
+    if args[0] in TRAINING:
+        args += FAST
+    capsys.readouterr()
+    assert run_cli(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"flexmoe: error: --out '{w}/FILE/") and f"'{w}/FILE' is a file" in err, err
+    assert "a file is in the way" in err and "\n" not in err, err
+    assert _snapshot(w) == before
