@@ -124,6 +124,8 @@ def test_patching_or_unpatching_an_inner_module_is_refused():
     apply_flexmoe(inner_first.model, backend="torch")
     with pytest.raises(ValueError, match=r"'model' \(FlexOlmoModel\) is already patched.*remove_flexmoe"):
         apply_flexmoe(inner_first)
+    with pytest.raises(ValueError, match=r"'model' \(FlexOlmoModel\) is already patched.*remove_flexmoe\(model.model\) instead"):
+        remove_flexmoe(inner_first)
     # the inner patch still honours an opt-out passed through the parent's forward
     torch.testing.assert_close(inner_first(ids, allowed_experts=keep).logits, want, atol=1e-5, rtol=1e-5)
     # unpatching the parent, then patching the inner model is fine

@@ -323,10 +323,12 @@ def _refuse_nested(model: torch.nn.Module, blocks: list, action: str) -> None:
     desc = _patched_descendant(model)
     if desc is not None:
         name, sub = desc
+        what = ("patching both levels would leave one of them without the opt-out. Call "
+                f"remove_flexmoe(model.{name}) first, or keep using the {type(sub).__name__}"
+                if action == "apply_flexmoe" else f"call remove_flexmoe(model.{name}) instead")
         raise ValueError(
             f"{action}: {name!r} ({type(sub).__name__}) is already patched by apply_flexmoe inside this "
-            f"{type(model).__name__}: patching both levels would leave one of them without the opt-out. "
-            f"Call remove_flexmoe(model.{name}) first, or keep using the {type(sub).__name__}"
+            f"{type(model).__name__}: {what}"
         )
     other = next((b.__dict__["_flexmoe_state"] for b in blocks
                   if b.__dict__.get("_flexmoe_state") is not None and b.__dict__["_flexmoe_state"] is not own), None)
