@@ -255,8 +255,8 @@ def test_checkpointing_trainer_style_step():
     runs = []
     for checkpointing in (False, True):
         model = apply_flexmoe(copy.deepcopy(ref), backend="torch").train()
-        if checkpointing:
-            model.gradient_checkpointing_enable()
+        if checkpointing:  # transformers 5's name (Trainer calls it), else the older one
+            getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         gen = torch.Generator().manual_seed(7)
         for _ in range(2):

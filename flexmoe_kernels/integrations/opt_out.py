@@ -96,13 +96,16 @@ class OptOutState:
         default is now: an activation-checkpointed call's recomputation in backward routes by
         the mask of its own forward. Restored after."""
         saved = self.snapshot()
-        self.activate(*snapshot)
+        changed = snapshot[0] is not saved[0] or snapshot[1] != saved[1]
+        if changed:  # (unchanged, in the forward itself: the call's checked mask stays cached)
+            self.activate(*snapshot)
         self._replaying += 1
         try:
             yield
         finally:
             self._replaying -= 1
-            self.activate(*saved)
+            if changed:
+                self.activate(*saved)
 
     def per_sequence_mask(self, spec: AllowedExperts, batch: Optional[int]) -> AllowedExperts:
         """``spec`` in the form ``generate`` keeps for a whole generation, checked here once:
