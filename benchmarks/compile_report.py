@@ -42,6 +42,15 @@ How each column is derived (and how precise it is):
 * ``smem_bytes``: Triton's ``metadata.shared``, the dynamic shared memory a launch requests;
   ``fits`` = ``smem_bytes`` <= the architecture's per-block limit (227 KB on sm_90).
 * ``grid``: programs launched (from the worst-case static grids: tiles of unused experts exit).
+* ``wgmma_serialized``: ptxas reported C7515 ("wgmma.mma_async instructions are serialized"),
+  or the SASS waits for every ``HGMMA`` alone (a full ``WARPGROUP.DEPBAR.LE gsb0, 0x0`` after
+  each, before the next HGMMA): no two wgmma overlap. ``wgmma_serialized_by`` (JSON) names the
+  evidence ("ptxas C7515", "sass"). False for a pipelined loop and for kernels without wgmma.
+* ``device_descriptors`` (JSON; per program): TMA descriptors a program makes on the device
+  (``tl.make_tensor_descriptor`` ops in the TTIR: each ~15 ``tensormap.replace``, a 128-byte
+  copy to global memory and a fence); ``dev_desc_launch`` = that x ``grid`` (an upper bound:
+  the kernels make them after the dead-tile exit, so programs of unused tiles make none);
+  ``host_desc`` = ``TensorDescriptor`` arguments of the launch (made once on the host).
 """
 from __future__ import annotations
 
@@ -130,7 +139,7 @@ def build_report(preset_name: str, tokens: int, arch: str, dtype_name: str = "bf
     import torch
     import triton
 
-    from benchmarks.kernel_compile import find_ptxas, library_configs, record_layer
+    from benchmarks.kernel_compile import find_ptxas, host_descriptors, library_configs, record_layer
     from benchmarks.presets import LAYER_PRESETS
     from flexmoe_kernels.ops.triton.backend import default_deterministic
 
@@ -157,10 +166,13 @@ def build_report(preset_name: str, tokens: int, arch: str, dtype_name: str = "bf
     for launch, res in zip(launches, results):
         role = next(dw_roles, "dw") if launch.name == "_grouped_dw_kernel" else _role(launch)
         row = dict(kernel=launch.name, role=role, phase=launch.phase, config=_config_text(launch),
-                   grid=int(_prod(launch.grid)), preset=preset_name, tokens=tokens, arch=arch, dtype=dtype_name)
+                   grid=int(_prod(launch.grid)), preset=preset_name, tokens=tokens, arch=arch, dtype=dtype_name,
+                   host_desc=host_descriptors(launch))
         row.update(res)
         if "smem_bytes" in row:
             row["fits"] = row["smem_bytes"] <= smem_limit
+        if "device_descriptors" in row:
+            row["dev_desc_launch"] = row["device_descriptors"] * row["grid"]
         rows.append(row)
     return header, rows
 
@@ -174,7 +186,7 @@ def _prod(values) -> int:
 
 _COLUMNS = [("phase", 5), ("role", 13), ("kernel", 26), ("config", 24), ("grid", 8), ("mma", 8),
             ("mma_n", 5), ("tma", 5), ("buffers", 7), ("registers", 9), ("spill_bytes", 11),
-            ("smem_bytes", 10), ("fits", 5)]
+            ("smem_bytes", 10), ("fits", 5), ("wgmma_serialized", 16), ("host_desc", 9), ("dev_desc_launch", 15)]
 
 
 def format_report(header: dict, rows: list[dict]) -> str:

@@ -32,7 +32,8 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 __all__ = ["Launch", "LaunchRecorder", "compile_env", "library_configs", "record_layer", "launch_key",
-           "compile_launch", "find_ptxas", "ptxas_usage", "read_kernel", "GEMM_KERNELS"]
+           "compile_launch", "find_ptxas", "ptxas_usage", "read_kernel", "GEMM_KERNELS", "sass_wgmma_serialized",
+           "device_descriptors", "host_descriptors"]
 
 # The kernels whose main loop is a tl.dot over a K dimension (the grouped GEMMs).
 GEMM_KERNELS = ("_up_swiglu_kernel", "_up_interleaved_kernel", "_dh_swiglu_bwd_kernel", "_tile_gemm_scatter_kernel",
@@ -175,6 +176,16 @@ def _bind(launch: Launch, capability: int):
     return compiler.ASTSource(fn, sig, consts, attrs), target, options, key
 
 
+def host_descriptors(launch: Launch) -> int:
+    """Host-side TMA descriptors (``triton.tools.tensor_descriptor.TensorDescriptor`` arguments)
+    the launch passes: made once per launch on the host, no device work per program."""
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+    except ImportError:
+        return 0
+    return sum(isinstance(v, TensorDescriptor) for v in list(launch.args) + list(launch.kwargs.values()))
+
+
 def launch_key(launch: Launch, capability: int) -> tuple:
     """Identifies the compiled variant of ``launch``: equal keys compile to the same kernel."""
     return _bind(launch, capability)[3]
@@ -239,12 +250,33 @@ def ptxas_usage(ptx: str, ptxas: str, arch: str, fp_fusion: bool = True) -> dict
     log = r.stdout + r.stderr
     num = lambda pat: int(m.group(1)) if (m := re.search(pat, log)) else 0  # noqa: E731
     return dict(registers=num(r"Used (\d+) registers"), spill_store_bytes=num(r"(\d+) bytes spill stores"),
-                spill_load_bytes=num(r"(\d+) bytes spill loads"), stack_bytes=num(r"(\d+) bytes stack frame"))
+                spill_load_bytes=num(r"(\d+) bytes spill loads"), stack_bytes=num(r"(\d+) bytes stack frame"),
+                c7515=bool(re.search(r"\(C7515\)|wgmma\.mma_async instructions are serialized", log)))
+
+
+def sass_wgmma_serialized(sass: str) -> bool:
+    """True when every ``HGMMA`` of the SASS is followed (before the next HGMMA) by a full wait
+    ``WARPGROUP.DEPBAR.LE gsb0, 0x0``: each wgmma waits for itself, none overlaps the next (what
+    ptxas does when it reports C7515). A pipelined loop issues several HGMMAs per wait group
+    and waits with ``0x1`` or more. False without HGMMA."""
+    seen, serialized = 0, True
+    pending = False  # an HGMMA not yet followed by a full wait
+    for line in sass.splitlines():
+        if re.search(r"\bHGMMA\.", line):
+            if pending:
+                serialized = False
+            seen += 1
+            pending = True
+        elif pending and re.search(r"WARPGROUP\.DEPBAR\.LE\s+gsb0,\s*0x0\b", line):
+            pending = False
+    if pending:
+        serialized = False
+    return bool(seen) and serialized
 
 
 def _sass_mma(cubin: bytes) -> Optional[dict]:
-    """Counts of HGMMA / HMMA / UTMALDG (TMA load) instructions in the cubin's SASS (None
-    without cuobjdump)."""
+    """Counts of HGMMA / HMMA / UTMALDG (TMA load) instructions in the cubin's SASS and
+    ``wgmma_serialized`` (:func:`sass_wgmma_serialized`) (None without cuobjdump)."""
     try:
         from triton import knobs
 
@@ -261,7 +293,20 @@ def _sass_mma(cubin: bytes) -> Optional[dict]:
     finally:
         os.remove(path)
     return {"HGMMA": len(re.findall(r"\bHGMMA\.", sass)), "HMMA": len(re.findall(r"\bHMMA\.", sass)),
-            "UTMALDG": len(re.findall(r"\bUTMALDG\b", sass))}
+            "UTMALDG": len(re.findall(r"\bUTMALDG\b", sass)), "wgmma_serialized": sass_wgmma_serialized(sass)}
+
+
+def device_descriptors(compiled) -> int:
+    """Device-side TMA descriptors a program of ``compiled`` makes (``tl.make_tensor_descriptor``:
+    each is ~15 ``tensormap.replace``, a 128-byte copy to global memory and a fence): the
+    ``tt.make_tensor_descriptor`` ops of the TTIR (``ttng.tensormap_create`` in the TTGIR if
+    more). A static count: each is made once per program that reaches it (the kernels make
+    them after the dead-tile exit, outside the persistent tile loop). Host-side descriptors
+    (``TensorDescriptor`` arguments) are not counted here."""
+    ttir = compiled.asm.get("ttir", "") or ""
+    ttgir = compiled.asm.get("ttgir", "") or ""
+    return max(len(re.findall(r"\btt\.make_tensor_descriptor\b", ttir)),
+               len(re.findall(r"\bttng\.tensormap_create\b", ttgir)))
 
 
 def _buffers(ttgir: str) -> int:
@@ -282,7 +327,10 @@ def read_kernel(compiled, ptxas: Optional[str]) -> dict:
     several), ``tma`` (``cp.async.bulk.tensor`` in the PTX or ``UTMALDG`` in the SASS), ``buffers`` (see
     :func:`_buffers`), ``smem_bytes`` (Triton's ``metadata.shared``: the dynamic shared memory
     a launch requests), ``num_stages`` (as compiled), ``registers`` / ``spill_bytes`` (stores
-    + loads) / ``stack_bytes`` from ``ptxas -v``, ``sass_mma`` (HGMMA / HMMA counts)."""
+    + loads) / ``stack_bytes`` from ``ptxas -v``, ``sass_mma`` (HGMMA / HMMA counts),
+    ``wgmma_serialized`` (ptxas reported C7515 "wgmma.mma_async instructions are serialized",
+    or the SASS waits for every HGMMA alone: :func:`sass_wgmma_serialized`; which of the two:
+    ``wgmma_serialized_by``), ``device_descriptors`` (:func:`device_descriptors`, per program)."""
     ptx, ttgir, md = compiled.asm["ptx"], compiled.asm["ttgir"], compiled.metadata
     sass = _sass_mma(compiled.asm["cubin"])
     wgmma_n = [int(n) for n in re.findall(r"wgmma\.mma_async[.\w]*?\.m64n(\d+)k\d+", ptx)]
@@ -296,11 +344,15 @@ def read_kernel(compiled, ptxas: Optional[str]) -> dict:
                mma_n=max(wgmma_n) if wgmma_n else None,
                tma="cp.async.bulk.tensor" in ptx or bool(sass and sass["UTMALDG"]),
                buffers=_buffers(ttgir), smem_bytes=int(md.shared), num_stages=int(md.num_stages),
-               sass_mma=sass)
+               sass_mma=sass, device_descriptors=device_descriptors(compiled))
+    by = ["sass"] if sass and sass["wgmma_serialized"] else []
     if ptxas:
         usage = ptxas_usage(ptx, ptxas, _arch_of(ptx), md.enable_fp_fusion)
         row.update(registers=usage["registers"], stack_bytes=usage["stack_bytes"],
                    spill_bytes=usage["spill_store_bytes"] + usage["spill_load_bytes"])
+        if usage["c7515"]:
+            by.insert(0, "ptxas C7515")
+    row.update(wgmma_serialized=bool(by), wgmma_serialized_by=", ".join(by) or None)
     return row
 
 

@@ -10,6 +10,10 @@ once per preset in a subprocess (module-scoped fixture; the subprocess has no
   kernel since it prefetches its pair ids a k-step ahead: issue 13 item 3), the forward GEMMs
   (and dX) read their weights through TMA descriptors with a 4-deep ring (issue 13 item 1),
   no kernel spills (routing and combine included).
+* issue 22 (kernels v3): no GEMM's wgmma is serialised (``wgmma_serialized``: ptxas C7515 or a
+  full wait after every HGMMA; both dW kernels were, while their TMA-loaded operand was masked
+  in registers), and no GEMM makes a TMA descriptor on the device (``dev_desc_launch`` = 0:
+  the weights' and dW's descriptors come from the host, ``host_desc`` >= 1 per TMA GEMM).
 
 Skips with the reason when Triton's NVIDIA backend or a ptxas is missing.
 """
@@ -30,7 +34,8 @@ from benchmarks.kernel_compile import compile_env  # noqa: E402
 SMEM_LIMIT_SM90 = 232448  # 227 KB per block
 TARGETS = {"fine-grained": 32768, "flexolmo-7x7b": 16384}
 FIELDS = {"kernel": str, "phase": str, "gemm": bool, "mma": str, "tma": bool, "buffers": int,
-          "registers": int, "spill_bytes": int, "smem_bytes": int}
+          "registers": int, "spill_bytes": int, "smem_bytes": int, "wgmma_serialized": bool,
+          "device_descriptors": int, "dev_desc_launch": int, "host_desc": int}
 
 
 def _toolchain_or_skip() -> None:
@@ -124,6 +129,31 @@ def test_every_gemm_has_three_buffers(report):
     """Issue 13 items 3 and 8: every GEMM's operand ring is >= 3 deep (dW included)."""
     _, _, rows = report
     assert all(r["buffers"] >= 3 for r in _gemms(rows)), [(r["role"], r["buffers"]) for r in _gemms(rows)]
+
+
+def test_no_gemm_serialises_its_wgmma(report):
+    """Issue 22 item 1: every GEMM's wgmma are pipelined (no ptxas C7515, no full
+    ``WARPGROUP.DEPBAR`` after each HGMMA); the dW kernels read their TMA operand straight
+    from shared memory into the wgmma (4 buffers at 4 stages)."""
+    _, _, rows = report
+    bad = [(r["role"], r.get("wgmma_serialized_by")) for r in _gemms(rows) if r["wgmma_serialized"]]
+    assert not bad, bad
+    assert not any(r["wgmma_serialized"] for r in rows), rows
+    dw = [r for r in rows if r["role"] in ("dw_gate_up", "dw_down")]
+    assert len(dw) == 2 and all(r["tma"] and r["buffers"] >= 4 for r in dw), dw
+
+
+def test_no_device_side_descriptors(report):
+    """Issue 22 item 2: the default configuration makes no TMA descriptor on the device (each
+    was ~15 tensormap.replace + a global copy + a fence per program: 43,500 per fine-grained
+    forward layer); the TMA GEMMs get theirs from the host (up: gate and up views; down, dh,
+    dX: the weight; dW: its slot-ordered operand)."""
+    _, _, rows = report
+    assert all(r["device_descriptors"] == 0 and r["dev_desc_launch"] == 0 for r in rows), \
+        [(r["role"], r["device_descriptors"], r["dev_desc_launch"]) for r in rows]
+    want = {"up": 2, "bwd_up": 2, "down": 1, "bwd_dh": 1, "bwd_dx": 1, "dw_gate_up": 1, "dw_down": 1}
+    assert {r["role"]: r["host_desc"] for r in _gemms(rows)} == want, rows
+    assert all(r["host_desc"] == 0 for r in rows if not r["gemm"]), rows
 
 
 def test_no_kernel_spills(report):

@@ -50,15 +50,21 @@ print("total", n)
 """
 
 _GEMM_SCRIPT = r"""
+import os
 import torch
-from benchmarks.kernel_compile import GEMM_KERNELS, compile_launch, find_ptxas, library_configs, read_kernel, record_layer
+from benchmarks.kernel_compile import (GEMM_KERNELS, compile_launch, find_ptxas, host_descriptors, library_configs,
+                                       read_kernel, record_layer)
 
 ptxas, _ = find_ptxas(90)
 done = set()
-for (T, D, F, E, K, dtype, dets) in [(16384, 4096, 11008, 7, 5, torch.bfloat16, (True, False)),
-                                     (8, 4096, 11008, 7, 5, torch.bfloat16, (True,)),
-                                     (256, 4096, 11008, 7, 5, torch.float16, (True,)),
-                                     (4096, 512, 1024, 8, 2, torch.float32, (True,))]:
+for (T, D, F, E, K, dtype, dets, pin) in [(16384, 4096, 11008, 7, 5, torch.bfloat16, (True, False), ""),
+                                          (32768, 2048, 768, 128, 8, torch.bfloat16, (True,), ""),
+                                          (16384, 4096, 11008, 7, 5, torch.bfloat16, (True,), "host_desc=0"),
+                                          (32768, 2048, 768, 128, 8, torch.bfloat16, (True,), "host_desc=0"),
+                                          (8, 4096, 11008, 7, 5, torch.bfloat16, (True,), ""),
+                                          (256, 4096, 11008, 7, 5, torch.float16, (True,), ""),
+                                          (4096, 512, 1024, 8, 2, torch.float32, (True,), "")]:
+    os.environ["FLEXMOE_TRITON_CONFIG"] = pin
     cfgs = library_configs(T, D, F, E, K, dtype, "NVIDIA H100 80GB HBM3")
     for det in dets:
         launches = record_layer(T, D, F, E, K, dtype, cfgs, deterministic=det,
@@ -73,16 +79,27 @@ for (T, D, F, E, K, dtype, dets) in [(16384, 4096, 11008, 7, 5, torch.bfloat16, 
                 continue
             done.add(key)
             assert out.asm.get("cubin"), launch.name
-            what = (launch.name, T, D, F, E, K, str(dtype), kw.get("BLOCK_M"), kw.get("BLOCK_N"), kw.get("BLOCK_K"))
+            what = (launch.name, T, D, F, E, K, str(dtype), kw.get("BLOCK_M"), kw.get("BLOCK_N"), kw.get("BLOCK_K"),
+                    pin)
             assert out.metadata.shared <= 232448, (what, out.metadata.shared)
             ttgir = out.asm["ttgir"]
             if launch.name != "_combine_kernel":
                 assert "async_copy_global_to_local" in ttgir, ("GEMM loop not pipelined", what)
                 if kw["BLOCK_M"] >= 64 and dtype != torch.float32:
                     assert "warp_group_dot" in ttgir, ("no wgmma", what)
-            if ptxas and dtype != torch.float32:  # the tensor-core path must not touch local memory
+            if dtype != torch.float32:
                 usage = read_kernel(out, ptxas)
-                assert usage["spill_bytes"] == 0 and usage["stack_bytes"] == 0, ("register spills", what, usage)
+                if ptxas:  # the tensor-core path must not touch local memory
+                    assert usage["spill_bytes"] == 0 and usage["stack_bytes"] == 0, ("register spills", what, usage)
+                # issue 22: wgmma pipelined (no ptxas C7515 / full wait after each HGMMA), and the
+                # TMA descriptors from the host (none made on the device) unless host_desc=0
+                assert not usage["wgmma_serialized"], ("serialised wgmma", what, usage["wgmma_serialized_by"])
+                tma = kw.get("TMA", kw.get("A_TMA", False))
+                if tma and not pin:
+                    assert usage["device_descriptors"] == 0 and host_descriptors(launch) >= 1, (what, usage)
+                elif tma:  # host_desc=0: made on the device, one per weight view / dW operand
+                    want = 2 if launch.name == "_up_swiglu_kernel" else 1
+                    assert usage["device_descriptors"] == want and host_descriptors(launch) == 0, (what, usage)
             print("compiled", *what, "shared", out.metadata.shared, flush=True)
 """
 

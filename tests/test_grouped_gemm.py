@@ -199,15 +199,21 @@ def _dw_reference64(a, a_gather, b, b_gather, plan, trainable):
 
 @needs_triton
 @pytest.mark.parametrize("a_gather", [False, True])
-@pytest.mark.parametrize("block_k,tma", [(16, False), (32, False), (16, True), (32, True)])
-def test_triton_grouped_dw_multi_step_frozen_and_empty_experts(seed, monkeypatch, a_gather, block_k, tma):
+@pytest.mark.parametrize("block_k,tma,host", [(16, False, False), (32, False, False), (16, True, True),
+                                              (16, True, False), (32, True, True)])
+def test_triton_grouped_dw_multi_step_frozen_and_empty_experts(seed, monkeypatch, a_gather, block_k, tma, host):
     """The dW kernel alone (its pair ids are prefetched one k-step ahead): experts whose slot
     range takes several k-steps (and, at BLOCK_K 32, a partial last one), an expert with no
     pairs (exact zeros), a frozen expert whose slot-ordered rows are NaN (exact zeros, nothing
-    loaded), NaN in every padding / unused slot row of the slot-ordered operand (never used).
+    loaded), NaN in every unused slot row of the slot-ordered operand (never used) and, with
+    pointer loads, in its padding rows too (masked at the load).
     ``tma``: the slot-ordered operand through a TMA descriptor (as A, or as B by computing
-    dW^T): its blocks cover padding rows and, at an expert's end, would cover the next
-    expert's NaN rows; neither may reach the result."""
+    dW^T), not masked in registers (that serialised the wgmma): its padding rows are read and
+    must be finite (0, as the dh kernel writes them; the other operand is masked there);
+    ``host`` (``host_desc``): a host-side descriptor over all rows, used only where BLOCK_K
+    divides the schedule's block_m (16), so no k-step reaches past an expert's end; at BLOCK_K
+    32 the device-side one, whose row extent is the expert's end, so the k-step that covers
+    the next (frozen, NaN) expert's rows reads zeros."""
     T, E, K, R, C = 45, 5, 2, 24, 20
     logits = torch.randn(T, E, device=DEVICE)
     logits[:, 0] += 4.0  # expert 0 gets (nearly) every token: 3 tiles of 16 slots
@@ -223,13 +229,15 @@ def test_triton_grouped_dw_multi_step_frozen_and_empty_experts(seed, monkeypatch
     gathered = torch.randn(T, R if a_gather else C, device=DEVICE)
     slotted = torch.full((pairs.numel(), C if a_gather else R), float("nan"))
     slotted[real] = torch.randn(int(real.sum()), slotted.shape[1])
+    if tma:  # padding rows inside the experts' ranges: finite (0), as the dh kernel writes them
+        slotted[:int(poff[-1])][~real[:int(poff[-1])]] = 0.0
     slotted[poff[1]:poff[2]] = float("nan")  # the frozen expert's rows
     slotted = slotted.to(DEVICE)
     a, b = (gathered, slotted) if a_gather else (slotted, gathered)
-    cfg = tc.GemmConfig(16, 16, block_k, 4, 4, 1, tma=tma)
+    cfg = tc.GemmConfig(16, 16, block_k, 4, 4, 1, tma=tma, host_desc=host)
     launches = record_launches(monkeypatch, ["_grouped_dw_kernel"])
     got = gg.grouped_dw(a, a_gather, b, not a_gather, plan, torch.float32, cfg, trainable.to(DEVICE))
-    assert [kw["A_TMA"] for _, _, kw in launches] == [tma]
+    assert [(kw["A_TMA"], kw["HOST_DESC"]) for _, _, kw in launches] == [(tma, tma and host and block_k == 16)]
     ref = _dw_reference64(a, a_gather, b, not a_gather, plan, trainable)
     assert bool((got[1] == 0).all()) and bool((got[3] == 0).all())
     torch.testing.assert_close(got.double().cpu(), ref, rtol=1e-5, atol=1e-5)

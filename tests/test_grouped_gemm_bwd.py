@@ -65,7 +65,8 @@ def _real_slots(plan):
     (True, ""),  # BLOCK_N 16: 3 F-blocks (last partial), epilogue in one chunk
     (False, ""),
     (True, "bwd_dh.BLOCK_N=128"),  # one F-block, epilogue in 4 chunks of 32 (2 of them past F)
-    (True, "bwd_dh.BLOCK_N=64,bwd_dh.tma=1,bwd_dh.persistent=1"),  # descriptor B loads, tile loop
+    (True, "bwd_dh.BLOCK_N=64,bwd_dh.tma=1,bwd_dh.persistent=1"),  # host-descriptor B loads, tile loop
+    (True, "bwd_dh.BLOCK_N=64,bwd_dh.tma=1,bwd_dh.host_desc=0"),  # device-side descriptor per live tile
 ])
 def test_dh_kernel_against_float64(seed, dtype, store_hw, pin):
     T, D, F_, E, K = 23, 40, 36, 4, 2  # 3 k-steps of 16 (last partial)

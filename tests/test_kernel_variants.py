@@ -29,11 +29,16 @@ pytestmark = [pytestmark, pytest.mark.skipif(not TRITON_OK, reason=f"triton unav
 # Small blocks: several k-steps and F / D blocks on these shapes; GROUP_M 2 swizzles.
 BLOCKS = "BLOCK_M=16,BLOCK_N=16,BLOCK_K=16,GROUP_M=2"
 VARIANTS = {
-    "tma": "tma=1,persistent=0",
+    "tma": "tma=1,persistent=0",  # host-side descriptors (host_desc defaults on)
+    "tma-device-desc": "tma=1,persistent=0,host_desc=0",  # each live program makes its descriptors
     "persistent": "tma=0,persistent=1",
     "tma-persistent": "tma=1,persistent=1,num_stages=4",
+    "tma-device-desc-persistent": "tma=1,persistent=1,host_desc=0",
     "pointers": "tma=0,persistent=0",
 }
+# The host-descriptor arguments of each kernel (TMA with host_desc).
+HOST_DESC_ARGS = {"_up_swiglu_kernel": ("wg_hdesc", "wu_hdesc"), "_tile_gemm_scatter_kernel": ("b_hdesc",),
+                  "_grouped_dw_kernel": ("a_hdesc",)}
 TILE_KERNELS = ("_up_swiglu_kernel", "_tile_gemm_scatter_kernel", "_grouped_dw_kernel")
 
 
@@ -61,12 +66,19 @@ def _role(name, kw):
 
 def _check_variant(launched, pin, *, tma_off=()):
     """Every GEMM launch (up, down, dX, both dW) ran with the pinned flags, TMA resolved off
-    for the roles in ``tma_off``; a persistent launch has 3 programs (fewer than its tiles)."""
+    for the roles in ``tma_off``, its descriptors from the host unless ``host_desc=0`` (a
+    ``TensorDescriptor`` argument per descriptor); a persistent launch has 3 programs (fewer
+    than its tiles)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
     want_pers = "persistent=1" in pin
     roles = [_role(n, kw) for n, _, kw in launched]
     assert set(roles) == {"up", "down", "dx", "dw"} and roles.count("dw") == 2, roles
     for name, grid, kw in launched:
         want_tma = "tma=1" in pin and _role(name, kw) not in tma_off
+        want_host = want_tma and "host_desc=0" not in pin
+        assert kw["HOST_DESC"] == want_host, (name, kw)
+        assert all(isinstance(kw.get(a), TensorDescriptor) == want_host for a in HOST_DESC_ARGS[name]), (name, kw)
         if name == "_grouped_dw_kernel":  # the slot-ordered operand through TMA; never persistent
             assert kw["A_TMA"] == want_tma, kw
             continue

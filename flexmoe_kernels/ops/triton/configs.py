@@ -47,6 +47,14 @@ Variant fields (0/1 in tables and the environment pin; other kinds ignore them):
 * ``persistent`` (tile kinds): launch :func:`.launch.num_programs` programs (the SM count)
   that loop over the used tiles (their count is read on the device: no host sync) instead of
   one program per tile of the worst-case grid.
+* ``host_desc`` (with ``tma``; default on): the TMA descriptors of the static operands (the
+  expert weights; dW's slot-ordered operand where its BLOCK_K divides the schedule's block_m)
+  are made once per launch on the host (``triton.tools.tensor_descriptor.TensorDescriptor``,
+  passed as kernel arguments) instead of by every program on the device
+  (``tl.make_tensor_descriptor``: ~15 ``tensormap.replace``, a 128-byte copy to global memory
+  and a fence each; 43,500 per fine-grained forward layer). Off: each live program makes its
+  own after the dead-tile exit (a persistent program once, before its tile loop). The
+  launchers fall back to device-side descriptors where Triton lacks the host class.
 
 Resolution order in :func:`get_configs` (cached per problem and environment):
 

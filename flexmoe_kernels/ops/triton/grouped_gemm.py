@@ -127,17 +127,49 @@ def weight_tma(cfg: GemmConfig, w: torch.Tensor, s_e: int, s_k: int, s_n: int) -
     return False, False
 
 
+def _host_descriptor_class():
+    """Triton's host-side ``TensorDescriptor`` (``triton.tools.tensor_descriptor``: Triton 3.6 and
+    3.9 have it, the interpreter too), or None."""
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+    except ImportError:
+        return None
+    return TensorDescriptor
+
+
+def host_desc(cfg: GemmConfig, tma: bool) -> bool:
+    """Does a launch whose operand goes through TMA (``tma``, resolved) get its descriptor from
+    the host (``cfg.host_desc`` and a Triton with ``TensorDescriptor``)? Else each program makes
+    it on the device (``tl.make_tensor_descriptor``: ~15 ``tensormap.replace``, a 128-byte copy to
+    global memory and a fence per program and descriptor)."""
+    return bool(tma and cfg.host_desc and _host_descriptor_class() is not None)
+
+
+def _weight_descriptor(base: torch.Tensor, num_experts: int, KD: int, N: int, s_e: int, s_k: int, s_n: int,
+                       cfg: GemmConfig, kcontig: bool):
+    """The host descriptor of an expert weight read as (E, KD, N) from ``base`` (element strides
+    ``s_e, s_k, s_n``): the same view and block as the kernels' device-side ``_b_desc``."""
+    td = _host_descriptor_class()
+    if kcontig:
+        return td(base, [num_experts, N, KD], [s_e, s_n, 1], [1, cfg.BLOCK_N, cfg.BLOCK_K])
+    return td(base, [num_experts, KD, N], [s_e, s_k, 1], [1, cfg.BLOCK_K, cfg.BLOCK_N])
+
+
 def _tile_variant(cfg: GemmConfig, plan: RoutingPlan, n_cols: int, num_experts: int, tma: bool,
                   device: torch.device) -> tuple[tuple[int], dict]:
     """``(grid, kwargs)`` of a tile kernel over the schedule's NT row tiles x cdiv(n_cols,
     BLOCK_N) column tiles: one program per tile, or with ``cfg.persistent`` at most
     :func:`.launch.num_programs` programs looping over the used tiles (their count is read on
-    the device). ``tma``: the weight goes through a descriptor (the allocator is set)."""
+    the device). ``tma``: the weight goes through a descriptor, from the host where
+    :func:`host_desc` says so (``HOST_DESC``; the caller passes it), else made on the device
+    (the allocator is set)."""
     tiles = plan.schedule.num_tiles_max * launch.cdiv(n_cols, cfg.BLOCK_N)
     grid = (min(tiles, launch.num_programs(device)),) if cfg.persistent else (tiles,)
-    if tma:
+    host = host_desc(cfg, tma)
+    if tma and not host:
         launch.ensure_triton_allocator(device)
-    return grid, dict(num_tiles_ptr=plan.schedule.num_tiles, NE=num_experts, TMA=tma, PERSISTENT=cfg.persistent)
+    return grid, dict(num_tiles_ptr=plan.schedule.num_tiles, NE=num_experts, TMA=tma, PERSISTENT=cfg.persistent,
+                      HOST_DESC=host)
 
 
 # ------------------------------------------------------------------ forward pieces
@@ -177,6 +209,12 @@ def up_swiglu(
         tma, kcontig = weight_tma(cfg, gate_up_E2FD, s_e, s_k, s_n)  # B = W[e].T: (D, F) view
         tma = tma and kcontig  # the kernel's descriptors read weight rows (D contiguous)
         grid, variant = _tile_variant(cfg, plan, F, gate_up_E2FD.shape[0], tma, x_TD.device)
+        if variant["HOST_DESC"]:  # gate rows [0, F) and up rows [F, 2F): two (E, F, D) views
+            E = gate_up_E2FD.shape[0]
+            variant.update(
+                wg_hdesc=_weight_descriptor(gate_up_E2FD, E, D, F, s_e, s_k, s_n, cfg, True),
+                wu_hdesc=_weight_descriptor(gate_up_E2FD[:, F:], E, D, F, s_e, s_k, s_n, cfg, True),
+            )
     kern[grid](
         x_TD, x_TD.stride(0), x_TD.stride(1),
         gate_up_E2FD, *gate_up_E2FD.stride(),
@@ -211,6 +249,8 @@ def _tile_gemm_combine(
     kern = _kernels()
     tma, kcontig = weight_tma(cfg, b, *b_strides)
     grid, variant = _tile_variant(cfg, plan, N, b.shape[0], tma, device)
+    if variant["HOST_DESC"]:
+        variant["b_hdesc"] = _weight_descriptor(b, b.shape[0], KD, N, *b_strides, cfg, kcontig)
     common = dict(TOP_K=K, HAS_WEIGHT=weighted, B_KCONTIG=kcontig, **variant, **_launch_kw(cfg, a_QK.dtype))
     args_head = (a_QK, a_QK.stride(0), a_QK.stride(1), b, *b_strides, plan.topk_weights_TK,
                  plan.schedule.padded_pairs_Q, plan.schedule.tile_expert_E_tiles)
@@ -286,6 +326,8 @@ def swiglu_dh_backward(
     s_e, s_d, s_f = down_EDF.stride()
     tma, kcontig = weight_tma(cfg, down_EDF, s_e, s_d, s_f)  # down[e] read as (D, F)
     grid, variant = _tile_variant(cfg, plan, F, down_EDF.shape[0], tma, dev)
+    if variant["HOST_DESC"]:
+        variant["wd_hdesc"] = _weight_descriptor(down_EDF, down_EDF.shape[0], D, F, s_e, s_d, s_f, cfg, kcontig)
     if grid[0] > 0:
         launch.kernels("grouped_gemm_bwd_kernels")._dh_swiglu_bwd_kernel[grid](
             dout_TD, dout_TD.stride(0), dout_TD.stride(1),
@@ -319,7 +361,12 @@ def grouped_dw(
     likewise ``b`` (T or Q_max, C). ``trainable_E``: optional (E,) bool; frozen experts get
     exact zeros without any load. Experts with no pairs get exact zeros. ``cfg.tma``: the
     slot-ordered operand (contiguous rows) is read through a TMA descriptor; when it is ``b``,
-    the kernel computes ``dW[e]^T = B^T A`` into the transposed view of the output.
+    the kernel computes ``dW[e]^T = B^T A`` into the transposed view of the output. That
+    operand then goes unmasked from shared memory into the wgmma (masking it in registers
+    serialised every wgmma): its padding rows (pair id P) inside the experts' slot ranges must
+    be finite (the other operand is 0 there; the dh kernel writes 0 in them). With
+    ``cfg.host_desc`` its descriptor is made here on the host where ``cfg.BLOCK_K`` divides
+    the schedule's block_m (else by each program, bounded at its expert's end slot).
     """
     E = plan.num_experts
     R, C = a.shape[1], b.shape[1]
@@ -331,7 +378,14 @@ def grouped_dw(
             a, a_gather, b, b_gather, R, C, s_or, s_oc = b, b_gather, a, a_gather, C, R, s_oc, s_or
         else:
             tma = False
-    if tma:
+    # A host descriptor over all Q_max rows of A where no k-step can pass an expert's end (BLOCK_K
+    # divides the schedule's block_m, a multiple of which every expert's slot range is); else
+    # each program makes one whose row extent is its expert's end slot.
+    host = host_desc(cfg, tma) and plan.schedule.block_m % cfg.BLOCK_K == 0 and a.shape[0] > 0 and R > 0
+    variant = dict(A_TMA=tma, HOST_DESC=host)
+    if host:
+        variant["a_hdesc"] = _host_descriptor_class()(a, [a.shape[0], R], [a.stride(0), 1], [cfg.BLOCK_K, cfg.BLOCK_M])
+    elif tma:
         launch.ensure_triton_allocator(a.device)
     grid = (E * launch.cdiv(R, cfg.BLOCK_M) * launch.cdiv(C, cfg.BLOCK_N),)
     tr = trainable_E.to(torch.uint8) if trainable_E is not None else plan.counts_E  # dummy pointer
@@ -343,7 +397,7 @@ def grouped_dw(
             out, s_oe, s_or, s_oc,
             plan.num_pairs, R, C,
             TOP_K=plan.top_k, A_GATHER=a_gather, B_GATHER=b_gather, HAS_TRAINABLE=trainable_E is not None,
-            A_TMA=tma, **_launch_kw(cfg, a.dtype),
+            **variant, **_launch_kw(cfg, a.dtype),
         )
     return out
 

@@ -42,7 +42,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .grouped_gemm_kernels import _b_desc, _b_load, _mma, _slot_rows, _store_swiglu, _swizzle, _tile
+from .grouped_gemm_kernels import _b_load, _mma, _slot_rows, _store_swiglu, _swizzle, _tile, _weight_src
 
 
 @triton.jit
@@ -63,12 +63,14 @@ def _dh_swiglu_bwd_kernel(
     num_tiles_ptr=None,  # PERSISTENT: (1,) int32 tiles in use
     NE=1,  # TMA: number of experts (the descriptor's outer extent)
     TMA: tl.constexpr = False, B_KCONTIG: tl.constexpr = False, PERSISTENT: tl.constexpr = False,
+    wd_hdesc=None,  # TMA and HOST_DESC: host descriptor of down viewed (E, D, F) (see _b_desc)
+    HOST_DESC: tl.constexpr = False,
 ):
     nfb = tl.cdiv(F, BLOCK_N)
-    wd_desc = wd_ptr
-    if TMA:  # down[e] read as the (D, F) B operand through a descriptor (see _b_desc)
-        wd_desc = _b_desc(wd_ptr, NE, D, F, stride_de, stride_dd, stride_df, BLOCK_K, BLOCK_N, B_KCONTIG)
     if PERSISTENT:  # grid-stride loop over the used tiles (count read on the device: no host sync)
+        # down[e] read as the (D, F) B operand (through a TMA descriptor with TMA: see _weight_src)
+        wd_desc = _weight_src(wd_hdesc, wd_ptr, NE, D, F, stride_de, stride_dd, stride_df, BLOCK_K, BLOCK_N,
+                              B_KCONTIG, TMA, HOST_DESC)
         used = tl.load(num_tiles_ptr)
         for t in range(tl.program_id(0), used * nfb, tl.num_programs(0)):
             pid_m, pid_n = _swizzle(t, used, nfb, GROUP_M)
@@ -80,8 +82,10 @@ def _dh_swiglu_bwd_kernel(
             )
     else:
         pid_m, pid_n, e = _tile(tile_expert_ptr, NT, F, BLOCK_N, GROUP_M)
-        if e < 0:  # tile past the used ones: no weight is touched
+        if e < 0:  # tile past the used ones: no weight or descriptor is touched
             return
+        wd_desc = _weight_src(wd_hdesc, wd_ptr, NE, D, F, stride_de, stride_dd, stride_df, BLOCK_K, BLOCK_N,
+                              B_KCONTIG, TMA, HOST_DESC)
         _dh_tile(
             pid_m, pid_n, e, dout_ptr, stride_ot, stride_od, wd_ptr, stride_de, stride_dd, stride_df, wd_desc,
             pre_ptr, stride_rq, stride_rf, topk_w_ptr, pairs_ptr, dgu_ptr, stride_gq, stride_gf, hw_ptr, stride_wq,

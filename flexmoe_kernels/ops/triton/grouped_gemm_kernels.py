@@ -33,20 +33,31 @@ Kernels (launchers in :mod:`flexmoe_kernels.ops.triton.grouped_gemm`):
   operand's row indices) are loaded one k-step ahead into registers, so the operand loads
   are not indirect within an iteration and get the full ``num_stages`` shared-memory ring
   (3 buffers at 3 stages on sm_90a; an in-loop pair-id load cost a stage: 2 buffers).
-  ``A_TMA``: the slot-ordered A operand comes through a TMA descriptor whose row extent is the
-  expert's end slot (the next expert's rows read as 0); padding slots are zeroed in registers
-  (the launcher puts the slot-ordered operand on the A side, transposing the product if needed).
+  ``A_TMA``: the slot-ordered A operand comes through a TMA descriptor (the launcher puts it on
+  the A side, transposing the product if needed) and goes from shared memory straight into the
+  wgmma: it is NOT masked in registers (zeroing its padding slots there with ``tl.where`` made
+  ptxas serialise every wgmma, warning C7515, one full wait per HGMMA). Padding slots
+  contribute ``A_pad^T @ 0`` because B is masked on them at its load, so A's padding rows
+  must be finite: the dh kernel writes 0 there (the only producer of dW's slot-ordered
+  operands). ``HOST_DESC``: the launcher's descriptor over all Q_max rows, used where BLOCK_K
+  divides the schedule's block_m (every expert's slot range is a multiple of it, so no k-step
+  passes the expert's end); else each program makes one whose row extent is its expert's
+  end slot (the next expert's rows read as 0).
 
 Variants of the two tile kernels (constexpr flags; trailing keyword parameters with defaults):
 
-* ``TMA``: the expert weight (B operand) is read through a device-side TMA descriptor
+* ``TMA``: the expert weight (B operand) is read through a TMA descriptor, from the host with
+  ``HOST_DESC`` (a ``TensorDescriptor`` argument, made once per launch: no device work per
+  program), else made by each live program after the dead-tile exit (:func:`_weight_src`)
   (:func:`_b_desc`: a 3-D ``(E, rows, cols)`` view of the weight, block ``(1, BN, BK)`` or
   ``(1, BK, BN)``; out-of-range rows / columns read as 0 and another expert's rows are outside
   the block, exactly as the masked pointer loads) instead of masked pointer loads; the
   gathered A rows stay pointer loads (cp.async). The up kernel makes two descriptors (gate
   rows [0, F) and up rows [F, 2F) as two (E, F, D) views). ``NE`` is the expert count (the
-  descriptors' outer extent). Needs a Triton with ``tl.make_tensor_descriptor`` (3.6 and 3.9
-  compile these for sm_90a) and the allocator the launchers set.
+  descriptors' outer extent). Host descriptors need ``triton.tools.tensor_descriptor`` (3.6
+  and 3.9; the interpreter takes them too); device-side ones ``tl.make_tensor_descriptor``
+  (3.6 and 3.9 compile both for sm_90a) and the allocator the launchers set. A persistent
+  program makes its device-side descriptors once, before its tile loop.
 * ``PERSISTENT``: the grid is :func:`.launch.num_programs` programs; each loops over tiles
   ``t = pid, pid + num_programs, ...`` below ``num_tiles * NFB`` (``num_tiles_ptr``: the
   schedule's on-device count of used tiles, so no host sync and no -1 tile is visited), in
@@ -147,6 +158,21 @@ def _b_desc(b_ptr, NE, KD, N, stride_be, stride_bk, stride_bn, BLOCK_K: tl.const
 
 
 @triton.jit
+def _weight_src(hdesc, b_ptr, NE, KD, N, stride_be, stride_bk, stride_bn, BLOCK_K: tl.constexpr,
+                BLOCK_N: tl.constexpr, KCONTIG: tl.constexpr, TMA: tl.constexpr, HOST_DESC: tl.constexpr):
+    """Where the B tiles come from (see :func:`_b_load`): with ``TMA`` the launcher's host-side
+    descriptor ``hdesc`` (``HOST_DESC``: made once per launch, no device work) or a device-side
+    one (:func:`_b_desc`: made by each program that calls this), else the pointer ``b_ptr``."""
+    src = b_ptr
+    if TMA:
+        if HOST_DESC:
+            src = hdesc
+        else:
+            src = _b_desc(b_ptr, NE, KD, N, stride_be, stride_bk, stride_bn, BLOCK_K, BLOCK_N, KCONTIG)
+    return src
+
+
+@triton.jit
 def _b_load(b_ptrs, b_msk, desc, e, k, n0, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr,
             KCONTIG: tl.constexpr):
     """The (BK, BN) B tile of expert ``e`` at rows k.. and columns n0..: through the TMA
@@ -211,14 +237,16 @@ def _up_swiglu_kernel(
     num_tiles_ptr=None,  # PERSISTENT: (1,) int32 tiles in use
     NE=1,  # TMA: number of experts (the descriptors' outer extent)
     TMA: tl.constexpr = False, PERSISTENT: tl.constexpr = False,
+    wg_hdesc=None, wu_hdesc=None,  # TMA and HOST_DESC: host descriptors of the gate / up (E, F, D) views
+    HOST_DESC: tl.constexpr = False,
 ):
     nfb = tl.cdiv(F, BLOCK_N)
-    wg_desc = w_ptr
-    wu_desc = w_ptr
-    if TMA:  # weights through TMA descriptors: gate rows [0, F) and up rows [F, 2F) as two (E, F, D) views
-        wg_desc = _b_desc(w_ptr, NE, D, F, stride_we, stride_wk, stride_wn, BLOCK_K, BLOCK_N, True)
-        wu_desc = _b_desc(w_ptr + F * stride_wn, NE, D, F, stride_we, stride_wk, stride_wn, BLOCK_K, BLOCK_N, True)
     if PERSISTENT:  # grid-stride loop over the used tiles (count read on the device: no host sync)
+        # weights through TMA descriptors: gate rows [0, F) and up rows [F, 2F) as two (E, F, D) views
+        wg_desc = _weight_src(wg_hdesc, w_ptr, NE, D, F, stride_we, stride_wk, stride_wn, BLOCK_K, BLOCK_N, True,
+                              TMA, HOST_DESC)
+        wu_desc = _weight_src(wu_hdesc, w_ptr + F * stride_wn, NE, D, F, stride_we, stride_wk, stride_wn, BLOCK_K,
+                              BLOCK_N, True, TMA, HOST_DESC)
         used = tl.load(num_tiles_ptr)
         for t in range(tl.program_id(0), used * nfb, tl.num_programs(0)):
             pid_m, pid_n = _swizzle(t, used, nfb, GROUP_M)
@@ -230,8 +258,12 @@ def _up_swiglu_kernel(
             )
     else:
         pid_m, pid_n, e = _tile(tile_expert_ptr, NT, F, BLOCK_N, GROUP_M)
-        if e < 0:  # tile past the used ones: nothing to do, no weight is touched
+        if e < 0:  # tile past the used ones: nothing to do, no weight or descriptor is touched
             return
+        wg_desc = _weight_src(wg_hdesc, w_ptr, NE, D, F, stride_we, stride_wk, stride_wn, BLOCK_K, BLOCK_N, True,
+                              TMA, HOST_DESC)
+        wu_desc = _weight_src(wu_hdesc, w_ptr + F * stride_wn, NE, D, F, stride_we, stride_wk, stride_wn, BLOCK_K,
+                              BLOCK_N, True, TMA, HOST_DESC)
         _up_tile(
             pid_m, pid_n, e, x_ptr, stride_xt, stride_xd, w_ptr, stride_we, stride_wn, stride_wk, wg_desc,
             wu_desc, pairs_ptr, h_ptr, stride_hq, stride_hf, pre_ptr, stride_rq, stride_rf, P, F, D, TOP_K,
@@ -299,12 +331,13 @@ def _tile_gemm_scatter_kernel(
     TMA: tl.constexpr = False,
     B_KCONTIG: tl.constexpr = False,  # TMA: B's KD dimension is the contiguous one (else N)
     PERSISTENT: tl.constexpr = False,
+    b_hdesc=None,  # TMA and HOST_DESC: host descriptor of B (see _b_desc for its view and block)
+    HOST_DESC: tl.constexpr = False,
 ):
     nnb = tl.cdiv(N, BLOCK_N)
-    b_desc = b_ptr
-    if TMA:
-        b_desc = _b_desc(b_ptr, NE, KD, N, stride_be, stride_bk, stride_bn, BLOCK_K, BLOCK_N, B_KCONTIG)
     if PERSISTENT:
+        b_desc = _weight_src(b_hdesc, b_ptr, NE, KD, N, stride_be, stride_bk, stride_bn, BLOCK_K, BLOCK_N, B_KCONTIG,
+                             TMA, HOST_DESC)
         used = tl.load(num_tiles_ptr)
         for t in range(tl.program_id(0), used * nnb, tl.num_programs(0)):
             pid_m, pid_n = _swizzle(t, used, nnb, GROUP_M)
@@ -315,8 +348,10 @@ def _tile_gemm_scatter_kernel(
             )
     else:
         pid_m, pid_n, e = _tile(tile_expert_ptr, NT, N, BLOCK_N, GROUP_M)
-        if e < 0:
+        if e < 0:  # before any descriptor work
             return
+        b_desc = _weight_src(b_hdesc, b_ptr, NE, KD, N, stride_be, stride_bk, stride_bn, BLOCK_K, BLOCK_N, B_KCONTIG,
+                             TMA, HOST_DESC)
         _scatter_tile(
             pid_m, pid_n, e, a_ptr, stride_aq, stride_ak, b_ptr, stride_be, stride_bk, stride_bn, b_desc,
             topk_w_ptr, pairs_ptr, out_ptr, stride_or, stride_on, P, N, KD, TOP_K, HAS_WEIGHT, ATOMIC, BLOCK_M,
@@ -360,6 +395,8 @@ def _grouped_dw_kernel(
     BLOCK_K: tl.constexpr,  # over the expert's slots (the reduction)
     GROUP_M: tl.constexpr, INTERPRET: tl.constexpr, DOT_PREC: tl.constexpr,
     A_TMA: tl.constexpr = False,  # A (slot-ordered, not A_GATHER, unit column stride) through TMA
+    a_hdesc=None,  # A_TMA and HOST_DESC: host TensorDescriptor of A (Q_max, R), block (BLOCK_K, BLOCK_M)
+    HOST_DESC: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     tiles_r = tl.cdiv(R, BLOCK_M)
@@ -380,8 +417,11 @@ def _grouped_dw_kernel(
 
     start = tl.load(poff_ptr + e)
     end = tl.load(poff_ptr + e + 1)
-    if A_TMA:  # rows >= end (the next expert's slots) are outside the descriptor: read as 0
-        a_desc = tl.make_tensor_descriptor(a_ptr, [end, R], [stride_am, 1], [BLOCK_K, BLOCK_M])
+    if A_TMA:
+        if HOST_DESC:  # the launcher's: BLOCK_K divides the schedule's block_m, so no k-step passes end
+            a_desc = a_hdesc
+        else:  # rows >= end (the next expert's slots) are outside the descriptor: read as 0
+            a_desc = tl.make_tensor_descriptor(a_ptr, [end, R], [stride_am, 1], [BLOCK_K, BLOCK_M])
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     # Pair ids are prefetched one k-step ahead in registers (loop-carried): the operand loads
@@ -404,8 +444,10 @@ def _grouped_dw_kernel(
             b_rows = tok64
         else:
             b_rows = slot64
-        if A_TMA:  # padding slots (pair P) may hold anything: zeroed in registers (wgmma A operand)
-            a = tl.where(ok[None, :], tl.trans(a_desc.load([m0, pid_r * BLOCK_M])), 0.0)
+        if A_TMA:  # NOT masked in registers (that serialised every wgmma: ptxas C7515): the tile
+            # goes from shared memory to the wgmma; padding slots contribute A_pad^T @ 0 because
+            # B is masked on them, so A's padding rows must be finite (the dh kernel writes 0)
+            a = tl.trans(a_desc.load([m0, pid_r * BLOCK_M]))
         else:
             a = tl.load(
                 a_ptr + a_rows[None, :] * stride_am + offs_r[:, None] * stride_ar,
