@@ -181,7 +181,15 @@ setup(
         "olmo-core": ["ai2-olmo-core"],
         "test": ["pytest", "transformers>=5", "triton>=3.6", "matplotlib", "tokenizers", "deepspeed>=0.16"],
     },
-    entry_points={"console_scripts": ["flexmoe = flexmoe_training.cli:main"]},
+    entry_points={
+        "console_scripts": ["flexmoe = flexmoe_training.cli:main"],
+        # vLLM plugin (flexmoe_kernels/integrations/vllm, docs/SERVING.md): FlexOlmo with
+        # per-request expert opt-out; inert unless vLLM is installed and loads it.
+        "vllm.general_plugins": ["flexmoe = flexmoe_kernels.integrations.vllm:register"],
+        "vllm.logits_processors": [
+            "flexmoe_allowed_experts = flexmoe_kernels.integrations.vllm.runtime:AllowedExpertsLogitsProcessor"
+        ],
+    },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

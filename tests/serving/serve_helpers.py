@@ -1,0 +1,87 @@
+"""Tiny random FlexOlmo checkpoints and a character tokenizer for the serving tests (nothing is
+downloaded). Used by tests/serving/ and benchmarks/bench_serve.py."""
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence
+
+NAMES = ["public", "news", "code", "medical"]
+SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>"]
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}assistant: {% endif %}")
+
+
+def save_tokenizer(directory: str, vocab_size: int = 128) -> None:
+    """A character-level ``tokenizers`` tokenizer (printable ASCII + specials), saved with
+    ``PreTrainedTokenizerFast`` (and a minimal chat template)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = [chr(c) for c in range(32, 127)]
+    vocab = {t: i for i, t in enumerate(SPECIALS + chars)}
+    for i in range(len(vocab), vocab_size):
+        vocab[f"<x{i}>"] = i
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>",
+                                   unk_token="<unk>")
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(directory)
+
+
+def make_model(directory: str, *, expert_bias: bool = True, seed: int = 0, num_layers: int = 2,
+               hidden: int = 64, heads: int = 2, experts: Sequence[str] = NAMES, top_k: int = 2,
+               init_std: float = 0.15, max_pos: int = 1024):
+    """A random FlexOlmo (head size hidden/heads >= 32 for vLLM's CPU attention) saved in fp32
+    with a tokenizer. A large init std makes the experts (and so the opt-out) matter and the
+    greedy choices well separated. Returns the model."""
+    import torch
+
+    import flexmoe_kernels as fk
+
+    torch.manual_seed(seed)
+    cfg = fk.FlexOlmoConfig(vocab_size=128, hidden_size=hidden, intermediate_size=2 * hidden,
+                            num_hidden_layers=num_layers, num_attention_heads=heads, num_experts=len(experts),
+                            num_experts_per_tok=top_k, expert_names=list(experts), expert_bias=expert_bias,
+                            initializer_range=init_std, max_position_embeddings=max_pos,
+                            pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    model = fk.FlexOlmoForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for layer in model.moe_layers():
+            if expert_bias:  # FlexOlmo's bias: min(b, 0) is added, so a positive entry acts as 0
+                b = torch.tensor([0.0, -0.7, -0.2, 0.4] + [-0.1] * (len(experts) - 4))[: len(experts)]
+                layer.gate.expert_bias.copy_(b)
+    model.save_pretrained(directory)
+    save_tokenizer(directory)
+    return model
+
+
+def make_removed(src: str, directory: str, allowed: Sequence[int]):
+    """The checkpoint ``src`` with every expert outside ``allowed`` physically removed."""
+    import flexmoe_kernels as fk
+
+    model = fk.FlexOlmoForCausalLM.from_pretrained(src).eval()
+    names = list(model.expert_names)
+    for i in sorted(set(range(len(names))) - set(allowed), reverse=True):
+        model.remove_expert(i)
+    model.save_pretrained(directory)
+    save_tokenizer(directory)
+    return model
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_env(extra: Optional[dict] = None) -> dict:
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
+                "DO_NOT_TRACK": "1", "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", "1")})
+    env.update(extra or {})
+    return env
