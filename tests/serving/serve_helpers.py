@@ -85,3 +85,63 @@ def serve_env(extra: Optional[dict] = None) -> dict:
                 "DO_NOT_TRACK": "1", "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", "1")})
     env.update(extra or {})
     return env
+
+
+def reference_greedy(path: str, prompt_ids: list[int], n: int, allowed: Optional[Sequence[int]] = None):
+    """Greedy tokens and their log-probabilities from our PyTorch model (fp32) with every expert
+    outside ``allowed`` physically removed: ``(tokens, logprobs)``."""
+    import torch
+
+    import flexmoe_kernels as fk
+
+    model = fk.FlexOlmoForCausalLM.from_pretrained(path).eval()
+    if allowed is not None:
+        for i in sorted(set(range(model.num_experts)) - set(allowed), reverse=True):
+            model.remove_expert(i)
+    ids = list(prompt_ids)
+    toks, lps = [], []
+    with torch.no_grad():
+        for _ in range(n):
+            logp = torch.log_softmax(model(torch.tensor([ids])).logits[0, -1].float(), -1)
+            t = int(torch.argmax(logp))
+            toks.append(t)
+            lps.append(float(logp[t]))
+            ids.append(t)
+    return toks, lps
+
+
+def start_server(model: str, port: int, extra_args: Sequence[str] = (), log_path: Optional[str] = None,
+                 env: Optional[dict] = None, timeout: float = 600.0):
+    """``flexmoe serve MODEL`` in a subprocess; returns ``(process, seconds until /health answered)``."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    cmd = [sys.executable, "-m", "flexmoe_training.cli", "serve", model, "--port", str(port), *extra_args]
+    log = open(log_path or os.devnull, "w")
+    t0 = time.time()
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=serve_env(env))
+    while time.time() - t0 < timeout:
+        if proc.poll() is not None:
+            raise RuntimeError(f"flexmoe serve exited with {proc.returncode} (log: {log_path})")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                if r.status == 200:
+                    return proc, time.time() - t0
+        except OSError:
+            time.sleep(1.0)
+    proc.kill()
+    raise TimeoutError(f"flexmoe serve did not answer /health within {timeout} s (log: {log_path})")
+
+
+def stop_server(proc) -> None:
+    import signal
+
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(30)
+        except Exception:  # noqa: BLE001
+            proc.kill()
+            proc.wait()
