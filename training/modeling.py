@@ -120,16 +120,23 @@ def model_from_state_dict(config: FlexOlmoConfig, sd: Mapping[str, torch.Tensor]
 def open_checkpoint(directory: str | os.PathLike, what: str = "--public") -> tuple[FlexOlmoConfig, LazyStateDict]:
     """(config, lazy HF state dict) of a checkpoint dir: names and shapes are checked against the
     config from the file headers; tensors are read one at a time on access (single file or
-    shards). Errors (``ModelSpecError``) name ``what`` and the path."""
+    shards). A Hugging Face ``olmo2`` directory (OLMo-2, FlexOlmo's public model) reads as our
+    dense model (:mod:`flexmoe_kernels.models.olmo2`: converted tensor by tensor on access).
+    Errors (``ModelSpecError``) name ``what`` and the path."""
+    from flexmoe_kernels.models.olmo2 import checkpoint_model_type, open_olmo2
+
     d = Path(directory)
     if not d.is_dir():
         raise ModelSpecError(f"{what} {str(d)!r}: checkpoint directory does not exist")
     if not (d / "config.json").is_file():
         raise ModelSpecError(f"{what} {str(d)!r}: no config.json (not a FlexOlmo checkpoint directory)")
     try:
-        config = FlexOlmoConfig.from_pretrained(d)
-        # a tied head some writers store anyway is left out (as load_checkpoint always did)
-        sd = lazy_state_dict(d, config.num_experts, skip=["lm_head.weight"] if config.tie_word_embeddings else [])
+        if checkpoint_model_type(d) == "olmo2":  # OLMo-2: converted on access, one tensor at a time
+            config, sd = open_olmo2(d, what)
+        else:
+            config = FlexOlmoConfig.from_pretrained(d)
+            # a tied head some writers store anyway is left out (as load_checkpoint always did)
+            sd = lazy_state_dict(d, config.num_experts, skip=["lm_head.weight"] if config.tie_word_embeddings else [])
         shapes = {k: sd.shape(k) for k in sd}
     except Exception as exc:  # safetensors raises its own error types for corrupt files
         raise ModelSpecError(f"{what} {str(d)!r}: cannot read the checkpoint ({type(exc).__name__}: {exc})") from exc
@@ -521,15 +528,25 @@ def merge_state_dicts(public_cfg: FlexOlmoConfig, public_sd: Mapping[str, torch.
     ``owners`` is a list of (label for errors, config, state dict). Each is checked with
     :func:`check_owner_against_public` first. The merged router row / bias / FFN of expert j
     are owner j's expert-1 tensors; shared tensors and expert 0 are the public model's.
+
+    The public model may itself be a FlexOlmo MoE (E0 > 1 experts, expert 0 the public one: a
+    released FlexOlmo checkpoint or an earlier merge): owners are then checked against its public
+    expert and shared tensors (:func:`flexmoe_kernels.models.olmo2.public_view`), and the result
+    keeps its E0 experts (rows, names, biases; bias 0 where it has none) and appends the owners.
     """
+    from flexmoe_kernels.models.olmo2 import public_view
+
     if not owners:
         raise ModelSpecError("merge needs at least one --owner")
-    h = anchor_sha256(public_sd)
-    names = ["public"]
+    view_cfg, view_sd = public_view(public_cfg, public_sd)
+    h = anchor_sha256(view_sd)
+    E0 = public_cfg.num_experts
+    names = list(public_cfg.expert_names) if E0 > 1 else ["public"]
     for label, cfg, sd in owners:
-        name = check_owner_against_public(public_cfg, public_sd, cfg, sd, label, public_hash=h)
+        name = check_owner_against_public(view_cfg, view_sd, cfg, sd, label, public_hash=h)
         if name in names:
-            raise ModelSpecError(f"owner {label!r}: expert name {name!r} is used twice; owners need distinct --name")
+            raise ModelSpecError(f"owner {label!r}: expert name {name!r} is used twice (experts so far: {names}); "
+                                 "owners need distinct --name")
         names.append(name)
     E = len(names)
     if not 1 <= top_k <= E:
@@ -538,11 +555,14 @@ def merge_state_dicts(public_cfg: FlexOlmoConfig, public_sd: Mapping[str, torch.
     for i in range(public_cfg.num_hidden_layers):
         for field in ("gate.weight", "experts.gate_up_proj", "experts.down_proj"):
             k = f"model.layers.{i}.mlp.{field}"
-            out[k] = torch.cat([public_sd[k][:1]] + [sd[k][1:2].to(public_sd[k].dtype) for _, _, sd in owners], 0)
+            base = public_sd[k]
+            out[k] = torch.cat([base] + [sd[k][1:2].to(base.dtype) for _, _, sd in owners], 0)
         kb = f"model.layers.{i}.mlp.gate.expert_bias"
         dt = public_sd[f"model.layers.{i}.mlp.gate.weight"].dtype
-        out[kb] = torch.cat([torch.zeros(1, dtype=dt)] + [sd[kb][1:2].to(dt) for _, _, sd in owners], 0)
+        base_bias = public_sd[kb].to(dt) if kb in public_sd else torch.zeros(E0, dtype=dt)
+        out[kb] = torch.cat([base_bias] + [sd[kb][1:2].to(dt) for _, _, sd in owners], 0)
     extra = {k: v for k, v in public_cfg.extra.items() if k not in ("anchor_sha256", "expert_name")}
-    extra.update({"anchor_sha256": h, "merged_from": [label for label, _, _ in owners]})
+    merged_from = list(extra.get("merged_from", [])) if E0 > 1 else []
+    extra.update({"anchor_sha256": h, "merged_from": merged_from + [label for label, _, _ in owners]})
     cfg = public_cfg.copy(num_experts=E, num_experts_per_tok=top_k, expert_bias=True, expert_names=names, extra=extra)
     return cfg, out

@@ -218,7 +218,9 @@ def init_router(args) -> Path:
     if args.num_docs <= 0 or args.max_doc_tokens <= 0:
         raise ValueError("--num-docs and --max-doc-tokens must be positive")
     data = DataDir(args.data)
-    cfg, sd = load_checkpoint(args.public, "--public")
+    from flexmoe_kernels.models.olmo2 import public_view
+
+    cfg, sd = public_view(*load_checkpoint(args.public, "--public"))  # a FlexOlmo MoE: its public expert 0
     D = cfg.hidden_size
     t0 = time.perf_counter()
     vec, embedder, n_docs = domain_embedding(cfg, sd, data, args.embedder, num_docs=args.num_docs,
@@ -226,6 +228,8 @@ def init_router(args) -> Path:
                                              device=args.device)
     rows = [sd[f"model.layers.{i}.mlp.gate.weight"][0].float() for i in range(cfg.num_hidden_layers)]
     scale = float(torch.stack([r.norm() for r in rows]).mean())
+    if scale == 0.0:  # an imported OLMo-2 model's router rows are 0: the norm of a fresh normal row instead
+        scale = cfg.initializer_range * D ** 0.5
     vec = (vec * scale).float().contiguous()
     meta = {"embedder": embedder, "projection": (f"orthogonal {MINILM_WIDTH}->{D}, seed {MINILM_PROJECTION_SEED}"
                                                   if embedder == "minilm" and D != MINILM_WIDTH else "none"),

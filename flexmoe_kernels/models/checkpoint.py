@@ -530,8 +530,15 @@ def load_pretrained(
     remove_stale_temporaries(directory)  # a save of this checkpoint killed mid-way (utils.fs)
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
-    config = FlexOlmoConfig.from_pretrained(directory, **config_overrides)
-    sd = convert_state_dict(load_state_dict(directory), config.num_experts)
+    from .olmo2 import checkpoint_model_type, open_olmo2
+
+    if checkpoint_model_type(directory) == "olmo2":  # OLMo-2: read as our dense model (models.olmo2)
+        config, src = open_olmo2(directory, "checkpoint")
+        config = config.copy(**config_overrides) if config_overrides else config
+        sd = {k: src[k] for k in src}
+    else:
+        config = FlexOlmoConfig.from_pretrained(directory, **config_overrides)
+        sd = convert_state_dict(load_state_dict(directory), config.num_experts)
     with torch.device("meta"):
         model = cls(config)
     _check_against(model, sd)

@@ -213,7 +213,10 @@ class FlexOlmoConfig:
         d = dict(d)
         mt = d.get("model_type", "flex_olmo")
         if mt != "flex_olmo":
-            raise ValueError(f"config model_type must be 'flex_olmo', got {mt!r}")
+            hint = (": an OLMo-2 checkpoint loads with FlexOlmoForCausalLM.from_pretrained(dir), is taken as --public "
+                    "by every flexmoe command, and converts with `flexmoe convert --to hf --input DIR --out OUT`"
+                    if mt == "olmo2" else "")
+            raise ValueError(f"config model_type must be 'flex_olmo', got {mt!r}{hint}")
         for k, want in _FIXED_HF_FIELDS.items():
             if k in d and d[k] != want:
                 raise ValueError(f"config {k}={d[k]!r} is not supported (only {want!r})")

@@ -24,6 +24,13 @@ The sizes come from the tensors; heads, RoPE theta, norm eps, top-k and expert n
 --config, else from flexmoe_config.json or OLMo-core's config.json beside --input (or up to two
 directories above it).
 
+--to hf with a Hugging Face olmo2 directory as --input (OLMo-2, e.g. allenai/OLMo-2-1124-7B, the
+public model FlexOlmo starts from; its config.json says model_type "olmo2"): write our dense public
+model (flex_olmo, one expert "public", router row 0) whose logits equal transformers' Olmo2 model's
+(the architectures are the same: post-norm, QK-norm). Tensors are converted one at a time
+(a 7B import never holds two copies); tokenizer files beside it are copied. The training
+commands also take an olmo2 directory as --public directly (converted on access).
+
 --to olmo-core: read our HF checkpoint (--input) and write OLMo-core model keys to --out:
 --format pt (out/model.pt, as OLMo-core's unshard_checkpoint writes it) or dcp (out/ is a
 distributed checkpoint with the tensors under model., as save_model_and_optim_state writes
@@ -42,7 +49,7 @@ class _Formatter(DefaultsOnceFormatter, argparse.RawDescriptionHelpFormatter):
 
 def register(sub) -> None:
     """Add ``flexmoe convert``."""
-    p = add_command(sub, "convert", run, help="OLMo-core FlexOlmo checkpoints <-> our HF layout (keeps the router bias)",
+    p = add_command(sub, "convert", run, help="OLMo-core FlexOlmo checkpoints <-> our HF layout (keeps the router bias); HF olmo2 -> ours",
                     description=DESCRIPTION)
     p.formatter_class = _Formatter
     require(p, "--to", choices=["hf", "olmo-core"], help="direction: hf (from OLMo-core) or olmo-core (from ours)")
@@ -187,6 +194,51 @@ def _olmo_core_config(cfg, oc: dict, layout: str):
     return {"model": tc.as_config_dict()}, "checked against OLMo-core's model classes; wrote its config.json"
 
 
+_HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                       "merges.txt", "tokenizer.model", "tokenizer_meta.json")
+
+
+def _olmo2_to_hf(args, out: Path) -> str:
+    """``--input`` a Hugging Face olmo2 directory: our dense flex_olmo checkpoint, streamed tensor by tensor."""
+    import shutil
+
+    import torch
+
+    from flexmoe_kernels.models.checkpoint import ShardWriter, parse_size, write_config
+    from flexmoe_kernels.models.olmo2 import open_olmo2
+    from flexmoe_kernels.utils.fs import atomic_directory, write_json_atomic
+
+    from ..modeling import ModelSpecError, check_fits
+    from ..runlog import utc_now
+
+    if args.config:
+        raise ValueError("--config does not apply to an olmo2 --input (its config.json is complete)")
+    try:
+        cfg, src = open_olmo2(args.input, "--input")
+        check_fits(cfg, {k: src.shape(k) for k in src})
+    except ModelSpecError as exc:
+        raise ValueError(f"--input {args.input!r}: {exc}") from exc
+    dt = {"keep": None, "fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    shard = parse_size(args.max_shard_size, "--max-shard-size")
+    items = ((k, src[k] if dt is None else src[k].to(dt)) for k in src)
+    with atomic_directory(out) as ck:
+        writer = ShardWriter(ck, shard)
+        for k, v in items:
+            dt = dt or v.dtype
+            writer.add(k, v)
+        writer.finish()
+        write_config(ck, cfg, dt or torch.float32)
+        for name in _HF_TOKENIZER_FILES:
+            if (Path(args.input) / name).is_file():
+                shutil.copyfile(Path(args.input) / name, ck / name)
+        write_json_atomic(ck / "run.json", {
+            "command": "convert", "argv": sys.argv[1:], "status": "finished", "time": utc_now(),
+            "from": "olmo2", "input": str(Path(args.input).resolve())})
+    return (f"convert: HF olmo2 ({cfg.num_hidden_layers} layers, D={cfg.hidden_size}, F={cfg.intermediate_size}, "
+            f"{'tied' if cfg.tie_word_embeddings else 'untied'} head) -> our dense public model (flex_olmo, "
+            f"expert 'public') in {out}")
+
+
 def _to_olmo_core(args, out: Path) -> str:
     from flexmoe_kernels.models.olmo_core import OUR_CONFIG_FILE, hf_to_olmo_core, write_olmo_core
     from flexmoe_kernels.utils.fs import atomic_directory, write_json_atomic
@@ -226,5 +278,12 @@ def run(args) -> int:
     check_out_free(out, args.overwrite)
     if args.to == "hf" and args.format != "pt":
         raise ValueError("--format applies to --to olmo-core only")
+    from flexmoe_kernels.models.olmo2 import is_olmo2_checkpoint
+
+    if args.to == "hf" and is_olmo2_checkpoint(args.input):
+        print(_olmo2_to_hf(args, out))
+        return 0
+    if args.to == "olmo-core" and is_olmo2_checkpoint(args.input):
+        raise ValueError(f"--input {args.input!r} is a Hugging Face olmo2 checkpoint: convert it with --to hf")
     print(_to_hf(args, out) if args.to == "hf" else _to_olmo_core(args, out))
     return 0

@@ -63,6 +63,12 @@ def cmd_train_expert(args) -> int:
     datas = open_datas([args.data])
     # The public model is read lazily, one tensor at a time (hash, build, checks): no rank holds it whole.
     pub_cfg, pub_sd = open_checkpoint(args.public, "--public")
+    if pub_cfg.num_experts > 1:  # a FlexOlmo MoE (released or merged): train against its public expert 0
+        from flexmoe_kernels.models.olmo2 import public_view
+
+        print(f"train-expert: --public has {pub_cfg.num_experts} experts {pub_cfg.expert_names}: the anchor is its "
+              f"expert 0 ({pub_cfg.expert_names[0]!r}) and its shared tensors")
+        pub_cfg, pub_sd = public_view(pub_cfg, pub_sd)
     check_tokenizer(Path(args.public), datas[0], "--public")
     if datas[0].vocab_size > pub_cfg.vocab_size:
         raise ValueError(f"--data vocab {datas[0].vocab_size} is larger than the public model's {pub_cfg.vocab_size}")
