@@ -102,6 +102,83 @@ class Step:
     what: str
     argvs: list = field(default_factory=list)  # commands run concurrently
     background: bool = False  # runs beside the next step (counted once in the wall budget)
+    estimate: str = ""  # how the budget was estimated (printed by the dry run)
+
+
+# ----------------------------------------------------------------------------- budgets from measurements
+# Issue 22 item 6: every budget is estimated from the kernel count and measured times.
+COMPILE_S_PER_KERNEL = 2.0  # one kernel, one core: measured here (Triton 3.9, sm_90a, cold cache, a shared
+#   2-core CPU): FlexOlmo-7x7B's 12 distinct kernels 18.5 s (1.54 s mean, 2.87 s max); fine-grained up 4.5 s,
+#   dW 2.4 s, scatter 2.0 s; KERNEL_NOTES: 0.8-1.9 s, Triton 3.6 about half of 3.9's time
+FALLBACK_KERNELS = 116  # the count recorded at 5c0f3e0-era code (used when it cannot be recorded)
+PROCESS_START_S = 8.0  # a fresh Python process: torch + flexmoe_kernels imports, CUDA context (assumed)
+GPU_CORES = 16  # the GPU machine's CPU cores
+TEST_WORKERS = 4  # pytest -n
+AOT_JOBS = GPU_CORES - TEST_WORKERS - 2  # ahead-of-time compile processes beside the tests (2 cores spare)
+CHECK_JOBS = 6  # self-check processes at once (GPU memory: <= ~8 GB each at FlexOlmo-7x7B's slice)
+REFERENCE_S = 12.0  # one shape's float64 reference + torch bf16 run at the check slice (assumed)
+CHECK_S = 6.0  # one self-check at its slice with the kernels cached (inputs, two fwd+bwd, compare)
+RECORD_S = 6.0  # recording every variant's launches (measured here: 2.9-5.1 s)
+ROW_S = {"fine-grained": 0.6, "flexolmo-7x7b": 1.6}  # one do_bench row (25 ms warm-up, --rep-ms, L2 clears)
+CASE_S = {"fine-grained": 1.0, "flexolmo-7x7b": 2.5}  # a variant's weights, inputs and probe call
+BASELINE_ROWS = 8  # cuda, cuBLAS, grouped_mm x fwd / fwd_bwd, cuda with token_all
+TEST_KERNELS = 140  # the gpu subset's distinct kernels (assumed: ~60 before issue 22 + 6 training configs x 13)
+TEST_RUN_S = 45.0  # the subset's own run time once compiled (assumed)
+SETUP_TIMEOUTS = {"nvidia-smi": 10, "pip install": 25, "import check + versions": 30}  # setup's subprocesses
+E2E_MODELS_N, E2E_STEP_S, E2E_INIT_S = 4, 0.4, 8.0  # e2e-small: models, s per step (13 steps), DeepSpeed init
+
+
+def _ceil5(x: float) -> int:
+    return int(-(-x // 5) * 5)
+
+
+def _n_checks(inv: dict) -> int:
+    return len(inv.get("checks") or []) or 2 * 11
+
+
+def estimates(inv: dict, peers: int = 0) -> dict:
+    """{step: (seconds, how)}: each step's estimate from the inventory (kernel count, variants
+    and checks per shape; :func:`benchmarks.gpu_sweep.inventory`) and the measured constants above."""
+    n_k = inv.get("kernels") or FALLBACK_KERNELS
+    n_chk = _n_checks(inv)
+    waves_k, waves_c = -(-n_k // AOT_JOBS), -(-n_chk // CHECK_JOBS)
+    aot = PROCESS_START_S + RECORD_S + waves_k * COMPILE_S_PER_KERNEL
+    refs = len(inv.get("shapes") or TARGET_PRESETS) * REFERENCE_S
+    check = PROCESS_START_S + refs + waves_c * (PROCESS_START_S + CHECK_S)
+    per_kernel_check = (n_k / max(1, n_chk)) * COMPILE_S_PER_KERNEL
+    out = {
+        "setup": (sum(SETUP_TIMEOUTS.values()),
+                  "sum of its subprocess timeouts: " + ", ".join(f"{k} {v} s" for k, v in SETUP_TIMEOUTS.items())
+                  + " (a rebuild of _C gets what is left)"),
+        "warm": (aot + check,
+                 f"AOT compile: start {PROCESS_START_S:g} + record {RECORD_S:g} + ceil({n_k} kernels / {AOT_JOBS} jobs)"
+                 f" x {COMPILE_S_PER_KERNEL:g} s = {aot:.0f} s; self-checks: start {PROCESS_START_S:g} + references "
+                 f"{refs:.0f} + ceil({n_chk} checks / {CHECK_JOBS} jobs) x ({PROCESS_START_S:g} + {CHECK_S:g}) = "
+                 f"{check:.0f} s (if the AOT cache missed: + ~{per_kernel_check:.0f} s per check)"),
+        "tests": (PROCESS_START_S + TEST_KERNELS * COMPILE_S_PER_KERNEL / TEST_WORKERS + TEST_RUN_S,
+                  f"start {PROCESS_START_S:g} + {TEST_KERNELS} kernels x {COMPILE_S_PER_KERNEL:g} s / {TEST_WORKERS} "
+                  f"workers + run {TEST_RUN_S:g} s"),
+    }
+    for pn in TARGET_PRESETS:
+        n_v = len((inv.get("variants") or {}).get(pn) or []) or 11
+        rows = 2 * (n_v + peers) + 2 + BASELINE_ROWS  # fwd, fwd_bwd each; the default also with token_all
+        sec = 2 * PROCESS_START_S + (n_v + peers) * CASE_S[pn] + rows * ROW_S[pn] + PROCESS_START_S
+        out[f"layer-{pn}"] = (sec, f"parent + child start {2 * PROCESS_START_S:g} + {n_v + peers} variants/peers x case "
+                                   f"{CASE_S[pn]:g} s + {rows} rows x {ROW_S[pn]:g} s + one restart {PROCESS_START_S:g} s")
+    out["routing"] = (30.0, "fixed: 2 presets x 2 T x 3 routers x 2 masks + the copy, ~1 s each, + start")
+    e2e = PROCESS_START_S + E2E_MODELS_N * (E2E_INIT_S + 13 * E2E_STEP_S)
+    out["e2e"] = (e2e, f"start {PROCESS_START_S:g} + {E2E_MODELS_N} models x (init {E2E_INIT_S:g} + 13 steps x "
+                       f"{E2E_STEP_S:g} s)")
+    out["finalize"] = (15.0, "fixed: merge, summary, plots, table")
+    return out
+
+
+TARGET_PRESETS = ("fine-grained", "flexolmo-7x7b")
+
+
+def _budget(step: str, est: float) -> int:
+    """A step's budget from its estimate: 15% margin, rounded up to 5 s (setup: its timeouts)."""
+    return int(est) if step == "setup" else _ceil5(est * 1.15)
 
 
 def _test_argv(py: str, out: str, plugins=None) -> list:
@@ -111,43 +188,58 @@ def _test_argv(py: str, out: str, plugins=None) -> list:
     if plugins is None:
         plugins = [m for m in ("xdist", "pytest_timeout") if importlib.util.find_spec(m) is not None]
     argv = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={out}/junit.xml"]
-    argv += ["-n", "4"] if "xdist" in plugins else []
+    argv += ["-n", str(TEST_WORKERS)] if "xdist" in plugins else []
     argv += ["--timeout", "150"] if "pytest_timeout" in plugins else []
     return argv + list(TEST_SUBSET)
 
 
 def plan_steps(out: str = "OUT_DIR", work: str = WORK, py: str = "python3",
-               plugins=("xdist", "pytest_timeout")) -> list:
-    """The session's steps, in order, with their budgets (seconds) and commands (``plugins``:
-    the pytest plugins to use, as in :func:`_test_argv`; the dry run shows the GPU image's)."""
+               plugins=("xdist", "pytest_timeout"), inv: dict | None = None, peers=()) -> list:
+    """The session's steps, in order, with their budgets (seconds, from :func:`estimates` of
+    ``inv``, the sweep's inventory) and commands (``plugins``: the pytest plugins to use, as in
+    :func:`_test_argv`; the dry run shows the GPU image's). ``peers``: peer providers checked
+    and timed beside the variants (e.g. ``liger_fused_moe``, when its wheel is carried)."""
+    inv = inv or {}
+    est = estimates(inv, len(peers))
+    b = {k: _budget(k, v[0]) for k, v in est.items()}
+    b["tests"] = max(b["tests"], b["warm"])  # the warm-up runs beside the tests and ends with them
+    how = {k: v[1] for k, v in est.items()}
     run = [py, "-m", "benchmarks.run", "--no-progress", "--no-plots"]
     sweep = [py, "-m", "benchmarks.gpu_sweep"]
     e2e = [*run, "--bench", "e2e", "--e2e-presets", "e2e-small", "--e2e-models", "all"]
-    layer = [*sweep, "layer", "--preset"]
+    checks = f"{work}/checks"
+    peer_args = ["--peers", ",".join(peers)] if peers else []
+    layer = [*sweep, "layer", "--checks", checks, *peer_args, "--preset"]
+    warm_cmd = (f"{py} -m benchmarks.gpu_sweep compile --aot --jobs {AOT_JOBS} --shapes {SHAPES}; "
+                f"{py} -m benchmarks.gpu_sweep check --all --jobs {CHECK_JOBS} --shapes {SHAPES} --checks {checks}"
+                + (f" --providers {','.join(peers)}" if peers else ""))
     return [
-        Step("setup", 30, "install the carried wheels, link flexmoe_training, put the prebuilt _C in place "
-             "(rebuilt for sm_90a if it does not import), print the GPU and the versions",
-             [[py, "-m", "benchmarks.gpu_session", "setup"]]),
-        Step("warm", 160, "beside the tests: compile every variant's Triton kernels at both target shapes "
-             "(one process each) and the e2e models' (one short e2e run) into Triton's cache",
-             [[*sweep, "compile", "--all", "--jobs", "6", "--shapes", SHAPES],
-              [*e2e, "--e2e-steps", "1", "--out", f"{work}/warm-e2e"]], background=True),
-        Step("tests", 160, "pytest: the gpu tier's essentials (bf16 every backend/variant vs reference, "
-             "graph replay with a new mask, no host sync, the CUDA extension's tests) -> junit.xml",
-             [_test_argv(py, out, plugins)]),
-        Step("layer-fine-grained", 60, "variant sweep, fwd and fwd+bwd, T 32768, beside cuda, cuBLAS GEMM "
-             "of equal FLOPs and torch grouped_mm",
-             [[*layer, "fine-grained", "--tokens", "32768", "--out", f"{work}/layer-fine-grained"]]),
-        Step("layer-flexolmo-7x7b", 80, "the same at T 16384 (300 ms do_bench budget: ~100 ms calls)",
-             [[*layer, "flexolmo-7x7b", "--tokens", "16384", "--rep-ms", "300",
-               "--out", f"{work}/layer-flexolmo-7x7b"]]),
-        Step("routing", 35, "routers vs the device copy, both presets, T 16384 and 32768, masks none/token_all",
-             [[*run, "--bench", "routing", "--presets", "fine-grained,flexolmo-7x7b", "--tokens", "16384,32768",
-               "--masks", "none,token_all", "--out", f"{work}/routing"]]),
-        Step("e2e", 120, "DeepSpeed training step, e2e-small: dense (equal active params), MoE, "
-             "2-expert MoE, FlexOlmo coupled", [[*e2e, "--out", f"{work}/e2e"]]),
-        Step("finalize", 20, "merge the results, summary and targets, plots, best-measured config table",
-             [[py, "-m", "benchmarks.gpu_session", "finalize", out, work]]),
+        Step("setup", b["setup"], "install the carried wheels, link flexmoe_training, put the prebuilt _C in place "
+             "(rebuilt for sm_90a only within what is left of the budget), print the GPU and the versions",
+             [[py, "-m", "benchmarks.gpu_session", "setup"]], estimate=how["setup"]),
+        Step("warm", b["warm"], "beside the tests: compile every distinct kernel of the sweep ahead of time "
+             "(triton.compile, no GPU), then self-check every variant (and peer) against the reference, one "
+             "process each; and one short e2e run (the e2e models' kernels)",
+             [["bash", "-c", warm_cmd], [*e2e, "--e2e-steps", "1", "--out", f"{work}/warm-e2e"]], background=True,
+             estimate=how["warm"]),
+        Step("tests", b["tests"], "pytest: the gpu tier's essentials (bf16 every backend/variant vs reference, "
+             "training-size configs, graph replay with a new mask, no host sync, the CUDA extension's tests) -> "
+             "junit.xml", [_test_argv(py, out, plugins)], estimate=how["tests"] + " (and >= the warm-up beside it)"),
+        Step("layer-fine-grained", b["layer-fine-grained"], "variant sweep, fwd and fwd+bwd, T 32768, beside cuda, "
+             "cuBLAS GEMM of equal FLOPs and torch grouped_mm; a variant that failed its check gets FAIL rows, "
+             "not times", [[*layer, "fine-grained", "--tokens", "32768", "--out", f"{work}/layer-fine-grained"]],
+             estimate=how["layer-fine-grained"]),
+        Step("layer-flexolmo-7x7b", b["layer-flexolmo-7x7b"], "the same at T 16384 (300 ms do_bench budget: "
+             "~100 ms calls)", [[*layer, "flexolmo-7x7b", "--tokens", "16384", "--rep-ms", "300",
+                                 "--out", f"{work}/layer-flexolmo-7x7b"]], estimate=how["layer-flexolmo-7x7b"]),
+        Step("routing", b["routing"], "routers vs the device copy, both presets, T 16384 and 32768, masks "
+             "none/token_all", [[*run, "--bench", "routing", "--presets", "fine-grained,flexolmo-7x7b", "--tokens",
+                                 "16384,32768", "--masks", "none,token_all", "--out", f"{work}/routing"]],
+             estimate=how["routing"]),
+        Step("e2e", b["e2e"], "DeepSpeed training step, e2e-small: dense (equal active params), MoE, "
+             "2-expert MoE, FlexOlmo coupled", [[*e2e, "--out", f"{work}/e2e"]], estimate=how["e2e"]),
+        Step("finalize", b["finalize"], "merge the results, summary and targets, plots, best-measured config table",
+             [[py, "-m", "benchmarks.gpu_session", "finalize", out, work]], estimate=how["finalize"]),
     ]
 
 
@@ -156,13 +248,34 @@ def wall_budget(steps: list) -> int:
     return sum(s.budget_s for s in steps if not s.background)
 
 
-def format_plan(steps: list) -> str:
+def format_plan(steps: list, inv: dict | None = None) -> str:
+    inv = inv or {}
     lines = [f"Prepared GPU session (issue 13 item 10): bash benchmarks/gpu_session.sh OUT_DIR", "",
              f"{'#':>2} {'step':22} {'budget_s':>8}  what"]
     for i, s in enumerate(steps, 1):
         tag = " (bg)" if s.background else ""
         lines.append(f"{i:>2} {s.name + tag:22} {s.budget_s:>8}  {s.what}")
+        if s.estimate:
+            lines.append(f"{'':36}estimate: {s.estimate}")
         lines += [f"{'':36}$ {' '.join(a)}" for a in s.argvs]
+    n_k = inv.get("kernels")
+    src = (f"recorded for {inv.get('device_name')}" if n_k else
+           f"assumed ({inv.get('kernels_error') or 'not recorded'})")
+    lines += ["", f"kernels to compile: {n_k or FALLBACK_KERNELS} distinct Triton kernels ({src}), "
+              f"{COMPILE_S_PER_KERNEL:g} s each on one core (measured), {AOT_JOBS} processes"]
+    if inv.get("kernels_by_name"):
+        lines.append("  " + ", ".join(f"{k} {v}" for k, v in sorted(inv["kernels_by_name"].items())))
+    dups = {pn: d for pn, d in (inv.get("duplicates") or {}).items() if d}
+    if dups:
+        lines.append("duplicate variants cut: " + "; ".join(
+            f"{pn}: " + ", ".join(f"{a} (= {b})" for a, b in d) for pn, d in dups.items()))
+    if inv.get("checks"):
+        lines += ["", "self-checks (each in its own process, before timing; the tests' bf16 rule vs the float64 "
+                  "reference; a FAIL is not timed and never enters the table):"]
+        for c in inv["checks"]:
+            env = ", ".join(f"{k}={v if len(v) < 60 else '(every field of every kind)'}" for k, v in c["env"].items())
+            lines.append(f"  check {c['name']:24} {c['preset']:14} T {c['T']:>6}: {c['check_tokens']} tokens with "
+                         f"the T {c['T']} configs pinned; {env or 'no variant pin'}")
     total = wall_budget(steps)
     verdict = "<=" if total <= TOTAL_BUDGET_S else "EXCEEDS"
     lines += ["", f"total estimate: {total} s wall ({verdict} the {TOTAL_BUDGET_S} s limit; background steps "
@@ -281,8 +394,43 @@ def stamp_commit(root: Path = ROOT) -> str | None:
     return text
 
 
+INVENTORY = f"{EXT_DIR}/inventory.json"  # written by --dry-run --check; read by the session (no re-recording)
+
+
+def load_inventory(root: Path = ROOT, prefer_file: bool = False, timeout: float = 120.0) -> dict:
+    """The sweep's inventory (:func:`benchmarks.gpu_sweep.inventory`: variants, duplicates cut,
+    self-checks, kernel count), recorded in a fresh process without ``TRITON_INTERPRET`` (the
+    launch recorder needs the compiled kernels' JIT functions); ``prefer_file``: the one
+    ``--dry-run --check`` saved in :data:`INVENTORY` if present. ``{}`` (the plan's assumed
+    figures) when it cannot be had."""
+    saved = root / INVENTORY
+    if prefer_file and saved.is_file():
+        try:
+            return json.loads(saved.read_text())
+        except ValueError:
+            pass
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(root)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    cmd = [sys.executable, "-m", "benchmarks.gpu_sweep", "inventory"]
+    peers = carried_peers(root)
+    cmd += ["--peers", ",".join(peers)] if peers else []
+    try:
+        r = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
+        return json.loads(r.stdout) if r.returncode == 0 else {"kernels_error": (r.stderr.strip().splitlines()
+                                                                                or ["?"])[-1][:200]}
+    except (OSError, subprocess.SubprocessError, ValueError) as exc:
+        return {"kernels_error": f"{type(exc).__name__}: {exc}"}
+
+
+def carried_peers(root: Path = ROOT) -> list:
+    """Peer providers whose wheel travels in :data:`WHEEL_DIR` (Liger-Kernel's fused MoE)."""
+    return ["liger_fused_moe"] if any((root / WHEEL_DIR).glob("liger_kernel-*.whl")) else []
+
+
 def cmd_plan(args) -> int:
-    print(format_plan(plan_steps()))
+    inv = load_inventory()
+    steps = plan_steps(inv=inv, peers=carried_peers())
+    print(format_plan(steps, inv))
     print("\nprerequisites (checked here, without a GPU):")
     checks = check_prerequisites()
     for ok, text in checks:
@@ -290,9 +438,12 @@ def cmd_plan(args) -> int:
     if args.check:
         sha = stamp_commit()
         print(f"  commit stamped into {EXT_DIR}/commit.txt: {sha}" if sha else "  commit not stamped")
+        if (ROOT / EXT_DIR).is_dir() and inv.get("kernels"):
+            (ROOT / INVENTORY).write_text(json.dumps(inv, indent=1) + "\n")
+            print(f"  inventory saved to {INVENTORY} (the session reads it instead of recording again)")
     print(f"\ndevice call: run(command=\"bash benchmarks/gpu_session.sh $OUT\", carry=[\"{WHEEL_DIR}\", "
           f"\"{EXT_DIR}\"], timeout_s={DEVICE_TIMEOUT_S})")
-    over = wall_budget(plan_steps()) > TOTAL_BUDGET_S
+    over = wall_budget(steps) > TOTAL_BUDGET_S
     return 1 if over or (args.check and not all(ok for ok, _ in checks)) else 0
 
 
@@ -390,8 +541,9 @@ def cmd_run(args) -> int:
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
-    steps = plan_steps(str(out), str(work), sys.executable, plugins=None)
-    print(format_plan(steps), flush=True)
+    inv = load_inventory(prefer_file=True, timeout=60)
+    steps = plan_steps(str(out), str(work), sys.executable, plugins=None, inv=inv, peers=carried_peers())
+    print(format_plan(steps, inv), flush=True)
     records = run_session(out, work, steps)
     bad = [r["step"] for r in records if r["timed_out"] or any(r["exit_codes"])]
     print(f"steps that timed out or failed: {bad or 'none'}; files in {out}: "
@@ -409,37 +561,47 @@ def _sh(argv: list, timeout: float, env: dict | None = None) -> int:
         return 1
 
 
-def _cuda_backend_reason(env: dict) -> str:
-    """``flexmoe_kernels.cuda_unavailable_reason()`` in a fresh process ("" = available)."""
-    code = "import flexmoe_kernels as fk; print('REASON=' + fk.cuda_unavailable_reason())"
-    try:
-        r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=90)
-    except subprocess.SubprocessError as exc:
-        return f"check failed: {exc}"
-    found = [line[7:] for line in r.stdout.splitlines() if line.startswith("REASON=")]
-    return found[-1] if found else "flexmoe_kernels not importable: " + (r.stderr.strip().splitlines() or ["?"])[-1]
-
-
 _VERSIONS = """
 import importlib, torch
 print('torch', torch.__version__, 'cuda', torch.version.cuda, 'device', torch.cuda.get_device_name(),
       torch.cuda.get_device_properties(0).multi_processor_count, 'SMs')
-for name in ('triton', 'transformers', 'deepspeed', 'flexmoe_training', 'xdist', 'pytest_timeout'):
+for name in ('triton', 'transformers', 'deepspeed', 'flexmoe_training', 'liger_kernel', 'xdist', 'pytest_timeout'):
     try:
         print(name, getattr(importlib.import_module(name), '__version__', 'importable'))
     except Exception as exc:
         print(name, 'NOT IMPORTABLE:', type(exc).__name__, exc)
+try:
+    import flexmoe_kernels as fk
+    print('REASON=' + fk.cuda_unavailable_reason())
+except Exception as exc:
+    print('REASON=flexmoe_kernels not importable: ' + type(exc).__name__ + ': ' + str(exc))
 """
 
 
+def _import_check(env: dict, timeout: float) -> str:
+    """The versions (printed) and ``flexmoe_kernels.cuda_unavailable_reason()`` ("" = available)
+    from one fresh process."""
+    try:
+        r = subprocess.run([sys.executable, "-c", _VERSIONS], cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=timeout)
+    except subprocess.SubprocessError as exc:
+        return f"check failed: {exc}"
+    print(r.stdout + r.stderr[-2000:], flush=True)
+    found = [line[7:] for line in r.stdout.splitlines() if line.startswith("REASON=")]
+    return found[-1] if found else "flexmoe_kernels not importable: " + (r.stderr.strip().splitlines() or ["?"])[-1]
+
+
 def cmd_setup(args) -> int:
-    env = child_env()
-    _sh(["nvidia-smi", "--query-gpu=name,memory.total,driver_version,clocks.max.sm", "--format=csv"], 20)
+    """Step 1. Its subprocesses run under :data:`SETUP_TIMEOUTS` (their sum is the step's
+    budget); rebuilding ``_C`` (only if the prebuilt one does not import) gets what is left of
+    that budget after a second import check."""
+    t0, env, to = time.monotonic(), child_env(), SETUP_TIMEOUTS
+    _sh(["nvidia-smi", "--query-gpu=name,memory.total,driver_version,clocks.max.sm", "--format=csv"], to["nvidia-smi"])
     Path(SITE).mkdir(parents=True, exist_ok=True)
     wheels = sorted(str(p) for p in (ROOT / WHEEL_DIR).glob("*.whl"))
     if wheels:
         _sh([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
-             "--no-cache-dir", "--upgrade", "--target", SITE, *wheels], 120)
+             "--no-cache-dir", "--upgrade", "--target", SITE, *wheels], to["pip install"])
     else:
         print(f"WARNING: no wheels in {WHEEL_DIR}/: deepspeed is missing; the e2e rows will say 'skipped'")
     link = Path(SITE) / "flexmoe_training"
@@ -448,14 +610,17 @@ def cmd_setup(args) -> int:
     so = ROOT / EXT_DIR / EXT_FILE
     if so.is_file():
         shutil.copyfile(so, ROOT / EXT_FILE)  # a fresh mtime: newer than csrc/ (test_cuda_build)
-    reason = _cuda_backend_reason(env)
+    reason = _import_check(env, to["import check + versions"])
     if "not importable" in reason:
-        print(f"prebuilt _C unusable ({reason}); building it here for sm_90a", flush=True)
-        _sh([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], 150,
-            env={**env, "FLEXMOE_CUDA_ARCHS": "90a", "FLEXMOE_NVCC_THREADS": "4"})
-        reason = _cuda_backend_reason(env)
+        left = sum(to.values()) - (time.monotonic() - t0) - to["import check + versions"]
+        if left > 20:
+            print(f"prebuilt _C unusable ({reason}); building it here for sm_90a within {left:.0f} s", flush=True)
+            _sh([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], left,
+                env={**env, "FLEXMOE_CUDA_ARCHS": "90a", "FLEXMOE_NVCC_THREADS": "4"})
+            reason = _import_check(env, to["import check + versions"])
+        else:
+            print(f"prebuilt _C unusable ({reason}); no time left in setup to rebuild it", flush=True)
     print(f"cuda backend: {reason or 'available'}", flush=True)
-    _sh([sys.executable, "-c", _VERSIONS], 90, env=env)
     stamp = ROOT / EXT_DIR / "commit.txt"
     print("commit:", stamp.read_text().strip() if stamp.is_file() else "unknown (no stamp)", flush=True)
     return 0

@@ -67,6 +67,9 @@ class Provider:
     supports_mask: bool
     available: Callable[[torch.device], tuple[bool, str]]
     build: Callable[[LayerPreset, LayerWeights, torch.device, torch.dtype], Built]
+    # Peer providers checked against the reference before the GPU sweep times them
+    # (benchmarks/check.py): device -> fwd(x, router_weight, gate_up, down, K) -> (out, logits).
+    check_fwd: Optional[Callable[[torch.device], Callable]] = None
 
 
 def _moe_flops(p: LayerPreset) -> Callable[[int], int]:

@@ -30,17 +30,54 @@ def _bash(*args, **kw):
                           timeout=120, **kw)
 
 
-def test_dry_run_lists_every_step_and_fits_nine_minutes():
+@pytest.fixture(scope="module")
+def inventory():
+    """The sweep's inventory as the dry run records it (no GPU; a fresh process)."""
+    inv = gs.load_inventory()
+    assert inv.get("kernels"), inv
+    return inv
+
+
+def test_dry_run_lists_every_step_and_fits_nine_minutes(inventory):
+    """Issue 22 item 6: the dry run prints each step's estimate (from the kernel count and the
+    measured compile time), the kernel count, the duplicates cut, the self-check of every
+    variant and a total <= 540 s."""
     r = _bash("--dry-run")
     assert r.returncode == 0, r.stderr
-    steps = gs.plan_steps()
+    steps = gs.plan_steps(inv=inventory, peers=gs.carried_peers())
     for i, s in enumerate(steps, 1):
         assert re.search(rf"^\s*{i} {re.escape(s.name)}(\s|\s\(bg\)\s)+{s.budget_s}\s", r.stdout, re.M), s.name
+    assert len(re.findall(r"^\s+estimate: ", r.stdout, re.M)) == len(steps)
     total = int(re.search(r"total estimate: (\d+) s wall", r.stdout).group(1))
     assert total == gs.wall_budget(steps) == sum(s.budget_s for s in steps if not s.background)
     assert total <= 540
+    n = int(re.search(r"kernels to compile: (\d+) distinct Triton kernels \(recorded", r.stdout).group(1))
+    assert n == inventory["kernels"] >= 60
+    assert f"ceil({n} kernels / {gs.AOT_JOBS} jobs) x {gs.COMPILE_S_PER_KERNEL:g} s" in r.stdout
+    assert "cfg:stages4 (= default)" in r.stdout  # 4 stages is the H100 table's default: not swept twice
+    for pn, names in inventory["variants"].items():
+        for name in names:
+            assert re.search(rf"^  check {re.escape(name)}\s+{pn}\s", r.stdout, re.M), (name, pn)
     assert "prerequisites" in r.stdout and "device call: run(" in r.stdout
     assert "timeout_s=560" in r.stdout
+
+
+def test_budgets_follow_the_estimates(inventory):
+    """Each budget is its estimate plus the margin; setup's is the sum of its subprocess
+    timeouts; the warm-up (AOT compile + self-checks) fits beside the tests."""
+    est = gs.estimates(inventory)
+    steps = {s.name: s for s in gs.plan_steps(inv=inventory)}
+    assert steps["setup"].budget_s == sum(gs.SETUP_TIMEOUTS.values())
+    for name, (sec, how) in est.items():
+        assert steps[name].budget_s >= sec and how, name
+    assert steps["warm"].budget_s <= steps["tests"].budget_s
+    n = inventory["kernels"]
+    aot = gs.PROCESS_START_S + gs.RECORD_S + -(-n // gs.AOT_JOBS) * gs.COMPILE_S_PER_KERNEL
+    assert est["warm"][0] >= aot
+    # more kernels or more checks: a longer warm-up (the estimate follows the counts)
+    more = dict(inventory, kernels=n * 3)
+    assert gs.estimates(more)["warm"][0] > est["warm"][0]
+    assert gs.AOT_JOBS + gs.TEST_WORKERS <= gs.GPU_CORES
 
 
 def test_plan_shape():
@@ -157,10 +194,28 @@ def test_best_table_without_measurements():
 
 # ----------------------------------------------------------------------------- variants
 def test_variants_are_what_exists():
-    names = [v.name for v in sw.variants(torch.device("cpu"))]
+    dups: list = []
+    names = [v.name for v in sw.variants(torch.device("cpu"), duplicates=dups)]
     assert names[:2] == ["default", "atomic"]
-    assert {f"cfg:{n}" for n in sw.CONFIG_CANDIDATES} <= set(names)
+    # every candidate is swept unless it resolves to an earlier variant's configs
+    assert {f"cfg:{n}" for n in sw.CONFIG_CANDIDATES} <= set(names) | {d for d, _ in dups}
     assert sw.Variant("default", ()).provider == "triton" and sw.Variant("atomic", ()).provider == "triton:atomic"
+
+
+def test_duplicate_variants_are_cut_under_the_h100_table():
+    """cfg:stages4 pins 4 stages, which the H100 table already has: it would measure the default
+    again (issue 22 item 6); the heuristic (3 stages) stays."""
+    dups: list = []
+    names = [v.name for v in sw.variants(torch.device("cuda"), {"fine-grained": 32768}, sw.ASSUMED_DEVICE, dups)]
+    assert "cfg:stages4" not in names and ("cfg:stages4", "default") in dups
+    assert "heuristic" in names and "cfg:tma0" in names and "cfg:persistent" in names
+    sigs = set()
+    for name in names:
+        v = next(x for x in sw._candidates(sw._configs_module(), sw.ASSUMED_DEVICE, "cuda", {"fine-grained": 32768})
+                 if x.name == name)
+        sig = (dict(v.env).get(sw.DET_ENV), json.dumps(sw.resolve_variant(v, "fine-grained", 32768)[0], sort_keys=True))
+        assert sig not in sigs, name
+        sigs.add(sig)
 
 
 @pytest.mark.parametrize("preset", sorted(sw.TARGET_SHAPES))
@@ -238,3 +293,89 @@ def test_wheel_checks(tmp_path):
     _wheel(tmp_path / gs.WHEEL_DIR, "deepspeed_extra_dep", ["not-in-the-image (>=1)"])
     res = gs._check_wheels(tmp_path)
     assert not res[1][0] and "not-in-the-image" in res[1][1]
+
+
+# ----------------------------------------------------------------------------- self-checks (issue 22 item 6)
+def test_check_rule_is_the_tests_bf16_rule():
+    """benchmarks.check.within_rule gives the verdicts of tests/helpers.assert_matches_reference."""
+    from helpers import assert_matches_reference
+
+    from benchmarks import check
+
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randn(64, 32, generator=g, dtype=torch.float64)
+    torch_low = (ref + 1e-3 * torch.randn(64, 32, generator=g, dtype=torch.float64)).bfloat16()
+    err_torch = (torch_low.double() - ref).abs().max().item()
+    for scale in (0.5, 1.9, 2.2, 10.0):
+        got = (ref + scale * err_torch * torch.sign(torch.randn(64, 32, generator=g, dtype=torch.float64))).bfloat16()
+        err = (got.double() - ref).abs().max().item()
+        ok, _ = check.within_rule(err, err_torch, ref.abs().max().item(), torch.bfloat16)
+        try:
+            assert_matches_reference(got, ref, torch.bfloat16, "t", torch_low)
+            want = True
+        except AssertionError:
+            want = False
+        assert ok == want, scale
+
+
+@pytest.fixture(scope="module")
+def smoke_reference(tmp_path_factory):
+    from benchmarks import check
+
+    return check.prepare_reference("smoke", 5, torch.device("cpu"), tmp_path_factory.mktemp("ref"))
+
+
+def test_check_passes_the_reference_backend_and_fails_a_wrong_one(smoke_reference):
+    from benchmarks import check
+
+    dev = torch.device("cpu")
+    ok = check.check_provider("smoke", 5, dev, smoke_reference, fwd=check.flexmoe_fwd("torch"))
+    assert ok["status"] == "PASS" and not ok["error"], ok
+    assert set(ok["tensors"]) == set(check.TENSORS) | {"out_no_grad"}
+
+    def scaled(x, r, gu, dn, k):
+        out, z = check.flexmoe_fwd("torch")(x, r, gu, dn, k)
+        return out * 1.01, z
+
+    bad = check.check_provider("smoke", 5, dev, smoke_reference, fwd=scaled)
+    assert bad["status"] == "FAIL" and "out: max err" in bad["error"] and "gate_up" in bad["error"]
+
+    def boom(*a):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    crashed = check.check_provider("smoke", 5, dev, smoke_reference, fwd=boom)
+    assert crashed["status"] == "FAIL" and "illegal memory access" in crashed["error"]
+
+
+def test_a_check_process_that_hangs_is_a_fail(tmp_path):
+    res = sw.check_in_subprocess("default", "smoke", 5, tmp_path / "checks", tmp_path / "ref", "cpu", timeout=0.5)
+    assert res["status"] == "FAIL" and "timed out" in res["error"]
+    assert json.loads(sw.check_file(tmp_path / "checks", "default", "smoke", 5).read_text())["status"] == "FAIL"
+
+
+def test_a_failed_variant_gets_fail_rows_and_never_enters_the_table(tmp_path, monkeypatch):
+    """The sweep reads each variant's check: a FAIL is recorded with its error and not timed;
+    the best-measured table is made of checked variants only."""
+    from benchmarks import check
+
+    checks = tmp_path / "checks"
+    for name, status, err in (("default", "PASS", ""), ("cfg:bm64", "FAIL", "out: max err 3 > bound 0.01")):
+        check.write_result(sw.check_file(checks, name, "smoke", 5),
+                           dict(status=status, error=err, T=5, tensors={"out": dict(err=1e-6, bound=1e-5, passed=True)}))
+    meta = harness.run_metadata(torch.device("cpu"), ["test"])
+    rec = sw.TaggedRecorder(meta, tmp_path / "out")
+    timing = harness.TimingConfig(cpu_reps=1)
+    done = sw.run_sweep("smoke", 5, torch.device("cpu"), torch.float32, rec, timing, ["default", "cfg:bm64"], [],
+                        checks=checks)
+    rec.close()
+    assert done == ["default", "cfg:bm64"]
+    fail = [r for r in rec.rows if r.get("variant") == "cfg:bm64"]
+    assert fail and all(r["status"] == "fail" and "out: max err 3" in r["note"] and not r.get("ms") for r in fail)
+    assert all(r["check"] == "FAIL" for r in fail)
+    ok = [r for r in rec.rows if r.get("variant") == "default" and r["status"] == "ok"]
+    assert ok and all(r["check"] == "PASS" for r in ok)
+    # a FAIL variant never enters the table, even with a (stale) timed row of it beside
+    stale = dict(ok[0], variant="cfg:bm64", provider="triton:cfg:bm64", ms=ok[0]["ms"] / 100, check="PASS")
+    table, notes = sw.best_table(rec.rows + [stale], "CPU")
+    assert table is not None and "best default" in " ".join(notes)
+    assert "cfg:bm64" not in next(iter(table["measured_ms"].values()))
