@@ -1,0 +1,287 @@
+"""lm-evaluation-harness model type ``"flexmoe"``: any opt-out configuration of an MoE checkpoint.
+
+``FlexMoELM`` is lm-eval's stock Hugging Face model class (``HFLM``, registered as ``"hf"``)
+with our transformers integration applied (:func:`flexmoe_kernels.integrations.transformers.apply_flexmoe`):
+every sparse MoE block runs our layer (``moe_backend``, default ``"auto"``: the fastest
+available backend for the device) and every forward and ``generate`` lm-eval makes runs inside
+:func:`~flexmoe_kernels.integrations.transformers.allowed_experts`, so an opted-out expert's
+router logit is ``-inf`` before the softmax: the scores equal those of the checkpoint rebuilt
+without that expert. Model types: those :data:`SUPPORTED_MODEL_TYPES` lists (FlexOlmo, ours
+or transformers' ``flex_olmo``, OLMoE, Qwen3-MoE, Mixtral), local directories or Hub ids.
+
+``model_args`` (lm-eval splits them on commas, so lists use ``|``)::
+
+    pretrained=DIR_OR_HUB_ID,allowed_experts=public|code,top_k=2,moe_backend=auto,expert_names=a|b|c|d
+
+* ``allowed_experts``: names or indices joined by ``|`` (``public|code``, ``0|2``); absent: every
+  expert. Each token then routes among these experts only.
+* ``top_k``: experts per token; default the checkpoint's. A set smaller than the top-k is an
+  error that says to pass ``top_k`` (``flexmoe eval`` lowers it by itself and says so).
+* ``expert_names``: E names joined by ``|``; default the config's ``expert_names``, Ai2's names
+  for its released checkpoints (:data:`flexmoe_kernels.models.RELEASED_EXPERT_NAMES`), else
+  ``expert_0 ..``.
+* ``moe_backend``: ``auto``, ``torch``, ``triton``, ``cuda``.
+* everything else: ``HFLM``'s own (``dtype``, ``revision``, ``max_length``, ...).
+
+lm-eval's ``lm_eval`` command does not import this module; run it through ``flexmoe eval`` or
+``python -m flexmoe_kernels.integrations.lm_eval <lm_eval arguments>`` (lm-eval's command line
+with ``--model flexmoe`` registered), or import it before ``lm_eval.simple_evaluate``.
+
+Not supported: a FlexOlmo checkpoint with the optional router expert bias (``expert_bias: true``,
+OLMo-core conversions): transformers' ``flex_olmo`` has no such bias, so lm-eval's Hugging
+Face path would silently drop it; such a checkpoint is refused with that reason.
+"""
+from __future__ import annotations
+
+import os
+import re
+from typing import Any, Optional, Sequence, Union
+
+import torch
+from lm_eval.api.registry import register_model
+from lm_eval.models.huggingface import HFLM
+
+from .transformers import SUPPORTED_MODEL_TYPES, allowed_experts, apply_flexmoe, is_patched, remove_flexmoe
+
+__all__ = ["MODEL_NAME", "SEPARATOR", "CheckpointInfo", "FlexMoELM", "inspect_checkpoint", "parse_expert_list", "main"]
+
+MODEL_NAME = "flexmoe"
+SEPARATOR = "|"
+
+
+class CheckpointInfo(dict):
+    """What :func:`inspect_checkpoint` read from a checkpoint's config (a dict: ``model_type``,
+    ``expert_names``, ``num_experts``, ``top_k``, ``pretrained``, ``revision``, ``commit``)."""
+
+
+def _split(value: Any) -> list:
+    """``"a|b"`` / ``"a,b"`` / ``["a", "b"]`` / ``3`` -> a list of names or ints (indices)."""
+    if value is None:
+        return []
+    if isinstance(value, (int, str)):
+        items = [value] if isinstance(value, int) else [s.strip() for s in re.split(r"[|,]", value) if s.strip()]
+    else:
+        items = list(value)
+    out = []
+    for item in items:
+        if isinstance(item, str) and re.fullmatch(r"\d+", item):
+            item = int(item)
+        out.append(item)
+    return out
+
+
+def parse_expert_list(value: Any, names: Sequence[str], argument: str = "allowed_experts") -> list[str]:
+    """The expert names ``value`` selects: names or indices joined by ``|`` (or a list of them).
+
+    A value that equals a name is that name (even when it is all digits); other digits are an
+    index. Raises ``ValueError`` naming ``argument`` for an unknown name or an index out of
+    range (the message lists the valid names), an empty selection, or repeats."""
+    names = list(names)
+    raw = [value] if isinstance(value, str) and value in names else _split(value)
+    out: list[str] = []
+    for item in raw:
+        if isinstance(item, int) and str(item) not in names:
+            if not 0 <= item < len(names):
+                raise ValueError(f"{argument}: expert index {item} is out of range: the model has {len(names)} "
+                                 f"experts, 0..{len(names) - 1} = {', '.join(names)}")
+            item = names[item]
+        item = str(item)
+        if item not in names:
+            raise ValueError(f"{argument}: unknown expert {item!r}; the model's experts are: {', '.join(names)}")
+        if item in out:
+            raise ValueError(f"{argument}: expert {item!r} is named twice")
+        out.append(item)
+    if not out:
+        raise ValueError(f"{argument}: no expert given; the model's experts are: {', '.join(names)}")
+    return out
+
+
+def _commit_of(path: str) -> Optional[str]:
+    """The Hub commit of a snapshot directory (``.../snapshots/<sha>``), else None."""
+    parts = os.path.normpath(os.path.abspath(path)).split(os.sep)
+    if len(parts) >= 2 and parts[-2] == "snapshots" and re.fullmatch(r"[0-9a-f]{40}", parts[-1]):
+        return parts[-1]
+    return None
+
+
+def inspect_checkpoint(pretrained: str, *, revision: Optional[str] = None, expert_names: Any = None,
+                       argument: str = "pretrained", trust_remote_code: bool = False) -> CheckpointInfo:
+    """Read a checkpoint's config (no weights) and check that we can opt its experts out.
+
+    Raises ``ValueError`` naming ``argument`` when the config cannot be read (no such directory,
+    not a Hub id, not cached offline), when its ``model_type`` is not an MoE our transformers
+    integration patches (the message lists the supported ones), for a FlexOlmo config with the
+    router expert bias, or for ``expert_names`` of the wrong length."""
+    import transformers
+
+    from ..models.hub import hub_id_of, released_expert_names
+
+    try:
+        config = transformers.AutoConfig.from_pretrained(pretrained, revision=revision,
+                                                         trust_remote_code=trust_remote_code)
+    except Exception as exc:  # OSError / ValueError from the hub client or a broken config.json
+        why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"{argument} {pretrained!r}: no model config could be read ({why})") from exc
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"{argument} {pretrained!r} is a {model_type!r} model, not an MoE whose experts can be opted "
+                         f"out; supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    if getattr(config, "expert_bias", False):
+        raise ValueError(f"{argument} {pretrained!r} has a router expert bias (expert_bias: true), which transformers' "
+                         f"flex_olmo (lm-eval's Hugging Face path) does not implement: it would be dropped silently")
+    num_experts = getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None)
+    top_k = int(config.num_experts_per_tok)
+    if expert_names is not None and expert_names != "":
+        names = [str(n) for n in _split(expert_names)]
+        if len(names) != num_experts or len(set(names)) != len(names):
+            raise ValueError(f"expert_names: {len(names)} names ({SEPARATOR.join(names)}) for a model with "
+                             f"{num_experts} experts (give {num_experts} distinct names joined by {SEPARATOR!r})")
+    else:
+        names = getattr(config, "expert_names", None)
+        if not names:
+            d = config.to_dict()
+            names = released_expert_names(hub_id_of(pretrained, d), d)
+        names = list(names) if names else [f"expert_{i}" for i in range(num_experts)]
+    return CheckpointInfo(model_type=model_type, expert_names=names, num_experts=int(num_experts), top_k=top_k,
+                          pretrained=str(pretrained), revision=revision,
+                          commit=_commit_of(str(pretrained)) if os.path.isdir(str(pretrained)) else None)
+
+
+def _router_modules(model: torch.nn.Module) -> list:
+    """The routers (``gate`` modules with a ``top_k``) of the model's sparse MoE blocks."""
+    return [m.gate for m in model.modules()
+            if hasattr(m, "experts") and hasattr(getattr(m, "gate", None), "top_k")]
+
+
+@register_model(MODEL_NAME)
+class FlexMoELM(HFLM):
+    """lm-eval's ``HFLM`` that honours an opt-out (see the module docstring for ``model_args``).
+
+    :meth:`configure` changes the allowed experts and top-k of a loaded model, so one load serves
+    many configurations (``flexmoe eval --opt-out-sweep``)."""
+
+    def __init__(self, pretrained: Union[str, torch.nn.Module] = None, allowed_experts: Any = None,
+                 top_k: Optional[int] = None, expert_names: Any = None, moe_backend: Optional[str] = None,
+                 **kwargs) -> None:
+        if pretrained is None:
+            raise ValueError("pretrained: give the checkpoint (model_args pretrained=DIR_OR_HUB_ID)")
+        if isinstance(pretrained, str):  # every check of the config before any weight is read
+            info = inspect_checkpoint(pretrained, revision=kwargs.get("revision"), expert_names=expert_names,
+                                      trust_remote_code=bool(kwargs.get("trust_remote_code", False)))
+            names = info["expert_names"]
+            if allowed_experts is not None:
+                allowed = parse_expert_list(allowed_experts, names)
+                self._check_k(len(allowed), top_k, info["top_k"], allowed)
+        else:
+            info = CheckpointInfo(model_type=getattr(pretrained.config, "model_type", None), pretrained=None,
+                                  revision=None, commit=None)
+            names = None if expert_names is None else [str(n) for n in _split(expert_names)]
+        super().__init__(pretrained=pretrained, **kwargs)
+        model = self._model
+        if names is None and is_patched(model):
+            names = list(model._flexmoe_state.expert_names)
+        apply_flexmoe(model, backend=moe_backend, expert_names=names)
+        self._moe_backend = moe_backend
+        self.expert_names = list(model._flexmoe_state.expert_names)
+        routers = _router_modules(model)
+        self.checkpoint_top_k = int(routers[0].top_k)
+        info.update(expert_names=self.expert_names, num_experts=len(self.expert_names), top_k=self.checkpoint_top_k)
+        self.checkpoint_info = info
+        self.allowed: list[str] = list(self.expert_names)
+        self.top_k = self.checkpoint_top_k
+        self._tensors_sha256: Optional[str] = None
+        self.configure(allowed_experts, top_k)
+
+    # ------------------------------------------------------------------ configuration
+    @staticmethod
+    def _check_k(n: int, top_k: Optional[int], model_k: int, allowed: Sequence[str]) -> None:
+        k = model_k if top_k is None else int(top_k)
+        if not 1 <= k:
+            raise ValueError(f"top_k: must be at least 1, got {k}")
+        if n < k:
+            how = ("lower top_k" if top_k is not None else f"pass top_k={n} (or fewer) with it; the checkpoint's "
+                   f"top-k is {model_k}")
+            raise ValueError(f"allowed_experts: {SEPARATOR.join(allowed)} allows {n} experts, fewer than top-k {k} "
+                             f"experts per token: allow at least {k} experts or {how}")
+
+    def configure(self, allowed: Any = None, top_k: Optional[int] = None, lower_top_k: bool = False) -> dict:
+        """Evaluate from now on with ``allowed`` experts (names / indices / ``"a|b"``; None: every
+        expert) and ``top_k`` experts per token (None: the checkpoint's, lowered to the set's size
+        when ``lower_top_k``). Returns ``{"allowed_experts", "top_k", "top_k_lowered_from"}``.
+        ``ValueError`` (naming the argument) for unknown experts or a set smaller than the top-k."""
+        names = list(self.expert_names) if allowed is None else parse_expert_list(allowed, self.expert_names)
+        lowered = None
+        if top_k is None and lower_top_k and len(names) < self.checkpoint_top_k:
+            top_k, lowered = len(names), self.checkpoint_top_k
+        self._check_k(len(names), top_k, self.checkpoint_top_k, names)
+        k = self.checkpoint_top_k if top_k is None else int(top_k)
+        if k > len(self.expert_names):
+            raise ValueError(f"top_k: {k} is more than the model's {len(self.expert_names)} experts")
+        self._set_top_k(k)
+        self.allowed = names
+        return {"allowed_experts": list(names), "top_k": k, "top_k_lowered_from": lowered}
+
+    def _set_top_k(self, k: int) -> None:
+        """Route ``k`` experts per token: every router's ``top_k`` and the config's
+        ``num_experts_per_tok`` (re-applying our patch so that its opt-out check uses ``k``)."""
+        if k == self.top_k:
+            return
+        model = self._model
+        remove_flexmoe(model)
+        for router in _router_modules(model):
+            router.top_k = k
+        for m in model.modules():  # families that keep the k on the block too
+            if hasattr(m, "experts") and isinstance(getattr(m, "top_k", None), int):
+                m.top_k = k
+        model.config.num_experts_per_tok = k
+        apply_flexmoe(model, backend=self._moe_backend, expert_names=self.expert_names)
+        self.top_k = k
+
+    # ------------------------------------------------------------------ lm-eval's model calls
+    def _model_call(self, inps, attn_mask=None, labels=None):
+        with allowed_experts(self._model, list(self.allowed)):
+            return super()._model_call(inps, attn_mask=attn_mask, labels=labels)
+
+    def _model_generate(self, context, max_length, stop, **generation_kwargs):
+        with allowed_experts(self._model, list(self.allowed)):
+            return super()._model_generate(context, max_length, stop, **generation_kwargs)
+
+    # ------------------------------------------------------------------ provenance
+    def tensors_sha256(self) -> str:
+        """sha256 of the evaluated weights (:func:`flexmoe_kernels.models.tensors_sha256`), once."""
+        if self._tensors_sha256 is None:
+            from ..models.checkpoint import tensors_sha256
+
+            self._tensors_sha256 = tensors_sha256({k: v.detach().cpu() for k, v in self._model.state_dict().items()})
+        return self._tensors_sha256
+
+    def get_model_info(self) -> dict:
+        """lm-eval's model info without a network call for a local checkpoint, plus ours."""
+        info = self.checkpoint_info
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") or (
+            info.get("pretrained") and os.path.isdir(str(info["pretrained"])))
+        if offline or not isinstance(self.pretrained, str):
+            base = {"model_num_parameters": sum(p.numel() for p in self._model.parameters()),
+                    "model_dtype": str(self._model.dtype), "model_revision": getattr(self, "revision", None),
+                    "model_sha": info.get("commit") or ""}
+        else:
+            base = super().get_model_info()
+        base.update(flexmoe_allowed_experts=list(self.allowed), flexmoe_top_k=self.top_k,
+                    flexmoe_expert_names=list(self.expert_names))
+        return base
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """lm-eval's command line with ``--model flexmoe`` registered
+    (``python -m flexmoe_kernels.integrations.lm_eval --model flexmoe --model_args ... --tasks ...``)."""
+    import sys
+
+    from lm_eval.__main__ import cli_evaluate
+
+    if argv is not None:
+        sys.argv = [sys.argv[0], *argv]
+    cli_evaluate()
+
+
+if __name__ == "__main__":
+    main()
