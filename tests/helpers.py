@@ -10,7 +10,9 @@ Legend: T tokens, D hidden, F expert width, E experts, K top-k, P = T*K routed p
 * :func:`make_problem`, :func:`run_layer`, :func:`run_reference64`: random layer inputs,
   forward + backward of one backend, and of the float64 reference;
 * :func:`assert_matches_reference`: the one pass rule per dtype for a backend's result
-  against the float64 reference.
+  against the float64 reference;
+* :func:`interpreter_unsupported` / :func:`is_interpreter_failure`: the interpreter tier's skip
+  where Triton < 3.7 meets NumPy >= 2.4 (conftest turns such failures into skips with the reason).
 """
 from __future__ import annotations
 
@@ -23,6 +25,50 @@ import flexmoe_kernels as fk
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 GRAD_NAMES = ("x", "router_weight", "expert_bias", "gate_up", "down")
+
+# ----------------------------------------------------------------------------- interpreter tier
+# Triton < 3.7's interpreter cannot use a runtime scalar as a ``range`` bound with NumPy >= 2.4
+# (the GEMM kernels' k-loops in grouped_gemm_kernels.py / grouped_gemm_bwd_kernels.py; the GPU
+# image has Triton 3.6 with NumPy 2.5). Fixed in Triton 3.7.
+INTERPRETER_BROKEN_FILES = ("grouped_gemm_kernels.py", "grouped_gemm_bwd_kernels.py")
+
+
+def _version_tuple(text: str) -> tuple:
+    import re
+
+    return tuple(int(x) for x in re.findall(r"\d+", text)[:2])
+
+
+def interpreter_unsupported(triton_version: Optional[str] = None, numpy_version: Optional[str] = None) -> Optional[str]:
+    """Why Triton's interpreter cannot run our grouped GEMM kernels with these versions (default:
+    the installed ones), or None when it can."""
+    try:
+        import numpy
+        import triton
+    except ImportError:
+        return None
+    tv, nv = triton_version or triton.__version__, numpy_version or numpy.__version__
+    if _version_tuple(tv) < (3, 7) and _version_tuple(nv) >= (2, 4):
+        return (f"Triton {tv}'s interpreter fails on {INTERPRETER_BROKEN_FILES[0]} with NumPy {nv} (a runtime "
+                "scalar as a range bound; fixed in Triton 3.7): the interpreter tier needs Triton >= 3.7 or "
+                "NumPy < 2.4; the compiled GPU tier covers these kernels")
+    return None
+
+
+def is_interpreter_failure(exc: BaseException) -> bool:
+    """True when ``exc`` was raised while Triton's interpreter ran one of
+    :data:`INTERPRETER_BROKEN_FILES` (an ``InterpreterError``, or a traceback through them)."""
+    import traceback
+
+    if type(exc).__name__ == "InterpreterError":
+        return True
+    seen = exc
+    while seen is not None:
+        if any(f.filename.endswith(INTERPRETER_BROKEN_FILES) for f in traceback.extract_tb(seen.__traceback__)):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
 
 # ----------------------------------------------------------------------------- tolerances
 # (atol, rtol) per dtype. assert_matches_reference uses it for float32 / float64 results;

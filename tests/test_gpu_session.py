@@ -379,3 +379,25 @@ def test_a_failed_variant_gets_fail_rows_and_never_enters_the_table(tmp_path, mo
     table, notes = sw.best_table(rec.rows + [stale], "CPU")
     assert table is not None and "best default" in " ".join(notes)
     assert "cfg:bm64" not in next(iter(table["measured_ms"].values()))
+
+
+# ----------------------------------------------------------------------------- the GPU image's Triton
+def test_interpreter_tier_skips_on_triton_36_with_numpy_25():
+    """Issue 22 item 6 (4): the GPU image's Triton 3.6 + NumPy 2.5 cannot interpret the GEMM
+    kernels; the interpreter tier reports those tests as skipped with the reason."""
+    from helpers import interpreter_unsupported, is_interpreter_failure
+
+    why = interpreter_unsupported("3.6.0", "2.5.0")
+    assert why and "Triton 3.6.0" in why and "3.7" in why
+    assert interpreter_unsupported("3.7.0", "2.5.0") is None and interpreter_unsupported("3.6.0", "2.3.1") is None
+    ns: dict = {}
+    exec(compile("def kernel():\n    raise TypeError('only integer scalar arrays')\n",
+                 "/x/flexmoe_kernels/ops/triton/grouped_gemm_kernels.py", "exec"), ns)
+    try:
+        try:
+            ns["kernel"]()
+        except TypeError as exc:
+            raise RuntimeError("launch failed") from exc
+    except RuntimeError as exc:
+        assert is_interpreter_failure(exc)
+    assert not is_interpreter_failure(ValueError("an ordinary bug"))
