@@ -12,7 +12,7 @@ import importlib
 __all__ = ["COMMANDS", "register"]
 
 COMMANDS = ["prepare_data", "train_public", "init_router", "train_expert", "merge", "tune_router", "train_dense",
-            "train_moe", "demo", "generate", "plan", "convert", "serve"]
+            "train_moe", "demo", "generate", "plan", "convert", "serve", "eval"]
 
 
 def register(sub) -> None:
