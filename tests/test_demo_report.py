@@ -193,3 +193,22 @@ def test_plots(tmp_path):
     assert os.path.getsize(report.plot_losses(res, str(tmp_path / "losses.png"))) > 5000
     del res["routing"]
     assert report.plot_routing(res, str(tmp_path / "none.png")) is None
+
+
+def test_claim_router_tuning_helps_from_held_out_owner_loss():
+    """Judged on held-out test text (tuned vs untuned merge); the tuning's own validation is quoted."""
+    res = _results()                               # untuned is 0.2 worse on every domain
+    res["router_tuning"] = {"start_val_loss": 2.5, "best_val_loss": 2.3, "best_step": 40, "kept": "trained",
+                            "eval_top_k": 3}
+    c = _by_id(res)["tuning_helps"]
+    assert c["verdict"] == "supported" and "-0.2000 nats/token" in c["text"] and "2.5000 -> 2.3000" in c["text"]
+    res["losses"]["merged-untuned"] = {d: {"loss": v["loss"] - 0.1} for d, v in res["losses"]["merged"].items()}
+    assert _by_id(res)["tuning_helps"]["verdict"] == "refuted"            # tuning made the owners worse
+    # nothing improved validation: the untuned router was kept, so the two models are the same
+    res["losses"]["merged-untuned"] = res["losses"]["merged"]
+    res["router_tuning"] = {"start_val_loss": 2.5, "best_val_loss": 2.5, "best_step": 0,
+                            "kept": "start (no step improved validation)", "eval_top_k": 3}
+    c = _by_id(res)["tuning_helps"]
+    assert c["verdict"] == "refuted" and "untuned router was kept" in c["text"]
+    del res["losses"]["merged-untuned"]
+    assert "tuning_helps" not in _by_id(res)

@@ -86,6 +86,26 @@ def test_tuning_documents_union_plus_sample(tmp_path):
         proxy.tuning_documents(str(tmp_path / "public.jsonl"), [str(tmp_path / "bad.ids")], 0)
 
 
+def test_tuning_split_holds_out_part_of_every_owners_proxies(tmp_path):
+    docs = [(f"p{i:02d}", f"public document {i} " * 20) for i in range(30)]
+    _jsonl(tmp_path / "public.jsonl", docs)
+    (tmp_path / "a.ids").write_text("".join(f"p{i:02d}\n" for i in range(0, 8)))
+    (tmp_path / "b.ids").write_text("".join(f"p{i:02d}\n" for i in range(6, 14)))
+    (tmp_path / "c.ids").write_text("p20\n")                      # a single proxy stays in training
+    files = [str(tmp_path / f"{n}.ids") for n in "abc"]
+    train, val = proxy.tuning_split(str(tmp_path / "public.jsonl"), files, 8, seed=3, val_fraction=0.25)
+    t, v = {d.id for d in train}, {d.id for d in val}
+    assert not t & v
+    assert t | v == {d.id for d in proxy.tuning_documents(str(tmp_path / "public.jsonl"), files, 8, seed=3)}
+    for lo, hi in ((0, 8), (6, 14)):                                 # every owner is in both parts
+        ids = {f"p{i:02d}" for i in range(lo, hi)}
+        assert ids & v and ids & t
+    assert "p20" in t and [d.id for d in val] == sorted(v)
+    assert (train, val) == proxy.tuning_split(str(tmp_path / "public.jsonl"), files, 8, seed=3, val_fraction=0.25)
+    with pytest.raises(ValueError, match="val_fraction"):
+        proxy.tuning_split(str(tmp_path / "public.jsonl"), files, 8, val_fraction=1.0)
+
+
 # ============================================================================ corpora: public / owner file split
 def test_shared_sources_split_by_file_between_public_and_owner(tmp_path, monkeypatch):
     """A shared source's public part goes only to the web corpus, the rest only to owners; the web

@@ -161,7 +161,7 @@ def test_merge_refuses_mismatched_anchor(recipe, tmp_path, capsys):
 def test_tune_router_trains_only_routers(recipe, tmp_path):
     out = tmp_path / "tuned"
     assert run_cli(["tune-router", "--model", recipe / "merged", "--data", recipe / "data_pub", "--out", out,
-                    "--steps", "3", "--lr", "1e-2", *FAST]) == 0
+                    "--steps", "3", "--lr", "1e-2", "--no-keep-best", *FAST]) == 0
     a, b = _sd(recipe / "merged"), _sd(out)
     moved = set()
     for k in a:

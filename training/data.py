@@ -490,15 +490,21 @@ class BatchSampler:
 MixtureSampler = BatchSampler
 
 
-def eval_windows(datas: Sequence[DataDir], seq_len: int, max_windows: int) -> torch.Tensor:
+def eval_windows(datas: Sequence[DataDir], seq_len: int, max_windows: int,
+                 splits: Sequence[str] = ("val",)) -> torch.Tensor:
     """(W, S+1) int64: consecutive non-overlapping windows of the held-out split of each data dir
-    (round-robin over the dirs), at most ``max_windows``; (0, S+1) when no dir has enough tokens."""
+    (round-robin over the dirs), at most ``max_windows``; (0, S+1) when no dir has enough tokens.
+    ``splits``: which splits of each dir to read, in order (``("train", "val")``: the whole dir,
+    for a validation set prepared on its own)."""
     S1 = seq_len + 1
     per: list[list[np.ndarray]] = []
     for d in datas:
-        toks = d.tokens("val")
-        n = len(toks) // S1
-        per.append([np.asarray(toks[i * S1:(i + 1) * S1], dtype=np.int64) for i in range(min(n, max_windows))])
+        rows = []
+        for split in splits:
+            toks = d.tokens(split)
+            n = min(len(toks) // S1, max_windows - len(rows))
+            rows += [np.asarray(toks[i * S1:(i + 1) * S1], dtype=np.int64) for i in range(max(0, n))]
+        per.append(rows)
     rows: list[np.ndarray] = []
     i = 0
     while len(rows) < max_windows and any(i < len(p) for p in per):

@@ -53,6 +53,7 @@ from .options import TrainingError, TrainOptions, lr_at
 from .resume import (data_identity, full_fp32, gather, load_engine_state, named_trainable, open_work_dir, save_state,
                      zero_stage_of)
 from .runlog import RunLog, utc_now, versions
+from .selection import BestSelection, SelectionState, validation_top_k
 
 __all__ = ["TrainOptions", "ModelBuild", "RunSpec", "DistInfo", "init_distributed", "lr_at", "train", "TrainingError",
            "write_json_atomic", "save_hf"]
@@ -97,6 +98,12 @@ class RunSpec:
     # The command's inputs besides --data ({flag: value or resume.*_identity(...)}): a resumed run
     # must have the same (refused otherwise, naming the flag). --data is added by the trainer.
     inputs: dict = field(default_factory=dict)
+    # Export the trainable values of the best validation, the starting ones included, and stop
+    # early on a plateau (training/selection.py; router tuning). None: export the last values.
+    select: Optional[BestSelection] = None
+    # Validation data instead of the held-out split of ``datas``: every token of these (their own
+    # train and val splits), e.g. owners' proxies held out from router tuning.
+    val_datas: Optional[Sequence[DataDir]] = None
 
 
 @dataclass
@@ -122,6 +129,8 @@ class _Run:
     state_saved: bool = False
     last_loss: Optional[float] = None
     t_run: float = 0.0
+    selection: Optional[SelectionState] = None   # with spec.select: the best validation so far
+    stopped_early: bool = False
 
     @property
     def tokens_per_step(self) -> int:
@@ -198,13 +207,15 @@ def _evaluate(engine, windows: torch.Tensor, opts: TrainOptions, dist: DistInfo)
 
 
 # ---------------------------------------------------------------------------- frozen tensors and export
-def _param_values(engine, spec: RunSpec, counter: list) -> Iterator[tuple[str, torch.Tensor]]:
+def _param_values(engine, spec: RunSpec, counter: list,
+                  chosen: Optional[dict] = None) -> Iterator[tuple[str, torch.Tensor]]:
     """``(name, fp32 value)`` of every parameter, one at a time (collective: every rank runs it):
-    trainable ones from the optimizer's fp32 master copy, frozen ones from the reference after
+    trainable ones from ``chosen`` (selected values, training/selection.py) or else the optimizer's
+    fp32 master copy, frozen ones from the reference after
     checking that the module's copy still equals it bit for bit (``counter[0]`` counts them)."""
     for n, p in engine.module.named_parameters():
         if p.requires_grad:
-            yield n, full_fp32(p)
+            yield n, (chosen[n].clone() if chosen is not None else full_fp32(p))
         elif n in spec.frozen_reference:
             cur = gather(p).cpu()
             ref = spec.frozen_reference[n]
@@ -224,7 +235,8 @@ def _export(r: _Run, final: Path) -> int:
     number of frozen tensors verified."""
     spec, counter = r.spec, [0]
     limit = r.opts.max_shard_bytes()
-    items = ((k, v.to(spec.save_dtype)) for k, v in export_items(r.engine.module, _param_values(r.engine, spec, counter)))
+    items = ((k, v.to(spec.save_dtype)) for k, v in export_items(r.engine.module, _param_values(
+        r.engine, spec, counter, r.selection.values if r.selection is not None else None)))
     if r.dist.is_main:
         save_state_dict(spec.final_config(), items, final, limit, dtype=spec.save_dtype)
         if spec.finalize_state_dict is not None:
@@ -379,21 +391,64 @@ def _run_steps(r: _Run) -> None:
             r.log.metric(rec)
             _report_step(r, rec, bar)
             if opts.eval_every and r.step % opts.eval_every == 0 and r.step < opts.steps:
-                vl = _evaluate(r.engine, r.windows, opts, r.dist)
+                vl = _validate(r)
                 if vl is not None:
                     r.log.metric({"step": r.step, "val_loss": vl, "time": time.time()})
+                    if r.selection is not None and r.selection.observe(r.step, vl, lambda: _trainable_values(r),
+                                                                       r.spec.select):
+                        r.stopped_early = True
+                        print(f"[{r.spec.kind}] stopping early at step {r.step}: no validation improvement in "
+                              f"{r.spec.select.patience} evaluations (best {r.selection.best_loss:.4f} at step "
+                              f"{r.selection.best_step})", flush=True)
+                        break
             if stop:
                 break
             if opts.save_every and r.step % opts.save_every == 0 and r.step < stop_at:
-                save_state(r.engine, r.spec.kind, r.dist, r.work, r.step, opts, r.inputs)
-                r.state_saved = True
+                _save_state(r)
     if bar is not None:
         bar.close()
 
 
+def _save_state(r: _Run) -> None:
+    """The resumable state (and the selection's, written first: a resume checks their steps agree)."""
+    if r.selection is not None and r.dist.is_main:
+        r.selection.save(r.work, r.step)
+    save_state(r.engine, r.spec.kind, r.dist, r.work, r.step, r.opts, r.inputs)
+    r.state_saved = True
+
+
+def _validate(r: _Run) -> Optional[float]:
+    """The validation loss of the current values, with the selection's top-k when it has one."""
+    k = r.spec.select.eval_top_k if r.spec.select is not None else None
+    with validation_top_k(r.spec.model, k):
+        return _evaluate(r.engine, r.windows, r.opts, r.dist)
+
+
+def _trainable_values(r: _Run) -> dict:
+    """``{name: fp32 CPU value}`` of the trainable parameters (collective under ZeRO)."""
+    return {n: full_fp32(p) for n, p in named_trainable(r.engine.module)}
+
+
+def _start_selection(r: _Run) -> None:
+    """With ``spec.select``: validate the starting values (a fresh run) or reload the selection
+    of a resumed one. ``TrainingError`` when there is no validation data."""
+    if r.spec.select is None:
+        return
+    if r.windows.shape[0] == 0:
+        raise TrainingError("keeping the best validated values needs validation windows: a --data / --val-data "
+                            "with held-out tokens of at least --seq-len + 1, and --eval-batches >= 1")
+    if r.resume is not None:
+        r.selection = SelectionState.load(r.work, r.start_step)
+        return
+    loss = _validate(r)
+    r.log.metric({"step": 0, "val_loss": loss, "time": time.time()})
+    r.selection = SelectionState.start(loss, _trainable_values(r))
+    print(f"[{r.spec.kind}] validation before training: {loss:.4f}", flush=True)
+
+
 def _pause(r: _Run) -> None:
     """Save the resumable state and mark the run paused (``--max-steps-this-run`` or a signal)."""
-    save_state(r.engine, r.spec.kind, r.dist, r.work, r.step, r.opts, r.inputs)
+    _save_state(r)
     if r.dist.is_main:
         r.log.update(status="paused", step=r.step, elapsed_s=time.perf_counter() - r.t_run)
         print(f"[{r.spec.kind}] paused at step {r.step}/{r.opts.steps}; run the same command again to resume "
@@ -404,9 +459,17 @@ def _pause(r: _Run) -> None:
 def _finish(r: _Run) -> None:
     """Final evaluation, frozen-tensor check, export; the checkpoint replaces ``OUT`` in one step."""
     spec, engine, step = r.spec, r.engine, r.step
-    val = _evaluate(engine, r.windows, r.opts, r.dist) if r.opts.eval_batches else None
-    if val is not None:
+    val = _validate(r) if r.opts.eval_batches else None
+    if val is not None and (r.selection is None or r.selection.history[-1][0] != step):
         r.log.metric({"step": step, "val_loss": val, "time": time.time()})
+        if r.selection is not None:
+            r.selection.observe(step, val, lambda: _trainable_values(r), spec.select)
+    if r.selection is not None:
+        val = r.selection.best_loss          # the exported values' validation loss
+        r.log.run["selection"] = r.selection.record(spec.select)
+        print(f"[{spec.kind}] keeping the values of step {r.selection.best_step} "
+              f"({'trained' if r.selection.kept_trained else 'the start: no step improved validation'}): "
+              f"validation {r.selection.start_loss:.4f} -> {r.selection.best_loss:.4f}", flush=True)
     final = r.work / "final"
     if r.dist.is_main and final.exists():
         shutil.rmtree(final)
@@ -443,10 +506,14 @@ def _setup(spec: RunSpec, opts: TrainOptions) -> _Run:
     if spec.model is None:
         raise TrainingError("internal error: the RunSpec has neither a model nor a build")
     inputs = {"--data": [data_identity(d) for d in spec.datas], **spec.inputs}
+    if spec.val_datas:
+        inputs["--val-data"] = [data_identity(d) for d in spec.val_datas]
     resume = open_work_dir(out, work, spec.kind, spec.model, opts, dist, zero_stage_of(cfg), inputs)
     sampler = BatchSampler(spec.datas, opts.seq_len, opts.micro_batch_size, opts.grad_accum, dist.world_size, opts.seed)
-    windows = eval_windows(spec.datas, opts.seq_len, opts.eval_batches * opts.micro_batch_size) \
-        if opts.eval_batches else torch.empty(0, opts.seq_len + 1, dtype=torch.long)
+    windows = torch.empty(0, opts.seq_len + 1, dtype=torch.long)
+    if opts.eval_batches:
+        windows = eval_windows(spec.val_datas or spec.datas, opts.seq_len, opts.eval_batches * opts.micro_batch_size,
+                               splits=("train", "val") if spec.val_datas else ("val",))
     return _Run(spec=spec, opts=opts, dist=dist, out=out, work=work, sampler=sampler, windows=windows,
                 use_bf16=use_bf16, ds_cfg=cfg, zero_stage=zero_stage_of(cfg), resume=resume, log=RunLog(work, dist.is_main), state_saved=resume is not None,
                 inputs=inputs)
@@ -484,8 +551,9 @@ def _train(spec: RunSpec, opts: TrainOptions, argv: Optional[Sequence[str]]) -> 
         _build_engine(r)
         r.log.start(_run_record(r, argv), r.start_step if r.resume is not None else None)
         r.t_run = time.perf_counter()
+        _start_selection(r)
         _run_steps(r)
-        if r.step < opts.steps:
+        if r.step < opts.steps and not r.stopped_early:
             _pause(r)
         else:
             _finish(r)

@@ -213,8 +213,8 @@ def check_train_output(args, *flags: str) -> None:
     check_output(args.out, inputs, written=[("partial run", out.with_name(out.name + ".inprogress"))])
 
 
-def open_datas(paths):
-    """Open the ``--data`` directories (``DataError`` naming the flag) and check they share a tokenizer."""
+def open_datas(paths, flag: str = "--data"):
+    """Open the ``flag`` directories (``DataError`` naming the flag) and check they share a tokenizer."""
     from ..data import DataDir, DataError, check_compatible
 
     datas = []
@@ -222,7 +222,7 @@ def open_datas(paths):
         try:
             datas.append(DataDir(p))
         except DataError as exc:
-            raise DataError(f"--data: {exc}") from exc
+            raise DataError(f"{flag}: {exc}") from exc
     check_compatible(datas)
     return datas
 

@@ -285,6 +285,29 @@ def _claims_extraction(results: dict) -> List[dict]:
                     "resolution": 1 / n, "control_passed": cok, "paper": dict(PAPER_EXTRACTION)})]
 
 
+def _claim_tuning_helps(results: dict) -> List[dict]:
+    """Router tuning helps: the tuned merged model's mean owner-domain held-out loss is below the
+    untuned merge's. Held-out test text decides, not the tuning's own validation (whose before /
+    after is in the text). Absent when the run did not tune the router."""
+    if "merged-untuned" not in results.get("losses", {}):
+        return []
+    claim = "Router tuning helps: the tuned router lowers the owners' held-out loss."
+    t, u = owner_avg(results, "merged"), owner_avg(results, "merged-untuned")
+    sel = results.get("router_tuning") or {}
+    val = (f"; tuning validation (held-out proxies, top-k {sel.get('eval_top_k')}) {sel['start_val_loss']:.4f} -> "
+           f"{sel['best_val_loss']:.4f}, kept {sel['kept']}" if sel else "")
+    if t is None or u is None:
+        return [_claim("tuning_helps", claim, "not run", "", {})]
+    nums = {"tuned_owner_avg": t, "untuned_owner_avg": u,
+            **({"val_start": sel["start_val_loss"], "val_best": sel["best_val_loss"], "best_step": sel["best_step"]}
+               if sel else {})}
+    if t == u and sel and sel.get("best_step") == 0:
+        return [_claim("tuning_helps", claim, "refuted",
+                       f"no tuning step improved validation, so the untuned router was kept (no harm, no gain){val}", nums)]
+    return [_claim("tuning_helps", claim, "supported" if t < u else "refuted",
+                   f"owner-domain mean {u:.4f} untuned -> {t:.4f} tuned ({t - u:+.4f} nats/token){val}", nums)]
+
+
 def compute_claims(results: dict, thresholds: Optional[dict] = None) -> List[dict]:
     """The paper's claims, each judged from ``results`` (see the module docstring).
 
@@ -299,4 +322,4 @@ def compute_claims(results: dict, thresholds: Optional[dict] = None) -> List[dic
            + routing("merged") + _claims_topk(results))
     if "merged-untuned" in results.get("losses", {}):
         out += routing("merged-untuned")
-    return out + _claims_extraction(results)
+    return out + _claim_tuning_helps(results) + _claims_extraction(results)

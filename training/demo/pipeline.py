@@ -78,6 +78,7 @@ class DemoSettings:
     router_tuning: bool = True
     proxy_docs: int = 24           # public documents each owner selects as its proxy
     tune_public_docs: int = 48     # public documents sampled (not proxies) into the tuning data
+    tune_val_fraction: float = 0.25  # of each owner's proxies (and the sample) held out to validate tuning
     tune_steps: int = 100
     tune_lr: float = 2e-3          # the paper's, for 4 experts
     tune_weight_decay: float = 0.1
@@ -318,6 +319,7 @@ def _run_stages(ctx: DemoContext, stages) -> dict:
     baseline_errors = stages.merge_and_baselines(ctx)
     results = stages.evaluate(ctx)
     results["flops"] = stages.flops_summary(ctx.run_dir, ctx.owners)
+    results["router_tuning"] = stages.tuning_summary(ctx)
     results["baseline_errors"] = baseline_errors
     results["router"] = stages.router_summary(ctx, results)
     results["audit"] = stages.audit(ctx)

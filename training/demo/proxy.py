@@ -32,7 +32,7 @@ from typing import List, Sequence
 import numpy as np
 
 __all__ = ["NUM_FEATURES", "features", "fit_logistic", "read_proxy_ids", "score_public", "select_proxies",
-           "tuning_documents", "main"]
+           "tuning_documents", "tuning_split", "main"]
 
 NUM_FEATURES = 1 << 15
 _NGRAMS = (1, 2, 3, 4)
@@ -107,21 +107,42 @@ def tuning_documents(public_jsonl: str, proxy_files: Sequence[str], num_public: 
     """The router-tuning data: the union of the proxies' public documents (each once) plus
     ``num_public`` other public documents drawn with ``seed``; sorted by id. ValueError naming the
     file when a proxy lists an id that is not in the public corpus."""
+    train, val = tuning_split(public_jsonl, proxy_files, num_public, seed, val_fraction=0.0)
+    return train
+
+
+def tuning_split(public_jsonl: str, proxy_files: Sequence[str], num_public: int, seed: int = 0,
+                 val_fraction: float = 0.25) -> tuple:
+    """``(train, validation)`` documents of router tuning, disjoint, each sorted by id.
+
+    Together they are :func:`tuning_documents`' set. ``val_fraction`` of each owner's proxies
+    (at least one of an owner's proxies listing two or more, never all of them) and of the public
+    sample go to validation, drawn with ``seed``: so every owner's choice is represented in the
+    validation that decides whether the tuned router is kept (``tune-router --val-data``).
+    """
     import random
 
     from .corpora import read_documents
 
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     public = {d.id: d for d in read_documents(public_jsonl)}
-    chosen = set()
+    groups = []
     for path in proxy_files:
-        ids = read_proxy_ids(path)
+        ids = list(dict.fromkeys(read_proxy_ids(path)))
         bad = [i for i in ids if i not in public]
         if bad:
             raise ValueError(f"proxy file {path!r} lists ids that are not public documents: {bad[:3]}")
-        chosen.update(ids)
-    rest = sorted(set(public) - chosen)
-    chosen.update(random.Random(f"{seed}:tune").sample(rest, min(max(0, num_public), len(rest))))
-    return [public[i] for i in sorted(chosen)]
+        groups.append(ids)
+    proxies = {i for g in groups for i in g}
+    rest = sorted(set(public) - proxies)
+    groups.append(random.Random(f"{seed}:tune").sample(rest, min(max(0, num_public), len(rest))))
+    val = set()
+    for n, ids in enumerate(groups):
+        k = 0 if val_fraction == 0 or len(ids) < 2 else min(len(ids) - 1, max(1, round(val_fraction * len(ids))))
+        val.update(random.Random(f"{seed}:val:{n}").sample(sorted(ids), k))
+    chosen = {i for g in groups for i in g}
+    return [public[i] for i in sorted(chosen - val)], [public[i] for i in sorted(val)]
 
 
 def _read_jsonl(path: str) -> tuple:

@@ -219,17 +219,33 @@ def _tune_task(ctx) -> None:
     """Router tuning: ``tune-router`` (router rows and non-public biases, top-k = all experts while
     tuning, the merged model's top-k saved) on the union of the owners' proxies plus a public sample."""
     from .corpora import proxy_pool
-    from .proxy import tuning_documents
+    from .proxy import tuning_split
 
     s = ctx.settings
-    docs = tuning_documents(proxy_pool(ctx.corpus_dir, ctx.public_dom),
-                            [_proxy_path(ctx, d) for d in ctx.owners], s.tune_public_docs, s.seed)
-    tune_data = os.path.join(ctx.run_dir, "data", "tune")
-    _prepare_docs(ctx, "tune", [(f"tune-{doc.id}", doc.text) for doc in docs], tune_data)
+    train, val = tuning_split(proxy_pool(ctx.corpus_dir, ctx.public_dom), [_proxy_path(ctx, d) for d in ctx.owners],
+                              s.tune_public_docs, s.seed, s.tune_val_fraction)
+    tune_data, val_data = (os.path.join(ctx.run_dir, "data", n) for n in ("tune", "tune-val"))
+    _prepare_docs(ctx, "tune", [(f"tune-{doc.id}", doc.text) for doc in train], tune_data)
+    _prepare_docs(ctx, "tune-val", [(f"tune-{doc.id}", doc.text) for doc in val], val_data)
     opts = cli_options("tune-router")
+    # tune-router keeps the untuned router unless tuning improves validation on the held-out
+    # proxies (evaluated with the saved top-k), and stops early on a plateau
     run_cli(["tune-router", "--model", ctx.ck(ctx.merge_out), "--data", tune_data, "--out", ctx.ck("merged"),
-             "--overwrite", *opt(opts, top_k=ctx.K, weight_decay=s.tune_weight_decay),
+             "--overwrite", *opt(opts, top_k=ctx.K, weight_decay=s.tune_weight_decay, val_data=val_data,
+                                 eval_every=max(1, s.tune_steps // 10), eval_batches=16),
              *_train_flags(ctx, opts, s.tune_steps, lr=s.tune_lr)], ctx.logfile("tune-router"), ctx.echo_par, ctx.env)
+    sel = read_run(ctx.ck("merged")).get("selection") or {}
+    if sel:
+        ctx.log(f"   router tuning: validation {sel['start_val_loss']:.4f} (untuned) -> {sel['best_val_loss']:.4f}; "
+                f"kept {sel['kept']} (step {sel['best_step']})")
+
+
+def tuning_summary(ctx) -> Optional[dict]:
+    """The router tuning's selection record (``tune-router``'s run.json: validation before and
+    after, which router was kept), None without router tuning."""
+    if not ctx.settings.router_tuning:
+        return None
+    return read_run(ctx.ck("merged")).get("selection")
 
 
 def _dense_task(ctx, d: str) -> None:
