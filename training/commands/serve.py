@@ -121,7 +121,11 @@ def run_serve_command(args) -> int:
           f"  vLLM: {' '.join(shlex.quote(c) for c in cmd)}", flush=True)
     if args.dry_run:
         return 0
-    proc = subprocess.Popen(cmd)
+    # the V1 model runner: the plugin's allow-mask is filled by a V1 logits processor (Model
+    # Runner V2, vLLM's GPU default, is refused by the plugin's model class; docs/SERVING.md)
+    env = dict(os.environ)
+    env.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+    proc = subprocess.Popen(cmd, env=env)
     try:
         return proc.wait()
     except KeyboardInterrupt:

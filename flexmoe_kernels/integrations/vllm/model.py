@@ -169,6 +169,13 @@ class FlexOlmoForCausalLM(nn.Module):
         config = vllm_config.model_config.hf_config
         if get_pp_group().world_size > 1:
             raise NotImplementedError("flexmoe's FlexOlmo model does not support pipeline parallelism")
+        if getattr(vllm_config, "use_v2_model_runner", False):
+            # Model Runner V2 (vLLM's GPU default when Triton is present) does not call V1 logits
+            # processors, so the allow-mask would never be filled: refuse rather than silently
+            # serve every expert.
+            raise NotImplementedError(
+                "flexmoe per-request opt-out needs vLLM's V1 model runner: set VLLM_USE_V2_MODEL_RUNNER=0 "
+                "(flexmoe serve sets it; docs/SERVING.md, 'GPU')")
         register_custom_op()
         self.config = config
         self.model = FlexOlmoModel(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"))
