@@ -145,7 +145,7 @@ def test_activation_checkpointing_reduces_activations(spec, kw):
 
 
 def _cli(capsys, *argv):
-    code = main(["plan", *argv])
+    code = main(["plan", *[str(a) for a in argv]])
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -164,7 +164,8 @@ def test_cli_prints_the_table_and_json(capsys):
     assert p["kind"] == "coupled" and p["world"] == 8 and p["fits"] is True
     total = float(re.search(r"total\s+([\d.]+) GiB", out).group(1))
     assert total == pytest.approx(p["bytes_per_rank"]["total"] / 2 ** 30, abs=0.006)
-    assert p == plan_memory("olmo2-7b", gpus=8, zero_stage=3, kind="coupled", checkpointing=True)
+    base = plan_memory("olmo2-7b", gpus=8, zero_stage=3, kind="coupled", checkpointing=True)
+    assert {k: p[k] for k in base} == base  # plus suggestions, checkpoints, merge, inference, throughput
     code, out, _ = _cli(capsys, *argv[:-1], "--gpu-memory-gb", "10")
     assert code == 0 and "DOES NOT FIT" in out
 
@@ -302,3 +303,79 @@ def test_closed_form_counts_equal_the_meta_model_with_the_trainers_freezing(tmp_
     except Exception as exc:
         pytest.skip(f"not a valid combination: {exc}")
     assert param_counts(cfg, kind) == param_counts_meta(cfg, kind)
+
+
+# ---------------------------------------------------------------------------- issue 25 item 4
+def test_7x7b_on_8_h100s_prints_the_smallest_change_that_fits(capsys):
+    """7x7B does not fit 8 x 80 GB at ZeRO 0: plan names the smallest change that fits, with per-rank
+    figures, and no change of fewer knobs fits."""
+    from itertools import product
+
+    argv = ["--model-config", "flexolmo-7x7b", "--gpus", "8", "--zero-stage", "0", "--micro-batch-size", "2",
+            "--seq-len", "4096"]
+    code, out, _ = _cli(capsys, *argv)
+    assert code == 0 and "DOES NOT FIT" in out and "the smallest changes that fit" in out
+    line = next(x for x in out.splitlines() if x.strip().startswith("1. "))
+    assert "--zero-stage 0 -> 3" in line and "--activation-checkpointing on" in line and "--nodes 1 -> 2" in line
+    assert "on each of 16 ranks" in line and "params" in line and "optimizer" in line
+    p = json.loads(_cli(capsys, *argv, "--json")[1])
+    best = p["suggestions"][0]
+    assert best["fits"] and best["bytes_per_rank"]["total"] <= best["gpu_memory_bytes"] and best["world"] == 16
+    # minimal: nothing with fewer changed knobs fits (ZeRO, checkpointing, micro-batch, GPUs)
+    for z, ck, mb, nodes in product(range(4), (False, True), (1, 2), (1, 2, 4, 8, 16, 32, 64, 128)):
+        n = (z != 0) + ck + (mb != 2) + (nodes != 1)
+        if n < len(best["changes"]):
+            assert not plan_memory("flexolmo-7x7b", gpus=8, nodes=nodes, zero_stage=z, checkpointing=ck,
+                                   micro_batch=mb, seq_len=4096)["fits"], (z, ck, mb, nodes)
+    # a coupled owner of the 7B public model fits its 8 GPUs without more of them
+    p = json.loads(_cli(capsys, "--model-config", "olmo2-7b", "--kind", "coupled", "--gpus", "8", "--zero-stage",
+                        "0", "--micro-batch-size", "8", "--seq-len", "4096", "--json")[1])
+    assert not p["fits"] and p["suggestions"][0]["world"] == 8
+
+
+def test_checkpoint_merge_and_inference_memory(capsys):
+    from flexmoe_training.memory import inference_bytes, merge_host_bytes
+
+    p = json.loads(_cli(capsys, "--model-config", "flexolmo-7x7b", "--gpus", "8", "--zero-stage", "3",
+                        "--infer-batch", "4", "--context", "2048", "--json")[1])
+    assert p["checkpoints"]["model"] == 2 * p["params"]["total"]
+    pub, _ = _states("olmo2-7b", "dense")
+    own, _ = _states("olmo2-7b", "coupled")
+    assert p["checkpoints"]["public"] == 2 * pub.total and p["checkpoints"]["owner"] == 2 * own.total
+    m = p["merge_host"]
+    assert m["owners"] == 6 and m["total"] == 2 * pub.total + 6 * 2 * own.total + m["merged_moe"]
+    inf = p["inference"]
+    assert inf["kv_per_token"] == 2 * 32 * 32 * 128 * 2  # K and V, 32 layers, 32 kv heads x 128, bf16
+    assert inf["kv_cache"] == inf["kv_per_token"] * 4 * 2048 and inf["weights"] == 2 * p["params"]["total"]
+    cfg, _ = build_config("flexolmo-7x7b", None)
+    assert inference_bytes(cfg, 4, 2048) == inf and merge_host_bytes(cfg) == m
+    out = _cli(capsys, "--model-config", "flexolmo-7x7b", "--gpus", "8", "--zero-stage", "3")[1]
+    assert "merge host memory" in out and "inference" in out and "checkpoints on disk" in out
+
+
+def test_step_time_tokens_per_s_and_gpu_hours(capsys, tmp_path):
+    from flexmoe_training.flops import flops_per_token
+
+    argv = ["--model-config", "olmo2-7b", "--kind", "coupled", "--gpus", "8", "--zero-stage", "3",
+            "--activation-checkpointing", "--micro-batch-size", "2", "--seq-len", "4096", "--grad-accum", "4"]
+    p = json.loads(_cli(capsys, *argv, "--mfu", "0.5", "--json")[1])
+    t = p["throughput"]
+    cfg, _ = build_config("olmo2-7b", "coupled")
+    fpt = flops_per_token(cfg, 4096, 3.0 * cfg.hidden_size * cfg.intermediate_size * cfg.num_hidden_layers)
+    assert t["flops_per_token"] == pytest.approx(fpt) and t["tflops_per_gpu"] == pytest.approx(0.5 * 989)
+    assert t["tokens_per_step"] == 2 * 4096 * 8 * 4
+    assert t["step_s"] == pytest.approx(t["tokens_per_step"] * fpt / (8 * 0.5 * 989e12))
+    assert t["recipe_tokens"] == 50e9  # the paper's tokens per owner (recipe_flexolmo_7b.json)
+    assert t["gpu_hours"] == pytest.approx(50e9 * fpt / (0.5 * 989e12) / 3600)
+    # measured TFLOP/s from a run's metrics.jsonl: the median
+    f = tmp_path / "metrics.jsonl"
+    f.write_text("\n".join(json.dumps({"step": i, "tflops_per_gpu": v}) for i, v in enumerate([300, 310, 500])))
+    t = json.loads(_cli(capsys, *argv, "--measured-tflops", f, "--json")[1])["throughput"]
+    assert t["tflops_per_gpu"] == 310 and "measured" in t["source"]
+    out = _cli(capsys, *argv, "--measured-tflops", f)[1]
+    assert "GPU-hours" in out and "tokens/s" in out
+    (tmp_path / "bad.json").write_text('{"loss": 1}')
+    code, _, err = _cli(capsys, *argv, "--measured-tflops", tmp_path / "bad.json")
+    assert code == 2 and "--measured-tflops" in err and "tflops_per_gpu" in err
+    code, _, err = _cli(capsys, *argv, "--mfu", "1.5")
+    assert code == 2 and "--mfu" in err

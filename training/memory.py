@@ -255,3 +255,99 @@ def plan_memory(spec: str, *, gpus: int, zero_stage: int, nodes: int = 1, kind: 
         "activations": act, "gpu_memory_gib": gpu_memory_gib, "gpu_memory_bytes": budget, "fits": total <= budget,
         "assumptions": list(ASSUMPTIONS),
     }
+
+
+# ---------------------------------------------------------------------------- what would fit
+# Relative cost of each change (a smaller total is suggested first): a higher ZeRO stage costs
+# communication, checkpointing ~ one more forward (about a third more compute), a smaller
+# micro-batch lower GPU efficiency (the global batch is kept with more accumulation), more GPUs
+# the most (hardware).
+_CHANGE_COST = {"zero_stage": 1.0, "activation_checkpointing": 2.0, "micro_batch": 3.0, "world": 10.0}
+WORLD_MULTIPLIERS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+def suggest_fits(spec: str, *, gpus: int, zero_stage: int, nodes: int = 1, kind: str | None = None,
+                 micro_batch: int = 1, seq_len: int | None = None, checkpointing: bool = False,
+                 gpu_memory_gib: float = H100_USABLE_GIB, num_experts: int | None = None,
+                 top_k: int | None = None, limit: int = 3) -> list[dict]:
+    """The smallest changes that make the run fit ``gpu_memory_gib``: up to ``limit`` plans
+    (:func:`plan_memory` dicts plus ``"changes"``: a list of ``(flag, old, new)``), fewest changed
+    knobs first, then cheapest (:data:`_CHANGE_COST`). Knobs: a higher ZeRO stage, activation
+    checkpointing on, a smaller micro-batch (halving down to 1), more GPUs (nodes x 2, 4, ...,
+    128, GPUs per node kept). Empty when nothing in that space fits (or the run already fits)."""
+    base = dict(spec=spec, kind=kind, seq_len=seq_len, gpu_memory_gib=gpu_memory_gib, num_experts=num_experts,
+                top_k=top_k)
+    mbs, m = [], micro_batch
+    while m >= 1:
+        mbs.append(m)
+        m //= 2
+    found = []
+    for z in range(zero_stage, 4):
+        for ck in sorted({checkpointing, True}):
+            for mb in mbs:
+                for mult in WORLD_MULTIPLIERS:
+                    changes = []
+                    if z != zero_stage:
+                        changes.append(("--zero-stage", zero_stage, z))
+                    if ck != checkpointing:
+                        changes.append(("--activation-checkpointing", "off", "on"))
+                    if mb != micro_batch:
+                        changes.append(("--micro-batch-size", micro_batch, mb))
+                    if mult != 1:
+                        changes.append(("--nodes", nodes, nodes * mult))
+                    if not changes:
+                        continue
+                    p = plan_memory(gpus=gpus, nodes=nodes * mult, zero_stage=z, micro_batch=mb, checkpointing=ck,
+                                    **base)
+                    if not p["fits"]:
+                        continue
+                    cost = (_CHANGE_COST["zero_stage"] * (z - zero_stage) + _CHANGE_COST["activation_checkpointing"]
+                            * (ck != checkpointing) + _CHANGE_COST["micro_batch"] * math.log2(micro_batch / mb)
+                            + _CHANGE_COST["world"] * math.log2(mult))
+                    p["changes"] = changes
+                    p["grad_accum_factor"] = micro_batch / mb / mult  # x grad-accum keeps the global batch
+                    found.append(((len(changes), cost), p))
+    found.sort(key=lambda t: t[0])
+    out, seen = [], set()
+    for _, p in found:  # the cheapest of each set of changed flags: alternatives, not bigger versions of one
+        flags = frozenset(c[0] for c in p["changes"])
+        if flags not in seen:
+            seen.add(flags)
+            out.append(p)
+    return out[:limit]
+
+
+# ---------------------------------------------------------------------------- beyond training memory
+def checkpoint_bytes(cfg, kind: str, dtype_bytes: int = 2) -> dict:
+    """Bytes on disk of the checkpoints around ``cfg`` (safetensors; headers not counted): the
+    model itself, the dense public model it comes from and one owner's 2-expert model."""
+    total = param_counts(cfg, kind).total
+    pub = param_counts(cfg.copy(num_experts=1, num_experts_per_tok=1, expert_bias=False, expert_names=None,
+                                extra={}), "dense").total
+    owner = param_counts(cfg.copy(num_experts=2, num_experts_per_tok=2, expert_bias=True, expert_names=None,
+                                  extra={}), "coupled").total
+    return {"model": dtype_bytes * total, "public": dtype_bytes * pub, "owner": dtype_bytes * owner}
+
+
+def merge_host_bytes(cfg, dtype_bytes: int = 2) -> dict:
+    """Host (CPU) memory of ``flexmoe merge`` into ``cfg``'s E experts (public + E-1 owners): it
+    reads the public model and every owner whole, and builds the merged MoE tensors (shared
+    tensors are the public model's, not copied)."""
+    E = cfg.num_experts
+    ck = checkpoint_bytes(cfg, "moe", dtype_bytes)
+    L, D, F = cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size
+    moe = dtype_bytes * L * E * (3 * F * D + D + 1)
+    owners = max(E - 1, 0)
+    return {"owners": owners, "public": ck["public"], "owners_total": owners * ck["owner"], "merged_moe": moe,
+            "total": ck["public"] + owners * ck["owner"] + moe}
+
+
+def inference_bytes(cfg, batch: int, context: int, dtype_bytes: int = 2) -> dict:
+    """GPU memory to serve ``cfg``: all weights (every expert: opt-out is per request) and the KV
+    cache, ``2 (K, V) x L x G x hd x dtype_bytes`` per token, at ``batch`` sequences of ``context``
+    tokens. Not counted: the logits of a step, workspace, CUDA context."""
+    weights = dtype_bytes * param_counts(cfg, "moe" if cfg.num_experts > 1 else "dense").total
+    per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * dtype_bytes
+    kv = per_token * batch * context
+    return {"batch": batch, "context": context, "weights": weights, "kv_per_token": per_token, "kv_cache": kv,
+            "total": weights + kv}
