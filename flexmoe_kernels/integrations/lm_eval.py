@@ -153,7 +153,6 @@ def _router_modules(model: torch.nn.Module) -> list:
             if hasattr(m, "experts") and hasattr(getattr(m, "gate", None), "top_k")]
 
 
-@register_model(MODEL_NAME)
 class FlexMoELM(HFLM):
     """lm-eval's ``HFLM`` that honours an opt-out (see the module docstring for ``model_args``).
 
@@ -271,6 +270,10 @@ class FlexMoELM(HFLM):
         return base
 
 
+if __name__ != "__main__":  # run as a script, the module registers itself when main() imports it
+    register_model(MODEL_NAME)(FlexMoELM)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """lm-eval's command line with ``--model flexmoe`` registered
     (``python -m flexmoe_kernels.integrations.lm_eval --model flexmoe --model_args ... --tasks ...``)."""
@@ -284,4 +287,6 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from flexmoe_kernels.integrations.lm_eval import main as _main  # the importable module: registers "flexmoe"
+
+    _main()

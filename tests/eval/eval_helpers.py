@@ -67,9 +67,9 @@ def make_removed(src: str, directory: str, allowed: Sequence[str], top_k: int):
     import flexmoe_kernels as fk
 
     model = fk.FlexOlmoForCausalLM.from_pretrained(src)
+    model.set_top_k(top_k)  # first: a removal may leave fewer experts than the old top-k
     for name in [n for n in model.expert_names if n not in allowed]:
         model.remove_expert(name)
-    model.set_top_k(top_k)
     model.save_pretrained(directory)
     save_tokenizer(directory)
     return model
