@@ -83,6 +83,12 @@ for (T, D, F, E, K, dtype, dets, pin) in [(16384, 4096, 11008, 7, 5, torch.bfloa
                     pin)
             assert out.metadata.shared <= 232448, (what, out.metadata.shared)
             ttgir = out.asm["ttgir"]
+            if launch.name in ("_up_swiglu_kernel", "_tile_gemm_scatter_kernel", "_dh_swiglu_bwd_kernel") \
+                    and not kw.get("PERSISTENT"):  # issue 22: a dead tile returns before descriptor / barrier work
+                first_return = ttgir.find("tt.return")
+                for op in ("ttng.init_barrier", "ttng.tensormap_create"):
+                    assert ttgir.find(op) == -1 or ttgir.find(op) > first_return, ("work before the dead-tile exit",
+                                                                                   op, what)
             if launch.name != "_combine_kernel":
                 assert "async_copy_global_to_local" in ttgir, ("GEMM loop not pipelined", what)
                 if kw["BLOCK_M"] >= 64 and dtype != torch.float32:

@@ -36,10 +36,12 @@ check (skipped while a CUDA graph is captured). Option of this backend (a
 What the autograd function saves for the backward: x, the weights, bias / mask / trainable
 flags, the plan tensors and, only when the launch configs say ``up.keep_preact`` (a config
 field: the JSON tables or ``FLEXMOE_TRITON_CONFIG="up.keep_preact=1"``; default off), the
-gate/up pre-activation ``pre_Q2F`` (Q_max, 2F) in x's dtype: ``2 * F * K * bytes`` per token
-per layer (+ at most ``E * (block_m - 1)`` padding rows), e.g. 24 KiB per token at the
-fine-grained shape (F 768, K 8, bf16) and 215 KiB at FlexOlmo-7x7B (F 11008, K 5) against
-4-8 KiB for x itself. It saves the backward's recompute GEMM (a third of the forward FLOPs).
+gate/up pre-activation ``pre_Q2F`` (Q_max, 2F) float32 (16-bit rounding of it made the
+gradients less accurate: see :func:`.grouped_gemm.up_swiglu`): ``2 * F * K * 4`` bytes per
+token per layer (+ at most ``E * (block_m - 1)`` padding rows), e.g. 48 KiB per token at the
+fine-grained shape (F 768, K 8) and 430 KiB at FlexOlmo-7x7B (F 11008, K 5) against 4-8 KiB
+for x itself (bytes and FLOPs of the backward options: docs/DESIGN.md). It saves the
+backward's recompute GEMM (a third of the forward FLOPs).
 Off by default: memory, not FLOPs, bounds FlexOlmo's batch, and without it the layer keeps
 nothing of width F (not measured on a GPU yet).
 """
@@ -155,7 +157,7 @@ def _moe_fwd_fake(x_TD, logits_TE, gate_up_E2FD, down_EDF, expert_bias, allow_ma
     new = x_TD.new_empty
     return [
         new((T, x_TD.shape[1])), new((T, E), dtype=f32),
-        new((q_max, gate_up_E2FD.shape[1])) if cfgs.up.keep_preact else new((0,)),
+        new((q_max, gate_up_E2FD.shape[1]), dtype=f32) if cfgs.up.keep_preact else new((0,)),
         new((T, K), dtype=i32), new((T, K), dtype=f32), new((T, E), dtype=f32), new((E,), dtype=i32),
         new((E + 1,), dtype=i32), new((P,), dtype=i32), new((P,), dtype=i32), new((q_max,), dtype=i32),
         new((E + 1,), dtype=i32), new((nt,), dtype=i32), new((1,), dtype=i32),

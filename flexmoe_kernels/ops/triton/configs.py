@@ -22,10 +22,12 @@ The five tile kinds share ``BLOCK_M``: it is the tile height of the routing sche
 Variant fields (0/1 in tables and the environment pin; other kinds ignore them):
 
 * ``up.keep_preact``: the forward also writes the gate/up pre-activation ``pre_Q2F`` (Q_max,
-  2F) in x's dtype and the layer keeps it for the backward, which then skips the ``bwd_up``
-  recompute GEMM (1/3 of the forward's FLOPs). Memory: ``2 * F * K * bytes`` per token per
-  layer (plus at most ``E * (block_m - 1)`` padding rows of 2F), e.g. 24 KiB/token at the
-  fine-grained shape (F 768, K 8, bf16), 215 KiB/token at FlexOlmo-7x7B (F 11008, K 5).
+  2F) float32 (as the recompute: 16-bit rounding cost gradient accuracy) and the layer keeps
+  it for the backward, which then skips the ``bwd_up`` recompute GEMM (1/3 of the forward's
+  FLOPs; the recompute writes and reads the same float32 buffer, so keeping it moves no more
+  bytes). Memory: ``2 * F * K * 4`` bytes per token per layer (plus at most
+  ``E * (block_m - 1)`` padding rows of 2F), e.g. 48 KiB/token at the fine-grained shape
+  (F 768, K 8), 430 KiB/token at FlexOlmo-7x7B (F 11008, K 5); docs/DESIGN.md has the table.
   Default off: the layer otherwise keeps nothing of width F (a token's own activation is
   2*D bytes: 4-8 KiB), and memory, not FLOPs, limits FlexOlmo's batch; turn it on where
   memory is free (not measured on a GPU yet).

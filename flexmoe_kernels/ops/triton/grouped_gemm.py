@@ -24,8 +24,9 @@ Semantics (equal to :func:`flexmoe_kernels.grouped_swiglu`, the reference):
   reproducibility comes at no measurable cost in the model; ScatterMoE, vLLM and SonicMoE
   make the same choice. This estimate is NOT measured yet (no GPU was available).
 * Backward: the gate/up pre-activation ``pre_Q2F`` either comes from the forward
-  (``keep_preact``: the up kernel's epilogue also stores it; ``2 * F * K * bytes`` per token)
-  or is recomputed from ``x`` by the up kernel (pre-activation only). Then one dh GEMM
+  (``keep_preact``: the up kernel's epilogue also stores it; ``2 * F * K * 4`` bytes per token:
+  float32, see :func:`up_swiglu`) or is recomputed from ``x`` by the up kernel (pre-activation
+  only, float32). The options' bytes and FLOPs per token: docs/DESIGN.md. Then one dh GEMM
   (``dh = dOut @ down_e``, one wide accumulator) applies the SwiGLU backward in its epilogue:
   ``dgate``/``dup``, ``w*h`` (for dW_down) and the router-weight gradient
   ``dw[p] = <dOut_t, y_p> = <dOut_t @ down_e, h_p>`` (per F-block partials summed in a fixed
@@ -183,19 +184,19 @@ def up_swiglu(
     backward's recompute). ``cfg.interleave``: one 2*BLOCK_N-wide accumulator over interleaved
     gate/up rows (:func:`.grouped_gemm_bwd_kernels._up_interleaved_kernel`; same results).
     Returns ``(h_QF, pre_Q2F)``: (Q_max, F) / (Q_max, 2F), None where not stored; rows of used
-    tiles are written (padding rows are 0), rows of unused tiles are not. h and a kept
-    pre-activation (``store_pre=1``) are in x's dtype; the backward's recompute
-    (``store_pre=2``) is float32, a transient buffer freed after the dh GEMM: rounding gate/up
-    to 16 bits before the SwiGLU backward made the gradients up to 5x less accurate than
-    torch's own at bf16 (measured in the interpreter at T=1, K=E: 9 of 40 seeds failed the
-    pass rule; 0 of 40 with float32, as with the former fused kernel's fp32 accumulators).
+    tiles are written (padding rows are 0), rows of unused tiles are not. h is in x's dtype;
+    the pre-activation is float32 both when the forward keeps it (``store_pre=1``) and for the
+    backward's recompute (``store_pre=2``, a transient buffer freed after the dh GEMM):
+    rounding gate/up to 16 bits before the SwiGLU backward made the gradients up to 5x less
+    accurate than torch's own at bf16 (measured in the interpreter at T=1, K=E: 9 of 40 seeds
+    failed the pass rule; 0 of 40 with float32, as with the former fused kernel's fp32
+    accumulators), and one dtype makes kept and recomputed gradients bitwise equal.
     """
     T, D = x_TD.shape
     F = gate_up_E2FD.shape[1] // 2
     Q, NT = plan.schedule.padded_pairs_Q.shape[0], plan.schedule.num_tiles_max
     h_QF = launch.alloc((Q, F), x_TD.dtype, x_TD.device) if store_pre != 2 else None
-    pre_dtype = torch.float32 if store_pre == 2 else x_TD.dtype  # see the docstring
-    pre_Q2F = launch.alloc((Q, 2 * F), pre_dtype, x_TD.device) if store_pre else None
+    pre_Q2F = launch.alloc((Q, 2 * F), torch.float32, x_TD.device) if store_pre else None  # see the docstring
     grid = (NT * launch.cdiv(F, cfg.BLOCK_N),)
     if grid[0] == 0:
         return h_QF, pre_Q2F
@@ -422,10 +423,10 @@ def grouped_swiglu_forward(
         deterministic: fixed-order top-k combine (default) vs fp32 atomics.
         configs: launch configs (default: :func:`.configs.get_configs`); ``configs.up.interleave``
             selects the interleaved gate/up kernel.
-        keep_preact: also return the gate/up pre-activation ``preact_Q2F`` (Q_max, 2F) in x's
-            dtype (written by the up kernel's epilogue; rows of unused tiles unwritten), to pass
+        keep_preact: also return the gate/up pre-activation ``preact_Q2F`` (Q_max, 2F) float32
+            (written by the up kernel's epilogue; rows of unused tiles unwritten), to pass
             to :func:`grouped_swiglu_backward`, which then skips its recompute. Costs
-            ``2 * F * K * bytes`` per token (+ at most ``E * (block_m - 1)`` padding rows).
+            ``2 * F * K * 4`` bytes per token (+ at most ``E * (block_m - 1)`` padding rows).
             The layer sets it from ``configs.up.keep_preact`` (see :mod:`.configs`).
 
     Returns:
@@ -463,14 +464,15 @@ def grouped_swiglu_backward(
     zeros), ``dweights_TK`` (T, K) float32 = ``<dOut_t, y_{t,k}>`` (gradient of
     ``plan.topk_weights_TK``).
 
-    ``preact_Q2F``: the pre-activation the forward kept (``keep_preact=True``, same plan);
-    None: recomputed here by the up kernel (``configs.bwd_up``, pre-activation only). Why a
+    ``preact_Q2F``: the float32 pre-activation the forward kept (``keep_preact=True``, same
+    plan); None: recomputed here by the up kernel (``configs.bwd_up``, pre-activation only). Why a
     separate recompute GEMM and not the former fused kernel (gate, up and dh accumulated over
     one D loop): three fp32 accumulators forced BLOCK_N = 64 (n64 wgmma, 240 registers); split,
     each GEMM holds one (dh) or two (gate, up) accumulators at the wide tile, the FLOPs are the
-    same and the extra traffic is one write and one read of (Q_max, 2F) in x's dtype, small
+    same and the extra traffic is one write and one read of (Q_max, 2F) float32, small
     against the 2*D*2F FLOPs per slot. Kept and recomputed pre-activations are the same
-    kernel's output: with ``bwd_up == up`` (the heuristics) the gradients are bitwise equal.
+    kernel's float32 output: with ``bwd_up == up`` (the heuristics) the gradients are bitwise
+    equal.
     The dh GEMM (``configs.bwd_dh``) applies the SwiGLU backward in its epilogue; no atomics
     anywhere but the dX combine with ``deterministic=False``.
     """
@@ -490,7 +492,7 @@ def grouped_swiglu_backward(
         _, preact_Q2F = up_swiglu(x_TD, plan, gate_up_E2FD, cfgs.bwd_up, store_pre=2)
     else:
         q = plan.schedule.padded_pairs_Q.shape[0]
-        check_tensor(preact_Q2F, "preact", shape=(q, 2 * F), dtypes=(x_TD.dtype,), device=x_TD.device)
+        check_tensor(preact_Q2F, "preact", shape=(q, 2 * F), dtypes=(torch.float32,), device=x_TD.device)
     dgu_Q2F, hw_QF, dwp_PN = swiglu_dh_backward(dout_TD, plan, down_EDF, preact_Q2F, cfgs.bwd_dh, store_hw=need_ddown)
     dx_TD = dgate_up = ddown = dweights_TK = None
     if need_dweights:
