@@ -139,7 +139,7 @@ class _Case:
         return self.i
 
 
-MOE_BASELINES = ("torch_grouped_mm", "hf_eager", "hf_grouped_mm", "megablocks_dmoe")
+MOE_BASELINES = ("torch_grouped_mm", "hf_eager", "hf_grouped_mm", "megablocks_dmoe", "liger_fused_moe")
 
 
 def _experts_hit(p: LayerPreset, router_ED: torch.Tensor, x_TD: torch.Tensor, mask) -> int:

@@ -116,7 +116,8 @@ PROCESS_START_S = 8.0  # a fresh Python process: torch + flexmoe_kernels imports
 GPU_CORES = 16  # the GPU machine's CPU cores
 TEST_WORKERS = 4  # pytest -n
 AOT_JOBS = GPU_CORES - TEST_WORKERS - 2  # ahead-of-time compile processes beside the tests (2 cores spare)
-CHECK_JOBS = 6  # self-check processes at once (GPU memory: <= ~8 GB each at FlexOlmo-7x7B's slice)
+CHECK_JOBS = 8  # self-check processes at once (GPU memory: ~7 GB each at FlexOlmo-7x7B's slice: bf16 weights,
+#   their gradients and one float32 tensor at a time; 8 x 7 GB beside the tests fits 80 GB)
 REFERENCE_S = 12.0  # one shape's float64 reference + torch bf16 run at the check slice (assumed)
 CHECK_S = 6.0  # one self-check at its slice with the kernels cached (inputs, two fwd+bwd, compare)
 RECORD_S = 6.0  # recording every variant's launches (measured here: 2.9-5.1 s)
@@ -125,8 +126,10 @@ CASE_S = {"fine-grained": 1.0, "flexolmo-7x7b": 2.5}  # a variant's weights, inp
 BASELINE_ROWS = 8  # cuda, cuBLAS, grouped_mm x fwd / fwd_bwd, cuda with token_all
 TEST_KERNELS = 140  # the gpu subset's distinct kernels (assumed: ~60 before issue 22 + 6 training configs x 13)
 TEST_RUN_S = 45.0  # the subset's own run time once compiled (assumed)
-SETUP_TIMEOUTS = {"nvidia-smi": 10, "pip install": 25, "import check + versions": 30}  # setup's subprocesses
+SETUP_TIMEOUTS = {"nvidia-smi": 10, "pip install": 20, "import check + versions": 30}  # setup's subprocesses
 E2E_MODELS_N, E2E_STEP_S, E2E_INIT_S = 4, 0.4, 8.0  # e2e-small: models, s per step (13 steps), DeepSpeed init
+PEER_KERNELS = 12  # a peer's kernels at one shape, JIT-compiled in its check (Liger, autotuning off: 3 routing,
+#   up, down, gather-sum, 4 backward; not in the AOT warm-up)
 
 
 def _ceil5(x: float) -> int:
@@ -142,10 +145,14 @@ def estimates(inv: dict, peers: int = 0) -> dict:
     and checks per shape; :func:`benchmarks.gpu_sweep.inventory`) and the measured constants above."""
     n_k = inv.get("kernels") or FALLBACK_KERNELS
     n_chk = _n_checks(inv)
-    waves_k, waves_c = -(-n_k // AOT_JOBS), -(-n_chk // CHECK_JOBS)
+    waves_k = -(-n_k // AOT_JOBS)
     aot = PROCESS_START_S + RECORD_S + waves_k * COMPILE_S_PER_KERNEL
     refs = len(inv.get("shapes") or TARGET_PRESETS) * REFERENCE_S
-    check = PROCESS_START_S + refs + waves_c * (PROCESS_START_S + CHECK_S)
+    peer_compile = PEER_KERNELS * COMPILE_S_PER_KERNEL if peers else 0.0
+    n_peer = len([c for c in inv.get("checks") or [] if c.get("name") in PEER_NAMES])
+    one, one_peer = PROCESS_START_S + CHECK_S, PROCESS_START_S + CHECK_S + peer_compile
+    slots = (n_chk - n_peer) * one + n_peer * one_peer  # process-seconds of all checks
+    check = PROCESS_START_S + refs + max(-(-slots // CHECK_JOBS), one_peer if n_peer else one)
     per_kernel_check = (n_k / max(1, n_chk)) * COMPILE_S_PER_KERNEL
     out = {
         "setup": (sum(SETUP_TIMEOUTS.values()),
@@ -154,8 +161,10 @@ def estimates(inv: dict, peers: int = 0) -> dict:
         "warm": (aot + check,
                  f"AOT compile: start {PROCESS_START_S:g} + record {RECORD_S:g} + ceil({n_k} kernels / {AOT_JOBS} jobs)"
                  f" x {COMPILE_S_PER_KERNEL:g} s = {aot:.0f} s; self-checks: start {PROCESS_START_S:g} + references "
-                 f"{refs:.0f} + ceil({n_chk} checks / {CHECK_JOBS} jobs) x ({PROCESS_START_S:g} + {CHECK_S:g}) = "
-                 f"{check:.0f} s (if the AOT cache missed: + ~{per_kernel_check:.0f} s per check)"),
+                 f"{refs:.0f} + ({n_chk - n_peer} checks x ({PROCESS_START_S:g} + {CHECK_S:g})"
+                 + (f" + {n_peer} peer checks x (+ {PEER_KERNELS} kernels x {COMPILE_S_PER_KERNEL:g} s)" if n_peer else "")
+                 + f") / {CHECK_JOBS} jobs = {check:.0f} s (if the AOT cache missed: + ~{per_kernel_check:.0f} s "
+                   "per check)"),
         "tests": (PROCESS_START_S + TEST_KERNELS * COMPILE_S_PER_KERNEL / TEST_WORKERS + TEST_RUN_S,
                   f"start {PROCESS_START_S:g} + {TEST_KERNELS} kernels x {COMPILE_S_PER_KERNEL:g} s / {TEST_WORKERS} "
                   f"workers + run {TEST_RUN_S:g} s"),
@@ -175,6 +184,7 @@ def estimates(inv: dict, peers: int = 0) -> dict:
 
 
 TARGET_PRESETS = ("fine-grained", "flexolmo-7x7b")
+PEER_NAMES = ("liger_fused_moe",)
 
 
 def _budget(step: str, est: float) -> int:
@@ -454,6 +464,9 @@ def child_env() -> dict:
     importable, unbuffered output, one Triton cache shared by all processes."""
     env = dict(os.environ)
     paths = [SITE, str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+    # Liger's fused MoE autotunes ~250 configs per shape at its first call (minutes of compiling):
+    # the session times its single fallback config (documented in benchmarks/README.md).
+    env.setdefault("LIGER_FUSED_MOE_AUTOTUNE", "0")
     env.update(PYTHONPATH=":".join(paths), PYTHONUNBUFFERED="1", DS_ACCELERATOR="cuda", MPLBACKEND="Agg",
                TRITON_CACHE_DIR=env.get("TRITON_CACHE_DIR", "/tmp/flexmoe-triton-cache"),
                TOKENIZERS_PARALLELISM="false")

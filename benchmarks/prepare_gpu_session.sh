@@ -5,7 +5,8 @@
 #   .whl/      deepspeed (built from its sdist: PyPI has no deepspeed wheel; DS_BUILD_OPS=0, pure
 #              Python) and those of its requirements the image lacks (hjson, pydantic and its
 #              own: pydantic_core, annotated-types, typing-inspection, typing-extensions >= 4.16),
-#              as CPython 3.12 manylinux x86-64 wheels
+#              as CPython 3.12 manylinux x86-64 wheels; liger-kernel 0.8.5 (the sweep's peer provider,
+#              Liger's fused MoE; a py3-none-any wheel of 0.9 MB)
 #   .gpu_ext/  flexmoe_kernels/_C.cpython-312-x86_64-linux-gnu.so: the CUDA extension for the
 #              image's Python 3.12, sm_90a (raw pointers and a static CUDA runtime: it needs
 #              pybind11 to build, not torch), built in build/py312-venv
@@ -18,7 +19,8 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 DEEPSPEED=deepspeed==0.19.8
 PINS=(hjson==3.1.0 pydantic==2.14.4 pydantic_core==2.50.5 annotated-types==0.8.0
-      typing-inspection==0.4.5 typing-extensions==4.16.0)
+      typing-inspection==0.4.5 typing-extensions==4.16.0
+      liger-kernel==0.8.5)  # the sweep's peer provider (pure Python, 0.9 MB; needs torch, triton: in the image)
 PLATFORMS=(--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64
            --platform manylinux2014_x86_64 --platform manylinux1_x86_64)
 
@@ -52,7 +54,7 @@ FLEXMOE_CUDA_ARCHS=90a FLEXMOE_NVCC_THREADS=${FLEXMOE_NVCC_THREADS:-2} build/py3
 echo "== the carried wheels other than deepspeed import under CPython 3.12 (deepspeed needs torch)"
 rm -rf build/py312-site
 build/py312-venv/bin/python -m pip install -q --no-index --no-deps --no-compile --target build/py312-site \
-  $(ls .whl/*.whl | grep -v /deepspeed-)
+  $(ls .whl/*.whl | grep -v -e /deepspeed- -e /liger_kernel-)
 PYTHONPATH=build/py312-site build/py312-venv/bin/python -c \
   "import hjson, pydantic, pydantic_core; print('pydantic', pydantic.VERSION, 'pydantic_core', pydantic_core.__version__, 'hjson ok')"
 

@@ -15,6 +15,9 @@ masked softmax-top-k, experts, weighted combine); baselines compute what their n
 * ``hf_eager`` / ``hf_grouped_mm``: ``transformers``' ``FlexOlmoSparseMoeBlock`` with
   ``config._experts_implementation`` "eager" (its per-expert loop) or "grouped_mm".
 * ``megablocks_dmoe``: MegaBlocks' dMoE (GLU experts, grouped impl) when importable.
+* ``liger_fused_moe``: Liger-Kernel's fused Triton MoE (``LigerFusedMoEFunction``: gather +
+  grouped GEMM + SwiGLU, down projection, weighted gather-sum) behind our routing, when
+  ``liger_kernel`` is importable; the GPU sweep checks it against the reference before timing.
 """
 from __future__ import annotations
 
@@ -257,6 +260,73 @@ def _mb_build(p, w, device, dtype):
     return Built(fwd, list(layer.parameters()), _moe_flops(p), _moe_weight_bytes(p, dtype))
 
 
+# ----------------------------------------------------------------------------- Liger-Kernel
+LIGER_VERSION = "0.8.5"  # the wheel prepare_gpu_session.sh carries (pure Python, 0.9 MB)
+
+
+def _liger_fn():
+    """Liger-Kernel's fused MoE autograd op (``liger_kernel.ops.fused_moe.LigerFusedMoEFunction``).
+    Under Triton's interpreter its autotuner cannot benchmark (no driver): there
+    ``LIGER_FUSED_MOE_AUTOTUNE=0`` (one config per kernel) must be set before the import."""
+    import os
+
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        os.environ.setdefault("LIGER_FUSED_MOE_AUTOTUNE", "0")
+    from liger_kernel.ops.fused_moe import LigerFusedMoEFunction
+
+    return LigerFusedMoEFunction
+
+
+def _liger_available(device):
+    import os
+
+    try:
+        fn = _liger_fn()
+    except Exception as exc:  # noqa: BLE001
+        return False, f"liger_kernel not importable: {type(exc).__name__}: {exc}"
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return False, "Liger's Triton kernels need CUDA (or TRITON_INTERPRET=1 on the CPU)"
+    from importlib.metadata import version
+
+    return True, f"liger_kernel {version('liger-kernel')} {fn.__module__}.{fn.__name__}"
+
+
+def liger_layer(K: int, fn=None):
+    """Our layer with Liger's fused MoE as the expert stage: ``fwd(x, router_weight, gate_up,
+    down, K-ignored, allow_mask=None) -> (out, logits)``. Routing as ours (logits ``x @ R.T`` in
+    x's dtype, opted-out experts -inf, float32 softmax, top-k, the K probabilities as weights, in
+    float32); experts and combine are ``LigerFusedMoEFunction(x, gate_up (E, 2F, D), down
+    (E, D, F), ids int32, weights)`` (the same HF weight layout; its backward keeps the
+    pre-activation: no recompute)."""
+    fn = fn or _liger_fn()
+
+    def fwd(x_TD, router_ED, gate_up_E2FD, down_EDF, k=K, allow_mask=None):
+        from flexmoe_kernels import router_logits
+
+        logits = router_logits(x_TD, router_ED).float()
+        if allow_mask is not None:
+            logits = logits.masked_fill(~allow_mask, float("-inf"))
+        weights_TK, ids_TK = torch.topk(torch.softmax(logits, dim=-1), k, dim=-1)
+        out = fn.apply(x_TD, gate_up_E2FD, down_EDF, ids_TK.to(torch.int32), weights_TK)
+        return out, logits
+
+    return fwd
+
+
+def _liger_build(p, w, device, dtype):
+    layer = liger_layer(p.K)
+
+    def fwd(x_TD, mask):
+        return layer(x_TD, w.router_ED, w.gate_up_E2FD, w.down_EDF, p.K, mask)[0]
+
+    return Built(fwd, [w.router_ED, w.gate_up_E2FD, w.down_EDF], _moe_flops(p), _moe_weight_bytes(p, dtype))
+
+
+def _liger_check_fwd(device):
+    layer = liger_layer(0)
+    return lambda x, r, gu, dn, k: layer(x, r, gu, dn, k)
+
+
 # ----------------------------------------------------------------------------- registry
 PROVIDERS: dict[str, Provider] = {
     pr.name: pr
@@ -273,5 +343,7 @@ PROVIDERS: dict[str, Provider] = {
         Provider("hf_grouped_mm", "transformers FlexOlmo (grouped_mm)", "baseline", False,
                  _hf_available("grouped_mm"), _hf_build("grouped_mm")),
         Provider("megablocks_dmoe", "MegaBlocks dMoE", "baseline", False, _mb_available, _mb_build),
+        Provider("liger_fused_moe", "Liger-Kernel fused MoE (our routing)", "baseline", True, _liger_available,
+                 _liger_build, check_fwd=_liger_check_fwd),
     ]
 }

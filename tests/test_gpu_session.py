@@ -401,3 +401,23 @@ def test_interpreter_tier_skips_on_triton_36_with_numpy_25():
     except RuntimeError as exc:
         assert is_interpreter_failure(exc)
     assert not is_interpreter_failure(ValueError("an ordinary bug"))
+
+
+def test_liger_peer_travels_and_is_checked_and_timed(tmp_path, inventory):
+    """Issue 22 item 7: with Liger's wheel in .whl/ the session checks and times it beside the
+    variants (its check in the warm-up, --peers in both layer steps), within the 540 s."""
+    (tmp_path / gs.WHEEL_DIR).mkdir()
+    assert gs.carried_peers(tmp_path) == []
+    _wheel(tmp_path / gs.WHEEL_DIR, "liger_kernel", ["torch>=2.1.2", "triton>=2.3.1"])
+    assert gs.carried_peers(tmp_path) == ["liger_fused_moe"]
+    inv = dict(inventory, peers=["liger_fused_moe"],
+               checks=inventory["checks"] + [dict(name="liger_fused_moe", preset=pn, T=T, check_tokens=0, env={},
+                                                  pinned=None) for pn, T in sw.TARGET_SHAPES.items()])
+    steps = {s.name: s for s in gs.plan_steps(inv=inv, peers=["liger_fused_moe"])}
+    assert "--providers liger_fused_moe" in steps["warm"].argvs[0][-1]
+    for pn in sw.TARGET_SHAPES:
+        argv = steps[f"layer-{pn}"].argvs[0]
+        assert argv[argv.index("--peers") + 1] == "liger_fused_moe"
+    assert gs.wall_budget(list(steps.values())) + gs.KILL_GRACE_S <= gs.TOTAL_BUDGET_S
+    assert gs.estimates(inv, 1)["warm"][0] > gs.estimates(inventory)["warm"][0]
+    assert "LIGER_FUSED_MOE_AUTOTUNE" in gs.child_env()
