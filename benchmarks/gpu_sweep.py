@@ -1,12 +1,15 @@
-"""Layer variant sweep of the prepared GPU session (issue 13 item 10).
+"""Layer variant sweep of the prepared GPU session (issue 13 item 10; issue 22 item 6).
 
-Every Triton variant that exists today, side by side in one process with our cuda backend,
-the cuBLAS GEMM of equal FLOPs and torch grouped_mm; its compile-only warm-up; and the
-best-measured configuration table. Run by ``benchmarks/gpu_session.py`` (see
-benchmarks/README.md, "Prepared GPU session"); each command also runs alone:
+Every Triton variant that exists today, each first checked against the reference, then timed
+side by side with our cuda backend, the cuBLAS GEMM of equal FLOPs, torch grouped_mm and the
+peer providers (Liger's fused MoE); its ahead-of-time compile warm-up; and the best-measured
+configuration table. Run by ``benchmarks/gpu_session.py`` (see benchmarks/README.md, "Prepared
+GPU session"); each command also runs alone:
 
-    python -m benchmarks.gpu_sweep layer --preset fine-grained --tokens 32768 --out DIR
-    python -m benchmarks.gpu_sweep compile --all --jobs 6 --shapes fine-grained:32768,flexolmo-7x7b:16384
+    python -m benchmarks.gpu_sweep compile --aot --jobs 10 --shapes fine-grained:32768,flexolmo-7x7b:16384
+    python -m benchmarks.gpu_sweep check --all --jobs 8 --checks DIR [--providers liger_fused_moe]
+    python -m benchmarks.gpu_sweep layer --preset fine-grained --tokens 32768 --out DIR [--checks DIR]
+    python -m benchmarks.gpu_sweep inventory              # variants, duplicates, checks, kernel count (no GPU)
     python -m benchmarks.gpu_sweep table DIR_OR_RESULTS_JSON --out triton_moe_DEVICE.json
 
 Variants (only what ``flexmoe_kernels/ops/triton/configs.py`` and ``backend.py`` offer today):
@@ -17,18 +20,25 @@ Variants (only what ``flexmoe_kernels/ops/triton/configs.py`` and ``backend.py``
 * ``heuristic``: the heuristic pinned through ``FLEXMOE_TRITON_CONFIG``, only when a table
   applies to the device and differs from it (table vs heuristic).
 * ``cfg:NAME``: the hand-picked ``FLEXMOE_TRITON_CONFIG`` pins of :data:`CONFIG_CANDIDATES`:
-  block shapes, pipeline depth (4 stages everywhere; 3 is the ``heuristic`` variant where the
-  shipped table applies, and the default elsewhere), and the kernel variants of issue 13: TMA weight
-  descriptors off (``tma0``; the default table has them on), the persistent tile schedule on
-  (``persistent``), both (``tma0-persistent``): TMA on / off x persistent on / off with the
-  default;
+  block shapes, pipeline depth (4 stages everywhere), and the kernel variants of issue 13: TMA
+  weight descriptors off (``tma0``), the persistent tile schedule on (``persistent``), both
+  (``tma0-persistent``);
 * ``field:F=V``: the non-default value of every other 0/1 launch-config field (the kept
   pre-activation, gate/up interleaving, ... whatever ``GemmConfig`` has), read at run time.
 
-Non-default variants' rows are named ``triton:VARIANT``; every row carries ``variant``, and
-Triton rows the resolved ``triton_config`` (the five kinds) and ``triton_config_source``.
-There is no tuner: :func:`best_table` writes the fastest *measured* of these variants per
-shape in the format of ``flexmoe_kernels/ops/triton/tables/``.
+Duplicates are cut (:func:`variants`): a variant whose resolved configs (and combine) equal an
+earlier one's at the shape is not swept (``cfg:stages4`` under the H100 table, which already
+has 4 stages). Self-check (:mod:`benchmarks.check`): before it is timed, each variant (and peer)
+runs forward + backward on a token slice of the shape with the configs of the timed T pinned,
+in a process of its own, against the float64 reference with the tests' bf16 rule; a FAIL gets
+``status="fail"`` rows carrying the error, is never timed and never enters the table. The
+timing process is restarted for the variants left when a CUDA error makes it unusable.
+
+Non-default variants' rows are named ``triton:VARIANT``; every row carries ``variant`` and the
+check (``check``, ``check_error``, ``check_max_err_ratio``), and Triton rows the resolved
+``triton_config`` (the kinds) and ``triton_config_source``. There is no tuner:
+:func:`best_table` writes the fastest *measured and checked* of these variants per shape in the
+format of ``flexmoe_kernels/ops/triton/tables/``.
 """
 from __future__ import annotations
 
