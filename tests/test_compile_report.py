@@ -171,3 +171,27 @@ def test_cli_errors_name_the_bad_value(args, named):
     r = _cli(*args, timeout=120)
     assert r.returncode == 2, r.stdout + r.stderr
     assert named in r.stderr and "known:" in r.stderr, r.stderr
+
+
+def test_sass_serialisation_reader():
+    """``wgmma_serialized`` from the SASS (no toolchain needed): every HGMMA followed by a full
+    wait (the dW kernels before issue 22) vs HGMMAs grouped under one wait that leaves one group
+    in flight (a pipelined loop); no HGMMA: not serialised."""
+    from benchmarks.kernel_compile import sass_wgmma_serialized
+
+    serial = """
+        /*30c0*/   HGMMA.64x128x16.F32.BF16 R24, R88, gdesc[UR8].tnspB, R24, gsb0 ;
+        /*30f0*/   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;
+        /*3150*/   HGMMA.64x128x16.F32.BF16 R24, R88, gdesc[UR8].tnspB, R24, gsb0 ;
+        /*3190*/   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;
+    """
+    pipelined = """
+        /*2b40*/   WARPGROUP.ARRIVE ;
+        /*2b50*/   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR12].tnspA.tnspB, R24 ;
+        /*2ba0*/   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR12].tnspA.tnspB, R24, gsb0 ;
+        /*2c90*/   WARPGROUP.DEPBAR.LE gsb0, 0x1 ;
+        /*33c0*/   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;
+    """
+    assert sass_wgmma_serialized(serial) is True
+    assert sass_wgmma_serialized(pipelined) is False
+    assert sass_wgmma_serialized("        /*0010*/   HMMA.16816.F32.BF16 R4, R8, R12, R4 ;") is False
