@@ -147,6 +147,10 @@ if _NVCC is not None:
         _ext._flexmoe_home = _CUDA_HOME_OR_REASON
         ext_modules.append(_ext)
         cmdclass["build_ext"] = _BuildExtWithNvcc
+        print(f"flexmoe_kernels: building the CUDA extension flexmoe_kernels._C with {_NVCC} for "
+              f"FLEXMOE_CUDA_ARCHS={_os.environ.get('FLEXMOE_CUDA_ARCHS', '80;90a')} (a few minutes); "
+              "set FLEXMOE_SKIP_CUDA_BUILD=1 to skip it (everything but the \"cuda\" backend works without it)",
+              flush=True)
 else:
     print(f"flexmoe_kernels: not building the CUDA extension: {_CUDA_HOME_OR_REASON}", flush=True)
 # ---------------------------------------------------------------- /CUDA EXTENSION
