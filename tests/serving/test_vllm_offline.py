@@ -77,6 +77,12 @@ def runs(root, full_llm):
     outs = llm.generate(PROMPTS + PROMPTS, [_sp(a) for a, _ in SETS] + [_sp(None)] * len(PROMPTS), use_tqdm=False)
     res["batch"] = [_result(o) for o in outs[: len(PROMPTS)]]
     res["unrestricted"] = [_result(o) for o in outs[len(PROMPTS):]]
+    # rows that move: two short unrestricted requests in rows 0-1 finish first, and vLLM moves the
+    # restricted requests of rows 3-4 into their places mid-generation
+    moved = [(PROMPTS[0], None, 2), (PROMPTS[1], None, 3), (PROMPTS[1], [1, 3], MAX_TOKENS),
+             (PROMPTS[2], "news,code,medical", MAX_TOKENS), (PROMPTS[0], ["public", "code"], MAX_TOKENS)]
+    outs = llm.generate([p for p, _, _ in moved], [_sp(a, n) for _, a, n in moved], use_tqdm=False)
+    res["moved"] = [_result(o) for o in outs[2:]]
     # prefix cache: the long prompt with every expert, then with {0, 2} twice
     o_all = llm.generate([LONG], [_sp(None)], use_tqdm=False)[0]
     o_s1 = llm.generate([LONG], [_sp(["public", "code"])], use_tqdm=False)[0]
@@ -106,6 +112,13 @@ def test_batch_with_mixed_sets_equals_removal(runs):
         worst = max(worst, max(abs(a - b) for a, b in zip(lps, ref_lps)))
     print(f"max |logprob - removed-model logprob| = {worst:.3g}")
     assert worst <= LOGPROB_TOL
+
+
+def test_rows_moved_mid_generation_keep_their_sets(runs):
+    for (toks, lps), (idx, i) in zip(runs["moved"], [((1, 3), 1), ((1, 2, 3), 2), ((0, 2), 0)]):
+        ref_toks, ref_lps = runs["removed"][idx][i]
+        assert toks == ref_toks, idx
+        assert max(abs(a - b) for a, b in zip(lps, ref_lps)) <= LOGPROB_TOL
 
 
 def test_sets_change_the_output(runs):

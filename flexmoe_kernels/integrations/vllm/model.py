@@ -161,6 +161,17 @@ class FlexOlmoModel(nn.Module):
         return self.norm(h)
 
 
+def _check_supported(vllm_config) -> None:
+    """Refuse engine features under which the allow-mask would not follow the batch (fail at
+    start-up rather than silently serve every expert)."""
+    if getattr(vllm_config, "speculative_config", None) is not None:
+        raise NotImplementedError("flexmoe per-request opt-out does not support speculative decoding "
+                                  "(vLLM then drops custom logits processors)")
+    pc = vllm_config.parallel_config
+    if getattr(pc, "enable_dbo", False) or getattr(pc, "ubatch_size", 1) > 1:
+        raise NotImplementedError("flexmoe per-request opt-out does not support micro-batching (DBO)")
+
+
 class FlexOlmoForCausalLM(nn.Module):
     """vLLM model class for Hugging Face ``flex_olmo`` checkpoints with per-request opt-out."""
 
@@ -184,9 +195,16 @@ class FlexOlmoForCausalLM(nn.Module):
         if self.tie:
             self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
         self.logits_processor = LogitsProcessor(config.vocab_size)
-        # the worker's mask state (also created by the logits processor; whichever comes first)
-        init_mask_state(config.num_experts, vllm_config.scheduler_config.max_num_seqs,
-                        vllm_config.device_config.device)
+        _check_supported(vllm_config)
+        # the worker's mask state, created by the logits processor that fills it (vLLM builds the
+        # persistent batch and its logits processors before it loads the model)
+        state = init_mask_state(config.num_experts, vllm_config.scheduler_config.max_num_seqs,
+                                vllm_config.device_config.device)
+        if not state.tracked:
+            raise RuntimeError(
+                "flexmoe: the allowed-experts logits processor (entry point vllm.logits_processors: "
+                "flexmoe_allowed_experts) is not active in this engine, so per-request opt-out cannot work; "
+                "is the package installed in this environment (pip install -e .)?")
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_input_ids(input_ids)

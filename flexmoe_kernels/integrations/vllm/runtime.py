@@ -48,6 +48,7 @@ class MaskState:
         self.rows = self.rows_cpu if self.device.type == "cpu" else self.rows_cpu.to(self.device)
         self.sets: dict[int, tuple[int, ...]] = {}  # batch row -> allowed indices (restricted rows only)
         self.step = 0
+        self.tracked = False  # set by the logits processor that keeps the rows up to date
         self._cache: Optional[tuple] = None
 
     def set_row(self, row: int, allowed: Optional[tuple[int, ...]]) -> None:
@@ -152,6 +153,7 @@ class AllowedExpertsLogitsProcessor(LogitsProcessor):
         self.state = None
         if E:
             self.state = init_mask_state(E, vllm_config.scheduler_config.max_num_seqs, device)
+            self.state.tracked = True
 
     def is_argmax_invariant(self) -> bool:
         return True
@@ -175,11 +177,11 @@ class AllowedExpertsLogitsProcessor(LogitsProcessor):
         st = self.state
         if st is None:
             return
-        if batch_update:
-            for index, params, _prompt, _out in batch_update.added:
-                st.set_row(index, self._allowed_of(params))
+        if batch_update:  # in BatchUpdate's documented order: removed, added, moved
             for index in batch_update.removed:
                 st.set_row(index, None)
+            for index, params, _prompt, _out in batch_update.added:
+                st.set_row(index, self._allowed_of(params))
             for a, b, direction in batch_update.moved:
                 sa, sb = st.sets.get(a), st.sets.get(b)
                 st.set_row(b, sa)
