@@ -27,9 +27,14 @@ lm-eval's ``lm_eval`` command does not import this module; run it through ``flex
 ``python -m flexmoe_kernels.integrations.lm_eval <lm_eval arguments>`` (lm-eval's command line
 with ``--model flexmoe`` registered), or import it before ``lm_eval.simple_evaluate``.
 
-Not supported: a FlexOlmo checkpoint with the optional router expert bias (``expert_bias: true``,
-OLMo-core conversions): transformers' ``flex_olmo`` has no such bias, so lm-eval's Hugging
-Face path would silently drop it; such a checkpoint is refused with that reason.
+Engines (``engine=auto|transformers|ours``): ``transformers`` loads the checkpoint with
+transformers and patches it (every supported family); ``ours`` loads a FlexOlmo checkpoint with
+our :class:`flexmoe_kernels.FlexOlmoForCausalLM` behind a thin adapter, and is what ``auto``
+picks for a checkpoint with the router expert bias (``expert_bias: true``: ``flexmoe demo`` and
+OLMo-core conversions), which transformers' ``flex_olmo`` does not implement (it would drop it
+silently). ``ours`` generates without lm-eval's early stop (lm-eval cuts the text at its stop
+sequences afterwards: same result, slower) and reads a bare ``tokenizer.json`` (``flexmoe
+prepare-data``'s) when the checkpoint has no transformers tokenizer files.
 """
 from __future__ import annotations
 
@@ -126,9 +131,7 @@ def inspect_checkpoint(pretrained: str, *, revision: Optional[str] = None, exper
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"{argument} {pretrained!r} is a {model_type!r} model, not an MoE whose experts can be opted "
                          f"out; supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}")
-    if getattr(config, "expert_bias", False):
-        raise ValueError(f"{argument} {pretrained!r} has a router expert bias (expert_bias: true), which transformers' "
-                         f"flex_olmo (lm-eval's Hugging Face path) does not implement: it would be dropped silently")
+    engine = "ours" if getattr(config, "expert_bias", False) else "transformers"
     num_experts = getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None)
     top_k = int(config.num_experts_per_tok)
     if expert_names is not None and expert_names != "":
@@ -143,6 +146,7 @@ def inspect_checkpoint(pretrained: str, *, revision: Optional[str] = None, exper
             names = released_expert_names(hub_id_of(pretrained, d), d)
         names = list(names) if names else [f"expert_{i}" for i in range(num_experts)]
     return CheckpointInfo(model_type=model_type, expert_names=names, num_experts=int(num_experts), top_k=top_k,
+                          engine=engine, expert_bias=bool(getattr(config, "expert_bias", False)),
                           pretrained=str(pretrained), revision=revision,
                           commit=_commit_of(str(pretrained)) if os.path.isdir(str(pretrained)) else None)
 
@@ -153,6 +157,78 @@ def _router_modules(model: torch.nn.Module) -> list:
             if hasattr(m, "experts") and hasattr(getattr(m, "gate", None), "top_k")]
 
 
+class _OursForLMEval(torch.nn.Module):
+    """Our :class:`~flexmoe_kernels.FlexOlmoForCausalLM` as lm-eval's ``HFLM`` calls a
+    transformers model: ``config`` (transformers' config of the checkpoint), ``device``,
+    ``forward(input_ids).logits``, ``generate(input_ids=, max_length=, attention_mask=, ...)``.
+    ``allowed`` (expert names) is passed to every call."""
+
+    def __init__(self, model, config, name_or_path: str):
+        super().__init__()
+        self.inner = model
+        self.config = config
+        self.name_or_path = name_or_path
+        self.allowed: Optional[list] = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.inner.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.inner.dtype
+
+    def tie_weights(self) -> None:
+        self.inner.tie_weights()
+
+    def forward(self, input_ids, attention_mask=None, **_):
+        return self.inner(input_ids, allowed_experts=self.allowed, attention_mask=attention_mask)
+
+    @torch.no_grad()
+    def generate(self, input_ids, max_length, attention_mask=None, pad_token_id=None, do_sample=False,
+                 temperature=None, top_k=None, top_p=None, stopping_criteria=None, use_cache=True, **_):
+        # lm-eval cuts the text at its stop sequences itself: generating to max_length is the same result
+        sample = bool(do_sample) and (temperature or 1.0) > 0
+        return self.inner.generate(input_ids, max_new_tokens=max(int(max_length) - input_ids.shape[1], 1),
+                                   do_sample=sample, temperature=float(temperature or 1.0), top_k=top_k if sample else None,
+                                   top_p=top_p if sample else None, allowed_experts=self.allowed,
+                                   attention_mask=attention_mask, pad_token_id=pad_token_id, use_cache=use_cache)
+
+
+def _our_tokenizer(local: str, model_config):
+    """The checkpoint's tokenizer for lm-eval: transformers' files when present, else a bare
+    ``tokenizer.json`` wrapped in ``PreTrainedTokenizerFast`` with the ids of ``tokenizer_meta.json``
+    / the config. ``ValueError`` when there is none."""
+    import json
+
+    import transformers
+
+    if os.path.isfile(os.path.join(local, "tokenizer_config.json")):
+        return transformers.AutoTokenizer.from_pretrained(local)
+    path = os.path.join(local, "tokenizer.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"pretrained {local!r} has no tokenizer (tokenizer_config.json or tokenizer.json): pass "
+                         f"tokenizer=DIR in model_args")
+    meta_path = os.path.join(local, "tokenizer_meta.json")
+    meta = json.load(open(meta_path)) if os.path.isfile(meta_path) else {}
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_file=path)
+    vocab = tok.convert_ids_to_tokens
+    eos_id = meta.get("eos_token_id", getattr(model_config, "eos_token_id", None))
+    if isinstance(eos_id, list):
+        eos_id = eos_id[0] if eos_id else None
+    specials = {}
+    if meta.get("eos_token") or eos_id is not None:
+        specials["eos_token"] = meta.get("eos_token") or vocab(int(eos_id))
+    bos_id = getattr(model_config, "bos_token_id", None)
+    if isinstance(bos_id, int) and bos_id < len(tok):
+        specials["bos_token"] = vocab(bos_id)
+    pad_id = meta.get("pad_token_id", getattr(model_config, "pad_token_id", None))
+    if isinstance(pad_id, int) and pad_id < len(tok):
+        specials["pad_token"] = vocab(pad_id)
+    tok.add_special_tokens({k: v for k, v in specials.items() if v is not None})
+    return tok
+
+
 class FlexMoELM(HFLM):
     """lm-eval's ``HFLM`` that honours an opt-out (see the module docstring for ``model_args``).
 
@@ -161,9 +237,12 @@ class FlexMoELM(HFLM):
 
     def __init__(self, pretrained: Union[str, torch.nn.Module] = None, allowed_experts: Any = None,
                  top_k: Optional[int] = None, expert_names: Any = None, moe_backend: Optional[str] = None,
-                 **kwargs) -> None:
+                 engine: str = "auto", **kwargs) -> None:
         if pretrained is None:
             raise ValueError("pretrained: give the checkpoint (model_args pretrained=DIR_OR_HUB_ID)")
+        if engine not in ("auto", "transformers", "ours"):
+            raise ValueError(f"engine: 'auto', 'transformers' or 'ours', got {engine!r}")
+        self._ours: Optional[_OursForLMEval] = None
         if isinstance(pretrained, str):  # every check of the config before any weight is read
             info = inspect_checkpoint(pretrained, revision=kwargs.get("revision"), expert_names=expert_names,
                                       trust_remote_code=bool(kwargs.get("trust_remote_code", False)))
@@ -171,25 +250,65 @@ class FlexMoELM(HFLM):
             if allowed_experts is not None:
                 allowed = parse_expert_list(allowed_experts, names)
                 self._check_k(len(allowed), top_k, info["top_k"], allowed)
+            engine = info["engine"] if engine == "auto" else engine
+            if engine == "transformers" and info["expert_bias"]:
+                raise ValueError(f"engine: {pretrained!r} has a router expert bias, which transformers' flex_olmo does "
+                                 f"not implement: use engine=ours (or auto)")
+            if engine == "ours" and info["model_type"] != "flex_olmo":
+                raise ValueError(f"engine: ours runs FlexOlmo checkpoints only; {pretrained!r} is "
+                                 f"{info['model_type']!r}: use engine=transformers (or auto)")
+            info["engine"] = engine
+            if engine == "ours":
+                pretrained, kwargs = self._load_ours(pretrained, names, moe_backend, kwargs)
         else:
             info = CheckpointInfo(model_type=getattr(pretrained.config, "model_type", None), pretrained=None,
-                                  revision=None, commit=None)
+                                  revision=None, commit=None, engine="transformers")
             names = None if expert_names is None else [str(n) for n in _split(expert_names)]
         super().__init__(pretrained=pretrained, **kwargs)
-        model = self._model
-        if names is None and is_patched(model):
-            names = list(model._flexmoe_state.expert_names)
-        apply_flexmoe(model, backend=moe_backend, expert_names=names)
         self._moe_backend = moe_backend
-        self.expert_names = list(model._flexmoe_state.expert_names)
-        routers = _router_modules(model)
-        self.checkpoint_top_k = int(routers[0].top_k)
+        if self._ours is not None:
+            self.expert_names = list(self._ours.inner.expert_names)
+            self.checkpoint_top_k = int(self._ours.inner.config.num_experts_per_tok)
+        else:
+            model = self._model
+            if names is None and is_patched(model):
+                names = list(model._flexmoe_state.expert_names)
+            apply_flexmoe(model, backend=moe_backend, expert_names=names)
+            self.expert_names = list(model._flexmoe_state.expert_names)
+            self.checkpoint_top_k = int(_router_modules(model)[0].top_k)
         info.update(expert_names=self.expert_names, num_experts=len(self.expert_names), top_k=self.checkpoint_top_k)
         self.checkpoint_info = info
+        self.engine = info["engine"]
         self.allowed: list[str] = list(self.expert_names)
         self.top_k = self.checkpoint_top_k
         self._tensors_sha256: Optional[str] = None
         self.configure(allowed_experts, top_k)
+
+    def _load_ours(self, pretrained: str, names, moe_backend, kwargs):
+        """Our model (and its tokenizer) for ``engine=ours``: ``(adapter, HFLM kwargs)``."""
+        import transformers
+
+        from ..models import FlexOlmoForCausalLM
+        from ..models.hub import resolve_checkpoint
+
+        kwargs = dict(kwargs)
+        revision = kwargs.pop("revision", None)
+        local = resolve_checkpoint(pretrained, revision=revision, argument="pretrained")
+        dtype = kwargs.pop("dtype", "auto")
+        dtype = None if dtype in (None, "auto") else (getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+        device = kwargs.pop("device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
+        overrides = {"expert_names": list(names)}
+        if moe_backend:
+            overrides["moe_backend"] = moe_backend
+        model = FlexOlmoForCausalLM.from_pretrained(local, dtype=dtype, device=device, **overrides).eval()
+        config = transformers.AutoConfig.from_pretrained(local)
+        tok = kwargs.pop("tokenizer", None) or _our_tokenizer(local, config)
+        self._ours = _OursForLMEval(model, config, pretrained)
+        self._ours_source = local
+        for k in ("parallelize", "tp_plan", "peft", "delta", "autogptq", "gptqmodel", "gguf_file"):
+            if kwargs.get(k):
+                raise ValueError(f"{k}: not available with engine=ours")
+        return self._ours, dict(kwargs, tokenizer=tok)
 
     # ------------------------------------------------------------------ configuration
     @staticmethod
@@ -200,8 +319,8 @@ class FlexMoELM(HFLM):
         if n < k:
             how = ("lower top_k" if top_k is not None else f"pass top_k={n} (or fewer) with it; the checkpoint's "
                    f"top-k is {model_k}")
-            raise ValueError(f"allowed_experts: {SEPARATOR.join(allowed)} allows {n} experts, fewer than top-k {k} "
-                             f"experts per token: allow at least {k} experts or {how}")
+            raise ValueError(f"allowed_experts: {SEPARATOR.join(allowed)} allows {n} expert{'s' if n != 1 else ''}, "
+                             f"fewer than top-k {k} experts per token: allow at least {k} experts or {how}")
 
     def configure(self, allowed: Any = None, top_k: Optional[int] = None, lower_top_k: bool = False) -> dict:
         """Evaluate from now on with ``allowed`` experts (names / indices / ``"a|b"``; None: every
@@ -218,12 +337,18 @@ class FlexMoELM(HFLM):
             raise ValueError(f"top_k: {k} is more than the model's {len(self.expert_names)} experts")
         self._set_top_k(k)
         self.allowed = names
+        if self._ours is not None:
+            self._ours.allowed = list(names)
         return {"allowed_experts": list(names), "top_k": k, "top_k_lowered_from": lowered}
 
     def _set_top_k(self, k: int) -> None:
-        """Route ``k`` experts per token: every router's ``top_k`` and the config's
-        ``num_experts_per_tok`` (re-applying our patch so that its opt-out check uses ``k``)."""
+        """Route ``k`` experts per token. transformers engine: every router's ``top_k`` and the
+        config's ``num_experts_per_tok`` (re-applying our patch so that its opt-out check uses ``k``)."""
         if k == self.top_k:
+            return
+        if self._ours is not None:
+            self._ours.inner.set_top_k(k)
+            self.top_k = k
             return
         model = self._model
         remove_flexmoe(model)
@@ -238,10 +363,14 @@ class FlexMoELM(HFLM):
 
     # ------------------------------------------------------------------ lm-eval's model calls
     def _model_call(self, inps, attn_mask=None, labels=None):
+        if self._ours is not None:
+            return super()._model_call(inps, attn_mask=attn_mask, labels=labels)
         with allowed_experts(self._model, list(self.allowed)):
             return super()._model_call(inps, attn_mask=attn_mask, labels=labels)
 
     def _model_generate(self, context, max_length, stop, **generation_kwargs):
+        if self._ours is not None:
+            return super()._model_generate(context, max_length, stop, **generation_kwargs)
         with allowed_experts(self._model, list(self.allowed)):
             return super()._model_generate(context, max_length, stop, **generation_kwargs)
 
@@ -251,7 +380,8 @@ class FlexMoELM(HFLM):
         if self._tensors_sha256 is None:
             from ..models.checkpoint import tensors_sha256
 
-            self._tensors_sha256 = tensors_sha256({k: v.detach().cpu() for k, v in self._model.state_dict().items()})
+            module = self._ours.inner if self._ours is not None else self._model
+            self._tensors_sha256 = tensors_sha256({k: v.detach().cpu() for k, v in module.state_dict().items()})
         return self._tensors_sha256
 
     def get_model_info(self) -> dict:
@@ -266,7 +396,7 @@ class FlexMoELM(HFLM):
         else:
             base = super().get_model_info()
         base.update(flexmoe_allowed_experts=list(self.allowed), flexmoe_top_k=self.top_k,
-                    flexmoe_expert_names=list(self.expert_names))
+                    flexmoe_expert_names=list(self.expert_names), flexmoe_engine=self.engine)
         return base
 
 
