@@ -26,6 +26,14 @@ def test_trainer_step_lines_give_step_loss_and_time_left():
     assert line.startswith("train-public: step 20/200, loss 3.2500")
     # (20 s for 10 steps) * 180 steps left = 360 s = 6 min
     assert "about 6 min 00 s left" in line, line
+    # lines that arrive in one burst (a loaded machine): the pace since the process started
+    q = runner.Progress()
+    q.started("x", "x.log")
+    q._running["x"]["t_start"] -= 30.0                      # started 30 s ago
+    q.line("x", "[public] step 10/40 loss 1.0")
+    q.line("x", "[public] step 20/40 loss 0.9")             # 0 s after the first: no pace from these two
+    (line,) = q.lines(now=q._running["x"]["t_step"])
+    assert "about 30 s left" in line, line                  # 30 s for 20 steps, 20 left
     p.finished("train-public")
     assert p.lines() == []
 

@@ -71,8 +71,14 @@ class Progress:
                 continue
             s0, t0 = st["first"]
             left = ""
-            if st["step"] > s0:
-                per_step = (st["t_step"] - t0) / (st["step"] - s0)
+            if st["step"] > 0:
+                # the pace since the first step line seen, once that spans a few seconds (lines can
+                # arrive in bursts on a loaded machine); before that, since the process started
+                # (which counts its start-up too: an overestimate, never a burst's underestimate)
+                if st["step"] > s0 and st["t_step"] - t0 >= 5.0:
+                    per_step = (st["t_step"] - t0) / (st["step"] - s0)
+                else:
+                    per_step = (st["t_step"] - st["t_start"]) / st["step"]
                 eta = max(0.0, per_step * (st["total"] - st["step"]) - (now - st["t_step"]))
                 left = f", about {duration_text(eta)} left"
             out.append(f"{name}: step {st['step']}/{st['total']}, loss {st['loss']}{left} ({ran})")
