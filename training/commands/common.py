@@ -66,8 +66,7 @@ def add_train_args(p: argparse.ArgumentParser, *, lr: float, steps: int = 100, w
                    help="DeepSpeed ZeRO stage; uses training/configs/zero<N>.json (default 0)")
     g.add_argument("--deepspeed-config", default=None, help="a DeepSpeed JSON config instead of the shipped one")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: cuda when present")
-    g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
-                   help="auto: bf16 on CUDA, fp32 on CPU")
+    add_dtype_arg(g, allowed=("fp32", "bf16"), help="auto: bf16 on CUDA, fp32 on CPU (fp16 is not a training dtype here)")
     g.add_argument("--moe-backend", default="auto", help="FlexMoE backend: auto, torch, triton, cuda")
     g.add_argument("--activation-checkpointing", action="store_true",
                    help="recompute each decoder block's activations in the backward pass (less memory, "
@@ -83,6 +82,7 @@ def add_train_args(p: argparse.ArgumentParser, *, lr: float, steps: int = 100, w
     g.add_argument("--overwrite", action="store_true",
                    help="replace an existing output (a partial run is still resumed when its options match)")
     g.add_argument("--restart", action="store_true", help="discard a partial run (OUT.inprogress) instead of resuming")
+    add_recipe_arg(g)
     g.add_argument("--max-shard-size", default="5GB",
                    help="largest safetensors shard of the final checkpoint (e.g. 5GB, 500MB; more shards get "
                         "model.safetensors.index.json; default 5GB)")
@@ -285,3 +285,135 @@ def freeze_single_router(model) -> dict:
             p.requires_grad_(False)
             ref[n] = p.detach().float().clone()
     return ref
+
+
+# ---------------------------------------------------------------------------- --dtype (one spelling)
+# Every command's --dtype takes fp32 | bf16 | fp16, and torch's long names as aliases (float32 /
+# float, bfloat16, float16 / half); a command may add "auto" or "keep" and support a subset
+# (the error names the flag and what it takes). Documented once: training/README.md "--dtype".
+DTYPE_ALIASES = {"fp32": "fp32", "float32": "fp32", "float": "fp32", "bf16": "bf16", "bfloat16": "bf16",
+                 "fp16": "fp16", "float16": "fp16", "half": "fp16"}
+TORCH_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def dtype_type(allowed, extra=("auto",), flag: str = "--dtype"):
+    """An argparse ``type`` for ``--dtype``: a value of ``allowed`` (canonical short names) or one of
+    their torch long-name aliases, returned as the short name; ``extra`` words (``auto``, ``keep``)
+    pass as they are. Anything else: an argparse error naming the flag and the accepted values."""
+    allowed, extra = tuple(allowed), tuple(extra)
+
+    def parse(value: str) -> str:
+        v = str(value).strip().lower().removeprefix("torch.")
+        if v in extra:
+            return v
+        canon = DTYPE_ALIASES.get(v)
+        if canon in allowed:
+            return canon
+        names = list(extra) + [f"{a} ({TORCH_DTYPE_NAMES[a]})" for a in allowed]
+        why = f"{canon} is not supported here; " if canon else ""
+        raise argparse.ArgumentTypeError(f"{flag} {value!r}: {why}use one of {', '.join(names)}")
+
+    parse.__name__ = "dtype"
+    return parse
+
+
+def add_dtype_arg(p, *, allowed=("fp32", "bf16", "fp16"), extra=("auto",), default="auto", help: str = "") -> None:
+    """Add ``--dtype`` with the one spelling (:func:`dtype_type`) to ``p`` (a parser or group)."""
+    shown = "|".join(list(extra) + list(allowed))
+    p.add_argument("--dtype", type=dtype_type(allowed, extra), default=default, metavar=shown,
+                   help=f"{help} (torch long names such as bfloat16 also accepted)" if help else
+                   "torch long names such as bfloat16 also accepted")
+
+
+# ---------------------------------------------------------------------------- --recipe FILE
+RECIPE_COMMANDS = ("train-public", "train-expert", "tune-router", "train-dense", "train-moe", "merge",
+                   "init-router")
+
+
+def add_recipe_arg(p) -> None:
+    """Add ``--recipe FILE`` (read before parsing by :func:`apply_recipe`)."""
+    p.add_argument("--recipe", default=None, metavar="FILE",
+                   help="a recipe JSON (e.g. training/configs/recipe_flexolmo_7b.json): its section for this "
+                        "command gives flag values (key = flag without '--'); flags given on the command "
+                        "line win; a key that is not a flag of this command is an error")
+
+
+def _recipe_value(action, value, where: str):
+    """``value`` (from JSON) as ``action`` would have parsed it; ``ValueError`` naming ``where``."""
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        if not isinstance(value, bool):
+            raise ValueError(f"{where}: a switch takes true or false, got {value!r}")
+        return value if isinstance(action, argparse._StoreTrueAction) else not value
+    many = action.nargs in ("+", "*") or isinstance(action, (argparse._AppendAction, argparse._ExtendAction))
+    if many and not isinstance(value, list):
+        value = [value]
+    if isinstance(value, (dict, bool)) or (isinstance(value, list) and not many):
+        raise ValueError(f"{where}: expected a value like on the command line, got {value!r}")
+
+    def one(v):
+        if isinstance(v, (dict, list, bool)) or v is None:
+            raise ValueError(f"{where}: expected a value like on the command line, got {v!r}")
+        try:
+            out = action.type(str(v)) if action.type is not None else str(v)
+        except (argparse.ArgumentTypeError, TypeError, ValueError) as exc:
+            raise ValueError(f"{where}: {exc}") from None
+        if action.choices is not None and out not in action.choices:
+            raise ValueError(f"{where}: {v!r} is not one of {list(action.choices)}")
+        return out
+
+    if not many:
+        return one(value)
+    out = [one(v) for v in value]
+    if isinstance(action, argparse._ExtendAction) and out and isinstance(out[0], list):
+        out = [x for part in out for x in part]  # e.g. csv_list items
+    return out
+
+
+def apply_recipe(parser: argparse.ArgumentParser, command: str, path: str) -> dict:
+    """Make the ``command`` section of the recipe ``path`` the defaults of ``parser`` (flags given
+    on the command line still win; a required flag the recipe gives is no longer required).
+    Returns ``{dest: value}``. ``ValueError`` naming the file, the section and the key for a
+    missing file, bad JSON, a missing section, a key that is not a flag of ``command`` or a bad value.
+    Keys starting with ``_`` are comments."""
+    from pathlib import Path
+
+    f = Path(path)
+    if not f.is_file():
+        raise ValueError(f"--recipe {path!r} does not exist")
+    try:
+        recipe = json.loads(f.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--recipe {path!r}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+    if not isinstance(recipe, dict):
+        raise ValueError(f"--recipe {path!r}: expected a JSON object with a section per command")
+    sections = [k for k in recipe if not k.startswith("_")]
+    if command not in recipe:
+        raise ValueError(f"--recipe {path!r} has no {command!r} section (it has {sections})")
+    section = recipe[command]
+    if not isinstance(section, dict):
+        raise ValueError(f"--recipe {path!r}: section {command!r} must be a JSON object of flag: value")
+    actions = {s: a for a in parser._actions for s in a.option_strings}
+    defaults = {}
+    for key, value in section.items():
+        if key.startswith("_"):
+            continue
+        where = f"--recipe {path!r} [{command}] {key!r}"
+        action = actions.get(f"--{key}")
+        if action is None or key in ("recipe", "help"):
+            known = sorted(s[2:] for s in actions if s.startswith("--") and s not in ("--help", "--recipe"))
+            raise ValueError(f"{where}: not a flag of `flexmoe {command}` (its flags: {', '.join(known)})")
+        defaults[action.dest] = _recipe_value(action, value, where)
+        action.required = False
+    parser.set_defaults(**defaults)
+    return defaults
+
+
+def recipe_in_argv(argv) -> str | None:
+    """The value of ``--recipe`` in ``argv`` (``--recipe F`` or ``--recipe=F``; the last one), or None."""
+    found = None
+    for i, a in enumerate(argv):
+        if a == "--recipe" and i + 1 < len(argv):
+            found = argv[i + 1]
+        elif a.startswith("--recipe="):
+            found = a.split("=", 1)[1]
+    return found

@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from .common import DefaultsOnceFormatter, add_command, check_out_free, check_output, guard, require
+from .common import DefaultsOnceFormatter, add_command, add_dtype_arg, check_out_free, check_output, guard, require
 
 DESCRIPTION = """\
 --to hf: read an OLMo-core checkpoint (--input: a model.pt file, a directory holding model.pt
@@ -62,7 +62,7 @@ def register(sub) -> None:
     p.add_argument("--expert-layout", choices=["auto", "mlp", "dropless"], default="auto",
                    help="OLMo-core's expert storage: mlp = MoEMLP (E*D, F) (FlexOlmo's), dropless = DroplessMoEMLP "
                         "(E*F, D); auto: from the shapes (--to hf), the layout recorded beside --input, else mlp")
-    p.add_argument("--dtype", choices=["keep", "fp32", "bf16"], default="keep", help="cast the tensors")
+    add_dtype_arg(p, extra=("keep",), default="keep", help="cast the tensors (keep: as stored)")
     p.add_argument("--max-shard-size", default="5GB",
                    help="with --to hf: largest safetensors shard (e.g. 5GB, 500MB; more shards get "
                         "model.safetensors.index.json; default 5GB, as the training commands)")
@@ -74,7 +74,7 @@ def _cast(sd: dict, dtype: str) -> dict:
 
     if dtype == "keep":
         return sd
-    dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     return {k: v.to(dt) for k, v in sd.items()}
 
 
@@ -218,7 +218,7 @@ def _olmo2_to_hf(args, out: Path) -> str:
         check_fits(cfg, {k: src.shape(k) for k in src})
     except ModelSpecError as exc:
         raise ValueError(f"--input {args.input!r}: {exc}") from exc
-    dt = {"keep": None, "fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    dt = {"keep": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     shard = parse_size(args.max_shard_size, "--max-shard-size")
     items = ((k, src[k] if dt is None else src[k].to(dt)) for k in src)
     with atomic_directory(out) as ck:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import sys
 
-from .common import DefaultsOnceFormatter, add_name_list
+from .common import TORCH_DTYPE_NAMES, DefaultsOnceFormatter, add_dtype_arg, add_name_list
 
 
 def _size_defaults(name: str) -> str:
@@ -54,8 +54,7 @@ def register(sub) -> None:
     p.add_argument("--top-k", type=int, default=None, metavar="K",
                    help="active experts of the merged model (default: N, the number of owners)")
     p.add_argument("--device", default=None, help="auto, cpu or cuda " + _size_defaults("device"))
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="training and evaluation dtype " + _size_defaults("dtype"))
+    add_dtype_arg(p, extra=(), default=None, help="training and evaluation dtype " + _size_defaults("dtype"))
     p.add_argument("--moe-backend", default=None,
                    help="FlexMoE backend: auto, torch, triton, cuda " + _size_defaults("moe_backend"))
     p.add_argument("--no-baselines", action="store_true", help="skip the BTM and joint-MoE baselines")
@@ -93,7 +92,7 @@ def run_demo_command(args) -> int:
         settings = settings_for(
             size, owners=args.owners, public=args.public, num_owners=args.num_owners or (len(args.owners) if args.owners else None),
             public_steps=args.public_steps, expert_steps=args.expert_steps, top_k=args.top_k, device=args.device,
-            dtype=args.dtype, moe_backend=args.moe_backend, audit_docs=args.audit_docs, audit_gen=args.audit_gen,
+            dtype=TORCH_DTYPE_NAMES[args.dtype] if args.dtype else None, moe_backend=args.moe_backend, audit_docs=args.audit_docs, audit_gen=args.audit_gen,
             seed=args.seed, baselines=False if args.no_baselines else None, router_embedder=args.router_embedder,
             router_tuning=False if args.no_router_tuning else None, tune_steps=args.tune_steps,
             bias_init=args.bias_init, tokenizer=args.tokenizer)

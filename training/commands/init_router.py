@@ -1,7 +1,7 @@
 """``flexmoe init-router``: domain-informed router embedding of a data owner."""
 from __future__ import annotations
 
-from .common import add_command, check_output, require, guard
+from .common import add_command, add_recipe_arg, check_output, require, guard
 
 
 def register(sub) -> None:
@@ -23,6 +23,7 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--overwrite", action="store_true")
+    add_recipe_arg(p)
 
 
 @guard

@@ -7,7 +7,7 @@ from pathlib import Path
 from flexmoe_kernels.utils.fs import atomic_directory, write_json_atomic
 
 from ..runlog import utc_now
-from .common import add_command, require, check_out_free, check_output, guard
+from .common import add_command, add_recipe_arg, require, check_out_free, check_output, guard
 
 
 def register(sub) -> None:
@@ -21,6 +21,7 @@ def register(sub) -> None:
     require(p, "--out")
     p.add_argument("--top-k", type=int, default=2, help="experts per token in the merged model (default 2)")
     p.add_argument("--overwrite", action="store_true")
+    add_recipe_arg(p)
 
 
 @guard
