@@ -171,7 +171,7 @@ def run_configurations(lm, configs: Sequence[dict], tasks: Sequence[str], tm, *,
             lm.configure(cfg["allowed_experts"], cfg["top_k"])
             if cfg.get("top_k_lowered_from"):
                 log(f"flexmoe eval: {cfg['name']}: top-k lowered from {cfg['top_k_lowered_from']} to {cfg['top_k']} "
-                    f"(only {len(cfg['allowed_experts'])} experts allowed)")
+                    f"(only {len(cfg["allowed_experts"])} allowed)")
             rec = dict(cfg, results={}, versions={}, **{"n-shot": {}, "n-samples": {}, "higher_is_better": {}})
             if keep_samples:
                 rec["samples"] = {}
@@ -204,13 +204,14 @@ def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def metric_rows(records: Sequence[dict]) -> list[tuple[str, str]]:
+def metric_rows(records: Sequence[dict], metrics: Optional[Sequence[str]] = None) -> list[tuple[str, str]]:
     """The ``(task, "metric,filter")`` rows of the table: every numeric, non-stderr metric of
-    the first configuration, in lm-eval's order."""
+    the first configuration (only those named in ``metrics`` when given), in lm-eval's order."""
     rows = []
     for task, res in records[0]["results"].items():
         for key, v in res.items():
-            if "," in key and "_stderr" not in key.split(",")[0] and _is_number(v):
+            name = key.split(",")[0]
+            if "," in key and "_stderr" not in name and _is_number(v) and (not metrics or name in metrics):
                 rows.append((task, key))
     return rows
 
@@ -221,7 +222,9 @@ def _value(rec: dict, task: str, key: str) -> Optional[float]:
 
 
 def _fmt(v: Optional[float]) -> str:
-    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}"
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "n/a"
+    return f"{v:.4f}" if abs(v) < 1000 else f"{v:.4g}"
 
 
 def _delta(v: Optional[float], base: Optional[float]) -> Optional[float]:
@@ -246,8 +249,8 @@ def _csv(records: Sequence[dict]) -> str:
     return buf.getvalue()
 
 
-def _markdown(records: Sequence[dict], title: str) -> str:
-    rows = metric_rows(records)
+def _markdown(records: Sequence[dict], title: str, metrics=None) -> str:
+    rows = metric_rows(records, metrics)
     head = [f"{r['name']} (k={r['top_k']})" for r in records]
     lines = [f"# {title}", "",
              "Each cell: the score, and for every configuration after the first its change from `all` "
@@ -262,7 +265,7 @@ def _markdown(records: Sequence[dict], title: str) -> str:
         for i, rec in enumerate(records):
             v = _value(rec, task, key)
             d = _delta(v, base)
-            cells.append(_fmt(v) if i == 0 or d is None else f"{_fmt(v)} ({d:+.4f})")
+            cells.append(_fmt(v) if i == 0 or d is None else f"{_fmt(v)} ({'+' if d >= 0 else ''}{_fmt(d)})")
         lines.append(f"| {task} | {key.replace(',none', '')} | " + " | ".join(cells) + " |")
     lines += ["", "| configuration | allowed experts | opted out | top-k | seconds |", "| --- | --- | --- | ---: | ---: |"]
     for rec in records:
@@ -272,14 +275,14 @@ def _markdown(records: Sequence[dict], title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _heatmap(records: Sequence[dict], path: str, title: str) -> None:
+def _heatmap(records: Sequence[dict], path: str, title: str, metrics=None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    rows = metric_rows(records)
+    rows = metric_rows(records, metrics) or metric_rows(records)
     vals = np.array([[_value(r, t, k) if _value(r, t, k) is not None else np.nan for r in records] for t, k in rows],
                     dtype=float).reshape(len(rows), len(records))
     delta = vals - vals[:, :1]
@@ -316,10 +319,12 @@ def git_commit(path: str) -> Optional[str]:
     return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
-def write_report(out: str, payload: dict, *, samples: Optional[dict] = None) -> None:
+def write_report(out: str, payload: dict, *, samples: Optional[dict] = None,
+                 metrics: Optional[Sequence[str]] = None) -> None:
     """Write ``out/`` atomically (built beside it, renamed into place): ``results.json``
-    (``payload``), ``results.csv``, ``table.md``, ``heatmap.png`` and, with ``samples``
-    (configuration -> task -> lm-eval's samples), ``samples/<configuration>/<task>.jsonl``."""
+    (``payload``), ``results.csv`` (every metric), ``table.md`` and ``heatmap.png`` (the
+    ``metrics`` named, default all) and, with ``samples`` (configuration -> task -> lm-eval's
+    samples), ``samples/<configuration>/<task>.jsonl``."""
     import json
 
     from lm_eval.utils import handle_non_serializable
@@ -331,8 +336,8 @@ def write_report(out: str, payload: dict, *, samples: Optional[dict] = None) -> 
     with atomic_directory(out) as d:
         (d / "results.json").write_text(json.dumps(payload, indent=2, default=handle_non_serializable) + "\n")
         (d / "results.csv").write_text(_csv(records))
-        (d / "table.md").write_text(_markdown(records, title))
-        _heatmap(records, str(d / "heatmap.png"), title)
+        (d / "table.md").write_text(_markdown(records, title, metrics))
+        _heatmap(records, str(d / "heatmap.png"), title, metrics)
         for cname, by_task in (samples or {}).items():
             sd = d / "samples" / cname
             sd.mkdir(parents=True, exist_ok=True)

@@ -63,6 +63,8 @@ def register(sub) -> None:
     p.add_argument("--moe-backend", default="auto", help="our MoE layer's backend: auto, torch, triton, cuda")
     p.add_argument("--revision", default=None, help="with a Hub id: the branch, tag or commit")
     p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: each task's)")
+    add_name_list(p, "--metrics", "the metrics of table.md and heatmap.png, e.g. acc,bits_per_byte (default: "
+                                  "every metric; results.json and results.csv always have them all)")
     p.add_argument("--log-samples", action="store_true", help="also write every sample's inputs and scores")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -142,7 +144,7 @@ def run(args) -> int:
         **({"num_fewshot": args.num_fewshot} if args.num_fewshot is not None else {}))
     samples = {r["name"]: r.pop("samples") for r in records} if args.log_samples else None
     payload = _payload(args, lm, info, records, run_info, limit, batch_size, device, time.perf_counter() - t_start)
-    sweep.write_report(args.out, payload, samples=samples)
+    sweep.write_report(args.out, payload, samples=samples, metrics=args.metrics)
     print((_path(args.out) / "table.md").read_text())
     _note(f"flexmoe eval: wrote {args.out}/results.json, results.csv, table.md, heatmap.png "
           f"in {time.perf_counter() - t_start:.1f} s")
