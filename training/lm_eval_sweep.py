@@ -171,7 +171,7 @@ def run_configurations(lm, configs: Sequence[dict], tasks: Sequence[str], tm, *,
             lm.configure(cfg["allowed_experts"], cfg["top_k"])
             if cfg.get("top_k_lowered_from"):
                 log(f"flexmoe eval: {cfg['name']}: top-k lowered from {cfg['top_k_lowered_from']} to {cfg['top_k']} "
-                    f"(only {len(cfg["allowed_experts"])} allowed)")
+                    f"(only {len(cfg['allowed_experts'])} allowed)")
             rec = dict(cfg, results={}, versions={}, **{"n-shot": {}, "n-samples": {}, "higher_is_better": {}})
             if keep_samples:
                 rec["samples"] = {}
