@@ -188,6 +188,9 @@ setup(
         # OLMo-core itself, for `flexmoe convert`'s real-format tests (convert needs none of it;
         # it requires torch<2.14,>=2.10, so install the torch for your machine first).
         "olmo-core": ["ai2-olmo-core"],
+        # `flexmoe eval` (lm-evaluation-harness; its pins may clash with other extras: give it its
+        # own environment, as .ci/eval_tests.sh does)
+        "eval": ["lm-eval[hf]==0.4.*", "matplotlib", "tokenizers", "transformers>=5"],
         "test": ["pytest", "transformers>=5", "triton>=3.6", "matplotlib", "tokenizers", "deepspeed>=0.16",
                  "accelerate>=1.0", "tensorboard", "build"],
     },
