@@ -272,6 +272,10 @@ def test_sweep_and_warm_up_run_on_cpu(tmp_path, capsys):
     assert ("triton:atomic", "fwd", "none", "atomic") in got
     assert ("cublas_gemm", "fwd", "none", "baseline") in got
     assert all(x["triton_config"]["up"]["BLOCK_M"] for x in rows if x["provider"].startswith("triton"))
+    # each variant was checked (in its own process) before it was timed
+    assert all(x["check"] == "PASS" for x in rows if x["provider"].startswith("triton"))
+    assert {p.name for p in (out / "checks").glob("check-*.json")} == {"check-default-smoke-T5.json",
+                                                                       "check-atomic-smoke-T5.json"}
     assert sw.main(["table", str(out), "--out", str(tmp_path)]) == 0
     assert list(tmp_path.glob("triton_moe_CPU*.json"))
 
