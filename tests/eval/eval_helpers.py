@@ -43,9 +43,10 @@ def save_tokenizer(directory: str, vocab_size: int = 128) -> None:
 
 
 def make_flexolmo(directory: str, *, seed: int = 0, experts: Sequence[str] = NAMES, top_k: int = 2,
-                  hidden: int = 32, layers: int = 2, init_std: float = 0.2):
+                  hidden: int = 32, layers: int = 2, init_std: float = 0.2, expert_bias: bool = False):
     """A random FlexOlmo (our classes) saved with the tokenizer; returns the model. A large
-    init std makes the experts (and so the opt-out) change the scores."""
+    init std makes the experts (and so the opt-out) change the scores. ``expert_bias``: FlexOlmo's
+    router bias (ours only; transformers' flex_olmo has none), with negative entries that act."""
     import torch
 
     import flexmoe_kernels as fk
@@ -54,8 +55,13 @@ def make_flexolmo(directory: str, *, seed: int = 0, experts: Sequence[str] = NAM
     cfg = fk.FlexOlmoConfig(vocab_size=128, hidden_size=hidden, intermediate_size=2 * hidden,
                             num_hidden_layers=layers, num_attention_heads=2, num_experts=len(experts),
                             num_experts_per_tok=top_k, expert_names=list(experts), initializer_range=init_std,
-                            max_position_embeddings=256, pad_token_id=0, eos_token_id=1, bos_token_id=2)
+                            max_position_embeddings=256, pad_token_id=0, eos_token_id=1, bos_token_id=2,
+                            expert_bias=expert_bias)
     model = fk.FlexOlmoForCausalLM(cfg).eval()
+    if expert_bias:
+        with torch.no_grad():
+            for layer in model.moe_layers():
+                layer.gate.expert_bias.copy_(torch.linspace(0.3, -1.5, len(experts)))
     model.save_pretrained(directory)
     save_tokenizer(directory)
     return model

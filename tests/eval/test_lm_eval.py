@@ -187,6 +187,48 @@ def test_nan_poisoned_opted_out_experts(ws):
             assert poisoned[name][d] == clean[d], (name, d)
 
 
+def test_expert_bias_checkpoint_runs_our_model(ws, tmp_path):
+    """A checkpoint with FlexOlmo's router expert bias (transformers' flex_olmo has none) runs on
+    our model (engine ours): each configuration equals our model rebuilt without the opted-out
+    experts, evaluated with every expert allowed; and the bias acts."""
+    from flexmoe_kernels.integrations.lm_eval import FlexMoELM
+    from flexmoe_training import lm_eval_sweep as sweep
+
+    src = str(tmp_path / "biased")
+    H.make_flexolmo(src, seed=1, expert_bias=True)
+    lm = FlexMoELM(pretrained=src, device="cpu", batch_size=4)
+    assert lm.engine == "ours" and lm.checkpoint_info["expert_bias"]
+    tm = sweep.task_manager_for(["toy_mc", "toy_gen"], ws["tasks"])
+    configs = [c for c in sweep.sweep_configurations(H.NAMES, 2) if c["name"] in ("no-code", "public-only")]
+    records, _ = sweep.run_configurations(lm, configs, ["toy_mc", "toy_gen"], tm, progress=False,
+                                          keep_samples=True, log=lambda s: None)
+    for rec in records:
+        ref_dir = str(tmp_path / f"removed-{rec['name']}")
+        H.make_removed(src, ref_dir, rec["allowed_experts"], rec["top_k"])
+        ref_lm = FlexMoELM(pretrained=ref_dir, device="cpu", batch_size=4)
+        assert ref_lm.expert_names == rec["allowed_experts"] and ref_lm.checkpoint_top_k == rec["top_k"]
+        every = {"name": "all", "allowed_experts": rec["allowed_experts"], "opted_out": [], "top_k": rec["top_k"]}
+        (ref,), _ = sweep.run_configurations(ref_lm, [every], ["toy_mc", "toy_gen"], tm, progress=False,
+                                             keep_samples=True, log=lambda s: None)
+        for task in ("toy_mc", "toy_gen"):
+            ours = _by_request({s["doc_id"]: s for s in rec["samples"][task]})
+            theirs = _by_request({s["doc_id"]: s for s in ref["samples"][task]})
+            for d in ours:
+                if isinstance(ours[d], str):
+                    assert ours[d] == theirs[d], (rec["name"], task, d)
+                else:
+                    assert all(abs(a - b) <= LOGLIK_ATOL for a, b in zip(ours[d], theirs[d])), (rec["name"], d)
+    # the bias is read: zeroing it changes the scores
+    before = _by_request({s["doc_id"]: s for s in records[0]["samples"]["toy_mc"]})
+    with torch.no_grad():
+        for layer in lm._ours.inner.moe_layers():
+            layer.gate.expert_bias.zero_()
+    (after,), _ = sweep.run_configurations(lm, configs[:1], ["toy_mc"], tm, progress=False, keep_samples=True,
+                                           log=lambda s: None)
+    after = _by_request({s["doc_id"]: s for s in after["samples"]["toy_mc"]})
+    assert max(abs(a - b) for d in before for a, b in zip(before[d], after[d])) > 1e-4
+
+
 # ----------------------------------------------------------------------------- lm-eval's own entry points
 def test_model_args_through_simple_evaluate(ws):
     """``--model flexmoe`` with ``model_args`` lists joined by ``|`` (lm-eval splits on commas)."""
