@@ -507,8 +507,9 @@ def _layer_parent(args, out: Path) -> int:
         rc = subprocess.run(cmd).returncode
         parts.append(part)
         done = json.loads((part / "done.json").read_text()) if (part / "done.json").is_file() else []
-        skip += [n for n in done if n not in skip]
-        if rc != STICKY_EXIT:
+        new = [n for n in done if n not in skip]
+        skip += new
+        if rc != STICKY_EXIT or not new:  # finished, crashed, or no progress: stop
             break
         print(f"[sweep] restarting after a CUDA error; done so far: {skip}", flush=True)
     meta, rows = None, []
