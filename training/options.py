@@ -52,6 +52,10 @@ class TrainOptions:
     overwrite: bool = False
     restart: bool = False
     max_shard_size: str = "5GB"
+    # monitoring (training/monitoring.py); not in the resume fingerprint
+    tensorboard: Optional[str] = None
+    wandb_project: Optional[str] = None
+    peak_tflops: Optional[float] = None
 
     @classmethod
     def from_args(cls, args) -> "TrainOptions":

@@ -46,6 +46,7 @@ from flexmoe_kernels.models.checkpoint import lazy_state_dict, save_state_dict
 from flexmoe_kernels.utils.fs import replace_directory, write_json_atomic
 
 from .data import BatchSampler, DataDir, copy_tokenizer_files, eval_windows
+from .monitoring import MONITOR_DIR, add_monitors, monitor_step
 from .distributed import (DistInfo, all_reduce_sum, barrier, ds_config, init_distributed, param_numel, param_shape,
                           release_distributed, zero3_partitioner)
 from .modeling import LazyTensors, build_model, count_params, export_items, model_from_state_dict, param_value
@@ -388,7 +389,7 @@ def _run_steps(r: _Run) -> None:
             rec, stop = _train_step(r, r.step, use_z, stopper.requested)
             r.step += 1
             r.last_loss = rec["loss"]
-            r.log.metric(rec)
+            r.log.metric(monitor_step(r, rec))  # + TFLOP/s, MFU, memory; DeepSpeed's monitor
             _report_step(r, rec, bar)
             if opts.eval_every and r.step % opts.eval_every == 0 and r.step < opts.steps:
                 vl = _validate(r)
@@ -481,6 +482,8 @@ def _finish(r: _Run) -> None:
                      total_flops=spec.flops_per_token * step * r.tokens_per_step, frozen_tensors_verified=n_frozen)
         shutil.copyfile(r.log.run_path, final / "run.json")
         shutil.copyfile(r.log.metrics_path, final / "metrics.jsonl")
+        if (r.work / MONITOR_DIR).is_dir():  # the CSV monitor's files
+            shutil.copytree(r.work / MONITOR_DIR, final / MONITOR_DIR)
         replace_directory(final, r.out)
         shutil.rmtree(r.work, ignore_errors=True)
         print(f"[{spec.kind}] done: {step} steps, train loss {r.last_loss:.4f}"
@@ -500,7 +503,7 @@ def _setup(spec: RunSpec, opts: TrainOptions) -> _Run:
     use_bf16 = dist.device.type == "cuda" and opts.dtype != "fp32" and torch.cuda.is_bf16_supported()
     if opts.dtype == "bf16" and dist.device.type != "cuda":
         raise TrainingError("--dtype bf16 is for CUDA; CPU training runs in fp32")
-    cfg = ds_config(opts, dist.world_size, use_bf16)
+    cfg = add_monitors(ds_config(opts, dist.world_size, use_bf16), opts, work, spec.kind)  # training/monitoring.py
     if spec.build is not None:
         _build_model(spec, cfg, dist, use_bf16)
     if spec.model is None:

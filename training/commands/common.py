@@ -78,6 +78,15 @@ def add_train_args(p: argparse.ArgumentParser, *, lr: float, steps: int = 100, w
     g.add_argument("--max-steps-this-run", type=int, default=None,
                    help="stop after N steps of this invocation, save, exit 0; rerun the command to resume")
     g.add_argument("--log-every", type=int, default=10, help="print a log line every N steps with --no-progress")
+    g.add_argument("--tensorboard", default=None, metavar="DIR",
+                   help="DeepSpeed's TensorBoard monitor: loss, lr, grad norm, tokens/s, TFLOP/s per GPU, MFU and "
+                        "memory per step into DIR/<command>/ (needs tensorboard; a CSV monitor always writes "
+                        "OUT/monitor/csv/)")
+    g.add_argument("--wandb-project", default=None, metavar="NAME",
+                   help="DeepSpeed's Weights & Biases monitor, the same per-step figures (needs wandb)")
+    g.add_argument("--peak-tflops", type=float, default=None,
+                   help="one GPU's peak TFLOP/s for the MFU figure (default: known for H100/H200/A100/..., "
+                        "none on CPU)")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bar (print log lines)")
     g.add_argument("--overwrite", action="store_true",
                    help="replace an existing output (a partial run is still resumed when its options match)")
