@@ -13,7 +13,9 @@ python3 -m venv "$VENV"
 "$VENV/bin/pip" uninstall -y -q torchvision torchaudio torchcodec || true
 FLEXMOE_SKIP_CUDA_BUILD=1 "$VENV/bin/pip" install -q --no-deps -e .
 installed=$(date +%s)
-"$VENV/bin/python" -m pytest -q tests/serving
+# -m "not slow": the offline compiled-mode test (test_vllm_compiled.py) is covered by the server
+# tests, which run vLLM's default compiled mode; run it with: pytest -q tests/serving
+"$VENV/bin/python" -m pytest -q -m "not slow" tests/serving
 "$VENV/bin/python" -m benchmarks.bench_serve --smoke --out "${TMPDIR:-/tmp}/flexmoe_bench_serve_smoke.json"
 end=$(date +%s)
 echo "serving stage: install $((installed - start)) s, tests + benchmark smoke $((end - installed)) s, total $((end - start)) s"

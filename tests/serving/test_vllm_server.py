@@ -1,5 +1,5 @@
-"""``flexmoe serve``: vLLM's OpenAI server with per-request opt-out (eager, the default
-multiprocess engine). Each response equals our PyTorch model with the opted-out experts
+"""``flexmoe serve``: vLLM's OpenAI server with per-request opt-out, in vLLM's default mode
+(torch.compile, multiprocess engine). Each response equals our PyTorch model with the opted-out experts
 physically removed (greedy tokens; log-probabilities within ``LOGPROB_TOL``)."""
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ from serve_helpers import free_port, make_model, reference_greedy, start_server,
 
 LOGPROB_TOL = 1e-4
 N = 10
-SERVER_ARGS = ["--dtype", "float32", "--enforce-eager", "--max-model-len", "512", "--max-num-seqs", "8",
+# vLLM's default mode: torch.compile (the MoE op inside the compiled graph), multiprocess engine
+SERVER_ARGS = ["--dtype", "float32", "--max-model-len", "512", "--max-num-seqs", "8",
                "--kv-cache-memory-bytes", str(32 << 20), "--seed", "0", "--return-tokens-as-token-ids",
                "--enable-prompt-tokens-details", "--disable-log-stats"]
 LONG = ("FlexOlmo lets each data owner opt in or out of every request. " * 5)[:300]
