@@ -373,7 +373,14 @@ def _check_row_fields(res: dict) -> dict:
             "check_max_err_ratio": max((v["err"] / v["bound"] for v in t.values() if v.get("bound")), default=None)}
 
 
-def _cuda_healthy(device: torch.device) -> bool:
+_TEST_STICKY_ENV = "FLEXMOE_SWEEP_TEST_STICKY_AFTER"  # tests: act as if variant NAME left a sticky error
+
+
+def _cuda_healthy(device: torch.device, after: str = "") -> bool:
+    """False when the device can run nothing more (a sticky CUDA error); ``after``: the variant
+    just run (the test hook :data:`_TEST_STICKY_ENV` names one to simulate the error after it)."""
+    if after and os.environ.get(_TEST_STICKY_ENV) == after:
+        return False
     if device.type != "cuda":
         return True
     try:
@@ -420,7 +427,7 @@ def run_sweep(preset: str, T: int, device: torch.device, dtype: torch.dtype, rec
                             **{k: x for k, x in rec.tag.items() if k != "variant"}, variant=name)
             rec.peer = None
             done.append(name)
-            if not _cuda_healthy(device):
+            if not _cuda_healthy(device, name):
                 return done
             continue
         with variant_env(v):
@@ -439,7 +446,7 @@ def run_sweep(preset: str, T: int, device: torch.device, dtype: torch.dtype, rec
                             D=p.D, F=p.F, E=p.E, K=p.K, dtype=str(dtype).replace("torch.", ""),
                             status="fail", note=f"FAIL (not timed): {res.get('error')}")
         done.append(v.name)
-        if not _cuda_healthy(device):
+        if not _cuda_healthy(device, v.name):
             return done
         if v.name == "default" and baselines:
             rec.provider, rec.tag = None, {}

@@ -425,3 +425,24 @@ def test_liger_peer_travels_and_is_checked_and_timed(tmp_path, inventory):
     assert gs.wall_budget(list(steps.values())) + gs.KILL_GRACE_S <= gs.TOTAL_BUDGET_S
     assert gs.estimates(inv, 1)["warm"][0] > gs.estimates(inventory)["warm"][0]
     assert "LIGER_FUSED_MOE_AUTOTUNE" in gs.child_env()
+
+
+@pytest.mark.slow
+def test_sweep_restarts_after_a_sticky_cuda_error(tmp_path):
+    """A CUDA error that leaves the timing process unusable (simulated after ``default``) ends
+    that process; the parent starts a new one for the variants left, and merges both parts."""
+    from benchmarks import check
+
+    checks, out = tmp_path / "checks", tmp_path / "sweep"
+    for name in ("default", "atomic"):
+        check.write_result(sw.check_file(checks, name, "smoke", 5), dict(status="PASS", error="", T=5, tensors={}))
+    env = {**os.environ, "TRITON_INTERPRET": "1", sw._TEST_STICKY_ENV: "default"}
+    cmd = [sys.executable, "-m", "benchmarks.gpu_sweep", "layer", "--preset", "smoke", "--tokens", "5", "--device",
+           "cpu", "--variants", "default,atomic", "--baselines", "", "--checks", str(checks), "--out", str(out)]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "restarting after a CUDA error" in r.stdout
+    assert (out / "part1").is_dir() and (out / "part2").is_dir() and not (out / "part3").exists()
+    _, rows = harness.load_results(out)
+    got = {(x["variant"], x["mode"]) for x in rows if x["status"] == "ok" and x["mask"] == "none"}
+    assert got == {("default", "fwd"), ("default", "fwd_bwd"), ("atomic", "fwd"), ("atomic", "fwd_bwd")}
