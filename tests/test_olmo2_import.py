@@ -181,3 +181,39 @@ def test_new_owner_merged_into_a_3_expert_model(data, tmp_path, expert_bias):
     # a name already in the model is refused, naming it
     assert _cli(["merge", "--public", base, "--owner", tmp_path / "owner", "--owner", tmp_path / "owner",
                  "--out", tmp_path / "merged2"]) == 2
+
+
+def test_transformers_written_flexolmo_is_a_public_anchor(data, tmp_path):
+    """A FlexOlmo checkpoint as transformers writes it (the released format: no expert names, no
+    bias, transformers' tensor layout) anchors a new owner, and the merge keeps its experts."""
+    cfg = transformers.FlexOlmoConfig(vocab_size=300, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                      num_experts=3, num_experts_per_tok=2, pad_token_id=0, eos_token_id=1,
+                                      bos_token_id=None)
+    torch.manual_seed(2)
+    hf = transformers.FlexOlmoForCausalLM(cfg).float().eval()
+    hf.save_pretrained(tmp_path / "released")
+    assert _cli(["train-expert", "--public", tmp_path / "released", "--data", data / "data", "--name", "legal",
+                 "--out", tmp_path / "owner", "--steps", "2", "--lr", "3e-3", *_fast()]) == 0
+    assert _cli(["merge", "--public", tmp_path / "released", "--owner", tmp_path / "owner",
+                 "--out", tmp_path / "merged"]) == 0
+    new = FlexOlmoForCausalLM.from_pretrained(tmp_path / "merged").float().eval()
+    assert new.config.expert_names[3] == "legal" and new.config.num_experts == 4
+    ids = torch.randint(0, 250, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(new(ids, allowed_experts=new.config.expert_names[:3]).logits, hf(ids).logits,
+                                   atol=2e-5, rtol=1e-5)
+
+
+def test_olmo2_public_for_init_router_and_train_moe(data, tmp_path):
+    src = _olmo2(tmp_path / "olmo2", False)
+    assert _cli(["init-router", "--public", src, "--data", data / "data", "--out", tmp_path / "r.safetensors",
+                 "--embedder", "hidden", "--num-docs", "4"]) == 0
+    from safetensors.torch import load_file
+
+    r = load_file(tmp_path / "r.safetensors")["router_embedding"]
+    assert torch.isfinite(r).all() and float(r.norm()) > 0  # the public rows are 0: a fresh row's norm
+    assert _cli(["train-expert", "--public", src, "--data", data / "data", "--name", "alpha", "--router-init",
+                 tmp_path / "r.safetensors", "--out", tmp_path / "owner", "--steps", "1", *_fast()]) == 0
+    assert _cli(["train-moe", "--public", src, "--data", data / "data", "--num-experts", "2", "--top-k", "1",
+                 "--out", tmp_path / "moe", "--steps", "1", *_fast()]) == 0
