@@ -12,8 +12,10 @@ from .common import FORMATTER, add_name_list, check_out_free, check_output, csv_
 DESCRIPTION = """\
 Evaluate --model on lm-eval --tasks under one or many opt-out configurations, loading the model
 once. Every configuration runs lm-eval's stock Hugging Face model class with our MoE layer patched
-in and the opted-out experts' router logits set to -inf before the softmax (exactly the checkpoint
-rebuilt without them).
+in (a FlexOlmo checkpoint with the router expert bias, which transformers lacks: our own model in
+that class) and the opted-out experts' router logits set to -inf before the softmax (exactly the
+checkpoint rebuilt without them). The same model type for lm-eval's own command line:
+python -m flexmoe_kernels.integrations.lm_eval --model flexmoe --model_args pretrained=M,allowed_experts=a|b
 
 Configurations:
   --opt-out-sweep          all experts; each non-public expert opted out in turn; the public expert
