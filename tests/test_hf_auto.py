@@ -119,3 +119,70 @@ def test_trainer_per_row_opt_out_with_gradient_checkpointing(saved, tmp_path):
     # trained: the allowed experts moved; the opted-out expert is still NaN (never read, no gradient)
     assert not torch.equal(after["model.layers.0.mlp.experts.down_proj"][0], before["model.layers.0.mlp.experts.down_proj"][0])
     assert torch.isnan(after["model.layers.0.mlp.experts.down_proj"][3]).all()
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_fused_cross_entropy_equals_transformers_loss_and_gradients(saved, tmp_path, tied):
+    """enable_fused_cross_entropy: same loss (with the auxiliary loss), same gradients, no (B, S, V)
+    logits; per-row opt-out and activation checkpointing on."""
+    from flexmoe_kernels.ops.linear_cross_entropy import linear_cross_entropy
+
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(_config(tie_word_embeddings=tied)).float().save_pretrained(
+        tmp_path / "m")
+    ref = hf_auto.AutoFlexMoEForCausalLM.from_pretrained(tmp_path / "m", expert_names=NAMES).train()
+    fused = hf_auto.AutoFlexMoEForCausalLM.from_pretrained(tmp_path / "m", expert_names=NAMES,
+                                                           fused_cross_entropy=True).train()
+    hf_auto.enable_fused_cross_entropy(fused, chunk_size=5)  # several chunks, the last one short
+    for m in (ref, fused):
+        m.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    assert "allowed_experts" in inspect.signature(fused.forward).parameters
+    ids = torch.randint(3, V, (3, 11))
+    labels = ids.clone()
+    labels[0, :4] = -100
+    allow = torch.tensor([[1, 1, 1, 0], [1, 0, 1, 1], [1, 1, 0, 1]], dtype=torch.bool)
+    outs = []
+    for m in (ref, fused):
+        out = m(input_ids=ids, labels=labels, allowed_experts=allow, output_router_logits=True)
+        out.loss.backward()
+        outs.append(out)
+    assert outs[1].logits.shape == (3, 1, V) and outs[0].logits.shape == (3, 11, V)
+    torch.testing.assert_close(outs[1].loss, outs[0].loss, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(outs[1].aux_loss, outs[0].aux_loss)
+    for (n, a), (_, b) in zip(ref.named_parameters(), fused.named_parameters()):
+        if a.grad is not None:
+            torch.testing.assert_close(b.grad, a.grad, atol=1e-6, rtol=1e-5, msg=n)
+    # Trainer's num_items_in_batch: the sum over that many items, as transformers divides
+    for m in (ref, fused):
+        m.zero_grad()
+    l_ref = ref(input_ids=ids, labels=labels, num_items_in_batch=torch.tensor(50)).loss
+    l_fused = fused(input_ids=ids, labels=labels, num_items_in_batch=torch.tensor(50)).loss
+    torch.testing.assert_close(l_fused, l_ref, atol=1e-6, rtol=1e-6)
+    # evaluation and no labels: transformers' own forward
+    fused.eval()
+    assert fused(input_ids=ids, labels=labels).logits.shape == (3, 11, V)
+    hf_auto.disable_fused_cross_entropy(fused)
+    assert "_flexmoe_fce" not in fused.__dict__ and is_patched(fused)
+    with pytest.raises(ValueError, match="chunk_size"):
+        linear_cross_entropy(torch.zeros(2, 4), torch.zeros(3, 4), torch.zeros(2, dtype=torch.long), chunk_size=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_cross_entropy_op_frozen_head(dtype):
+    import torch.nn.functional as F
+
+    from flexmoe_kernels.ops.linear_cross_entropy import linear_cross_entropy
+
+    torch.manual_seed(1)
+    h = torch.randn(29, 16, dtype=dtype, requires_grad=True)
+    w = torch.randn(40, 16, dtype=dtype)  # frozen LM head (coupled training): no weight gradient kept
+    y = torch.randint(0, 40, (29,))
+    y[::7] = -100
+    got = linear_cross_entropy(h, w, y, chunk_size=8)
+    (3 * got).backward()
+    g = h.grad.clone()
+    h.grad = None
+    want = F.cross_entropy((h @ w.t()).float(), y, ignore_index=-100)
+    (3 * want).backward()
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(g.float(), h.grad.float(), atol=1e-2 if dtype == torch.bfloat16 else 1e-6, rtol=1e-2)

@@ -32,9 +32,12 @@ import importlib
 import threading
 from typing import Optional, Sequence
 
+import torch
+
 from .transformers import SUPPORTED_MODEL_TYPES, apply_flexmoe
 
-__all__ = ["AutoFlexMoEForCausalLM", "apply_flexmoe_to_flex_olmo", "apply_flexmoe_to_olmoe",
+__all__ = ["AutoFlexMoEForCausalLM", "enable_fused_cross_entropy", "disable_fused_cross_entropy",
+           "apply_flexmoe_to_flex_olmo", "apply_flexmoe_to_olmoe",
            "apply_flexmoe_to_qwen3_moe", "apply_flexmoe_to_mixtral", "apply_flexmoe_to_all",
            "revert_flexmoe_class_patch", "class_patched_families"]
 
@@ -132,6 +135,79 @@ def class_patched_families() -> list[str]:
     return sorted(_patched)
 
 
+# ----------------------------------------------------------------------------- fused linear cross-entropy
+def _fused_forward(self, *args, labels=None, **kwargs):
+    """Forward with the LM head and cross-entropy fused (:func:`enable_fused_cross_entropy`)."""
+    previous = self.__dict__["_flexmoe_fce"]["previous"]
+    if labels is None or not (self.training and torch.is_grad_enabled()):
+        return previous(*args, labels=labels, **kwargs)
+    import torch.nn.functional as F
+
+    from ..ops.linear_cross_entropy import linear_cross_entropy
+
+    num_items = kwargs.pop("num_items_in_batch", None)
+    kwargs.pop("logits_to_keep", None)
+    captured = {}
+
+    def grab(module, inputs, output):
+        captured["h"] = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+
+    handle = self.model.register_forward_hook(grab)
+    try:
+        out = previous(*args, labels=None, logits_to_keep=1, **kwargs)  # the head on the last position only
+    finally:
+        handle.remove()
+    h_BSD = captured["h"]
+    shift = F.pad(labels, (0, 1), value=-100)[:, 1:].to(h_BSD.device)  # as transformers' ForCausalLMLoss
+    w = self.get_output_embeddings().weight
+    loss = linear_cross_entropy(h_BSD.reshape(-1, h_BSD.shape[-1]), w, shift.reshape(-1), denom=num_items,
+                                chunk_size=self.__dict__["_flexmoe_fce"]["chunk_size"])
+    if getattr(out, "aux_loss", None) is not None:
+        loss = loss + self.router_aux_loss_coef * out.aux_loss.to(loss.device)
+    out.loss = loss
+    return out
+
+
+def enable_fused_cross_entropy(model, chunk_size: int = 1024):
+    """In training with ``labels`` (and gradients on), compute the loss with
+    :func:`flexmoe_kernels.ops.linear_cross_entropy.linear_cross_entropy` from the base model's
+    final hidden states and the LM head's weight, ``chunk_size`` tokens at a time: the (B, S, V)
+    logits are never made. The loss (and the auxiliary loss added as transformers adds it) and the
+    gradients equal transformers' (``tests/test_hf_auto.py``); the output's ``logits`` are the last
+    position's only. Evaluation, generation and calls without labels run unchanged. Returns ``model``."""
+    import types
+
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    if not hasattr(model, "model") or model.get_output_embeddings() is None:
+        raise ValueError(f"{type(model).__name__} has no base model and LM head (a *ForCausalLM is needed)")
+    state = model.__dict__.get("_flexmoe_fce")
+    if state is not None:
+        state["chunk_size"] = chunk_size
+        return model
+    previous = model.forward  # the patched forward when apply_flexmoe ran (its allowed_experts kept)
+
+    @functools.wraps(previous)
+    def forward(self, *args, **kwargs):
+        return _fused_forward(self, *args, **kwargs)
+
+    model.__dict__["_flexmoe_fce"] = {"previous": previous, "chunk_size": chunk_size,
+                                      "had": model.__dict__.get("forward")}
+    model.__dict__["forward"] = types.MethodType(forward, model)
+    return model
+
+
+def disable_fused_cross_entropy(model):
+    """Undo :func:`enable_fused_cross_entropy`; returns ``model``."""
+    state = model.__dict__.pop("_flexmoe_fce", None)
+    if state is not None:
+        if state["had"] is None:
+            model.__dict__.pop("forward", None)
+        else:
+            model.__dict__["forward"] = state["had"]
+    return model
+
+
 class AutoFlexMoEForCausalLM:
     """``transformers.AutoModelForCausalLM`` whose models run our MoE layer (``apply_flexmoe``)."""
 
@@ -147,9 +223,10 @@ class AutoFlexMoEForCausalLM:
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, backend: Optional[str] = None,
-                        expert_names: Optional[Sequence[str]] = None, **kwargs):
-        """``AutoModelForCausalLM.from_pretrained(...)`` then ``apply_flexmoe(model, backend, expert_names)``;
-        the model type is checked from the config before any weight is read."""
+                        expert_names: Optional[Sequence[str]] = None, fused_cross_entropy: bool = False, **kwargs):
+        """``AutoModelForCausalLM.from_pretrained(...)`` then ``apply_flexmoe(model, backend, expert_names)``
+        (and :func:`enable_fused_cross_entropy` with ``fused_cross_entropy=True``); the model type
+        is checked from the config before any weight is read."""
         import transformers
 
         config = kwargs.get("config")
@@ -160,7 +237,8 @@ class AutoFlexMoEForCausalLM:
             kwargs["config"] = config
         cls._check(config)
         model = transformers.AutoModelForCausalLM.from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-        return apply_flexmoe(model, backend=backend, expert_names=expert_names)
+        model = apply_flexmoe(model, backend=backend, expert_names=expert_names)
+        return enable_fused_cross_entropy(model) if fused_cross_entropy else model
 
     @classmethod
     def from_config(cls, config, *, backend: Optional[str] = None, expert_names: Optional[Sequence[str]] = None,
