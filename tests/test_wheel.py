@@ -47,6 +47,12 @@ def _build_wheel(tmp: Path, **env) -> tuple[Path, str]:
                           capture_output=True, text=True, timeout=1800,
                           env={**{k: v for k, v in os.environ.items() if k not in ("FLEXMOE_SKIP_CUDA_BUILD",
                                                                                   "FLEXMOE_CUDA_ARCHS")}, **env})
+    text = proc.stdout + proc.stderr
+    if proc.returncode != 0 and any(m in text for m in ("No matching distribution", "Could not find a version",
+                                                        "Failed to establish a new connection",
+                                                        "Temporary failure in name resolution")):
+        pytest.skip("the isolated build could not fetch its build requirements (setuptools, wheel, "
+                    "pybind11) from the package index: offline")
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     wheels = list(out.glob("flexmoe_kernels-*.whl"))
     assert len(wheels) == 1, wheels
