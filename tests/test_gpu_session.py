@@ -446,3 +446,41 @@ def test_sweep_restarts_after_a_sticky_cuda_error(tmp_path):
     _, rows = harness.load_results(out)
     got = {(x["variant"], x["mode"]) for x in rows if x["status"] == "ok" and x["mask"] == "none"}
     assert got == {("default", "fwd"), ("default", "fwd_bwd"), ("atomic", "fwd"), ("atomic", "fwd_bwd")}
+
+
+_KEYS_MATCH = r'''
+import os, sys, tempfile
+os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp()
+from benchmarks import gpu_sweep as sw
+from triton.backends.compiler import GPUTarget
+from triton.runtime import driver
+
+launches = [l for l, _ in sw.kernel_launches({"smoke": 64}).values()][:4]
+sw._AOT_LAUNCHES[:] = launches
+done, failed = sw._aot_worker((list(range(len(launches))), 90))
+assert done == len(launches) and not failed, failed
+cache = os.environ["TRITON_CACHE_DIR"]
+before = set(os.listdir(cache))
+
+class FakeDriver:  # what JITFunction.run asks the driver for before it compiles
+    def get_current_target(self): return GPUTarget("cuda", 90, 32)
+    def get_current_device(self): return 0
+    def get_current_stream(self, device=None): return 0
+
+driver.set_active(FakeDriver())
+for l in launches:
+    l.fn.warmup(*l.args, grid=l.grid, **l.kwargs)  # the JIT's own path, without the launch
+print("NEW", len(set(os.listdir(cache)) - before), "OF", len(launches))
+'''
+
+
+def test_aot_warm_up_fills_the_cache_the_jit_reads():
+    """The warm-up's ahead-of-time compile (triton.compile through the launch binder) writes the
+    cache entries Triton's JIT looks up for the same launches: JIT warm-up (its launch path up to
+    the launch itself, with a stand-in sm_90 driver) compiles nothing new."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(PYTHONPATH=str(ROOT), TRITON_DEFAULT_FP_FUSION="1")
+    r = subprocess.run([sys.executable, "-c", _KEYS_MATCH], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "NEW 0 OF 4" in r.stdout, r.stdout
