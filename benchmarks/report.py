@@ -82,9 +82,11 @@ def summarize(meta: dict, rows: list[dict]) -> str:
     out += _routing_section(rows)
     out += _e2e_section(rows)
     out += ["## Performance targets", "", "```", format_targets(meta, rows), "```", ""]
-    bad = [r for r in rows if r.get("status") in ("error", "skipped")]
+    bad = [r for r in rows if r.get("status") in ("error", "skipped", "fail")]
     if bad:
-        out += ["## Skipped / failed measurements", ""]
+        out += ["## Skipped / failed measurements", "",
+                "`fail`: the variant or provider failed its check against the reference (benchmarks/check.py) "
+                "and was not timed.", ""]
         seen = {}
         for r in bad:
             key = (r.get("bench"), r.get("provider"), r.get("status"), r.get("note"))
