@@ -558,6 +558,8 @@ def kernel_launches(shapes: dict, device_type: str = "cuda", device_name: Option
     from . import kernel_compile as kc
     from .bench_layer import make_mask
 
+    if device_name is None and device_type == "cuda" and torch.cuda.is_available():
+        device_name = _configs_module().device_name(torch.device("cuda", torch.cuda.current_device()))
     out: dict = {}
     for pn, T in shapes.items():
         p = LAYER_PRESETS[pn]
@@ -624,12 +626,15 @@ def cmd_inventory(args) -> int:
     return 0
 
 
+_AOT_LAUNCHES: list = []  # the launches to compile, inherited by the forked workers (not picklable)
+
+
 def _aot_worker(args) -> tuple:
-    keys, capability = args
+    indices, capability = args
     from . import kernel_compile as kc
 
     done, failed = 0, []
-    for launch in keys:
+    for launch in (_AOT_LAUNCHES[i] for i in indices):
         try:
             kc.compile_launch(launch, capability)
             done += 1
@@ -651,7 +656,9 @@ def compile_aot(shapes: dict, jobs: int, capability: int = 90, device_name: Opti
     launches = [launch for launch, _ in found.values()]
     print(f"[warm] {len(launches)} distinct kernels ({time.perf_counter() - t0:.1f} s to record), "
           f"{jobs} processes", flush=True)
-    chunks = [(launches[i::jobs], capability) for i in range(jobs) if launches[i::jobs]]
+    _AOT_LAUNCHES[:] = launches
+    idx = list(range(len(launches)))
+    chunks = [(idx[i::jobs], capability) for i in range(jobs) if idx[i::jobs]]
     done, failed = 0, []
     with ProcessPoolExecutor(max_workers=max(1, len(chunks)), mp_context=mp.get_context("fork")) as ex:
         for d, f in ex.map(_aot_worker, chunks):
