@@ -379,3 +379,19 @@ def test_step_time_tokens_per_s_and_gpu_hours(capsys, tmp_path):
     assert code == 2 and "--measured-tflops" in err and "tflops_per_gpu" in err
     code, _, err = _cli(capsys, *argv, "--mfu", "1.5")
     assert code == 2 and "--mfu" in err
+
+
+def test_fused_cross_entropy_drops_the_logits_from_the_head(capsys):
+    from flexmoe_training.memory import CE_CHUNK
+
+    kw = dict(gpus=8, zero_stage=3, micro_batch=2, seq_len=4096, checkpointing=True)
+    plain = plan_memory("olmo2-7b", **kw)
+    fused = plan_memory("olmo2-7b", fused_cross_entropy=True, **kw)
+    T, D, V = 8192, 4096, 100352
+    assert plain["activations"]["head"] == T * (2 * D + 10 * V)
+    assert fused["activations"]["head"] == T * 4 * D + 4 * CE_CHUNK * V + 4 * V * D  # dense: the head trains
+    coupled = plan_memory("olmo2-7b", kind="coupled", fused_cross_entropy=True, **kw)
+    assert coupled["activations"]["head"] == T * 4 * D + 4 * CE_CHUNK * V  # frozen head: no weight gradient
+    assert fused["bytes_per_rank"]["total"] < plain["bytes_per_rank"]["total"] - 5 * 2 ** 30
+    out = _cli(capsys, "--model-config", "olmo2-7b", "--gpus", "8", "--zero-stage", "3", "--fused-cross-entropy")[1]
+    assert "(fused cross-entropy)" in out

@@ -207,21 +207,34 @@ def block_bytes_per_token(cfg) -> int:
     return BYTES["act"] * (attn + moe) + 4 * (H + 2 * E)
 
 
-def activation_bytes(cfg, micro_batch: int, seq_len: int, checkpointing: bool) -> dict:
-    """Per-rank activation bytes at ``micro_batch`` sequences of ``seq_len`` tokens."""
+CE_CHUNK = 1024  # enable_fused_cross_entropy's default chunk of tokens
+
+
+def activation_bytes(cfg, micro_batch: int, seq_len: int, checkpointing: bool, fused_ce: bool = False,
+                     head_trainable: bool = True) -> dict:
+    """Per-rank activation bytes at ``micro_batch`` sequences of ``seq_len`` tokens.
+
+    ``fused_ce`` (the HF path's fused linear cross-entropy, flexmoe_kernels/ops/linear_cross_entropy.py):
+    the head keeps the final hidden state and its gradient (``2 x 2D`` per token) instead of the
+    logits, their fp32 copy and log-softmax, plus one fp32 chunk of ``CE_CHUNK x V`` logits and,
+    when the LM head trains, its fp32 gradient ``4 x V x D`` (``head_fixed``)."""
     a, D, L, V = BYTES["act"], cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size
     tokens = micro_batch * seq_len
     block = block_bytes_per_token(cfg)
-    head = a * D + (a + 4 + 4) * V
+    if fused_ce:
+        head = 2 * a * D
+        fixed = 4 * min(CE_CHUNK, tokens) * V + (4 * V * D if head_trainable else 0)
+    else:
+        head, fixed = a * D + (a + 4 + 4) * V, 0
     blocks = L * a * D + block if checkpointing else L * block
-    return {"tokens": tokens, "block_per_token": block, "head_per_token": head,
-            "blocks": tokens * blocks, "head": tokens * head, "total": tokens * (blocks + head)}
+    return {"tokens": tokens, "block_per_token": block, "head_per_token": head, "head_fixed": fixed,
+            "blocks": tokens * blocks, "head": tokens * head + fixed, "total": tokens * (blocks + head) + fixed}
 
 
 def plan_memory(spec: str, *, gpus: int, zero_stage: int, nodes: int = 1, kind: str | None = None,
                 micro_batch: int = 1, seq_len: int | None = None, checkpointing: bool = False,
                 gpu_memory_gib: float = H100_USABLE_GIB, num_experts: int | None = None, top_k: int | None = None,
-                gpu_memory_gb: float | None = None) -> dict:
+                gpu_memory_gb: float | None = None, fused_cross_entropy: bool = False) -> dict:
     """The whole plan as a JSON-able dict (bytes per rank); errors name the ``flexmoe plan`` flag.
 
     ``gpu_memory_gib``: one GPU's memory in GiB (2**30 bytes; default an H100 80GB's, see
@@ -242,7 +255,8 @@ def plan_memory(spec: str, *, gpus: int, zero_stage: int, nodes: int = 1, kind: 
     counts = param_counts(cfg, kind)
     world = gpus * nodes
     states = model_state_bytes(counts, world, zero_stage)
-    act = activation_bytes(cfg, micro_batch, seq_len, checkpointing)
+    act = activation_bytes(cfg, micro_batch, seq_len, checkpointing, fused_cross_entropy,
+                           head_trainable=kind in ("dense", "moe"))
     total = sum(states.values()) + act["total"]
     budget = int(gpu_memory_gib * GIB)
     return {
@@ -250,7 +264,7 @@ def plan_memory(spec: str, *, gpus: int, zero_stage: int, nodes: int = 1, kind: 
         "layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size, "vocab": cfg.vocab_size,
         "params": asdict(counts), "gpus_per_node": gpus, "nodes": nodes, "world": world,
         "zero_stage": zero_stage, "micro_batch_size": micro_batch, "seq_len": seq_len,
-        "activation_checkpointing": checkpointing, "bytes_per_rank": {**states, "activations": act["total"],
+        "activation_checkpointing": checkpointing, "fused_cross_entropy": fused_cross_entropy, "bytes_per_rank": {**states, "activations": act["total"],
                                                                        "total": total},
         "activations": act, "gpu_memory_gib": gpu_memory_gib, "gpu_memory_bytes": budget, "fits": total <= budget,
         "assumptions": list(ASSUMPTIONS),
@@ -269,14 +283,14 @@ WORLD_MULTIPLIERS = (1, 2, 4, 8, 16, 32, 64, 128)
 def suggest_fits(spec: str, *, gpus: int, zero_stage: int, nodes: int = 1, kind: str | None = None,
                  micro_batch: int = 1, seq_len: int | None = None, checkpointing: bool = False,
                  gpu_memory_gib: float = H100_USABLE_GIB, num_experts: int | None = None,
-                 top_k: int | None = None, limit: int = 3) -> list[dict]:
+                 top_k: int | None = None, limit: int = 3, fused_cross_entropy: bool = False) -> list[dict]:
     """The smallest changes that make the run fit ``gpu_memory_gib``: up to ``limit`` plans
     (:func:`plan_memory` dicts plus ``"changes"``: a list of ``(flag, old, new)``), fewest changed
     knobs first, then cheapest (:data:`_CHANGE_COST`). Knobs: a higher ZeRO stage, activation
     checkpointing on, a smaller micro-batch (halving down to 1), more GPUs (nodes x 2, 4, ...,
     128, GPUs per node kept). Empty when nothing in that space fits (or the run already fits)."""
     base = dict(spec=spec, kind=kind, seq_len=seq_len, gpu_memory_gib=gpu_memory_gib, num_experts=num_experts,
-                top_k=top_k)
+                top_k=top_k, fused_cross_entropy=fused_cross_entropy)
     mbs, m = [], micro_batch
     while m >= 1:
         mbs.append(m)

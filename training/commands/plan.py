@@ -48,7 +48,8 @@ def format_plan(p: dict) -> str:
         f"  {'optimizer (fp32 master+m+v+grad, 16 B x trainable)':<52}{_gib(b['optimizer'])}   {shard[1]}",
         f"  {'ZeRO-3 gathered module (4 B x largest)':<52}{_gib(b['zero3_gather'])}",
         f"  {'activations (bf16)':<52}{_gib(b['activations'])}   "
-        f"blocks {a['blocks'] / 2 ** 30:.2f} + head {a['head'] / 2 ** 30:.2f} GiB",
+        f"blocks {a['blocks'] / 2 ** 30:.2f} + head {a['head'] / 2 ** 30:.2f} GiB"
+        + (" (fused cross-entropy)" if p.get("fused_cross_entropy") else ""),
         f"  {'total':<52}{_gib(b['total'])}",
         f"  {'GPU memory (--gpu-memory-gib)':<52}{_gib(p['gpu_memory_bytes'])}   "
         + ("fits" if p["fits"] else "DOES NOT FIT"),
@@ -208,7 +209,7 @@ def run(args) -> int:
                        kind=args.kind, micro_batch=args.micro_batch_size, seq_len=args.seq_len,
                        checkpointing=args.activation_checkpointing,
                        **({} if gib is None else {"gpu_memory_gib": gib}),
-                       num_experts=args.num_experts, top_k=args.top_k)
+                       num_experts=args.num_experts, top_k=args.top_k, fused_cross_entropy=args.fused_cross_entropy)
     _extend(plan, args)
     print(json.dumps(plan, indent=2) if args.json else format_plan(plan) + "\n\n" + format_extras(plan))
     return 0
@@ -232,7 +233,8 @@ def _extend(plan: dict, args) -> None:
     plan["suggestions"] = [] if plan["fits"] else suggest_fits(
         args.model_config, gpus=args.gpus, nodes=args.nodes, zero_stage=args.zero_stage, kind=args.kind,
         micro_batch=args.micro_batch_size, seq_len=plan["seq_len"], checkpointing=args.activation_checkpointing,
-        gpu_memory_gib=plan["gpu_memory_gib"], num_experts=args.num_experts, top_k=args.top_k)
+        gpu_memory_gib=plan["gpu_memory_gib"], num_experts=args.num_experts, top_k=args.top_k,
+        fused_cross_entropy=args.fused_cross_entropy)
     cfg, kind = build_config(args.model_config, args.kind, args.num_experts, args.top_k)
     plan["checkpoints"] = checkpoint_bytes(cfg, kind)
     merged = cfg if kind != "router-tuning" else cfg  # the merged model a merge into E experts writes
@@ -273,6 +275,9 @@ def register(sub) -> None:
                         "total nvidia-smi reports as 81559 MiB = 79.65 GiB, not 80)")
     p.add_argument("--gpu-memory-gb", type=float, default=None, metavar="GIB",
                    help="deprecated alias of --gpu-memory-gib: its value is GiB too, despite the name")
+    p.add_argument("--fused-cross-entropy", action="store_true",
+                   help="the run computes the loss with the fused linear cross-entropy (the Hugging Face path's "
+                        "enable_fused_cross_entropy; flexmoe's own trainer does not use it): no (T, V) logits")
     p.add_argument("--json", action="store_true", help="print the plan as JSON (bytes per rank)")
     g = p.add_argument_group("throughput and inference (estimates from stated assumptions)")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step (tokens per step)")
