@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands.register(sub)
     for sp in sub.choices.values():
+        if any("--log-level" in a.option_strings for a in sp._actions):
+            continue  # a command with its own --log-level keeps it
         sp.add_argument("--log-level", default="warning", type=str.lower, choices=LOG_LEVELS,
                         help="Python logging level of flexmoe_training and DeepSpeed (default warning; "
                              "info: a line per logged step)")
