@@ -247,7 +247,7 @@ def test_model_args_through_simple_evaluate(ws):
     sweep_ll = _by_request(_samples(os.path.join(ws["out"], "samples", "no-news", "toy_mc.jsonl")))
     assert ours == sweep_ll  # the same configuration as the sweep's no-news, bit for bit
     # indices work too, and a too-small set says what to do before any weight is read
-    with pytest.raises(ValueError, match=r"allowed_experts: public allows 1 experts.*pass top_k=1 .*top-k is 2"):
+    with pytest.raises(ValueError, match=r"allowed_experts: public allows 1 expert,.*pass top_k=1 .*top-k is 2"):
         fle.FlexMoELM(pretrained=ws["model"], allowed_experts="0")
     with pytest.raises(ValueError, match=r"allowed_experts: public\|code allows 2 experts.*lower top_k"):
         fle.FlexMoELM(pretrained=ws["model"], allowed_experts="0|2", top_k=3)
