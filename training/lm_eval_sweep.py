@@ -76,7 +76,7 @@ def explicit_configurations(sets: Sequence[Sequence[Any]], names: Sequence[str],
             how = (f"lower --top-k to {len(allowed)} or less" if explicit_top_k
                    else f"pass --top-k {len(allowed)} (the checkpoint's top-k is {top_k}), or use --opt-out-sweep, "
                         f"which lowers it by itself")
-            raise ValueError(f"{flag} {','.join(allowed)}: allows {len(allowed)} experts, fewer than top-k {k} "
+            raise ValueError(f"{flag} {','.join(allowed)}: allows {len(allowed)} expert{'s' if len(allowed) != 1 else ''}, fewer than top-k {k} "
                              f"experts per token: allow at least {k} experts or {how}")
         name = "+".join(allowed) if len(allowed) < len(names) else f"{ALL}@k{k}"
         if any(c["name"] == name and c["top_k"] == k for c in configs):
