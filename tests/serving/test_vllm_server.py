@@ -176,3 +176,11 @@ def test_chat_bad_request(server):
             "vllm_xargs": {"allowed_experts": "public,ghost"}}
     status, err = _post(server, "chat/completions", body)
     assert status == 400 and "ghost" in json.dumps(err), (status, err)
+
+
+def test_beam_search_with_a_set_is_refused(server):
+    """vLLM's beam search drops vllm_xargs: the set would be ignored, so the combination is a 400."""
+    body = {"model": server["path"], "prompt": "Hi", "max_tokens": 2, "n": 2, "use_beam_search": True,
+            "vllm_xargs": {"allowed_experts": "public,code"}}
+    status, err = _post(server, "completions", body)
+    assert status == 400 and "beam search" in json.dumps(err), (status, err)

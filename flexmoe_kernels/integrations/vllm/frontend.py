@@ -90,10 +90,34 @@ def _wrap(process_inputs):
     return process_inputs_with_allowed_experts
 
 
+def _refuse_beam_search(to_beam_search_params):
+    """vLLM's beam search builds new sampling params per step without ``vllm_xargs``: the allowed
+    set would be lost (every expert served). Refuse the combination (HTTP 400)."""
+    @functools.wraps(to_beam_search_params)
+    def to_beam_search_params_checked(self, *args, **kwargs):
+        xargs = getattr(self, "vllm_xargs", None)
+        if isinstance(xargs, dict) and xargs.get(FIELD) is not None:
+            raise _validation_error(f"{FIELD} cannot be combined with beam search (use_beam_search): vLLM's beam "
+                                    f"search drops vllm_xargs", xargs.get(FIELD))
+        return to_beam_search_params(self, *args, **kwargs)
+
+    to_beam_search_params_checked._flexmoe_wrapped = True
+    return to_beam_search_params_checked
+
+
 def install() -> None:
-    """Wrap ``InputProcessor.process_inputs`` (idempotent)."""
+    """Wrap ``InputProcessor.process_inputs`` and the OpenAI requests' beam-search conversion
+    (idempotent)."""
     from vllm.v1.engine.input_processor import InputProcessor
 
-    if getattr(InputProcessor.process_inputs, "_flexmoe_wrapped", False):
+    if not getattr(InputProcessor.process_inputs, "_flexmoe_wrapped", False):
+        InputProcessor.process_inputs = _wrap(InputProcessor.process_inputs)
+    try:
+        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+        from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+    except ImportError:  # another vLLM layout: the server then cannot reach beam search this way
         return
-    InputProcessor.process_inputs = _wrap(InputProcessor.process_inputs)
+    for cls in (CompletionRequest, ChatCompletionRequest):
+        method = getattr(cls, "to_beam_search_params", None)
+        if method is not None and not getattr(method, "_flexmoe_wrapped", False):
+            cls.to_beam_search_params = _refuse_beam_search(method)
