@@ -27,7 +27,7 @@ from ..modules.allow import AllowedExperts, allowed_expert_indices, checked_allo
 from ..ops.backends import BACKENDS
 from .attention import KVCache, RMSNorm, RotaryEmbedding
 from .blocks import FlexOlmoDecoderLayer, run_layers
-from .checkpoint import load_pretrained as _load_pretrained
+from .pretrained import load_pretrained as _load_pretrained
 from .checkpoint import save_pretrained as _save_pretrained
 from .config import FlexOlmoConfig
 from .hub import checkpoint_expert_names, resolve_checkpoint
