@@ -58,3 +58,30 @@ def test_canonical_round_trip_and_salt():
     assert cache_salt((0, 2)) == cache_salt(parse_allowed_experts(["code", "public"], NAMES, 2))
     assert cache_salt((0, 2), "u1").startswith("u1|") and cache_salt((0, 2), "u1") != cache_salt((0, 2), "u2")
     assert cache_salt(None) is None and cache_salt(None, "u1") == "u1"
+
+
+def test_serve_refuses_a_model_that_is_not_flexolmo(tmp_path, capsys):
+    import json
+
+    from flexmoe_training.cli import main
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
+    assert main(["serve", str(tmp_path), "--dtype", "float32"]) == 2
+    err = capsys.readouterr().err
+    assert "is not a FlexOlmo checkpoint" in err and "'llama'" in err
+    assert main(["serve", str(tmp_path / "missing")]) == 2
+    assert "MODEL" in capsys.readouterr().err
+
+
+def test_serve_example_request_allows_top_k_experts():
+    import json
+    import shlex
+
+    from flexmoe_training.commands.serve import _pop_option, example_request
+
+    text = example_request("http://127.0.0.1:8000/v1", "m", NAMES, 2)
+    body = json.loads(shlex.split(text.split("-d ", 1)[1])[0])
+    assert body["vllm_xargs"] == {"allowed_experts": "public,news"} and body["model"] == "m"
+    args = ["--dtype", "float32", "--port=9000", "--host", "0.0.0.0", "--port", "9001"]
+    assert _pop_option(args, "--port", "8000") == "9001" and _pop_option(args, "--host", None) == "0.0.0.0"
+    assert args == ["--dtype", "float32"]

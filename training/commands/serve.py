@@ -53,12 +53,12 @@ def _pop_option(args: list[str], name: str, default):
     return value
 
 
-def _flexolmo_config(model: str) -> tuple[str, dict]:
+def _flexolmo_config(model: str, revision=None) -> tuple[str, dict]:
     """``(local directory, config dict)`` of ``model``; ``ValueError`` naming it when it is not FlexOlmo."""
     from flexmoe_kernels.models.config import read_json_object
     from flexmoe_kernels.models.hub import resolve_checkpoint
 
-    local = resolve_checkpoint(model, argument="MODEL")
+    local = resolve_checkpoint(model, revision=revision, argument="MODEL")
     config = read_json_object(os.path.join(local, "config.json"))
     mt, arch = config.get("model_type"), config.get("architectures") or []
     if mt != "flex_olmo":
@@ -94,8 +94,9 @@ def run_serve_command(args) -> int:
         args.dry_run = True
     host = _pop_option(rest, "--host", args.host)
     port = _pop_option(rest, "--port", str(args.port))
+    revision = _pop_option(rest, "--revision", None)  # a Hub id's revision: resolved here, vLLM gets the directory
     try:
-        local, config = _flexolmo_config(args.model)
+        local, config = _flexolmo_config(args.model, revision)
     except (ValueError, OSError) as e:
         print(f"flexmoe serve: {e}", file=sys.stderr)
         return 2
