@@ -42,6 +42,14 @@ def _passages(data_dir: str, tokens: int) -> list[str]:
     return out
 
 
+def _cut(text: str) -> int:
+    """Where a passage is split for the multiple-choice task: the last space before its middle
+    (so that every choice starts like a word does), else the middle."""
+    mid = len(text) // 2
+    space = text.rfind(" ", 0, mid)
+    return space if space > mid // 2 else mid
+
+
 def _write(out: str, name: str, yaml_text: str, rows: list[dict]) -> None:
     path = os.path.join(out, f"{name}.jsonl")
     with open(path, "w") as fh:
@@ -103,10 +111,9 @@ def main(argv=None) -> int:
         _write(args.out, f"demo_{domain}", ROLLING, [{"text": t} for t in passages])
         rows = []
         for i, t in enumerate(passages):
-            cut = len(t) // 2
-            cut = t.rfind(" ", 0, cut) if t.rfind(" ", 0, cut) > cut // 2 else cut
+            cut = _cut(t)
             others = [q for j, q in enumerate(passages) if j != i]
-            wrong = [q[len(q) // 2:][: len(t) - cut] for q in rng.sample(others, 3)]
+            wrong = [q[_cut(q):][: len(t) - cut] for q in rng.sample(others, 3)]
             choices = [t[cut:]] + wrong
             order = list(range(4))
             rng.shuffle(order)
