@@ -54,7 +54,9 @@ def _sets(names: list[str], top_k: int) -> list:
 
 
 def _one(client, model, prompt, allowed, max_tokens):
-    extra = {"ignore_eos": True}
+    # skip_special_tokens=False: every token streams a chunk (a random model emits special tokens,
+    # which would otherwise be held back and delay the "first token" by many steps)
+    extra = {"ignore_eos": True, "skip_special_tokens": False}
     if allowed is not None:
         extra["vllm_xargs"] = {"allowed_experts": allowed}
     t0 = time.perf_counter()
@@ -106,6 +108,7 @@ def main(argv=None) -> int:
     p.add_argument("--concurrency", type=int, default=None, help="requests in flight (default 8; smoke 4)")
     p.add_argument("--max-tokens", type=int, default=None, help="output tokens per request (default 64; smoke 16)")
     p.add_argument("--prompt-repeat", type=int, default=2, help="prompt length knob (x 40 characters)")
+    p.add_argument("--rounds", type=int, default=None, help="alternating all/mixed rounds (default 2; smoke 1)")
     p.add_argument("--port", type=int, default=None)
     p.add_argument("--out", help="write the results as JSON here")
     p.add_argument("server_args", nargs="*", help="after --: options for flexmoe serve / vLLM")
@@ -114,6 +117,7 @@ def main(argv=None) -> int:
     args.requests = args.requests or (8 if small else 32)
     args.concurrency = args.concurrency or (4 if small else 8)
     args.max_tokens = args.max_tokens or (16 if small else 64)
+    args.rounds = args.rounds or (1 if small else 2)
     h = _helpers()
     tmp = tempfile.mkdtemp(prefix="bench_serve_")
     model = args.model
@@ -133,8 +137,10 @@ def main(argv=None) -> int:
         names, top_k = _model_info(model)
         _one(client, model, "warm up", None, 4)
         _one(client, model, "warm up", names[:top_k], 4)
-        rows = [run_scenario(client, model, [None], args, "all"), run_scenario(client, model, _sets(names, top_k),
-                                                                                  args, "mixed")]
+        rows = []
+        for _ in range(args.rounds):  # alternate, so that a change in machine load hits both alike
+            rows.append(run_scenario(client, model, [None], args, "all"))
+            rows.append(run_scenario(client, model, _sets(names, top_k), args, "mixed"))
     finally:
         h.stop_server(proc)
     result = {"model": model, "startup_s": startup, "server_args": server_args, "rows": rows}
