@@ -286,10 +286,14 @@ def _heatmap(records: Sequence[dict], path: str, title: str, metrics=None) -> No
     vals = np.array([[_value(r, t, k) if _value(r, t, k) is not None else np.nan for r in records] for t, k in rows],
                     dtype=float).reshape(len(rows), len(records))
     delta = vals - vals[:, :1]
+    # colour: blue = better than all experts, red = worse (lm-eval's higher_is_better per metric)
+    sign = np.array([[-1.0 if records[0].get("higher_is_better", {}).get(t, {}).get(k.split(",")[0]) is False
+                      else 1.0] for t, k in rows]).reshape(len(rows), 1)
+    better = delta * sign
     lim = float(np.nanmax(np.abs(delta))) if np.isfinite(delta).any() else 0.0
     lim = lim if lim > 0 else 1.0
     fig, ax = plt.subplots(figsize=(1.2 + 1.3 * len(records), 0.9 + 0.5 * len(rows)), dpi=80)
-    im = ax.imshow(delta, cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto")
+    im = ax.imshow(better, cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto")
     ax.set_xticks(range(len(records)), [f"{r['name']}\nk={r['top_k']}" for r in records], fontsize=8)
     ax.set_yticks(range(len(rows)), [f"{t}\n{k.replace(',none', '')}" for t, k in rows], fontsize=8)
     for i in range(len(rows)):
@@ -298,7 +302,7 @@ def _heatmap(records: Sequence[dict], path: str, title: str, metrics=None) -> No
                 dark = np.isfinite(delta[i, j]) and abs(delta[i, j]) > 0.6 * lim
                 ax.text(j, i, f"{vals[i, j]:.3f}" + ("" if j == 0 else f"\n{delta[i, j]:+.3f}"), ha="center",
                         va="center", fontsize=7, color="white" if dark else "black")
-    fig.colorbar(im, ax=ax, label="change from all experts")
+    fig.colorbar(im, ax=ax, label="better (+) / worse (-) than all experts")
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
