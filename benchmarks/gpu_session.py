@@ -16,8 +16,11 @@ shell's tee), ``junit.xml``, ``steps.json``, ``session.tar.gz`` (per-step result
 plots), and from :func:`cmd_finalize`: ``results.json``, ``results.csv``, ``summary.md`` and
 the best-measured table ``triton_moe_<DEVICE>.json``.
 
-Only the standard library is imported here at module level: the plan and the checks run on
-any machine (``--dry-run``); the set-up runs before the carried wheels are installed.
+Only the standard library is imported here at module level (the ``session_*`` modules too): the
+plan and the checks run on any machine (``--dry-run``); the set-up runs before the carried wheels
+are installed. The parts: the budgets in :mod:`benchmarks.session_budget`, what travels and its
+checks in :mod:`benchmarks.session_prereq`, the finalisation in :mod:`benchmarks.session_finalize`
+(every name stays importable from here).
 """
 from __future__ import annotations
 
@@ -32,50 +35,26 @@ import subprocess
 import sys
 import tarfile
 import time
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+# The session's parts (re-exported: ``benchmarks.gpu_session.NAME`` keeps working for every name).
+from .session_budget import (  # noqa: F401
+    AOT_JOBS, BASELINE_ROWS, CASE_S, CHECK_JOBS, CHECK_S, COMPILE_S_PER_KERNEL, E2E_INIT_S, E2E_MODELS_N, E2E_STEP_S,
+    FALLBACK_KERNELS, GPU_CORES, PEER_KERNELS, PEER_NAMES, PROCESS_START_S, RECORD_S, REFERENCE_S, ROW_S,
+    SETUP_TIMEOUTS, TARGET_PRESETS, TEST_KERNELS, TEST_RUN_S, TEST_WORKERS, _budget, _ceil5, _n_checks, estimates)
+from .session_prereq import (  # noqa: F401
+    EXT_DIR, EXT_FILE, IMAGE_PACKAGES, REQUIRED_WHEELS, ROOT, TRAVEL_LIMIT, WHEEL_DIR, _check_ext, _check_wheels,
+    _norm, _requires, _size, carried_peers, stamp_commit, travel_bytes, wheel_names)
+from .session_finalize import (  # noqa: F401
+    PARTS, _dump_logs, _fill_commit, _merge, _steps_section, cmd_finalize)
+
 TOTAL_BUDGET_S = 540  # 9 minutes, kernel compilation included
 DEVICE_TIMEOUT_S = 560  # the device tool's timeout_s for the one call
-WHEEL_DIR = ".whl"
-EXT_DIR = ".gpu_ext"
-EXT_FILE = "flexmoe_kernels/_C.cpython-312-x86_64-linux-gnu.so"
 SITE = "/tmp/flexmoe-site"  # the carried wheels are installed here (first on PYTHONPATH)
 WORK = "/tmp/flexmoe-gpu-session"  # per-step outputs; packed into OUT_DIR/session.tar.gz
-TRAVEL_LIMIT = 64 * 2**20
 KILL_GRACE_S = 10
 SHAPES = "fine-grained:32768,flexolmo-7x7b:16384"  # the two target shapes (gpu_sweep.TARGET_SHAPES)
-
-# What deepspeed needs that the image lacks (KINDS.md lists the image's packages); the
-# prepare script downloads exactly these (deepspeed itself is built from its sdist).
-REQUIRED_WHEELS = ("deepspeed", "hjson", "pydantic", "pydantic_core", "annotated_types",
-                   "typing_inspection", "typing_extensions")
-# The GPU image's Python packages (KINDS.md, "Python packages already there"), normalised.
-IMAGE_PACKAGES = frozenset("""
-absl-py accelerate aiofiles aiohappyeyeballs aiohttp aiosignal annotated-doc anyio attrs botorch build
-certifi charset-normalizer chex click cloudpickle cmake colorama contourpy coverage cuda-bindings cuda-core
-cuda-pathfinder cuda-toolkit cupy-cuda13x cycler cython diffrax e3nn einops equinox etils execnet filelock
-flatbuffers flax fonttools formulaic frozenlist fsspec gpytorch grpcio h11 h5py hf-xet httpcore httpx
-huggingface-hub humanize hypothesis idna imageio iniconfig interface-meta jax jax-cuda13-pjrt
-jax-cuda13-plugin jaxlib jaxtyping jinja2 joblib kiwisolver lazy-loader lightning lightning-utilities
-linear-operator lineax llvmlite lxml markdown markdown-it-py markupsafe matplotlib mdurl meson ml-dtypes
-mpi4py mpmath msgpack multidict multipledispatch mypy-extensions nanobind narwhals networkx ninja numba
-numba-cuda numpy numpyro nvidia-cublas nvidia-cuda-cupti nvidia-cuda-nvrtc nvidia-cuda-runtime
-nvidia-cudnn-cu13 nvidia-cufft nvidia-cufile nvidia-curand nvidia-cusolver nvidia-cusparse
-nvidia-cusparselt-cu13 nvidia-ml-py nvidia-nccl-cu13 nvidia-nvjitlink nvidia-nvshmem-cu13 nvidia-nvtx onnx
-onnx-ir onnxruntime onnxscript opencv-python-headless optax opt-einsum opt-einsum-fx optimistix
-orbax-checkpoint packaging pandas pathspec patsy peft pillow pip pluggy portalocker prometheus-client
-propcache protobuf psutil pyarrow pybind11 py-cpuinfo pygments pyparsing pyproject-hooks pyre-extensions
-pytest pytest-benchmark pytest-cov pytest-mock pytest-timeout pytest-xdist python-dateutil
-pytorch-lightning pyyaml regex requests rich sacrebleu safetensors scikit-build-core scikit-image
-scikit-learn scipy seaborn sentencepiece sentence-transformers setuptools shellingham simplejson six
-sortedcontainers statsmodels sympy tabulate tensorboard tensorboard-data-server tensorstore threadpoolctl
-tifffile tiktoken timm tokenizers toolz torch torchaudio torchdiffeq torch-geometric torchmetrics
-torchvision tqdm transformers treescope triton typer typing-extensions typing-inspect urllib3 uvloop
-wadler-lindig werkzeug wheel wrapt xarray xxhash yarl zipp
-""".split())
 
 # The gpu tier's essentials: bf16 correctness of every backend and Triton variant against the
 # float64 reference (the layer's contract test), CUDA-graph replay with a new mask, no host
@@ -106,92 +85,7 @@ class Step:
     estimate: str = ""  # how the budget was estimated (printed by the dry run)
 
 
-# ----------------------------------------------------------------------------- budgets from measurements
-# Issue 22 item 6: every budget is estimated from the kernel count and measured times.
-COMPILE_S_PER_KERNEL = 2.0  # one kernel, one core: measured here (Triton 3.9, sm_90a, cold cache, a shared
-#   2-core CPU): FlexOlmo-7x7B's 12 distinct kernels 18.5 s (1.54 s mean, 2.87 s max); fine-grained up 4.5 s,
-#   dW 2.4 s, scatter 2.0 s; KERNEL_NOTES: 0.8-1.9 s, Triton 3.6 about half of 3.9's time
-FALLBACK_KERNELS = 116  # the count recorded at 5c0f3e0-era code (used when it cannot be recorded)
-PROCESS_START_S = 8.0  # a fresh Python process: torch + flexmoe_kernels imports, CUDA context (assumed)
-GPU_CORES = 16  # the GPU machine's CPU cores
-TEST_WORKERS = 4  # pytest -n
-AOT_JOBS = GPU_CORES - TEST_WORKERS - 2  # ahead-of-time compile processes beside the tests (2 cores spare)
-CHECK_JOBS = 8  # self-check processes at once (GPU memory: ~7 GB each at FlexOlmo-7x7B's slice: bf16 weights,
-#   their gradients and one float32 tensor at a time; 8 x 7 GB beside the tests fits 80 GB)
-REFERENCE_S = 12.0  # one shape's float64 reference + torch bf16 run at the check slice (assumed)
-CHECK_S = 6.0  # one self-check at its slice with the kernels cached (inputs, two fwd+bwd, compare)
-RECORD_S = 6.0  # recording every variant's launches (measured here: 2.9-5.1 s)
-ROW_S = {"fine-grained": 0.6, "flexolmo-7x7b": 1.6}  # one do_bench row (25 ms warm-up, --rep-ms, L2 clears)
-CASE_S = {"fine-grained": 1.0, "flexolmo-7x7b": 2.5}  # a variant's weights, inputs and probe call
-BASELINE_ROWS = 8  # cuda, cuBLAS, grouped_mm x fwd / fwd_bwd, cuda with token_all
-TEST_KERNELS = 140  # the gpu subset's distinct kernels (assumed: ~60 before issue 22 + 6 training configs x 13)
-TEST_RUN_S = 45.0  # the subset's own run time once compiled (assumed)
-SETUP_TIMEOUTS = {"nvidia-smi": 10, "pip install": 20, "import check + versions": 30}  # setup's subprocesses
-E2E_MODELS_N, E2E_STEP_S, E2E_INIT_S = 4, 0.4, 8.0  # e2e-small: models, s per step (13 steps), DeepSpeed init
-PEER_KERNELS = 12  # a peer's kernels at one shape, JIT-compiled in its check (Liger, autotuning off: 3 routing,
-#   up, down, gather-sum, 4 backward; not in the AOT warm-up)
-
-
-def _ceil5(x: float) -> int:
-    return int(-(-x // 5) * 5)
-
-
-def _n_checks(inv: dict) -> int:
-    return len(inv.get("checks") or []) or 2 * 11
-
-
-def estimates(inv: dict, peers: int = 0) -> dict:
-    """{step: (seconds, how)}: each step's estimate from the inventory (kernel count, variants
-    and checks per shape; :func:`benchmarks.gpu_sweep.inventory`) and the measured constants above."""
-    n_k = inv.get("kernels") or FALLBACK_KERNELS
-    n_chk = _n_checks(inv)
-    waves_k = -(-n_k // AOT_JOBS)
-    aot = PROCESS_START_S + RECORD_S + waves_k * COMPILE_S_PER_KERNEL
-    refs = len(inv.get("shapes") or TARGET_PRESETS) * REFERENCE_S
-    peer_compile = PEER_KERNELS * COMPILE_S_PER_KERNEL if peers else 0.0
-    n_peer = len([c for c in inv.get("checks") or [] if c.get("name") in PEER_NAMES])
-    one, one_peer = PROCESS_START_S + CHECK_S, PROCESS_START_S + CHECK_S + peer_compile
-    slots = (n_chk - n_peer) * one + n_peer * one_peer  # process-seconds of all checks
-    check = PROCESS_START_S + refs + max(-(-slots // CHECK_JOBS), one_peer if n_peer else one)
-    per_kernel_check = (n_k / max(1, n_chk)) * COMPILE_S_PER_KERNEL
-    out = {
-        "setup": (sum(SETUP_TIMEOUTS.values()),
-                  "sum of its subprocess timeouts: " + ", ".join(f"{k} {v} s" for k, v in SETUP_TIMEOUTS.items())
-                  + " (a rebuild of _C gets what is left)"),
-        "warm": (aot + check,
-                 f"AOT compile: start {PROCESS_START_S:g} + record {RECORD_S:g} + ceil({n_k} kernels / {AOT_JOBS} jobs)"
-                 f" x {COMPILE_S_PER_KERNEL:g} s = {aot:.0f} s; self-checks: start {PROCESS_START_S:g} + references "
-                 f"{refs:.0f} + ({n_chk - n_peer} checks x ({PROCESS_START_S:g} + {CHECK_S:g})"
-                 + (f" + {n_peer} peer checks x (+ {PEER_KERNELS} kernels x {COMPILE_S_PER_KERNEL:g} s)" if n_peer else "")
-                 + f") / {CHECK_JOBS} jobs = {check:.0f} s (if the AOT cache missed: + ~{per_kernel_check:.0f} s "
-                   "per check)"),
-        "tests": (PROCESS_START_S + TEST_KERNELS * COMPILE_S_PER_KERNEL / TEST_WORKERS + TEST_RUN_S,
-                  f"start {PROCESS_START_S:g} + {TEST_KERNELS} kernels x {COMPILE_S_PER_KERNEL:g} s / {TEST_WORKERS} "
-                  f"workers + run {TEST_RUN_S:g} s"),
-    }
-    for pn in TARGET_PRESETS:
-        n_v = len((inv.get("variants") or {}).get(pn) or []) or 11
-        rows = 2 * (n_v + peers) + 2 + BASELINE_ROWS  # fwd, fwd_bwd each; the default also with token_all
-        sec = 2 * PROCESS_START_S + (n_v + peers) * CASE_S[pn] + rows * ROW_S[pn] + PROCESS_START_S
-        out[f"layer-{pn}"] = (sec, f"parent + child start {2 * PROCESS_START_S:g} + {n_v + peers} variants/peers x case "
-                                   f"{CASE_S[pn]:g} s + {rows} rows x {ROW_S[pn]:g} s + one restart {PROCESS_START_S:g} s")
-    out["routing"] = (30.0, "fixed: 2 presets x 2 T x 3 routers x 2 masks + the copy, ~1 s each, + start")
-    e2e = PROCESS_START_S + E2E_MODELS_N * (E2E_INIT_S + 13 * E2E_STEP_S)
-    out["e2e"] = (e2e, f"start {PROCESS_START_S:g} + {E2E_MODELS_N} models x (init {E2E_INIT_S:g} + 13 steps x "
-                       f"{E2E_STEP_S:g} s)")
-    out["finalize"] = (15.0, "fixed: merge, summary, plots, table")
-    return out
-
-
-TARGET_PRESETS = ("fine-grained", "flexolmo-7x7b")
-PEER_NAMES = ("liger_fused_moe",)
-
-
-def _budget(step: str, est: float) -> int:
-    """A step's budget from its estimate: 15% margin, rounded up to 5 s (setup: its timeouts)."""
-    return int(est) if step == "setup" else _ceil5(est * 1.15)
-
-
+# ----------------------------------------------------------------------------- the plan (budgets: session_budget.py)
 def _test_argv(py: str, out: str, plugins=None) -> list:
     """The pytest command; ``plugins`` (default: those importable here) among xdist and
     pytest_timeout, both in the GPU image: 4 workers compile Triton kernels at once (one core
@@ -294,76 +188,7 @@ def format_plan(steps: list, inv: dict | None = None) -> str:
     return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------- prerequisites
-def _norm(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-
-def wheel_names(wheel_dir: Path) -> dict:
-    """{normalised distribution name: [wheel files]} of ``wheel_dir``."""
-    out: dict = {}
-    for w in sorted(Path(wheel_dir).glob("*.whl")):
-        out.setdefault(_norm(w.name.split("-")[0]), []).append(w)
-    return out
-
-
-def _requires(wheel: Path) -> list:
-    """The unconditional requirement names of a wheel (its METADATA's Requires-Dist)."""
-    with zipfile.ZipFile(wheel) as z:
-        meta = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
-        text = z.read(meta).decode("utf-8", "replace")
-    names = []
-    for line in text.splitlines():
-        if line.startswith("Requires-Dist:") and "extra ==" not in line:
-            names.append(_norm(re.split(r"[\s;<>=!~\[(]", line.split(":", 1)[1].strip())[0]))
-    return names
-
-
-def _size(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
-
-
-def travel_bytes(root: Path = ROOT, carry=(WHEEL_DIR, EXT_DIR)) -> int | None:
-    """Bytes the device call sends: tracked and untracked-not-ignored files plus ``carry``."""
-    try:
-        ls = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=root,
-                            capture_output=True, check=True, timeout=30).stdout.decode()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    files = sum(_size(root / f) for f in ls.split("\0") if f)
-    return files + sum(_size(root / c) for c in carry)
-
-
-def _check_wheels(root: Path) -> list:
-    found = wheel_names(root / WHEEL_DIR)
-    res = []
-    missing = [n for n in REQUIRED_WHEELS if _norm(n) not in found]
-    doubles = [n for n, ws in found.items() if len(ws) > 1]
-    mib = _size(root / WHEEL_DIR) / 2**20
-    if missing or doubles:
-        res.append((False, f"wheels in {WHEEL_DIR}/: missing {missing}, more than one version of {doubles} "
-                    "(run: bash benchmarks/prepare_gpu_session.sh)"))
-        return res
-    res.append((True, f"wheels in {WHEEL_DIR}/: {len(found)} distributions, {mib:.1f} MiB"))
-    unmet = sorted({r for ws in found.values() for r in _requires(ws[0])} - set(found) - IMAGE_PACKAGES)
-    res.append((not unmet, "every requirement of the carried wheels is carried or in the GPU image"
-                if not unmet else f"requirements neither carried nor in the GPU image: {unmet}"))
-    return res
-
-
-def _check_ext(root: Path) -> tuple:
-    so = root / EXT_DIR / EXT_FILE
-    if not so.is_file():
-        return False, f"prebuilt extension {EXT_DIR}/{EXT_FILE} missing (run: bash benchmarks/prepare_gpu_session.sh)"
-    srcs = [p for p in (root / "csrc").iterdir() if p.suffix in (".cu", ".cuh", ".h", ".cpp")]
-    stale = [p.name for p in srcs if p.stat().st_mtime > so.stat().st_mtime + 1]
-    if stale:
-        return False, f"prebuilt extension older than csrc/{stale}: rerun benchmarks/prepare_gpu_session.sh"
-    return True, f"prebuilt extension {EXT_DIR}/{EXT_FILE} ({so.stat().st_size / 2**20:.1f} MiB)"
-
-
+# ----------------------------------------------------------------------------- prerequisites (session_prereq.py)
 def missing_tests(root: Path = ROOT) -> list:
     """The node ids of :data:`TEST_SUBSET` whose file or test function does not exist."""
     bad = []
@@ -387,22 +212,6 @@ def check_prerequisites(root: Path = ROOT) -> list:
     bad = missing_tests(root)
     res.append((not bad, f"test subset: {len(TEST_SUBSET)} node ids present" if not bad else f"tests not found: {bad}"))
     return res
-
-
-def stamp_commit(root: Path = ROOT) -> str | None:
-    """Write the checkout's commit to ``.gpu_ext/commit.txt`` (the GPU machine has no .git)."""
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                             check=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if not (root / EXT_DIR).is_dir():
-        return None
-    text = sha + ("-dirty" if dirty else "")
-    (root / EXT_DIR / "commit.txt").write_text(text + "\n")
-    return text
 
 
 INVENTORY = f"{EXT_DIR}/inventory.json"  # written by --dry-run --check; read by the session (no re-recording)
@@ -431,11 +240,6 @@ def load_inventory(root: Path = ROOT, prefer_file: bool = False, timeout: float 
                                                                                 or ["?"])[-1][:200]}
     except (OSError, subprocess.SubprocessError, ValueError) as exc:
         return {"kernels_error": f"{type(exc).__name__}: {exc}"}
-
-
-def carried_peers(root: Path = ROOT) -> list:
-    """Peer providers whose wheel travels in :data:`WHEEL_DIR` (Liger-Kernel's fused MoE)."""
-    return ["liger_fused_moe"] if any((root / WHEEL_DIR).glob("liger_kernel-*.whl")) else []
 
 
 def cmd_plan(args) -> int:
@@ -638,89 +442,6 @@ def cmd_setup(args) -> int:
     stamp = ROOT / EXT_DIR / "commit.txt"
     print("commit:", stamp.read_text().strip() if stamp.is_file() else "unknown (no stamp)", flush=True)
     return 0
-
-
-# ----------------------------------------------------------------------------- finalisation
-PARTS = ("layer-fine-grained", "layer-flexolmo-7x7b", "routing", "e2e")
-
-
-def _merge(work: Path) -> tuple:
-    """(meta of the first part, every part's rows, every part's command)."""
-    from benchmarks import harness
-
-    meta, rows, cmds = None, [], []
-    for part in PARTS:
-        try:
-            m, r = harness.load_results(work / part)
-        except (ValueError, OSError) as exc:
-            print(f"[finalize] {part}: no results ({exc})", flush=True)
-            continue
-        meta = meta or dict(m)
-        rows += r
-        cmds.append(m.get("command"))
-    return meta, rows, cmds
-
-
-def _fill_commit(meta: dict, rows: list) -> None:
-    """Without .git on the GPU machine, take the commit stamped by ``--dry-run --check``."""
-    if meta.get("git_commit"):
-        return
-    stamp = ROOT / EXT_DIR / "commit.txt"
-    sha = stamp.read_text().strip() if stamp.is_file() else None
-    meta["git_commit"] = sha
-    meta["git_commit_source"] = f"{EXT_DIR}/commit.txt (stamped before the device call)" if sha else "unknown"
-    for r in rows:
-        r["git_commit"] = r.get("git_commit") or sha
-
-
-def _steps_section(out: Path) -> str:
-    try:
-        steps = json.loads((out / "steps.json").read_text())["steps"]
-    except (OSError, ValueError, KeyError):
-        return ""
-    lines = ["## Session steps", "", "| step | budget s | elapsed s | exit | timed out |", "|---|---|---|---|---|"]
-    lines += [f"| {s['step']} | {s['budget_s']} | {s['elapsed_s']} | {s['exit_codes']} | {s['timed_out']} |"
-              for s in steps]
-    return "\n".join(lines) + "\n"
-
-
-def _dump_logs(work: Path) -> None:
-    """Every harness log (one line per row, tracebacks) into the console, hence log.txt."""
-    for log in sorted(work.glob("*/log.txt")):
-        text = log.read_text(errors="replace")
-        print(f"\n----- {log.parent.name}/log.txt ({len(text)} chars) -----\n{text[-200_000:]}", flush=True)
-
-
-def cmd_finalize(args) -> int:
-    from benchmarks import harness, report
-    from benchmarks.gpu_sweep import best_table, table_file_name
-
-    out, work = Path(args.out), Path(args.work)
-    _dump_logs(work)
-    meta, rows, cmds = _merge(work)
-    if meta is None:
-        print("[finalize] nothing to merge", flush=True)
-        return 0
-    _fill_commit(meta, rows)
-    meta.update(command="bash benchmarks/gpu_session.sh OUT_DIR", parts=cmds)
-    paths = harness.write_results(out, meta, rows)
-    print(f"[finalize] {len(rows)} rows -> {paths['json']}, {paths['csv']}", flush=True)
-    table, notes = best_table([r for r in rows if r.get("bench") == "layer"], meta["device"])
-    for n in notes:
-        print(f"[finalize] table: {n}", flush=True)
-    if table is not None:
-        (out / table_file_name(meta["device"])).write_text(json.dumps(table, indent=1) + "\n", encoding="utf-8")
-    for what, fn in (("summary", lambda: (out / "summary.md").write_text(
-            report.summarize(meta, rows) + "\n" + _steps_section(out), encoding="utf-8")),
-                     ("plots", lambda: report.make_plots(meta, rows, work / "plots")),
-                     ("targets", lambda: print(report.format_targets(meta, rows), flush=True))):
-        try:
-            (work / "plots").mkdir(exist_ok=True)
-            fn()
-        except Exception as exc:  # noqa: BLE001 - each is a convenience; the rows are written
-            print(f"[finalize] {what} failed: {type(exc).__name__}: {exc}", flush=True)
-    return 0
-
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_session", description=__doc__.split("\n\n")[0])

@@ -9,7 +9,7 @@
 #                                                        one is missing, and stamp the commit)
 #
 # Prepare first, on the CPU machine: bash benchmarks/prepare_gpu_session.sh (.whl/ and .gpu_ext/).
-# The steps, their budgets and commands live in benchmarks/gpu_session.py.
+# The steps and commands live in benchmarks/gpu_session.py, their budgets in benchmarks/session_budget.py.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
