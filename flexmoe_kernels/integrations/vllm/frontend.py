@@ -69,6 +69,11 @@ def _wrap(process_inputs):
                 raise _validation_error(
                     f"{FIELD}: the served model ({self.model_config.model}) is not a FlexOlmo mixture of "
                     f"experts; it has no experts to choose", value)
+            impl = str(getattr(self.model_config, "model_impl", "auto"))
+            if impl.split(".")[-1].lower() not in ("auto", "vllm"):
+                raise _validation_error(
+                    f"{FIELD}: the model is served by vLLM's {impl!r} implementation (--model-impl), which has "
+                    f"no per-request opt-out; serve it with --model-impl auto (flexmoe's FlexOlmo class)", value)
             names, top_k = info
             try:
                 indices = parse_allowed_experts(value, names, top_k)
