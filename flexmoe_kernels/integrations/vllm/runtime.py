@@ -71,8 +71,10 @@ class MaskState:
         graphs = device.type != "cpu"  # on GPU: never branch on the batch (CUDA graph replay)
         if not graphs and not self.sets:
             return None
+        # CPU: computed once per forward and shared by the layers. GPU: recomputed in every layer
+        # (a few tiny kernels), so that no tensor outlives the piece of a CUDA graph it was made in
         key = (self.step, num_tokens)
-        if self._cache is not None and self._cache[0] == key:
+        if not graphs and self._cache is not None and self._cache[0] == key:
             return self._cache[1]
         qsl = _query_start_loc()
         if qsl is None:  # profiling / dummy runs: no requests
@@ -86,7 +88,8 @@ class MaskState:
         # tokens past qsl[-1] (padding) get row num_rows; send them to the all-True last row
         row = torch.where(tok < qsl[-1], row, torch.full_like(row, self.max_rows))
         mask = self.rows.index_select(0, row.long())
-        self._cache = (key, mask)
+        if not graphs:
+            self._cache = (key, mask)
         return mask
 
 
