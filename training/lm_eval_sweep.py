@@ -141,11 +141,14 @@ def task_manager_for(tasks: Sequence[str], include_path: Optional[str], flag: st
 def build_tasks(tasks: Sequence[str], tm, flag: str = "--tasks") -> None:
     """Build every task once (its dataset loads, its templates compile) so that a broken task
     fails before any evaluation; ``ValueError`` naming ``flag`` and the task."""
-    from lm_eval.tasks import get_task_dict
-
     for t in tasks:
         try:
-            get_task_dict([t], tm)
+            if hasattr(tm, "load"):  # lm-eval >= 0.4.10
+                tm.load([t])
+            else:
+                from lm_eval.tasks import get_task_dict
+
+                get_task_dict([t], tm)
         except Exception as exc:
             why = " ".join(str(exc).split())[:300] or type(exc).__name__
             raise ValueError(f"{flag}: task {t!r} could not be built: {type(exc).__name__}: {why}") from exc

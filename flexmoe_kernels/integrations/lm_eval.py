@@ -109,6 +109,20 @@ def _commit_of(path: str) -> Optional[str]:
     return None
 
 
+def _hub_commit(pretrained: str, revision: Optional[str]) -> Optional[str]:
+    """The commit of the cached Hub snapshot of ``pretrained`` (a Hub id, already downloaded);
+    never touches the network. None for a local directory or when it cannot be told."""
+    if os.path.isdir(pretrained):
+        return None
+    try:
+        from huggingface_hub import snapshot_download
+
+        path = snapshot_download(pretrained, revision=revision, local_files_only=True, allow_patterns=["config.json"])
+    except Exception:  # not a Hub id, not cached, no huggingface_hub
+        return None
+    return _commit_of(os.fspath(path))
+
+
 def inspect_checkpoint(pretrained: str, *, revision: Optional[str] = None, expert_names: Any = None,
                        argument: str = "pretrained", trust_remote_code: bool = False) -> CheckpointInfo:
     """Read a checkpoint's config (no weights) and check that we can opt its experts out.
@@ -277,6 +291,11 @@ class FlexMoELM(HFLM):
             self.expert_names = list(model._flexmoe_state.expert_names)
             self.checkpoint_top_k = int(_router_modules(model)[0].top_k)
         info.update(expert_names=self.expert_names, num_experts=len(self.expert_names), top_k=self.checkpoint_top_k)
+        if not info.get("commit") and info.get("pretrained"):  # a Hub snapshot's commit
+            source = self._ours_source if self._ours is not None else None
+            info["commit"] = (_commit_of(source) if source else None) or _hub_commit(
+                info["pretrained"], info.get("revision")) or getattr(
+                getattr(self._model, "config", None), "_commit_hash", None)
         self.checkpoint_info = info
         self.engine = info["engine"]
         self.allowed: list[str] = list(self.expert_names)

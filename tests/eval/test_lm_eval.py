@@ -266,6 +266,29 @@ def test_module_command_line(ws, tmp_path):
     assert "toy_mc" in r.stdout and "flexmoe" in r.stdout
 
 
+def test_hub_id_from_the_local_cache(ws, tmp_path):
+    """A Hub id (owner/name) resolved offline from the Hugging Face cache; the snapshot's commit
+    is recorded beside the weights' hash."""
+    import shutil
+
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--someone--tiny-flexolmo"
+    shutil.copytree(ws["model"], repo / "snapshots" / sha)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(sha)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "hub"))
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "flexmoe_training.cli", "eval", "--model", "someone/tiny-flexolmo",
+                        "--tasks", "toy_mc", "--include-path", ws["tasks"], "--allowed-experts", "public,news",
+                        "--limit", "2", "--device", "cpu", "--no-progress", "--out", str(out)],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.load(open(out / "results.json"))
+    assert res["model"]["pretrained"] == "someone/tiny-flexolmo" and res["model"]["commit"] == sha
+    ref = json.load(open(os.path.join(ws["out"], "results.json")))
+    assert res["model"]["tensors_sha256"] == ref["model"]["tensors_sha256"]
+
+
 def test_other_family_explicit_sets(ws, tmp_path):
     """Any family the transformers integration patches (OLMoE here; names given on the command
     line), --allowed-experts repeated, --top-k."""

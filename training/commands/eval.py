@@ -185,7 +185,7 @@ def _payload(args, lm, info, records, run_info, limit, batch_size, device, secon
         "model": {
             "pretrained": args.model,
             "revision": args.revision,
-            "commit": info.get("commit"),
+            "commit": lm.checkpoint_info.get("commit") or info.get("commit"),
             "tensors_sha256": lm.tensors_sha256(),
             "model_type": info["model_type"],
             "expert_names": list(lm.expert_names),
