@@ -26,7 +26,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from flexmoe_kernels.models import FlexOlmoConfig, FlexOlmoForCausalLM, tensors_sha256
-from flexmoe_kernels.models.checkpoint import LazyStateDict, lazy_state_dict
+from flexmoe_kernels.models.checkpoint import LazyStateDict, TensorMapping, lazy_state_dict
 from flexmoe_kernels.modules import FlexMoE
 
 __all__ = [
@@ -158,27 +158,16 @@ def load_checkpoint(directory: str | os.PathLike, what: str = "--public") -> tup
 
 
 # ---------------------------------------------------------------------------- sources and building
-class LazyTensors(Mapping):
+class LazyTensors(TensorMapping):
     """A read-only mapping ``name -> tensor`` whose values are computed on access by ``fn(name)``
     (nothing is cached): a model source that holds one tensor at a time."""
 
     def __init__(self, keys: Iterable[str], fn: Callable[[str], torch.Tensor]):
-        self._keys = list(keys)
-        self._set = set(self._keys)
+        self._set_keys(keys)
         self._fn = fn
 
-    def __iter__(self):
-        return iter(self._keys)
-
-    def __len__(self) -> int:
-        return len(self._keys)
-
-    def __contains__(self, key) -> bool:
-        return key in self._set
-
     def __getitem__(self, key: str) -> torch.Tensor:
-        if key not in self._set:
-            raise KeyError(key)
+        self._known(key)
         return self._fn(key)
 
 

@@ -30,6 +30,7 @@ __all__ = [
     "parse_size",
     "write_config",
     "LazyStateDict",
+    "TensorMapping",
     "lazy_state_dict",
     "load_state_dict",
     "convert_state_dict",
@@ -332,7 +333,32 @@ def load_state_dict(directory: Union[str, os.PathLike]) -> dict[str, torch.Tenso
     return sd
 
 
-class LazyStateDict(Mapping):
+class TensorMapping(Mapping):
+    """Base of the read-only, lazy ``name -> tensor`` mappings (a checkpoint on disk, an
+    ``olmo2`` checkpoint under our names, the public view of an MoE, tensors computed on access):
+    a fixed list of names set by :meth:`_set_keys`, membership, iteration in that order and
+    length. Subclasses give ``__getitem__`` (calling :meth:`_known` first)."""
+
+    def _set_keys(self, keys: Iterable[str]) -> None:
+        self._keys = list(keys)
+        self._keyset = set(self._keys)
+
+    def _known(self, key: str) -> None:
+        """``KeyError(key)`` unless ``key`` is one of the mapping's names."""
+        if key not in self._keyset:
+            raise KeyError(key)
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __contains__(self, key) -> bool:
+        return key in self._keyset
+
+
+class LazyStateDict(TensorMapping):
     """The tensors of a checkpoint directory (single file or shards), read one at a time on access.
 
     A ``Mapping`` from HF names to CPU tensors as stored: ``sd[name]`` opens the file holding
@@ -374,17 +400,7 @@ class LazyStateDict(Mapping):
                 for w in ("gate_up_proj", "down_proj"):
                     self._fused.setdefault(f"{m['prefix']}.{w}", []).append(k)
         self.num_experts = num_experts
-        self._keys = keys + sorted(self._fused)
-        self._keyset = set(self._keys)
-
-    def __iter__(self):
-        return iter(self._keys)
-
-    def __len__(self) -> int:
-        return len(self._keys)
-
-    def __contains__(self, key) -> bool:
-        return key in self._keyset
+        self._set_keys(keys + sorted(self._fused))
 
     def _read(self, key: str) -> torch.Tensor:
         path = self._where[key]

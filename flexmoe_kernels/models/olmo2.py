@@ -26,7 +26,7 @@ from typing import Optional, Union
 
 import torch
 
-from .checkpoint import LazyStateDict, lazy_state_dict
+from .checkpoint import LazyStateDict, TensorMapping, lazy_state_dict
 from .config import CheckpointError, FlexOlmoConfig, read_json_object
 
 __all__ = ["OLMO2_MODEL_TYPE", "checkpoint_model_type", "is_olmo2_checkpoint", "config_from_olmo2",
@@ -91,7 +91,7 @@ def config_from_olmo2(d: dict, what: str = "olmo2 config", **overrides) -> FlexO
         raise ValueError(f"{what}: {exc}") from exc
 
 
-class Olmo2Source(Mapping):
+class Olmo2Source(TensorMapping):
     """An ``olmo2`` checkpoint directory as a lazy mapping under our (flex_olmo) tensor names.
 
     ``src[name]`` reads only what ``name`` needs (the FFN's gate and up halves for
@@ -119,24 +119,13 @@ class Olmo2Source(Mapping):
                 if f"model.layers.{i}.mlp.{w}.weight" not in self._raw:
                     raise CheckpointError(f"{self.directory}: olmo2 checkpoint is missing "
                                           f"'model.layers.{i}.mlp.{w}.weight'")
-        self._keys = keys
-        self._set = set(keys)
-
-    def __iter__(self):
-        return iter(self._keys)
-
-    def __len__(self) -> int:
-        return len(self._keys)
-
-    def __contains__(self, key) -> bool:
-        return key in self._set
+        self._set_keys(keys)
 
     def _mlp(self, i: int, w: str) -> str:
         return f"model.layers.{i}.mlp.{w}.weight"
 
     def __getitem__(self, key: str) -> torch.Tensor:
-        if key not in self._set:
-            raise KeyError(key)
+        self._known(key)
         m = _FLEX_MLP.match(key)
         if m is None:
             return self._raw[key]
@@ -148,8 +137,7 @@ class Olmo2Source(Mapping):
         return self._raw[self._mlp(i, "down_proj")][None]
 
     def shape(self, key: str) -> tuple[int, ...]:
-        if key not in self._set:
-            raise KeyError(key)
+        self._known(key)
         m = _FLEX_MLP.match(key)
         if m is None:
             return self._raw.shape(key)
@@ -162,8 +150,7 @@ class Olmo2Source(Mapping):
         return (1, *self._raw.shape(self._mlp(i, "down_proj")))
 
     def dtype(self, key: str) -> torch.dtype:
-        if key not in self._set:
-            raise KeyError(key)
+        self._known(key)
         m = _FLEX_MLP.match(key)
         if m is None:
             return self._raw.dtype(key)
@@ -177,28 +164,17 @@ def open_olmo2(directory: Union[str, os.PathLike], what: str = "olmo2 checkpoint
     return cfg, Olmo2Source(d, cfg)
 
 
-class PublicView(Mapping):
+class PublicView(TensorMapping):
     """The dense public model inside a multi-expert FlexOlmo checkpoint: every shared tensor, and
     expert 0's rows of the MoE tensors (its FFN and router row; no expert bias). Lazy like its
     source (``sd[name]`` reads the full tensor and keeps row 0)."""
 
     def __init__(self, sd: Mapping[str, torch.Tensor]):
         self._sd = sd
-        self._keys = [k for k in sd if not k.endswith("mlp.gate.expert_bias")]
-        self._set = set(self._keys)
-
-    def __iter__(self):
-        return iter(self._keys)
-
-    def __len__(self) -> int:
-        return len(self._keys)
-
-    def __contains__(self, key) -> bool:
-        return key in self._set
+        self._set_keys(k for k in sd if not k.endswith("mlp.gate.expert_bias"))
 
     def __getitem__(self, key: str) -> torch.Tensor:
-        if key not in self._set:
-            raise KeyError(key)
+        self._known(key)
         v = self._sd[key]
         return v[:1].clone() if _FLEX_MLP.match(key) else v
 
