@@ -24,6 +24,7 @@ Configurations:
                            lowered to the set's size (printed, and recorded in the results).
   --allowed-experts A,B    one configuration per occurrence (names or indices), after the
                            all-experts baseline; --top-k sets the experts per token.
+  neither                  every expert allowed, only.
 
 Writes OUT/ atomically: results.json (per configuration: allowed experts, top-k, lm-eval's own
 results dict per task, unchanged; lm-eval's version and seeds; the model's commit / weight hash),
