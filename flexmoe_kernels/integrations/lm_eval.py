@@ -381,6 +381,18 @@ class FlexMoELM(HFLM):
         self.top_k = k
 
     # ------------------------------------------------------------------ lm-eval's model calls
+    #: True: no per-request progress bars of lm-eval's (``flexmoe eval`` draws its own bar)
+    quiet = False
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False):
+        return super().loglikelihood(requests, disable_tqdm=disable_tqdm or self.quiet)
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+        return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm or self.quiet)
+
+    def generate_until(self, requests, disable_tqdm: bool = False):
+        return super().generate_until(requests, disable_tqdm=disable_tqdm or self.quiet)
+
     def _model_call(self, inps, attn_mask=None, labels=None):
         if self._ours is not None:
             return super()._model_call(inps, attn_mask=attn_mask, labels=labels)

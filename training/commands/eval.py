@@ -140,6 +140,14 @@ def run(args) -> int:
     lm = FlexMoELM(pretrained=args.model, device=device, batch_size=batch_size, dtype=args.dtype,
                    moe_backend=args.moe_backend, expert_names="|".join(names),
                    **({"revision": args.revision} if args.revision else {}))
+    lm.quiet = not args.verbose
+    if not args.verbose:
+        try:
+            import datasets
+
+            datasets.disable_progress_bars()
+        except (ImportError, AttributeError):
+            pass
     # 5. evaluate
     limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
     records, run_info = sweep.run_configurations(
