@@ -17,15 +17,21 @@ import os
 import subprocess
 import sys
 
+import importlib.util
+
+import pytest
+
+_WHY = ("lm-eval is not installed here: these tests run in the eval venv (.ci/eval_tests.sh; "
+        "pip install 'lm-eval[hf]==0.4.*' matplotlib)")
+if importlib.util.find_spec("lm_eval") is None:  # before touching the environment of other tests
+    pytest.skip(_WHY, allow_module_level=True)
+
 # Before lm_eval / datasets / huggingface_hub are imported (they read these at import time).
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import pytest  # noqa: E402
-
-pytest.importorskip("lm_eval", reason="lm-eval is not installed here: these tests run in the eval venv "
-                                      "(.ci/run's eval stage; pip install 'lm-eval[hf]==0.4.*' matplotlib)")
+pytest.importorskip("lm_eval", reason=_WHY)
 pytest.importorskip("matplotlib", reason="flexmoe eval's heatmap needs matplotlib")
 
 import torch  # noqa: E402
