@@ -1,5 +1,5 @@
-"""Self-check of a layer implementation against the reference before it is timed (issue 22
-item 6): the GPU sweep times only what computes the layer correctly.
+"""Self-check of a layer implementation against the reference before it is timed: the GPU
+sweep times only what computes the layer correctly.
 
 Legend: T tokens, D hidden, F expert width, E experts, K top-k.
 

@@ -1,4 +1,4 @@
-"""FLOP counts of the benchmarks: the one place they are computed (issue 22 item 4).
+"""FLOP counts of the benchmarks: the one place they are computed.
 
 Legend: T tokens, D hidden, F expert width, E experts, K top-k, P = T*K routed (token, expert)
 pairs, L layers.

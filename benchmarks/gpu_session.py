@@ -1,4 +1,4 @@
-"""The prepared GPU session (issue 13 item 10): its plan, driver, set-up and finalisation.
+"""The prepared GPU session: its plan, driver, set-up and finalisation.
 
     bash benchmarks/gpu_session.sh OUT_DIR              # on the GPU machine: the whole session
     bash benchmarks/gpu_session.sh --dry-run [--check]  # anywhere: the plan and the prerequisites
@@ -11,7 +11,7 @@ end gets SIGINT (pytest and the benchmarks then write what they have), then SIGK
 every step the driver writes ``OUT_DIR/steps.json`` and re-packs the work folder into
 ``OUT_DIR/session.tar.gz``, so a run cut short still returns its partial results.
 
-What comes back (at most 8 files, the device tool's limit): ``log.txt`` (everything, via the
+What comes back (at most 8 files, the limit of a lent GPU machine; docs/GPU_SESSION.md): ``log.txt`` (everything, via the
 shell's tee), ``junit.xml``, ``steps.json``, ``session.tar.gz`` (per-step results, harness logs,
 plots), and from :func:`cmd_finalize`: ``results.json``, ``results.csv``, ``summary.md`` and
 the best-measured table ``triton_moe_<DEVICE>.json``.
@@ -50,7 +50,7 @@ from .session_finalize import (  # noqa: F401
     PARTS, _dump_logs, _fill_commit, _merge, _steps_section, cmd_finalize)
 
 TOTAL_BUDGET_S = 540  # 9 minutes, kernel compilation included
-DEVICE_TIMEOUT_S = 560  # the device tool's timeout_s for the one call
+DEVICE_TIMEOUT_S = 560  # the time to allow the whole run (timeout_s of the one call in docs/GPU_SESSION.md)
 SITE = "/tmp/flexmoe-site"  # the carried wheels are installed here (first on PYTHONPATH)
 WORK = "/tmp/flexmoe-gpu-session"  # per-step outputs; packed into OUT_DIR/session.tar.gz
 KILL_GRACE_S = 10
@@ -119,8 +119,8 @@ def plan_steps(out: str = "OUT_DIR", work: str = WORK, py: str = "python3",
                 f"{py} -m benchmarks.gpu_sweep check --all --jobs {CHECK_JOBS} --shapes {SHAPES} --checks {checks}"
                 + (f" --providers {','.join(peers)}" if peers else ""))
     return [
-        Step("setup", b["setup"], "install the carried wheels, link flexmoe_training, put the prebuilt _C in place "
-             "(rebuilt for sm_90a only within what is left of the budget), print the GPU and the versions",
+        Step("setup", b["setup"], "install the wheels prepared in .whl/ (if any), link flexmoe_training, put the "
+             "prebuilt _C in place (rebuilt for sm_90a only within what is left of the budget), print the GPU and the versions",
              [[py, "-m", "benchmarks.gpu_session", "setup"]], estimate=how["setup"]),
         Step("warm", b["warm"], "beside the tests: compile every distinct kernel of the sweep ahead of time "
              "(triton.compile, no GPU), then self-check every variant (and peer) against the reference, one "
@@ -155,7 +155,7 @@ def wall_budget(steps: list) -> int:
 
 def format_plan(steps: list, inv: dict | None = None) -> str:
     inv = inv or {}
-    lines = [f"Prepared GPU session (issue 13 item 10): bash benchmarks/gpu_session.sh OUT_DIR", "",
+    lines = ["Prepared GPU session: bash benchmarks/gpu_session.sh OUT_DIR", "",
              f"{'#':>2} {'step':22} {'budget_s':>8}  what"]
     for i, s in enumerate(steps, 1):
         tag = " (bg)" if s.background else ""
@@ -207,7 +207,7 @@ def check_prerequisites(root: Path = ROOT) -> list:
     if n is None:
         res.append((True, "travelling size not checked (no git here)"))
     else:
-        res.append((n <= TRAVEL_LIMIT, f"travelling tree with {WHEEL_DIR} and {EXT_DIR}: {n / 2**20:.1f} MiB "
+        res.append((n <= TRAVEL_LIMIT, f"checkout to copy with {WHEEL_DIR} and {EXT_DIR}: {n / 2**20:.1f} MiB "
                     f"({'<=' if n <= TRAVEL_LIMIT else 'OVER'} 64 MiB)"))
     bad = missing_tests(root)
     res.append((not bad, f"test subset: {len(TEST_SUBSET)} node ids present" if not bad else f"tests not found: {bad}"))
@@ -256,8 +256,8 @@ def cmd_plan(args) -> int:
         if (ROOT / EXT_DIR).is_dir() and inv.get("kernels"):
             (ROOT / INVENTORY).write_text(json.dumps(inv, indent=1) + "\n")
             print(f"  inventory saved to {INVENTORY} (the session reads it instead of recording again)")
-    print(f"\ndevice call: run(command=\"bash benchmarks/gpu_session.sh $OUT\", carry=[\"{WHEEL_DIR}\", "
-          f"\"{EXT_DIR}\"], timeout_s={DEVICE_TIMEOUT_S})")
+    print(f"\nto run it: bash benchmarks/gpu_session.sh OUT_DIR on the GPU machine, with {WHEEL_DIR}/ and "
+          f"{EXT_DIR}/ beside the checkout (allow {DEVICE_TIMEOUT_S} s); docs/GPU_SESSION.md has the procedure")
     over = wall_budget(steps) > TOTAL_BUDGET_S
     return 1 if over or (args.check and not all(ok for ok, _ in checks)) else 0
 
@@ -269,7 +269,7 @@ def child_env() -> dict:
     env = dict(os.environ)
     paths = [SITE, str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
     # Liger's fused MoE autotunes ~250 configs per shape at its first call (minutes of compiling):
-    # the session times its single fallback config (documented in benchmarks/README.md).
+    # the session times its single fallback config (documented in docs/GPU_SESSION.md).
     env.setdefault("LIGER_FUSED_MOE_AUTOTUNE", "0")
     env.update(PYTHONPATH=":".join(paths), PYTHONUNBUFFERED="1", DS_ACCELERATOR="cuda", MPLBACKEND="Agg",
                TRITON_CACHE_DIR=env.get("TRITON_CACHE_DIR", "/tmp/flexmoe-triton-cache"),

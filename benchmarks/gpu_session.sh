@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The prepared GPU session (issue 13 item 10): the one script a session lent an H100/H200 runs
-# first (issue 17). See benchmarks/README.md, "Prepared GPU session".
+# The prepared GPU session: the whole benchmark session on a machine with an H100/H200, in one
+# script. See benchmarks/README.md, "Prepared GPU session", and docs/GPU_SESSION.md.
 #
 #   bash benchmarks/gpu_session.sh OUT_DIR               on the GPU machine: <= 540 s wall, kernel
 #                                                        compilation included; everything under OUT_DIR

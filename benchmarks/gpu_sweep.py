@@ -1,10 +1,10 @@
-"""Layer variant sweep of the prepared GPU session (issue 13 item 10; issue 22 item 6).
+"""Layer variant sweep of the prepared GPU session (checked, then timed; budgets from measurements).
 
 Every Triton variant that exists today, each first checked against the reference, then timed
 side by side with our cuda backend, the cuBLAS GEMM of equal FLOPs, torch grouped_mm and the
 peer providers (Liger's fused MoE); its ahead-of-time compile warm-up; and the best-measured
 configuration table. Run by ``benchmarks/gpu_session.py`` (see benchmarks/README.md, "Prepared
-GPU session"); each command also runs alone:
+GPU session", and docs/GPU_SESSION.md); each command also runs alone:
 
     python -m benchmarks.gpu_sweep compile --aot --jobs 10 --shapes fine-grained:32768,flexolmo-7x7b:16384
     python -m benchmarks.gpu_sweep check --all --jobs 8 --checks DIR [--providers liger_fused_moe]
@@ -20,7 +20,7 @@ Variants (only what ``flexmoe_kernels/ops/triton/configs.py`` and ``backend.py``
 * ``heuristic``: the heuristic pinned through ``FLEXMOE_TRITON_CONFIG``, only when a table
   applies to the device and differs from it (table vs heuristic).
 * ``cfg:NAME``: the hand-picked ``FLEXMOE_TRITON_CONFIG`` pins of :data:`CONFIG_CANDIDATES`:
-  block shapes, pipeline depth (4 stages everywhere), and the kernel variants of issue 13: TMA
+  block shapes, pipeline depth (4 stages everywhere), and the kernel variants: TMA
   weight descriptors off (``tma0``), the persistent tile schedule on (``persistent``), both
   (``tma0-persistent``);
 * ``field:F=V``: the non-default value of every other 0/1 launch-config field (the kept

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Prepare, on the CPU machine (it needs the package registries), what benchmarks/gpu_session.sh
-# needs beyond the GPU image (issue 13 item 10). See benchmarks/README.md, "Prepared GPU session".
+# needs beyond the GPU image. See docs/GPU_SESSION.md.
 #
 #   .whl/      deepspeed (built from its sdist: PyPI has no deepspeed wheel; DS_BUILD_OPS=0, pure
 #              Python) and those of its requirements the image lacks (hjson, pydantic and its

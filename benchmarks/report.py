@@ -210,7 +210,6 @@ def _e2e_section(rows) -> list[str]:
 @dataclass
 class Target:
     key: str
-    issue: str
     text: str
     op: str  # ">=" | "<=" | ">"
     goal: float
@@ -336,27 +335,27 @@ def _e2e_ratio(num, den, invert=False):
 
 
 TARGETS = [
-    Target("7x7b-fwd", "3/4", "flexolmo-7x7b layer fwd >= 90% of cuBLAS dense TFLOP/s", ">=", 0.90,
+    Target("7x7b-fwd", "flexolmo-7x7b layer fwd >= 90% of cuBLAS dense TFLOP/s", ">=", 0.90,
            _vs_gemm("flexolmo-7x7b", "fwd"), "x"),
-    Target("7x7b-fwd-bwd", "3/4", "flexolmo-7x7b layer fwd+bwd >= 85% of cuBLAS dense TFLOP/s", ">=", 0.85,
+    Target("7x7b-fwd-bwd", "flexolmo-7x7b layer fwd+bwd >= 85% of cuBLAS dense TFLOP/s", ">=", 0.85,
            _vs_gemm("flexolmo-7x7b", "fwd_bwd"), "x"),
-    Target("fg-fwd", "3/4", "fine-grained (E128 K8) fwd >= 550 TFLOP/s on H100", ">=", 550,
+    Target("fg-fwd", "fine-grained (E128 K8) fwd >= 550 TFLOP/s on H100", ">=", 550,
            _abs_tflops("fine-grained", "fwd"), " TFLOP/s"),
-    Target("fg-fwd-bwd", "3/4", "fine-grained fwd+bwd >= 450 TFLOP/s on H100", ">=", 450,
+    Target("fg-fwd-bwd", "fine-grained fwd+bwd >= 450 TFLOP/s on H100", ">=", 450,
            _abs_tflops("fine-grained", "fwd_bwd"), " TFLOP/s"),
-    Target("routing-share", "3/4", "routing + permutation <= 3% of layer fwd", "<=", 0.03, _routing_share, "x"),
-    Target("mask-overhead", "3/4", "per-token masks <= 2% over no mask (layer fwd time ratio)", "<=", 1.02,
+    Target("routing-share", "routing + permutation <= 3% of layer fwd", "<=", 0.03, _routing_share, "x"),
+    Target("mask-overhead", "per-token masks <= 2% over no mask (layer fwd time ratio)", "<=", 1.02,
            _mask_overhead, "x"),
-    Target("fg-vs-grouped-mm-fwd", "3/4", ">= 1.3x torch grouped_mm on fine-grained (fwd)", ">=", 1.3,
+    Target("fg-vs-grouped-mm-fwd", ">= 1.3x torch grouped_mm on fine-grained (fwd)", ">=", 1.3,
            _vs_gmm("fine-grained", "fwd"), "x"),
-    Target("fg-vs-grouped-mm-fwd-bwd", "3/4", ">= 1.3x torch grouped_mm on fine-grained (fwd+bwd)", ">=", 1.3,
+    Target("fg-vs-grouped-mm-fwd-bwd", ">= 1.3x torch grouped_mm on fine-grained (fwd+bwd)", ">=", 1.3,
            _vs_gmm("fine-grained", "fwd_bwd"), "x"),
-    Target("cuda-router-bw", "4", "CUDA router >= 70% of device-copy bandwidth", ">=", 0.70, _cuda_router_bw, "x"),
-    Target("cuda-vs-triton-router", "4", "CUDA router faster than Triton routing (speed-up, slowest case)", ">",
+    Target("cuda-router-bw", "CUDA router >= 70% of device-copy bandwidth", ">=", 0.70, _cuda_router_bw, "x"),
+    Target("cuda-vs-triton-router", "CUDA router faster than Triton routing (speed-up, slowest case)", ">",
            1.0, _cuda_vs_triton, "x"),
-    Target("coupled-speedup", "5", "coupled expert training >= 1.3x faster per step than the fully trainable "
+    Target("coupled-speedup", "coupled expert training >= 1.3x faster per step than the fully trainable "
            "2-expert MoE", ">=", 1.3, _e2e_ratio("moe2_full", "flexolmo_coupled"), "x"),
-    Target("moe-vs-dense", "5", "MoE step time within 1.15x of dense with equal active params", "<=", 1.15,
+    Target("moe-vs-dense", "MoE step time within 1.15x of dense with equal active params", "<=", 1.15,
            _e2e_ratio("moe", "dense"), "x"),
 ]
 
@@ -374,7 +373,7 @@ def evaluate_targets(rows: list[dict]) -> list[dict]:
         else:
             passed = {">=": val >= t.goal, "<=": val <= t.goal, ">": val > t.goal}[t.op]
             status = "PASS" if passed else "FAIL"
-        out.append(dict(key=t.key, issue=t.issue, text=t.text, op=t.op, goal=t.goal, unit=t.unit,
+        out.append(dict(key=t.key, text=t.text, op=t.op, goal=t.goal, unit=t.unit,
                         measured=val, status=status, detail=detail))
     return out
 
@@ -386,7 +385,7 @@ def format_targets(meta: dict, rows: list[dict]) -> str:
     lines.append(f"device: {meta.get('device')}   commit: {meta.get('git_commit')}   time: {meta.get('timestamp')}")
     for t in evaluate_targets(rows):
         meas = "-" if t["measured"] is None else f"{t['measured']:.4g}{t['unit']}"
-        lines.append(f"[{t['status']:>12}] issue {t['issue']:<4} {t['text']}")
+        lines.append(f"[{t['status']:>12}] {t['text']}")
         lines.append(f"{'':15} target {t['op']} {t['goal']:g}{t['unit']}   measured {meas}   ({t['detail']})")
     return "\n".join(lines)
 

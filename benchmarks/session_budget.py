@@ -4,7 +4,7 @@ estimate + 15 %) the plan gives it. Standard library only (the dry run runs anyw
 """
 from __future__ import annotations
 
-# Issue 22 item 6: every budget is estimated from the kernel count and measured times.
+# Every budget is estimated from the kernel count and measured times.
 COMPILE_S_PER_KERNEL = 2.0  # one kernel, one core: measured here (Triton 3.9, sm_90a, cold cache, a shared
 #   2-core CPU): FlexOlmo-7x7B's 12 distinct kernels 18.5 s (1.54 s mean, 2.87 s max); fine-grained up 4.5 s,
 #   dW 2.4 s, scatter 2.0 s; KERNEL_NOTES: 0.8-1.9 s, Triton 3.6 about half of 3.9's time
@@ -21,7 +21,7 @@ RECORD_S = 6.0  # recording every variant's launches (measured here: 2.9-5.1 s)
 ROW_S = {"fine-grained": 0.6, "flexolmo-7x7b": 1.6}  # one do_bench row (25 ms warm-up, --rep-ms, L2 clears)
 CASE_S = {"fine-grained": 1.0, "flexolmo-7x7b": 2.5}  # a variant's weights, inputs and probe call
 BASELINE_ROWS = 8  # cuda, cuBLAS, grouped_mm x fwd / fwd_bwd, cuda with token_all
-TEST_KERNELS = 140  # the gpu subset's distinct kernels (assumed: ~60 before issue 22 + 6 training configs x 13)
+TEST_KERNELS = 140  # the gpu subset's distinct kernels (assumed: ~60 counted before the v3 kernels + 6 training configs x 13)
 TEST_RUN_S = 45.0  # the subset's own run time once compiled (assumed)
 SETUP_TIMEOUTS = {"nvidia-smi": 10, "pip install": 20, "import check + versions": 30}  # setup's subprocesses
 E2E_MODELS_N, E2E_STEP_S, E2E_INIT_S = 4, 0.4, 8.0  # e2e-small: models, s per step (13 steps), DeepSpeed init

@@ -36,7 +36,7 @@ def _fill_commit(meta: dict, rows: list) -> None:
     stamp = ROOT / EXT_DIR / "commit.txt"
     sha = stamp.read_text().strip() if stamp.is_file() else None
     meta["git_commit"] = sha
-    meta["git_commit_source"] = f"{EXT_DIR}/commit.txt (stamped before the device call)" if sha else "unknown"
+    meta["git_commit_source"] = f"{EXT_DIR}/commit.txt (stamped before the GPU run)" if sha else "unknown"
     for r in rows:
         r["git_commit"] = r.get("git_commit") or sha
 

@@ -17,7 +17,7 @@ from .presets import LAYER_PRESETS
 DET_ENV = "FLEXMOE_TRITON_DETERMINISTIC"
 CONFIG_ENV = "FLEXMOE_TRITON_CONFIG"
 BASE_FIELDS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
-# The two target shapes and their token counts (issue 13).
+# The two target shapes and their token counts (the performance targets' shapes).
 TARGET_SHAPES = {"fine-grained": 32768, "flexolmo-7x7b": 16384}
 # Hand-picked pins beside the default; each must fit the 227 KB of Hopper shared memory at the
 # training-size configs (benchmarks.compile_report with the pin set says so: 4 stages of the

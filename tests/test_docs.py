@@ -77,3 +77,53 @@ def test_demo_time_estimate_is_stated_once():
     for name, text in (("README.md", readme), ("docs/DEMO.md", demo)):
         for m in re.finditer(r"(?:about|~)\s*([\d.\-]+)\s*min", text, re.I):
             assert m.group(1).isdigit() and int(m.group(1)) in stated, (name, m.group(0))
+
+
+# What the benchmarks tell their users names no internal issue number and none of the
+# development environment's device tool (its procedure is docs/GPU_SESSION.md, for developers).
+INTERNAL = re.compile(r"\bissues? \d|device tool|give_back|files_at|budget_left_s", re.I)
+
+
+def _internal(text: str) -> list:
+    return [text[max(0, m.start() - 40):m.end() + 40] for m in INTERNAL.finditer(text)]
+
+
+def test_benchmark_texts_speak_to_users(tmp_path, monkeypatch, capsys):
+    """benchmarks/README.md, the ``--targets`` report, the prepared GPU session's printed plan
+    (``bash benchmarks/gpu_session.sh --dry-run``, run in-process without recording the sweep's
+    inventory) and its ``--help``, and the benchmarks' sources: no "issue <n>", no device tool."""
+    import argparse
+    import json
+    import subprocess
+    import sys
+
+    from benchmarks import gpu_session as gs
+
+    readme = (ROOT / "benchmarks" / "README.md").read_text(encoding="utf-8")
+    assert not _internal(readme), _internal(readme)
+    assert "(../docs/GPU_SESSION.md)" in readme and (ROOT / "docs" / "GPU_SESSION.md").is_file()
+    assert "bash benchmarks/gpu_session.sh OUT_DIR" in readme and "--dry-run" in readme
+
+    for src in sorted((ROOT / "benchmarks").glob("*.py")) + sorted((ROOT / "benchmarks").glob("*.sh")):
+        found = [s for s in _internal(src.read_text(encoding="utf-8")) if re.search(r"issues? \d", s, re.I)]
+        assert not found, (src.name, found)
+
+    rows = [dict(bench="layer", preset="flexolmo-7x7b", provider=p, mode="fwd", mask="none", T=8192, ms=ms,
+                 tflops=tf, status="ok") for p, ms, tf in (("triton", 1.0, 720.0), ("cublas_gemm", 0.9, 800.0))]
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({"meta": {"device": "cpu", "meaningless_cpu_numbers": True}, "rows": rows}))
+    r = subprocess.run([sys.executable, "-m", "benchmarks.run", "--targets", str(results)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "PASS" in r.stdout and "NOT MEASURED" in r.stdout, r.stderr
+    assert not _internal(r.stdout), _internal(r.stdout)
+
+    monkeypatch.setattr(gs, "load_inventory", lambda *a, **k: {})  # the plan's assumed figures: no recording
+    gs.cmd_plan(argparse.Namespace(check=False))
+    plan = capsys.readouterr().out
+    assert plan.startswith("Prepared GPU session: bash benchmarks/gpu_session.sh OUT_DIR")
+    assert "docs/GPU_SESSION.md" in plan and not _internal(plan), _internal(plan)
+    helps = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_session.sh"), "--help"], capture_output=True,
+                           text=True, timeout=30).stdout
+    helps += subprocess.run([sys.executable, "-m", "benchmarks.gpu_session", "--help"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=60).stdout
+    assert "gpu_session.sh" in helps and not _internal(helps), _internal(helps)

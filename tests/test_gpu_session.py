@@ -58,8 +58,8 @@ def test_dry_run_lists_every_step_and_fits_nine_minutes(inventory):
     for pn, names in inventory["variants"].items():
         for name in names:
             assert re.search(rf"^  check {re.escape(name)}\s+{pn}\s", r.stdout, re.M), (name, pn)
-    assert "prerequisites" in r.stdout and "device call: run(" in r.stdout
-    assert "timeout_s=560" in r.stdout
+    assert "prerequisites" in r.stdout and "to run it: bash benchmarks/gpu_session.sh OUT_DIR" in r.stdout
+    assert f"(allow {gs.DEVICE_TIMEOUT_S} s)" in r.stdout and gs.DEVICE_TIMEOUT_S == 560
 
 
 def test_budgets_follow_the_estimates(inventory):
