@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Sequence
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: char_tokenizer
+from char_tokenizer import save_char_tokenizer  # noqa: E402
+
 NAMES = ["public", "news", "code", "medical"]
-SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>"]
 
 MC_DOCS = [
     {"question": "Question: 2 + 2 =", "choices": [" 4", " 5", " 22"], "label": 0},
@@ -26,20 +29,8 @@ GEN_DOCS = [
 
 
 def save_tokenizer(directory: str, vocab_size: int = 128) -> None:
-    """A character-level ``tokenizers`` tokenizer (printable ASCII + specials) saved with
-    ``PreTrainedTokenizerFast``."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    chars = [chr(c) for c in range(32, 127)]
-    vocab = {t: i for i, t in enumerate(SPECIALS + chars)}
-    for i in range(len(vocab), vocab_size):
-        vocab[f"<x{i}>"] = i
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>",
-                            unk_token="<unk>").save_pretrained(directory)
+    """The tiers' character-level tokenizer (tests/char_tokenizer.py)."""
+    save_char_tokenizer(directory, vocab_size)
 
 
 def make_flexolmo(directory: str, *, seed: int = 0, experts: Sequence[str] = NAMES, top_k: int = 2,

@@ -3,31 +3,20 @@ downloaded). Used by tests/serving/ and benchmarks/bench_serve.py."""
 from __future__ import annotations
 
 import os
+import sys
 from typing import Optional, Sequence
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: char_tokenizer
+from char_tokenizer import save_char_tokenizer  # noqa: E402
+
 NAMES = ["public", "news", "code", "medical"]
-SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>"]
 CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}assistant: {% endif %}")
 
 
 def save_tokenizer(directory: str, vocab_size: int = 128) -> None:
-    """A character-level ``tokenizers`` tokenizer (printable ASCII + specials), saved with
-    ``PreTrainedTokenizerFast`` (and a minimal chat template)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    chars = [chr(c) for c in range(32, 127)]
-    vocab = {t: i for i, t in enumerate(SPECIALS + chars)}
-    for i in range(len(vocab), vocab_size):
-        vocab[f"<x{i}>"] = i
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>",
-                                   unk_token="<unk>")
-    fast.chat_template = CHAT_TEMPLATE
-    fast.save_pretrained(directory)
+    """The tiers' character-level tokenizer (tests/char_tokenizer.py), with a minimal chat template."""
+    save_char_tokenizer(directory, vocab_size, CHAT_TEMPLATE)
 
 
 def make_model(directory: str, *, expert_bias: bool = True, seed: int = 0, num_layers: int = 2,
