@@ -212,3 +212,14 @@ def test_claim_router_tuning_helps_from_held_out_owner_loss():
     assert c["verdict"] == "refuted" and "untuned router was kept" in c["text"]
     del res["losses"]["merged-untuned"]
     assert "tuning_helps" not in _by_id(res)
+
+
+def test_claim_router_tuning_rejected_by_the_owners_check():
+    res = _results()
+    res["losses"]["merged-untuned"] = res["losses"]["merged"]          # ckpt/merged is the untuned router
+    res["router_tuning"] = {"start_val_loss": 4.23, "best_val_loss": 3.95, "best_step": 100, "kept": "trained",
+                            "eval_top_k": 3, "owner_check": {"keep_tuned": False, "mean_untuned": 3.6,
+                                                             "mean_tuned": 3.9}}
+    c = _by_id(res)["tuning_helps"]
+    assert c["verdict"] == "refuted" and "owners' check rejected" in c["text"] and "3.6000 -> 3.9000" in c["text"]
+    assert c["numbers"]["owners_tuned"] == 3.9

@@ -118,3 +118,32 @@ def test_paused_tuning_resumes_its_selection(recipe, tmp_path):  # noqa: F811
     meta = tmp_path / "p2.inprogress" / "selection.json"
     meta.write_text(json.dumps(dict(json.loads(meta.read_text()), saved_at_step=1)))
     assert run_cli(args + ["--out", tmp_path / "p2"]) == 2
+
+
+def test_owner_check_scores_candidates_on_the_owners_validation_split(recipe, tmp_path):  # noqa: F811
+    """Each owner's one number per candidate is that candidate's mean cross-entropy on the owner's
+    own validation split at its saved top-k (recomputed here); the decision keeps the tuned
+    router only when the mean over the domains falls."""
+    from flexmoe_training.data import DataDir, eval_windows
+    from flexmoe_training.demo import owner_check
+
+    assert run_cli(["tune-router", "--model", recipe / "merged", "--data", recipe / "data_pub", "--out",
+                    tmp_path / "tuned", "--steps", "4", "--lr", "3e-2", "--no-keep-best", *FAST]) == 0
+    out = tmp_path / "scores.json"
+    assert owner_check.main(["--data", str(recipe / "data_a"), "--model", str(recipe / "merged"),
+                             "--model", str(tmp_path / "tuned"), "--seq-len", "32", "--max-windows", "4",
+                             "--out", str(out)]) == 0
+    got = json.loads(out.read_text())
+    w = eval_windows([DataDir(recipe / "data_a")], 32, 4)
+    assert got["tokens"] == w.shape[0] * 32
+    for path, loss in zip((recipe / "merged", tmp_path / "tuned"), got["losses"]):
+        m = FlexOlmoForCausalLM.from_pretrained(str(path)).eval()
+        with torch.no_grad():
+            logits = m(w[:, :-1]).logits
+        ref = float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), w[:, 1:].reshape(-1)))
+        assert loss == pytest.approx(ref, rel=1e-5)
+    d = owner_check.choose({"code": [3.0, 2.0], "licenses": [2.9, 4.5], "web": [4.4, 4.1]})
+    assert not d["keep_tuned"] and d["mean_tuned"] == pytest.approx(10.6 / 3) and d["scores"]["licenses"]["tuned"] == 4.5
+    assert owner_check.choose({"code": [3.0, 2.5], "web": [4.4, 4.3]})["keep_tuned"]
+    assert owner_check.main(["--data", str(tmp_path / "nope"), "--model", str(recipe / "merged"),
+                             "--out", str(tmp_path / "x.json")]) == 2

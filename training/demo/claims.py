@@ -294,14 +294,24 @@ def _claim_tuning_helps(results: dict) -> List[dict]:
     claim = "Router tuning helps: the tuned router lowers the owners' held-out loss."
     t, u = owner_avg(results, "merged"), owner_avg(results, "merged-untuned")
     sel = results.get("router_tuning") or {}
+    has_val = "start_val_loss" in sel
     val = (f"; tuning validation (held-out proxies, top-k {sel.get('eval_top_k')}) {sel['start_val_loss']:.4f} -> "
-           f"{sel['best_val_loss']:.4f}, kept {sel['kept']}" if sel else "")
+           f"{sel['best_val_loss']:.4f}, kept {sel['kept']}" if has_val else "")
     if t is None or u is None:
         return [_claim("tuning_helps", claim, "not run", "", {})]
     nums = {"tuned_owner_avg": t, "untuned_owner_avg": u,
             **({"val_start": sel["start_val_loss"], "val_best": sel["best_val_loss"], "best_step": sel["best_step"]}
-               if sel else {})}
-    if t == u and sel and sel.get("best_step") == 0:
+               if has_val else {})}
+    oc = sel.get("owner_check") or {}
+    if oc:
+        nums.update(owners_untuned=oc.get("mean_untuned"), owners_tuned=oc.get("mean_tuned"))
+        val += (f"; owners' check on their own validation data {oc['mean_untuned']:.4f} -> {oc['mean_tuned']:.4f}"
+                if "mean_untuned" in oc else "")
+    if oc and not oc.get("keep_tuned", True):
+        return [_claim("tuning_helps", claim, "refuted",
+                       f"the owners' check rejected the tuned router, so the untuned one is used (no harm, no gain){val}",
+                       nums)]
+    if t == u and has_val and sel.get("best_step") == 0:
         return [_claim("tuning_helps", claim, "refuted",
                        f"no tuning step improved validation, so the untuned router was kept (no harm, no gain){val}", nums)]
     return [_claim("tuning_helps", claim, "supported" if t < u else "refuted",

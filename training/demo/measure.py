@@ -18,6 +18,7 @@ Legend: W windows, S window length, P scoring prefix, E experts, K top-k, L laye
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from typing import TYPE_CHECKING, Dict, List, Optional, Sequence
@@ -26,6 +27,15 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = ["audit_all", "evaluate_all", "load_model", "inference_flops"]
+
+
+def _read_json(path: str) -> dict:
+    """The JSON object in ``path``; {} when it is missing or unreadable."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
 
 
 def load_model(path: str, settings):
@@ -147,8 +157,12 @@ def _score_merged(scores: _Scores, ck, settings, owners: Sequence[str], K: int) 
     names = list(merged.expert_names)
     untuned = os.path.isfile(os.path.join(ck("merged-untuned"), "run.json"))
     merged.set_top_k(K)
-    scores.run("merged", merged, "merged", f"merged{', router-tuned' if untuned else ''}, all {len(names)} experts "
-               f"(k={K})", routing=True)
+    how = ""
+    if untuned:  # the router was tuned; the owners' check decided which router ckpt/merged holds
+        kept = (_read_json(os.path.join(os.path.dirname(os.path.dirname(ck("merged"))), "tuning.json"))
+                .get("owner_check") or {}).get("keep_tuned", True)
+        how = ", router-tuned" if kept else ", untuned router (the owners' check rejected tuning)"
+    scores.run("merged", merged, "merged", f"merged{how}, all {len(names)} experts (k={K})", routing=True)
     for d in owners:
         if d not in names:
             scores.log(f"   merged model has no expert named {d!r} (experts {names}); opt-out of {d} skipped")

@@ -87,7 +87,7 @@ def router_summary(settings, run_dir: str, corpus_dir: str, public: str, owners:
     }
     if tuned:
         meta = _read_json(os.path.join(run_dir, "data", "tune", "meta.json"))
-        run = _read_json(os.path.join(ck("merged"), "run.json"))
+        run = _read_json(os.path.join(ck("merged-tuned"), "run.json"))
         out["tuning"] = {"steps": settings.tune_steps, "lr": settings.tune_lr, "weight_decay": settings.tune_weight_decay,
                          "top_k_train": run.get("top_k_train"), "public_sample_docs": settings.tune_public_docs,
                          "docs": (meta.get("train_docs") or 0) + (meta.get("val_docs") or 0),

@@ -228,24 +228,67 @@ def _tune_task(ctx) -> None:
     _prepare_docs(ctx, "tune", [(f"tune-{doc.id}", doc.text) for doc in train], tune_data)
     _prepare_docs(ctx, "tune-val", [(f"tune-{doc.id}", doc.text) for doc in val], val_data)
     opts = cli_options("tune-router")
+    tuned = ctx.ck("merged-tuned")
     # tune-router keeps the untuned router unless tuning improves validation on the held-out
     # proxies (evaluated with the saved top-k), and stops early on a plateau
-    run_cli(["tune-router", "--model", ctx.ck(ctx.merge_out), "--data", tune_data, "--out", ctx.ck("merged"),
-             "--overwrite", *opt(opts, top_k=ctx.K, weight_decay=s.tune_weight_decay, val_data=val_data,
-                                 eval_every=max(1, s.tune_steps // 10), eval_batches=16),
-             *_train_flags(ctx, opts, s.tune_steps, lr=s.tune_lr)], ctx.logfile("tune-router"), ctx.echo_par, ctx.env)
-    sel = read_run(ctx.ck("merged")).get("selection") or {}
+    if not done(tuned):
+        run_cli(["tune-router", "--model", ctx.ck(ctx.merge_out), "--data", tune_data, "--out", tuned,
+                 "--overwrite", *opt(opts, top_k=ctx.K, weight_decay=s.tune_weight_decay, val_data=val_data,
+                                     eval_every=max(1, s.tune_steps // 10), eval_batches=16),
+                 *_train_flags(ctx, opts, s.tune_steps, lr=s.tune_lr)], ctx.logfile("tune-router"), ctx.echo_par,
+                ctx.env)
+    sel = read_run(tuned).get("selection") or {}
     if sel:
-        ctx.log(f"   router tuning: validation {sel['start_val_loss']:.4f} (untuned) -> {sel['best_val_loss']:.4f}; "
-                f"kept {sel['kept']} (step {sel['best_step']})")
+        ctx.log(f"   router tuning: validation on held-out proxies {sel['start_val_loss']:.4f} (untuned) -> "
+                f"{sel['best_val_loss']:.4f}; kept {sel['kept']} (step {sel['best_step']})")
+    decision = _owner_check(ctx, [ctx.ck(ctx.merge_out), tuned])
+    write_text_atomic(os.path.join(ctx.run_dir, "tuning.json"),
+                      json.dumps({"selection": sel, "owner_check": decision}, indent=1))
+    ctx.log(f"   owners' check (each on its own validation data, one number each): mean "
+            f"{decision['mean_untuned']:.4f} untuned, {decision['mean_tuned']:.4f} tuned -> "
+            + ("the tuned router is kept" if decision["keep_tuned"] else "the untuned router is kept"))
+    chosen = tuned if decision["keep_tuned"] else ctx.ck(ctx.merge_out)
+    with atomic_directory(ctx.ck("merged")) as tmp:       # ckpt/merged: the model the demo evaluates
+        shutil.copytree(chosen, tmp, dirs_exist_ok=True)
+
+
+def _owner_check(ctx, models: List[str]) -> dict:
+    """Each owner (and the public data) scores ``models`` (untuned, tuned) on the validation split
+    of its own data directory, in its own process (:mod:`.owner_check`); only the numbers come
+    back. The decision of :func:`owner_check.choose`."""
+    from .owner_check import choose
+
+    out_dir = os.path.join(ctx.run_dir, "owner_check")
+    os.makedirs(out_dir, exist_ok=True)
+    S = ctx.settings
+
+    def task(d):
+        def run():
+            run_module("flexmoe_training.demo.owner_check",
+                       ["--data", ctx.data[d], *[a for m in models for a in ("--model", m)], "--seq-len", S.seq_len,
+                        "--max-windows", 64, "--out", os.path.join(out_dir, f"{d}.json")],
+                       ctx.logfile(f"owner-check-{d}"), False, ctx.env)
+        return d, run
+
+    _raise_errors(parallel([task(d) for d in ctx.domains], ctx.jobs, ctx.log, ctx.timings))
+    scores = {}
+    for d in ctx.domains:
+        with open(os.path.join(out_dir, f"{d}.json"), encoding="utf-8") as f:
+            scores[d] = json.load(f)["losses"]
+    return choose(scores)
 
 
 def tuning_summary(ctx) -> Optional[dict]:
-    """The router tuning's selection record (``tune-router``'s run.json: validation before and
-    after, which router was kept), None without router tuning."""
+    """The router tuning's record: ``tune-router``'s selection on held-out proxies and the owners'
+    check (``RUN_DIR/tuning.json``), None without router tuning."""
     if not ctx.settings.router_tuning:
         return None
-    return read_run(ctx.ck("merged")).get("selection")
+    path = os.path.join(ctx.run_dir, "tuning.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        rec = json.load(f)
+    return dict(rec.get("selection") or {}, owner_check=rec.get("owner_check"))
 
 
 def _dense_task(ctx, d: str) -> None:
