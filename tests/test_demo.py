@@ -537,6 +537,15 @@ def test_generate_experts_per_token_and_sampling_top_k(tmp_path, capsys, one_thr
     assert rc == 0, err
     assert seen["top_k"] == 5 and seen["do_sample"] and seen["experts"] == 2   # sampling top-k; experts untouched
     assert "deprecated" not in err
+    # out of range: one line naming the flag, never a traceback
+    for argv, want in ((["--experts-per-token", "0"], "--experts-per-token must be in [1, 4]"),
+                       (["--experts-per-token", "9"], "--experts-per-token must be in [1, 4]"),
+                       (["--top-k", "9"], "--top-k must be in [1, 4]"),
+                       (["--top-k", "0", "--temperature", "0.7"], "--top-k (sampling) must be >= 1")):
+        rc, out, err = _run_generate(["--model", d, *argv, "--max-new-tokens", "2", "hi"], capsys)
+        assert rc == 2 and want in err and len(err.strip().splitlines()) <= 2, (argv, err)
+    rc, out, err = _run_generate(["--model", d, "--allow", "man", "hi"], capsys)
+    assert rc == 2 and "--experts-per-token 1" in err
 
 
 def test_generate_never_reads_opted_out_weights(tmp_path, capsys, one_thread):

@@ -98,6 +98,14 @@ def run_generate_command(args) -> int:
         return 2
     names = list(model.expert_names)
     experts_k, sample_top_k = _split_top_k(args)
+    flag = "--experts-per-token" if args.experts_per_token is not None else "--top-k"
+    if experts_k is not None and not 1 <= experts_k <= len(names):
+        print(f"flexmoe generate: {flag} must be in [1, {len(names)}] (the model's experts), got {experts_k}",
+              file=sys.stderr)
+        return 2
+    if sample_top_k is not None and sample_top_k < 1:
+        print(f"flexmoe generate: --top-k (sampling) must be >= 1, got {sample_top_k}", file=sys.stderr)
+        return 2
     if experts_k is not None:
         model.set_top_k(experts_k)
     k = model.config.num_experts_per_tok

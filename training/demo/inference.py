@@ -36,7 +36,7 @@ def resolve_allow_list(expert_names: Sequence[str], allow: Optional[Sequence[str
     if len(chosen) < top_k:
         raise ValueError(
             f"{flag} {','.join(allow or deny)} leaves {len(chosen)} expert(s) ({chosen}) but the model routes each "
-            f"token to top_k={top_k}; allow more experts or pass --top-k {max(1, len(chosen))}")
+            f"token to top_k={top_k}; allow more experts or pass --experts-per-token {max(1, len(chosen))}")
     return chosen
 
 
