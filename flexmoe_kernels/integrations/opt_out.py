@@ -52,7 +52,7 @@ class OptOutState:
         self.default_per_sequence = False
         self.active: AllowedExperts = None
         self.per_sequence = False
-        self.last_train: tuple = (None, False)  # (spec, per_sequence) of the last training forward
+        self.last_train: tuple = (None, False, None)  # snapshot() of the last training forward
         self._replaying = 0
         self._cache: Optional[tuple] = None
 
@@ -82,8 +82,10 @@ class OptOutState:
             self.activate(saved[2], saved[3])
 
     def snapshot(self) -> tuple:
-        """``(active spec, per_sequence)``: what the blocks read now."""
-        return self.active, self.per_sequence
+        """``(active spec, per_sequence, checked mask cache)``: what the blocks read now. The
+        cache (the mask the call's first block built and checked) comes along, so a
+        recomputation in backward neither rebuilds nor re-checks it (no host sync per layer)."""
+        return self.active, self.per_sequence, self._cache
 
     @property
     def replaying(self) -> bool:
@@ -98,14 +100,16 @@ class OptOutState:
         saved = self.snapshot()
         changed = snapshot[0] is not saved[0] or snapshot[1] != saved[1]
         if changed:  # (unchanged, in the forward itself: the call's checked mask stays cached)
-            self.activate(*snapshot)
+            self.activate(snapshot[0], snapshot[1])
+            self._cache = snapshot[2]
         self._replaying += 1
         try:
             yield
         finally:
             self._replaying -= 1
             if changed:
-                self.activate(*saved)
+                self.activate(saved[0], saved[1])
+                self._cache = saved[2]
 
     def per_sequence_mask(self, spec: AllowedExperts, batch: Optional[int]) -> AllowedExperts:
         """``spec`` in the form ``generate`` keeps for a whole generation, checked here once:

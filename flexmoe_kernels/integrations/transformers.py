@@ -123,7 +123,7 @@ def _model_forward(self, *args, allowed_experts: AllowedExperts = None, **kwargs
     if allowed_experts is not None:
         state.activate(allowed_experts)
     elif recompute:
-        state.activate(*state.last_train)
+        state.activate(*state.last_train[:2])
     else:
         state.activate_default()
     if self.training and torch.is_grad_enabled() and not recompute:
