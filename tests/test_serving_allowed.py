@@ -71,6 +71,10 @@ def test_serve_refuses_a_model_that_is_not_flexolmo(tmp_path, capsys):
     assert "is not a FlexOlmo checkpoint" in err and "'llama'" in err
     assert main(["serve", str(tmp_path / "missing")]) == 2
     assert "MODEL" in capsys.readouterr().err
+    (tmp_path / "data").mkdir()                           # a directory that is no checkpoint
+    assert main(["serve", str(tmp_path / "data")]) == 2
+    err = capsys.readouterr().err
+    assert "MODEL" in err and "has no config.json" in err and "Errno" not in err
 
 
 def test_serve_example_request_allows_top_k_experts():

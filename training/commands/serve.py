@@ -59,6 +59,8 @@ def _flexolmo_config(model: str, revision=None) -> tuple[str, dict]:
     from flexmoe_kernels.models.hub import resolve_checkpoint
 
     local = resolve_checkpoint(model, revision=revision, argument="MODEL")
+    if not os.path.isfile(os.path.join(local, "config.json")):
+        raise ValueError(f"MODEL {model!r} is not a checkpoint: {local!r} has no config.json")
     config = read_json_object(os.path.join(local, "config.json"))
     mt, arch = config.get("model_type"), config.get("architectures") or []
     if mt != "flex_olmo":
