@@ -147,3 +147,47 @@ def test_owner_check_scores_candidates_on_the_owners_validation_split(recipe, tm
     assert owner_check.choose({"code": [3.0, 2.5], "web": [4.4, 4.3]})["keep_tuned"]
     assert owner_check.main(["--data", str(tmp_path / "nope"), "--model", str(recipe / "merged"),
                              "--out", str(tmp_path / "x.json")]) == 2
+
+
+def _route_prob(model_dir, data_dir, expert: str) -> float:
+    """Mean router probability (softmax over all experts, every layer) of ``expert`` on ``data_dir``."""
+    from flexmoe_training.data import DataDir, eval_windows
+
+    m = FlexOlmoForCausalLM.from_pretrained(str(model_dir)).eval()
+    e = m.config.expert_names.index(expert)
+    w = eval_windows([DataDir(data_dir)], 32, 4, splits=("train", "val"))
+    with torch.no_grad():
+        logits = m(w[:, :-1], output_router_logits=True).router_logits
+    return float(torch.stack([lg.softmax(-1)[:, e].mean() for lg in logits]).mean())
+
+
+def test_routing_supervision_moves_each_source_to_its_expert(recipe, tmp_path):  # noqa: F811
+    """--route-data EXPERT=DIR adds the router's cross-entropy against EXPERT on DIR's windows.
+    Owner a's data -> "public" (next-token training alone moves these tokens away from the public
+    expert: the owners' experts model them better), owner b's data -> "colors". With --route-weight
+    10 owner a's tokens keep the public expert well above where next-token training alone (weight 0,
+    same data and steps) leaves it, and above owner b's tokens' public probability (per-directory
+    targets, not one target for all); owner b's tokens go to colors rather than public."""
+    common = ["--model", recipe / "merged", "--steps", "12", "--lr", "5e-2", "--warmup-steps", "1",
+              "--no-keep-best", *FAST]
+    routed = ["--route-data", f"public={recipe / 'data_a'}", "--route-data", f"colors={recipe / 'data_b'}"]
+    assert run_cli(["tune-router", *common, *routed, "--route-weight", "10", "--out", tmp_path / "sup"]) == 0
+    assert run_cli(["tune-router", *common, *routed, "--route-weight", "0", "--out", tmp_path / "lm"]) == 0
+    pub_a, pub_a_lm = (_route_prob(tmp_path / n, recipe / "data_a", "public") for n in ("sup", "lm"))
+    pub_b, col_b = (_route_prob(tmp_path / "sup", recipe / "data_b", e) for e in ("public", "colors"))
+    assert pub_a > pub_a_lm + 0.1 and pub_a > pub_b + 0.1 and col_b > pub_b, (pub_a, pub_a_lm, pub_b, col_b)
+    rec = json.loads((tmp_path / "sup" / "run.json").read_text())
+    assert rec["inputs"]["--route-data"] == ["public", "colors"] and rec["inputs"]["--route-weight"] == 10.0
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--route-data", "alpha"], "--route-data must be EXPERT=DIR"),
+    (["--route-data", "nobody={d}"], "'nobody' is not an expert of --model"),
+    (["--route-data", "alpha={d}", "--route-weight", "nan"], "--route-weight must be a finite number"),
+    ([], "give --data"),
+])
+def test_route_data_errors_name_the_flag(recipe, tmp_path, capsys, args, match):  # noqa: F811
+    argv = ["tune-router", "--model", recipe / "merged", "--out", tmp_path / "o", "--steps", "1", *FAST,
+            *[a.format(d=recipe / "data_a") for a in args]]
+    assert run_cli(argv) == 2
+    assert match in capsys.readouterr().err

@@ -468,11 +468,20 @@ class BatchSampler:
     def global_batch_size(self) -> int:
         return self.micro_batch_size * self.grad_accum * self.world_size
 
-    def global_batch(self, step: int) -> torch.Tensor:
-        G, S1 = self.global_batch_size, self.seq_len + 1
+    def _draw(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(source (G,) long, position (G,) float64 in [0, 1))`` of each window of ``step``."""
+        G = self.global_batch_size
         g = _step_generator(self.seed, step)
         src = torch.multinomial(self.weights, G, replacement=True, generator=g) if len(self.datas) > 1 else torch.zeros(G, dtype=torch.long)
-        u = torch.rand(G, generator=g, dtype=torch.float64)
+        return src, torch.rand(G, generator=g, dtype=torch.float64)
+
+    def sources(self, step: int) -> torch.Tensor:
+        """(G,) long: the index in ``datas`` of each window of ``global_batch(step)``."""
+        return self._draw(step)[0]
+
+    def global_batch(self, step: int) -> torch.Tensor:
+        G, S1 = self.global_batch_size, self.seq_len + 1
+        src, u = self._draw(step)
         out = torch.empty(G, S1, dtype=torch.int64)
         for i in range(G):
             s = int(src[i])

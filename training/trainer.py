@@ -105,6 +105,11 @@ class RunSpec:
     # Validation data instead of the held-out split of ``datas``: every token of these (their own
     # train and val splits), e.g. owners' proxies held out from router tuning.
     val_datas: Optional[Sequence[DataDir]] = None
+    # Routing supervision (router tuning): the expert each of ``datas``' windows should be routed
+    # to (-1: none); adds ``route_weight`` x the mean over layers of the router's cross-entropy
+    # against it to the loss. Empty: plain next-token loss.
+    route_targets: Sequence[int] = ()
+    route_weight: float = 0.0
 
 
 @dataclass
@@ -167,15 +172,22 @@ def save_hf(config, sd: Mapping[str, torch.Tensor], directory: Path) -> None:
 
 
 # ---------------------------------------------------------------------------- loss and evaluation
-def _loss(engine, batch: torch.Tensor, opts: TrainOptions, use_z: bool) -> tuple[torch.Tensor, float, float]:
+def _loss(engine, batch: torch.Tensor, opts: TrainOptions, use_z: bool,
+          route: Optional[tuple] = None) -> tuple[torch.Tensor, float, float]:
+    """``(loss, next-token CE, z-loss)``; ``route``: ``(weight, targets (B,) long)`` adds weight x the
+    mean over layers of the router logits' cross-entropy against each window's expert (-1: none)."""
     x, y = batch[:, :-1], batch[:, 1:]
-    out = engine(x, output_router_logits=use_z)
+    out = engine(x, output_router_logits=use_z or route is not None)
     logits = out.logits
     ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
     z = torch.zeros((), device=ce.device)
     if use_z and out.router_logits:
         z = sum(router_z_loss(lg) for lg in out.router_logits)
     loss = ce + opts.z_loss_weight * z
+    if route is not None and bool((route[1] >= 0).any()):
+        t = route[1].to(ce.device).repeat_interleave(x.shape[1])      # (B*S,): rows are (b, s)
+        rl = sum(F.cross_entropy(lg.float(), t, ignore_index=-1) for lg in out.router_logits)
+        loss = loss + route[0] * rl / len(out.router_logits)
     return loss, float(ce.detach()), float(z.detach())
 
 
@@ -344,10 +356,12 @@ def _train_step(r: _Run, step: int, use_z: bool, stop_requested: bool) -> tuple[
     for g in engine.optimizer.param_groups:
         g["lr"] = lr
     batch = r.sampler.global_batch(step)
+    targets = torch.tensor(list(r.spec.route_targets))[r.sampler.sources(step)] if r.spec.route_weight else None
     ce_sum = z_sum = 0.0
     for micro in range(opts.grad_accum):
         mb = r.sampler.micro_batch(step, micro, dist.rank, batch).to(dist.device)
-        loss, ce, z = _loss(engine, mb, opts, use_z)
+        route = None if targets is None else (r.spec.route_weight, r.sampler.micro_batch(step, micro, dist.rank, targets))
+        loss, ce, z = _loss(engine, mb, opts, use_z, route)
         engine.backward(loss)
         engine.step()
         ce_sum += ce

@@ -11,6 +11,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Sequence
 
 __all__ = ["FORMATTER", "DefaultsOnceFormatter", "add_command", "add_name_list", "add_train_args", "require", "check_out_free", "check_output",
            "check_train_output",
@@ -208,13 +209,13 @@ def check_output(out, inputs, *, out_flag: str = "--out", kind: str = "dir", wri
                                  f"not); choose an {out_flag} outside every input")
 
 
-def check_train_output(args, *flags: str) -> None:
+def check_train_output(args, *flags: str, extra: Sequence[tuple] = ()) -> None:
     """:func:`check_output` for a training command: ``--out`` and its partial run ``OUT.inprogress``
     against the inputs named by ``flags`` (e.g. ``"--data"``, ``"--public"``) and the inputs every
     training command may read (``--deepspeed-config``, ``--model-config`` when it is a file,
-    ``--match-flops-of``)."""
+    ``--match-flops-of``); ``extra``: more ``(flag, path or paths)`` inputs."""
     names = list(flags) + ["--deepspeed-config", "--match-flops-of"]
-    inputs = [(f, getattr(args, f[2:].replace("-", "_"), None)) for f in names]
+    inputs = [(f, getattr(args, f[2:].replace("-", "_"), None)) for f in names] + list(extra)
     model_config = getattr(args, "model_config", None)
     if model_config and os.path.isfile(model_config):  # else a preset name
         inputs.append(("--model-config", model_config))

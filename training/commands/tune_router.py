@@ -24,7 +24,16 @@ def register(sub) -> None:
                                 "--patience validations without improvement (--no-keep-best: the last "
                                 "router). run.json's 'selection' says which was kept.")
     require(p, "--model", help="merged checkpoint directory")
-    require(p, "--data", help="proxy prepared data directory")
+    p.add_argument("--data", action="append", default=[],
+                   help="prepared data directory (next-token loss only; repeatable: windows drawn in proportion "
+                        "to tokens); give it, --route-data, or both")
+    p.add_argument("--route-data", action="append", default=[], metavar="EXPERT=DIR",
+                   help="routing supervision: a prepared data directory whose tokens should go to expert EXPERT "
+                        "(a name of --model's experts, e.g. an owner's proxies -> that owner, a public sample -> "
+                        "public); trains on it like --data and adds --route-weight x the router's cross-entropy "
+                        "against EXPERT, averaged over layers (repeat per expert)")
+    p.add_argument("--route-weight", type=float, default=1.0,
+                   help="weight of the routing cross-entropy with --route-data (default 1.0)")
     require(p, "--out")
     p.add_argument("--top-k", type=int, default=None, help="top-k written to the output config (default: unchanged)")
     p.add_argument("--val-data", default=None,
@@ -45,13 +54,16 @@ def cmd_tune_router(args) -> int:
     from ..selection import BestSelection
     from ..trainer import ModelBuild, RunSpec, train
 
-    check_train_output(args, "--model", "--data", "--val-data")
+    routed = _parse_route_data(args.route_data, args.route_weight)
+    if not args.data and not routed:
+        raise ValueError("give --data (proxy data directory) or --route-data EXPERT=DIR (or both)")
+    check_train_output(args, "--model", "--data", "--val-data", extra=[("--route-data", [d for _, d in routed])])
     if args.keep_best and not args.eval_every:
         args.eval_every = max(1, args.steps // 10)    # validations to select from
     opts = options_from_args(args)
     opts.validate()
     check_out_free(Path(args.out), args.overwrite)
-    datas = open_datas([args.data])
+    datas = open_datas(list(args.data) + [d for _, d in routed], "--data" if not routed else "--data/--route-data")
     val_datas = open_datas([args.val_data], "--val-data") if args.val_data else None
     cfg, sd = open_checkpoint(args.model, "--model")
     check_tokenizer(Path(args.model), datas[0], "--model")
@@ -59,6 +71,7 @@ def cmd_tune_router(args) -> int:
         check_tokenizer(Path(args.model), val_datas[0], "--model")
     if cfg.num_experts < 2:
         raise ValueError(f"--model {args.model!r} has {cfg.num_experts} expert; router tuning needs an MoE")
+    targets = [-1] * len(args.data) + [_expert_index(cfg, name) for name, _ in routed]
     save_k = args.top_k if args.top_k is not None else cfg.num_experts_per_tok
     if not 1 <= save_k <= cfg.num_experts:
         raise ValueError(f"--top-k must be in [1, {cfg.num_experts}], got {save_k}")
@@ -71,7 +84,8 @@ def cmd_tune_router(args) -> int:
     sd = {k: (v.clamp(max=0) if k.endswith(".gate.expert_bias") else v) for k, v in sd.items()}
     out_cfg = cfg.copy(num_experts_per_tok=save_k)
     out_cfg.extra["role"] = "router-tuned"
-    out_cfg.extra["router_tuned_on"] = str(Path(args.data).resolve())
+    tuned_on = [str(d.path.resolve()) for d in datas]
+    out_cfg.extra["router_tuned_on"] = tuned_on[0] if len(tuned_on) == 1 else tuned_on
     spec = RunSpec(kind="router", out=Path(args.out), datas=datas,
                    tokenizer_src=tokenizer_src(Path(args.model), datas[0]),
                    build=ModelBuild(train_cfg, sd, freeze_for_router_tuning), final_config=lambda: out_cfg, save_dtype=save_dtype,
@@ -79,7 +93,32 @@ def cmd_tune_router(args) -> int:
                    run_info={"model": str(Path(args.model).resolve()), "top_k_train": cfg.num_experts,
                              "top_k_saved": save_k},
                    inputs={"--model": checkpoint_identity(args.model), "--top-k": save_k,
-                           "--keep-best": [args.keep_best, args.patience, args.min_delta]},
-                   val_datas=val_datas,
+                           "--keep-best": [args.keep_best, args.patience, args.min_delta],
+                           "--route-data": [name for name, _ in routed], "--route-weight": args.route_weight},
+                   val_datas=val_datas, route_targets=targets if routed else (),
+                   route_weight=args.route_weight if routed else 0.0,
                    select=BestSelection(args.patience, args.min_delta, save_k) if args.keep_best else None)
     return train(spec, opts)
+
+
+def _parse_route_data(values, weight: float) -> list:
+    """``[(expert name, directory)]`` from ``--route-data EXPERT=DIR`` values (``ValueError``
+    naming the flag for a value without ``=`` or a non-finite / negative ``--route-weight``)."""
+    import math
+
+    out = []
+    for v in values:
+        name, sep, path = v.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--route-data must be EXPERT=DIR (e.g. public=data/tune-public), got {v!r}")
+        out.append((name, path))
+    if values and not (math.isfinite(weight) and weight >= 0):
+        raise ValueError(f"--route-weight must be a finite number >= 0, got {weight}")
+    return out
+
+
+def _expert_index(cfg, name: str) -> int:
+    """The index of expert ``name`` of ``--model`` (``ValueError`` naming the flag and the known names)."""
+    if name not in cfg.expert_names:
+        raise ValueError(f"--route-data: {name!r} is not an expert of --model; its experts: {list(cfg.expert_names)}")
+    return cfg.expert_names.index(name)
