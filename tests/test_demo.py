@@ -658,7 +658,7 @@ def test_demo_quick_end_to_end(tmp_path):
         assert text in r.stdout
     # data locality: each owner's processes were given only that owner's data directory
     for d in owners:
-        for stage in ("init-router", "train-expert"):
+        for stage in ("init-router", "train-expert", "fed"):
             cmdline = open(run_dir / "logs" / f"{stage}-{d}.log").readline()
             assert f"data/{d}" in cmdline.replace(os.sep, "/")
             for other in [pub, "joint"] + [o for o in owners if o != d]:

@@ -23,6 +23,10 @@ def register(sub) -> None:
     require(p, "--data", help="the owner's prepared data directory (the only data it sees)")
     require(p, "--name", help="expert name (unique among owners)")
     require(p, "--out", help="checkpoint directory to write")
+    p.add_argument("--public-data", default=None,
+                   help="a prepared data directory of public text mixed into the owner's training (windows "
+                        "drawn in proportion to tokens), so that r_owner and b_owner also learn where the public "
+                        "expert is better; public, so no owner data is shared (default: the owner's data only)")
     p.add_argument("--router-init", default=None, help="safetensors from init-router (default: random r_owner)")
     p.add_argument("--bias-init", type=float, default=-0.5,
                    help="initial b_owner, applied as min(b, 0): it starts below zero so that it can learn "
@@ -55,12 +59,13 @@ def cmd_train_expert(args) -> int:
                             open_checkpoint)
     from ..trainer import ModelBuild, RunSpec, train
 
-    check_train_output(args, "--public", "--data", "--router-init")
+    check_train_output(args, "--public", "--data", "--router-init", "--public-data")
     opts = options_from_args(args)
     opts.weight_decay = 0.0  # FlexOlmo: no decay, so frozen tensors stay bit-identical
     opts.validate()
     check_out_free(Path(args.out), args.overwrite)
-    datas = open_datas([args.data])
+    datas = open_datas([args.data] + ([args.public_data] if args.public_data else []),
+                       "--data/--public-data" if args.public_data else "--data")
     # The public model is read lazily, one tensor at a time (hash, build, checks): no rank holds it whole.
     pub_cfg, pub_sd = open_checkpoint(args.public, "--public")
     if pub_cfg.num_experts > 1:  # a FlexOlmo MoE (released or merged): train against its public expert 0

@@ -285,6 +285,24 @@ def _claims_extraction(results: dict) -> List[dict]:
                     "resolution": 1 / n, "control_passed": cok, "paper": dict(PAPER_EXTRACTION)})]
 
 
+def _claim_federated_helps(claim: str, t: Optional[float], u: Optional[float], fed: dict) -> List[dict]:
+    """"Router tuning helps" for federated tuning: held-out owner mean, tuned vs untuned, with the
+    owners' validation numbers that chose the round."""
+    if t is None or u is None:
+        return [_claim("tuning_helps", claim, "not run", "", {})]
+    val = (f"; federated tuning ({fed.get('rounds')} rounds x {fed.get('local_steps')} local steps on each party's "
+           f"own data): owners' validation mean {fed['start_owner_mean']:.4f} -> {fed['best_owner_mean']:.4f} "
+           f"(round {fed['round']})")
+    nums = {"tuned_owner_avg": t, "untuned_owner_avg": u, "val_start": fed["start_owner_mean"],
+            "val_best": fed["best_owner_mean"], "round": fed["round"]}
+    if not fed.get("round"):
+        return [_claim("tuning_helps", claim, "refuted",
+                       f"no round improved the owners' validation, so the untuned router was kept (no harm, no gain){val}",
+                       nums)]
+    return [_claim("tuning_helps", claim, "supported" if t < u else "refuted",
+                   f"owner-domain mean {u:.4f} untuned -> {t:.4f} tuned ({t - u:+.4f} nats/token){val}", nums)]
+
+
 def _claim_tuning_helps(results: dict) -> List[dict]:
     """Router tuning helps: the tuned merged model's mean owner-domain held-out loss is below the
     untuned merge's. Held-out test text decides, not the tuning's own validation (whose before /
@@ -294,6 +312,8 @@ def _claim_tuning_helps(results: dict) -> List[dict]:
     claim = "Router tuning helps: the tuned router lowers the owners' held-out loss."
     t, u = owner_avg(results, "merged"), owner_avg(results, "merged-untuned")
     sel = results.get("router_tuning") or {}
+    if sel.get("method") == "federated":
+        return _claim_federated_helps(claim, t, u, sel)
     has_val = "start_val_loss" in sel
     val = (f"; tuning validation (held-out proxies, top-k {sel.get('eval_top_k')}) {sel['start_val_loss']:.4f} -> "
            f"{sel['best_val_loss']:.4f}, kept {sel['kept']}" if has_val else "")

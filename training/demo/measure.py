@@ -159,9 +159,9 @@ def _score_merged(scores: _Scores, ck, settings, owners: Sequence[str], K: int) 
     merged.set_top_k(K)
     how = ""
     if untuned:  # the router was tuned; the owners' check decided which router ckpt/merged holds
-        kept = (_read_json(os.path.join(os.path.dirname(os.path.dirname(ck("merged"))), "tuning.json"))
-                .get("owner_check") or {}).get("keep_tuned", True)
-        how = ", router-tuned" if kept else ", untuned router (the owners' check rejected tuning)"
+        rec = _read_json(os.path.join(os.path.dirname(os.path.dirname(ck("merged"))), "tuning.json"))
+        kept = rec.get("keep_tuned", (rec.get("owner_check") or {}).get("keep_tuned", True))
+        how = ", router-tuned" if kept else ", untuned router (the owners' validation rejected tuning)"
     scores.run("merged", merged, "merged", f"merged{how}, all {len(names)} experts (k={K})", routing=True)
     for d in owners:
         if d not in names:

@@ -70,18 +70,30 @@ class DemoSettings:
     batch_size: int = 16
     lr: float = 3e-3
     public_steps: int = 300
-    expert_steps: int = 150
+    expert_steps: int = 250
     top_k: int = 0                 # merged model's top-k; 0 = N (all but one expert)
     # router: domain-informed init, negative bias, router tuning on owner-selected public proxies
     router_embedder: str = "minilm"  # init-router / r_public embedder ("hidden" when MiniLM is not installed)
     bias_init: float = -0.5        # b_owner at the start of the owner's training (applied as min(b, 0))
+    # share of public text (proxy-pool documents) in each owner's expert training: its router then
+    # also learns where the public expert is better (0: the owner's data only)
+    owner_public_mix: float = 0.4
     router_tuning: bool = True
+    # "federated": FedAvg of the router over the owners' own data and public text, the round kept
+    # by the owners' validation (training/demo/fed_router.py); "proxies": the paper's tuning on
+    # owner-selected public proxies (tune-router), kept by the owners' check
+    tune_method: str = "federated"
+    fed_rounds: int = 10           # tune_steps // fed_rounds local steps per party and round
+    fed_public_tolerance: float = 0.01  # a kept round's public validation loss may exceed the start's by this
     proxy_docs: int = 24           # public documents each owner selects as its proxy
     tune_public_docs: int = 48     # public documents sampled (not proxies) into the tuning data
     tune_val_fraction: float = 0.25  # of each owner's proxies (and the sample) held out to validate tuning
     tune_steps: int = 100
     tune_lr: float = 2e-3          # the paper's, for 4 experts
     tune_weight_decay: float = 0.1
+    # routing supervision while tuning (tune-router --route-data): each owner's proxies -> its
+    # expert, the public sample -> public, weight x the router's cross-entropy (0: next-token only)
+    tune_route_weight: float = 0.0
     dtype: str = "float32"
     device: str = "auto"
     moe_backend: str = "auto"

@@ -85,14 +85,20 @@ def router_summary(settings, run_dir: str, corpus_dir: str, public: str, owners:
         "proxies": _proxies(run_dir, corpus_dir, public, owners) if tuned else {},
         "tuning": None,
     }
-    if tuned:
+    if tuned and settings.tune_method == "federated":
+        fed = _read_json(os.path.join(run_dir, "tuning.json")).get("federated") or {}
+        out["tuning"] = {"method": "federated", "rounds": fed.get("rounds"), "local_steps": fed.get("local_steps"),
+                         "lr": settings.tune_lr, "weight_decay": settings.tune_weight_decay,
+                         "parties": fed.get("parties"), "kept_round": fed.get("round")}
+    elif tuned:
         meta = _read_json(os.path.join(run_dir, "data", "tune", "meta.json"))
         run = _read_json(os.path.join(ck("merged-tuned"), "run.json"))
-        out["tuning"] = {"steps": settings.tune_steps, "lr": settings.tune_lr, "weight_decay": settings.tune_weight_decay,
+        out["tuning"] = {"method": "proxies", "steps": settings.tune_steps, "lr": settings.tune_lr,
+                         "weight_decay": settings.tune_weight_decay,
                          "top_k_train": run.get("top_k_train"), "public_sample_docs": settings.tune_public_docs,
                          "docs": (meta.get("train_docs") or 0) + (meta.get("val_docs") or 0),
                          "train_tokens": meta.get("train_tokens")}
-
+    if tuned:
         def avg(cfg):
             v = [losses.get(cfg, {}).get(d, {}).get("loss") for d in owners]
             return None if any(x is None for x in v) else sum(v) / len(v)

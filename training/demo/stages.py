@@ -182,10 +182,38 @@ def _owner_task(ctx, d: str) -> None:
                     "--num-docs", ctx.settings.proxy_docs], ctx.logfile(f"proxy-{d}"), ctx.echo_par, ctx.env)
     if not done(ctx.ck(f"expert-{d}")):
         opts = cli_options("train-expert")
-        run_cli(["train-expert", "--public", ctx.ck("public"), "--data", ctx.data[d], "--name", d,
+        mix = ["--public-data", _owner_public_dir(ctx)] if ctx.settings.owner_public_mix else []
+        run_cli(["train-expert", "--public", ctx.ck("public"), "--data", ctx.data[d], *mix, "--name", d,
                  "--out", ctx.ck(f"expert-{d}"), "--router-init", router, "--overwrite",
                  *opt(opts, bias_init=ctx.settings.bias_init), *_train_flags(ctx, opts, ctx.settings.expert_steps)],
                 ctx.logfile(f"train-expert-{d}"), ctx.echo_par, ctx.env)
+
+
+def _owner_public_dir(ctx) -> str:
+    """The public text every owner mixes into its expert training (``train-expert --public-data``):
+    documents of the proxy pool (public text the public model never trained on), drawn with the
+    seed until their bytes are ``owner_public_mix / (1 - owner_public_mix)`` of an owner's training
+    bytes, so about that share of an owner's training windows is public text."""
+    return os.path.join(ctx.run_dir, "data", "owner-public")
+
+
+def _prepare_owner_public(ctx) -> None:
+    import random
+
+    from .corpora import proxy_pool, read_documents
+
+    s = ctx.settings
+    if not s.owner_public_mix or os.path.isfile(os.path.join(_owner_public_dir(ctx), "meta.json")):
+        return
+    docs = read_documents(proxy_pool(ctx.corpus_dir, ctx.public_dom))
+    random.Random(f"{s.seed}:owner-public").shuffle(docs)
+    want, chosen, size = s.owner_public_mix / (1.0 - s.owner_public_mix) * s.train_bytes, [], 0
+    for doc in docs:
+        if size >= want:
+            break
+        chosen.append((f"owner-public-{doc.id}", doc.text))
+        size += len(doc.text.encode("utf-8"))
+    _prepare_docs(ctx, "owner-public", chosen, _owner_public_dir(ctx))
 
 
 def _proxy_path(ctx, d: str) -> str:
@@ -197,6 +225,7 @@ def owners(ctx) -> None:
     """Each owner alone (owners in parallel, each its own processes and only its own data): router
     init from the owner's documents, its proxy selection, then its expert on the frozen public anchor."""
     with ctx.stage(f"owners: init-router + proxy + train-expert ({len(ctx.owners)} owners, {ctx.jobs} at a time)"):
+        _prepare_owner_public(ctx)
         _raise_errors(parallel([(f"owner {d}", lambda d=d: _owner_task(ctx, d)) for d in ctx.owners],
                                ctx.jobs, ctx.log, ctx.timings))
 
@@ -212,27 +241,101 @@ def _merge_task(ctx) -> None:
         run_cli(["merge", "--public", ctx.ck("public"), *owner_args, "--out", ctx.ck(ctx.merge_out),
                  *opt(opts, top_k=ctx.K, overwrite=True)], ctx.logfile("merge"), ctx.echo_par, ctx.env)
     if ctx.settings.router_tuning and not done(ctx.ck("merged")):
-        _tune_task(ctx)
+        _fed_task(ctx) if ctx.settings.tune_method == "federated" else _tune_task(ctx)
+
+
+def _fed_task(ctx) -> None:
+    """Federated router tuning (:mod:`.fed_router`): every owner and the public party in its own
+    process with only its own data, the coordinator here; the round the owners' validation keeps
+    becomes ``ckpt/merged``."""
+    import torch
+
+    from flexmoe_kernels.models import FlexOlmoForCausalLM
+
+    from .fed_router import choose_round, coordinate, load_router, router_state
+
+    s = ctx.settings
+    exchange = os.path.join(ctx.run_dir, "fed")
+    shutil.rmtree(exchange, ignore_errors=True)
+    model = FlexOlmoForCausalLM.from_pretrained(ctx.ck(ctx.merge_out), dtype=torch.float32)
+    local = max(1, s.tune_steps // s.fed_rounds)
+    # the public party trains on public text the public model never saw and validates on the
+    # public corpus's validation split; each owner on its own data directory's splits
+    parties = {d: (["--data", ctx.data[d]]) for d in ctx.owners}
+    parties[ctx.public_dom] = ["--data", _owner_public_dir(ctx), "--val-data", ctx.data[ctx.public_dom]]
+    failed: Dict[str, str] = {}
+    result: dict = {}
+
+    def party(name, flags):
+        def run():
+            try:
+                run_module("flexmoe_training.demo.fed_router",
+                           ["--model", ctx.ck(ctx.merge_out), "--name", name, *flags, "--exchange", exchange,
+                            "--rounds", s.fed_rounds, "--local-steps", local, "--lr", s.tune_lr,
+                            "--weight-decay", s.tune_weight_decay, "--seq-len", s.seq_len, "--batch-size",
+                            s.batch_size, "--seed", s.seed], ctx.logfile(f"fed-{name}"), False, ctx.env)
+            except StageError as e:
+                failed[name] = str(e).splitlines()[0]
+                raise
+        return f"federated party {name}", run
+
+    def coordinator():
+        try:
+            result.update(coordinate(exchange, router_state(model), list(parties), s.fed_rounds,
+                                     lambda: next((f"party {n} failed: {e}" for n, e in failed.items()), None),
+                                     log=ctx.log))
+        except RuntimeError as e:
+            raise StageError(f"federated router tuning: {e}") from e
+
+    _prepare_owner_public(ctx)
+    _raise_errors(parallel([("federated coordinator", coordinator)] + [party(n, f) for n, f in parties.items()],
+                           len(parties) + 1, ctx.log, ctx.timings))
+    decision = choose_round(result["val"], ctx.owners, ctx.public_dom, s.fed_public_tolerance, 0.0)
+    decision.update(val=result["val"], rounds=s.fed_rounds, local_steps=local, lr=s.tune_lr,
+                    weight_decay=s.tune_weight_decay, parties=list(parties))
+    write_text_atomic(os.path.join(ctx.run_dir, "tuning.json"),
+                      json.dumps({"method": "federated", "keep_tuned": decision["round"] > 0, "federated": decision},
+                                 indent=1))
+    ctx.log(f"   federated router tuning: owners' validation mean {decision['start_owner_mean']:.4f} (start) -> "
+            f"{decision['best_owner_mean']:.4f} (round {decision['round']}); "
+            + ("the tuned router is kept" if decision["round"] else "the untuned router is kept"))
+    load_router(model, result["globals"][decision["round"]])
+    model.config.extra["role"] = "router-tuned (federated)" if decision["round"] else "merged"
+    with atomic_directory(ctx.ck("merged")) as tmp:       # ckpt/merged: the model the demo evaluates
+        shutil.copytree(ctx.ck(ctx.merge_out), tmp, dirs_exist_ok=True)
+        model.save_pretrained(tmp)
 
 
 def _tune_task(ctx) -> None:
     """Router tuning: ``tune-router`` (router rows and non-public biases, top-k = all experts while
     tuning, the merged model's top-k saved) on the union of the owners' proxies plus a public sample."""
     from .corpora import proxy_pool
-    from .proxy import tuning_split
+    from .proxy import read_proxy_ids, tuning_split
 
     s = ctx.settings
     train, val = tuning_split(proxy_pool(ctx.corpus_dir, ctx.public_dom), [_proxy_path(ctx, d) for d in ctx.owners],
                               s.tune_public_docs, s.seed, s.tune_val_fraction)
-    tune_data, val_data = (os.path.join(ctx.run_dir, "data", n) for n in ("tune", "tune-val"))
-    _prepare_docs(ctx, "tune", [(f"tune-{doc.id}", doc.text) for doc in train], tune_data)
+    val_data = os.path.join(ctx.run_dir, "data", "tune-val")
     _prepare_docs(ctx, "tune-val", [(f"tune-{doc.id}", doc.text) for doc in val], val_data)
+    # routing supervision: each owner's proxies -> its expert, the public sample -> "public"
+    # (an id two owners chose goes to the first); without it one directory, next-token loss only
+    chooser: Dict[str, str] = {}
+    for d in ctx.owners:
+        for i in read_proxy_ids(_proxy_path(ctx, d)):
+            chooser.setdefault(i, d)
+    groups = {e: [doc for doc in train if chooser.get(doc.id, "public") == e] for e in ["public", *ctx.owners]}
+    data_flags: List[str] = []
+    for e, docs in groups.items() if s.tune_route_weight else [("", train)]:
+        path = os.path.join(ctx.run_dir, "data", f"tune-{e}" if e else "tune")
+        _prepare_docs(ctx, f"tune-{e}" if e else "tune", [(f"tune-{doc.id}", doc.text) for doc in docs], path)
+        data_flags += ["--route-data", f"{e}={path}"] if e else ["--data", path]
     opts = cli_options("tune-router")
     tuned = ctx.ck("merged-tuned")
     # tune-router keeps the untuned router unless tuning improves validation on the held-out
     # proxies (evaluated with the saved top-k), and stops early on a plateau
     if not done(tuned):
-        run_cli(["tune-router", "--model", ctx.ck(ctx.merge_out), "--data", tune_data, "--out", tuned,
+        run_cli(["tune-router", "--model", ctx.ck(ctx.merge_out), *data_flags, "--out", tuned,
+                 *opt(opts, route_weight=s.tune_route_weight or None),
                  "--overwrite", *opt(opts, top_k=ctx.K, weight_decay=s.tune_weight_decay, val_data=val_data,
                                      eval_every=max(1, s.tune_steps // 10), eval_batches=16),
                  *_train_flags(ctx, opts, s.tune_steps, lr=s.tune_lr)], ctx.logfile("tune-router"), ctx.echo_par,
@@ -243,7 +346,8 @@ def _tune_task(ctx) -> None:
                 f"{sel['best_val_loss']:.4f}; kept {sel['kept']} (step {sel['best_step']})")
     decision = _owner_check(ctx, [ctx.ck(ctx.merge_out), tuned])
     write_text_atomic(os.path.join(ctx.run_dir, "tuning.json"),
-                      json.dumps({"selection": sel, "owner_check": decision}, indent=1))
+                      json.dumps({"method": "proxies", "keep_tuned": decision["keep_tuned"], "selection": sel,
+                                  "owner_check": decision}, indent=1))
     ctx.log(f"   owners' check (each on its own validation data, one number each): mean "
             f"{decision['mean_untuned']:.4f} untuned, {decision['mean_tuned']:.4f} tuned -> "
             + ("the tuned router is kept" if decision["keep_tuned"] else "the untuned router is kept"))
@@ -288,7 +392,9 @@ def tuning_summary(ctx) -> Optional[dict]:
         return None
     with open(path, encoding="utf-8") as f:
         rec = json.load(f)
-    return dict(rec.get("selection") or {}, owner_check=rec.get("owner_check"))
+    if rec.get("method") == "federated":
+        return dict(rec["federated"], method="federated", keep_tuned=rec["keep_tuned"])
+    return dict(rec.get("selection") or {}, method="proxies", owner_check=rec.get("owner_check"))
 
 
 def _dense_task(ctx, d: str) -> None:

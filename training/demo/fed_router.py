@@ -1,0 +1,262 @@
+"""Federated router tuning: the merged model's router tuned on the owners' own data, which never
+leaves them. Only router parameters (the rows and biases every party already holds in the merged
+model) and one validation number per party and round are exchanged.
+
+Why: tuning on public proxies (the paper's router tuning, ``flexmoe tune-router``) optimises a
+loss on public text, which rewards the public expert; on an owner whose real text its proxies do
+not resemble it made the merged model worse (docs/DEMO.md). Tuning on the union of the owners'
+data would not, but that data cannot be pooled. Federated averaging (FedAvg) of the router gets
+the same objective without pooling: every party trains the router on its own data and only the
+resulting router goes back.
+
+Parties: each owner (its data directory) and the public party (public text: proxy-pool documents
+the public model never trained on). Rounds r = 0 .. R, through files in ``EXCHANGE``:
+
+* the coordinator writes ``global-r.safetensors``: every layer's router rows ``(E, D)`` and biases
+  ``(E,)`` (the public bias stays 0);
+* each party loads it into its copy of the merged model, scores it on its own *validation* split
+  (mean next-token cross-entropy at the saved top-k, the model users get), writes
+  ``PARTY-r.json`` ``{"val_loss": x}``, and unless r = R trains ``local_steps`` steps on its
+  training split (AdamW on router rows and non-public biases only, top-k = all experts, weight
+  decay on the rows, as ``tune-router``) and writes its router as ``PARTY-r.safetensors``;
+* the coordinator averages the parties' routers (equal weights): ``global-(r+1)``.
+
+Selection (:func:`choose_round`): the round whose global router has the lowest mean validation
+loss over the owners, among the rounds whose public validation loss is at most round 0's plus
+``public_tolerance``; round 0 (the router the tuning started from) unless a round beats it by more
+than ``min_delta``. So the tuning cannot make the owners' validation loss worse, and the decision
+is the owners' own numbers.
+
+Command line (one process per party; the demo runs the coordinator itself)::
+
+    python -m flexmoe_training.demo.fed_router --model MERGED --name code --data DATA_DIR \\
+        [--val-data DIR] --exchange DIR --rounds 10 --local-steps 10 --lr 2e-3 --seed 0
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Callable, Dict, List, Optional, Sequence
+
+__all__ = ["choose_round", "coordinate", "main", "read_router", "router_state", "write_router"]
+
+POLL_S = 0.05
+
+
+def router_state(model) -> Dict[str, "object"]:
+    """``{"layers.L.weight": (E, D), "layers.L.bias": (E,)}`` fp32 CPU copies of the router."""
+    out = {}
+    for i, moe in enumerate(model.moe_layers()):
+        out[f"layers.{i}.weight"] = moe.gate.weight.detach().float().cpu().clone()
+        if moe.gate.expert_bias is not None:
+            out[f"layers.{i}.bias"] = moe.gate.expert_bias.detach().float().cpu().clamp(max=0).clone()
+    return out
+
+
+def load_router(model, state: Dict) -> None:
+    """Copy a :func:`router_state` dict into ``model``'s routers (in place)."""
+    import torch
+
+    with torch.no_grad():
+        for i, moe in enumerate(model.moe_layers()):
+            moe.gate.weight.copy_(state[f"layers.{i}.weight"])
+            if moe.gate.expert_bias is not None:
+                moe.gate.expert_bias.copy_(state[f"layers.{i}.bias"])
+
+
+def write_router(path: str, state: Dict) -> None:
+    """Write a router state atomically (safetensors)."""
+    from safetensors.torch import save_file
+
+    tmp = f"{path}.tmp{os.getpid()}"
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp)
+    os.replace(tmp, path)
+
+
+def read_router(path: str) -> Dict:
+    from safetensors.torch import load_file
+
+    return load_file(path)
+
+
+def _wait_for(paths: Sequence[str], abort: Callable[[], Optional[str]], timeout_s: float) -> None:
+    """Block until every file in ``paths`` exists; ``RuntimeError`` when ``abort()`` says why or
+    after ``timeout_s``."""
+    t0 = time.time()
+    while not all(os.path.exists(p) for p in paths):
+        why = abort()
+        if why:
+            raise RuntimeError(why)
+        if time.time() - t0 > timeout_s:
+            missing = [p for p in paths if not os.path.exists(p)]
+            raise RuntimeError(f"timed out after {timeout_s:.0f} s waiting for {missing}")
+        time.sleep(POLL_S)
+
+
+def choose_round(val: Dict[str, List[float]], owners: Sequence[str], public: str, public_tolerance: float,
+                 min_delta: float) -> dict:
+    """The round to keep from ``{party: [validation loss of global-r for r = 0..R]}``."""
+    rounds = len(val[public])
+    owner_mean = [sum(val[o][r] for o in owners) / len(owners) for r in range(rounds)]
+    ok = [r for r in range(rounds) if val[public][r] <= val[public][0] + public_tolerance]
+    best = min(ok, key=lambda r: (owner_mean[r], r))
+    if owner_mean[best] >= owner_mean[0] - min_delta:
+        best = 0
+    return {"round": best, "owner_mean": owner_mean, "public": list(val[public]), "start_owner_mean": owner_mean[0],
+            "best_owner_mean": owner_mean[best], "public_tolerance": public_tolerance, "min_delta": min_delta,
+            "kept": "tuned" if best else "start"}
+
+
+def coordinate(exchange: str, start: Dict, parties: Sequence[str], rounds: int,
+               failed: Callable[[], Optional[str]], timeout_s: float = 1800.0, log: Callable[[str], None] = print) -> dict:
+    """Run the coordinator: write ``global-0`` = ``start``, then average every round's routers;
+    returns ``{party: [validation loss per round]}`` and the router of every round (in memory:
+    a few kB per round)."""
+    os.makedirs(exchange, exist_ok=True)
+    globals_ = [start]
+    write_router(os.path.join(exchange, "global-0.safetensors"), start)
+    val: Dict[str, List[float]] = {p: [] for p in parties}
+    try:
+        for r in range(rounds + 1):
+            _wait_for([os.path.join(exchange, f"{p}-{r}.json") for p in parties], failed, timeout_s)
+            for p in parties:
+                with open(os.path.join(exchange, f"{p}-{r}.json"), encoding="utf-8") as f:
+                    val[p].append(float(json.load(f)["val_loss"]))
+            log(f"   federated router tuning: round {r}/{rounds}, validation "
+                + ", ".join(f"{p} {val[p][-1]:.4f}" for p in parties))
+            if r == rounds:
+                break
+            _wait_for([os.path.join(exchange, f"{p}-{r}.safetensors") for p in parties], failed, timeout_s)
+            states = [read_router(os.path.join(exchange, f"{p}-{r}.safetensors")) for p in parties]
+            avg = {k: sum(s[k] for s in states) / len(states) for k in start}
+            globals_.append(avg)
+            write_router(os.path.join(exchange, f"global-{r + 1}.safetensors"), avg)
+    except BaseException:
+        with open(os.path.join(exchange, "ABORT"), "w", encoding="utf-8") as f:
+            f.write("the coordinator stopped")
+        raise
+    return {"val": val, "globals": globals_}
+
+
+def _val_loss(model, windows, top_k: int, batch: int = 8) -> float:
+    import torch
+    import torch.nn.functional as F
+
+    model.eval()
+    model.set_top_k(top_k)
+    total = 0.0
+    with torch.no_grad():
+        for i in range(0, windows.shape[0], batch):
+            w = windows[i:i + batch]
+            logits = model(w[:, :-1]).logits.float()
+            total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), w[:, 1:].reshape(-1), reduction="sum"))
+    return total / (windows.shape[0] * (windows.shape[1] - 1))
+
+
+def _optimizer(model, lr: float, weight_decay: float):
+    """AdamW on every router row (decayed) and the non-public biases (not decayed), as tune-router."""
+    import torch
+
+    rows, biases = [], []
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for moe in model.moe_layers():
+        moe.gate.weight.requires_grad_(True)
+        rows.append(moe.gate.weight)
+        if moe.gate.expert_bias is not None:
+            moe.gate.expert_bias.requires_grad_(True)
+            biases.append(moe.gate.expert_bias)
+    groups = [{"params": rows, "weight_decay": weight_decay}] + ([{"params": biases, "weight_decay": 0.0}] if biases else [])
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95)), biases
+
+
+def party(args) -> int:
+    """One party's side: score, train locally and send back the router, every round."""
+    import torch
+    import torch.nn.functional as F
+
+    from flexmoe_kernels.models import FlexOlmoForCausalLM
+
+    from ..data import BatchSampler, DataDir, eval_windows
+
+    torch.manual_seed(args.seed)
+    datas = [DataDir(d) for d in args.data]
+    val_windows = eval_windows([DataDir(args.val_data)] if args.val_data else datas, args.seq_len, args.val_windows,
+                               splits=("val",))
+    if val_windows.shape[0] == 0:
+        raise ValueError(f"{args.val_data or args.data}: no validation window of {args.seq_len + 1} tokens")
+    model = FlexOlmoForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    top_k, E = model.config.num_experts_per_tok, model.config.num_experts
+    opt, biases = _optimizer(model, args.lr, args.weight_decay)
+    sampler = BatchSampler(datas, args.seq_len, args.batch_size, 1, 1, args.seed)
+    abort_file = os.path.join(args.exchange, "ABORT")
+
+    def aborted():
+        return "the coordinator stopped" if os.path.exists(abort_file) else None
+
+    step = 0
+    for r in range(args.rounds + 1):
+        _wait_for([os.path.join(args.exchange, f"global-{r}.safetensors")], aborted, args.timeout)
+        load_router(model, read_router(os.path.join(args.exchange, f"global-{r}.safetensors")))
+        loss = _val_loss(model, val_windows, top_k)
+        tmp = os.path.join(args.exchange, f".{args.name}-{r}.json")
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump({"val_loss": loss, "windows": int(val_windows.shape[0])}, f)
+        os.replace(tmp, os.path.join(args.exchange, f"{args.name}-{r}.json"))
+        if r == args.rounds:
+            break
+        model.train()
+        model.set_top_k(E)                       # tuning sees every expert, as tune-router
+        for _ in range(args.local_steps):
+            batch = sampler.global_batch(step)
+            logits = model(batch[:, :-1]).logits
+            ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1))
+            opt.zero_grad(set_to_none=True)
+            ce.backward()
+            for b in biases:                     # the public expert's bias stays 0
+                b.grad[0] = 0.0
+            opt.step()
+            with torch.no_grad():
+                for b in biases:
+                    b.clamp_(max=0.0)            # applied as min(b, 0): keep it where it has a gradient
+            step += 1
+            print(f"[fed {args.name}] step {step}/{args.rounds * args.local_steps} loss {float(ce.detach()):.4f}", flush=True)
+        write_router(os.path.join(args.exchange, f"{args.name}-{r}.safetensors"), router_state(model))
+    print(f"[fed {args.name}] done: {step} local steps in {args.rounds} rounds", flush=True)
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m flexmoe_training.demo.fed_router", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="the merged checkpoint the tuning starts from")
+    p.add_argument("--name", required=True, help="this party's name (file names in --exchange)")
+    p.add_argument("--data", action="append", required=True, help="this party's training data directory (repeat)")
+    p.add_argument("--val-data", default=None, help="data directory whose val split is scored (default: --data's)")
+    p.add_argument("--exchange", required=True, help="directory shared with the coordinator")
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--local-steps", type=int, default=10)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--val-windows", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timeout", type=float, default=1800.0, help="seconds to wait for the coordinator per round")
+    args = p.parse_args(argv)
+    for flag in ("rounds", "local_steps", "seq_len", "batch_size", "val_windows"):
+        if getattr(args, flag) < 1:
+            print(f"fed_router: --{flag.replace('_', '-')} must be >= 1", file=sys.stderr)
+            return 2
+    try:
+        return party(args)
+    except (ValueError, OSError, RuntimeError) as exc:
+        print(f"fed_router: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
