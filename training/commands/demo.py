@@ -38,6 +38,10 @@ def register(sub) -> None:
                       help=f"tiny model and data: the CI smoke test, {estimate('quick')} on an idle 2-core CPU")
     size.add_argument("--scale", action="store_true",
                       help="GPU size: bigger model, more data and steps, bf16, fast MoE kernels (moe_backend auto)")
+    size.add_argument("--scale-study", action="store_true",
+                      help="the default demo at about 1x, 2x and 4x the parameters (data and steps scaled): how "
+                           "merged - BTM, merged - joint MoE and merged - oracle move with size; writes "
+                           "WORK_DIR/scale_study.{md,json,png} (about 60 minutes on an idle 2-core CPU)")
     p.add_argument("--work-dir", default=os.path.join("runs", "demo"),
                    help="where corpora, data, checkpoints and the report go (reused between runs)")
     p.add_argument("--fresh", action="store_true", help="re-run every stage instead of reusing finished ones")
@@ -85,24 +89,41 @@ def register(sub) -> None:
 
 
 def run_demo_command(args) -> int:
-    from ..demo.pipeline import StageError, run_demo, settings_for
+    from ..demo.pipeline import StageError, run_demo
 
     size = "quick" if args.quick else ("scale" if args.scale else "default")
     try:
-        settings = settings_for(
-            size, owners=args.owners, public=args.public, num_owners=args.num_owners or (len(args.owners) if args.owners else None),
-            public_steps=args.public_steps, expert_steps=args.expert_steps, top_k=args.top_k, device=args.device,
-            dtype=TORCH_DTYPE_NAMES[args.dtype] if args.dtype else None, moe_backend=args.moe_backend, audit_docs=args.audit_docs, audit_gen=args.audit_gen,
-            seed=args.seed, baselines=False if args.no_baselines else None, router_embedder=args.router_embedder,
-            router_tuning=False if args.no_router_tuning else None, tune_steps=args.tune_steps,
-            bias_init=args.bias_init, tokenizer=args.tokenizer)
+        settings = _settings(args, size)
     except (ValueError, TypeError) as e:
         print(f"flexmoe demo: {e}", file=sys.stderr)
         return 2
     try:
-        run_demo(settings, args.work_dir, fresh=args.fresh, echo_children=args.verbose, jobs=args.jobs,
-                 threads=args.threads)
+        if args.scale_study:
+            from ..demo.scale_study import run_study
+
+            run_study(args.work_dir, ["1x", "2x", "4x"],
+                      lambda point, over: run_demo(_settings(args, "default", **over), args.work_dir, fresh=args.fresh,
+                                                   echo_children=args.verbose, jobs=args.jobs, threads=args.threads))
+        else:
+            run_demo(settings, args.work_dir, fresh=args.fresh, echo_children=args.verbose, jobs=args.jobs,
+                     threads=args.threads)
     except StageError as e:
         print(f"\nflexmoe demo: a stage failed: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def _settings(args, size: str, **point):
+    """The demo's settings for ``size`` from the command line, with a scale-study ``point``'s
+    overrides (a flag given on the command line wins)."""
+    from ..demo.pipeline import settings_for
+
+    flags = dict(
+        owners=args.owners, public=args.public, num_owners=args.num_owners or (len(args.owners) if args.owners else None),
+        public_steps=args.public_steps, expert_steps=args.expert_steps, top_k=args.top_k, device=args.device,
+        dtype=TORCH_DTYPE_NAMES[args.dtype] if args.dtype else None, moe_backend=args.moe_backend,
+        audit_docs=args.audit_docs, audit_gen=args.audit_gen, seed=args.seed,
+        baselines=False if args.no_baselines else None, router_embedder=args.router_embedder,
+        router_tuning=False if args.no_router_tuning else None, tune_steps=args.tune_steps,
+        bias_init=args.bias_init, tokenizer=args.tokenizer)
+    return settings_for(size, **dict(point, **{k: v for k, v in flags.items() if v is not None}))
