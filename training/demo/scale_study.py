@@ -28,9 +28,9 @@ __all__ = ["POINTS", "GAPS", "format_table", "plot_study", "run_study", "study_r
 # parameter fall with size: the 4x point has 2x the tokens, so its models see relatively less).
 POINTS: Dict[str, dict] = {
     "1x": {},
-    "2x": dict(hidden_size=192, intermediate_size=384, train_bytes=600_000, public_steps=450, expert_steps=225),
+    "2x": dict(hidden_size=192, intermediate_size=384, train_bytes=600_000, public_steps=450, expert_steps=375),
     "4x": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, train_bytes=800_000, public_steps=600,
-               expert_steps=300),
+               expert_steps=500),
 }
 
 # (row key, label, loss config subtracted from the merged model's)
