@@ -188,7 +188,10 @@ def party(args) -> int:
                                splits=("val",))
     if val_windows.shape[0] == 0:
         raise ValueError(f"{args.val_data or args.data}: no validation window of {args.seq_len + 1} tokens")
-    model = FlexOlmoForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    model = FlexOlmoForCausalLM.from_pretrained(args.model, dtype=torch.float32).to(device)
+    val_windows = val_windows.to(device)
     top_k, E = model.config.num_experts_per_tok, model.config.num_experts
     opt, biases = _optimizer(model, args.lr, args.weight_decay)
     sampler = BatchSampler(datas, args.seq_len, args.batch_size, 1, 1, args.seed)
@@ -200,7 +203,8 @@ def party(args) -> int:
     step = 0
     for r in range(args.rounds + 1):
         _wait_for([os.path.join(args.exchange, f"global-{r}.safetensors")], aborted, args.timeout)
-        load_router(model, read_router(os.path.join(args.exchange, f"global-{r}.safetensors")))
+        load_router(model, {k: v.to(device) for k, v in
+                            read_router(os.path.join(args.exchange, f"global-{r}.safetensors")).items()})
         loss = _val_loss(model, val_windows, top_k)
         tmp = os.path.join(args.exchange, f".{args.name}-{r}.json")
         with open(tmp, "w", encoding="utf-8") as f:
@@ -211,7 +215,7 @@ def party(args) -> int:
         model.train()
         model.set_top_k(E)                       # tuning sees every expert, as tune-router
         for _ in range(args.local_steps):
-            batch = sampler.global_batch(step)
+            batch = sampler.global_batch(step).to(device)
             logits = model(batch[:, :-1]).logits
             ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1))
             opt.zero_grad(set_to_none=True)
@@ -245,6 +249,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--val-windows", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds to wait for the coordinator per round")
     args = p.parse_args(argv)
     for flag in ("rounds", "local_steps", "seq_len", "batch_size", "val_windows"):

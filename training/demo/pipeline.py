@@ -126,12 +126,12 @@ SIZES: Dict[str, dict] = {
                   proxy_docs=8, tune_public_docs=16, tune_steps=40),
     # The README's first command.
     "default": dict(),
-    # A GPU: a bigger model, more data and steps, bf16, fast MoE kernels (moe_backend auto).
-    "scale": dict(train_bytes=8_000_000, test_bytes=200_000, hidden_size=512, intermediate_size=1408,
-                  num_hidden_layers=8, num_attention_heads=8, seq_len=512, batch_size=32, lr=1e-3,
-                  public_steps=3000, expert_steps=1500, eval_tokens=131_072, audit_docs=128, audit_gen=256,
-                  dtype="bfloat16", device="cuda", num_owners=4, proxy_docs=400, tune_public_docs=800,
-                  tune_steps=500),
+    # A GPU: the next point of the CPU scale study (training/demo/scale_study.py, docs/DEMO.md):
+    # about 9x the default's parameters, data and steps scaled by 2.8 (= sqrt 8), the same recipe,
+    # sequence length and batch, in bf16 with the fast MoE kernels (moe_backend auto).
+    "scale": dict(hidden_size=320, intermediate_size=832, num_hidden_layers=5, num_attention_heads=5,
+                  train_bytes=1_100_000, test_bytes=80_000, public_steps=850, expert_steps=700, eval_tokens=32_768,
+                  audit_docs=64, dtype="bfloat16", device="cuda"),
 }
 
 

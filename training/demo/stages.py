@@ -273,7 +273,8 @@ def _fed_task(ctx) -> None:
                            ["--model", ctx.ck(ctx.merge_out), "--name", name, *flags, "--exchange", exchange,
                             "--rounds", s.fed_rounds, "--local-steps", local, "--lr", s.tune_lr,
                             "--weight-decay", s.tune_weight_decay, "--seq-len", s.seq_len, "--batch-size",
-                            s.batch_size, "--seed", s.seed], ctx.logfile(f"fed-{name}"), False, ctx.env)
+                            s.batch_size, "--seed", s.seed, "--device", s.device], ctx.logfile(f"fed-{name}"), False,
+                           ctx.env)
             except StageError as e:
                 failed[name] = str(e).splitlines()[0]
                 raise
