@@ -41,7 +41,7 @@ def register(sub) -> None:
     size.add_argument("--scale-study", action="store_true",
                       help="the default demo at about 1x, 2x and 4x the parameters (data and steps scaled): how "
                            "merged - BTM, merged - joint MoE and merged - oracle move with size; writes "
-                           "WORK_DIR/scale_study.{md,json,png} (about 60 minutes on an idle 2-core CPU)")
+                           "WORK_DIR/scale_study.{md,json,png} (81 minutes measured on a 2-core CPU, partly loaded)")
     p.add_argument("--work-dir", default=os.path.join("runs", "demo"),
                    help="where corpora, data, checkpoints and the report go (reused between runs)")
     p.add_argument("--fresh", action="store_true", help="re-run every stage instead of reusing finished ones")

@@ -95,6 +95,7 @@ def plot_study(rows: List[dict], path: str) -> Optional[str]:
         ax.plot(xs, [float("nan") if r[key] is None else r[key] for r in rows], marker="o", label=label)
     ax.axhline(0.0, color="gray", lw=0.8, ls="--")
     ax.set_xscale("log")
+    ax.minorticks_off()                  # only the points' own labels on the log axis
     ax.set_xticks(xs)
     ax.set_xticklabels([f"{x:.2f} M\n({r['point']})" for x, r in zip(xs, rows)])
     ax.set_xlabel("public model parameters")
