@@ -31,6 +31,7 @@ def test_rows_gaps_table_and_plot(tmp_path, monkeypatch):
     assert rows[0]["claims"] == {"merged_beats_btm": "refuted"}
     table = scale_study.format_table(rows).splitlines()
     assert len(table) == 4 and table[2].startswith("| 1x | 0.75 M | 128 / 256 / 3 | 400 kB | 300 + 250 |")
+    assert len({line.count("|") for line in table}) == 1          # header, separator and rows: same columns
     assert "+1.100" in table[2] and "+0.050" in table[3] and table[2].endswith("10.0 min |")
     png = scale_study.plot_study(rows, str(tmp_path / "s.png"))
     if png is not None:

@@ -70,7 +70,7 @@ def format_table(rows: List[dict]) -> str:
 
     head = ("| point | public params | D / F / layers | data per domain | steps (public + expert) | merged | BTM top-2 "
             "| joint MoE | oracle | " + " | ".join(label for _, label, _ in GAPS) + " | wall |")
-    lines = [head, "|" + "---|" * (10 + len(GAPS) - 1)]
+    lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
     for r in rows:
         m = r["owner_avg"]
         gaps = " | ".join("-" if r[k] is None else f"{r[k]:+.3f}" for k, _, _ in GAPS)
