@@ -8,11 +8,14 @@ Stages (each logged with its wall time; each training step runs as its own proce
 3. train-public  the dense public model (its FFN becomes expert 0 = "public")
 4. init-router   each owner: router embedding from the owner's own documents   } one process
 5. proxy         each owner: ids of the public documents most like its data    } per owner
-   train-expert  each owner: 2-expert model on the frozen public anchor         }
-6. merge         public + every owner's expert -> one (N+1)-expert model; then router tuning
-                 (``tune-router``: router rows and biases only, top-k = all experts) on the union
-                 of the owners' proxies plus a public sample; the tuned model is the demo's
-                 merged model (``ckpt/merged``; before tuning: ``ckpt/merged-untuned``)
+   train-expert  each owner: 2-expert model on the frozen public anchor (its    }
+                 data + ``owner_public_mix`` public text)                       }
+6. merge         public + every owner's expert -> one (N+1)-expert model; then router tuning:
+                 federated (:mod:`.fed_router`: every owner and the public party tune the router
+                 rows and biases on their own data, averaged each round, the round kept by the
+                 owners' validation) or, with ``tune_method="proxies"``, ``tune-router`` on the
+                 owners' public proxies; the result is the demo's merged model (``ckpt/merged``;
+                 before tuning: ``ckpt/merged-untuned``)
 7. baselines     BTM members: the public model continued densely on each owner's data (one
                  process per owner), and a standard MoE trained jointly on all data; both get
                  the FlexOlmo recipe's training FLOPs
