@@ -209,6 +209,7 @@ def test_routing_supervision_moves_each_source_towards_its_expert(recipe, tmp_pa
     (["--route-data", "nobody={d}"], "'nobody' is not an expert of --model"),
     (["--route-data", "alpha={d}", "--route-weight", "nan"], "--route-weight must be a finite number"),
     ([], "give --data"),
+    (["--data", "{d}", "--route-weight", "2"], "--route-weight needs --route-data"),
 ])
 def test_route_data_errors_name_the_flag(recipe, tmp_path, capsys, args, match):  # noqa: F811
     argv = ["tune-router", "--model", recipe / "merged", "--out", tmp_path / "o", "--steps", "1", *FAST,

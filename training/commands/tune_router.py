@@ -32,7 +32,7 @@ def register(sub) -> None:
                         "(a name of --model's experts, e.g. an owner's proxies -> that owner, a public sample -> "
                         "public); trains on it like --data and adds --route-weight x the router's cross-entropy "
                         "against EXPERT, averaged over layers (repeat per expert)")
-    p.add_argument("--route-weight", type=float, default=1.0,
+    p.add_argument("--route-weight", type=float, default=None,
                    help="weight of the routing cross-entropy with --route-data (default 1.0)")
     require(p, "--out")
     p.add_argument("--top-k", type=int, default=None, help="top-k written to the output config (default: unchanged)")
@@ -54,6 +54,9 @@ def cmd_tune_router(args) -> int:
     from ..selection import BestSelection
     from ..trainer import ModelBuild, RunSpec, train
 
+    if args.route_weight is not None and not args.route_data:
+        raise ValueError("--route-weight needs --route-data EXPERT=DIR (it weighs the routing supervision)")
+    args.route_weight = 1.0 if args.route_weight is None else args.route_weight
     routed = _parse_route_data(args.route_data, args.route_weight)
     if not args.data and not routed:
         raise ValueError("give --data (proxy data directory) or --route-data EXPERT=DIR (or both)")
