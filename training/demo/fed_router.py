@@ -141,21 +141,6 @@ def coordinate(exchange: str, start: Dict, parties: Sequence[str], rounds: int,
     return {"val": val, "globals": globals_}
 
 
-def _val_loss(model, windows, top_k: int, batch: int = 8) -> float:
-    import torch
-    import torch.nn.functional as F
-
-    model.eval()
-    model.set_top_k(top_k)
-    total = 0.0
-    with torch.no_grad():
-        for i in range(0, windows.shape[0], batch):
-            w = windows[i:i + batch]
-            logits = model(w[:, :-1]).logits.float()
-            total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), w[:, 1:].reshape(-1), reduction="sum"))
-    return total / (windows.shape[0] * (windows.shape[1] - 1))
-
-
 def _optimizer(model, lr: float, weight_decay: float):
     """AdamW on every router row (decayed) and the non-public biases (not decayed), as tune-router."""
     import torch
@@ -181,6 +166,7 @@ def party(args) -> int:
     from flexmoe_kernels.models import FlexOlmoForCausalLM
 
     from ..data import BatchSampler, DataDir, eval_windows
+    from .owner_check import window_loss
 
     torch.manual_seed(args.seed)
     datas = [DataDir(d) for d in args.data]
@@ -205,7 +191,8 @@ def party(args) -> int:
         _wait_for([os.path.join(args.exchange, f"global-{r}.safetensors")], aborted, args.timeout)
         load_router(model, {k: v.to(device) for k, v in
                             read_router(os.path.join(args.exchange, f"global-{r}.safetensors")).items()})
-        loss = _val_loss(model, val_windows, top_k)
+        model.set_top_k(top_k)
+        loss = window_loss(model, val_windows)
         tmp = os.path.join(args.exchange, f".{args.name}-{r}.json")
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump({"val_loss": loss, "windows": int(val_windows.shape[0])}, f)

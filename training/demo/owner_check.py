@@ -22,7 +22,7 @@ import json
 import sys
 from typing import Dict, List, Sequence
 
-__all__ = ["candidate_losses", "choose", "main"]
+__all__ = ["candidate_losses", "choose", "main", "window_loss"]
 
 
 def candidate_losses(data_dir: str, models: Sequence[str], seq_len: int, max_windows: int,
@@ -31,7 +31,6 @@ def candidate_losses(data_dir: str, models: Sequence[str], seq_len: int, max_win
     ``models`` on the validation split of ``data_dir`` (windows of ``seq_len + 1`` tokens, at most
     ``max_windows``), each at its saved top-k. ``ValueError`` when the split has no window."""
     import torch
-    import torch.nn.functional as F
 
     from flexmoe_kernels.models import FlexOlmoForCausalLM
 
@@ -40,18 +39,26 @@ def candidate_losses(data_dir: str, models: Sequence[str], seq_len: int, max_win
     windows = eval_windows([DataDir(data_dir)], seq_len, max_windows)
     if windows.shape[0] == 0:
         raise ValueError(f"--data {data_dir!r}: its validation split has no window of {seq_len + 1} tokens")
-    losses = []
-    for path in models:
-        model = FlexOlmoForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        total = 0.0
-        with torch.no_grad():
-            for i in range(0, windows.shape[0], batch_size):
-                w = windows[i:i + batch_size]
-                logits = model(w[:, :-1]).logits.float()
-                total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), w[:, 1:].reshape(-1),
-                                               reduction="sum"))
-        losses.append(total / (windows.shape[0] * seq_len))
+    losses = [window_loss(FlexOlmoForCausalLM.from_pretrained(path, dtype=torch.float32), windows, batch_size)
+              for path in models]
     return losses, int(windows.shape[0] * seq_len)
+
+
+def window_loss(model, windows, batch_size: int = 8) -> float:
+    """Mean next-token cross-entropy (nats/token) of ``model`` (in eval mode, at its current top-k)
+    over ``windows`` (W, S+1): tokens 1..S of every window, predicted from the ones before."""
+    import torch
+    import torch.nn.functional as F
+
+    model.eval()
+    total = 0.0
+    with torch.no_grad():
+        for i in range(0, windows.shape[0], batch_size):
+            w = windows[i:i + batch_size]
+            logits = model(w[:, :-1]).logits.float()
+            total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), w[:, 1:].reshape(-1),
+                                           reduction="sum"))
+    return total / (windows.shape[0] * (windows.shape[1] - 1))
 
 
 def choose(scores: Dict[str, List[float]]) -> dict:
