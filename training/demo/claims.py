@@ -290,7 +290,8 @@ def _claim_federated_helps(claim: str, t: Optional[float], u: Optional[float], f
     owners' validation numbers that chose the round."""
     if t is None or u is None:
         return [_claim("tuning_helps", claim, "not run", "", {})]
-    val = (f"; federated tuning ({fed.get('rounds')} rounds x {fed.get('local_steps')} local steps on each party's "
+    val = (f"; federated tuning ({fed.get('optimizer') or 'FedAvg'}, {fed.get('rounds')} rounds x "
+           f"{fed.get('local_steps')} local steps on each party's "
            f"own data): owners' validation mean {fed['start_owner_mean']:.4f} -> {fed['best_owner_mean']:.4f} "
            f"(round {fed['round']})")
     nums = {"tuned_owner_avg": t, "untuned_owner_avg": u, "val_start": fed["start_owner_mean"],

@@ -82,17 +82,20 @@ class DemoSettings:
     # also learns where the public expert is better (0: the owner's data only)
     owner_public_mix: float = 0.4
     router_tuning: bool = True
-    # "federated": FedAvg of the router over the owners' own data and public text, the round kept
+    # "federated": FedAdam of the router over the owners' own data and public text, the round kept
     # by the owners' validation (training/demo/fed_router.py); "proxies": the paper's tuning on
     # owner-selected public proxies (tune-router), kept by the owners' check
     tune_method: str = "federated"
-    fed_rounds: int = 10           # tune_steps // fed_rounds local steps per party and round
+    fed_rounds: int = 40           # tune_steps // fed_rounds local SGD steps per party and round
+    fed_lr: float = 5e-3           # the coordinator's Adam (on the parties' mean change per round)
+    fed_local_lr: float = 0.05     # each party's SGD
+    fed_eval_every: int = 5        # rounds between the parties' validation scores (and the last)
     fed_public_tolerance: float = 0.01  # a kept round's public validation loss may exceed the start's by this
     proxy_docs: int = 24           # public documents each owner selects as its proxy
     tune_public_docs: int = 48     # public documents sampled (not proxies) into the tuning data
     tune_val_fraction: float = 0.25  # of each owner's proxies (and the sample) held out to validate tuning
-    tune_steps: int = 100
-    tune_lr: float = 2e-3          # the paper's, for 4 experts
+    tune_steps: int = 200          # local steps per party (federated) or tune-router steps (proxies)
+    tune_lr: float = 2e-3          # tune-router's (proxies): the paper's, for 4 experts
     tune_weight_decay: float = 0.1
     # routing supervision while tuning (tune-router --route-data): each owner's proxies -> its
     # expert, the public sample -> public, weight x the router's cross-entropy (0: next-token only)
@@ -126,7 +129,7 @@ SIZES: Dict[str, dict] = {
                   num_hidden_layers=2, num_attention_heads=2, seq_len=64, batch_size=8, lr=5e-3,
                   public_steps=240, expert_steps=120, eval_tokens=4096, audit_docs=8, audit_gen=32,
                   audit_control_docs=4,
-                  proxy_docs=8, tune_public_docs=16, tune_steps=40),
+                  proxy_docs=8, tune_public_docs=16, tune_steps=40, fed_rounds=8, fed_eval_every=2),
     # The README's first command.
     "default": dict(),
     # A GPU: the next point of the CPU scale study (training/demo/scale_study.py, docs/DEMO.md):

@@ -87,9 +87,10 @@ def router_summary(settings, run_dir: str, corpus_dir: str, public: str, owners:
     }
     if tuned and settings.tune_method == "federated":
         fed = _read_json(os.path.join(run_dir, "tuning.json")).get("federated") or {}
-        out["tuning"] = {"method": "federated", "rounds": fed.get("rounds"), "local_steps": fed.get("local_steps"),
-                         "lr": settings.tune_lr, "weight_decay": settings.tune_weight_decay,
-                         "parties": fed.get("parties"), "kept_round": fed.get("round")}
+        out["tuning"] = {"method": "federated", "optimizer": fed.get("optimizer"), "rounds": fed.get("rounds"),
+                         "local_steps": fed.get("local_steps"), "lr": fed.get("lr"), "local_lr": fed.get("local_lr"),
+                         "weight_decay": fed.get("weight_decay"), "parties": fed.get("parties"),
+                         "kept_round": fed.get("round")}
     elif tuned:
         meta = _read_json(os.path.join(run_dir, "data", "tune", "meta.json"))
         run = _read_json(os.path.join(ck("merged-tuned"), "run.json"))

@@ -271,8 +271,8 @@ def _fed_task(ctx) -> None:
             try:
                 run_module("flexmoe_training.demo.fed_router",
                            ["--model", ctx.ck(ctx.merge_out), "--name", name, *flags, "--exchange", exchange,
-                            "--rounds", s.fed_rounds, "--local-steps", local, "--lr", s.tune_lr,
-                            "--weight-decay", s.tune_weight_decay, "--seq-len", s.seq_len, "--batch-size",
+                            "--rounds", s.fed_rounds, "--local-steps", local, "--lr", s.fed_local_lr,
+                            "--eval-every", s.fed_eval_every, "--seq-len", s.seq_len, "--batch-size",
                             s.batch_size, "--seed", s.seed, "--device", s.device], ctx.logfile(f"fed-{name}"), False,
                            ctx.env)
             except StageError as e:
@@ -284,6 +284,7 @@ def _fed_task(ctx) -> None:
         try:
             result.update(coordinate(exchange, router_state(model), list(parties), s.fed_rounds,
                                      lambda: next((f"party {n} failed: {e}" for n, e in failed.items()), None),
+                                     lr=s.fed_lr, weight_decay=s.tune_weight_decay, eval_every=s.fed_eval_every,
                                      log=ctx.log))
         except RuntimeError as e:
             raise StageError(f"federated router tuning: {e}") from e
@@ -291,9 +292,10 @@ def _fed_task(ctx) -> None:
     _prepare_owner_public(ctx)
     _raise_errors(parallel([("federated coordinator", coordinator)] + [party(n, f) for n, f in parties.items()],
                            len(parties) + 1, ctx.log, ctx.timings))
-    decision = choose_round(result["val"], ctx.owners, ctx.public_dom, s.fed_public_tolerance, 0.0)
-    decision.update(val=result["val"], rounds=s.fed_rounds, local_steps=local, lr=s.tune_lr,
-                    weight_decay=s.tune_weight_decay, parties=list(parties))
+    decision = choose_round(result["val"], ctx.owners, ctx.public_dom, s.fed_public_tolerance, 0.0,
+                            result["rounds"])
+    decision.update(val=result["val"], rounds=s.fed_rounds, local_steps=local, optimizer="FedAdam", lr=s.fed_lr,
+                    local_lr=s.fed_local_lr, weight_decay=s.tune_weight_decay, parties=list(parties))
     write_text_atomic(os.path.join(ctx.run_dir, "tuning.json"),
                       json.dumps({"method": "federated", "keep_tuned": decision["round"] > 0, "federated": decision},
                                  indent=1))
