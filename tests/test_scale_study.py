@@ -44,11 +44,14 @@ def test_run_study_writes_its_files_and_refuses_unknown_points(tmp_path, monkeyp
 
     def run(point, over):
         seen.append((point, over))
-        return _results("a", 3.6, 2.5, 2.7, 3.5, over.get("hidden_size", 128))
+        from flexmoe_training.demo.pipeline import settings_for
+
+        return _results("a", 3.6, 2.5, 2.7, 3.5, settings_for("default", **over).hidden_size)
 
     rows = scale_study.run_study(str(tmp_path), ["1x", "2x"], run, log=lambda s: None)
-    assert [p for p, _ in seen] == ["1x", "2x"] and seen[1][1] == scale_study.POINTS["2x"]
-    assert json.loads((tmp_path / "scale_study.json").read_text())[1]["hidden_size"] == 192 == rows[1]["hidden_size"]
+    assert [p for p, _ in seen] == ["1x", "2x"] and seen[1][1] == scale_study.POINTS["2x"] == {}  # 2x = the default
+    study = json.loads((tmp_path / "scale_study.json").read_text())
+    assert study[0]["hidden_size"] == 128 and study[1]["hidden_size"] == 192 == rows[1]["hidden_size"]
     assert (tmp_path / "scale_study.md").read_text().count("\n") == 4
     with pytest.raises(ValueError, match="unknown scale-study point"):
         scale_study.run_study(str(tmp_path), ["3x"], run)
