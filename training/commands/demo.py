@@ -39,7 +39,7 @@ def register(sub) -> None:
     size.add_argument("--scale", action="store_true",
                       help="GPU size: bigger model, more data and steps, bf16, fast MoE kernels (moe_backend auto)")
     size.add_argument("--scale-study", action="store_true",
-                      help="the default demo at about 1x, 2x and 4x the parameters (data and steps scaled): how "
+                      help="the demo at about 1x, 2x (the default) and 4x the parameters (data and steps scaled): how "
                            "merged - BTM, merged - joint MoE and merged - oracle move with size; writes "
                            "WORK_DIR/scale_study.{md,json,png} (81 minutes measured on a 2-core CPU, partly loaded)")
     p.add_argument("--work-dir", default=os.path.join("runs", "demo"),
