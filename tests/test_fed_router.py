@@ -143,3 +143,12 @@ def test_a_stopped_coordinator_stops_the_parties(recipe, tmp_path):  # noqa: F81
     rc = main(["--model", str(recipe / "merged"), "--name", "alpha", "--data", str(recipe / "data_a"),
                "--exchange", str(ex), "--rounds", "1", "--seq-len", "32", "--val-windows", "2", "--timeout", "60"])
     assert rc == 2
+
+
+@pytest.mark.parametrize("flags", [["--lr", "0"], ["--lr", "nan"], ["--eval-every", "0"]])
+def test_bad_party_flags_are_errors_naming_the_flag(tmp_path, capsys, flags):
+    from flexmoe_training.demo.fed_router import main
+
+    rc = main(["--model", str(tmp_path / "m"), "--name", "a", "--data", str(tmp_path / "d"), "--exchange",
+               str(tmp_path / "x"), *flags])
+    assert rc == 2 and flags[0] in capsys.readouterr().err

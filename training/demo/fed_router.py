@@ -311,6 +311,9 @@ def main(argv=None) -> int:
         if getattr(args, flag) < 1:
             print(f"fed_router: --{flag.replace('_', '-')} must be >= 1", file=sys.stderr)
             return 2
+    if not args.lr > 0:
+        print(f"fed_router: --lr must be > 0, got {args.lr}", file=sys.stderr)
+        return 2
     try:
         return party(args)
     except (ValueError, OSError, RuntimeError) as exc:
