@@ -147,31 +147,32 @@ class ServerAdam:
 
         if not lr > 0:
             raise ValueError(f"lr must be > 0, got {lr}")
-        self.state = {k: v.detach().float().clone() for k, v in state.items()}
-        self.lr, self.weight_decay, self.betas, self.eps = lr, weight_decay, betas, eps
-        self.m = {k: torch.zeros_like(v) for k, v in self.state.items()}
-        self.v = {k: torch.zeros_like(v) for k, v in self.state.items()}
-        self.t = 0
+        self.params = {k: torch.nn.Parameter(v.detach().float().clone()) for k, v in state.items()}
+        rows = [p for k, p in self.params.items() if k.endswith(".weight")]
+        biases = [p for k, p in self.params.items() if not k.endswith(".weight")]
+        self.opt = torch.optim.AdamW([{"params": rows, "weight_decay": weight_decay},
+                                      {"params": biases, "weight_decay": 0.0}], lr=lr, betas=betas, eps=eps)
+
+    @property
+    def state(self) -> Dict:
+        """The global router now (a :func:`router_state` dict, no copy)."""
+        return {k: p.data for k, p in self.params.items()}
 
     def step(self, party_states: Sequence[Dict]) -> Dict:
         """One round: the parties' routers in, the next global router out (a copy)."""
+        import torch
+
         if not party_states:
             raise ValueError("party_states is empty")
-        b1, b2 = self.betas
-        self.t += 1
-        for k, x in self.state.items():
-            g = x - sum(s[k].float() for s in party_states) / len(party_states)
-            self.m[k].mul_(b1).add_(g, alpha=1 - b1)
-            self.v[k].mul_(b2).addcmul_(g, g, value=1 - b2)
-            m_hat = self.m[k] / (1 - b1 ** self.t)
-            v_hat = self.v[k] / (1 - b2 ** self.t)
-            if k.endswith(".weight"):
-                x.mul_(1 - self.lr * self.weight_decay)
-            x.sub_(self.lr * m_hat / (v_hat.sqrt() + self.eps))
-            if k.endswith(".bias"):
-                x[0] = 0.0
-                x.clamp_(max=0.0)
-        return {k: v.clone() for k, v in self.state.items()}
+        for k, p in self.params.items():
+            p.grad = p.detach() - sum(s[k].float() for s in party_states) / len(party_states)
+        self.opt.step()
+        with torch.no_grad():
+            for k, p in self.params.items():
+                if k.endswith(".bias"):
+                    p[0] = 0.0
+                    p.clamp_(max=0.0)
+        return {k: p.detach().clone() for k, p in self.params.items()}
 
 
 def coordinate(exchange: str, start: Dict, parties: Sequence[str], rounds: int,
